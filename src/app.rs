@@ -1,0 +1,292 @@
+//! Wiring: builds every stage from the config, connects them with bounded channels, and stops
+//! them in data-path order.
+//!
+//! ```text
+//!  UDP ──▶ ingress::udp ──(mpsc, bounded)──▶ uplink stage ──▶ store ──▶ stream 1 ──▶ broker
+//!  (PUSH_ACK at once)                         (dedup, MIC,      (fsync      stream 2 ──▶ …
+//!                                              FCnt, decrypt)    policy)     ▲ ack = delete
+//! ```
+//!
+//! Stop order (SIGTERM, SIGINT, [`Daemon::stop`]): ingress stops reading; the uplink stage
+//! stores everything still in its dedup window; streams finish what is in flight (bounded);
+//! the store is flushed. The whole stop is bounded by [`STOP_DEADLINE`].
+
+use crate::config::{Config, WhenFull};
+use crate::ingress::udp::{self, Gateways};
+use crate::lorawan::session::{Device, Registry, Session, SessionState};
+use crate::metrics::{self, Metrics};
+use crate::store::{Store, StoreError};
+use crate::streams::{Stream, StreamContext, StreamError};
+use crate::uplink::{restore_sessions, Routes, UplinkStage};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The contract: a graceful stop takes at most 5 s.
+pub const STOP_DEADLINE: Duration = Duration::from_millis(4_500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("cannot open the store at {path}: {source}")]
+    Store { path: String, source: StoreError },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+}
+
+/// A running daemon.
+pub struct Daemon {
+    udp_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    metrics: Metrics,
+    store: Store,
+    gateways: Gateways,
+    ingress_cancel: CancellationToken,
+    streams_cancel: CancellationToken,
+    misc_cancel: CancellationToken,
+    ingress: JoinHandle<()>,
+    uplink: JoinHandle<()>,
+    streams: Vec<JoinHandle<()>>,
+    started: Instant,
+}
+
+/// Devices of the config as registry entries (ABP sessions; OTAA devices wait for a join).
+pub fn registry_from(cfg: &Config) -> Registry {
+    let devices = cfg
+        .device_configs()
+        .map(|d| Device {
+            id: d.id.clone(),
+            application: d.application.clone(),
+            dev_eui: d.dev_eui,
+            class: d.class,
+            session: match (d.dev_addr, d.nwk_s_key, d.app_s_key) {
+                (Some(dev_addr), Some(nwk_s_key), Some(app_s_key)) => Some(Session {
+                    dev_addr,
+                    nwk_s_key,
+                    app_s_key,
+                    state: SessionState {
+                        dev_addr,
+                        ..Default::default()
+                    },
+                }),
+                _ => None,
+            },
+        })
+        .collect();
+    Registry::new(devices)
+}
+
+impl Daemon {
+    /// Open the store, bind the sockets and start every task.
+    pub async fn start(cfg: &Config) -> Result<Daemon, AppError> {
+        let metrics = Metrics::new();
+        let streams_cfg: Vec<_> = cfg.stream_configs().cloned().collect();
+        let queue_specs: Vec<(String, WhenFull)> = streams_cfg
+            .iter()
+            .map(|s| (s.name.clone(), s.when_full.unwrap_or(cfg.storage.when_full)))
+            .collect();
+        let (store, report) =
+            Store::open(&cfg.storage, &queue_specs).map_err(|source| AppError::Store {
+                path: cfg.storage.path.display().to_string(),
+                source,
+            })?;
+        if let Some(p) = &report.quarantined {
+            tracing::error!(moved_to = %p.display(), "the previous store was unreadable and has been kept aside");
+        }
+
+        let mut registry = registry_from(cfg);
+        let saved = store.load_sessions().map_err(|source| AppError::Store {
+            path: cfg.storage.path.display().to_string(),
+            source,
+        })?;
+        restore_sessions(&mut registry, &saved);
+
+        let listen: SocketAddr = cfg.gateway.listen.parse().map_err(|_| AppError::Bind {
+            what: "[gateway] listen",
+            addr: cfg.gateway.listen.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not an IP:port"),
+        })?;
+        let socket =
+            udp::bind(listen, cfg.gateway.udp_recv_buffer).map_err(|source| AppError::Bind {
+                what: "[gateway] listen",
+                addr: cfg.gateway.listen.clone(),
+                source,
+            })?;
+        let udp_addr = socket.local_addr().map_err(|source| AppError::Bind {
+            what: "[gateway] listen",
+            addr: cfg.gateway.listen.clone(),
+            source,
+        })?;
+        let socket = Arc::new(socket);
+
+        let ingress_cancel = CancellationToken::new();
+        let streams_cancel = CancellationToken::new();
+        let misc_cancel = CancellationToken::new();
+        let gateways = Gateways::default();
+
+        // Streams first, so nothing appended is missed.
+        let scopes: Vec<_> = streams_cfg
+            .iter()
+            .map(|s| (s.name.clone(), s.scope()))
+            .collect();
+        let routes = Routes::new(&store, &scopes);
+        let mut streams = Vec::new();
+        for s in &streams_cfg {
+            let Some(queue) = store.queue(&s.name) else {
+                continue;
+            };
+            let ctx = StreamContext {
+                queue,
+                metrics: metrics.clone(),
+                cancel: streams_cancel.clone(),
+                gateway_eui: cfg.gateway.eui,
+            };
+            let stream = Stream::build(s, ctx)?;
+            streams.push(tokio::spawn(stream.run()));
+        }
+
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        let stage = UplinkStage::new(
+            registry,
+            store.clone(),
+            routes,
+            metrics.clone(),
+            Duration::from_millis(cfg.gateway.dedup_window_ms),
+        );
+        let uplink = tokio::spawn(stage.run(rx));
+        let ingress = tokio::spawn(udp::run(
+            socket,
+            tx,
+            gateways.clone(),
+            metrics.clone(),
+            ingress_cancel.clone(),
+        ));
+
+        let started = Instant::now();
+        let mut metrics_addr = None;
+        if !cfg.metrics.listen.is_empty() {
+            let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+                .await
+                .map_err(|source| AppError::Bind {
+                    what: "[metrics] listen",
+                    addr: cfg.metrics.listen.clone(),
+                    source,
+                })?;
+            metrics_addr = l.local_addr().ok();
+            let (m, st, gw) = (metrics.clone(), store.clone(), gateways.clone());
+            let snapshot = move || health(&m, &st, &gw, started);
+            tokio::spawn(metrics::serve(
+                l,
+                metrics.clone(),
+                snapshot,
+                misc_cancel.clone(),
+            ));
+        }
+
+        tracing::info!(
+            udp = %udp_addr,
+            metrics = ?metrics_addr,
+            devices = cfg.devices.len(),
+            streams = streams_cfg.len(),
+            queued = store.queues().iter().map(|q| q.len()).sum::<u64>(),
+            "lorastream started"
+        );
+        Ok(Daemon {
+            udp_addr,
+            metrics_addr,
+            metrics,
+            store,
+            gateways,
+            ingress_cancel,
+            streams_cancel,
+            misc_cancel,
+            ingress,
+            uplink,
+            streams,
+            started,
+        })
+    }
+
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_addr
+    }
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+    pub fn gateways(&self) -> &Gateways {
+        &self.gateways
+    }
+
+    /// `/health` document.
+    pub fn health(&self) -> serde_json::Value {
+        health(&self.metrics, &self.store, &self.gateways, self.started)
+    }
+
+    /// Graceful stop, in data-path order, within [`STOP_DEADLINE`].
+    pub async fn stop(self) {
+        let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
+        self.ingress_cancel.cancel();
+        let _ = tokio::time::timeout_at(deadline, self.ingress).await;
+        // The uplink stage ends when the ingress sender is gone, after storing its window.
+        let _ = tokio::time::timeout_at(deadline, self.uplink).await;
+        self.streams_cancel.cancel();
+        for s in self.streams {
+            let _ = tokio::time::timeout_at(deadline, s).await;
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+        self.misc_cancel.cancel();
+        tracing::info!("lorastream stopped");
+    }
+}
+
+fn health(
+    metrics: &Metrics,
+    store: &Store,
+    gateways: &Gateways,
+    started: Instant,
+) -> serde_json::Value {
+    let queues: Vec<_> = store
+        .queues()
+        .iter()
+        .map(|q| {
+            let s = q.stats();
+            metrics.set_queue(&s);
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            v["connected"] = metrics.is_stream_connected(&s.stream).into();
+            v
+        })
+        .collect();
+    metrics.set_gateways(gateways.len());
+    serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": started.elapsed().as_secs(),
+        "gateways": gateways.to_json(),
+        "streams": queues,
+        "store": {
+            "queued_bytes": store.total_bytes(),
+            "size_on_disk": store.size_on_disk(),
+        },
+        "uplinks": {
+            "accepted": metrics.uplinks("accepted"),
+            "mic_failed": metrics.uplinks("mic_failed"),
+            "replay": metrics.uplinks("replay"),
+            "unknown_dev_addr": metrics.uplinks("unknown_dev_addr"),
+        },
+    })
+}

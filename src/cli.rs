@@ -1,0 +1,393 @@
+//! Command line: `run`, `check`, `demo`, `simulate`. The only place (with `main.rs`) that uses
+//! `anyhow`; everything below returns typed errors.
+
+use crate::app::Daemon;
+use crate::config::{Config, DEFAULT_PATH};
+use crate::model::{Eui64, HexError};
+use crate::sim::{demo_devices, Forwarder, Radio, SimDevice};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lorastream",
+    version,
+    about = "LoRaWAN on the gateway: Semtech UDP in, durable queue, streams to MQTT and clouds",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print the effective configuration (secrets masked).
+    Check {
+        #[arg(short, long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Try lorastream without hardware or broker: simulated forwarders and devices, uplinks
+    /// printed as JSON lines on stdout.
+    Demo {
+        /// Stop after this many uplinks (default: run until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Act as a packet forwarder for the ABP devices of a config, to test an installation.
+    Simulate {
+        #[arg(short, long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Where to send (default: the config's [gateway] listen, on loopback if it is 0.0.0.0).
+        #[arg(long)]
+        target: Option<SocketAddr>,
+        /// Uplinks per second, over all devices.
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Stop after this many uplinks (default: run until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+        /// First frame counter of every device. The daemon drops counters it has seen, so a
+        /// second run against the same store needs a higher start.
+        #[arg(long, default_value_t = 0)]
+        fcnt_start: u32,
+        /// Gateway EUI the simulated forwarder reports.
+        #[arg(long, default_value = "AA555A0000000001", value_parser = parse_eui)]
+        gateway_eui: Eui64,
+        /// Application payload size in bytes.
+        #[arg(long, default_value_t = 12)]
+        payload_size: usize,
+    },
+}
+
+fn parse_eui(s: &str) -> Result<Eui64, HexError> {
+    s.parse()
+}
+
+/// Parse arguments, run, map the result to an exit code (0 ok, 1 failure, 2 usage).
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    crate::streams::tls::install_crypto_provider();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("lorastream: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lorastream")
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_logs(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Check { config } => Ok(check(&config)),
+        Command::Run { config } => {
+            let cfg = Config::load(&config)?;
+            init_logs(&cfg.log.level);
+            runtime()?.block_on(run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { count } => {
+            init_logs("warn");
+            runtime()?.block_on(demo(count))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate {
+            config,
+            target,
+            rate,
+            count,
+            fcnt_start,
+            gateway_eui,
+            payload_size,
+        } => {
+            let cfg = Config::load(&config)?;
+            init_logs("info");
+            runtime()?.block_on(simulate(
+                &cfg,
+                target,
+                rate,
+                count,
+                fcnt_start,
+                gateway_eui,
+                payload_size,
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(cfg) => {
+            println!(
+                "# {} is valid. Effective configuration (secrets shown as ***):\n",
+                path.display()
+            );
+            print!("{}", cfg.to_toml_masked());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lorastream: invalid configuration: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM or SIGINT.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let daemon = Daemon::start(&cfg).await?;
+    stop_signal().await;
+    tracing::info!("stop requested");
+    daemon.stop().await;
+    Ok(())
+}
+
+/// The demo's configuration: three ABP devices, a stdout stream, a temporary store.
+pub fn demo_config(store: &Path) -> anyhow::Result<Config> {
+    let mut toml = format!(
+        r#"
+[gateway]
+listen = "127.0.0.1:0"
+eui = "AA555A0000000000"
+
+[storage]
+path = {path:?}
+flush_every_ms = 100
+
+[metrics]
+listen = ""
+
+[[application]]
+id = "demo"
+
+[[stream]]
+name = "console"
+kind = "stdout"
+"#,
+        path = store.join("db").display().to_string()
+    );
+    for (d, eui) in demo_devices() {
+        toml.push_str(&format!(
+            "\n[[device]]\napplication = \"demo\"\nid = \"{}\"\ndev_eui = \"{eui}\"\ndev_addr = \"{}\"\nnwk_s_key = \"{}\"\napp_s_key = \"{}\"\n",
+            d.id,
+            d.dev_addr,
+            hex::encode(d.nwk_s_key.0),
+            hex::encode(d.app_s_key.0),
+        ));
+    }
+    Config::parse(&toml, "<demo>").context("built-in demo config")
+}
+
+async fn demo(count: Option<u64>) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let cfg = demo_config(dir.path())?;
+    let daemon = Daemon::start(&cfg).await?;
+    eprintln!(
+        "lorastream demo: daemon listening on udp://{}, store in {}; two simulated gateways, three devices.\n\
+         Each line below is one decrypted uplink as a cloud stream receives it (TTS v3 JSON).",
+        daemon.udp_addr(),
+        dir.path().display()
+    );
+    let gw_a: Eui64 = "AA555A0000000000".parse()?;
+    let gw_b: Eui64 = "AA555A0000000001".parse()?;
+    let mut fa = Forwarder::connect(daemon.udp_addr(), gw_a).await?;
+    let mut fb = Forwarder::connect(daemon.udp_addr(), gw_b).await?;
+    fa.pull().await?;
+    fb.pull().await?;
+    let mut devices: Vec<SimDevice> = demo_devices().into_iter().map(|(d, _)| d).collect();
+    let mut sent = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(400));
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    while count.is_none_or(|c| sent < c) {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let i = (sent % devices.len() as u64) as usize;
+        // A made-up sensor reading: temperature ×10 (i16 BE) and humidity %.
+        let t = 200 + (sent as i16 % 50);
+        let payload = [(t >> 8) as u8, t as u8, 40 + (sent % 30) as u8];
+        let phy = devices[i].uplink(1, &payload, false)?;
+        let tmst = 1_000_000u32.wrapping_add((sent as u32).wrapping_mul(400_000));
+        let ra = Radio {
+            tmst,
+            rssi: -70,
+            snr: 7.5,
+            ..Radio::default()
+        };
+        fa.send(&[(&phy, ra)]).await?;
+        // Every other frame is also heard by the second gateway: one uplink, two rx_metadata.
+        if sent % 2 == 0 {
+            let rb = Radio {
+                tmst: tmst.wrapping_add(17),
+                rssi: -95,
+                snr: -2.0,
+                ..Radio::default()
+            };
+            fb.send(&[(&phy, rb)]).await?;
+        }
+        sent += 1;
+    }
+    // Wait for the stream to print everything that was accepted.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        let accepted = daemon.metrics().uplinks("accepted");
+        let queued: u64 = daemon.store().queues().iter().map(|q| q.len()).sum();
+        if accepted >= sent && queued == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.stop().await;
+    eprintln!("lorastream demo: {sent} uplinks sent and delivered. Next: `lorastream check -c config.example.toml`.");
+    Ok(())
+}
+
+async fn simulate(
+    cfg: &Config,
+    target: Option<SocketAddr>,
+    rate: f64,
+    count: Option<u64>,
+    fcnt_start: u32,
+    gateway: Eui64,
+    payload_size: usize,
+) -> anyhow::Result<()> {
+    let mut target = match target {
+        Some(t) => t,
+        None => cfg.gateway.listen.parse().context("[gateway] listen")?,
+    };
+    if target.ip().is_unspecified() {
+        target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut devices: Vec<SimDevice> = cfg
+        .device_configs()
+        .filter_map(|d| {
+            Some(SimDevice {
+                id: d.id.clone(),
+                dev_addr: d.dev_addr?,
+                nwk_s_key: d.nwk_s_key?,
+                app_s_key: d.app_s_key?,
+                f_cnt: fcnt_start,
+            })
+        })
+        .collect();
+    anyhow::ensure!(
+        !devices.is_empty(),
+        "the config has no ABP devices to simulate"
+    );
+    anyhow::ensure!(rate > 0.0, "--rate must be positive");
+    let mut fwd = Forwarder::connect(target, gateway).await?;
+    fwd.pull().await?;
+    // Count PUSH_ACKs on the side: they tell whether the daemon keeps up.
+    let acks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = {
+        let (acks, sock) = (acks.clone(), fwd.socket.clone());
+        tokio::spawn(async move {
+            let mut b = [0u8; 64];
+            while let Ok(n) = sock.recv(&mut b).await {
+                if n >= 4 && b[3] == crate::ingress::gwmp::PUSH_ACK {
+                    acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let payload: Vec<u8> = (0..payload_size).map(|i| i as u8).collect();
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    'outer: loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        // Send what the rate allows by now (pacing in 1 ms steps).
+        let due = (start.elapsed().as_secs_f64() * rate) as u64 + 1;
+        while sent < due {
+            if count.is_some_and(|c| sent >= c) {
+                break 'outer;
+            }
+            let i = (sent % devices.len() as u64) as usize;
+            let phy = devices[i].uplink(1, &payload, false)?;
+            let radio = Radio {
+                tmst: (start.elapsed().as_micros() as u32),
+                ..Radio::default()
+            };
+            fwd.send(&[(&phy, radio)]).await?;
+            sent += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = acks.load(std::sync::atomic::Ordering::Relaxed);
+    reader.abort();
+    println!(
+        "sent {sent} uplinks in {elapsed:.2} s ({:.0}/s) to {target}; PUSH_ACKs received: {acked}; next --fcnt-start {}",
+        sent as f64 / elapsed.max(1e-9),
+        devices.iter().map(|d| d.f_cnt).max().unwrap_or(0)
+    );
+    Ok(())
+}

@@ -1,0 +1,880 @@
+//! Configuration: one TOML file, every section optional, unknown keys rejected.
+//!
+//! Errors name the file, the line and the key (`lorastream.toml:14: [[device]] "soil-1": key
+//! `dev_addr`: expected 8 hex digits, got 7`), because the person reading them is editing that
+//! file over SSH on a gateway. Syntax and type errors come from the `toml` crate with their span;
+//! cross-references (a device naming an unknown application, a stream scoped to an unknown
+//! device, duplicate ids) are checked in [`Config::validate`], which finds the key's line in the
+//! entry's text.
+//!
+//! Defaults match `config.example.toml`; `lorastream check` prints the effective configuration
+//! with every secret shown as `***`.
+
+use crate::lorawan::session::DeviceClass;
+use crate::model::{AesKey, DevAddr, Eui64, Secret};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Where the daemon looks when `-c` is not given.
+pub const DEFAULT_PATH: &str = "/etc/lorastream/lorastream.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: {entry}key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        entry: String,
+        key: String,
+        message: String,
+    },
+}
+
+fn de_from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse::<T>().map_err(serde::de::Error::custom)
+}
+
+fn de_opt_from_str<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| s.parse::<T>().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+fn ser_display<S: Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn ser_opt_display<S: Serializer, T: std::fmt::Display>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_masked<S: Serializer, T>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("***"),
+        None => s.serialize_none(),
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub storage: StorageConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    #[serde(rename = "application")]
+    pub applications: Vec<ApplicationConfig>,
+    #[serde(rename = "device")]
+    pub devices: Vec<Spanned<DeviceConfig>>,
+    #[serde(rename = "stream")]
+    pub streams: Vec<Spanned<StreamConfig>>,
+}
+
+/// LoRaWAN region. Only the uplink side is region-independent today; the downlink tables
+/// (RX1/RX2) arrive with the downlink work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum Region {
+    #[default]
+    EU868,
+    US915,
+    AU915,
+    AS923,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// UDP address the packet forwarders send to.
+    pub listen: String,
+    pub region: Region,
+    /// Receptions of the same frame within this window are merged into one uplink.
+    pub dedup_window_ms: u64,
+    /// SO_RCVBUF of the UDP socket; bursts beyond it are lost by the kernel, so keep it large.
+    pub udp_recv_buffer: usize,
+    /// The EUI of this gateway, used for the MQTT last will (`gateways/{eui}/status`) and the
+    /// default client id. Optional; without it the status is published per forwarder seen.
+    #[serde(
+        deserialize_with = "de_opt_from_str",
+        serialize_with = "ser_opt_display"
+    )]
+    pub eui: Option<Eui64>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "0.0.0.0:1700".into(),
+            region: Region::EU868,
+            dedup_window_ms: 200,
+            udp_recv_buffer: 8 * 1024 * 1024,
+            eui: None,
+        }
+    }
+}
+
+/// What to do when the queues reach `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    #[default]
+    DropOldest,
+    RejectNew,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    /// Cap on queued message bytes, all streams together.
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    /// Periodic flush of the store; the power-cut loss window. 0 = flush before an uplink
+    /// counts as queued.
+    pub flush_every_ms: u64,
+    /// sled page cache. sled's own default (1 GiB) is wrong for a gateway.
+    pub cache_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("/var/lib/lorastream"),
+            max_bytes: 256 * 1024 * 1024,
+            when_full: WhenFull::DropOldest,
+            flush_every_ms: 100,
+            cache_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus `/metrics` and JSON `/health`. Empty string disables the endpoint.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9100".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter (`lorastream=debug`).
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApplicationConfig {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    pub application: String,
+    pub id: String,
+    #[serde(deserialize_with = "de_from_str", serialize_with = "ser_display")]
+    pub dev_eui: Eui64,
+    #[serde(default)]
+    pub class: DeviceClass,
+    /// ABP.
+    #[serde(
+        default,
+        deserialize_with = "de_opt_from_str",
+        serialize_with = "ser_opt_display"
+    )]
+    pub dev_addr: Option<DevAddr>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_from_str",
+        serialize_with = "ser_masked"
+    )]
+    pub nwk_s_key: Option<AesKey>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_from_str",
+        serialize_with = "ser_masked"
+    )]
+    pub app_s_key: Option<AesKey>,
+    /// OTAA (LoRaWAN 1.0.x).
+    #[serde(
+        default,
+        deserialize_with = "de_opt_from_str",
+        serialize_with = "ser_opt_display"
+    )]
+    pub join_eui: Option<Eui64>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_from_str",
+        serialize_with = "ser_masked"
+    )]
+    pub app_key: Option<AesKey>,
+}
+
+/// Stream kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamKind {
+    #[default]
+    Mqtt,
+    AzureIotHub,
+    AwsIot,
+    Http,
+    File,
+    Stdout,
+}
+
+impl StreamKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StreamKind::Mqtt => "mqtt",
+            StreamKind::AzureIotHub => "azure-iot-hub",
+            StreamKind::AwsIot => "aws-iot",
+            StreamKind::Http => "http",
+            StreamKind::File => "file",
+            StreamKind::Stdout => "stdout",
+        }
+    }
+}
+
+/// JSON layout of published messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// The Things Stack v3 uplink message layout.
+    #[default]
+    Tts,
+}
+
+/// One `[[stream]]`. All kinds share this flat table; [`Config::validate`] rejects keys that
+/// the chosen kind does not use, so a misplaced key is an error, not silently ignored.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    pub name: String,
+    #[serde(default)]
+    pub kind: StreamKind,
+    // Scope: at most one of these.
+    pub application: Option<String>,
+    pub device: Option<String>,
+    /// A gateway EUI, or "*" for every gateway: raw frames, known device or not.
+    pub gateway: Option<String>,
+    #[serde(default)]
+    pub format: Format,
+    #[serde(default = "yes")]
+    pub downlinks: bool,
+    /// Per-stream override of `[storage] when_full`.
+    pub when_full: Option<WhenFull>,
+    // mqtt / aws-iot / azure-iot-hub
+    pub server: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    #[serde(default, serialize_with = "ser_masked")]
+    pub password: Option<Secret>,
+    pub client_id: Option<String>,
+    pub topic_prefix: Option<String>,
+    /// Unacknowledged QoS 1 publishes in flight (MQTT) / the delivery window.
+    pub inflight: Option<u16>,
+    pub keep_alive_s: Option<u64>,
+    // file
+    pub path: Option<PathBuf>,
+    // http
+    pub url: Option<String>,
+    #[serde(default, serialize_with = "ser_masked")]
+    pub headers: Option<BTreeMap<String, Secret>>,
+    pub batch_max: Option<usize>,
+    // azure-iot-hub
+    pub hostname: Option<String>,
+    pub identity: Option<String>,
+    pub device_id: Option<String>,
+    pub policy_name: Option<String>,
+    #[serde(default, serialize_with = "ser_masked")]
+    pub policy_key: Option<Secret>,
+    #[serde(default, serialize_with = "ser_masked")]
+    pub device_key: Option<Secret>,
+    #[serde(default, serialize_with = "ser_masked")]
+    pub device_keys: Option<BTreeMap<String, Secret>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The scope a stream takes messages from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every device uplink.
+    All,
+    Application(String),
+    Device(String),
+    /// Raw frames of one gateway (`None` = every gateway).
+    Gateway(Option<Eui64>),
+}
+
+impl StreamConfig {
+    pub fn scope(&self) -> Scope {
+        if let Some(a) = &self.application {
+            Scope::Application(a.clone())
+        } else if let Some(d) = &self.device {
+            Scope::Device(d.clone())
+        } else if let Some(g) = &self.gateway {
+            Scope::Gateway(g.parse().ok())
+        } else {
+            Scope::All
+        }
+    }
+
+    /// Names of the kind-specific keys that are set.
+    fn set_keys(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        macro_rules! k {
+            ($($f:ident),*) => { $( if self.$f.is_some() { v.push(stringify!($f)); } )* };
+        }
+        k!(
+            server,
+            ca_file,
+            cert_file,
+            key_file,
+            username,
+            password,
+            client_id,
+            topic_prefix,
+            inflight,
+            keep_alive_s,
+            path,
+            url,
+            headers,
+            batch_max,
+            hostname,
+            identity,
+            device_id,
+            policy_name,
+            policy_key,
+            device_key,
+            device_keys
+        );
+        v
+    }
+}
+
+/// Keys each kind accepts beyond the common ones.
+fn allowed_keys(kind: StreamKind) -> &'static [&'static str] {
+    match kind {
+        StreamKind::Mqtt => &[
+            "server",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "username",
+            "password",
+            "client_id",
+            "topic_prefix",
+            "inflight",
+            "keep_alive_s",
+        ],
+        StreamKind::AwsIot => &[
+            "server",
+            "ca_file",
+            "cert_file",
+            "key_file",
+            "client_id",
+            "topic_prefix",
+            "inflight",
+            "keep_alive_s",
+        ],
+        StreamKind::AzureIotHub => &[
+            "server",
+            "ca_file",
+            "hostname",
+            "identity",
+            "device_id",
+            "policy_name",
+            "policy_key",
+            "device_key",
+            "device_keys",
+            "inflight",
+            "keep_alive_s",
+        ],
+        StreamKind::Http => &["url", "headers", "batch_max", "ca_file", "inflight"],
+        StreamKind::File => &["path"],
+        StreamKind::Stdout => &[],
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(src.len());
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = offset - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// Line of `key = ...` inside an entry (from its span start up to the next table header), or
+/// the entry's first line.
+fn key_line(src: &str, span: &Range<usize>, key: &str) -> usize {
+    let start = span.start.min(src.len());
+    let mut offset = start;
+    for (i, l) in src[start..].split_inclusive('\n').enumerate() {
+        let t = l.trim_start();
+        if i > 0 && t.starts_with('[') {
+            break;
+        }
+        if let Some(rest) = t.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return line_col(src, offset).0;
+            }
+        }
+        offset += l.len();
+    }
+    line_col(src, start).0
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&src, &path.display().to_string())
+    }
+
+    /// Parse and validate config text; `path` is only used in messages.
+    pub fn parse(src: &str, path: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(src).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(src, s.start)).unwrap_or((0, 0));
+            ConfigError::Syntax {
+                path: path.to_string(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        cfg.validate(src, path)?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks. `src` is the text the config came from (for line numbers).
+    pub fn validate(&self, src: &str, path: &str) -> Result<(), ConfigError> {
+        let top = |key: &str, message: String| {
+            let line = src
+                .lines()
+                .position(|l| {
+                    let t = l.trim_start();
+                    t.strip_prefix(key)
+                        .is_some_and(|r| r.trim_start().starts_with('='))
+                })
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            ConfigError::Invalid {
+                path: path.into(),
+                line,
+                entry: String::new(),
+                key: key.into(),
+                message,
+            }
+        };
+        if self.gateway.listen.parse::<SocketAddr>().is_err() {
+            return Err(top(
+                "listen",
+                format!(
+                    "[gateway] listen = {:?} is not an IP:port (e.g. \"0.0.0.0:1700\")",
+                    self.gateway.listen
+                ),
+            ));
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return Err(top(
+                "listen",
+                format!(
+                    "[metrics] listen = {:?} is not an IP:port (or \"\" to disable)",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        if self.gateway.dedup_window_ms > 2_000 {
+            return Err(top(
+                "dedup_window_ms",
+                "must be at most 2000 ms (RX1 opens 1 s after the uplink)".into(),
+            ));
+        }
+        if self.storage.max_bytes < 64 * 1024 {
+            return Err(top("max_bytes", "must be at least 65536".into()));
+        }
+
+        let apps: HashSet<&str> = self.applications.iter().map(|a| a.id.as_str()).collect();
+        let mut seen = HashSet::new();
+        for a in &self.applications {
+            if a.id.is_empty() || !seen.insert(a.id.as_str()) {
+                return Err(top(
+                    "id",
+                    format!("[[application]] id {:?} is empty or used twice", a.id),
+                ));
+            }
+        }
+
+        let mut dev_ids = HashSet::new();
+        let mut dev_euis = HashSet::new();
+        for d in &self.devices {
+            let span = d.span();
+            let dv = d.get_ref();
+            let err = |key: &str, message: String| ConfigError::Invalid {
+                path: path.into(),
+                line: key_line(src, &span, key),
+                entry: format!("[[device]] {:?}: ", dv.id),
+                key: key.into(),
+                message,
+            };
+            if dv.id.is_empty() || dv.id.contains(['/', '+', '#']) {
+                return Err(err(
+                    "id",
+                    "must be non-empty and contain no '/', '+' or '#' (it is used in MQTT topics)"
+                        .into(),
+                ));
+            }
+            if !dev_ids.insert(dv.id.as_str()) {
+                return Err(err("id", "another device has the same id".into()));
+            }
+            if !dev_euis.insert(dv.dev_eui) {
+                return Err(err(
+                    "dev_eui",
+                    format!("{} is used by another device", dv.dev_eui),
+                ));
+            }
+            if !apps.contains(dv.application.as_str()) {
+                return Err(err(
+                    "application",
+                    format!(
+                        "unknown application {:?}; add an [[application]] with id = {:?}",
+                        dv.application, dv.application
+                    ),
+                ));
+            }
+            let abp = [
+                dv.dev_addr.is_some(),
+                dv.nwk_s_key.is_some(),
+                dv.app_s_key.is_some(),
+            ];
+            let otaa = dv.app_key.is_some();
+            if abp.iter().any(|x| *x) && !abp.iter().all(|x| *x) {
+                let missing = ["dev_addr", "nwk_s_key", "app_s_key"]
+                    .iter()
+                    .zip(abp)
+                    .find(|(_, set)| !set)
+                    .map(|(k, _)| *k)
+                    .unwrap_or("dev_addr");
+                return Err(err(
+                    missing,
+                    "ABP devices need dev_addr, nwk_s_key and app_s_key".into(),
+                ));
+            }
+            if !abp[0] && !otaa {
+                return Err(err(
+                    "dev_addr",
+                    "set dev_addr + nwk_s_key + app_s_key (ABP) or app_key (OTAA)".into(),
+                ));
+            }
+        }
+
+        let mut names = HashSet::new();
+        for s in &self.streams {
+            let span = s.span();
+            let st = s.get_ref();
+            let err = |key: &str, message: String| ConfigError::Invalid {
+                path: path.into(),
+                line: key_line(src, &span, key),
+                entry: format!("[[stream]] {:?}: ", st.name),
+                key: key.into(),
+                message,
+            };
+            if st.name.is_empty() || st.name.contains(['/', '\0']) {
+                return Err(err("name", "must be non-empty and contain no '/'".into()));
+            }
+            if !names.insert(st.name.as_str()) {
+                return Err(err("name", "another stream has the same name".into()));
+            }
+            let scopes = [&st.application, &st.device, &st.gateway]
+                .iter()
+                .filter(|x| x.is_some())
+                .count();
+            if scopes > 1 {
+                return Err(err(
+                    "application",
+                    "set at most one of application, device, gateway".into(),
+                ));
+            }
+            if let Some(a) = &st.application {
+                if !apps.contains(a.as_str()) {
+                    return Err(err("application", format!("unknown application {a:?}")));
+                }
+            }
+            if let Some(d) = &st.device {
+                if !dev_ids.contains(d.as_str()) {
+                    return Err(err("device", format!("unknown device {d:?}")));
+                }
+            }
+            if let Some(g) = &st.gateway {
+                if g != "*" && g.parse::<Eui64>().is_err() {
+                    return Err(err(
+                        "gateway",
+                        format!("{g:?} is not a gateway EUI (16 hex digits) or \"*\""),
+                    ));
+                }
+            }
+            let allowed = allowed_keys(st.kind);
+            for k in st.set_keys() {
+                if !allowed.contains(&k) {
+                    return Err(err(
+                        k,
+                        format!(
+                            "not used by kind = {:?} (it takes: {})",
+                            st.kind.name(),
+                            if allowed.is_empty() {
+                                "no extra keys".to_string()
+                            } else {
+                                allowed.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+            match st.kind {
+                StreamKind::Mqtt => {
+                    let server = st.server.as_deref().unwrap_or("");
+                    if !["mqtt://", "mqtts://", "ws://", "wss://"]
+                        .iter()
+                        .any(|p| server.starts_with(p))
+                    {
+                        return Err(err(
+                            "server",
+                            format!(
+                                "{server:?} must start with mqtt://, mqtts://, ws:// or wss://"
+                            ),
+                        ));
+                    }
+                    if st.cert_file.is_some() != st.key_file.is_some() {
+                        return Err(err(
+                            "cert_file",
+                            "cert_file and key_file go together".into(),
+                        ));
+                    }
+                    if let Some(p) = &st.topic_prefix {
+                        if p.is_empty() || p.contains(['+', '#']) || p.ends_with('/') {
+                            return Err(err(
+                                "topic_prefix",
+                                "must be non-empty, without '+', '#' or a trailing '/'".into(),
+                            ));
+                        }
+                    }
+                    if st.inflight == Some(0) {
+                        return Err(err("inflight", "must be at least 1".into()));
+                    }
+                }
+                StreamKind::File => {
+                    if st.path.is_none() {
+                        return Err(err("path", "kind = \"file\" needs path".into()));
+                    }
+                }
+                StreamKind::Stdout => {}
+                StreamKind::AzureIotHub | StreamKind::AwsIot | StreamKind::Http => {
+                    return Err(err(
+                        "kind",
+                        format!(
+                            "kind = {:?} is not available in this version yet (use mqtt, file or stdout)",
+                            st.kind.name()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn device_configs(&self) -> impl Iterator<Item = &DeviceConfig> {
+        self.devices.iter().map(|d| d.get_ref())
+    }
+
+    pub fn stream_configs(&self) -> impl Iterator<Item = &StreamConfig> {
+        self.streams.iter().map(|s| s.get_ref())
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_toml_masked(&self) -> String {
+        #[derive(Serialize)]
+        struct View<'a> {
+            gateway: &'a GatewayConfig,
+            storage: &'a StorageConfig,
+            metrics: &'a MetricsConfig,
+            log: &'a LogConfig,
+            application: &'a [ApplicationConfig],
+            device: Vec<&'a DeviceConfig>,
+            stream: Vec<&'a StreamConfig>,
+        }
+        let v = View {
+            gateway: &self.gateway,
+            storage: &self.storage,
+            metrics: &self.metrics,
+            log: &self.log,
+            application: &self.applications,
+            device: self.device_configs().collect(),
+            stream: self.stream_configs().collect(),
+        };
+        toml::to_string_pretty(&v).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[gateway]
+listen = "127.0.0.1:1700"
+
+[storage]
+path = "/tmp/x"
+
+[[application]]
+id = "farm"
+
+[[device]]
+application = "farm"
+id = "soil-1"
+dev_eui = "70b3d57ed0000001"
+dev_addr = "26000001"
+nwk_s_key = "000102030405060708090A0B0C0D0E0F"
+app_s_key = "000102030405060708090a0b0c0d0e0f"
+
+[[stream]]
+name = "cloud"
+kind = "mqtt"
+server = "mqtt://127.0.0.1:1883"
+application = "farm"
+password = "s3cret"
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.gateway.dedup_window_ms, 200);
+        assert_eq!(c.storage.flush_every_ms, 100);
+        assert_eq!(c.storage.when_full, WhenFull::DropOldest);
+        let d = c.device_configs().next().unwrap();
+        assert_eq!(d.dev_addr, Some(DevAddr(0x2600_0001)));
+        let s = c.stream_configs().next().unwrap();
+        assert_eq!(s.scope(), Scope::Application("farm".into()));
+        assert!(s.downlinks);
+        let printed = c.to_toml_masked();
+        assert!(printed.contains("***"), "{printed}");
+        assert!(!printed.contains("s3cret"));
+        assert!(!printed.to_lowercase().contains("0102030405"));
+    }
+
+    #[test]
+    fn empty_config_is_valid_defaults() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c.gateway.listen, "0.0.0.0:1700");
+        assert_eq!(c.metrics.listen, "127.0.0.1:9100");
+    }
+
+    fn err_of(src: &str) -> String {
+        Config::parse(src, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = err_of(&GOOD.replace("dev_addr = \"26000001\"", "dev_addr = \"2600001\""));
+        assert!(e.starts_with("t.toml:15:"), "{e}");
+        assert!(e.contains("expected 8 hex digits, got 7"), "{e}");
+
+        let e = err_of(&GOOD.replace(
+            "application = \"farm\"\nid = \"soil-1\"",
+            "application = \"farn\"\nid = \"soil-1\"",
+        ));
+        assert!(
+            e.starts_with("t.toml:12: [[device]] \"soil-1\": key `application`"),
+            "{e}"
+        );
+        assert!(e.contains("unknown application \"farn\""), "{e}");
+
+        let e = err_of(&GOOD.replace("[storage]", "[storage]\nflush_evry_ms = 3"));
+        assert!(e.starts_with("t.toml:6:"), "{e}");
+        assert!(e.contains("unknown field `flush_evry_ms`"), "{e}");
+
+        let e = err_of(&GOOD.replace("password = \"s3cret\"", "url = \"http://x\""));
+        assert!(
+            e.contains("t.toml:24: [[stream]] \"cloud\": key `url`: not used by kind = \"mqtt\""),
+            "{e}"
+        );
+
+        let e = err_of(&GOOD.replace("mqtt://127", "tcp://127"));
+        assert!(e.contains("key `server`"), "{e}");
+
+        let e = err_of(&GOOD.replace("nwk_s_key = \"000102030405060708090A0B0C0D0E0F\"\n", ""));
+        assert!(e.contains("key `nwk_s_key`"), "{e}");
+        assert!(
+            !e.contains("0102030405"),
+            "keys never appear in errors: {e}"
+        );
+
+        let e = err_of(
+            &GOOD
+                .replace("when_full", "x")
+                .replace("[storage]", "[storage]\nwhen_full = \"drop_newest\""),
+        );
+        assert!(e.contains("unknown variant `drop_newest`"), "{e}");
+    }
+}

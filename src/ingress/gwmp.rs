@@ -1,0 +1,276 @@
+//! Semtech UDP packet-forwarder protocol (GWMP), the pure codec.
+//!
+//! The 12-byte header (version, token, identifier, gateway EUI) is checked by hand before any
+//! JSON is touched, so every well-formed PUSH_DATA gets its PUSH_ACK even when its JSON is bad.
+//! JSON bodies are parsed with the `semtech-udp` crate's types, but one `rxpk` at a time: the
+//! crate parses a datagram all-or-nothing, and one odd field from one forwarder must not lose
+//! the other frames of the same datagram (see crate-notes, "semtech-udp 0.12").
+
+use crate::model::{now_us, Eui64, RxInfo, TxSettings};
+use semtech_udp::push_data::{RxPk, Stat, CRC};
+use semtech_udp::CodingRate;
+
+/// Protocol versions we answer. Version 1 forwarders send the same JSON.
+pub const VERSIONS: [u8; 2] = [1, 2];
+
+pub const PUSH_DATA: u8 = 0;
+pub const PUSH_ACK: u8 = 1;
+pub const PULL_DATA: u8 = 2;
+pub const PULL_RESP: u8 = 3;
+pub const PULL_ACK: u8 = 4;
+pub const TX_ACK: u8 = 5;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GwmpError {
+    #[error("datagram too short ({0} bytes)")]
+    TooShort(usize),
+    #[error("unknown protocol version {0}")]
+    Version(u8),
+    #[error("unexpected packet identifier {0:#04x}")]
+    Identifier(u8),
+    #[error("invalid JSON: {0}")]
+    Json(String),
+}
+
+impl GwmpError {
+    /// Label for the `lorastream_udp_errors_total{reason}` metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            GwmpError::TooShort(_) => "too_short",
+            GwmpError::Version(_) => "bad_version",
+            GwmpError::Identifier(_) => "bad_identifier",
+            GwmpError::Json(_) => "bad_json",
+        }
+    }
+}
+
+/// A datagram from a packet forwarder, header decoded, body untouched.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    PushData {
+        version: u8,
+        token: u16,
+        gateway: Eui64,
+        body: &'a [u8],
+    },
+    PullData {
+        version: u8,
+        token: u16,
+        gateway: Eui64,
+    },
+    TxAck {
+        version: u8,
+        token: u16,
+        gateway: Eui64,
+        body: &'a [u8],
+    },
+}
+
+/// Decode the header of an upstream datagram.
+pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, GwmpError> {
+    if buf.len() < 4 {
+        return Err(GwmpError::TooShort(buf.len()));
+    }
+    let version = buf[0];
+    if !VERSIONS.contains(&version) {
+        return Err(GwmpError::Version(version));
+    }
+    let token = u16::from_be_bytes([buf[1], buf[2]]);
+    let id = buf[3];
+    if !matches!(id, PUSH_DATA | PULL_DATA | TX_ACK) {
+        return Err(GwmpError::Identifier(id));
+    }
+    if buf.len() < 12 {
+        return Err(GwmpError::TooShort(buf.len()));
+    }
+    let mut eui = [0u8; 8];
+    eui.copy_from_slice(&buf[4..12]);
+    let gateway = Eui64(eui);
+    // Some forwarders terminate the JSON with a NUL byte.
+    let body = match &buf[12..] {
+        [rest @ .., 0] => rest,
+        b => b,
+    };
+    Ok(match id {
+        PUSH_DATA => Datagram::PushData {
+            version,
+            token,
+            gateway,
+            body,
+        },
+        PULL_DATA => Datagram::PullData {
+            version,
+            token,
+            gateway,
+        },
+        _ => Datagram::TxAck {
+            version,
+            token,
+            gateway,
+            body,
+        },
+    })
+}
+
+/// PUSH_ACK / PULL_ACK: version, token, identifier.
+pub fn ack(version: u8, token: u16, id: u8) -> [u8; 4] {
+    let t = token.to_be_bytes();
+    [version, t[0], t[1], id]
+}
+
+/// One received frame, converted from an `rxpk`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reception {
+    pub phy_payload: Vec<u8>,
+    pub crc_ok: bool,
+    pub settings: TxSettings,
+    pub rx: RxInfo,
+}
+
+/// The content of a PUSH_DATA body.
+#[derive(Debug, Default)]
+pub struct PushData {
+    pub receptions: Vec<Reception>,
+    pub stat: Option<Stat>,
+    /// `rxpk` entries that could not be parsed (each is logged by the caller).
+    pub bad_rxpk: Vec<String>,
+}
+
+/// Parse a PUSH_DATA JSON body, entry by entry.
+pub fn parse_push_data(body: &[u8], gateway: Eui64) -> Result<PushData, GwmpError> {
+    #[derive(serde::Deserialize)]
+    struct Raw<'a> {
+        #[serde(default, borrow)]
+        rxpk: Vec<&'a serde_json::value::RawValue>,
+        #[serde(default, borrow)]
+        stat: Option<&'a serde_json::value::RawValue>,
+    }
+    let received_at_us = now_us();
+    let mut out = PushData::default();
+    // Fast path: the whole body parses with the crate's types (the normal case).
+    if let Ok(d) = serde_json::from_slice::<semtech_udp::push_data::Data>(body) {
+        out.receptions = d
+            .rxpk
+            .unwrap_or_default()
+            .iter()
+            .map(|pk| reception(pk, gateway, received_at_us))
+            .collect();
+        out.stat = d.stat;
+        return Ok(out);
+    }
+    // Slow path: entry by entry, so one bad entry costs only itself.
+    let raw: Raw = serde_json::from_slice(body).map_err(|e| GwmpError::Json(e.to_string()))?;
+    for v in raw.rxpk {
+        // From the raw text, not a `Value`: the crate's types borrow strings while parsing.
+        match serde_json::from_str::<RxPk>(v.get()) {
+            Ok(pk) => out.receptions.push(reception(&pk, gateway, received_at_us)),
+            Err(e) => out.bad_rxpk.push(e.to_string()),
+        }
+    }
+    if let Some(s) = raw.stat {
+        match serde_json::from_str::<Stat>(s.get()) {
+            Ok(s) => out.stat = Some(s),
+            Err(e) => out.bad_rxpk.push(format!("stat: {e}")),
+        }
+    }
+    Ok(out)
+}
+
+fn coding_rate(c: Option<CodingRate>) -> &'static str {
+    match c {
+        Some(CodingRate::_4_5) => "4/5",
+        Some(CodingRate::_4_6) => "4/6",
+        Some(CodingRate::_4_7) => "4/7",
+        Some(CodingRate::_4_8) => "4/8",
+        None => "",
+    }
+}
+
+fn reception(pk: &RxPk, gateway: Eui64, received_at_us: i64) -> Reception {
+    let (channel, rf_chain) = match pk {
+        RxPk::V1(v) => (v.chan as u32, v.rfch as u32),
+        RxPk::V2(v) => (v.rsig.first().map(|r| r.chan as u32).unwrap_or(0), 0),
+    };
+    let dr = pk.datarate();
+    Reception {
+        phy_payload: pk.data().clone(),
+        crc_ok: !matches!(pk.crc_status(), CRC::Fail),
+        settings: TxSettings {
+            frequency_hz: (pk.frequency() * 1_000_000.0).round() as u32,
+            spreading_factor: u32::from(dr.spreading_factor()) as u8,
+            bandwidth_hz: u32::from(dr.bandwidth()),
+            coding_rate: coding_rate(pk.coding_rate()).to_string(),
+        },
+        rx: RxInfo {
+            gateway,
+            tmst: pk.timestamp(),
+            time: pk.time().clone(),
+            rssi: pk.signal_rssi().unwrap_or_else(|| pk.channel_rssi()),
+            channel_rssi: pk.channel_rssi(),
+            snr: pk.snr(),
+            channel,
+            rf_chain,
+            received_at_us,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(body: &str) -> Vec<u8> {
+        let mut v = vec![2, 0xAB, 0xCD, PUSH_DATA, 0xAA, 0x55, 0x5A, 0, 0, 0, 0, 1];
+        v.extend_from_slice(body.as_bytes());
+        v
+    }
+
+    const RXPK: &str = r#"{"tmst":2000123,"chan":2,"rfch":0,"freq":868.1,"stat":1,"modu":"LORA","datr":"SF7BW125","codr":"4/5","lsnr":9.5,"rssi":-57,"size":4,"data":"QAECAw=="}"#;
+
+    #[test]
+    fn header_checks() {
+        assert_eq!(decode(&[2, 0, 0]), Err(GwmpError::TooShort(3)));
+        assert_eq!(decode(&[9, 0, 0, 0]), Err(GwmpError::Version(9)));
+        assert_eq!(decode(&[2, 0, 0, 7]), Err(GwmpError::Identifier(7)));
+        assert_eq!(decode(&[2, 0, 0, 0, 1, 2]), Err(GwmpError::TooShort(6)));
+        match decode(&push("{}\0")).unwrap() {
+            Datagram::PushData {
+                token,
+                gateway,
+                body,
+                ..
+            } => {
+                assert_eq!(token, 0xABCD);
+                assert_eq!(gateway.to_string(), "AA555A0000000001");
+                assert_eq!(body, b"{}");
+            }
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(ack(2, 0xABCD, PUSH_ACK), [2, 0xAB, 0xCD, 1]);
+    }
+
+    #[test]
+    fn one_bad_rxpk_does_not_lose_the_others() {
+        let body = format!(
+            r#"{{"rxpk":[{RXPK},{{"tmst":"x"}},{RXPK}],"stat":{{"time":"2026-11-22 10:00:00 GMT","rxnb":2,"rxok":2,"rxfw":2,"ackr":100.0,"dwnb":0,"txnb":0}}}}"#
+        );
+        let p = parse_push_data(body.as_bytes(), Eui64::from_u64(1)).unwrap();
+        assert_eq!(p.receptions.len(), 2);
+        assert_eq!(p.bad_rxpk.len(), 1);
+        assert!(p.stat.is_some());
+        let r = &p.receptions[0];
+        assert_eq!(r.phy_payload, vec![0x40, 1, 2, 3]);
+        assert_eq!(r.settings.frequency_hz, 868_100_000);
+        assert_eq!(r.settings.spreading_factor, 7);
+        assert_eq!(r.settings.bandwidth_hz, 125_000);
+        assert_eq!(r.settings.coding_rate, "4/5");
+        assert_eq!(r.rx.tmst, 2_000_123);
+        assert_eq!(r.rx.channel, 2);
+        assert_eq!(r.rx.rssi, -57);
+        assert!(r.crc_ok);
+        assert!(matches!(
+            parse_push_data(b"{not json", Eui64::default()),
+            Err(GwmpError::Json(_))
+        ));
+    }
+}

@@ -1,0 +1,13 @@
+//! The LoRaWAN 1.0.x layer: pure, synchronous functions on byte slices, tested with published
+//! vectors. No sockets, no disk, no clocks (time comes in as arguments).
+//!
+//! - [`frame`]: header peek, MIC, FRMPayload encryption, frame building;
+//! - [`fcnt`]: 16→32-bit frame-counter reconstruction and replay classification;
+//! - [`dedup`]: the deduplication window that merges receptions of one frame;
+//! - [`session`]: device sessions looked up by DevAddr and the uplink decision (MIC decides
+//!   between devices sharing a DevAddr).
+
+pub mod dedup;
+pub mod fcnt;
+pub mod frame;
+pub mod session;

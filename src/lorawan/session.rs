@@ -1,0 +1,299 @@
+//! Device sessions and the uplink decision.
+//!
+//! The [`Registry`] holds every configured device with its current session (ABP from the config;
+//! OTAA once joined) and answers one question per deduplicated frame: whose is it, is it
+//! authentic, and is it new? Several devices may share a DevAddr: each candidate's NwkSKey is
+//! tried and the MIC decides (LoRaWAN 1.0.x §6.1.1). The registry is owned by one task (the
+//! uplink stage), so it needs no locks; the caller persists [`SessionState`] after each change.
+
+use super::fcnt::{self, FCntCheck};
+use super::frame::{self, DataUpHeader, Opened};
+use crate::model::{AesKey, DevAddr, Eui64};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// LoRaWAN device class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+pub enum DeviceClass {
+    #[default]
+    A,
+    C,
+}
+
+/// Keys and counters of an active session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub dev_addr: DevAddr,
+    pub nwk_s_key: AesKey,
+    pub app_s_key: AesKey,
+    pub state: SessionState,
+}
+
+/// The part of a session that changes and is persisted in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SessionState {
+    /// DevAddr the counters belong to: a re-provisioned device starts from zero.
+    pub dev_addr: DevAddr,
+    /// Last accepted full FCntUp; `None` before the first uplink.
+    pub f_cnt_up: Option<u32>,
+    /// Next FCntDown to use.
+    pub f_cnt_down: u32,
+}
+
+/// One configured device.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub id: String,
+    pub application: String,
+    pub dev_eui: Eui64,
+    pub class: DeviceClass,
+    pub session: Option<Session>,
+}
+
+/// Outcome of [`Registry::open_uplink`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Authentic and new: the session's FCntUp has been advanced in memory.
+    Accepted {
+        device: usize,
+        f_cnt: u32,
+        header: DataUpHeader,
+        opened: Opened,
+    },
+    /// Not a data-up frame, or malformed.
+    Malformed,
+    /// No session has this DevAddr (probably a neighbour's device).
+    UnknownDevAddr(DevAddr),
+    /// Sessions with this DevAddr exist, but no key gives a valid MIC.
+    MicFailed(DevAddr),
+    /// Valid MIC, counter equal to the last one: a late copy or a retransmission.
+    Repeat { device: usize, f_cnt: u32 },
+    /// Valid MIC, counter older than the last one (or too far ahead): a replay.
+    Replay { device: usize, f_cnt16: u16 },
+}
+
+#[derive(Default)]
+pub struct Registry {
+    devices: Vec<Device>,
+    by_addr: HashMap<DevAddr, Vec<usize>>,
+    by_id: HashMap<String, usize>,
+}
+
+impl Registry {
+    pub fn new(devices: Vec<Device>) -> Self {
+        let mut r = Registry {
+            devices,
+            ..Default::default()
+        };
+        r.reindex();
+        r
+    }
+
+    fn reindex(&mut self) {
+        self.by_addr.clear();
+        self.by_id.clear();
+        for (i, d) in self.devices.iter().enumerate() {
+            self.by_id.insert(d.id.clone(), i);
+            if let Some(s) = &d.session {
+                self.by_addr.entry(s.dev_addr).or_default().push(i);
+            }
+        }
+    }
+
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    pub fn device(&self, idx: usize) -> &Device {
+        &self.devices[idx]
+    }
+
+    pub fn device_mut(&mut self, idx: usize) -> &mut Device {
+        &mut self.devices[idx]
+    }
+
+    pub fn find(&self, id: &str) -> Option<usize> {
+        self.by_id.get(id).copied()
+    }
+
+    /// Restore persisted counters (ignored when they belong to another DevAddr).
+    pub fn restore(&mut self, idx: usize, state: SessionState) {
+        if let Some(s) = self.devices.get_mut(idx).and_then(|d| d.session.as_mut()) {
+            if s.dev_addr == state.dev_addr {
+                s.state = state;
+            }
+        }
+    }
+
+    /// Replace a device's session (OTAA join), keeping the DevAddr index right.
+    pub fn set_session(&mut self, idx: usize, session: Session) {
+        if let Some(d) = self.devices.get_mut(idx) {
+            d.session = Some(session);
+        }
+        self.reindex();
+    }
+
+    /// Authenticate, classify and decrypt one uplink data frame.
+    pub fn open_uplink(&mut self, phy: &[u8]) -> Verdict {
+        let Ok(header) = frame::peek_data_up(phy) else {
+            return Verdict::Malformed;
+        };
+        let Some(candidates) = self.by_addr.get(&header.dev_addr) else {
+            return Verdict::UnknownDevAddr(header.dev_addr);
+        };
+        for &idx in candidates {
+            let Some(s) = self.devices[idx].session.as_mut() else {
+                continue;
+            };
+            let full = fcnt::extend(s.state.f_cnt_up, header.f_cnt16);
+            if !frame::mic_ok(phy, &s.nwk_s_key, full) {
+                continue;
+            }
+            return match fcnt::check(s.state.f_cnt_up, header.f_cnt16) {
+                FCntCheck::Fresh(f_cnt) => {
+                    let opened = match frame::decrypt(phy, &s.nwk_s_key, &s.app_s_key, f_cnt) {
+                        Ok(o) => o,
+                        Err(_) => return Verdict::Malformed,
+                    };
+                    s.state.f_cnt_up = Some(f_cnt);
+                    Verdict::Accepted {
+                        device: idx,
+                        f_cnt,
+                        header,
+                        opened,
+                    }
+                }
+                FCntCheck::Repeat(f_cnt) => Verdict::Repeat { device: idx, f_cnt },
+                FCntCheck::Old => Verdict::Replay {
+                    device: idx,
+                    f_cnt16: header.f_cnt16,
+                },
+            };
+        }
+        Verdict::MicFailed(header.dev_addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lorawan::frame::{encode, DataFrame};
+
+    fn dev(id: &str, addr: u32, seed: u8) -> Device {
+        Device {
+            id: id.into(),
+            application: "app".into(),
+            dev_eui: Eui64::from_u64(seed as u64),
+            class: DeviceClass::A,
+            session: Some(Session {
+                dev_addr: DevAddr(addr),
+                nwk_s_key: AesKey([seed; 16]),
+                app_s_key: AesKey([seed.wrapping_add(100); 16]),
+                state: SessionState {
+                    dev_addr: DevAddr(addr),
+                    ..Default::default()
+                },
+            }),
+        }
+    }
+
+    fn frame_for(d: &Device, f_cnt: u32, payload: &[u8]) -> Vec<u8> {
+        let s = d.session.as_ref().unwrap();
+        encode(
+            &DataFrame {
+                uplink: true,
+                confirmed: false,
+                dev_addr: s.dev_addr,
+                f_cnt,
+                adr: false,
+                ack: false,
+                f_pending: false,
+                f_port: Some(1),
+                payload,
+            },
+            &s.nwk_s_key,
+            &s.app_s_key,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn shared_devaddr_mic_decides_and_replays_are_caught() {
+        let a = dev("a", 0x2600_0001, 1);
+        let b = dev("b", 0x2600_0001, 2);
+        let fb = frame_for(&b, 5, b"from-b");
+        let mut r = Registry::new(vec![a, b]);
+        match r.open_uplink(&fb) {
+            Verdict::Accepted {
+                device,
+                f_cnt,
+                opened,
+                ..
+            } => {
+                assert_eq!(r.device(device).id, "b");
+                assert_eq!(f_cnt, 5);
+                assert_eq!(opened.frm_payload, b"from-b");
+            }
+            v => panic!("unexpected {v:?}"),
+        }
+        assert_eq!(
+            r.open_uplink(&fb),
+            Verdict::Repeat {
+                device: 1,
+                f_cnt: 5
+            }
+        );
+        let old = frame_for(r.device(1), 4, b"x");
+        assert_eq!(
+            r.open_uplink(&old),
+            Verdict::Replay {
+                device: 1,
+                f_cnt16: 4
+            }
+        );
+        let stranger = frame_for(&dev("c", 0x2600_0009, 3), 1, b"x");
+        assert_eq!(
+            r.open_uplink(&stranger),
+            Verdict::UnknownDevAddr(DevAddr(0x2600_0009))
+        );
+        let forged = frame_for(&dev("d", 0x2600_0001, 9), 6, b"x");
+        assert_eq!(
+            r.open_uplink(&forged),
+            Verdict::MicFailed(DevAddr(0x2600_0001))
+        );
+        assert_eq!(r.open_uplink(b"\x40short"), Verdict::Malformed);
+    }
+
+    #[test]
+    fn counter_rolls_over_and_restores() {
+        let d = dev("a", 0x2600_0001, 1);
+        let f = frame_for(&d, 0x1_0000, b"after-rollover");
+        let mut r = Registry::new(vec![d]);
+        r.restore(
+            0,
+            SessionState {
+                dev_addr: DevAddr(0x2600_0001),
+                f_cnt_up: Some(0xFFFF),
+                f_cnt_down: 3,
+            },
+        );
+        assert!(matches!(
+            r.open_uplink(&f),
+            Verdict::Accepted {
+                f_cnt: 0x1_0000,
+                ..
+            }
+        ));
+        // Counters stored for another DevAddr are not applied.
+        r.restore(
+            0,
+            SessionState {
+                dev_addr: DevAddr(7),
+                f_cnt_up: Some(1),
+                f_cnt_down: 0,
+            },
+        );
+        let s = r.device(0).session.as_ref().unwrap();
+        assert_eq!(s.state.f_cnt_up, Some(0x1_0000));
+    }
+}

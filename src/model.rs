@@ -1,0 +1,270 @@
+//! Plain data types shared by every stage of the pipeline.
+//!
+//! Nothing here does I/O. Identifiers are stored the way people write them (MSB first, upper-case
+//! hex when printed); keys are wrapped in [`AesKey`], whose `Debug`/`Display` never show the bytes,
+//! so a stray `{:?}` in a log line cannot leak a session key.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Error for identifiers and keys written in hex.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HexError {
+    #[error("expected {expected} hex digits, got {got}")]
+    Length { expected: usize, got: usize },
+    #[error("not a hex string (only 0-9, a-f, A-F allowed)")]
+    Digit,
+}
+
+fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], HexError> {
+    // People paste EUIs as "70-B3-D5-..." or "70:b3:..." too: accept those separators.
+    let clean: String = s
+        .chars()
+        .filter(|c| !matches!(c, ':' | '-' | ' '))
+        .collect();
+    if clean.len() != N * 2 {
+        return Err(HexError::Length {
+            expected: N * 2,
+            got: clean.len(),
+        });
+    }
+    let mut out = [0u8; N];
+    hex::decode_to_slice(&clean, &mut out).map_err(|_| HexError::Digit)?;
+    Ok(out)
+}
+
+/// A 64-bit EUI (DevEUI, JoinEUI, gateway EUI), MSB first.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize)]
+pub struct Eui64(pub [u8; 8]);
+
+impl Eui64 {
+    pub fn from_u64(v: u64) -> Self {
+        Eui64(v.to_be_bytes())
+    }
+    pub fn to_u64(self) -> u64 {
+        u64::from_be_bytes(self.0)
+    }
+    /// Wire order (LSB first), as in LoRaWAN frames.
+    pub fn to_le_bytes(self) -> [u8; 8] {
+        let mut b = self.0;
+        b.reverse();
+        b
+    }
+    pub fn from_le_bytes(mut b: [u8; 8]) -> Self {
+        b.reverse();
+        Eui64(b)
+    }
+}
+
+impl fmt::Display for Eui64 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02X}")?;
+        }
+        Ok(())
+    }
+}
+impl fmt::Debug for Eui64 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+impl FromStr for Eui64 {
+    type Err = HexError;
+    fn from_str(s: &str) -> Result<Self, HexError> {
+        parse_hex::<8>(s).map(Eui64)
+    }
+}
+
+/// A LoRaWAN device address, as the number people write (`26000001`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct DevAddr(pub u32);
+
+impl DevAddr {
+    pub fn to_le_bytes(self) -> [u8; 4] {
+        self.0.to_le_bytes()
+    }
+}
+impl fmt::Display for DevAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08X}", self.0)
+    }
+}
+impl fmt::Debug for DevAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+impl FromStr for DevAddr {
+    type Err = HexError;
+    fn from_str(s: &str) -> Result<Self, HexError> {
+        parse_hex::<4>(s).map(|b| DevAddr(u32::from_be_bytes(b)))
+    }
+}
+
+/// An AES-128 key. Prints as `***` whatever the format.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AesKey(pub [u8; 16]);
+
+impl fmt::Debug for AesKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+impl fmt::Display for AesKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+impl FromStr for AesKey {
+    type Err = HexError;
+    fn from_str(s: &str) -> Result<Self, HexError> {
+        parse_hex::<16>(s).map(AesKey)
+    }
+}
+
+/// A string secret from the config (password, SAS policy key). Prints as `***`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Radio settings of a received frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TxSettings {
+    pub frequency_hz: u32,
+    pub spreading_factor: u8,
+    pub bandwidth_hz: u32,
+    /// "4/5" etc.; empty when the forwarder did not say.
+    pub coding_rate: String,
+}
+
+/// One reception of a frame by one gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RxInfo {
+    pub gateway: Eui64,
+    /// Concentrator counter (µs) at end of reception; the base of downlink timing.
+    pub tmst: u32,
+    /// GPS/UTC time of reception, if the forwarder had it (RFC 3339 as sent).
+    pub time: Option<String>,
+    pub rssi: i32,
+    pub channel_rssi: i32,
+    pub snr: f32,
+    pub channel: u32,
+    pub rf_chain: u32,
+    /// Unix time (µs) when lorastream received the datagram.
+    pub received_at_us: i64,
+}
+
+/// A decrypted, deduplicated uplink of a known device: what device-level streams publish.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Uplink {
+    /// ULID, the stable correlation id (`lorastream:uplink:<ulid>`).
+    pub id: u128,
+    pub received_at_us: i64,
+    pub application: String,
+    pub device: String,
+    pub dev_eui: Eui64,
+    pub dev_addr: DevAddr,
+    pub f_port: Option<u8>,
+    pub f_cnt: u32,
+    pub confirmed: bool,
+    pub adr: bool,
+    /// Decrypted FRMPayload (empty when there is none or for FPort 0).
+    pub payload: Vec<u8>,
+    pub settings: TxSettings,
+    /// Every reception merged by the dedup window, best signal first.
+    pub rx: Vec<RxInfo>,
+}
+
+/// A raw frame as one gateway heard it: what gateway-level streams publish.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GatewayFrame {
+    pub id: u128,
+    pub phy_payload: Vec<u8>,
+    pub crc_ok: bool,
+    pub settings: TxSettings,
+    pub rx: RxInfo,
+}
+
+/// What the store queues for a stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    Uplink(Uplink),
+    GatewayFrame(GatewayFrame),
+}
+
+impl Record {
+    pub fn received_at_us(&self) -> i64 {
+        match self {
+            Record::Uplink(u) => u.received_at_us,
+            Record::GatewayFrame(g) => g.rx.received_at_us,
+        }
+    }
+}
+
+/// Unix time now in microseconds.
+pub fn now_us() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    d.as_micros() as i64
+}
+
+/// A new ULID as u128 (time-ordered, 80 random bits).
+pub fn new_id() -> u128 {
+    ulid::Ulid::new().0
+}
+
+/// `lorastream:uplink:<ULID>`.
+pub fn correlation_id(kind: &str, id: u128) -> String {
+    format!("lorastream:{kind}:{}", ulid::Ulid(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eui_and_devaddr_roundtrip_msb_first() {
+        let e: Eui64 = "70b3d57ed0000001".parse().unwrap();
+        assert_eq!(e.to_string(), "70B3D57ED0000001");
+        assert_eq!(e.to_le_bytes()[0], 0x01);
+        let e2: Eui64 = "70-B3-D5-7E-D0-00-00-01".parse().unwrap();
+        assert_eq!(e, e2);
+        let a: DevAddr = "26000001".parse().unwrap();
+        assert_eq!(a.0, 0x2600_0001);
+        assert_eq!(a.to_le_bytes(), [1, 0, 0, 0x26]);
+        assert_eq!(
+            "2600".parse::<DevAddr>(),
+            Err(HexError::Length {
+                expected: 8,
+                got: 4
+            })
+        );
+        assert_eq!("zz000000".parse::<DevAddr>(), Err(HexError::Digit));
+    }
+
+    #[test]
+    fn keys_never_print() {
+        let k: AesKey = "000102030405060708090a0b0c0d0e0f".parse().unwrap();
+        assert_eq!(format!("{k:?} {k}"), "*** ***");
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "***");
+    }
+}

@@ -1,0 +1,212 @@
+//! A simulated packet forwarder with simulated ABP devices, for `lorastream demo`,
+//! `lorastream simulate`, the tests and the benchmarks.
+//!
+//! Devices build real encrypted LoRaWAN 1.0.x frames; the forwarder wraps them in real GWMP v2
+//! PUSH_DATA datagrams (built with the `semtech-udp` crate's types) and sends them over UDP, so
+//! everything after the socket is exactly what a Raspberry Pi with a concentrator would cause.
+
+use crate::lorawan::frame::{encode, DataFrame, FrameError};
+use crate::model::{AesKey, DevAddr, Eui64};
+use semtech_udp::push_data::{self, RxPk, RxPkV1, CRC};
+use semtech_udp::{Bandwidth, CodingRate, DataRate, MacAddress, Modulation, SpreadingFactor};
+use std::net::SocketAddr;
+use tokio::net::UdpSocket;
+
+/// A device with an ABP session.
+#[derive(Debug, Clone)]
+pub struct SimDevice {
+    pub id: String,
+    pub dev_addr: DevAddr,
+    pub nwk_s_key: AesKey,
+    pub app_s_key: AesKey,
+    /// Next FCntUp.
+    pub f_cnt: u32,
+}
+
+impl SimDevice {
+    /// Build the next uplink and advance the counter.
+    pub fn uplink(
+        &mut self,
+        f_port: u8,
+        payload: &[u8],
+        confirmed: bool,
+    ) -> Result<Vec<u8>, FrameError> {
+        let phy = encode(
+            &DataFrame {
+                uplink: true,
+                confirmed,
+                dev_addr: self.dev_addr,
+                f_cnt: self.f_cnt,
+                adr: true,
+                ack: false,
+                f_pending: false,
+                f_port: Some(f_port),
+                payload,
+            },
+            &self.nwk_s_key,
+            &self.app_s_key,
+        )?;
+        self.f_cnt = self.f_cnt.wrapping_add(1);
+        Ok(phy)
+    }
+}
+
+/// Radio metadata of a simulated reception.
+#[derive(Debug, Clone, Copy)]
+pub struct Radio {
+    pub freq_mhz: f64,
+    pub sf: u8,
+    pub tmst: u32,
+    pub rssi: i32,
+    pub snr: f32,
+    pub chan: u64,
+}
+
+impl Default for Radio {
+    fn default() -> Self {
+        Radio {
+            freq_mhz: 868.1,
+            sf: 7,
+            tmst: 1_000_000,
+            rssi: -60,
+            snr: 9.5,
+            chan: 0,
+        }
+    }
+}
+
+fn sf(n: u8) -> SpreadingFactor {
+    match n {
+        8 => SpreadingFactor::_8,
+        9 => SpreadingFactor::_9,
+        10 => SpreadingFactor::_10,
+        11 => SpreadingFactor::_11,
+        12 => SpreadingFactor::_12,
+        _ => SpreadingFactor::_7,
+    }
+}
+
+/// GWMP v2 PUSH_DATA datagram carrying `frames`.
+pub fn push_data(gateway: Eui64, token: u16, frames: &[(&[u8], Radio)]) -> Vec<u8> {
+    use semtech_udp::SerializablePacket;
+    let rxpk = frames
+        .iter()
+        .map(|(phy, r)| {
+            RxPk::V1(RxPkV1 {
+                chan: r.chan,
+                codr: Some(CodingRate::_4_5),
+                data: phy.to_vec(),
+                datr: DataRate::new(sf(r.sf), Bandwidth::_125KHz),
+                freq: r.freq_mhz,
+                lsnr: r.snr,
+                modu: Modulation::LORA,
+                rfch: 0,
+                rssi: r.rssi,
+                rssis: Some(r.rssi),
+                size: phy.len() as u64,
+                stat: CRC::OK,
+                tmst: r.tmst,
+                time: None,
+            })
+        })
+        .collect();
+    let pkt = push_data::Packet {
+        random_token: token,
+        gateway_mac: MacAddress::from(gateway.0),
+        data: push_data::Data {
+            rxpk: Some(rxpk),
+            stat: None,
+        },
+    };
+    let mut buf = vec![0u8; 4096 + frames.len() * 1024];
+    match pkt.serialize(&mut buf) {
+        Ok(n) => {
+            buf.truncate(n as usize);
+            buf
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// GWMP PULL_DATA (keep-alive that opens the downlink path).
+pub fn pull_data(gateway: Eui64, token: u16) -> Vec<u8> {
+    let t = token.to_be_bytes();
+    let mut v = vec![2, t[0], t[1], 2];
+    v.extend_from_slice(&gateway.0);
+    v
+}
+
+/// A simulated packet forwarder on its own UDP socket.
+pub struct Forwarder {
+    pub socket: std::sync::Arc<UdpSocket>,
+    pub gateway: Eui64,
+    target: SocketAddr,
+    token: u16,
+}
+
+impl Forwarder {
+    pub async fn connect(target: SocketAddr, gateway: Eui64) -> std::io::Result<Forwarder> {
+        let bind: SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap_or(target)
+        } else {
+            "[::]:0".parse().unwrap_or(target)
+        };
+        let socket = std::sync::Arc::new(UdpSocket::bind(bind).await?);
+        Ok(Forwarder {
+            socket,
+            gateway,
+            target,
+            token: 0,
+        })
+    }
+
+    fn next_token(&mut self) -> u16 {
+        self.token = self.token.wrapping_add(1);
+        self.token
+    }
+
+    /// Send one PUSH_DATA with these frames; returns its token.
+    pub async fn send(&mut self, frames: &[(&[u8], Radio)]) -> std::io::Result<u16> {
+        let t = self.next_token();
+        self.socket
+            .send_to(&push_data(self.gateway, t, frames), self.target)
+            .await?;
+        Ok(t)
+    }
+
+    /// Send a PULL_DATA.
+    pub async fn pull(&mut self) -> std::io::Result<()> {
+        let t = self.next_token();
+        self.socket
+            .send_to(&pull_data(self.gateway, t), self.target)
+            .await?;
+        Ok(())
+    }
+
+    /// Send a raw datagram (tests use this for malformed input).
+    pub async fn send_raw(&self, b: &[u8]) -> std::io::Result<()> {
+        self.socket.send_to(b, self.target).await.map(|_| ())
+    }
+
+    /// Receive one datagram from the server (ACKs, PULL_RESP).
+    pub async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let (n, _) = self.socket.recv_from(buf).await?;
+        Ok(n)
+    }
+}
+
+/// The built-in example devices of `lorastream demo` (keys are public test values).
+pub fn demo_devices() -> Vec<(SimDevice, &'static str)> {
+    let mk = |i: u8, id: &str| SimDevice {
+        id: id.into(),
+        dev_addr: DevAddr(0x2600_0000 | u32::from(i)),
+        nwk_s_key: AesKey([0x10 + i; 16]),
+        app_s_key: AesKey([0x20 + i; 16]),
+        f_cnt: 0,
+    };
+    vec![
+        (mk(1, "soil-1"), "70B3D57ED0000001"),
+        (mk(2, "soil-2"), "70B3D57ED0000002"),
+        (mk(3, "weather-1"), "70B3D57ED0000003"),
+    ]
+}

@@ -1,0 +1,357 @@
+//! The durable store: every uplink lands here before any stream sees it.
+//!
+//! Layout in one sled database (`[storage] path`):
+//!
+//! | tree          | key                  | value                          |
+//! |---------------|----------------------|--------------------------------|
+//! | `meta`        | `"schema"`           | `lorastream-store-v1`          |
+//! | `devices`     | DevEUI (8 bytes)     | [`SessionState`] (postcard)    |
+//! | `q:{stream}`  | sequence (u64, BE)   | [`Record`] (postcard)          |
+//!
+//! Each stream has its own queue tree, so a dead stream's backlog never blocks another (mirror
+//! streams), and a record leaves a queue only through [`Queue::ack`], which streams call when
+//! their destination acknowledged it (MQTT PUBACK, HTTP 2xx, a written line). Sequence numbers
+//! only grow, so key order is arrival order and per-device order is kept.
+//!
+//! Durability: sled writes to its log at once and fsyncs every `flush_every_ms`; with `0`,
+//! [`Store::append`] fsyncs before it returns, so an uplink counts as queued only once it is on
+//! disk. A store that cannot be opened is moved aside (never deleted) and a fresh one is created.
+
+mod queue;
+
+pub use queue::{Queue, QueueStats};
+
+use crate::config::{StorageConfig, WhenFull};
+use crate::lorawan::session::SessionState;
+use crate::model::{Eui64, Record};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+const SCHEMA: &[u8] = b"lorastream-store-v1";
+const QUEUE_PREFIX: &str = "q:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("cannot encode record: {0}")]
+    Encode(#[from] postcard::Error),
+    #[error("store at {path} was written by something else (schema {found:?}); move it away")]
+    Schema { path: PathBuf, found: String },
+    #[error("cannot move the unreadable store {path} aside: {source}")]
+    Quarantine {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a record did not enter (or left) a queue without being delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// `max_bytes` reached with `when_full = "drop_oldest"`: the oldest record made room.
+    QueueFullOldest,
+    /// `max_bytes` reached with `when_full = "reject_new"`: the new record was refused.
+    QueueFullRejected,
+    /// The record could not be decoded (corruption); it was removed.
+    Corrupt,
+    /// The store could not write (disk full, I/O error).
+    WriteFailed,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueFullOldest => "queue_full_drop_oldest",
+            DropReason::QueueFullRejected => "queue_full_reject_new",
+            DropReason::Corrupt => "corrupt",
+            DropReason::WriteFailed => "write_failed",
+        }
+    }
+}
+
+/// What happened on open, for the log and `/health`.
+#[derive(Debug, Default, Clone)]
+pub struct OpenReport {
+    /// Where an unreadable store was moved.
+    pub quarantined: Option<PathBuf>,
+    /// Queues of streams no longer in the config, freed: (name, records).
+    pub removed_queues: Vec<(String, u64)>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) total_bytes: AtomicU64,
+    pub(crate) max_bytes: u64,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    devices: sled::Tree,
+    queues: Arc<RwLock<BTreeMap<String, Queue>>>,
+    shared: Arc<Shared>,
+    next_seq: Arc<AtomicU64>,
+    flush_each_append: bool,
+}
+
+/// One record to append and the queues it goes to.
+pub struct Entry<'a> {
+    pub record: &'a Record,
+    pub queues: &'a [usize],
+}
+
+/// Result of an append.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Record copies written (one per queue).
+    pub written: u64,
+    /// Copies refused (`reject_new`) and oldest copies evicted (`drop_oldest`).
+    pub rejected: u64,
+    pub evicted: u64,
+}
+
+impl Store {
+    /// Open (or create) the store and the queues named in `streams` (name, when_full).
+    /// Queues of streams that are no longer configured are removed.
+    pub fn open(
+        cfg: &StorageConfig,
+        streams: &[(String, WhenFull)],
+    ) -> Result<(Store, OpenReport), StoreError> {
+        let mut report = OpenReport::default();
+        let db = match open_db(cfg) {
+            Ok(db) => db,
+            Err(e) => {
+                // Never delete: move aside so the data can still be examined or recovered.
+                let aside = quarantine_path(&cfg.path);
+                tracing::error!(
+                    path = %cfg.path.display(),
+                    moved_to = %aside.display(),
+                    error = %e,
+                    "store cannot be opened; moving it aside and starting with an empty store"
+                );
+                std::fs::rename(&cfg.path, &aside).map_err(|source| StoreError::Quarantine {
+                    path: cfg.path.clone(),
+                    source,
+                })?;
+                report.quarantined = Some(aside);
+                open_db(cfg)?
+            }
+        };
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema")? {
+            None => {
+                meta.insert("schema", SCHEMA)?;
+            }
+            Some(v) if v.as_ref() == SCHEMA => {}
+            Some(v) => {
+                return Err(StoreError::Schema {
+                    path: cfg.path.clone(),
+                    found: String::from_utf8_lossy(&v).into_owned(),
+                })
+            }
+        }
+        let devices = db.open_tree("devices")?;
+
+        // Free the backlog of streams that were removed from the config.
+        for name in db.tree_names() {
+            let Some(q) = name.strip_prefix(QUEUE_PREFIX.as_bytes()) else {
+                continue;
+            };
+            let q = String::from_utf8_lossy(q).into_owned();
+            if !streams.iter().any(|(n, _)| *n == q) {
+                let n = db.open_tree(&name)?.len() as u64;
+                db.drop_tree(&name)?;
+                tracing::warn!(stream = %q, records = n, "stream no longer configured: its queue was removed");
+                report.removed_queues.push((q, n));
+            }
+        }
+
+        let shared = Arc::new(Shared {
+            total_bytes: AtomicU64::new(0),
+            max_bytes: cfg.max_bytes,
+        });
+        let mut queues = BTreeMap::new();
+        let mut next_seq = 0u64;
+        for (name, when_full) in streams {
+            let tree = db.open_tree(format!("{QUEUE_PREFIX}{name}"))?;
+            let q = Queue::open(name.clone(), tree, *when_full, shared.clone())?;
+            next_seq = next_seq.max(q.last_seq().map(|s| s + 1).unwrap_or(0));
+            queues.insert(name.clone(), q);
+        }
+        let store = Store {
+            db,
+            devices,
+            queues: Arc::new(RwLock::new(queues)),
+            shared,
+            next_seq: Arc::new(AtomicU64::new(next_seq)),
+            flush_each_append: cfg.flush_every_ms == 0,
+        };
+        Ok((store, report))
+    }
+
+    /// The queue of a stream.
+    pub fn queue(&self, name: &str) -> Option<Queue> {
+        self.queues.read().ok()?.get(name).cloned()
+    }
+
+    /// Position of a stream's queue in [`Store::queues`] (the index [`Entry::queues`] takes).
+    pub fn queue_index(&self, name: &str) -> Option<usize> {
+        self.queues.read().ok()?.keys().position(|k| k == name)
+    }
+
+    /// All queues, in name order.
+    pub fn queues(&self) -> Vec<Queue> {
+        self.queues
+            .read()
+            .map(|q| q.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Queued bytes over all streams.
+    pub fn total_bytes(&self) -> u64 {
+        self.shared.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Saved session counters of every device.
+    pub fn load_sessions(&self) -> Result<Vec<(Eui64, SessionState)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.devices.iter() {
+            let (k, v) = kv?;
+            let (Ok(eui), Ok(state)) = (
+                <[u8; 8]>::try_from(k.as_ref()),
+                postcard::from_bytes::<SessionState>(&v),
+            ) else {
+                tracing::warn!("ignoring an unreadable device state in the store");
+                continue;
+            };
+            out.push((Eui64(eui), state));
+        }
+        Ok(out)
+    }
+
+    /// Persist one device's counters (used on its own for FCntDown before a downlink leaves).
+    pub async fn save_session(
+        &self,
+        dev_eui: Eui64,
+        state: &SessionState,
+    ) -> Result<(), StoreError> {
+        self.devices
+            .insert(dev_eui.0, postcard::to_stdvec(state)?)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Append records to their queues and save session counters, then (with
+    /// `flush_every_ms = 0`) fsync. `queues` indexes are positions in [`Store::queues`].
+    /// Streams are woken only after the data is in the store.
+    pub async fn append(
+        &self,
+        entries: &[Entry<'_>],
+        sessions: &[(Eui64, SessionState)],
+    ) -> Result<Appended, StoreError> {
+        let queues = self.queues();
+        let mut batches: Vec<Option<sled::Batch>> = vec![None; queues.len()];
+        let mut incoming: Vec<(u64, u64)> = vec![(0, 0); queues.len()]; // (records, bytes)
+        let mut out = Appended::default();
+        for e in entries {
+            let bytes = postcard::to_stdvec(e.record)?;
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            for &qi in e.queues {
+                let Some(q) = queues.get(qi) else { continue };
+                let size = bytes.len() as u64;
+                match q.make_room(size, &queues)? {
+                    queue::Room::Ok { evicted } => out.evicted += evicted,
+                    queue::Room::Rejected => {
+                        out.rejected += 1;
+                        continue;
+                    }
+                }
+                // Reserve the bytes now so the next record's room check sees them.
+                self.shared.total_bytes.fetch_add(size, Ordering::Relaxed);
+                batches[qi]
+                    .get_or_insert_with(sled::Batch::default)
+                    .insert(&seq.to_be_bytes(), bytes.as_slice());
+                incoming[qi].0 += 1;
+                incoming[qi].1 += size;
+                out.written += 1;
+            }
+        }
+        let mut failed: Option<StoreError> = None;
+        for (qi, batch) in batches.into_iter().enumerate() {
+            let Some(batch) = batch else { continue };
+            let q = &queues[qi];
+            let (n, b) = incoming[qi];
+            match q.tree().apply_batch(batch) {
+                Ok(()) => q.account_added(n, b),
+                Err(e) => {
+                    self.shared.total_bytes.fetch_sub(b, Ordering::Relaxed);
+                    q.count_drop(DropReason::WriteFailed, n);
+                    out.written -= n;
+                    failed = Some(e.into());
+                }
+            }
+        }
+        if !sessions.is_empty() {
+            let mut batch = sled::Batch::default();
+            for (eui, st) in sessions {
+                batch.insert(&eui.0, postcard::to_stdvec(st)?);
+            }
+            if let Err(e) = self.devices.apply_batch(batch) {
+                failed = Some(e.into());
+            }
+        }
+        if self.flush_each_append && out.written > 0 {
+            self.db.flush_async().await?;
+        }
+        for (qi, (n, _)) in incoming.iter().enumerate() {
+            if *n > 0 {
+                queues[qi].wake();
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// fsync everything (graceful stop).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Bytes sled reports on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn open_db(cfg: &StorageConfig) -> Result<sled::Db, sled::Error> {
+    let flush = if cfg.flush_every_ms == 0 {
+        // We fsync ourselves after each append; keep sled's timer as a backstop.
+        Some(1_000)
+    } else {
+        Some(cfg.flush_every_ms)
+    };
+    sled::Config::new()
+        .path(&cfg.path)
+        .cache_capacity(cfg.cache_bytes)
+        .flush_every_ms(flush)
+        .mode(sled::Mode::LowSpace)
+        .open()
+}
+
+fn quarantine_path(p: &Path) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut s = p.as_os_str().to_owned();
+    s.push(format!(".corrupt-{secs}"));
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,353 @@
+//! JSON layouts of published messages.
+//!
+//! Device uplinks use The Things Stack v3 uplink-message layout (`format = "tts"`), so consumers
+//! written for TTS work unchanged. Raw gateway frames (gateway-scoped streams) use the layout of
+//! a TTS gateway uplink: `raw_payload` plus the same `settings` and `rx_metadata` objects.
+//!
+//! Messages delivered after waiting in the queue carry a `lorastream` object saying so (see
+//! [`Delivery`]); live messages do not, so TTS consumers see exactly the TTS layout.
+
+use crate::model::{correlation_id, Eui64, GatewayFrame, Record, RxInfo, TxSettings, Uplink};
+use base64::Engine;
+use serde::Serialize;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// A record younger than this when sent counts as live.
+pub const LIVE_THRESHOLD: Duration = Duration::from_secs(10);
+
+/// How a record is being delivered.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivery {
+    /// Unix µs at which it is being sent.
+    pub now_us: i64,
+}
+
+fn rfc3339(us: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+#[derive(Serialize)]
+struct GatewayIds {
+    gateway_id: String,
+    eui: String,
+}
+
+fn gateway_ids(eui: Eui64) -> GatewayIds {
+    GatewayIds {
+        gateway_id: format!("eui-{}", eui.to_string().to_lowercase()),
+        eui: eui.to_string(),
+    }
+}
+
+#[derive(Serialize)]
+struct RxMetadata<'a> {
+    gateway_ids: GatewayIds,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    time: Option<&'a str>,
+    timestamp: u32,
+    rssi: i32,
+    channel_rssi: i32,
+    snr: f32,
+    channel_index: u32,
+    rf_chain: u32,
+    received_at: String,
+}
+
+fn rx_metadata(r: &RxInfo) -> RxMetadata<'_> {
+    RxMetadata {
+        gateway_ids: gateway_ids(r.gateway),
+        time: r.time.as_deref(),
+        timestamp: r.tmst,
+        rssi: r.rssi,
+        channel_rssi: r.channel_rssi,
+        snr: r.snr,
+        channel_index: r.channel,
+        rf_chain: r.rf_chain,
+        received_at: rfc3339(r.received_at_us),
+    }
+}
+
+#[derive(Serialize)]
+struct Lora<'a> {
+    bandwidth: u32,
+    spreading_factor: u8,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    coding_rate: &'a str,
+}
+
+#[derive(Serialize)]
+struct DataRate<'a> {
+    lora: Lora<'a>,
+}
+
+#[derive(Serialize)]
+struct Settings<'a> {
+    data_rate: DataRate<'a>,
+    /// TTS encodes uint64 as a JSON string.
+    frequency: String,
+    timestamp: u32,
+}
+
+fn settings(s: &TxSettings, tmst: u32) -> Settings<'_> {
+    Settings {
+        data_rate: DataRate {
+            lora: Lora {
+                bandwidth: s.bandwidth_hz,
+                spreading_factor: s.spreading_factor,
+                coding_rate: &s.coding_rate,
+            },
+        },
+        frequency: s.frequency_hz.to_string(),
+        timestamp: tmst,
+    }
+}
+
+/// Present only on messages that waited in the queue.
+#[derive(Serialize)]
+struct Buffered {
+    buffered: bool,
+    /// How long the message was held before this delivery, in seconds.
+    held_s: f64,
+}
+
+fn buffered(received_at_us: i64, d: Delivery) -> Option<Buffered> {
+    let held = (d.now_us - received_at_us).max(0);
+    (held as u128 >= LIVE_THRESHOLD.as_micros()).then(|| Buffered {
+        buffered: true,
+        held_s: held as f64 / 1e6,
+    })
+}
+
+#[derive(Serialize)]
+struct ApplicationIds<'a> {
+    application_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct EndDeviceIds<'a> {
+    device_id: &'a str,
+    application_ids: ApplicationIds<'a>,
+    dev_eui: String,
+    dev_addr: String,
+}
+
+#[derive(Serialize)]
+struct UplinkMessage<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    f_port: Option<u8>,
+    f_cnt: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    frm_payload: Option<String>,
+    rx_metadata: Vec<RxMetadata<'a>>,
+    settings: Settings<'a>,
+    confirmed: bool,
+    received_at: String,
+}
+
+#[derive(Serialize)]
+struct UplinkDoc<'a> {
+    end_device_ids: EndDeviceIds<'a>,
+    correlation_ids: [String; 1],
+    received_at: String,
+    uplink_message: UplinkMessage<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lorastream: Option<Buffered>,
+}
+
+/// TTS v3 uplink JSON of a device uplink.
+pub fn uplink_json(u: &Uplink, d: Delivery) -> Vec<u8> {
+    let received_at = rfc3339(u.received_at_us);
+    let tmst = u.rx.first().map(|r| r.tmst).unwrap_or(0);
+    let doc = UplinkDoc {
+        end_device_ids: EndDeviceIds {
+            device_id: &u.device,
+            application_ids: ApplicationIds {
+                application_id: &u.application,
+            },
+            dev_eui: u.dev_eui.to_string(),
+            dev_addr: u.dev_addr.to_string(),
+        },
+        correlation_ids: [correlation_id("uplink", u.id)],
+        received_at: received_at.clone(),
+        uplink_message: UplinkMessage {
+            f_port: u.f_port,
+            f_cnt: u.f_cnt,
+            frm_payload: (!u.payload.is_empty()).then(|| b64(&u.payload)),
+            rx_metadata: u.rx.iter().map(rx_metadata).collect(),
+            settings: settings(&u.settings, tmst),
+            confirmed: u.confirmed,
+            received_at,
+        },
+        lorastream: buffered(u.received_at_us, d),
+    };
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct GatewayUplinkMessage<'a> {
+    raw_payload: String,
+    m_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dev_addr: Option<String>,
+    settings: Settings<'a>,
+    rx_metadata: [RxMetadata<'a>; 1],
+    crc_status: bool,
+    received_at: String,
+}
+
+#[derive(Serialize)]
+struct GatewayDoc<'a> {
+    gateway_ids: GatewayIds,
+    correlation_ids: [String; 1],
+    received_at: String,
+    uplink_message: GatewayUplinkMessage<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lorastream: Option<Buffered>,
+}
+
+/// JSON of a raw gateway frame.
+pub fn gateway_json(g: &GatewayFrame, d: Delivery) -> Vec<u8> {
+    let kind = crate::lorawan::frame::kind(&g.phy_payload);
+    let dev_addr = crate::lorawan::frame::peek_data_up(&g.phy_payload)
+        .ok()
+        .map(|h| h.dev_addr.to_string());
+    let received_at = rfc3339(g.rx.received_at_us);
+    let doc = GatewayDoc {
+        gateway_ids: gateway_ids(g.rx.gateway),
+        correlation_ids: [correlation_id("frame", g.id)],
+        received_at: received_at.clone(),
+        uplink_message: GatewayUplinkMessage {
+            raw_payload: b64(&g.phy_payload),
+            m_type: kind.name(),
+            dev_addr,
+            settings: settings(&g.settings, g.rx.tmst),
+            rx_metadata: [rx_metadata(&g.rx)],
+            crc_status: g.crc_ok,
+            received_at,
+        },
+        lorastream: buffered(g.rx.received_at_us, d),
+    };
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
+/// JSON of any record.
+pub fn record_json(r: &Record, d: Delivery) -> Vec<u8> {
+    match r {
+        Record::Uplink(u) => uplink_json(u, d),
+        Record::GatewayFrame(g) => gateway_json(g, d),
+    }
+}
+
+/// Topic of a record under an MQTT prefix (contract: uplinks and gateway-level frames).
+pub fn topic(prefix: &str, r: &Record) -> String {
+    match r {
+        Record::Uplink(u) => format!("{prefix}/{}/devices/{}/up", u.application, u.device),
+        Record::GatewayFrame(g) => format!(
+            "{prefix}/gateways/{}/up",
+            g.rx.gateway.to_string().to_lowercase()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DevAddr;
+
+    fn sample() -> Uplink {
+        Uplink {
+            id: 0x0193_0000_0000_0000_0000_0000_0000_0001,
+            received_at_us: 1_795_000_000_123_456,
+            application: "farm".into(),
+            device: "soil-1".into(),
+            dev_eui: "70b3d57ed0000001".parse().unwrap(),
+            dev_addr: DevAddr(0x2600_0001),
+            f_port: Some(1),
+            f_cnt: 70_000,
+            confirmed: false,
+            adr: true,
+            payload: vec![1, 2, 3, 4],
+            settings: TxSettings {
+                frequency_hz: 868_100_000,
+                spreading_factor: 7,
+                bandwidth_hz: 125_000,
+                coding_rate: "4/5".into(),
+            },
+            rx: vec![RxInfo {
+                gateway: "aa555a0000000000".parse().unwrap(),
+                tmst: 2_000_123,
+                time: None,
+                rssi: -57,
+                channel_rssi: -57,
+                snr: 9.5,
+                channel: 2,
+                rf_chain: 0,
+                received_at_us: 1_795_000_000_123_456,
+            }],
+        }
+    }
+
+    #[test]
+    fn tts_layout_has_the_contract_fields() {
+        let u = sample();
+        let live = Delivery {
+            now_us: u.received_at_us + 1000,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&uplink_json(&u, live)).unwrap();
+        assert_eq!(v["end_device_ids"]["device_id"], "soil-1");
+        assert_eq!(
+            v["end_device_ids"]["application_ids"]["application_id"],
+            "farm"
+        );
+        assert_eq!(v["end_device_ids"]["dev_eui"], "70B3D57ED0000001");
+        assert_eq!(v["end_device_ids"]["dev_addr"], "26000001");
+        let cid = v["correlation_ids"][0].as_str().unwrap();
+        assert!(cid.starts_with("lorastream:uplink:01"), "{cid}");
+        assert_eq!(v["received_at"], "2026-11-18T11:06:40.123456Z");
+        let m = &v["uplink_message"];
+        assert_eq!(m["f_port"], 1);
+        assert_eq!(m["f_cnt"], 70_000);
+        assert_eq!(m["frm_payload"], "AQIDBA==");
+        assert_eq!(m["confirmed"], false);
+        let rx = &m["rx_metadata"][0];
+        assert_eq!(rx["gateway_ids"]["gateway_id"], "eui-aa555a0000000000");
+        assert_eq!(rx["gateway_ids"]["eui"], "AA555A0000000000");
+        assert_eq!(rx["timestamp"], 2_000_123);
+        assert_eq!(rx["rssi"], -57);
+        assert_eq!(rx["snr"], 9.5);
+        assert_eq!(rx["channel_index"], 2);
+        let s = &m["settings"];
+        assert_eq!(s["data_rate"]["lora"]["bandwidth"], 125_000);
+        assert_eq!(s["data_rate"]["lora"]["spreading_factor"], 7);
+        assert_eq!(s["data_rate"]["lora"]["coding_rate"], "4/5");
+        assert_eq!(s["frequency"], "868100000");
+        assert_eq!(s["timestamp"], 2_000_123);
+        assert!(v.get("lorastream").is_none(), "live messages are plain TTS");
+        // Same correlation id on every delivery.
+        let again: serde_json::Value = serde_json::from_slice(&uplink_json(&u, live)).unwrap();
+        assert_eq!(again["correlation_ids"], v["correlation_ids"]);
+    }
+
+    #[test]
+    fn backlog_deliveries_say_so() {
+        let u = sample();
+        let late = Delivery {
+            now_us: u.received_at_us + 90_000_000,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&uplink_json(&u, late)).unwrap();
+        assert_eq!(v["lorastream"]["buffered"], true);
+        assert_eq!(v["lorastream"]["held_s"], 90.0);
+        assert_eq!(v["received_at"], "2026-11-18T11:06:40.123456Z");
+    }
+
+    #[test]
+    fn topics() {
+        let u = Record::Uplink(sample());
+        assert_eq!(topic("lorastream", &u), "lorastream/farm/devices/soil-1/up");
+    }
+}

@@ -1,0 +1,107 @@
+//! Line streams: one JSON document per line to stdout (`kind = "stdout"`, used by the demo) or
+//! appended to a file (`kind = "file"`). A record is acknowledged after the line is written and
+//! flushed (stdout) or fsynced (file), a batch at a time.
+
+use super::format::{record_json, Delivery};
+use super::StreamContext;
+use crate::model::now_us;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+enum Sink {
+    Stdout,
+    File(PathBuf),
+}
+
+pub struct LineStream {
+    ctx: StreamContext,
+    sink: Sink,
+}
+
+impl LineStream {
+    pub fn stdout(ctx: StreamContext) -> Self {
+        LineStream {
+            ctx,
+            sink: Sink::Stdout,
+        }
+    }
+
+    pub fn file(ctx: StreamContext, path: PathBuf) -> Self {
+        LineStream {
+            ctx,
+            sink: Sink::File(path),
+        }
+    }
+
+    pub async fn run(self) {
+        let name = self.ctx.queue.name().to_string();
+        let mut backoff =
+            super::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            if self.ctx.cancel.is_cancelled() {
+                return;
+            }
+            match self.session().await {
+                Ok(()) => return,
+                Err(e) => {
+                    self.ctx.metrics.stream_connected(&name, false);
+                    tracing::warn!(stream = %name, error = %e, "line stream failed; retrying");
+                    tokio::select! {
+                        _ = self.ctx.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(&self) -> std::io::Result<()> {
+        let name = self.ctx.queue.name().to_string();
+        let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match &self.sink {
+            Sink::Stdout => Box::new(tokio::io::stdout()),
+            Sink::File(p) => Box::new(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .await?,
+            ),
+        };
+        self.ctx.metrics.stream_connected(&name, true);
+        loop {
+            let batch = self
+                .ctx
+                .queue
+                .read_after(None, 512)
+                .map_err(std::io::Error::other)?;
+            if batch.is_empty() {
+                // Stop only when idle, so a stop request drains what is already queued.
+                tokio::select! {
+                    _ = self.ctx.cancel.cancelled() => return Ok(()),
+                    _ = self.ctx.queue.appended() => continue,
+                }
+            }
+            let d = Delivery { now_us: now_us() };
+            let mut buf = Vec::with_capacity(batch.len() * 512);
+            for (_, r) in &batch {
+                buf.extend_from_slice(&record_json(r, d));
+                buf.push(b'\n');
+            }
+            out.write_all(&buf).await?;
+            out.flush().await?;
+            if let Sink::File(p) = &self.sink {
+                // fsync through a second handle: tokio's file handle offers no sync_data on the
+                // boxed writer.
+                let p = p.clone();
+                tokio::task::spawn_blocking(move || std::fs::File::open(p)?.sync_data())
+                    .await
+                    .map_err(std::io::Error::other)??;
+            }
+            self.ctx.metrics.stream_published(&name, batch.len() as u64);
+            for (seq, _) in batch {
+                self.ctx.queue.ack(seq).map_err(std::io::Error::other)?;
+            }
+        }
+    }
+}

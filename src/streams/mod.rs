@@ -1,0 +1,87 @@
+//! Streams: each one takes records from its own store queue and delivers them to one
+//! destination, removing a record only when the destination acknowledged it.
+//!
+//! | kind       | module     | acknowledgement that removes a record      |
+//! |------------|------------|--------------------------------------------|
+//! | `mqtt`     | [`mqtt`]   | PUBACK of the QoS 1 publish                 |
+//! | `stdout`   | [`lines`]  | the line written and stdout flushed         |
+//! | `file`     | [`lines`]  | the line written and the file fsynced       |
+//!
+//! A stream runs until its cancel token fires; it then finishes what is in flight (bounded by
+//! the daemon's stop deadline) and returns. Failures to reach the destination are retried with
+//! [`backoff::Backoff`], forever: the queue holds the data meanwhile.
+
+pub mod backoff;
+pub mod format;
+pub mod lines;
+pub mod mqtt;
+pub mod tls;
+
+use crate::config::{Scope, StreamConfig, StreamKind};
+use crate::metrics::Metrics;
+use crate::model::Eui64;
+use crate::store::Queue;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("stream {stream:?}: {message}")]
+    Setup { stream: String, message: String },
+}
+
+/// What every stream gets from the daemon.
+#[derive(Clone)]
+pub struct StreamContext {
+    pub queue: Queue,
+    pub metrics: Metrics,
+    pub cancel: CancellationToken,
+    /// `[gateway] eui`, for the status topic and default client id.
+    pub gateway_eui: Option<Eui64>,
+}
+
+/// A configured stream, ready to run.
+pub enum Stream {
+    Mqtt(Box<mqtt::MqttStream>),
+    Lines(lines::LineStream),
+}
+
+impl Stream {
+    /// Check what can be checked before running (TLS files, URLs) and build the stream.
+    pub fn build(cfg: &StreamConfig, ctx: StreamContext) -> Result<Stream, StreamError> {
+        let setup = |message: String| StreamError::Setup {
+            stream: cfg.name.clone(),
+            message,
+        };
+        Ok(match cfg.kind {
+            StreamKind::Mqtt => {
+                Stream::Mqtt(Box::new(mqtt::MqttStream::new(cfg, ctx).map_err(setup)?))
+            }
+            StreamKind::Stdout => Stream::Lines(lines::LineStream::stdout(ctx)),
+            StreamKind::File => {
+                let path = cfg
+                    .path
+                    .clone()
+                    .ok_or_else(|| setup("file stream needs path".into()))?;
+                Stream::Lines(lines::LineStream::file(ctx, path))
+            }
+            other => {
+                return Err(setup(format!(
+                    "kind {:?} is not available yet",
+                    other.name()
+                )))
+            }
+        })
+    }
+
+    pub async fn run(self) {
+        match self {
+            Stream::Mqtt(s) => s.run().await,
+            Stream::Lines(s) => s.run().await,
+        }
+    }
+}
+
+/// Scope of a stream config (re-exported for the wiring code).
+pub fn scope_of(cfg: &StreamConfig) -> Scope {
+    cfg.scope()
+}

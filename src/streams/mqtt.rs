@@ -1,0 +1,362 @@
+//! The generic MQTT stream (`kind = "mqtt"`): QoS 1 publishes, deleted from the queue on PUBACK.
+//!
+//! How acknowledgements are matched (crate-notes, "rumqttc 0.25"): rumqttc does not return the
+//! packet id of a publish. Every publish goes into rumqttc's request channel *and* onto our FIFO
+//! of record sequence numbers under one lock, so both have the same order; when the event loop
+//! reports `Outgoing::Publish(pkid)` we pop the FIFO and remember `pkid → seq`; on
+//! `Incoming::PubAck(pkid)` we acknowledge `seq` in the store. Publishes that are not queue
+//! records (the retained status) put `None` on the FIFO.
+//!
+//! Connections are never resumed: on any error the client and event loop are dropped, and the
+//! next connection (after a backoff with jitter) re-reads the queue from its oldest record. The
+//! queue is the only truth, so rumqttc's in-memory pending list (which it drops silently when
+//! the broker has no session) does not matter. The price is that records in flight during a
+//! disconnect are sent again, with the same correlation id.
+
+use super::backoff::Backoff;
+use super::format::{record_json, topic, Delivery};
+use super::tls;
+use super::StreamContext;
+use crate::config::StreamConfig;
+use crate::model::{now_us, Secret};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport,
+};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// How long a stop waits for outstanding PUBACKs before closing the connection.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+pub struct MqttStream {
+    ctx: StreamContext,
+    name: String,
+    host: String,
+    port: u16,
+    transport: Transport,
+    client_id: String,
+    credentials: Option<(String, Secret)>,
+    prefix: String,
+    inflight: u16,
+    keep_alive: Duration,
+}
+
+/// Publishes in flight, in rumqttc's order.
+#[derive(Default)]
+struct Inflight {
+    /// Handed to rumqttc, not yet written to the socket.
+    fifo: VecDeque<Option<u64>>,
+    /// Written, waiting for PUBACK.
+    by_pkid: HashMap<u16, Option<u64>>,
+}
+
+enum End {
+    Stopped,
+    Failed(String),
+}
+
+impl MqttStream {
+    pub fn new(cfg: &StreamConfig, ctx: StreamContext) -> Result<Self, String> {
+        let server = cfg.server.as_deref().unwrap_or_default();
+        let url = url::Url::parse(server).map_err(|e| format!("server {server:?}: {e}"))?;
+        let host = url
+            .host_str()
+            .ok_or_else(|| format!("server {server:?}: no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let tls_cfg = || {
+            tls::client_config(
+                cfg.ca_file.as_deref(),
+                cfg.cert_file.as_deref().zip(cfg.key_file.as_deref()),
+                true,
+                &[],
+            )
+        };
+        let (transport, port, host) = match url.scheme() {
+            "mqtt" => (Transport::Tcp, url.port().unwrap_or(1883), host),
+            "mqtts" => (
+                Transport::Tls(rumqttc::TlsConfiguration::Rustls(tls_cfg()?)),
+                url.port().unwrap_or(8883),
+                host,
+            ),
+            // rumqttc wants the whole URL as the "host" for WebSocket transports.
+            "ws" => (Transport::Ws, url.port().unwrap_or(80), server.to_string()),
+            "wss" => (
+                Transport::Wss(rumqttc::TlsConfiguration::Rustls(tls_cfg()?)),
+                url.port().unwrap_or(443),
+                server.to_string(),
+            ),
+            s => return Err(format!("server scheme {s:?} is not mqtt, mqtts, ws or wss")),
+        };
+        let client_id = cfg.client_id.clone().unwrap_or_else(|| {
+            let who = ctx
+                .gateway_eui
+                .map(|e| e.to_string().to_lowercase())
+                .unwrap_or_else(hostname);
+            format!("lorastream-{who}-{}", cfg.name)
+        });
+        Ok(MqttStream {
+            name: cfg.name.clone(),
+            host,
+            port,
+            transport,
+            client_id,
+            credentials: cfg
+                .username
+                .clone()
+                .map(|u| (u, cfg.password.clone().unwrap_or_else(|| Secret::new("")))),
+            prefix: cfg
+                .topic_prefix
+                .clone()
+                .unwrap_or_else(|| "lorastream".into()),
+            inflight: cfg.inflight.unwrap_or(100),
+            keep_alive: Duration::from_secs(cfg.keep_alive_s.unwrap_or(30)),
+            ctx,
+        })
+    }
+
+    fn status_topic(&self) -> Option<String> {
+        self.ctx.gateway_eui.map(|e| {
+            format!(
+                "{}/gateways/{}/status",
+                self.prefix,
+                e.to_string().to_lowercase()
+            )
+        })
+    }
+
+    fn options(&self) -> MqttOptions {
+        let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
+        o.set_transport(self.transport.clone());
+        o.set_keep_alive(self.keep_alive);
+        o.set_clean_session(true);
+        o.set_inflight(self.inflight);
+        // Azure allows 256 KiB, AWS 128 KiB; rumqttc's default is 10 KiB each way.
+        o.set_max_packet_size(256 * 1024, 256 * 1024);
+        if let Some((u, p)) = &self.credentials {
+            o.set_credentials(u, p.expose());
+        }
+        if let Some(t) = self.status_topic() {
+            o.set_last_will(LastWill::new(t, "offline", QoS::AtLeastOnce, true));
+        }
+        o
+    }
+
+    pub async fn run(self) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut failures = 0u64;
+        loop {
+            if self.ctx.cancel.is_cancelled() {
+                return;
+            }
+            let started = Instant::now();
+            let end = self.session().await;
+            self.ctx.metrics.stream_connected(&self.name, false);
+            match end {
+                End::Stopped => return,
+                End::Failed(e) => {
+                    // A connection that lived a while was a success: start the backoff over.
+                    if started.elapsed() > Duration::from_secs(30) {
+                        backoff.reset();
+                        failures = 0;
+                    }
+                    failures += 1;
+                    let delay = backoff.next_delay();
+                    // Log the first failures, then every 10th, so an outage of days stays readable.
+                    if failures <= 3 || failures % 10 == 0 {
+                        tracing::warn!(stream = %self.name, server = %self.host, error = %e, retry_in_ms = delay.as_millis() as u64, failures, "MQTT connection failed");
+                    }
+                    tokio::select! {
+                        _ = self.ctx.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection, from CONNECT to error or stop.
+    async fn session(&self) -> End {
+        let window = usize::from(self.inflight);
+        // Request channel: the window, plus room for status publishes and subscriptions.
+        let (client, mut eventloop) = AsyncClient::new(self.options(), window + 16);
+        let state = Arc::new(Mutex::new(Inflight::default()));
+        let permits = Arc::new(Semaphore::new(window));
+
+        // Wait for CONNACK before feeding, so nothing is queued for a connection that never was.
+        match self.until_connack(&mut eventloop).await {
+            Ok(true) => {}
+            Ok(false) => return End::Stopped,
+            Err(e) => return End::Failed(e),
+        }
+        self.ctx.metrics.stream_connected(&self.name, true);
+        tracing::info!(stream = %self.name, server = %self.host, backlog = self.ctx.queue.len(), "MQTT connected");
+        if let Some(t) = self.status_topic() {
+            publish(&client, &state, &t, b"online".to_vec(), true, None);
+        }
+
+        let feeder_stop = tokio_util::sync::CancellationToken::new();
+        let feeder = tokio::spawn(feed(
+            self.ctx.clone(),
+            client.clone(),
+            state.clone(),
+            permits.clone(),
+            self.prefix.clone(),
+            feeder_stop.clone(),
+        ));
+
+        let mut stopping: Option<Instant> = None;
+        let end = loop {
+            let ev = tokio::select! {
+                ev = eventloop.poll() => ev,
+                _ = self.ctx.cancel.cancelled(), if stopping.is_none() => {
+                    // Stop feeding, then give outstanding PUBACKs a moment.
+                    feeder_stop.cancel();
+                    stopping = Some(Instant::now());
+                    continue;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(50)), if stopping.is_some() => {
+                    let idle = permits.available_permits() >= window;
+                    if idle || stopping.is_some_and(|t| t.elapsed() > STOP_GRACE) {
+                        if let Some(t) = self.status_topic() {
+                            publish(&client, &state, &t, b"offline".to_vec(), true, None);
+                        }
+                        let _ = client.try_disconnect();
+                        // Let the event loop write the last packets.
+                        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                            while eventloop.poll().await.is_ok() {}
+                        }).await;
+                        break End::Stopped;
+                    }
+                    continue;
+                }
+            };
+            match ev {
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if let Ok(mut s) = state.lock() {
+                        let seq = s.fifo.pop_front().flatten();
+                        s.by_pkid.insert(pkid, seq);
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    let seq = state
+                        .lock()
+                        .ok()
+                        .and_then(|mut s| s.by_pkid.remove(&ack.pkid));
+                    if let Some(Some(seq)) = seq {
+                        if let Err(e) = self.ctx.queue.ack(seq) {
+                            tracing::error!(stream = %self.name, error = %e, "cannot remove an acknowledged record");
+                        }
+                        permits.add_permits(1);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => break End::Failed(e.to_string()),
+            }
+        };
+        feeder_stop.cancel();
+        feeder.abort();
+        let _ = feeder.await;
+        end
+    }
+
+    /// Poll until CONNACK. Ok(false) when stopped meanwhile.
+    async fn until_connack(&self, eventloop: &mut EventLoop) -> Result<bool, String> {
+        loop {
+            tokio::select! {
+                _ = self.ctx.cancel.cancelled() => return Ok(false),
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(true),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.to_string()),
+                },
+            }
+        }
+    }
+}
+
+/// Queue a QoS 1 publish and its FIFO entry atomically (see the module docs).
+fn publish(
+    client: &AsyncClient,
+    state: &Mutex<Inflight>,
+    topic: &str,
+    payload: Vec<u8>,
+    retain: bool,
+    seq: Option<u64>,
+) -> bool {
+    let Ok(mut s) = state.lock() else {
+        return false;
+    };
+    match client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+        Ok(()) => {
+            s.fifo.push_back(seq);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Read the queue from its oldest record and publish, never more than the window unacknowledged.
+async fn feed(
+    ctx: StreamContext,
+    client: AsyncClient,
+    state: Arc<Mutex<Inflight>>,
+    permits: Arc<Semaphore>,
+    prefix: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let name = ctx.queue.name().to_string();
+    let mut cursor: Option<u64> = None;
+    loop {
+        // At least one free slot before reading.
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let room = 1 + permits.available_permits();
+        let batch = match ctx.queue.read_after(cursor, room) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(stream = %name, error = %e, "cannot read the queue");
+                return;
+            }
+        };
+        if batch.is_empty() {
+            drop(first);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ctx.queue.appended() => continue,
+            }
+        }
+        first.forget();
+        let d = Delivery { now_us: now_us() };
+        let n = batch.len();
+        for (i, (seq, r)) in batch.into_iter().enumerate() {
+            if i > 0 {
+                // The first slot was taken above; take one per further record.
+                match permits.try_acquire() {
+                    Ok(p) => p.forget(),
+                    Err(_) => break,
+                }
+            }
+            let t = topic(&prefix, &r);
+            if !publish(&client, &state, &t, record_json(&r, d), false, Some(seq)) {
+                // Request channel closed or full: the connection is going away.
+                return;
+            }
+            cursor = Some(seq);
+        }
+        ctx.metrics.stream_published(&name, n as u64);
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "gateway".into())
+}
