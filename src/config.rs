@@ -878,3 +878,44 @@ password = "s3cret"
         assert!(e.contains("unknown variant `drop_newest`"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// config.example.toml stays valid, and its sections show the real defaults.
+    #[test]
+    fn example_config_is_valid_and_matches_defaults() {
+        let src = include_str!("../config.example.toml");
+        let c = Config::parse(src, "config.example.toml").unwrap();
+        let d = Config::default();
+        let same = |a: &dyn erased::Ser, b: &dyn erased::Ser| a.json() == b.json();
+        assert!(
+            same(&c.gateway, &d.gateway),
+            "[gateway] defaults differ from the example"
+        );
+        assert!(
+            same(&c.storage, &d.storage),
+            "[storage] defaults differ from the example"
+        );
+        assert!(
+            same(&c.metrics, &d.metrics),
+            "[metrics] defaults differ from the example"
+        );
+        assert!(
+            same(&c.log, &d.log),
+            "[log] defaults differ from the example"
+        );
+    }
+
+    mod erased {
+        pub trait Ser {
+            fn json(&self) -> String;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn json(&self) -> String {
+                serde_json::to_string(self).unwrap_or_default()
+            }
+        }
+    }
+}

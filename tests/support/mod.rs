@@ -1,0 +1,295 @@
+//! Shared test harness: brokers (embedded or mosquitto), an MQTT subscriber, configs, devices.
+#![allow(dead_code)]
+
+pub mod broker;
+
+use lorastream::config::Config;
+use lorastream::model::{AesKey, DevAddr};
+use lorastream::sim::SimDevice;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Poll `f` every 20 ms until it is true or `timeout` passes.
+pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Debian's mosquitto on a port of its own.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Option<Child>,
+    conf: tempfile::NamedTempFile,
+}
+
+impl Mosquitto {
+    pub fn available() -> bool {
+        Command::new("mosquitto")
+            .arg("-h")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    }
+
+    pub async fn start(extra_conf: &str) -> Mosquitto {
+        let port = free_port();
+        let mut conf = tempfile::NamedTempFile::new().unwrap();
+        use std::io::Write;
+        write!(
+            conf,
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_conf}\n"
+        )
+        .unwrap();
+        let mut m = Mosquitto {
+            port,
+            child: None,
+            conf,
+        };
+        m.restart().await;
+        m
+    }
+
+    pub async fn restart(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.conf.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto could not be started");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok())
+            .await,
+            "mosquitto did not start listening on {port}"
+        );
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The broker a test runs against.
+pub enum Broker {
+    Embedded(broker::TestBroker),
+    Mosquitto(Mosquitto),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Embedded,
+    Mosquitto,
+}
+
+/// Brokers to run every broker test against: the embedded one always; mosquitto when it is
+/// installed, and mandatory (a missing binary fails) with LORASTREAM_TEST_MOSQUITTO=1 (CI).
+pub fn broker_kinds() -> Vec<BrokerKind> {
+    let required = std::env::var("LORASTREAM_TEST_MOSQUITTO").is_ok_and(|v| v == "1");
+    let mut v = vec![BrokerKind::Embedded];
+    if Mosquitto::available() {
+        v.push(BrokerKind::Mosquitto);
+    } else if required {
+        panic!("LORASTREAM_TEST_MOSQUITTO=1 but the mosquitto binary is not installed");
+    }
+    v
+}
+
+impl Broker {
+    pub async fn start(kind: BrokerKind) -> Broker {
+        match kind {
+            BrokerKind::Embedded => Broker::Embedded(broker::TestBroker::start().await),
+            BrokerKind::Mosquitto => Broker::Mosquitto(Mosquitto::start("").await),
+        }
+    }
+    pub fn port(&self) -> u16 {
+        match self {
+            Broker::Embedded(b) => b.port(),
+            Broker::Mosquitto(m) => m.port,
+        }
+    }
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port())
+    }
+    pub async fn stop(&mut self) {
+        match self {
+            Broker::Embedded(b) => b.stop().await,
+            Broker::Mosquitto(m) => m.stop().await,
+        }
+    }
+    pub async fn restart(&mut self) {
+        match self {
+            Broker::Embedded(b) => b.restart().await,
+            Broker::Mosquitto(m) => m.restart().await,
+        }
+    }
+}
+
+/// An MQTT client that collects everything published under a filter. It reconnects by itself
+/// (with its subscription) when the broker restarts.
+pub struct Subscriber {
+    rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    pub seen: Vec<(String, Vec<u8>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    pub async fn connect(port: u16, filter: &str) -> Subscriber {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let filter = filter.to_string();
+        let id = format!("test-sub-{}", rand_id());
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            let mut o = MqttOptions::new(id, "127.0.0.1", port);
+            o.set_max_packet_size(1 << 20, 1 << 20);
+            o.set_keep_alive(Duration::from_secs(5));
+            let (client, mut el) = AsyncClient::new(o, 100);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("subscriber did not get its SUBACK")
+            .ok();
+        Subscriber {
+            rx,
+            seen: Vec::new(),
+            task,
+        }
+    }
+
+    /// Wait until at least `n` messages matched `pred` (counting everything seen so far).
+    pub async fn wait_for(
+        &mut self,
+        n: usize,
+        timeout: Duration,
+        pred: impl Fn(&str, &serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            let matching: Vec<serde_json::Value> = self
+                .seen
+                .iter()
+                .filter_map(|(t, p)| {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(p).unwrap_or(serde_json::Value::Null);
+                    pred(t, &v).then_some(v)
+                })
+                .collect();
+            if matching.len() >= n {
+                return matching;
+            }
+            match tokio::time::timeout_at(end, self.rx.recv()).await {
+                Ok(Some(m)) => self.seen.push(m),
+                _ => return matching,
+            }
+        }
+    }
+
+    /// Take whatever arrives within `d`.
+    pub async fn drain_for(&mut self, d: Duration) {
+        let end = tokio::time::Instant::now() + d;
+        while let Ok(Some(m)) = tokio::time::timeout_at(end, self.rx.recv()).await {
+            self.seen.push(m);
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    std::process::id() as u64 * 1000 + N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// A test device: deterministic keys from `n`.
+pub fn device(n: u8) -> SimDevice {
+    SimDevice {
+        id: format!("dev-{n}"),
+        dev_addr: DevAddr(0x2600_0000 | u32::from(n)),
+        nwk_s_key: AesKey([n; 16]),
+        app_s_key: AesKey([n.wrapping_add(0x80); 16]),
+        f_cnt: 0,
+    }
+}
+
+/// `[[device]]` table for a test device in `app`.
+pub fn device_toml(d: &SimDevice, app: &str) -> String {
+    format!(
+        "[[device]]\napplication = \"{app}\"\nid = \"{}\"\ndev_eui = \"70B3D57ED00000{:02X}\"\ndev_addr = \"{}\"\nnwk_s_key = \"{}\"\napp_s_key = \"{}\"\n\n",
+        d.id,
+        d.dev_addr.0 & 0xFF,
+        d.dev_addr,
+        hex::encode(d.nwk_s_key.0),
+        hex::encode(d.app_s_key.0)
+    )
+}
+
+/// A config with loopback UDP on port 0, a store in `dir`, no metrics, and `rest` appended.
+pub fn config(dir: &Path, rest: &str) -> Config {
+    let src = format!(
+        "[gateway]\nlisten = \"127.0.0.1:0\"\ndedup_window_ms = 100\neui = \"AA555A00000000FF\"\n\n[storage]\npath = {:?}\nflush_every_ms = 0\n\n[metrics]\nlisten = \"\"\n\n{rest}",
+        dir.join("db").display().to_string()
+    );
+    Config::parse(&src, "test.toml").unwrap_or_else(|e| panic!("{e}\n{src}"))
+}
+
+pub fn install_crypto() {
+    lorastream::streams::tls::install_crypto_provider();
+}
