@@ -12,7 +12,8 @@
 //! the store is flushed. The whole stop is bounded by [`STOP_DEADLINE`].
 
 use crate::config::{Config, WhenFull};
-use crate::ingress::udp::{self, Gateways};
+use crate::downlink::{Input as DownlinkInput, Scheduler, StreamLink};
+use crate::ingress::udp::{self, Downlinker, Gateways};
 use crate::lorawan::session::{Device, Registry, Session, SessionState};
 use crate::metrics::{self, Metrics};
 use crate::store::{Store, StoreError};
@@ -54,6 +55,8 @@ pub struct Daemon {
     ingress: JoinHandle<()>,
     uplink: JoinHandle<()>,
     streams: Vec<JoinHandle<()>>,
+    scheduler: JoinHandle<()>,
+    downlinks: tokio::sync::mpsc::Sender<DownlinkInput>,
     started: Instant,
 }
 
@@ -131,6 +134,9 @@ impl Daemon {
         let misc_cancel = CancellationToken::new();
         let gateways = Gateways::default();
 
+        let registry = Arc::new(std::sync::Mutex::new(registry));
+        let (down_tx, down_rx) = tokio::sync::mpsc::channel::<DownlinkInput>(1024);
+
         // Streams first, so nothing appended is missed.
         let scopes: Vec<_> = streams_cfg
             .iter()
@@ -138,23 +144,59 @@ impl Daemon {
             .collect();
         let routes = Routes::new(&store, &scopes);
         let mut streams = Vec::new();
+        let mut links = std::collections::HashMap::new();
         for s in &streams_cfg {
             let Some(queue) = store.queue(&s.name) else {
                 continue;
             };
+            let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(256);
+            links.insert(
+                s.name.clone(),
+                StreamLink {
+                    scope: s.scope(),
+                    events: ev_tx,
+                },
+            );
             let ctx = StreamContext {
                 queue,
                 metrics: metrics.clone(),
                 cancel: streams_cancel.clone(),
                 gateway_eui: cfg.gateway.eui,
+                downlinks: s.downlinks.then(|| down_tx.clone()),
             };
-            let stream = Stream::build(s, ctx)?;
+            let stream = Stream::build(s, ctx, ev_rx)?;
             streams.push(tokio::spawn(stream.run()));
         }
 
+        let downlinker = Downlinker::new(socket.clone(), gateways.clone());
+        let scheduler = Scheduler::new(
+            registry.clone(),
+            store.clone(),
+            downlinker,
+            cfg.gateway.region,
+            links,
+            metrics.clone(),
+        );
+        let scheduler = tokio::spawn(scheduler.run(down_rx));
+
+        // TX_ACKs from ingress go to the scheduler.
+        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::channel(256);
+        {
+            let down_tx = down_tx.clone();
+            tokio::spawn(async move {
+                while let Some(a) = ack_rx.recv().await {
+                    if down_tx.send(DownlinkInput::TxAck(a)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        let downlinks = down_tx.clone();
         let stage = UplinkStage::new(
             registry,
+            Some(down_tx),
             store.clone(),
             routes,
             metrics.clone(),
@@ -164,6 +206,7 @@ impl Daemon {
         let ingress = tokio::spawn(udp::run(
             socket,
             tx,
+            ack_tx,
             gateways.clone(),
             metrics.clone(),
             ingress_cancel.clone(),
@@ -210,6 +253,8 @@ impl Daemon {
             ingress,
             uplink,
             streams,
+            scheduler,
+            downlinks,
             started,
         })
     }
@@ -230,6 +275,20 @@ impl Daemon {
         &self.gateways
     }
 
+    /// Queue a downlink as if `req.stream` had received it (the demo uses this); resolves once
+    /// it is stored or refused.
+    pub async fn request_downlink(&self, req: crate::model::DownlinkRequest) {
+        let (done, stored) = tokio::sync::oneshot::channel();
+        if self
+            .downlinks
+            .send(DownlinkInput::Request(req, Some(done)))
+            .await
+            .is_ok()
+        {
+            let _ = stored.await;
+        }
+    }
+
     /// `/health` document.
     pub fn health(&self) -> serde_json::Value {
         health(&self.metrics, &self.store, &self.gateways, self.started)
@@ -238,6 +297,7 @@ impl Daemon {
     /// Graceful stop, in data-path order, within [`STOP_DEADLINE`].
     pub async fn stop(self) {
         let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
+        drop(self.downlinks);
         self.ingress_cancel.cancel();
         let _ = tokio::time::timeout_at(deadline, self.ingress).await;
         // The uplink stage ends when the ingress sender is gone, after storing its window.
@@ -246,6 +306,8 @@ impl Daemon {
         for s in self.streams {
             let _ = tokio::time::timeout_at(deadline, s).await;
         }
+        // The scheduler ends when its last input (uplink stage, streams, TX_ACK relay) is gone.
+        let _ = tokio::time::timeout_at(deadline, self.scheduler).await;
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }

@@ -20,6 +20,7 @@
 //! | [`ingress`]  | Semtech UDP server: ACKs, parsing, forwarder table                |
 //! | [`lorawan`]  | pure LoRaWAN 1.0.x: frames, MIC, crypto, FCnt, dedup, sessions     |
 //! | [`uplink`]   | the task joining them: dedup window → verdict → store              |
+//! | [`downlink`] | device downlink queues, RX1/RX2/class C scheduling, events        |
 //! | [`store`]    | durable per-stream queues and session counters (sled)             |
 //! | [`streams`]  | destinations: MQTT (TLS, WebSocket), stdout, file; TTS JSON format |
 //! | [`app`]      | wiring, task start and ordered stop                               |
@@ -34,6 +35,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod downlink;
 pub mod ingress;
 pub mod lorawan;
 pub mod metrics;

@@ -32,6 +32,7 @@ struct Inner {
     frames: Family<Labels, Counter>,
     uplinks: Family<Labels, Counter>,
     store_errors: Counter,
+    downlinks: Family<Labels, Counter>,
     stream_connected: Family<Labels, Gauge>,
     stream_published: Family<Labels, Counter>,
     queue_depth: Family<Labels, Gauge>,
@@ -83,6 +84,11 @@ impl Metrics {
                 "store_errors",
                 "Store write errors (disk full, I/O)",
                 Counter::default()
+            ),
+            downlinks: reg!(
+                "downlinks",
+                "Downlink events and scheduler outcomes, by kind",
+                Family::default()
             ),
             stream_connected: reg!(
                 "stream_connected",
@@ -156,6 +162,18 @@ impl Metrics {
         self.inner
             .uplinks
             .get_or_create(&vec![("result", result.into())])
+            .get()
+    }
+    pub fn downlink_event(&self, kind: &'static str) {
+        self.inner
+            .downlinks
+            .get_or_create(&vec![("kind", kind.into())])
+            .inc();
+    }
+    pub fn downlinks(&self, kind: &'static str) -> u64 {
+        self.inner
+            .downlinks
+            .get_or_create(&vec![("kind", kind.into())])
             .get()
     }
     pub fn store_error(&self) {

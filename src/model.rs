@@ -268,3 +268,75 @@ mod tests {
         assert_eq!(format!("{s:?}"), "***");
     }
 }
+
+/// One downlink a cloud asked for (contract: `{"downlinks":[{...}]}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownlinkItem {
+    /// ULID; `lorastream:downlink:<ulid>` in events.
+    pub id: u128,
+    pub f_port: u8,
+    pub payload: Vec<u8>,
+    pub confirmed: bool,
+    /// "LOWEST" .. "HIGHEST", as TTS; kept for the events (scheduling is FIFO per device).
+    pub priority: String,
+    /// Correlation ids the cloud attached, echoed in every event.
+    pub correlation_ids: Vec<String>,
+    /// The stream that sent it: events go back there.
+    pub stream: String,
+}
+
+/// `push` appends to the device's queue, `replace` replaces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DownlinkOp {
+    Push,
+    Replace,
+}
+
+/// A request from a stream to the downlink scheduler.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownlinkRequest {
+    pub stream: String,
+    /// Device id (as in the config); the application is checked against it.
+    pub application: String,
+    pub device: String,
+    pub op: DownlinkOp,
+    /// Parsed items, or why the request is invalid (reported as a `down/failed` event).
+    pub items: Result<Vec<DownlinkItem>, String>,
+}
+
+/// What happened to a downlink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownlinkEventKind {
+    Queued,
+    Sent,
+    Ack,
+    Nack,
+    Failed,
+}
+
+impl DownlinkEventKind {
+    /// Topic suffix: `down/{queued,sent,ack,nack,failed}`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DownlinkEventKind::Queued => "queued",
+            DownlinkEventKind::Sent => "sent",
+            DownlinkEventKind::Ack => "ack",
+            DownlinkEventKind::Nack => "nack",
+            DownlinkEventKind::Failed => "failed",
+        }
+    }
+}
+
+/// An event for the stream a downlink came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownlinkEvent {
+    pub stream: String,
+    pub application: String,
+    pub device: String,
+    pub dev_eui: Eui64,
+    pub kind: DownlinkEventKind,
+    /// The downlink concerned (absent when a whole request was refused before parsing).
+    pub item: Option<DownlinkItem>,
+    /// Extra fields: gateway, tmst, frequency, data rate (sent), f_cnt, or the error message.
+    pub detail: serde_json::Value,
+}

@@ -9,10 +9,12 @@
 //! group at once and stores it, so a graceful stop loses nothing that was received.
 
 use crate::config::Scope;
+use crate::downlink::{Input as DownlinkInput, SharedRegistry, UplinkInfo};
 use crate::ingress::gwmp::Reception;
 use crate::ingress::udp::Batch;
 use crate::lorawan::dedup::Dedup;
 use crate::lorawan::frame::{self, FrameKind};
+use crate::lorawan::mac;
 use crate::lorawan::session::{Registry, SessionState, Verdict};
 use crate::metrics::Metrics;
 use crate::model::{new_id, Eui64, GatewayFrame, Record, Uplink};
@@ -112,7 +114,8 @@ impl LogLimiter {
 }
 
 pub struct UplinkStage {
-    registry: Registry,
+    registry: SharedRegistry,
+    downlinks: Option<mpsc::Sender<DownlinkInput>>,
     store: Store,
     routes: Routes,
     metrics: Metrics,
@@ -122,7 +125,8 @@ pub struct UplinkStage {
 
 impl UplinkStage {
     pub fn new(
-        registry: Registry,
+        registry: SharedRegistry,
+        downlinks: Option<mpsc::Sender<DownlinkInput>>,
         store: Store,
         routes: Routes,
         metrics: Metrics,
@@ -130,6 +134,7 @@ impl UplinkStage {
     ) -> Self {
         UplinkStage {
             registry,
+            downlinks,
             store,
             routes,
             metrics,
@@ -143,6 +148,7 @@ impl UplinkStage {
         let mut records: Vec<Record> = Vec::new();
         let mut sessions: Vec<(Eui64, SessionState)> = Vec::new();
         let mut groups = Vec::new();
+        let mut opportunities: Vec<UplinkInfo> = Vec::new();
         loop {
             let deadline = self.dedup.next_deadline();
             let closed = tokio::select! {
@@ -168,9 +174,18 @@ impl UplinkStage {
                 self.dedup.pop_expired(Instant::now(), &mut groups);
             }
             for (phy, rx) in groups.drain(..) {
-                self.decide(&phy, rx, &mut records, &mut sessions);
+                self.decide(&phy, rx, &mut records, &mut sessions, &mut opportunities);
             }
             self.store_all(&mut records, &mut sessions).await;
+            // Only once stored: the downlink scheduler may answer in RX1/RX2.
+            if let Some(tx) = &self.downlinks {
+                for u in opportunities.drain(..) {
+                    if tx.try_send(DownlinkInput::Uplink(Box::new(u))).is_err() {
+                        self.metrics.downlink_event("opportunity_dropped");
+                    }
+                }
+            }
+            opportunities.clear();
             if closed {
                 return;
             }
@@ -214,8 +229,13 @@ impl UplinkStage {
         mut rx: Vec<Reception>,
         records: &mut Vec<Record>,
         sessions: &mut Vec<(Eui64, SessionState)>,
+        opportunities: &mut Vec<UplinkInfo>,
     ) {
-        match self.registry.open_uplink(phy) {
+        let Ok(mut registry) = self.registry.lock() else {
+            return;
+        };
+        let registry: &mut Registry = &mut registry;
+        match registry.open_uplink(phy) {
             Verdict::Accepted {
                 device,
                 f_cnt,
@@ -223,7 +243,7 @@ impl UplinkStage {
                 opened,
             } => {
                 self.metrics.uplink("accepted");
-                let d = self.registry.device(device);
+                let d = registry.device(device);
                 if let Some(s) = &d.session {
                     sessions.retain(|(e, _)| *e != d.dev_eui);
                     sessions.push((d.dev_eui, s.state));
@@ -235,6 +255,29 @@ impl UplinkStage {
                         .then(b.rx.rssi.cmp(&a.rx.rssi))
                 });
                 let received_at_us = rx.iter().map(|r| r.rx.received_at_us).min().unwrap_or(0);
+                // MAC commands: FOpts, or the whole payload on FPort 0.
+                let mut mac_bytes = opened.f_opts.clone();
+                if opened.f_port == Some(0) {
+                    mac_bytes.extend_from_slice(&opened.frm_payload);
+                }
+                let (mac, unknown) = mac::parse_uplink(&mac_bytes);
+                if let Some(cid) = unknown {
+                    tracing::debug!(device = %d.id, cid, "unknown MAC command; the rest of the MAC payload is ignored");
+                }
+                opportunities.push(UplinkInfo {
+                    device,
+                    confirmed: header.confirmed,
+                    ack: header.ack,
+                    mac,
+                    best: rx[0].rx.clone(),
+                    gateways: rx.len(),
+                    settings: rx[0].settings.clone(),
+                    arrived: rx
+                        .iter()
+                        .map(|r| r.arrived)
+                        .min()
+                        .unwrap_or_else(Instant::now),
+                });
                 let settings = rx[0].settings.clone();
                 let payload = if opened.f_port.unwrap_or(0) > 0 {
                     opened.frm_payload
@@ -271,12 +314,12 @@ impl UplinkStage {
             }
             Verdict::Repeat { device, f_cnt } => {
                 self.metrics.uplink("repeat");
-                tracing::debug!(device = %self.registry.device(device).id, f_cnt, "repeated frame (late copy or retransmission) ignored");
+                tracing::debug!(device = %registry.device(device).id, f_cnt, "repeated frame (late copy or retransmission) ignored");
             }
             Verdict::Replay { device, f_cnt16 } => {
                 self.metrics.uplink("replay");
                 if self.warn.allow() {
-                    let d = self.registry.device(device);
+                    let d = registry.device(device);
                     tracing::warn!(
                         device = %d.id,
                         f_cnt16,

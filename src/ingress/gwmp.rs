@@ -121,6 +121,8 @@ pub fn ack(version: u8, token: u16, id: u8) -> [u8; 4] {
 /// One received frame, converted from an `rxpk`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reception {
+    /// When the datagram arrived (RX windows count from the end of the uplink).
+    pub arrived: std::time::Instant,
     pub phy_payload: Vec<u8>,
     pub crc_ok: bool,
     pub settings: TxSettings,
@@ -193,6 +195,7 @@ fn reception(pk: &RxPk, gateway: Eui64, received_at_us: i64) -> Reception {
     };
     let dr = pk.datarate();
     Reception {
+        arrived: std::time::Instant::now(),
         phy_payload: pk.data().clone(),
         crc_ok: !matches!(pk.crc_status(), CRC::Fail),
         settings: TxSettings {

@@ -94,6 +94,92 @@ impl Gateways {
 /// Receptions of one PUSH_DATA, as handed to the uplink stage.
 pub type Batch = Vec<Reception>;
 
+/// A TX_ACK: the forwarder's answer to one PULL_RESP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxAck {
+    pub gateway: Eui64,
+    pub token: u16,
+    /// `Err("TOO_LATE")` etc.; an empty TX_ACK or `"NONE"` is success.
+    pub result: Result<(), String>,
+}
+
+/// Why a downlink could not be handed to a forwarder.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("gateway {0} has not sent PULL_DATA yet: no downlink path")]
+    NoRoute(Eui64),
+    #[error("cannot encode PULL_RESP: {0}")]
+    Encode(String),
+    #[error("UDP send failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Sends PULL_RESP datagrams to forwarders (shared with the downlink scheduler).
+#[derive(Clone)]
+pub struct Downlinker {
+    socket: Arc<UdpSocket>,
+    gateways: Gateways,
+    token: Arc<std::sync::atomic::AtomicU16>,
+}
+
+impl Downlinker {
+    pub fn new(socket: Arc<UdpSocket>, gateways: Gateways) -> Self {
+        Downlinker {
+            socket,
+            gateways,
+            token: Arc::new(std::sync::atomic::AtomicU16::new(rand::random())),
+        }
+    }
+
+    /// Send one `txpk` to a gateway; returns the token its TX_ACK will carry.
+    pub async fn send(
+        &self,
+        gateway: Eui64,
+        txpk: semtech_udp::pull_resp::TxPk,
+    ) -> Result<u16, SendError> {
+        use semtech_udp::SerializablePacket;
+        let g = self
+            .gateways
+            .get(&gateway)
+            .ok_or(SendError::NoRoute(gateway))?;
+        let addr = g.pull_addr.ok_or(SendError::NoRoute(gateway))?;
+        let token = self
+            .token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .wrapping_add(1);
+        let pkt = semtech_udp::pull_resp::Packet {
+            random_token: token,
+            data: semtech_udp::pull_resp::Data::from_txpk(txpk),
+        };
+        let mut buf = vec![0u8; 2048];
+        let n = pkt
+            .serialize(&mut buf)
+            .map_err(|e| SendError::Encode(e.to_string()))? as usize;
+        // Answer in the protocol version the forwarder speaks.
+        buf[0] = g.version;
+        self.socket.send_to(&buf[..n], addr).await?;
+        Ok(token)
+    }
+}
+
+/// Parse a TX_ACK body: empty, `{"txpk_ack":{"error":"NONE"}}` or a warning are success.
+pub fn tx_ack_result(body: &[u8]) -> Result<(), String> {
+    let body = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map(|i| &body[i..])
+        .unwrap_or(&[]);
+    if body.is_empty() {
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| "INVALID_TX_ACK".to_string())?;
+    match v["txpk_ack"]["error"].as_str() {
+        None | Some("NONE") | Some("") => Ok(()),
+        Some(e) => Err(e.to_string()),
+    }
+}
+
 /// Bind the forwarder socket with a large receive buffer.
 pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
@@ -119,6 +205,7 @@ pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> 
 pub async fn run(
     socket: Arc<UdpSocket>,
     uplinks: mpsc::Sender<Batch>,
+    tx_acks: mpsc::Sender<TxAck>,
     gateways: Gateways,
     metrics: Metrics,
     cancel: CancellationToken,
@@ -138,6 +225,7 @@ pub async fn run(
             },
         };
         let dgram = &buf[..n];
+        // Forwarders send only upstream packet types; anything else is counted below.
         match gwmp::decode(dgram) {
             Err(e) => {
                 metrics.udp_error(e.reason());
@@ -207,9 +295,23 @@ pub async fn run(
                     return;
                 }
             }
-            Ok(Datagram::TxAck { gateway, body, .. }) => {
+            Ok(Datagram::TxAck {
+                gateway,
+                token,
+                body,
+                ..
+            }) => {
                 metrics.udp_datagram("tx_ack");
-                tracing::debug!(%gateway, body = %String::from_utf8_lossy(body), "TX_ACK");
+                let ack = TxAck {
+                    gateway,
+                    token,
+                    result: tx_ack_result(body),
+                };
+                tracing::debug!(%gateway, token, result = ?ack.result, "TX_ACK");
+                // Never block the socket loop on the scheduler.
+                if tx_acks.try_send(ack).is_err() {
+                    metrics.udp_error("tx_ack_dropped");
+                }
             }
         }
     }

@@ -166,6 +166,56 @@ pub fn decrypt(
     })
 }
 
+/// A downlink as a device sees it once decrypted (used by the simulator and the tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedDownlink {
+    pub dev_addr: DevAddr,
+    pub f_cnt16: u16,
+    pub confirmed: bool,
+    pub ack: bool,
+    pub f_pending: bool,
+    pub mic_ok: bool,
+    pub opened: Opened,
+}
+
+/// Device side: check and decrypt a downlink data frame (`f_cnt` = full FCntDown expected).
+pub fn open_downlink(
+    phy: &[u8],
+    nwk_s_key: &AesKey,
+    app_s_key: &AesKey,
+    f_cnt: u32,
+) -> Result<OpenedDownlink, FrameError> {
+    if phy.len() < 12 {
+        return Err(FrameError::TooShort(phy.len()));
+    }
+    let confirmed = match kind(phy) {
+        FrameKind::DataDown { confirmed } => confirmed,
+        _ => return Err(FrameError::NotLoRaWan(phy[0])),
+    };
+    let mut buf = phy.to_vec();
+    let Ok(PhyPayload::Data(DataPayload::Encrypted(p))) = lorawan::parser::parse(&mut buf[..])
+    else {
+        return Err(FrameError::Malformed);
+    };
+    let fhdr = p.fhdr();
+    let a = fhdr.dev_addr();
+    let b = a.as_ref();
+    let dev_addr = DevAddr(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let f_cnt16 = fhdr.fcnt();
+    let fctrl = fhdr.fctrl().raw_value();
+    let mic_ok = p.validate_mic(&AES128(nwk_s_key.0), f_cnt);
+    let opened = decrypt(phy, nwk_s_key, app_s_key, f_cnt)?;
+    Ok(OpenedDownlink {
+        dev_addr,
+        f_cnt16,
+        confirmed,
+        ack: fctrl & 0x20 != 0,
+        f_pending: fctrl & 0x10 != 0,
+        mic_ok,
+        opened,
+    })
+}
+
 /// Parameters of a data frame to build (device side for uplinks, network side for downlinks).
 #[derive(Debug, Clone)]
 pub struct DataFrame<'a> {
@@ -178,6 +228,27 @@ pub struct DataFrame<'a> {
     pub f_pending: bool,
     pub f_port: Option<u8>,
     pub payload: &'a [u8],
+    /// MAC commands for FOpts (at most 15 bytes; the answers we give on downlinks).
+    pub mac: &'a [MacCmd],
+}
+
+/// One MAC command: CID and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MacCmd {
+    pub cid: u8,
+    pub payload: Vec<u8>,
+}
+
+impl lorawan::maccommands::SerializableMacCommand for MacCmd {
+    fn payload_bytes(&self) -> &[u8] {
+        &self.payload
+    }
+    fn cid(&self) -> u8 {
+        self.cid
+    }
+    fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
 }
 
 /// Build and encrypt a data frame.
@@ -213,7 +284,12 @@ pub fn encode(
     }
     let nwk = NewSKey::from(nwk_s_key.0);
     let app = AppSKey::from(app_s_key.0);
-    c.build(f.payload, &[], &nwk, &app)
+    let cmds: Vec<&dyn lorawan::maccommands::SerializableMacCommand> = f
+        .mac
+        .iter()
+        .map(|m| m as &dyn lorawan::maccommands::SerializableMacCommand)
+        .collect();
+    c.build(f.payload, &cmds, &nwk, &app)
         .map(|b| b.to_vec())
         .map_err(|_| FrameError::Malformed)
 }
@@ -263,6 +339,7 @@ mod tests {
             f_pending: false,
             f_port: Some(5),
             payload: b"hello",
+            mac: &[],
         };
         let mut phy = encode(&f, &nwk, &app).unwrap();
         let h = peek_data_up(&phy).unwrap();

@@ -10,4 +10,5 @@
 pub mod dedup;
 pub mod fcnt;
 pub mod frame;
+pub mod mac;
 pub mod session;

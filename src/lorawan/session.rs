@@ -210,6 +210,7 @@ mod tests {
                 f_pending: false,
                 f_port: Some(1),
                 payload,
+                mac: &[],
             },
             &s.nwk_s_key,
             &s.app_s_key,

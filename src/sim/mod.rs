@@ -5,7 +5,7 @@
 //! PUSH_DATA datagrams (built with the `semtech-udp` crate's types) and sends them over UDP, so
 //! everything after the socket is exactly what a Raspberry Pi with a concentrator would cause.
 
-use crate::lorawan::frame::{encode, DataFrame, FrameError};
+use crate::lorawan::frame::{encode, open_downlink, DataFrame, FrameError, MacCmd, OpenedDownlink};
 use crate::model::{AesKey, DevAddr, Eui64};
 use semtech_udp::push_data::{self, RxPk, RxPkV1, CRC};
 use semtech_udp::{Bandwidth, CodingRate, DataRate, MacAddress, Modulation, SpreadingFactor};
@@ -31,6 +31,18 @@ impl SimDevice {
         payload: &[u8],
         confirmed: bool,
     ) -> Result<Vec<u8>, FrameError> {
+        self.uplink_with(Some(f_port), payload, confirmed, false, &[])
+    }
+
+    /// Build the next uplink with the ACK bit and FOpts MAC commands.
+    pub fn uplink_with(
+        &mut self,
+        f_port: Option<u8>,
+        payload: &[u8],
+        confirmed: bool,
+        ack: bool,
+        mac: &[MacCmd],
+    ) -> Result<Vec<u8>, FrameError> {
         let phy = encode(
             &DataFrame {
                 uplink: true,
@@ -38,10 +50,11 @@ impl SimDevice {
                 dev_addr: self.dev_addr,
                 f_cnt: self.f_cnt,
                 adr: true,
-                ack: false,
+                ack,
                 f_pending: false,
-                f_port: Some(f_port),
+                f_port,
                 payload,
+                mac,
             },
             &self.nwk_s_key,
             &self.app_s_key,
@@ -49,6 +62,38 @@ impl SimDevice {
         self.f_cnt = self.f_cnt.wrapping_add(1);
         Ok(phy)
     }
+}
+
+impl SimDevice {
+    /// Decrypt a downlink addressed to this device (`f_cnt` = the FCntDown expected).
+    pub fn open(&self, phy: &[u8], f_cnt: u32) -> Result<OpenedDownlink, FrameError> {
+        open_downlink(phy, &self.nwk_s_key, &self.app_s_key, f_cnt)
+    }
+}
+
+/// A PULL_RESP as the forwarder received it.
+#[derive(Debug, Clone)]
+pub struct PullResp {
+    pub token: u16,
+    /// The `txpk` object as sent.
+    pub txpk: serde_json::Value,
+    /// The PHYPayload to transmit.
+    pub phy: Vec<u8>,
+}
+
+/// Parse a PULL_RESP datagram (None for anything else, e.g. ACKs).
+pub fn parse_pull_resp(b: &[u8]) -> Option<PullResp> {
+    use base64::Engine;
+    if b.len() < 5 || b[3] != 3 {
+        return None;
+    }
+    let token = u16::from_be_bytes([b[1], b[2]]);
+    let v: serde_json::Value = serde_json::from_slice(&b[4..]).ok()?;
+    let txpk = v.get("txpk")?.clone();
+    let phy = base64::engine::general_purpose::STANDARD
+        .decode(txpk["data"].as_str()?)
+        .ok()?;
+    Some(PullResp { token, txpk, phy })
 }
 
 /// Radio metadata of a simulated reception.
@@ -186,6 +231,31 @@ impl Forwarder {
     /// Send a raw datagram (tests use this for malformed input).
     pub async fn send_raw(&self, b: &[u8]) -> std::io::Result<()> {
         self.socket.send_to(b, self.target).await.map(|_| ())
+    }
+
+    /// Wait for the next PULL_RESP (ACKs are skipped); None on timeout.
+    pub async fn pull_resp(&self, timeout: std::time::Duration) -> Option<PullResp> {
+        let mut buf = vec![0u8; 4096];
+        let end = tokio::time::Instant::now() + timeout;
+        loop {
+            let n = tokio::time::timeout_at(end, self.recv(&mut buf))
+                .await
+                .ok()?
+                .ok()?;
+            if let Some(p) = parse_pull_resp(&buf[..n]) {
+                return Some(p);
+            }
+        }
+    }
+
+    /// Answer a PULL_RESP: `None` = accepted, `Some("TOO_LATE")` etc. = refused.
+    pub async fn tx_ack(&self, token: u16, error: Option<&str>) -> std::io::Result<()> {
+        let t = token.to_be_bytes();
+        let mut v = vec![2, t[0], t[1], 5];
+        v.extend_from_slice(&self.gateway.0);
+        let body = serde_json::json!({"txpk_ack": {"error": error.unwrap_or("NONE")}});
+        v.extend_from_slice(body.to_string().as_bytes());
+        self.socket.send_to(&v, self.target).await.map(|_| ())
     }
 
     /// Receive one datagram from the server (ACKs, PULL_RESP).

@@ -6,6 +6,9 @@
 //! |---------------|----------------------|--------------------------------|
 //! | `meta`        | `"schema"`           | `lorastream-store-v1`          |
 //! | `devices`     | DevEUI (8 bytes)     | [`SessionState`] (postcard)    |
+//! | `devices`     | DevEUI + `d`         | FCntDown (see `sessions.rs`)   |
+//! | `otaa`        | DevEUI (+ `n`)       | joined session / used DevNonces |
+//! | `down`        | DevEUI + sequence    | [`DownlinkItem`](crate::model::DownlinkItem) |
 //! | `q:{stream}`  | sequence (u64, BE)   | [`Record`] (postcard)          |
 //!
 //! Each stream has its own queue tree, so a dead stream's backlog never blocks another (mirror
@@ -17,9 +20,12 @@
 //! [`Store::append`] fsyncs before it returns, so an uplink counts as queued only once it is on
 //! disk. A store that cannot be opened is moved aside (never deleted) and a fresh one is created.
 
+mod downlinks;
 mod queue;
+mod sessions;
 
 pub use queue::{Queue, QueueStats};
+pub use sessions::OtaaSession;
 
 use crate::config::{StorageConfig, WhenFull};
 use crate::lorawan::session::SessionState;
@@ -90,6 +96,8 @@ pub(crate) struct Shared {
 pub struct Store {
     db: sled::Db,
     devices: sled::Tree,
+    otaa: sled::Tree,
+    down: sled::Tree,
     queues: Arc<RwLock<BTreeMap<String, Queue>>>,
     shared: Arc<Shared>,
     next_seq: Arc<AtomicU64>,
@@ -153,6 +161,8 @@ impl Store {
             }
         }
         let devices = db.open_tree("devices")?;
+        let otaa = db.open_tree("otaa")?;
+        let down = db.open_tree("down")?;
 
         // Free the backlog of streams that were removed from the config.
         for name in db.tree_names() {
@@ -183,6 +193,8 @@ impl Store {
         let store = Store {
             db,
             devices,
+            otaa,
+            down,
             queues: Arc::new(RwLock::new(queues)),
             shared,
             next_seq: Arc::new(AtomicU64::new(next_seq)),
@@ -212,35 +224,6 @@ impl Store {
     /// Queued bytes over all streams.
     pub fn total_bytes(&self) -> u64 {
         self.shared.total_bytes.load(Ordering::Relaxed)
-    }
-
-    /// Saved session counters of every device.
-    pub fn load_sessions(&self) -> Result<Vec<(Eui64, SessionState)>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.devices.iter() {
-            let (k, v) = kv?;
-            let (Ok(eui), Ok(state)) = (
-                <[u8; 8]>::try_from(k.as_ref()),
-                postcard::from_bytes::<SessionState>(&v),
-            ) else {
-                tracing::warn!("ignoring an unreadable device state in the store");
-                continue;
-            };
-            out.push((Eui64(eui), state));
-        }
-        Ok(out)
-    }
-
-    /// Persist one device's counters (used on its own for FCntDown before a downlink leaves).
-    pub async fn save_session(
-        &self,
-        dev_eui: Eui64,
-        state: &SessionState,
-    ) -> Result<(), StoreError> {
-        self.devices
-            .insert(dev_eui.0, postcard::to_stdvec(state)?)?;
-        self.db.flush_async().await?;
-        Ok(())
     }
 
     /// Append records to their queues and save session counters, then (with

@@ -18,9 +18,11 @@ pub mod mqtt;
 pub mod tls;
 
 use crate::config::{Scope, StreamConfig, StreamKind};
+use crate::downlink::Input as DownlinkInput;
 use crate::metrics::Metrics;
-use crate::model::Eui64;
+use crate::model::{DownlinkEvent, Eui64};
 use crate::store::Queue;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,8 @@ pub struct StreamContext {
     pub cancel: CancellationToken,
     /// `[gateway] eui`, for the status topic and default client id.
     pub gateway_eui: Option<Eui64>,
+    /// Where downlink requests go (None when the stream has `downlinks = false`).
+    pub downlinks: Option<mpsc::Sender<DownlinkInput>>,
 }
 
 /// A configured stream, ready to run.
@@ -47,15 +51,19 @@ pub enum Stream {
 
 impl Stream {
     /// Check what can be checked before running (TLS files, URLs) and build the stream.
-    pub fn build(cfg: &StreamConfig, ctx: StreamContext) -> Result<Stream, StreamError> {
+    pub fn build(
+        cfg: &StreamConfig,
+        ctx: StreamContext,
+        events: mpsc::Receiver<DownlinkEvent>,
+    ) -> Result<Stream, StreamError> {
         let setup = |message: String| StreamError::Setup {
             stream: cfg.name.clone(),
             message,
         };
         Ok(match cfg.kind {
-            StreamKind::Mqtt => {
-                Stream::Mqtt(Box::new(mqtt::MqttStream::new(cfg, ctx).map_err(setup)?))
-            }
+            StreamKind::Mqtt => Stream::Mqtt(Box::new(
+                mqtt::MqttStream::new(cfg, ctx, events).map_err(setup)?,
+            )),
             StreamKind::Stdout => Stream::Lines(lines::LineStream::stdout(ctx)),
             StreamKind::File => {
                 let path = cfg

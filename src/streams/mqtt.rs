@@ -18,13 +18,15 @@ use super::format::{record_json, topic, Delivery};
 use super::tls;
 use super::StreamContext;
 use crate::config::StreamConfig;
-use crate::model::{now_us, Secret};
+use crate::downlink::{json as downlink_json, Input as DownlinkInput};
+use crate::model::{now_us, DownlinkEvent, DownlinkOp, DownlinkRequest, Secret};
 use rumqttc::{
     AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport,
 };
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
 use tokio::sync::Semaphore;
 
 /// How long a stop waits for outstanding PUBACKs before closing the connection.
@@ -41,6 +43,8 @@ pub struct MqttStream {
     prefix: String,
     inflight: u16,
     keep_alive: Duration,
+    /// Downlink events for this stream, published on `.../down/{event}`.
+    events: tokio::sync::Mutex<mpsc::Receiver<DownlinkEvent>>,
 }
 
 /// Publishes in flight, in rumqttc's order.
@@ -58,7 +62,11 @@ enum End {
 }
 
 impl MqttStream {
-    pub fn new(cfg: &StreamConfig, ctx: StreamContext) -> Result<Self, String> {
+    pub fn new(
+        cfg: &StreamConfig,
+        ctx: StreamContext,
+        events: mpsc::Receiver<DownlinkEvent>,
+    ) -> Result<Self, String> {
         let server = cfg.server.as_deref().unwrap_or_default();
         let url = url::Url::parse(server).map_err(|e| format!("server {server:?}: {e}"))?;
         let host = url
@@ -114,6 +122,7 @@ impl MqttStream {
                 .unwrap_or_else(|| "lorastream".into()),
             inflight: cfg.inflight.unwrap_or(100),
             keep_alive: Duration::from_secs(cfg.keep_alive_s.unwrap_or(30)),
+            events: tokio::sync::Mutex::new(events),
             ctx,
         })
     }
@@ -142,7 +151,30 @@ impl MqttStream {
         if let Some(t) = self.status_topic() {
             o.set_last_will(LastWill::new(t, "offline", QoS::AtLeastOnce, true));
         }
+        // Downlinks are acknowledged to the broker only once they are in the store.
+        o.set_manual_acks(true);
         o
+    }
+
+    /// `{prefix}/{application}/devices/{device}/down/{push|replace}` → request.
+    fn downlink_request(&self, topic: &str, payload: &[u8]) -> Option<DownlinkRequest> {
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [application, "devices", device, "down", op] = parts.as_slice() else {
+            return None;
+        };
+        let op = match *op {
+            "push" => DownlinkOp::Push,
+            "replace" => DownlinkOp::Replace,
+            _ => return None,
+        };
+        Some(DownlinkRequest {
+            stream: self.name.clone(),
+            application: application.to_string(),
+            device: device.to_string(),
+            op,
+            items: downlink_json::parse_request(payload, &self.name),
+        })
     }
 
     pub async fn run(self) {
@@ -197,6 +229,15 @@ impl MqttStream {
         if let Some(t) = self.status_topic() {
             publish(&client, &state, &t, b"online".to_vec(), true, None);
         }
+        if self.ctx.downlinks.is_some() {
+            for op in ["push", "replace"] {
+                let _ = client.try_subscribe(
+                    format!("{}/+/devices/+/down/{op}", self.prefix),
+                    QoS::AtLeastOnce,
+                );
+            }
+        }
+        let mut events = self.events.lock().await;
 
         let feeder_stop = tokio_util::sync::CancellationToken::new();
         let feeder = tokio::spawn(feed(
@@ -212,6 +253,11 @@ impl MqttStream {
         let end = loop {
             let ev = tokio::select! {
                 ev = eventloop.poll() => ev,
+                Some(e) = events.recv() => {
+                    let t = format!("{}/{}/devices/{}/down/{}", self.prefix, e.application, e.device, e.kind.as_str());
+                    publish(&client, &state, &t, downlink_json::event_json(&e), false, None);
+                    continue;
+                }
                 _ = self.ctx.cancel.cancelled(), if stopping.is_none() => {
                     // Stop feeding, then give outstanding PUBACKs a moment.
                     feeder_stop.cancel();
@@ -239,6 +285,28 @@ impl MqttStream {
                     if let Ok(mut s) = state.lock() {
                         let seq = s.fifo.pop_front().flatten();
                         s.by_pkid.insert(pkid, seq);
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let req = self.downlink_request(&p.topic, &p.payload);
+                    match (req, self.ctx.downlinks.clone()) {
+                        (Some(req), Some(tx)) => {
+                            let client = client.clone();
+                            tokio::spawn(async move {
+                                let (done, stored) = tokio::sync::oneshot::channel();
+                                if tx
+                                    .send(DownlinkInput::Request(req, Some(done)))
+                                    .await
+                                    .is_ok()
+                                    && stored.await.is_ok()
+                                {
+                                    let _ = client.ack(&p).await;
+                                }
+                            });
+                        }
+                        _ => {
+                            let _ = client.try_ack(&p);
+                        }
                     }
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {

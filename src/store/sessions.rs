@@ -1,0 +1,190 @@
+//! Device session state in the store.
+//!
+//! FCntUp (written by the uplink stage with each uplink) and FCntDown (written by the downlink
+//! scheduler, fsynced before any downlink leaves) live under different keys, so neither task
+//! can overwrite the other's newer value with an older copy. A downlink counter is never reused
+//! after a crash: it is on disk before the PULL_RESP is sent.
+
+use super::{Store, StoreError};
+use crate::lorawan::session::SessionState;
+use crate::model::{AesKey, DevAddr, Eui64};
+use serde::{Deserialize, Serialize};
+
+/// The persisted FCntDown of a session.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct FCntDown {
+    dev_addr: DevAddr,
+    next: u32,
+}
+
+/// A session obtained by an OTAA join, with its keys (the gateway holds keys anyway).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtaaSession {
+    pub dev_addr: DevAddr,
+    pub nwk_s_key: [u8; 16],
+    pub app_s_key: [u8; 16],
+    /// Join parameters the device was given (RX1 DR offset, RX2 DR, RX delay).
+    pub rx1_dr_offset: u8,
+    pub rx2_dr: u8,
+    pub rx_delay: u8,
+}
+
+impl std::fmt::Debug for OtaaSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtaaSession")
+            .field("dev_addr", &self.dev_addr)
+            .field("keys", &"***")
+            .finish()
+    }
+}
+
+impl OtaaSession {
+    pub fn keys(&self) -> (AesKey, AesKey) {
+        (AesKey(self.nwk_s_key), AesKey(self.app_s_key))
+    }
+}
+
+fn down_key(eui: Eui64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[..8].copy_from_slice(&eui.0);
+    k[8] = b'd';
+    k
+}
+
+fn nonce_key(eui: Eui64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[..8].copy_from_slice(&eui.0);
+    k[8] = b'n';
+    k
+}
+
+/// How many DevNonces are remembered per device (LoRaWAN 1.0.x asks the network to keep "a
+/// certain number" of the last ones; 1.0.2/1.0.3 devices pick them at random).
+pub const DEV_NONCE_HISTORY: usize = 256;
+
+impl Store {
+    /// Saved counters of every device (FCntUp and FCntDown merged).
+    pub fn load_sessions(&self) -> Result<Vec<(Eui64, SessionState)>, StoreError> {
+        let mut ups: Vec<(Eui64, SessionState)> = Vec::new();
+        let mut downs: Vec<(Eui64, FCntDown)> = Vec::new();
+        for kv in self.devices.iter() {
+            let (k, v) = kv?;
+            let Ok(eui) = <[u8; 8]>::try_from(&k[..k.len().min(8)]) else {
+                continue;
+            };
+            match k.len() {
+                8 => match postcard::from_bytes::<SessionState>(&v) {
+                    Ok(st) => ups.push((Eui64(eui), st)),
+                    Err(_) => {
+                        tracing::warn!(dev_eui = %Eui64(eui), "ignoring an unreadable device state")
+                    }
+                },
+                9 if k[8] == b'd' => {
+                    if let Ok(d) = postcard::from_bytes::<FCntDown>(&v) {
+                        downs.push((Eui64(eui), d));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (eui, d) in downs {
+            match ups.iter_mut().find(|(e, _)| *e == eui) {
+                Some((_, st)) if st.dev_addr == d.dev_addr => {
+                    st.f_cnt_down = st.f_cnt_down.max(d.next)
+                }
+                Some(_) => {}
+                None => ups.push((
+                    eui,
+                    SessionState {
+                        dev_addr: d.dev_addr,
+                        f_cnt_up: None,
+                        f_cnt_down: d.next,
+                    },
+                )),
+            }
+        }
+        Ok(ups)
+    }
+
+    /// Persist the next FCntDown and fsync. Call before the downlink that uses the previous
+    /// value leaves.
+    pub async fn save_f_cnt_down(
+        &self,
+        dev_eui: Eui64,
+        dev_addr: DevAddr,
+        next: u32,
+    ) -> Result<(), StoreError> {
+        self.devices.insert(
+            down_key(dev_eui),
+            postcard::to_stdvec(&FCntDown { dev_addr, next })?,
+        )?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Save all counters of one device and fsync (used by tests and on join).
+    pub async fn save_session(
+        &self,
+        dev_eui: Eui64,
+        state: &SessionState,
+    ) -> Result<(), StoreError> {
+        self.devices
+            .insert(dev_eui.0, postcard::to_stdvec(state)?)?;
+        self.save_f_cnt_down(dev_eui, state.dev_addr, state.f_cnt_down)
+            .await
+    }
+
+    /// The joined session of an OTAA device, if any.
+    pub fn otaa_session(&self, dev_eui: Eui64) -> Result<Option<OtaaSession>, StoreError> {
+        Ok(match self.otaa.get(dev_eui.0)? {
+            Some(v) => postcard::from_bytes(&v).ok(),
+            None => None,
+        })
+    }
+
+    /// Store a new OTAA session (it replaces the previous one: counters restart at zero).
+    pub async fn save_otaa_session(
+        &self,
+        dev_eui: Eui64,
+        s: &OtaaSession,
+    ) -> Result<(), StoreError> {
+        self.otaa.insert(dev_eui.0, postcard::to_stdvec(s)?)?;
+        let fresh = SessionState {
+            dev_addr: s.dev_addr,
+            f_cnt_up: None,
+            f_cnt_down: 0,
+        };
+        self.devices
+            .insert(dev_eui.0, postcard::to_stdvec(&fresh)?)?;
+        self.devices.insert(
+            down_key(dev_eui),
+            postcard::to_stdvec(&FCntDown {
+                dev_addr: s.dev_addr,
+                next: 0,
+            })?,
+        )?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Record a DevNonce; false if it was used before (a replayed JoinRequest). Persisted and
+    /// fsynced before the JoinAccept is built, so a crash cannot make a nonce usable twice.
+    pub async fn use_dev_nonce(&self, dev_eui: Eui64, nonce: u16) -> Result<bool, StoreError> {
+        let mut used: Vec<u16> = match self.otaa.get(nonce_key(dev_eui))? {
+            Some(v) => postcard::from_bytes(&v).unwrap_or_default(),
+            None => Vec::new(),
+        };
+        if used.contains(&nonce) {
+            return Ok(false);
+        }
+        used.push(nonce);
+        if used.len() > DEV_NONCE_HISTORY {
+            let cut = used.len() - DEV_NONCE_HISTORY;
+            used.drain(..cut);
+        }
+        self.otaa
+            .insert(nonce_key(dev_eui), postcard::to_stdvec(&used)?)?;
+        self.db.flush_async().await?;
+        Ok(true)
+    }
+}
