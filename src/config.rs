@@ -330,11 +330,22 @@ pub struct StreamConfig {
     pub keep_alive_s: Option<u64>,
     // file
     pub path: Option<PathBuf>,
+    // aws-iot
+    /// Also update the thing shadow (`$aws/things/{thing}/shadow/update`) with last-seen data.
+    pub shadow: Option<bool>,
     // http
     pub url: Option<String>,
     #[serde(default, serialize_with = "ser_masked")]
     pub headers: Option<BTreeMap<String, Secret>>,
     pub batch_max: Option<usize>,
+    /// Wait at most this long to fill a batch.
+    pub batch_wait_ms: Option<u64>,
+    pub timeout_s: Option<u64>,
+    /// 4xx other than 408/429: "drop" the batch (counted as dead letters) or "retry".
+    pub on_client_error: Option<String>,
+    /// Fetched periodically for downlinks (firewall-friendly, no inbound port).
+    pub poll_url: Option<String>,
+    pub poll_interval_s: Option<u64>,
     // azure-iot-hub
     pub hostname: Option<String>,
     pub identity: Option<String>,
@@ -346,6 +357,16 @@ pub struct StreamConfig {
     pub device_key: Option<Secret>,
     #[serde(default, serialize_with = "ser_masked")]
     pub device_keys: Option<BTreeMap<String, Secret>>,
+    /// SAS token lifetime; tokens are renewed (reconnect) before they expire.
+    pub sas_ttl_s: Option<u64>,
+    /// Per-device connections idle this long are closed.
+    pub idle_timeout_s: Option<u64>,
+    /// Cap on concurrent per-device connections.
+    pub max_connections: Option<usize>,
+    /// Cloud-to-device body: "json" (contract downlink JSON) or "raw" (payload, `fPort` property).
+    pub downlink_format: Option<String>,
+    /// Update the device twin's reported properties (rate-limited).
+    pub twin: Option<bool>,
 }
 
 fn yes() -> bool {
@@ -397,13 +418,24 @@ impl StreamConfig {
             url,
             headers,
             batch_max,
+            batch_wait_ms,
+            timeout_s,
+            on_client_error,
+            poll_url,
+            poll_interval_s,
+            shadow,
             hostname,
             identity,
             device_id,
             policy_name,
             policy_key,
             device_key,
-            device_keys
+            device_keys,
+            sas_ttl_s,
+            idle_timeout_s,
+            max_connections,
+            downlink_format,
+            twin
         );
         v
     }
@@ -433,6 +465,7 @@ fn allowed_keys(kind: StreamKind) -> &'static [&'static str] {
             "topic_prefix",
             "inflight",
             "keep_alive_s",
+            "shadow",
         ],
         StreamKind::AzureIotHub => &[
             "server",
@@ -446,11 +479,48 @@ fn allowed_keys(kind: StreamKind) -> &'static [&'static str] {
             "device_keys",
             "inflight",
             "keep_alive_s",
+            "sas_ttl_s",
+            "idle_timeout_s",
+            "max_connections",
+            "downlink_format",
+            "twin",
         ],
-        StreamKind::Http => &["url", "headers", "batch_max", "ca_file", "inflight"],
+        StreamKind::Http => &[
+            "url",
+            "headers",
+            "batch_max",
+            "batch_wait_ms",
+            "timeout_s",
+            "on_client_error",
+            "poll_url",
+            "poll_interval_s",
+            "ca_file",
+        ],
         StreamKind::File => &["path"],
         StreamKind::Stdout => &[],
     }
+}
+
+/// Kind-specific checks: `Err((key, message))`. Each stream kind's module owns its rules.
+fn validate_azure(_st: &StreamConfig) -> Result<(), (&'static str, String)> {
+    Err((
+        "kind",
+        "kind = \"azure-iot-hub\" is not available in this version yet".into(),
+    ))
+}
+
+fn validate_aws(_st: &StreamConfig) -> Result<(), (&'static str, String)> {
+    Err((
+        "kind",
+        "kind = \"aws-iot\" is not available in this version yet".into(),
+    ))
+}
+
+fn validate_http(_st: &StreamConfig) -> Result<(), (&'static str, String)> {
+    Err((
+        "kind",
+        "kind = \"http\" is not available in this version yet".into(),
+    ))
 }
 
 /// 1-based line and column of a byte offset.
@@ -729,7 +799,11 @@ impl Config {
                     }
                 }
                 StreamKind::Stdout => {}
-                StreamKind::AzureIotHub | StreamKind::AwsIot | StreamKind::Http => {
+                StreamKind::AzureIotHub => validate_azure(st).map_err(|(k, m)| err(k, m))?,
+                StreamKind::AwsIot => validate_aws(st).map_err(|(k, m)| err(k, m))?,
+                StreamKind::Http => validate_http(st).map_err(|(k, m)| err(k, m))?,
+                #[allow(unreachable_patterns)]
+                _ => {
                     return Err(err(
                         "kind",
                         format!(
