@@ -509,11 +509,50 @@ fn validate_azure(_st: &StreamConfig) -> Result<(), (&'static str, String)> {
     ))
 }
 
-fn validate_aws(_st: &StreamConfig) -> Result<(), (&'static str, String)> {
-    Err((
-        "kind",
-        "kind = \"aws-iot\" is not available in this version yet".into(),
-    ))
+/// AWS IoT Core: TLS with a client certificate, a thing name, and topics within AWS limits
+/// (at most 7 slashes and 256 bytes: AWS IoT developer guide, "Quotas").
+fn validate_aws(st: &StreamConfig, devices: &[(&str, &str)]) -> Result<(), (&'static str, String)> {
+    let server = st.server.as_deref().unwrap_or("");
+    if !server.starts_with("mqtts://") {
+        return Err((
+            "server",
+            format!("{server:?}: AWS IoT needs mqtts://<prefix>-ats.iot.<region>.amazonaws.com:8883 (or :443)"),
+        ));
+    }
+    if st.cert_file.is_none() || st.key_file.is_none() {
+        return Err((
+            "cert_file",
+            "AWS IoT needs cert_file and key_file (the thing's certificate and key)".into(),
+        ));
+    }
+    if st.client_id.as_deref().is_none_or(str::is_empty) {
+        return Err((
+            "client_id",
+            "AWS IoT needs client_id = the thing name".into(),
+        ));
+    }
+    let prefix = st.topic_prefix.as_deref().unwrap_or("lorastream");
+    if prefix.contains(['+', '#']) || prefix.ends_with('/') || prefix.is_empty() {
+        return Err((
+            "topic_prefix",
+            "must be non-empty, without '+', '#' or a trailing '/'".into(),
+        ));
+    }
+    // The longest topic is {prefix}/{application}/devices/{device}/down/replace.
+    for (app, dev) in devices {
+        let t = format!("{prefix}/{app}/devices/{dev}/down/replace");
+        let slashes = t.matches('/').count();
+        if slashes > 7 || t.len() > 256 {
+            return Err((
+                "topic_prefix",
+                format!(
+                    "topic {t:?} has {slashes} slashes and {} bytes; AWS IoT allows 7 and 256",
+                    t.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_http(_st: &StreamConfig) -> Result<(), (&'static str, String)> {
@@ -800,7 +839,19 @@ impl Config {
                 }
                 StreamKind::Stdout => {}
                 StreamKind::AzureIotHub => validate_azure(st).map_err(|(k, m)| err(k, m))?,
-                StreamKind::AwsIot => validate_aws(st).map_err(|(k, m)| err(k, m))?,
+                StreamKind::AwsIot => {
+                    let in_scope: Vec<(&str, &str)> = self
+                        .device_configs()
+                        .filter(|d| match st.scope() {
+                            Scope::All => true,
+                            Scope::Application(a) => a == d.application,
+                            Scope::Device(x) => x == d.id,
+                            Scope::Gateway(_) => false,
+                        })
+                        .map(|d| (d.application.as_str(), d.id.as_str()))
+                        .collect();
+                    validate_aws(st, &in_scope).map_err(|(k, m)| err(k, m))?
+                }
                 StreamKind::Http => validate_http(st).map_err(|(k, m)| err(k, m))?,
                 #[allow(unreachable_patterns)]
                 _ => {

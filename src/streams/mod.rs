@@ -61,7 +61,7 @@ impl Stream {
             message,
         };
         Ok(match cfg.kind {
-            StreamKind::Mqtt => Stream::Mqtt(Box::new(
+            StreamKind::Mqtt | StreamKind::AwsIot => Stream::Mqtt(Box::new(
                 mqtt::MqttStream::new(cfg, ctx, events).map_err(setup)?,
             )),
             StreamKind::Stdout => Stream::Lines(lines::LineStream::stdout(ctx)),

@@ -12,6 +12,12 @@
 //! queue is the only truth, so rumqttc's in-memory pending list (which it drops silently when
 //! the broker has no session) does not matter. The price is that records in flight during a
 //! disconnect are sent again, with the same correlation id.
+//!
+//! AWS IoT Core (`kind = "aws-iot"`) is this stream with its cloud's rules: X.509 client
+//! certificate, Amazon Root CA 1 as the default trust, ALPN `x-amzn-mqtt-ca` on port 443 (SNI is
+//! always sent), the thing name as client id, a persistent session (downlinks published while
+//! the gateway was offline are delivered on reconnect), 128 KiB payloads, and an optional,
+//! rate-limited device-shadow update.
 
 use super::backoff::Backoff;
 use super::format::{record_json, topic, Delivery};
@@ -45,7 +51,14 @@ pub struct MqttStream {
     keep_alive: Duration,
     /// Downlink events for this stream, published on `.../down/{event}`.
     events: tokio::sync::Mutex<mpsc::Receiver<DownlinkEvent>>,
+    clean_session: bool,
+    max_packet: usize,
+    /// AWS: `$aws/things/{thing}/shadow/update` topic, when `shadow = true`.
+    shadow_topic: Option<String>,
 }
+
+/// Shadow updates at most this often.
+const SHADOW_EVERY: Duration = Duration::from_secs(60);
 
 /// Publishes in flight, in rumqttc's order.
 #[derive(Default)]
@@ -75,13 +88,22 @@ impl MqttStream {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
+        let aws = cfg.kind == crate::config::StreamKind::AwsIot;
+        let port443 = url.port() == Some(443);
         let tls_cfg = || {
-            tls::client_config(
-                cfg.ca_file.as_deref(),
-                cfg.cert_file.as_deref().zip(cfg.key_file.as_deref()),
-                true,
-                &[],
-            )
+            let client_cert = cfg.cert_file.as_deref().zip(cfg.key_file.as_deref());
+            if aws {
+                // AWS IoT on 443 picks MQTT by ALPN (AWS IoT developer guide, "Protocols").
+                let alpn: &[&[u8]] = if port443 { &[b"x-amzn-mqtt-ca"] } else { &[] };
+                tls::client_config_pinned_roots(
+                    tls::AMAZON_ROOT_CA_1,
+                    cfg.ca_file.as_deref(),
+                    client_cert,
+                    alpn,
+                )
+            } else {
+                tls::client_config(cfg.ca_file.as_deref(), client_cert, true, &[])
+            }
         };
         let (transport, port, host) = match url.scheme() {
             "mqtt" => (Transport::Tcp, url.port().unwrap_or(1883), host),
@@ -123,6 +145,15 @@ impl MqttStream {
             inflight: cfg.inflight.unwrap_or(100),
             keep_alive: Duration::from_secs(cfg.keep_alive_s.unwrap_or(30)),
             events: tokio::sync::Mutex::new(events),
+            clean_session: !aws,
+            max_packet: if aws { 128 * 1024 } else { 256 * 1024 },
+            shadow_topic: (aws && cfg.shadow == Some(true))
+                .then(|| {
+                    cfg.client_id
+                        .as_ref()
+                        .map(|t| format!("$aws/things/{t}/shadow/update"))
+                })
+                .flatten(),
             ctx,
         })
     }
@@ -141,10 +172,10 @@ impl MqttStream {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_transport(self.transport.clone());
         o.set_keep_alive(self.keep_alive);
-        o.set_clean_session(true);
+        o.set_clean_session(self.clean_session);
         o.set_inflight(self.inflight);
         // Azure allows 256 KiB, AWS 128 KiB; rumqttc's default is 10 KiB each way.
-        o.set_max_packet_size(256 * 1024, 256 * 1024);
+        o.set_max_packet_size(self.max_packet, self.max_packet);
         if let Some((u, p)) = &self.credentials {
             o.set_credentials(u, p.expose());
         }
@@ -246,6 +277,7 @@ impl MqttStream {
             state.clone(),
             permits.clone(),
             self.prefix.clone(),
+            self.shadow_topic.clone(),
             feeder_stop.clone(),
         ));
 
@@ -374,10 +406,12 @@ async fn feed(
     state: Arc<Mutex<Inflight>>,
     permits: Arc<Semaphore>,
     prefix: String,
+    shadow_topic: Option<String>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let name = ctx.queue.name().to_string();
     let mut cursor: Option<u64> = None;
+    let mut last_shadow: Option<std::time::Instant> = None;
     loop {
         // At least one free slot before reading.
         let first = tokio::select! {
@@ -416,6 +450,27 @@ async fn feed(
                 return;
             }
             cursor = Some(seq);
+            if let (Some(st), crate::model::Record::Uplink(u)) = (&shadow_topic, &r) {
+                if last_shadow.is_none_or(|t| t.elapsed() >= SHADOW_EVERY) {
+                    last_shadow = Some(std::time::Instant::now());
+                    let doc = serde_json::json!({"state": {"reported": {"lorastream": {
+                        "last_uplink": {
+                            "application": u.application, "device": u.device, "f_cnt": u.f_cnt,
+                            "rssi": u.rx.first().map(|x| x.rssi), "snr": u.rx.first().map(|x| x.snr),
+                            "received_at_us": u.received_at_us,
+                        },
+                        "queue_depth": ctx.queue.len(),
+                    }}}});
+                    publish(
+                        &client,
+                        &state,
+                        st,
+                        doc.to_string().into_bytes(),
+                        false,
+                        None,
+                    );
+                }
+            }
         }
         ctx.metrics.stream_published(&name, n as u64);
     }

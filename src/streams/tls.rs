@@ -47,6 +47,42 @@ pub fn client_config(
                 .into(),
         );
     }
+    finish(roots, client_cert, alpn)
+}
+
+/// Amazon Root CA 1 (SHA-256 8ECDE688 4F3D87B1 125BA31A C3FCB13D 7016DE7F 57CC904F E1CB97C6
+/// AE98196E), the default trust of `aws-iot` streams, as AWS advises for `-ats` endpoints.
+pub const AMAZON_ROOT_CA_1: &[u8] = include_bytes!("certs/AmazonRootCA1.pem");
+
+/// A client config that trusts only `roots_pem` (and `ca_file` instead, when given): for
+/// clouds whose documentation names the roots to trust.
+pub fn client_config_pinned_roots(
+    roots_pem: &[u8],
+    ca_file: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, String> {
+    let certs = match ca_file {
+        Some(p) => read_certs(p)?,
+        None => CertificateDer::pem_slice_iter(roots_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("built-in roots: {e}"))?,
+    };
+    let mut roots = RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| format!("CA certificate: {e}"))?;
+    }
+    finish(roots, client_cert, alpn)
+}
+
+fn finish(
+    roots: RootCertStore,
+    client_cert: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, String> {
+    if roots.is_empty() {
+        return Err("no trusted CA certificate (ca_file has none)".into());
+    }
     let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
