@@ -255,6 +255,34 @@ async fn demo(count: Option<u64>) -> anyhow::Result<()> {
     fa.pull().await?;
     fb.pull().await?;
     let mut devices: Vec<SimDevice> = demo_devices().into_iter().map(|(d, _)| d).collect();
+    // Gateway A plays the radio for downlinks: it accepts each PULL_RESP (TX_ACK) and shows
+    // what soil-1 would decrypt.
+    let soil = devices[0].clone();
+    let gw = std::sync::Arc::clone(&fa.socket);
+    let daemon_addr = daemon.udp_addr();
+    let radio = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        let mut next_f_cnt = 0u32;
+        while let Ok(n) = gw.recv(&mut buf).await {
+            let Some(pr) = crate::sim::parse_pull_resp(&buf[..n]) else {
+                continue;
+            };
+            let t = pr.token.to_be_bytes();
+            let mut ack = vec![2, t[0], t[1], crate::ingress::gwmp::TX_ACK];
+            ack.extend_from_slice(&gw_a.0);
+            let _ = gw.send_to(&ack, daemon_addr).await;
+            if let Ok(d) = soil.open(&pr.phy, next_f_cnt) {
+                if d.mic_ok {
+                    next_f_cnt += 1;
+                    eprintln!(
+                        "lorastream demo: gateway {gw_a} transmitted at {} MHz {} (tmst {}); {} decrypts FPort {:?}: {:?}",
+                        pr.txpk["freq"], pr.txpk["datr"].as_str().unwrap_or("?"), pr.txpk["tmst"], soil.id,
+                        d.opened.f_port, String::from_utf8_lossy(&d.opened.frm_payload)
+                    );
+                }
+            }
+        }
+    });
     let mut sent = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(400));
     let stop = stop_signal();
@@ -268,6 +296,22 @@ async fn demo(count: Option<u64>) -> anyhow::Result<()> {
         // A made-up sensor reading: temperature ×10 (i16 BE) and humidity %.
         let t = 200 + (sent as i16 % 50);
         let payload = [(t >> 8) as u8, t as u8, 40 + (sent % 30) as u8];
+        if sent == 2 {
+            // A cloud asks soil-1 to switch its valve on: it goes out after soil-1's next uplink.
+            eprintln!("lorastream demo: queueing a downlink for soil-1 (as if a cloud had sent down/push)");
+            daemon
+                .request_downlink(crate::model::DownlinkRequest {
+                    stream: "console".into(),
+                    application: "demo".into(),
+                    device: "soil-1".into(),
+                    op: crate::model::DownlinkOp::Push,
+                    items: crate::downlink::json::parse_request(
+                        br#"{"downlinks":[{"f_port":2,"frm_payload":"T04="}]}"#,
+                        "console",
+                    ),
+                })
+                .await;
+        }
         let phy = devices[i].uplink(1, &payload, false)?;
         let tmst = 1_000_000u32.wrapping_add((sent as u32).wrapping_mul(400_000));
         let ra = Radio {
@@ -300,6 +344,7 @@ async fn demo(count: Option<u64>) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     daemon.stop().await;
+    radio.abort();
     eprintln!("lorastream demo: {sent} uplinks sent and delivered. Next: `lorastream check -c config.example.toml`.");
     Ok(())
 }

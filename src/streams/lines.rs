@@ -4,10 +4,12 @@
 
 use super::format::{record_json, Delivery};
 use super::StreamContext;
-use crate::model::now_us;
+use crate::downlink::json::event_json;
+use crate::model::{now_us, DownlinkEvent};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
 
 enum Sink {
     Stdout,
@@ -17,20 +19,24 @@ enum Sink {
 pub struct LineStream {
     ctx: StreamContext,
     sink: Sink,
+    /// Downlink events are written as lines too (TTS `downlink_*` documents).
+    events: tokio::sync::Mutex<mpsc::Receiver<DownlinkEvent>>,
 }
 
 impl LineStream {
-    pub fn stdout(ctx: StreamContext) -> Self {
+    pub fn stdout(ctx: StreamContext, events: mpsc::Receiver<DownlinkEvent>) -> Self {
         LineStream {
             ctx,
             sink: Sink::Stdout,
+            events: tokio::sync::Mutex::new(events),
         }
     }
 
-    pub fn file(ctx: StreamContext, path: PathBuf) -> Self {
+    pub fn file(ctx: StreamContext, path: PathBuf, events: mpsc::Receiver<DownlinkEvent>) -> Self {
         LineStream {
             ctx,
             sink: Sink::File(path),
+            events: tokio::sync::Mutex::new(events),
         }
     }
 
@@ -69,6 +75,7 @@ impl LineStream {
             ),
         };
         self.ctx.metrics.stream_connected(&name, true);
+        let mut events = self.events.lock().await;
         loop {
             let batch = self
                 .ctx
@@ -80,6 +87,13 @@ impl LineStream {
                 tokio::select! {
                     _ = self.ctx.cancel.cancelled() => return Ok(()),
                     _ = self.ctx.queue.appended() => continue,
+                    Some(e) = events.recv() => {
+                        let mut line = event_json(&e);
+                        line.push(b'\n');
+                        out.write_all(&line).await?;
+                        out.flush().await?;
+                        continue;
+                    }
                 }
             }
             let d = Delivery { now_us: now_us() };

@@ -64,13 +64,13 @@ impl Stream {
             StreamKind::Mqtt | StreamKind::AwsIot => Stream::Mqtt(Box::new(
                 mqtt::MqttStream::new(cfg, ctx, events).map_err(setup)?,
             )),
-            StreamKind::Stdout => Stream::Lines(lines::LineStream::stdout(ctx)),
+            StreamKind::Stdout => Stream::Lines(lines::LineStream::stdout(ctx, events)),
             StreamKind::File => {
                 let path = cfg
                     .path
                     .clone()
                     .ok_or_else(|| setup("file stream needs path".into()))?;
-                Stream::Lines(lines::LineStream::file(ctx, path))
+                Stream::Lines(lines::LineStream::file(ctx, path, events))
             }
             other => {
                 return Err(setup(format!(
