@@ -69,11 +69,30 @@ fn demo_prints_decrypted_uplinks_as_json_lines() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<serde_json::Value> = stdout
+    let all: Vec<serde_json::Value> = stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    let lines: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|v| v.get("uplink_message").is_some())
+        .collect();
     assert_eq!(lines.len(), 4, "{stdout}");
+    // The downlink round trip: queued, sent in RX1, decrypted by the simulated device.
+    assert!(
+        all.iter().any(|v| v.get("downlink_queued").is_some()),
+        "{stdout}"
+    );
+    let sent = all
+        .iter()
+        .find(|v| v.get("downlink_sent").is_some())
+        .expect("downlink_sent");
+    assert_eq!(sent["downlink_sent"]["rx_window"], 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("soil-1 decrypts FPort Some(2): \"ON\""),
+        "{stderr}"
+    );
     assert_eq!(lines[0]["end_device_ids"]["device_id"], "soil-1");
     assert_eq!(
         lines[0]["uplink_message"]["rx_metadata"]
