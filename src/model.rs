@@ -210,6 +210,15 @@ pub enum Record {
 }
 
 impl Record {
+    /// Records with the same key must be delivered in order: the device for uplinks, the
+    /// gateway for raw frames (two key spaces, told apart by the top bit).
+    pub fn order_key(&self) -> u64 {
+        match self {
+            Record::Uplink(u) => u.dev_eui.to_u64() & !(1 << 63),
+            Record::GatewayFrame(g) => g.rx.gateway.to_u64() | (1 << 63),
+        }
+    }
+
     pub fn received_at_us(&self) -> i64 {
         match self {
             Record::Uplink(u) => u.received_at_us,

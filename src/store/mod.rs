@@ -237,6 +237,7 @@ impl Store {
         let queues = self.queues();
         let mut batches: Vec<Option<sled::Batch>> = vec![None; queues.len()];
         let mut incoming: Vec<(u64, u64)> = vec![(0, 0); queues.len()]; // (records, bytes)
+        let mut keys: Vec<Vec<(u64, u64)>> = vec![Vec::new(); queues.len()]; // (order key, seq)
         let mut out = Appended::default();
         for e in entries {
             let bytes = postcard::to_stdvec(e.record)?;
@@ -258,6 +259,7 @@ impl Store {
                     .insert(&seq.to_be_bytes(), bytes.as_slice());
                 incoming[qi].0 += 1;
                 incoming[qi].1 += size;
+                keys[qi].push((e.record.order_key(), seq));
                 out.written += 1;
             }
         }
@@ -267,7 +269,10 @@ impl Store {
             let q = &queues[qi];
             let (n, b) = incoming[qi];
             match q.tree().apply_batch(batch) {
-                Ok(()) => q.account_added(n, b),
+                Ok(()) => {
+                    q.account_added(n, b);
+                    q.note_keys(&keys[qi]);
+                }
                 Err(e) => {
                     self.shared.total_bytes.fetch_sub(b, Ordering::Relaxed);
                     q.count_drop(DropReason::WriteFailed, n);

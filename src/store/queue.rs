@@ -29,6 +29,9 @@ struct Inner {
     delivered: AtomicU64,
     drops: Mutex<BTreeMap<DropReason, u64>>,
     notify: Notify,
+    /// Last sequence number queued per order key (device or gateway), for the catch-up lane:
+    /// it tells, without a scan, which devices have a backlog.
+    last_by_key: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 /// A snapshot for `/health`, `/metrics` and `lorastream queue`.
@@ -56,10 +59,14 @@ impl Queue {
         shared: Arc<Shared>,
     ) -> Result<Queue, StoreError> {
         let (mut len, mut bytes) = (0u64, 0u64);
+        let mut last_by_key = std::collections::HashMap::new();
         for kv in tree.iter() {
-            let (_, v) = kv?;
+            let (k, v) = kv?;
             len += 1;
             bytes += v.len() as u64;
+            if let (Some(seq), Ok(r)) = (key_seq(&k), postcard::from_bytes::<Record>(&v)) {
+                last_by_key.insert(r.order_key(), seq);
+            }
         }
         shared.total_bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(Queue {
@@ -73,6 +80,7 @@ impl Queue {
                 delivered: AtomicU64::new(0),
                 drops: Mutex::new(BTreeMap::new()),
                 notify: Notify::new(),
+                last_by_key: Mutex::new(last_by_key),
             }),
         })
     }
@@ -165,6 +173,27 @@ impl Queue {
 
     pub(super) fn wake(&self) {
         self.inner.notify.notify_one();
+    }
+
+    pub(super) fn note_keys(&self, keys: &[(u64, u64)]) {
+        if let Ok(mut m) = self.inner.last_by_key.lock() {
+            for (key, seq) in keys {
+                m.insert(*key, *seq);
+            }
+        }
+    }
+
+    /// Snapshot for a new delivery session: the last queued sequence number (None when empty)
+    /// and, per order key, the last sequence number at or below it.
+    pub fn backlog_snapshot(&self) -> (Option<u64>, std::collections::HashMap<u64, u64>) {
+        let last = self.last_seq();
+        let map = self
+            .inner
+            .last_by_key
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        (last, map)
     }
 
     pub(super) fn account_added(&self, n: u64, bytes: u64) {

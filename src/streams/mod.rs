@@ -13,6 +13,7 @@
 
 pub mod backoff;
 pub mod format;
+pub mod lanes;
 pub mod lines;
 pub mod mqtt;
 pub mod tls;

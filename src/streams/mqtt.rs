@@ -410,7 +410,8 @@ async fn feed(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let name = ctx.queue.name().to_string();
-    let mut cursor: Option<u64> = None;
+    // Backlog and live traffic share the window (see lanes.rs); per-device order is kept.
+    let mut lanes = super::lanes::Lanes::new(&ctx.queue);
     let mut last_shadow: Option<std::time::Instant> = None;
     loop {
         // At least one free slot before reading.
@@ -419,7 +420,7 @@ async fn feed(
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
         let room = 1 + permits.available_permits();
-        let batch = match ctx.queue.read_after(cursor, room) {
+        let batch = match lanes.next(&ctx.queue, room) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(stream = %name, error = %e, "cannot read the queue");
@@ -449,7 +450,6 @@ async fn feed(
                 // Request channel closed or full: the connection is going away.
                 return;
             }
-            cursor = Some(seq);
             if let (Some(st), crate::model::Record::Uplink(u)) = (&shadow_topic, &r) {
                 if last_shadow.is_none_or(|t| t.elapsed() >= SHADOW_EVERY) {
                     last_shadow = Some(std::time::Instant::now());

@@ -218,24 +218,24 @@ impl Subscriber {
         pred: impl Fn(&str, &serde_json::Value) -> bool,
     ) -> Vec<serde_json::Value> {
         let end = tokio::time::Instant::now() + timeout;
-        loop {
-            let matching: Vec<serde_json::Value> = self
-                .seen
-                .iter()
-                .filter_map(|(t, p)| {
-                    let v: serde_json::Value =
-                        serde_json::from_slice(p).unwrap_or(serde_json::Value::Null);
-                    pred(t, &v).then_some(v)
-                })
-                .collect();
-            if matching.len() >= n {
-                return matching;
-            }
+        // Parse each message once (a drain test sees thousands).
+        let parse = |(t, p): &(String, Vec<u8>)| {
+            let v: serde_json::Value = serde_json::from_slice(p).unwrap_or(serde_json::Value::Null);
+            pred(t, &v).then_some(v)
+        };
+        let mut matching: Vec<serde_json::Value> = self.seen.iter().filter_map(parse).collect();
+        while matching.len() < n {
             match tokio::time::timeout_at(end, self.rx.recv()).await {
-                Ok(Some(m)) => self.seen.push(m),
-                _ => return matching,
+                Ok(Some(m)) => {
+                    if let Some(v) = parse(&m) {
+                        matching.push(v);
+                    }
+                    self.seen.push(m);
+                }
+                _ => break,
             }
         }
+        matching
     }
 
     /// Take whatever arrives within `d`.

@@ -1,0 +1,259 @@
+//! The catch-up lane: how a stream reads its queue after a (re)connect so that a backlog drain
+//! does not starve live traffic, while every device's messages stay in order.
+//!
+//! At the start of a delivery session the queue's last sequence number is the boundary: older
+//! records are backlog, newer ones live. Two cursors walk the queue:
+//! - the **backlog lane** walks everything from the oldest record, in order;
+//! - the **live lane** walks records after the boundary and takes a record only if its device
+//!   (order key) has no backlog left ahead of the backlog lane and was never skipped in this
+//!   session; otherwise it skips it, and that device stays with the backlog lane until the lanes
+//!   meet. The backlog lane skips what the live lane already took.
+//!
+//! Each read gives the live lane up to half of the room (the rest, or all of it when there is no
+//! live traffic, goes to the backlog). When the backlog lane reaches the live lane's position,
+//! the lanes merge into one cursor.
+
+use crate::model::Record;
+use crate::store::{Queue, StoreError};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+pub struct Lanes {
+    backlog: Option<u64>,
+    live: Option<u64>,
+    /// Order key → last backlog sequence number of that key.
+    blocked: HashMap<u64, u64>,
+    skipped: HashSet<u64>,
+    /// Live records already taken, not yet passed by the backlog lane.
+    taken_live: BTreeSet<u64>,
+    merged: bool,
+}
+
+impl Lanes {
+    /// Snapshot the queue at the start of a session.
+    pub fn new(queue: &Queue) -> Lanes {
+        let (boundary, mut blocked) = queue.backlog_snapshot();
+        if let Some(b) = boundary {
+            blocked.retain(|_, s| *s <= b);
+        }
+        Lanes {
+            backlog: None,
+            live: boundary,
+            blocked,
+            skipped: HashSet::new(),
+            taken_live: BTreeSet::new(),
+            merged: boundary.is_none(),
+        }
+    }
+
+    /// True while a backlog remains ahead of live traffic.
+    pub fn catching_up(&self) -> bool {
+        !self.merged
+    }
+
+    /// Up to `room` records to send next.
+    pub fn next(&mut self, queue: &Queue, room: usize) -> Result<Vec<(u64, Record)>, StoreError> {
+        let mut out = Vec::with_capacity(room);
+        if room == 0 {
+            return Ok(out);
+        }
+        if !self.merged {
+            let live_room = room.div_ceil(2);
+            self.read_live(queue, live_room, &mut out)?;
+        }
+        let rest = room - out.len();
+        if rest > 0 {
+            self.read_backlog(queue, rest, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn read_live(
+        &mut self,
+        queue: &Queue,
+        want: usize,
+        out: &mut Vec<(u64, Record)>,
+    ) -> Result<(), StoreError> {
+        let mut taken = 0;
+        // Skipped records cost a read but no room: read in chunks until enough or the end.
+        while taken < want {
+            let chunk = queue.read_after(self.live, want * 4)?;
+            if chunk.is_empty() {
+                break;
+            }
+            for (seq, r) in chunk {
+                self.live = Some(seq);
+                if self.backlog.is_some_and(|b| seq <= b) {
+                    continue;
+                }
+                let key = r.order_key();
+                let behind = self
+                    .blocked
+                    .get(&key)
+                    .is_some_and(|last| self.backlog.is_none_or(|b| b < *last));
+                if behind || self.skipped.contains(&key) {
+                    self.skipped.insert(key);
+                    continue;
+                }
+                self.taken_live.insert(seq);
+                out.push((seq, r));
+                taken += 1;
+                if taken == want {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_backlog(
+        &mut self,
+        queue: &Queue,
+        want: usize,
+        out: &mut Vec<(u64, Record)>,
+    ) -> Result<(), StoreError> {
+        let mut got = 0;
+        while got < want {
+            let chunk = queue.read_after(self.backlog, want + self.taken_live.len().min(4096))?;
+            if chunk.is_empty() {
+                break;
+            }
+            for (seq, r) in chunk {
+                self.backlog = Some(seq);
+                if self.taken_live.remove(&seq) {
+                    continue;
+                }
+                if !self.merged && self.live.is_none_or(|l| seq > l) {
+                    // The backlog lane passed the live lane: one cursor from now on.
+                    self.merged = true;
+                    self.skipped.clear();
+                }
+                out.push((seq, r));
+                got += 1;
+                if got == want {
+                    break;
+                }
+            }
+            // Everything the live lane took behind the backlog cursor has been skipped over.
+            if let Some(b) = self.backlog {
+                self.taken_live = self.taken_live.split_off(&(b + 1));
+            }
+        }
+        if !self.merged && self.backlog.is_some() && self.backlog >= self.live {
+            self.merged = true;
+            self.skipped.clear();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{StorageConfig, WhenFull};
+    use crate::model::{DevAddr, Eui64, RxInfo, TxSettings, Uplink};
+    use crate::store::{Entry, Store};
+
+    fn up(dev: u64, n: u32) -> Record {
+        Record::Uplink(Uplink {
+            id: n as u128,
+            received_at_us: 0,
+            application: "a".into(),
+            device: format!("d{dev}"),
+            dev_eui: Eui64::from_u64(dev),
+            dev_addr: DevAddr(dev as u32),
+            f_port: Some(1),
+            f_cnt: n,
+            confirmed: false,
+            adr: false,
+            payload: vec![],
+            settings: TxSettings {
+                frequency_hz: 0,
+                spreading_factor: 7,
+                bandwidth_hz: 125_000,
+                coding_rate: String::new(),
+            },
+            rx: vec![RxInfo {
+                gateway: Eui64::default(),
+                tmst: 0,
+                time: None,
+                rssi: 0,
+                channel_rssi: 0,
+                snr: 0.0,
+                channel: 0,
+                rf_chain: 0,
+                received_at_us: 0,
+            }],
+        })
+    }
+
+    fn ids(v: &[(u64, Record)]) -> Vec<(u64, u32)> {
+        v.iter()
+            .map(|(_, r)| match r {
+                Record::Uplink(u) => (u.dev_eui.to_u64(), u.f_cnt),
+                _ => (0, 0),
+            })
+            .collect()
+    }
+
+    async fn add(s: &Store, r: Record) {
+        s.append(
+            &[Entry {
+                record: &r,
+                queues: &[0],
+            }],
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn live_devices_overtake_the_backlog_but_each_device_stays_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            path: dir.path().join("db"),
+            ..Default::default()
+        };
+        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        // Backlog: device 1 has 6 records.
+        for n in 0..6 {
+            add(&s, up(1, n)).await;
+        }
+        let q = s.queue("q").unwrap();
+        let mut lanes = Lanes::new(&q);
+        // Live traffic arrives: device 2 (no backlog) and device 1 again.
+        add(&s, up(2, 0)).await;
+        add(&s, up(1, 6)).await;
+        add(&s, up(2, 1)).await;
+
+        let first = lanes.next(&q, 4).unwrap();
+        // Half the room for live: device 2's two records; device 1's live record waits.
+        assert_eq!(ids(&first), vec![(2, 0), (2, 1), (1, 0), (1, 1)]);
+        assert!(lanes.catching_up());
+        let rest = lanes.next(&q, 100).unwrap();
+        assert_eq!(ids(&rest), vec![(1, 2), (1, 3), (1, 4), (1, 5), (1, 6)]);
+        assert!(!lanes.catching_up());
+        // After the merge: one cursor, nothing twice.
+        add(&s, up(2, 2)).await;
+        add(&s, up(1, 7)).await;
+        assert_eq!(ids(&lanes.next(&q, 10).unwrap()), vec![(2, 2), (1, 7)]);
+        assert!(lanes.next(&q, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn empty_queue_is_a_single_lane() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            path: dir.path().join("db"),
+            ..Default::default()
+        };
+        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        let q = s.queue("q").unwrap();
+        let mut lanes = Lanes::new(&q);
+        assert!(!lanes.catching_up());
+        add(&s, up(1, 0)).await;
+        add(&s, up(2, 0)).await;
+        assert_eq!(ids(&lanes.next(&q, 1).unwrap()), vec![(1, 0)]);
+        assert_eq!(ids(&lanes.next(&q, 1).unwrap()), vec![(2, 0)]);
+    }
+}
