@@ -212,6 +212,29 @@ impl Daemon {
             ingress_cancel.clone(),
         ));
 
+        if let Some(max_age) = cfg.storage.max_age() {
+            // Expire old records once a minute (and once at start, after a long power-off).
+            let (st, cancel) = (store.clone(), misc_cancel.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let cutoff = crate::model::now_us() - max_age.as_micros() as i64;
+                    match st.expire(cutoff) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::warn!(
+                            expired = n,
+                            "queued messages older than [storage] max_age dropped"
+                        ),
+                        Err(e) => tracing::error!(error = %e, "cannot expire old messages"),
+                    }
+                }
+            });
+        }
+
         let started = Instant::now();
         let mut metrics_addr = None;
         if !cfg.metrics.listen.is_empty() {

@@ -37,6 +37,15 @@ enum Command {
         #[arg(short, long, default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Show each stream's queue: depth, bytes, age of the oldest message, delivered, drops.
+    /// Asks the running daemon ([metrics] listen); reads the store when no daemon runs.
+    Queue {
+        #[arg(short, long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Try lorastream without hardware or broker: simulated forwarders and devices, uplinks
     /// printed as JSON lines on stdout.
     Demo {
@@ -118,6 +127,11 @@ fn init_logs(level: &str) {
 fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Check { config } => Ok(check(&config)),
+        Command::Queue { config, json } => {
+            let cfg = Config::load(&config)?;
+            queue(&cfg, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
             init_logs(&cfg.log.level);
@@ -169,6 +183,85 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `GET /health` of a running daemon (plain HTTP/1.1 on loopback, 2 s timeout).
+fn fetch_health(listen: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut addr: SocketAddr = listen.parse().ok()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let json = body.split("\r\n\r\n").nth(1)?;
+    serde_json::from_str(json).ok()
+}
+
+fn queue(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let (streams, source) = match (!cfg.metrics.listen.is_empty())
+        .then(|| fetch_health(&cfg.metrics.listen))
+        .flatten()
+    {
+        Some(h) => (
+            h["streams"].clone(),
+            format!("running daemon at {}", cfg.metrics.listen),
+        ),
+        None => {
+            let stats = crate::store::inspect(&cfg.storage).with_context(|| {
+                format!(
+                    "no daemon answered on [metrics] listen = {:?}, and the store at {} cannot be opened (a daemon holds it?)",
+                    cfg.metrics.listen,
+                    cfg.storage.path.display()
+                )
+            })?;
+            (
+                serde_json::to_value(stats)?,
+                format!("store {} (daemon not running)", cfg.storage.path.display()),
+            )
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&streams)?);
+        return Ok(());
+    }
+    println!("# queues, from the {source}");
+    println!(
+        "{:<20} {:>10} {:>12} {:>12} {:>10} {:>9}  dropped",
+        "stream", "depth", "bytes", "oldest", "delivered", "connected"
+    );
+    for q in streams.as_array().into_iter().flatten() {
+        let dropped: Vec<String> = q["dropped"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let age = Duration::from_secs(q["oldest_age_s"].as_f64().unwrap_or(0.0) as u64);
+        println!(
+            "{:<20} {:>10} {:>12} {:>12} {:>10} {:>9}  {}",
+            q["stream"].as_str().unwrap_or("?"),
+            q["depth"],
+            q["bytes"],
+            humantime::format_duration(age).to_string(),
+            q["delivered"],
+            match q.get("connected").and_then(|c| c.as_bool()) {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "-",
+            },
+            if dropped.is_empty() {
+                "-".to_string()
+            } else {
+                dropped.join(" ")
+            }
+        );
+    }
+    Ok(())
 }
 
 /// SIGTERM or SIGINT.

@@ -167,6 +167,16 @@ pub struct StorageConfig {
     pub flush_every_ms: u64,
     /// sled page cache. sled's own default (1 GiB) is wrong for a gateway.
     pub cache_bytes: u64,
+    /// Drop queued messages older than this ("7d", "12h"; empty = keep until delivered or
+    /// pushed out by `max_bytes`). Expired drops are counted per stream.
+    pub max_age: String,
+}
+
+impl StorageConfig {
+    /// `max_age` as a duration (None when empty).
+    pub fn max_age(&self) -> Option<std::time::Duration> {
+        humantime::parse_duration(&self.max_age).ok()
+    }
 }
 
 impl Default for StorageConfig {
@@ -177,6 +187,7 @@ impl Default for StorageConfig {
             when_full: WhenFull::DropOldest,
             flush_every_ms: 100,
             cache_bytes: 8 * 1024 * 1024,
+            max_age: String::new(),
         }
     }
 }
@@ -659,6 +670,21 @@ impl Config {
                 "dedup_window_ms",
                 "must be at most 2000 ms (RX1 opens 1 s after the uplink)".into(),
             ));
+        }
+        if !self.storage.max_age.is_empty() {
+            match humantime::parse_duration(&self.storage.max_age) {
+                Ok(d) if d >= std::time::Duration::from_secs(60) => {}
+                Ok(_) => return Err(top("max_age", "must be at least 1 minute".into())),
+                Err(e) => {
+                    return Err(top(
+                        "max_age",
+                        format!(
+                            "{:?}: {e} (write e.g. \"7d\" or \"12h\")",
+                            self.storage.max_age
+                        ),
+                    ))
+                }
+            }
         }
         if self.storage.max_bytes < 64 * 1024 {
             return Err(top("max_bytes", "must be at least 65536".into()));

@@ -11,7 +11,7 @@ fn version_and_help_on_every_command() {
     let out = bin().arg("--version").output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("lorastream "));
-    for cmd in ["run", "check", "demo", "simulate"] {
+    for cmd in ["run", "check", "demo", "simulate", "queue"] {
         let out = bin().args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success(), "{cmd} --help");
         let out = bin().args([cmd, "--version"]).output().unwrap();
@@ -102,4 +102,108 @@ fn demo_prints_decrypted_uplinks_as_json_lines() {
         2
     );
     assert_eq!(lines[3]["uplink_message"]["f_cnt"], 1);
+}
+
+mod support;
+
+/// `lorastream queue` against a running daemon (via /health) and a stopped one (the store),
+/// and a graceful stop on SIGTERM within the contract's 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_command_and_sigterm() {
+    use lorastream::model::Eui64;
+    use lorastream::sim::{Forwarder, Radio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let metrics_port = support::free_port();
+    let closed_port = support::free_port();
+    let mut d = support::device(1);
+    let cfg = dir.path().join("lorastream.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\nlisten = \"{udp}\"\ndedup_window_ms = 50\n\n[storage]\npath = {:?}\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"cloud\"\nserver = \"mqtt://127.0.0.1:{closed_port}\"\n",
+            dir.path().join("db").display().to_string(),
+            support::device_toml(&d, "farm")
+        ),
+    )
+    .unwrap();
+    let mut child = bin()
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        support::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            metrics_port
+        ))
+        .is_ok())
+        .await,
+        "daemon did not start"
+    );
+    let mut f = Forwarder::connect(udp, Eui64::from_u64(1)).await.unwrap();
+    for i in 0..5u8 {
+        f.send(&[(&d.uplink(1, &[i], false).unwrap(), Radio::default())])
+            .await
+            .unwrap();
+    }
+    let table = || {
+        let out = bin().args(["queue", "-c"]).arg(&cfg).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(
+        support::wait_until(Duration::from_secs(10), || table()
+            .lines()
+            .any(|l| l.starts_with("cloud") && l.split_whitespace().nth(1) == Some("5")))
+        .await,
+        "{}",
+        table()
+    );
+    let live = table();
+    assert!(live.contains("running daemon"), "{live}");
+    assert!(
+        live.lines()
+            .any(|l| l.starts_with("cloud") && l.contains(" no ")),
+        "not connected: {live}"
+    );
+
+    // SIGTERM: graceful stop within 5 s.
+    let t0 = Instant::now();
+    send_signal(child.id(), 15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no stop within 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let offline = table();
+    assert!(offline.contains("daemon not running"), "{offline}");
+    assert!(
+        offline
+            .lines()
+            .any(|l| l.starts_with("cloud") && l.split_whitespace().nth(1) == Some("5")),
+        "{offline}"
+    );
+}
+
+fn send_signal(pid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }

@@ -64,6 +64,8 @@ pub enum DropReason {
     Corrupt,
     /// The store could not write (disk full, I/O error).
     WriteFailed,
+    /// Older than `[storage] max_age`.
+    Expired,
 }
 
 impl DropReason {
@@ -73,6 +75,7 @@ impl DropReason {
             DropReason::QueueFullRejected => "queue_full_reject_new",
             DropReason::Corrupt => "corrupt",
             DropReason::WriteFailed => "write_failed",
+            DropReason::Expired => "expired",
         }
     }
 }
@@ -304,6 +307,16 @@ impl Store {
         }
     }
 
+    /// Drop queued records received before `cutoff_us` (Unix µs) from every queue; returns how
+    /// many. Queues are in arrival order, so only their heads are looked at.
+    pub fn expire(&self, cutoff_us: i64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for q in self.queues() {
+            n += q.expire_before(cutoff_us)?;
+        }
+        Ok(n)
+    }
+
     /// fsync everything (graceful stop).
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;
@@ -314,6 +327,29 @@ impl Store {
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
     }
+}
+
+/// Read queue statistics from a store that no daemon is using, changing nothing (no
+/// quarantine, no removal of unconfigured queues). Fails if the store is locked.
+pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
+    let db = sled::Config::new()
+        .path(&cfg.path)
+        .cache_capacity(cfg.cache_bytes)
+        .open()?;
+    let shared = Arc::new(Shared {
+        total_bytes: AtomicU64::new(0),
+        max_bytes: u64::MAX,
+    });
+    let mut out = Vec::new();
+    for name in db.tree_names() {
+        let Some(q) = name.strip_prefix(QUEUE_PREFIX.as_bytes()) else {
+            continue;
+        };
+        let q = String::from_utf8_lossy(q).into_owned();
+        let tree = db.open_tree(&name)?;
+        out.push(Queue::open(q, tree, WhenFull::DropOldest, shared.clone())?.stats());
+    }
+    Ok(out)
 }
 
 fn open_db(cfg: &StorageConfig) -> Result<sled::Db, sled::Error> {

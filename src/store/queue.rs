@@ -264,6 +264,28 @@ impl Queue {
         }
     }
 
+    /// Remove records at the head received before `cutoff_us`.
+    pub(super) fn expire_before(&self, cutoff_us: i64) -> Result<u64, StoreError> {
+        let mut n = 0;
+        while let Some((k, v)) = self.inner.tree.first()? {
+            let old = postcard::from_bytes::<Record>(&v)
+                .map(|r| r.received_at_us() < cutoff_us)
+                .unwrap_or(true);
+            if !old {
+                break;
+            }
+            if let Some(seq) = key_seq(&k) {
+                if self.remove(seq)? {
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 {
+            self.count_drop(DropReason::Expired, n);
+        }
+        Ok(n)
+    }
+
     pub fn stats(&self) -> QueueStats {
         let oldest_age_s = self
             .inner

@@ -201,3 +201,30 @@ async fn unreadable_store_is_moved_aside_not_deleted() {
     .unwrap();
     assert_eq!(s.queue("a").unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn expire_drops_only_old_records_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, _) = Store::open(&cfg(dir.path(), 1 << 20, 100), &streams(&["a"])).unwrap();
+    for (n, at) in [(0u32, 100i64), (1, 200), (2, 300), (3, 50)] {
+        let mut r = uplink(n);
+        if let Record::Uplink(u) = &mut r {
+            u.received_at_us = at;
+        }
+        s.append(
+            &[Entry {
+                record: &r,
+                queues: &[0],
+            }],
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    // Arrival order decides: the head is looked at, so the late "50" behind "300" stays.
+    assert_eq!(s.expire(250).unwrap(), 2);
+    let a = s.queue("a").unwrap();
+    assert_eq!(fcnts(&a), vec![2, 3]);
+    assert_eq!(a.stats().dropped.get("expired"), Some(&2));
+    assert_eq!(s.expire(250).unwrap(), 0);
+}
