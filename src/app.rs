@@ -357,11 +357,24 @@ fn health(
         })
         .collect();
     metrics.set_gateways(gateways.len());
+    let gw = gateways.to_json();
+    // Degraded: a destination is unreachable, or no packet forwarder talks to us.
+    let streams_down: Vec<String> = queues
+        .iter()
+        .filter(|q| q["connected"] == false)
+        .filter_map(|q| q["stream"].as_str().map(String::from))
+        .collect();
+    let forwarders_online = gw
+        .as_array()
+        .is_some_and(|a| a.iter().any(|g| g["online"] == true));
+    let status = if streams_down.is_empty() && forwarders_online { "ok" } else { "degraded" };
     serde_json::json!({
-        "status": "ok",
+        "status": status,
+        "streams_down": streams_down,
+        "forwarders_online": forwarders_online,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": started.elapsed().as_secs(),
-        "gateways": gateways.to_json(),
+        "gateways": gw,
         "streams": queues,
         "store": {
             "queued_bytes": store.total_bytes(),
