@@ -16,6 +16,7 @@ use crate::downlink::{Input as DownlinkInput, Scheduler, StreamLink};
 use crate::ingress::udp::{self, Downlinker, Gateways};
 use crate::lorawan::session::{Device, Registry, Session, SessionState};
 use crate::metrics::{self, Metrics};
+use crate::model::Eui64;
 use crate::store::{Store, StoreError};
 use crate::streams::{Stream, StreamContext, StreamError};
 use crate::uplink::{restore_sessions, Routes, UplinkStage};
@@ -56,6 +57,7 @@ pub struct Daemon {
     uplink: JoinHandle<()>,
     streams: Vec<JoinHandle<()>>,
     scheduler: JoinHandle<()>,
+    misc: Vec<JoinHandle<()>>,
     downlinks: tokio::sync::mpsc::Sender<DownlinkInput>,
     started: Instant,
 }
@@ -69,6 +71,9 @@ pub fn registry_from(cfg: &Config) -> Registry {
             application: d.application.clone(),
             dev_eui: d.dev_eui,
             class: d.class,
+            app_key: d.app_key,
+            join_eui: d.join_eui,
+            pending: None,
             session: match (d.dev_addr, d.nwk_s_key, d.app_s_key) {
                 (Some(dev_addr), Some(nwk_s_key), Some(app_s_key)) => Some(Session {
                     dev_addr,
@@ -84,6 +89,39 @@ pub fn registry_from(cfg: &Config) -> Registry {
         })
         .collect();
     Registry::new(devices)
+}
+
+/// Put the joined (and pending) sessions of OTAA devices back into the registry.
+fn restore_otaa(registry: &mut Registry, store: &Store) -> Result<(), StoreError> {
+    let otaa: Vec<(usize, Eui64)> = registry
+        .devices()
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.app_key.is_some())
+        .map(|(i, d)| (i, d.dev_eui))
+        .collect();
+    for (i, eui) in otaa {
+        let (active, pending) = store.otaa_sessions(eui)?;
+        let to_session = |s: crate::store::OtaaSession| {
+            let (nwk_s_key, app_s_key) = s.keys();
+            Session {
+                dev_addr: s.dev_addr,
+                nwk_s_key,
+                app_s_key,
+                state: SessionState {
+                    dev_addr: s.dev_addr,
+                    ..Default::default()
+                },
+            }
+        };
+        if let Some(a) = active {
+            registry.set_session(i, to_session(a));
+        }
+        if let Some(p) = pending {
+            registry.set_pending(i, to_session(p));
+        }
+    }
+    Ok(())
 }
 
 impl Daemon {
@@ -106,6 +144,10 @@ impl Daemon {
 
         let mut registry = registry_from(cfg);
         let saved = store.load_sessions().map_err(|source| AppError::Store {
+            path: cfg.storage.path.display().to_string(),
+            source,
+        })?;
+        restore_otaa(&mut registry, &store).map_err(|source| AppError::Store {
             path: cfg.storage.path.display().to_string(),
             source,
         })?;
@@ -201,6 +243,10 @@ impl Daemon {
             routes,
             metrics.clone(),
             Duration::from_millis(cfg.gateway.dedup_window_ms),
+            crate::uplink::JoinSettings {
+                region: cfg.gateway.region,
+                net_id: cfg.gateway.net_id(),
+            },
         );
         let uplink = tokio::spawn(stage.run(rx));
         let ingress = tokio::spawn(udp::run(
@@ -212,10 +258,12 @@ impl Daemon {
             ingress_cancel.clone(),
         ));
 
+        // Helper tasks that hold the store: awaited on stop.
+        let mut misc: Vec<JoinHandle<()>> = Vec::new();
         if let Some(max_age) = cfg.storage.max_age() {
             // Expire old records once a minute (and once at start, after a long power-off).
             let (st, cancel) = (store.clone(), misc_cancel.clone());
-            tokio::spawn(async move {
+            misc.push(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(60));
                 loop {
                     tokio::select! {
@@ -232,7 +280,7 @@ impl Daemon {
                         Err(e) => tracing::error!(error = %e, "cannot expire old messages"),
                     }
                 }
-            });
+            }));
         }
 
         let started = Instant::now();
@@ -248,12 +296,12 @@ impl Daemon {
             metrics_addr = l.local_addr().ok();
             let (m, st, gw) = (metrics.clone(), store.clone(), gateways.clone());
             let snapshot = move || health(&m, &st, &gw, started);
-            tokio::spawn(metrics::serve(
+            misc.push(tokio::spawn(metrics::serve(
                 l,
                 metrics.clone(),
                 snapshot,
                 misc_cancel.clone(),
-            ));
+            )));
         }
 
         tracing::info!(
@@ -277,6 +325,7 @@ impl Daemon {
             uplink,
             streams,
             scheduler,
+            misc,
             downlinks,
             started,
         })
@@ -320,21 +369,32 @@ impl Daemon {
     /// Graceful stop, in data-path order, within [`STOP_DEADLINE`].
     pub async fn stop(self) {
         let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
+        // A task that overruns the deadline is aborted, so that when `stop` returns nothing
+        // holds the store any more (a store reopened in the same process must be alone).
+        async fn finish(mut t: JoinHandle<()>, deadline: tokio::time::Instant) {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                t.abort();
+                let _ = t.await;
+            }
+        }
         drop(self.downlinks);
         self.ingress_cancel.cancel();
-        let _ = tokio::time::timeout_at(deadline, self.ingress).await;
+        finish(self.ingress, deadline).await;
         // The uplink stage ends when the ingress sender is gone, after storing its window.
-        let _ = tokio::time::timeout_at(deadline, self.uplink).await;
+        finish(self.uplink, deadline).await;
         self.streams_cancel.cancel();
         for s in self.streams {
-            let _ = tokio::time::timeout_at(deadline, s).await;
+            finish(s, deadline).await;
         }
         // The scheduler ends when its last input (uplink stage, streams, TX_ACK relay) is gone.
-        let _ = tokio::time::timeout_at(deadline, self.scheduler).await;
+        finish(self.scheduler, deadline).await;
         if let Err(e) = self.store.flush().await {
             tracing::error!(error = %e, "final store flush failed");
         }
         self.misc_cancel.cancel();
+        for t in self.misc {
+            finish(t, deadline + Duration::from_millis(300)).await;
+        }
         tracing::info!("lorastream stopped");
     }
 }
@@ -367,7 +427,11 @@ fn health(
     let forwarders_online = gw
         .as_array()
         .is_some_and(|a| a.iter().any(|g| g["online"] == true));
-    let status = if streams_down.is_empty() && forwarders_online { "ok" } else { "degraded" };
+    let status = if streams_down.is_empty() && forwarders_online {
+        "ok"
+    } else {
+        "degraded"
+    };
     serde_json::json!({
         "status": status,
         "streams_down": streams_down,

@@ -132,6 +132,15 @@ pub struct GatewayConfig {
         serialize_with = "ser_opt_display"
     )]
     pub eui: Option<Eui64>,
+    /// NetID for OTAA DevAddrs (6 hex digits). 000000 and 000001 are for private networks;
+    /// DevAddrs get the NetID's 7-bit NwkID as their top bits.
+    pub net_id: String,
+}
+
+impl GatewayConfig {
+    pub fn net_id(&self) -> u32 {
+        u32::from_str_radix(&self.net_id, 16).unwrap_or(0)
+    }
 }
 
 impl Default for GatewayConfig {
@@ -142,6 +151,7 @@ impl Default for GatewayConfig {
             dedup_window_ms: 200,
             udp_recv_buffer: 8 * 1024 * 1024,
             eui: None,
+            net_id: "000000".into(),
         }
     }
 }
@@ -662,6 +672,16 @@ impl Config {
                 format!(
                     "[metrics] listen = {:?} is not an IP:port (or \"\" to disable)",
                     self.metrics.listen
+                ),
+            ));
+        }
+        if self.gateway.net_id.len() != 6 || u32::from_str_radix(&self.gateway.net_id, 16).is_err()
+        {
+            return Err(top(
+                "net_id",
+                format!(
+                    "{:?} is not a NetID (6 hex digits, e.g. \"000000\")",
+                    self.gateway.net_id
                 ),
             ));
         }

@@ -202,11 +202,27 @@ pub struct GatewayFrame {
     pub rx: RxInfo,
 }
 
-/// What the store queues for a stream.
+/// An OTAA device joined (JoinAccept sent): what device-level streams publish on `.../join`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Join {
+    pub id: u128,
+    pub received_at_us: i64,
+    pub application: String,
+    pub device: String,
+    pub dev_eui: Eui64,
+    pub join_eui: Eui64,
+    pub dev_addr: DevAddr,
+    pub settings: TxSettings,
+    pub rx: Vec<RxInfo>,
+}
+
+/// What the store queues for a stream. New variants go at the end (stored records keep their
+/// variant index).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Record {
     Uplink(Uplink),
     GatewayFrame(GatewayFrame),
+    Join(Join),
 }
 
 impl Record {
@@ -215,6 +231,7 @@ impl Record {
     pub fn order_key(&self) -> u64 {
         match self {
             Record::Uplink(u) => u.dev_eui.to_u64() & !(1 << 63),
+            Record::Join(j) => j.dev_eui.to_u64() & !(1 << 63),
             Record::GatewayFrame(g) => g.rx.gateway.to_u64() | (1 << 63),
         }
     }
@@ -222,6 +239,7 @@ impl Record {
     pub fn received_at_us(&self) -> i64 {
         match self {
             Record::Uplink(u) => u.received_at_us,
+            Record::Join(j) => j.received_at_us,
             Record::GatewayFrame(g) => g.rx.received_at_us,
         }
     }

@@ -8,16 +8,19 @@
 //! The stage stops when the ingress task drops its sender: it then releases every pending dedup
 //! group at once and stores it, so a graceful stop loses nothing that was received.
 
-use crate::config::Scope;
-use crate::downlink::{Input as DownlinkInput, SharedRegistry, UplinkInfo};
+use crate::config::{Region, Scope};
+use crate::downlink::{window, Input as DownlinkInput, JoinAcceptJob, SharedRegistry, UplinkInfo};
 use crate::ingress::gwmp::Reception;
 use crate::ingress::udp::Batch;
 use crate::lorawan::dedup::Dedup;
 use crate::lorawan::frame::{self, FrameKind};
 use crate::lorawan::mac;
+use crate::lorawan::otaa::{self, JoinRequest};
+use crate::lorawan::session::{JoinVerdict, Session};
 use crate::lorawan::session::{Registry, SessionState, Verdict};
 use crate::metrics::Metrics;
-use crate::model::{new_id, Eui64, GatewayFrame, Record, Uplink};
+use crate::model::{new_id, Eui64, GatewayFrame, Join, Record, Uplink};
+use crate::store::OtaaSession;
 use crate::store::{Entry, Store};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -46,11 +49,15 @@ impl Routes {
     }
 
     fn for_uplink(&self, u: &Uplink, out: &mut Vec<usize>) {
+        self.for_device(&u.application, &u.device, out)
+    }
+
+    fn for_device(&self, application: &str, device: &str, out: &mut Vec<usize>) {
         out.clear();
         out.extend(self.routes.iter().filter_map(|(s, i)| match s {
             Scope::All => Some(*i),
-            Scope::Application(a) if *a == u.application => Some(*i),
-            Scope::Device(d) if *d == u.device => Some(*i),
+            Scope::Application(a) if a == application => Some(*i),
+            Scope::Device(d) if d == device => Some(*i),
             _ => None,
         }));
     }
@@ -113,6 +120,32 @@ impl LogLimiter {
     }
 }
 
+/// What one loop iteration produces (stored together, then acted on).
+#[derive(Default)]
+struct Outputs {
+    records: Vec<Record>,
+    sessions: Vec<(Eui64, SessionState)>,
+    /// Class A opportunities for the downlink scheduler (sent after the store append).
+    opportunities: Vec<UplinkInfo>,
+    /// Valid JoinRequests to answer.
+    joins: Vec<JoinCandidate>,
+    /// OTAA devices whose pending session was just used: make it their stored session.
+    promote: Vec<Eui64>,
+}
+
+struct JoinCandidate {
+    device: usize,
+    request: JoinRequest,
+    rx: Vec<Reception>,
+}
+
+/// What OTAA needs from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct JoinSettings {
+    pub region: Region,
+    pub net_id: u32,
+}
+
 pub struct UplinkStage {
     registry: SharedRegistry,
     downlinks: Option<mpsc::Sender<DownlinkInput>>,
@@ -121,6 +154,7 @@ pub struct UplinkStage {
     metrics: Metrics,
     dedup: Dedup<Reception>,
     warn: LogLimiter,
+    join: JoinSettings,
 }
 
 impl UplinkStage {
@@ -131,6 +165,7 @@ impl UplinkStage {
         routes: Routes,
         metrics: Metrics,
         dedup_window: Duration,
+        join: JoinSettings,
     ) -> Self {
         UplinkStage {
             registry,
@@ -140,25 +175,24 @@ impl UplinkStage {
             metrics,
             dedup: Dedup::new(dedup_window),
             warn: LogLimiter::new(),
+            join,
         }
     }
 
     /// Run until `rx` is closed, then store whatever is still in the dedup window.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Batch>) {
-        let mut records: Vec<Record> = Vec::new();
-        let mut sessions: Vec<(Eui64, SessionState)> = Vec::new();
+        let mut out = Outputs::default();
         let mut groups = Vec::new();
-        let mut opportunities: Vec<UplinkInfo> = Vec::new();
         loop {
             let deadline = self.dedup.next_deadline();
             let closed = tokio::select! {
                 b = rx.recv() => match b {
                     Some(b) => {
-                        self.receive(b, &mut records);
+                        self.receive(b, &mut out.records);
                         // Take what else is already waiting, so one append serves a burst.
                         for _ in 0..256 {
                             match rx.try_recv() {
-                                Ok(b) => self.receive(b, &mut records),
+                                Ok(b) => self.receive(b, &mut out.records),
                                 Err(_) => break,
                             }
                         }
@@ -174,22 +208,146 @@ impl UplinkStage {
                 self.dedup.pop_expired(Instant::now(), &mut groups);
             }
             for (phy, rx) in groups.drain(..) {
-                self.decide(&phy, rx, &mut records, &mut sessions, &mut opportunities);
+                self.decide(&phy, rx, &mut out);
             }
-            self.store_all(&mut records, &mut sessions).await;
+            self.store_all(&mut out.records, &mut out.sessions).await;
+            for eui in out.promote.drain(..) {
+                if let Err(e) = self.store.promote_otaa(eui).await {
+                    tracing::error!(dev_eui = %eui, error = %e, "cannot store the session of a joined device");
+                }
+            }
             // Only once stored: the downlink scheduler may answer in RX1/RX2.
             if let Some(tx) = &self.downlinks {
-                for u in opportunities.drain(..) {
+                for u in out.opportunities.drain(..) {
                     if tx.try_send(DownlinkInput::Uplink(Box::new(u))).is_err() {
                         self.metrics.downlink_event("opportunity_dropped");
                     }
                 }
             }
-            opportunities.clear();
+            out.opportunities.clear();
+            let joins: Vec<JoinCandidate> = out.joins.drain(..).collect();
+            for j in joins {
+                self.answer_join(j, &mut out.records).await;
+            }
+            // Join events for the streams.
+            self.store_all(&mut out.records, &mut out.sessions).await;
             if closed {
                 return;
             }
         }
+    }
+
+    /// A valid JoinRequest: check the DevNonce, make a session, send the JoinAccept.
+    async fn answer_join(&mut self, j: JoinCandidate, records: &mut Vec<Record>) {
+        let Some(best) =
+            j.rx.iter()
+                .max_by(|a, b| a.rx.snr.total_cmp(&b.rx.snr))
+                .cloned()
+        else {
+            return;
+        };
+        let eui = j.request.dev_eui;
+        // DevNonce must not repeat (1.0.x §6.2.4); recorded and fsynced before answering.
+        match self.store.use_dev_nonce(eui, j.request.dev_nonce).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.metrics.uplink("join_replay");
+                if self.warn.allow() {
+                    tracing::warn!(dev_eui = %eui, dev_nonce = j.request.dev_nonce, "JoinRequest with a DevNonce used before ignored (replay)");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record a DevNonce; JoinRequest ignored");
+                return;
+            }
+        }
+        let (app_key, application, device, dev_addr) = {
+            let Ok(reg) = self.registry.lock() else {
+                return;
+            };
+            let d = reg.device(j.device);
+            let Some(app_key) = d.app_key else { return };
+            // A free DevAddr within the NetID.
+            let mut dev_addr = otaa::dev_addr_for(self.join.net_id, rand::random());
+            while reg.dev_addr_in_use(dev_addr) {
+                dev_addr = otaa::dev_addr_for(self.join.net_id, rand::random());
+            }
+            (app_key, d.application.clone(), d.id.clone(), dev_addr)
+        };
+        let app_nonce: u32 = rand::random::<u32>() & 0x00FF_FFFF;
+        let (nwk_s_key, app_s_key) =
+            otaa::derive_session_keys(&app_key, app_nonce, self.join.net_id, j.request.dev_nonce);
+        let rx2 = window::rx2(self.join.region, None);
+        let ja = otaa::JoinAccept {
+            app_nonce,
+            net_id: self.join.net_id,
+            dev_addr,
+            rx1_dr_offset: 0,
+            rx2_dr: rx2.dr,
+            rx_delay: 1,
+            cf_list: (self.join.region == Region::EU868).then(otaa::eu868_cf_list),
+        };
+        let phy = otaa::encode_join_accept(&ja, &app_key);
+        let pending = OtaaSession {
+            dev_addr,
+            nwk_s_key: nwk_s_key.0,
+            app_s_key: app_s_key.0,
+            rx1_dr_offset: 0,
+            rx2_dr: rx2.dr,
+            rx_delay: 1,
+        };
+        if let Err(e) = self.store.save_otaa_pending(eui, &pending).await {
+            tracing::error!(error = %e, "cannot store a new session; JoinRequest ignored");
+            return;
+        }
+        if let Ok(mut reg) = self.registry.lock() {
+            reg.set_pending(
+                j.device,
+                Session {
+                    dev_addr,
+                    nwk_s_key,
+                    app_s_key,
+                    state: SessionState {
+                        dev_addr,
+                        ..Default::default()
+                    },
+                },
+            );
+        }
+        self.metrics.uplink("join_accepted");
+        tracing::info!(%device, dev_eui = %eui, %dev_addr, "OTAA join accepted");
+        if let Some(tx) = &self.downlinks {
+            let job = JoinAcceptJob {
+                device: j.device,
+                phy,
+                best: best.rx.clone(),
+                settings: best.settings.clone(),
+                arrived: j
+                    .rx
+                    .iter()
+                    .map(|r| r.arrived)
+                    .min()
+                    .unwrap_or_else(Instant::now),
+            };
+            if tx
+                .try_send(DownlinkInput::JoinAccept(Box::new(job)))
+                .is_err()
+            {
+                self.metrics.downlink_event("join_accept_dropped");
+            }
+        }
+        records.push(Record::Join(Join {
+            id: new_id(),
+            received_at_us: best.rx.received_at_us,
+            application,
+            device,
+            dev_eui: eui,
+            join_eui: j.request.join_eui,
+            dev_addr,
+            settings: best.settings.clone(),
+            rx: j.rx.into_iter().map(|r| r.rx).collect(),
+        }));
     }
 
     fn receive(&mut self, batch: Batch, records: &mut Vec<Record>) {
@@ -217,31 +375,58 @@ impl UplinkStage {
                         self.metrics.frame("duplicate_reception");
                     }
                 }
-                FrameKind::JoinRequest => self.metrics.frame("join_request"),
+                FrameKind::JoinRequest => {
+                    let phy = r.phy_payload.clone();
+                    if self.dedup.push(now, &phy, r) {
+                        self.metrics.frame("join_request");
+                    } else {
+                        self.metrics.frame("duplicate_reception");
+                    }
+                }
                 _ => self.metrics.frame("other"),
             }
         }
     }
 
-    fn decide(
-        &mut self,
-        phy: &[u8],
-        mut rx: Vec<Reception>,
-        records: &mut Vec<Record>,
-        sessions: &mut Vec<(Eui64, SessionState)>,
-        opportunities: &mut Vec<UplinkInfo>,
-    ) {
+    fn decide(&mut self, phy: &[u8], mut rx: Vec<Reception>, out: &mut Outputs) {
         let Ok(mut registry) = self.registry.lock() else {
             return;
         };
         let registry: &mut Registry = &mut registry;
+        if frame::kind(phy) == FrameKind::JoinRequest {
+            match registry.open_join_request(phy) {
+                JoinVerdict::Valid { device, request } => out.joins.push(JoinCandidate {
+                    device,
+                    request,
+                    rx,
+                }),
+                JoinVerdict::Malformed => self.metrics.uplink("malformed"),
+                JoinVerdict::UnknownDevEui(e) => {
+                    self.metrics.uplink("join_unknown_dev_eui");
+                    tracing::debug!(dev_eui = %e, "JoinRequest of an unknown device ignored");
+                }
+                JoinVerdict::MicFailed(e) => {
+                    self.metrics.uplink("join_mic_failed");
+                    if self.warn.allow() {
+                        tracing::warn!(dev_eui = %e, "JoinRequest with an invalid MIC dropped (wrong app_key or join_eui in the config?)");
+                    }
+                }
+            }
+            return;
+        }
+        let (records, sessions, opportunities) =
+            (&mut out.records, &mut out.sessions, &mut out.opportunities);
         match registry.open_uplink(phy) {
             Verdict::Accepted {
                 device,
                 f_cnt,
                 header,
                 opened,
+                joined,
             } => {
+                if joined {
+                    out.promote.push(registry.device(device).dev_eui);
+                }
                 self.metrics.uplink("accepted");
                 let d = registry.device(device);
                 if let Some(s) = &d.session {
@@ -344,6 +529,7 @@ impl UplinkStage {
         for r in records.iter() {
             match r {
                 Record::Uplink(u) => self.routes.for_uplink(u, &mut tmp),
+                Record::Join(j) => self.routes.for_device(&j.application, &j.device, &mut tmp),
                 Record::GatewayFrame(g) => self.routes.for_gateway(g.rx.gateway, &mut tmp),
             }
             routes.push(tmp.clone());

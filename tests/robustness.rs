@@ -45,6 +45,9 @@ fn registry(d: &SimDevice) -> Registry {
         application: "a".into(),
         dev_eui: Eui64::from_u64(1),
         class: DeviceClass::A,
+        app_key: Some(AesKey([3; 16])),
+        join_eui: None,
+        pending: None,
         session: Some(Session {
             dev_addr: d.dev_addr,
             nwk_s_key: d.nwk_s_key,
@@ -94,6 +97,9 @@ fn datagrams_and_frames_never_panic() {
         }
         let _ = lorastream::lorawan::mac::parse_uplink(&f);
         let _ = lorastream::ingress::udp::tx_ack_result(&m);
+        let _ = reg.open_join_request(&f);
+        let _ = lorastream::lorawan::otaa::parse_join_request(&m);
+        let _ = lorastream::lorawan::otaa::decode_join_accept(&f, &dev.app_s_key);
     }
     // A mutated frame with a valid MIC would be a forgery: only the unmutated original (which
     // a mutation can reproduce, e.g. by flipping a bit twice) may ever pass.

@@ -421,7 +421,10 @@ async fn health_and_metrics_endpoint() {
     let body: serde_json::Value =
         serde_json::from_str(h.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(body["gateways"][0]["eui"], "AA555A0000000001");
-    assert_eq!(body["status"], "ok", "a forwarder online and every stream connected: {body}");
+    assert_eq!(
+        body["status"], "ok",
+        "a forwarder online and every stream connected: {body}"
+    );
     assert_eq!(body["streams"][0]["stream"], "out");
     assert_eq!(body["streams"][0]["delivered"], 1);
     assert_eq!(body["uplinks"]["accepted"], 1);

@@ -11,4 +11,5 @@ pub mod dedup;
 pub mod fcnt;
 pub mod frame;
 pub mod mac;
+pub mod otaa;
 pub mod session;

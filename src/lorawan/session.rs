@@ -48,6 +48,25 @@ pub struct Device {
     pub dev_eui: Eui64,
     pub class: DeviceClass,
     pub session: Option<Session>,
+    /// OTAA: the root key and JoinEUI (None for ABP devices).
+    pub app_key: Option<AesKey>,
+    pub join_eui: Option<Eui64>,
+    /// OTAA: a session from a JoinAccept the device has not used yet. The previous session
+    /// stays valid until the first uplink on this one (LoRaWAN 1.0.x §6.2.5).
+    pub pending: Option<Session>,
+}
+
+/// Outcome of [`Registry::open_join_request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinVerdict {
+    /// Valid MIC from a configured OTAA device.
+    Valid {
+        device: usize,
+        request: super::otaa::JoinRequest,
+    },
+    Malformed,
+    UnknownDevEui(Eui64),
+    MicFailed(Eui64),
 }
 
 /// Outcome of [`Registry::open_uplink`].
@@ -59,6 +78,8 @@ pub enum Verdict {
         f_cnt: u32,
         header: DataUpHeader,
         opened: Opened,
+        /// First uplink on a session from a JoinAccept: it is now the device's session.
+        joined: bool,
     },
     /// Not a data-up frame, or malformed.
     Malformed,
@@ -75,8 +96,10 @@ pub enum Verdict {
 #[derive(Default)]
 pub struct Registry {
     devices: Vec<Device>,
-    by_addr: HashMap<DevAddr, Vec<usize>>,
+    /// DevAddr → (device, is the pending session).
+    by_addr: HashMap<DevAddr, Vec<(usize, bool)>>,
     by_id: HashMap<String, usize>,
+    by_eui: HashMap<Eui64, usize>,
 }
 
 impl Registry {
@@ -92,12 +115,53 @@ impl Registry {
     fn reindex(&mut self) {
         self.by_addr.clear();
         self.by_id.clear();
+        self.by_eui.clear();
         for (i, d) in self.devices.iter().enumerate() {
             self.by_id.insert(d.id.clone(), i);
+            self.by_eui.insert(d.dev_eui, i);
+            if let Some(s) = &d.pending {
+                self.by_addr.entry(s.dev_addr).or_default().push((i, true));
+            }
             if let Some(s) = &d.session {
-                self.by_addr.entry(s.dev_addr).or_default().push(i);
+                self.by_addr.entry(s.dev_addr).or_default().push((i, false));
             }
         }
+    }
+
+    /// DevAddrs in use (to allocate a new one).
+    pub fn dev_addr_in_use(&self, a: DevAddr) -> bool {
+        self.by_addr.contains_key(&a)
+    }
+
+    /// Check a JoinRequest: known OTAA device and valid MIC.
+    pub fn open_join_request(&self, phy: &[u8]) -> JoinVerdict {
+        let Ok(request) = super::otaa::parse_join_request(phy) else {
+            return JoinVerdict::Malformed;
+        };
+        let Some(&idx) = self.by_eui.get(&request.dev_eui) else {
+            return JoinVerdict::UnknownDevEui(request.dev_eui);
+        };
+        let d = &self.devices[idx];
+        let Some(key) = &d.app_key else {
+            return JoinVerdict::UnknownDevEui(request.dev_eui);
+        };
+        if d.join_eui.is_some_and(|j| j != request.join_eui)
+            || !super::otaa::join_request_mic_ok(phy, key)
+        {
+            return JoinVerdict::MicFailed(request.dev_eui);
+        }
+        JoinVerdict::Valid {
+            device: idx,
+            request,
+        }
+    }
+
+    /// Record a session from a JoinAccept; it becomes active with the device's first uplink.
+    pub fn set_pending(&mut self, idx: usize, session: Session) {
+        if let Some(d) = self.devices.get_mut(idx) {
+            d.pending = Some(session);
+        }
+        self.reindex();
     }
 
     pub fn devices(&self) -> &[Device] {
@@ -141,8 +205,13 @@ impl Registry {
         let Some(candidates) = self.by_addr.get(&header.dev_addr) else {
             return Verdict::UnknownDevAddr(header.dev_addr);
         };
-        for &idx in candidates {
-            let Some(s) = self.devices[idx].session.as_mut() else {
+        for &(idx, pending) in candidates {
+            let d = &mut self.devices[idx];
+            let Some(s) = (if pending {
+                d.pending.as_mut()
+            } else {
+                d.session.as_mut()
+            }) else {
                 continue;
             };
             let full = fcnt::extend(s.state.f_cnt_up, header.f_cnt16);
@@ -156,11 +225,17 @@ impl Registry {
                         Err(_) => return Verdict::Malformed,
                     };
                     s.state.f_cnt_up = Some(f_cnt);
+                    if pending {
+                        // The device uses its new session: the old one is gone for good.
+                        d.session = d.pending.take();
+                        self.reindex();
+                    }
                     Verdict::Accepted {
                         device: idx,
                         f_cnt,
                         header,
                         opened,
+                        joined: pending,
                     }
                 }
                 FCntCheck::Repeat(f_cnt) => Verdict::Repeat { device: idx, f_cnt },
@@ -185,6 +260,9 @@ mod tests {
             application: "app".into(),
             dev_eui: Eui64::from_u64(seed as u64),
             class: DeviceClass::A,
+            app_key: None,
+            join_eui: None,
+            pending: None,
             session: Some(Session {
                 dev_addr: DevAddr(addr),
                 nwk_s_key: AesKey([seed; 16]),

@@ -43,7 +43,7 @@ impl Store {
             batch.insert(&key(eui, seq), postcard::to_stdvec(it)?);
         }
         self.down.apply_batch(batch)?;
-        self.db.flush_async().await?;
+        self.fsync().await?;
         Ok(Ok(removed))
     }
 
@@ -66,7 +66,7 @@ impl Store {
     /// Remove one downlink (sent unconfirmed, acknowledged, or given up).
     pub async fn downlink_remove(&self, key: &[u8]) -> Result<(), StoreError> {
         self.down.remove(key)?;
-        self.db.flush_async().await?;
+        self.fsync().await?;
         Ok(())
     }
 }

@@ -294,7 +294,7 @@ impl Store {
             }
         }
         if self.flush_each_append && out.written > 0 {
-            self.db.flush_async().await?;
+            self.fsync().await?;
         }
         for (qi, (n, _)) in incoming.iter().enumerate() {
             if *n > 0 {
@@ -317,9 +317,22 @@ impl Store {
         Ok(n)
     }
 
+    /// fsync, on a blocking thread that we wait for. (Not `sled::Db::flush_async`: its job runs
+    /// on sled's own pool and can keep the database alive after the last handle is dropped, so
+    /// a store reopened in the same process may briefly see a stale tree list.)
+    pub(crate) async fn fsync(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(r) => r.map(|_| ()).map_err(StoreError::from),
+            Err(_) => Err(StoreError::Sled(sled::Error::ReportableBug(
+                "flush task failed".into(),
+            ))),
+        }
+    }
+
     /// fsync everything (graceful stop).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        self.fsync().await?;
         Ok(())
     }
 

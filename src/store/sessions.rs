@@ -51,6 +51,13 @@ fn down_key(eui: Eui64) -> [u8; 9] {
     k
 }
 
+fn pending_key(eui: Eui64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[..8].copy_from_slice(&eui.0);
+    k[8] = b'p';
+    k
+}
+
 fn nonce_key(eui: Eui64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[..8].copy_from_slice(&eui.0);
@@ -118,7 +125,7 @@ impl Store {
             down_key(dev_eui),
             postcard::to_stdvec(&FCntDown { dev_addr, next })?,
         )?;
-        self.db.flush_async().await?;
+        self.fsync().await?;
         Ok(())
     }
 
@@ -134,28 +141,41 @@ impl Store {
             .await
     }
 
-    /// The joined session of an OTAA device, if any.
-    pub fn otaa_session(&self, dev_eui: Eui64) -> Result<Option<OtaaSession>, StoreError> {
-        Ok(match self.otaa.get(dev_eui.0)? {
-            Some(v) => postcard::from_bytes(&v).ok(),
-            None => None,
-        })
+    /// The active and the pending (not yet used) OTAA session of a device.
+    pub fn otaa_sessions(
+        &self,
+        dev_eui: Eui64,
+    ) -> Result<(Option<OtaaSession>, Option<OtaaSession>), StoreError> {
+        let get = |k: &[u8]| -> Result<Option<OtaaSession>, StoreError> {
+            Ok(self
+                .otaa
+                .get(k)?
+                .and_then(|v| postcard::from_bytes(&v).ok()))
+        };
+        Ok((get(&dev_eui.0)?, get(&pending_key(dev_eui))?))
     }
 
-    /// Store a new OTAA session (it replaces the previous one: counters restart at zero).
-    pub async fn save_otaa_session(
+    /// Keep the session of a JoinAccept beside the active one until the device uses it; fsync
+    /// before the JoinAccept leaves, so a restart in between keeps both.
+    pub async fn save_otaa_pending(
         &self,
         dev_eui: Eui64,
         s: &OtaaSession,
     ) -> Result<(), StoreError> {
-        self.otaa.insert(dev_eui.0, postcard::to_stdvec(s)?)?;
-        let fresh = SessionState {
-            dev_addr: s.dev_addr,
-            f_cnt_up: None,
-            f_cnt_down: 0,
+        self.otaa
+            .insert(pending_key(dev_eui), postcard::to_stdvec(s)?)?;
+        self.fsync().await?;
+        Ok(())
+    }
+
+    /// The device used its pending session: it replaces the active one; FCntDown restarts at 0.
+    pub async fn promote_otaa(&self, dev_eui: Eui64) -> Result<(), StoreError> {
+        let Some(p) = self.otaa.get(pending_key(dev_eui))? else {
+            return Ok(());
         };
-        self.devices
-            .insert(dev_eui.0, postcard::to_stdvec(&fresh)?)?;
+        let s: OtaaSession = postcard::from_bytes(&p)?;
+        self.otaa.insert(dev_eui.0, p)?;
+        self.otaa.remove(pending_key(dev_eui))?;
         self.devices.insert(
             down_key(dev_eui),
             postcard::to_stdvec(&FCntDown {
@@ -163,7 +183,7 @@ impl Store {
                 next: 0,
             })?,
         )?;
-        self.db.flush_async().await?;
+        self.fsync().await?;
         Ok(())
     }
 
@@ -184,7 +204,7 @@ impl Store {
         }
         self.otaa
             .insert(nonce_key(dev_eui), postcard::to_stdvec(&used)?)?;
-        self.db.flush_async().await?;
+        self.fsync().await?;
         Ok(true)
     }
 }

@@ -7,7 +7,7 @@
 //! Messages delivered after waiting in the queue carry a `lorastream` object saying so (see
 //! [`Delivery`]); live messages do not, so TTS consumers see exactly the TTS layout.
 
-use crate::model::{correlation_id, Eui64, GatewayFrame, Record, RxInfo, TxSettings, Uplink};
+use crate::model::{correlation_id, Eui64, GatewayFrame, Join, Record, RxInfo, TxSettings, Uplink};
 use base64::Engine;
 use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
@@ -235,11 +235,41 @@ pub fn gateway_json(g: &GatewayFrame, d: Delivery) -> Vec<u8> {
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
+/// TTS-style join-accept message of an OTAA join.
+pub fn join_json(j: &Join, d: Delivery) -> Vec<u8> {
+    let received_at = rfc3339(j.received_at_us);
+    let doc = serde_json::json!({
+        "end_device_ids": {
+            "device_id": j.device,
+            "application_ids": { "application_id": j.application },
+            "dev_eui": j.dev_eui.to_string(),
+            "join_eui": j.join_eui.to_string(),
+            "dev_addr": j.dev_addr.to_string(),
+        },
+        "correlation_ids": [correlation_id("join", j.id)],
+        "received_at": received_at,
+        "join_accept": {
+            "received_at": received_at,
+            "rx_metadata": j.rx.iter().map(rx_metadata).collect::<Vec<_>>(),
+            "settings": settings(&j.settings, j.rx.first().map(|r| r.tmst).unwrap_or(0)),
+        },
+        "lorastream": buffered(j.received_at_us, d),
+    });
+    let mut doc = doc;
+    if doc["lorastream"].is_null() {
+        if let Some(o) = doc.as_object_mut() {
+            o.remove("lorastream");
+        }
+    }
+    serde_json::to_vec(&doc).unwrap_or_default()
+}
+
 /// JSON of any record.
 pub fn record_json(r: &Record, d: Delivery) -> Vec<u8> {
     match r {
         Record::Uplink(u) => uplink_json(u, d),
         Record::GatewayFrame(g) => gateway_json(g, d),
+        Record::Join(j) => join_json(j, d),
     }
 }
 
@@ -247,6 +277,7 @@ pub fn record_json(r: &Record, d: Delivery) -> Vec<u8> {
 pub fn topic(prefix: &str, r: &Record) -> String {
     match r {
         Record::Uplink(u) => format!("{prefix}/{}/devices/{}/up", u.application, u.device),
+        Record::Join(j) => format!("{prefix}/{}/devices/{}/join", j.application, j.device),
         Record::GatewayFrame(g) => format!(
             "{prefix}/gateways/{}/up",
             g.rx.gateway.to_string().to_lowercase()
