@@ -444,6 +444,10 @@ fn health(
             "queued_bytes": store.total_bytes(),
             "size_on_disk": store.size_on_disk(),
         },
+        "downlink_schedule_latency_us": {
+            "last": metrics.schedule_latency_us().0,
+            "max": metrics.schedule_latency_us().1,
+        },
         "uplinks": {
             "accepted": metrics.uplinks("accepted"),
             "mic_failed": metrics.uplinks("mic_failed"),

@@ -41,6 +41,9 @@ struct Inner {
     queue_delivered: Family<Labels, Gauge>,
     queue_dropped: Family<Labels, Gauge>,
     gateways: Gauge,
+    /// Uplink arrival → PULL_RESP sent, microseconds: last and maximum since start.
+    sched_last_us: Gauge,
+    sched_max_us: Gauge,
 }
 
 impl Default for Metrics {
@@ -126,6 +129,8 @@ impl Metrics {
                 Family::default()
             ),
             gateways: reg!("gateways", "Packet forwarders seen", Gauge::default()),
+            sched_last_us: reg!("downlink_schedule_latency_last_us", "Uplink arrival to PULL_RESP sent (class A), last, microseconds (includes the dedup window)", Gauge::default()),
+            sched_max_us: reg!("downlink_schedule_latency_max_us", "Uplink arrival to PULL_RESP sent (class A), maximum since start, microseconds", Gauge::default()),
             registry: r,
         };
         Metrics {
@@ -221,6 +226,23 @@ impl Metrics {
                 ])
                 .set(*n as i64);
         }
+    }
+
+    /// Record the time from an uplink's arrival to its answer's PULL_RESP.
+    pub fn observe_schedule_latency(&self, d: std::time::Duration) {
+        let us = d.as_micros().min(i64::MAX as u128) as i64;
+        self.inner.sched_last_us.set(us);
+        if us > self.inner.sched_max_us.get() {
+            self.inner.sched_max_us.set(us);
+        }
+    }
+
+    /// (last, max) scheduling latency in microseconds.
+    pub fn schedule_latency_us(&self) -> (i64, i64) {
+        (
+            self.inner.sched_last_us.get(),
+            self.inner.sched_max_us.get(),
+        )
     }
 
     pub fn set_gateways(&self, n: usize) {

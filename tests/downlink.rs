@@ -144,6 +144,12 @@ async fn push_is_sent_in_rx1_and_decrypts_with_the_device_keys() {
         assert_eq!(dl.opened.frm_payload, b"hello");
         assert!(dl.f_pending, "a second downlink is queued");
         r.fwd.tx_ack(pr.token, None).await.unwrap();
+        // Arrival → PULL_RESP (dedup window of 100 ms included) is far inside RX1's 1 s.
+        let (last_us, _) = r.daemon.metrics().schedule_latency_us();
+        assert!(
+            (100_000..600_000).contains(&last_us),
+            "scheduling latency {last_us} µs"
+        );
         let sent = r.event("dev-1", "sent", 1).await;
         assert_eq!(sent[0]["downlink_sent"]["rx_window"], 1);
         assert_eq!(sent[0]["downlink_sent"]["f_cnt"], 0);

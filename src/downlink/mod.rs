@@ -469,6 +469,8 @@ impl Scheduler {
             retry,
         )
         .await;
+        // RX1 opens 1 s after the uplink: this must stay far below (docs/benchmarks.md).
+        self.metrics.observe_schedule_latency(u.arrived.elapsed());
     }
 
     /// Encode a downlink with the next FCntDown, persisting the counter first.
