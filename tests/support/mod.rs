@@ -52,13 +52,18 @@ impl Mosquitto {
 
     pub async fn start(extra_conf: &str) -> Mosquitto {
         let port = free_port();
+        Self::start_raw(
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_conf}\n"),
+            port,
+        )
+        .await
+    }
+
+    /// mosquitto with a whole config file of the test's; `port` is the one to wait for.
+    pub async fn start_raw(conf_text: &str, port: u16) -> Mosquitto {
         let mut conf = tempfile::NamedTempFile::new().unwrap();
         use std::io::Write;
-        write!(
-            conf,
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_conf}\n"
-        )
-        .unwrap();
+        write!(conf, "{conf_text}").unwrap();
         let mut m = Mosquitto {
             port,
             child: None,
