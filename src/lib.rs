@@ -31,6 +31,31 @@
 //! | [`cli`]      | the `lorastream` command                                          |
 //!
 //! Guarantees are stated at the top of each module; the README says them in plain words.
+//!
+//! ## Example: the LoRaWAN layer on its own
+//!
+//! ```
+//! use lorastream::lorawan::frame;
+//! use lorastream::model::{AesKey, DevAddr};
+//!
+//! // A LoRaWAN 1.0 uplink (published example): DevAddr 49BE7DF1, FCnt 2, FPort 1.
+//! let phy = hex::decode("40F17DBE4900020001954378762B11FF0D").unwrap();
+//! let nwk: AesKey = "44024241ed4ce9a68c6a8bc055233fd3".parse().unwrap();
+//! let app: AesKey = "ec925802ae430ca77fd3dd73cb2cc588".parse().unwrap();
+//! let header = frame::peek_data_up(&phy).unwrap();
+//! assert_eq!(header.dev_addr, DevAddr(0x49BE_7DF1));
+//! assert!(frame::mic_ok(&phy, &nwk, 2));
+//! assert_eq!(frame::decrypt(&phy, &nwk, &app, 2).unwrap().frm_payload, b"test");
+//! ```
+//!
+//! ## Example: a configuration checked like `lorastream check` does
+//!
+//! ```
+//! let err = lorastream::config::Config::parse("[gateway]\nlisten = \"nowhere\"\n", "gw.toml")
+//!     .unwrap_err()
+//!     .to_string();
+//! assert!(err.starts_with("gw.toml:2: key `listen`"), "{err}");
+//! ```
 
 pub mod app;
 pub mod cli;
