@@ -17,8 +17,8 @@
 //! - **Downlinks** in a 2xx body (of any POST) or a `poll_url` body —
 //!   `{"downlinks": {"<device_id>": {"push": [...], "replace": [...]}}}` with the contract's
 //!   downlink items — are handed to the scheduler exactly like MQTT `down/push`/`down/replace`
-//!   (the scheduler checks the stream's scope), one device at a time, and stored before the next
-//!   request leaves. A bad body is logged and counted; the stream goes on.
+//!   (the scheduler checks the stream's scope), one device at a time, and stored before the
+//!   next request of the same kind leaves. A bad body is logged and counted; the stream goes on.
 //! - **Downlink events** of this stream are POSTed to `url` as JSON arrays with the header
 //!   `X-Lorastream-Kind: downlink_events`, best effort: held in memory (at most
 //!   [`MAX_EVENTS`], oldest dropped and counted), retried like uplinks, dropped on a 4xx.
@@ -327,8 +327,9 @@ impl HttpStream {
         detail: String,
         failures: &mut u64,
     ) {
-        self.ctx.metrics.stream_connected(&self.name, false);
         if self.drop_refused {
+            // The server is there and answering; it only wants none of this batch.
+            self.ctx.metrics.stream_connected(&self.name, true);
             let dropped: Vec<(u64, Record)> = pending.drain(..n).collect();
             let first = dropped.first().map(|(_, r)| cid(r)).unwrap_or_default();
             let last = dropped.last().map(|(_, r)| cid(r)).unwrap_or_default();
@@ -345,6 +346,8 @@ impl HttpStream {
             tracing::warn!(stream = %self.name, status, server_said = %detail, records = n, first = %first, last = %last, "HTTP server refused a batch; dropped as dead letters (on_client_error = \"drop\")");
             *failures = 0;
         } else {
+            // Stuck until the server (or its credentials) is fixed: /health says so.
+            self.ctx.metrics.stream_connected(&self.name, false);
             *failures += 1;
             if *failures <= 3 || *failures % 10 == 0 {
                 tracing::warn!(stream = %self.name, status, server_said = %detail, records = n, failures, "HTTP server refused a batch; it stays queued and is retried (on_client_error = \"retry\"); fix the server or its credentials, or set on_client_error = \"drop\"");
