@@ -1054,3 +1054,114 @@ async fn a_bad_ca_file_is_a_clear_start_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_too_large_halves_the_batch_instead_of_dropping_it() {
+    capture_logs();
+    install_crypto();
+    let hook = Hook::start(None).await;
+    // The server takes at most 2 documents per request.
+    hook.respond(|s| {
+        if s.method == "POST" && s.docs().len() > 2 {
+            Reply::status(413).body("too big")
+        } else {
+            Reply::ok()
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut d1 = device(1);
+    let c = cfg(
+        dir.path(),
+        &device_toml(&d1, "farm"),
+        &format!(
+            "url = \"{}\"\nbatch_wait_ms = 500\non_client_error = \"drop\"\n",
+            hook.url("/up")
+        ),
+    );
+    let daemon = Daemon::start(&c).await.unwrap();
+    let mut fwd = Forwarder::connect(daemon.udp_addr(), gw()).await.unwrap();
+    for i in 0..5u8 {
+        uplink(&mut fwd, &mut d1, &[i], 1000 + u32::from(i)).await;
+    }
+    assert!(
+        wait_until(T, || hook.accepted().len() == 5).await,
+        "{:?}",
+        hook.seen()
+    );
+    assert_eq!(per_device(&hook.accepted())["dev-1"], vec![0, 1, 2, 3, 4]);
+    let sizes: Vec<(usize, u16)> = hook
+        .posts("uplinks")
+        .iter()
+        .map(|p| (p.docs().len(), p.status))
+        .collect();
+    assert_eq!(sizes[0], (5, 413), "{sizes:?}");
+    assert!(
+        sizes
+            .iter()
+            .filter(|(_, s)| *s == 200)
+            .all(|(n, _)| *n <= 2),
+        "{sizes:?}"
+    );
+    let q = daemon.store().queue("hook").unwrap();
+    assert!(wait_until(T, || q.is_empty()).await);
+    assert!(q.stats().dropped.is_empty(), "nothing dead-lettered");
+    drop(q);
+    daemon.stop().await;
+}
+
+/// Measurement, not a check of behaviour: `cargo test --test http -- --ignored --nocapture
+/// drain`. Queues N uplinks of 20 devices while the server is down, brings it back, and prints
+/// how long the backlog takes to drain and in how many POSTs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn drain_rate_after_an_outage() {
+    install_crypto();
+    let n: usize = std::env::var("DRAIN_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let mut hook = Hook::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut devs: Vec<SimDevice> = (1..=20).map(device).collect();
+    let toml: String = devs.iter().map(|d| device_toml(d, "farm")).collect();
+    let c = cfg(
+        dir.path(),
+        &toml,
+        &format!("url = \"{}\"\n", hook.url("/up")),
+    );
+    let daemon = Daemon::start(&c).await.unwrap();
+    hook.stop().await;
+    let mut fwd = Forwarder::connect(daemon.udp_addr(), gw()).await.unwrap();
+    let t = Instant::now();
+    for i in 0..n {
+        let d = &mut devs[i % 20];
+        uplink(&mut fwd, d, &[0u8; 20], i as u32).await;
+        if i % 50 == 49 {
+            // Stay below the UDP receive buffer and the dedup stage's pace.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let q = daemon.store().queue("hook").unwrap();
+    assert!(wait_until(Duration::from_secs(300), || q.len() as usize == n).await);
+    println!("queued {n} uplinks in {:?}", t.elapsed());
+    hook.restart().await;
+    let t = Instant::now();
+    assert!(wait_until(Duration::from_secs(300), || q.is_empty()).await);
+    let took = t.elapsed();
+    let posts = hook.posts("uplinks");
+    let ok: Vec<&Seen> = posts.iter().filter(|p| p.ok()).collect();
+    let docs = hook.accepted();
+    assert_eq!(docs.iter().map(cid).collect::<HashSet<_>>().len(), n);
+    for (dev, fcnts) in per_device(&docs) {
+        assert!(fcnts.windows(2).all(|w| w[0] < w[1]), "{dev} out of order");
+    }
+    println!(
+        "drained {n} uplinks in {took:?} ({:.0}/s) with {} POSTs (max batch {}, {} bytes per POST on average)",
+        n as f64 / took.as_secs_f64(),
+        ok.len(),
+        ok.iter().map(|p| p.docs().len()).max().unwrap_or(0),
+        ok.iter().map(|p| p.body.len()).sum::<usize>() / ok.len().max(1)
+    );
+    drop(q);
+    daemon.stop().await;
+}
