@@ -88,6 +88,26 @@ fn ser_masked<S: Serializer, T>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> 
     }
 }
 
+/// A URL with its query and password shown as `***`: webhook keys often live there (e.g.
+/// `?code=` of Azure Functions).
+fn ser_url_masked<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    let Some(u) = v else {
+        return s.serialize_none();
+    };
+    match url::Url::parse(u) {
+        Ok(mut p) => {
+            if p.password().is_some() {
+                let _ = p.set_password(Some("***"));
+            }
+            if p.query().is_some() {
+                p.set_query(Some("***"));
+            }
+            s.serialize_str(p.as_str())
+        }
+        Err(_) => s.serialize_str(u),
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -355,6 +375,7 @@ pub struct StreamConfig {
     /// Also update the thing shadow (`$aws/things/{thing}/shadow/update`) with last-seen data.
     pub shadow: Option<bool>,
     // http
+    #[serde(default, serialize_with = "ser_url_masked")]
     pub url: Option<String>,
     #[serde(default, serialize_with = "ser_masked")]
     pub headers: Option<BTreeMap<String, Secret>>,
@@ -365,6 +386,7 @@ pub struct StreamConfig {
     /// 4xx other than 408/429: "drop" the batch (counted as dead letters) or "retry".
     pub on_client_error: Option<String>,
     /// Fetched periodically for downlinks (firewall-friendly, no inbound port).
+    #[serde(default, serialize_with = "ser_url_masked")]
     pub poll_url: Option<String>,
     pub poll_interval_s: Option<u64>,
     // azure-iot-hub
@@ -516,6 +538,8 @@ fn allowed_keys(kind: StreamKind) -> &'static [&'static str] {
             "poll_url",
             "poll_interval_s",
             "ca_file",
+            "cert_file",
+            "key_file",
         ],
         StreamKind::File => &["path"],
         StreamKind::Stdout => &[],
@@ -576,11 +600,107 @@ fn validate_aws(st: &StreamConfig, devices: &[(&str, &str)]) -> Result<(), (&'st
     Ok(())
 }
 
-fn validate_http(_st: &StreamConfig) -> Result<(), (&'static str, String)> {
-    Err((
-        "kind",
-        "kind = \"http\" is not available in this version yet".into(),
-    ))
+/// HTTP webhook: http(s) URLs, sane batch and timing values, headers that are valid HTTP and
+/// leave the ones lorastream sets alone (RFC 9110 §5.1 field names are tokens; §5.5 values have
+/// no CR, LF or NUL).
+fn validate_http(st: &StreamConfig) -> Result<(), (&'static str, String)> {
+    let check_url = |key: &'static str, u: &str| -> Result<(), (&'static str, String)> {
+        match url::Url::parse(u) {
+            Ok(p) if matches!(p.scheme(), "http" | "https") && p.host_str().is_some() => Ok(()),
+            Ok(_) => Err((
+                key,
+                format!("{u:?} must be an http:// or https:// URL with a host"),
+            )),
+            Err(e) => Err((key, format!("{u:?} is not a URL: {e}"))),
+        }
+    };
+    match st.url.as_deref() {
+        Some(u) => check_url("url", u)?,
+        None => {
+            return Err((
+                "url",
+                "kind = \"http\" needs url = \"https://...\" (where uplinks are POSTed)".into(),
+            ))
+        }
+    }
+    if let Some(u) = st.poll_url.as_deref() {
+        check_url("poll_url", u)?;
+        if !st.downlinks {
+            return Err((
+                "poll_url",
+                "poll_url fetches downlinks, but this stream has downlinks = false".into(),
+            ));
+        }
+    }
+    if st.poll_interval_s.is_some() && st.poll_url.is_none() {
+        return Err(("poll_interval_s", "set poll_url too (what to poll)".into()));
+    }
+    if st.poll_interval_s == Some(0) {
+        return Err(("poll_interval_s", "must be at least 1".into()));
+    }
+    if let Some(n) = st.batch_max {
+        if !(1..=10_000).contains(&n) {
+            return Err(("batch_max", format!("{n} is not within 1..=10000")));
+        }
+    }
+    if let Some(ms) = st.batch_wait_ms {
+        if ms > 60_000 {
+            return Err((
+                "batch_wait_ms",
+                format!("{ms} is more than 60000 (one minute)"),
+            ));
+        }
+    }
+    if let Some(t) = st.timeout_s {
+        if !(1..=600).contains(&t) {
+            return Err(("timeout_s", format!("{t} is not within 1..=600 seconds")));
+        }
+    }
+    if let Some(m) = st.on_client_error.as_deref() {
+        if m != "retry" && m != "drop" {
+            return Err((
+                "on_client_error",
+                format!("{m:?} must be \"retry\" (keep the batch, the default) or \"drop\""),
+            ));
+        }
+    }
+    if st.cert_file.is_some() != st.key_file.is_some() {
+        return Err(("cert_file", "cert_file and key_file go together".into()));
+    }
+    const SET_BY_LORASTREAM: [&str; 5] = [
+        "content-type",
+        "content-length",
+        "host",
+        "transfer-encoding",
+        "x-lorastream-kind",
+    ];
+    for (name, value) in st.headers.iter().flatten() {
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            return Err((
+                "headers",
+                format!("{name:?} is not a valid HTTP header name"),
+            ));
+        }
+        if SET_BY_LORASTREAM.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(("headers", format!("{name:?} is set by lorastream itself")));
+        }
+        // The value is a secret: say which header is wrong, never what it holds.
+        if value
+            .expose()
+            .bytes()
+            .any(|b| b == b'\r' || b == b'\n' || b == 0)
+        {
+            return Err((
+                "headers",
+                format!("the value of {name:?} contains a line break or NUL"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// 1-based line and column of a byte offset.
@@ -1047,6 +1167,77 @@ password = "s3cret"
                 .replace("[storage]", "[storage]\nwhen_full = \"drop_newest\""),
         );
         assert!(e.contains("unknown variant `drop_newest`"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod http_tests {
+    use super::*;
+
+    const BASE: &str =
+        "[[application]]\nid = \"farm\"\n\n[[stream]]\nname = \"hook\"\nkind = \"http\"\n";
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        Config::parse(&format!("{BASE}{extra}"), "t.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_full_http_stream_is_valid_and_its_headers_are_masked() {
+        let c = parse(
+            "url = \"https://example.com/up\"\nheaders = { \"X-Api-Key\" = \"k3y-s3cret\", Authorization = \"Bearer t0ken\" }\n\
+             batch_max = 50\nbatch_wait_ms = 0\ntimeout_s = 10\non_client_error = \"drop\"\n\
+             poll_url = \"https://example.com/down?code=x\"\npoll_interval_s = 5\n\
+             ca_file = \"/etc/ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"\n",
+        )
+        .unwrap();
+        let printed = c.to_toml_masked();
+        assert!(
+            !printed.contains("k3y-s3cret") && !printed.contains("t0ken"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("https://example.com/down?***"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("url = \"https://example.com/up\""),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn http_mistakes_name_the_key() {
+        let e = |extra: &str| parse(extra).unwrap_err();
+        assert!(
+            e("").contains("key `url`: kind = \"http\" needs url"),
+            "{}",
+            e("")
+        );
+        assert!(e("url = \"ftp://x/\"\n").contains("key `url`"));
+        assert!(e("url = \"not a url\"\n").contains("is not a URL"));
+        let ok = "url = \"http://127.0.0.1:8080/up\"\n";
+        assert!(e(&format!("{ok}poll_url = \"mqtt://x\"\n")).contains("key `poll_url`"));
+        assert!(e(&format!(
+            "{ok}poll_url = \"http://x/p\"\ndownlinks = false\n"
+        ))
+        .contains("downlinks = false"));
+        assert!(e(&format!("{ok}poll_interval_s = 5\n")).contains("set poll_url too"));
+        assert!(e(&format!("{ok}batch_max = 0\n")).contains("key `batch_max`"));
+        assert!(e(&format!("{ok}timeout_s = 0\n")).contains("key `timeout_s`"));
+        assert!(e(&format!("{ok}on_client_error = \"ignore\"\n")).contains("\"retry\""));
+        assert!(e(&format!("{ok}cert_file = \"c.pem\"\n")).contains("go together"));
+        assert!(e(&format!("{ok}headers = {{ \"Bad Name\" = \"v\" }}\n"))
+            .contains("not a valid HTTP header name"));
+        assert!(e(&format!(
+            "{ok}headers = {{ \"Content-Type\" = \"text/plain\" }}\n"
+        ))
+        .contains("set by lorastream"));
+        let secret_err = e(&format!("{ok}headers = {{ \"X-Key\" = \"abc\\ndef\" }}\n"));
+        assert!(
+            secret_err.contains("line break") && !secret_err.contains("abc"),
+            "{secret_err}"
+        );
+        assert!(e(&format!("{ok}server = \"mqtt://x\"\n")).contains("not used by kind = \"http\""));
     }
 }
 

@@ -35,6 +35,8 @@ struct Inner {
     downlinks: Family<Labels, Counter>,
     stream_connected: Family<Labels, Gauge>,
     stream_published: Family<Labels, Counter>,
+    stream_errors: Family<Labels, Counter>,
+    http_requests: Family<Labels, Counter>,
     queue_depth: Family<Labels, Gauge>,
     queue_bytes: Family<Labels, Gauge>,
     queue_oldest: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -101,6 +103,16 @@ impl Metrics {
             stream_published: reg!(
                 "stream_published",
                 "Messages sent to the destination (acked or not)",
+                Family::default()
+            ),
+            stream_errors: reg!(
+                "stream_errors",
+                "Problems a stream met and went on from, by stream and reason",
+                Family::default()
+            ),
+            http_requests: reg!(
+                "http_requests",
+                "Requests of HTTP streams, by stream, purpose (uplinks, events, poll, probe) and result (2xx, 3xx, 4xx, 5xx, timeout, error)",
                 Family::default()
             ),
             queue_depth: reg!(
@@ -202,6 +214,39 @@ impl Metrics {
             .stream_published
             .get_or_create(&vec![("stream", stream.into())])
             .inc_by(n);
+    }
+    pub fn stream_error(&self, stream: &str, reason: &'static str) {
+        self.inner
+            .stream_errors
+            .get_or_create(&vec![("stream", stream.into()), ("reason", reason.into())])
+            .inc();
+    }
+    pub fn stream_errors(&self, stream: &str, reason: &'static str) -> u64 {
+        self.inner
+            .stream_errors
+            .get_or_create(&vec![("stream", stream.into()), ("reason", reason.into())])
+            .get()
+    }
+    /// One HTTP exchange: `purpose` is uplinks, events, poll or probe; `result` a status class
+    /// (`2xx` ...), `timeout` or `error` (no answer: refused, reset, TLS, DNS).
+    pub fn http_request(&self, stream: &str, purpose: &'static str, result: &'static str) {
+        self.inner
+            .http_requests
+            .get_or_create(&Self::http_labels(stream, purpose, result))
+            .inc();
+    }
+    pub fn http_requests(&self, stream: &str, purpose: &'static str, result: &'static str) -> u64 {
+        self.inner
+            .http_requests
+            .get_or_create(&Self::http_labels(stream, purpose, result))
+            .get()
+    }
+    fn http_labels(stream: &str, purpose: &'static str, result: &'static str) -> Labels {
+        vec![
+            ("stream", stream.into()),
+            ("purpose", purpose.into()),
+            ("result", result.into()),
+        ]
     }
 
     /// Fill the scrape-time gauges of one queue.

@@ -323,7 +323,8 @@ pub enum DownlinkOp {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DownlinkRequest {
     pub stream: String,
-    /// Device id (as in the config); the application is checked against it.
+    /// The device's application, checked against the config; empty = whatever application
+    /// the device belongs to (device ids are unique).
     pub application: String,
     pub device: String,
     pub op: DownlinkOp,

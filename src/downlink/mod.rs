@@ -227,8 +227,10 @@ impl Scheduler {
                 (i, d.application.clone(), d.dev_eui, d.class)
             })
         });
+        // An empty application means "the device's own" (device ids are unique across
+        // applications): the HTTP stream addresses devices by id alone.
         let Some((device, app, dev_eui, class)) =
-            found.filter(|(_, app, _, _)| *app == r.application)
+            found.filter(|(_, app, _, _)| r.application.is_empty() || *app == r.application)
         else {
             tracing::info!(stream = %r.stream, device = %r.device, application = %r.application, "downlink for an unknown device ignored");
             self.metrics.downlink_event("unknown_device");

@@ -66,6 +66,8 @@ pub enum DropReason {
     WriteFailed,
     /// Older than `[storage] max_age`.
     Expired,
+    /// The destination refused it for good (an HTTP 4xx with `on_client_error = "drop"`).
+    DeadLetter,
 }
 
 impl DropReason {
@@ -76,6 +78,7 @@ impl DropReason {
             DropReason::Corrupt => "corrupt",
             DropReason::WriteFailed => "write_failed",
             DropReason::Expired => "expired",
+            DropReason::DeadLetter => "dead_letter",
         }
     }
 }

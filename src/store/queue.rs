@@ -155,6 +155,16 @@ impl Queue {
         Ok(removed)
     }
 
+    /// The destination refused the record for good: remove it, counted as a dead letter (not
+    /// as delivered). Returns false if it was already gone.
+    pub fn dead_letter(&self, seq: u64) -> Result<bool, StoreError> {
+        let removed = self.remove(seq)?;
+        if removed {
+            self.count_drop(DropReason::DeadLetter, 1);
+        }
+        Ok(removed)
+    }
+
     fn remove(&self, seq: u64) -> Result<bool, StoreError> {
         match self.inner.tree.remove(seq.to_be_bytes())? {
             Some(v) => {

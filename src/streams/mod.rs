@@ -4,6 +4,8 @@
 //! | kind       | module     | acknowledgement that removes a record      |
 //! |------------|------------|--------------------------------------------|
 //! | `mqtt`     | [`mqtt`]   | PUBACK of the QoS 1 publish                 |
+//! | `aws-iot`  | [`mqtt`]   | PUBACK of the QoS 1 publish                 |
+//! | `http`     | [`http`]   | a 2xx answer to the POST of the batch       |
 //! | `stdout`   | [`lines`]  | the line written and stdout flushed         |
 //! | `file`     | [`lines`]  | the line written and the file fsynced       |
 //!
@@ -13,6 +15,7 @@
 
 pub mod backoff;
 pub mod format;
+pub mod http;
 pub mod lanes;
 pub mod lines;
 pub mod mqtt;
@@ -47,6 +50,7 @@ pub struct StreamContext {
 /// A configured stream, ready to run.
 pub enum Stream {
     Mqtt(Box<mqtt::MqttStream>),
+    Http(Box<http::HttpStream>),
     Lines(lines::LineStream),
 }
 
@@ -64,6 +68,9 @@ impl Stream {
         Ok(match cfg.kind {
             StreamKind::Mqtt | StreamKind::AwsIot => Stream::Mqtt(Box::new(
                 mqtt::MqttStream::new(cfg, ctx, events).map_err(setup)?,
+            )),
+            StreamKind::Http => Stream::Http(Box::new(
+                http::HttpStream::new(cfg, ctx, events).map_err(setup)?,
             )),
             StreamKind::Stdout => Stream::Lines(lines::LineStream::stdout(ctx, events)),
             StreamKind::File => {
@@ -85,6 +92,7 @@ impl Stream {
     pub async fn run(self) {
         match self {
             Stream::Mqtt(s) => s.run().await,
+            Stream::Http(s) => s.run().await,
             Stream::Lines(s) => s.run().await,
         }
     }
