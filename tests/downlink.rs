@@ -135,7 +135,7 @@ async fn push_is_sent_in_rx1_and_decrypts_with_the_device_keys() {
         assert_eq!(t["datr"], "SF9BW125");
         assert_eq!(t["codr"], "4/5");
         assert_eq!(t["ipol"], true);
-        assert_eq!(t["powe"], 14);
+        assert_eq!(t["powe"], 16, "EU868 MaxEIRP (RP002)");
         assert_eq!(t["modu"], "LORA");
         let dl = d.open(&pr.phy, 0).unwrap();
         assert!(dl.mic_ok);
