@@ -395,7 +395,7 @@ impl Scheduler {
                 return (Some((key, item)), total - i);
             }
             let msg = format!(
-                "payload of {} bytes is too large for the data rate of this window (at most {max})",
+                "payload of {} bytes is too large for the data rate the device uses (at most {max} bytes in its RX1/RX2 windows after this uplink)",
                 item.payload.len()
             );
             self.emit(
