@@ -627,6 +627,31 @@ async fn every_tx_ack_refusal_retries_in_rx2_and_an_empty_tx_ack_is_success() {
         .await
     );
 
+    // A TX_ACK with the right token from another gateway is not the answer either.
+    r.push(
+        "dev-1",
+        "push",
+        serde_json::json!({"downlinks":[{"f_port":3,"frm_payload":b64(b"mine")}]}),
+    )
+    .await;
+    r.event("dev-1", "queued", errors.len() + 1).await;
+    r.uplink(&mut d, false, false, &[], tmst).await;
+    let rx1 = r.pull_resp().await;
+    let stranger = Forwarder::connect(r.daemon.udp_addr(), Eui64::from_u64(0xD))
+        .await
+        .unwrap();
+    stranger.tx_ack(rx1.token, Some("TOO_LATE")).await.unwrap();
+    assert!(
+        wait_until(T, || r.daemon.metrics().downlinks("tx_ack_unknown_token")
+            == 2)
+        .await
+    );
+    assert!(r.fwd.pull_resp(Duration::from_millis(300)).await.is_none());
+    r.fwd.tx_ack(rx1.token, None).await.unwrap();
+    let sent = r.event("dev-1", "sent", errors.len() + 1).await;
+    assert_eq!(sent[errors.len()]["downlink_sent"]["rx_window"], 1);
+    tmst += 3_000_000;
+
     // RX1 refused when RX2 is too close to reach the concentrator in time: no RX2 attempt,
     // the downlink waits for the next uplink. (The wait is the point of this check.)
     r.push(
@@ -635,7 +660,7 @@ async fn every_tx_ack_refusal_retries_in_rx2_and_an_empty_tx_ack_is_success() {
         serde_json::json!({"downlinks":[{"f_port":3,"frm_payload":b64(b"late")}]}),
     )
     .await;
-    r.event("dev-1", "queued", errors.len() + 1).await;
+    r.event("dev-1", "queued", errors.len() + 2).await;
     let sent_at = tokio::time::Instant::now();
     r.uplink(&mut d, false, false, &[], tmst).await;
     let rx1 = r.pull_resp().await;
@@ -648,7 +673,7 @@ async fn every_tx_ack_refusal_retries_in_rx2_and_an_empty_tx_ack_is_success() {
     let dl = d.open(&again.phy, fcnt_of(&d, &again.phy)).unwrap();
     assert_eq!(dl.opened.frm_payload, b"late");
     r.fwd.tx_ack(again.token, None).await.unwrap();
-    r.event("dev-1", "sent", errors.len() + 1).await;
+    r.event("dev-1", "sent", errors.len() + 2).await;
     r.daemon.stop().await;
 }
 

@@ -745,11 +745,14 @@ impl Scheduler {
     }
 
     async fn on_tx_ack(&mut self, a: TxAck) {
-        let Some(p) = self.pending.remove(&a.token) else {
-            // A late TX_ACK after the timeout, a forwarder answering someone else's token, or
-            // garbage: nothing to do, but visible.
+        // A late TX_ACK after the timeout, a forwarder answering another one's token, or
+        // garbage: nothing to do, but visible.
+        if self.pending.get(&a.token).map(|p| p.gateway) != Some(a.gateway) {
             self.metrics.downlink_event("tx_ack_unknown_token");
             tracing::debug!(gateway = %a.gateway, token = a.token, "TX_ACK for an unknown token ignored");
+            return;
+        }
+        let Some(p) = self.pending.remove(&a.token) else {
             return;
         };
         let reason = match a.result {

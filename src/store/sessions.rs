@@ -235,3 +235,56 @@ impl Store {
         Ok(Some(join_nonce))
     }
 }
+
+#[cfg(test)]
+mod join_tests {
+    use super::*;
+    use crate::config::StorageConfig;
+
+    fn open(dir: &std::path::Path) -> Store {
+        let cfg = StorageConfig {
+            path: dir.join("db"),
+            flush_every_ms: 0,
+            ..Default::default()
+        };
+        Store::open(&cfg, &[]).unwrap().0
+    }
+
+    #[tokio::test]
+    async fn dev_nonces_are_remembered_bounded_and_join_nonces_count_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let eui = Eui64::from_u64(7);
+        {
+            let s = open(dir.path());
+            // Random DevNonces (1.0.0-1.0.3): any unused value; a used one is a replay.
+            assert_eq!(s.accept_join(eui, 500, false).await.unwrap(), Some(1));
+            assert_eq!(s.accept_join(eui, 20, false).await.unwrap(), Some(2));
+            assert_eq!(s.accept_join(eui, 500, false).await.unwrap(), None);
+            // Another device has its own history and counter.
+            let other = Eui64::from_u64(8);
+            assert_eq!(s.accept_join(other, 500, false).await.unwrap(), Some(1));
+        }
+        let s = open(dir.path());
+        assert_eq!(
+            s.accept_join(eui, 20, false).await.unwrap(),
+            None,
+            "after reopen"
+        );
+        assert_eq!(s.accept_join(eui, 21, false).await.unwrap(), Some(3));
+        // 1.0.4: counting up from the last one.
+        assert_eq!(s.accept_join(eui, 21, true).await.unwrap(), None);
+        assert_eq!(s.accept_join(eui, 22, true).await.unwrap(), Some(4));
+        // The history is bounded: the oldest DevNonces are forgotten.
+        for n in 1000..1000 + DEV_NONCE_HISTORY as u16 {
+            assert!(s.accept_join(eui, n, false).await.unwrap().is_some());
+        }
+        assert!(
+            s.accept_join(eui, 500, false).await.unwrap().is_some(),
+            "forgotten after {DEV_NONCE_HISTORY} newer ones"
+        );
+        assert_eq!(s.accept_join(eui, 1000 + 10, false).await.unwrap(), None);
+        let stored: Vec<u16> =
+            postcard::from_bytes(&s.otaa.get(nonce_key(eui)).unwrap().unwrap()).unwrap();
+        assert_eq!(stored.len(), DEV_NONCE_HISTORY);
+    }
+}
