@@ -248,6 +248,33 @@ async fn class_c_is_sent_at_once_in_rx2() {
     r.fwd.tx_ack(pr.token, None).await.unwrap();
     let s = r.event("dev-1", "sent", 1).await;
     assert_eq!(s[0]["downlink_sent"]["class"], "C");
+
+    // A confirmed class C downlink: sent at once; an uplink without the ACK bit makes it go out
+    // again at once (new FCntDown); the next uplink's ACK completes it.
+    r.push(
+        "dev-1",
+        "push",
+        serde_json::json!({"downlinks":[{"f_port":9,"frm_payload":b64(b"conf"),"confirmed":true}]}),
+    )
+    .await;
+    let pr = r.pull_resp().await;
+    assert_eq!(pr.txpk["imme"], true);
+    let dl = d.open(&pr.phy, 1).unwrap();
+    assert!(dl.mic_ok && dl.confirmed);
+    r.fwd.tx_ack(pr.token, None).await.unwrap();
+    r.event("dev-1", "sent", 2).await;
+    r.uplink(&mut d, false, false, &[], 5_000_000).await;
+    let again = r.pull_resp().await;
+    assert_eq!(again.txpk["imme"], true);
+    let dl = d.open(&again.phy, 2).unwrap();
+    assert!(dl.mic_ok, "resent with FCntDown 2");
+    assert_eq!(dl.opened.frm_payload, b"conf");
+    r.fwd.tx_ack(again.token, None).await.unwrap();
+    r.event("dev-1", "sent", 3).await;
+    r.uplink(&mut d, false, true, &[], 9_000_000).await;
+    let ack = r.event("dev-1", "ack", 1).await;
+    assert_eq!(ack[0]["downlink_ack"]["attempts"], 2);
+    assert!(r.fwd.pull_resp(Duration::from_millis(700)).await.is_none());
     r.daemon.stop().await;
 }
 

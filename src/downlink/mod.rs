@@ -163,8 +163,10 @@ pub struct Scheduler {
     streams: HashMap<String, StreamLink>,
     metrics: Metrics,
     pending: HashMap<u16, Pending>,
-    /// Confirmed downlinks sent, waiting for the device's ACK: device → (key, item, attempts).
-    awaiting_ack: HashMap<usize, (Vec<u8>, DownlinkItem, u8)>,
+    /// Confirmed downlinks sent, waiting for the device's ACK: device → (store key, item).
+    awaiting_ack: HashMap<usize, (Vec<u8>, DownlinkItem)>,
+    /// How often each confirmed downlink (store key) has been sent.
+    attempts: HashMap<Vec<u8>, u8>,
     /// Last uplink of each device (receptions best first, radio settings), for class C.
     last_heard: HashMap<usize, (Vec<RxInfo>, TxSettings)>,
 }
@@ -209,6 +211,7 @@ impl Scheduler {
             metrics,
             pending: HashMap::new(),
             awaiting_ack: HashMap::new(),
+            attempts: HashMap::new(),
             last_heard: HashMap::new(),
         }
     }
@@ -333,6 +336,7 @@ impl Scheduler {
             Ok(Ok(removed)) => {
                 if !removed.is_empty() {
                     self.awaiting_ack.remove(&device);
+                    self.attempts.retain(|k, _| !k.starts_with(&dev_eui.0));
                 }
                 for it in &items {
                     self.emit(
@@ -398,6 +402,14 @@ impl Scheduler {
                 "payload of {} bytes is too large for the data rate the device uses (at most {max} bytes in its RX1/RX2 windows after this uplink)",
                 item.payload.len()
             );
+            self.attempts.remove(&key);
+            if self
+                .awaiting_ack
+                .get(&device)
+                .is_some_and(|(k, _)| *k == key)
+            {
+                self.awaiting_ack.remove(&device);
+            }
             self.emit(
                 device,
                 DownlinkEventKind::Failed,
@@ -421,15 +433,17 @@ impl Scheduler {
             .insert(u.device, (u.rx.clone(), u.settings.clone()));
 
         // A confirmed downlink in flight: this uplink acknowledges it, or not.
-        if let Some((key, item, attempts)) = self.awaiting_ack.remove(&u.device) {
+        if let Some((key, item)) = self.awaiting_ack.remove(&u.device) {
+            let attempts = self.attempts.get(&key).copied().unwrap_or(1);
             if u.ack {
                 self.emit(
                     u.device,
                     DownlinkEventKind::Ack,
                     Some(&item),
                     &item.stream,
-                    serde_json::json!({}),
+                    serde_json::json!({ "attempts": attempts }),
                 );
+                self.attempts.remove(&key);
                 let _ = self.store.downlink_remove(&key).await;
             } else if attempts >= MAX_CONFIRMED_ATTEMPTS {
                 self.emit(
@@ -439,11 +453,11 @@ impl Scheduler {
                     &item.stream,
                     serde_json::json!({ "attempts": attempts }),
                 );
+                self.attempts.remove(&key);
                 let _ = self.store.downlink_remove(&key).await;
-            } else {
-                // Stays first in the queue: sent again below with a new FCntDown.
-                self.awaiting_ack.insert(u.device, (key, item, attempts));
             }
+            // Otherwise it is still first in the queue and goes out again with a new FCntDown:
+            // below for class A, at once for class C.
         }
 
         let answers: Vec<MacCmd> = u
@@ -820,13 +834,8 @@ impl Scheduler {
             detail,
         );
         if item.confirmed {
-            let attempts = self
-                .awaiting_ack
-                .get(&p.device)
-                .map(|(_, _, a)| *a)
-                .unwrap_or(0)
-                + 1;
-            self.awaiting_ack.insert(p.device, (key, item, attempts));
+            *self.attempts.entry(key.clone()).or_insert(0) += 1;
+            self.awaiting_ack.insert(p.device, (key, item));
         } else if let Err(e) = self.store.downlink_remove(&key).await {
             tracing::error!(error = %e, "cannot remove a sent downlink");
         }
