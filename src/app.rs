@@ -73,6 +73,7 @@ pub fn registry_from(cfg: &Config) -> Registry {
             class: d.class,
             app_key: d.app_key,
             join_eui: d.join_eui,
+            dev_nonce_counts_up: d.lorawan_version.dev_nonce_counts_up(),
             pending: None,
             session: match (d.dev_addr, d.nwk_s_key, d.app_s_key) {
                 (Some(dev_addr), Some(nwk_s_key), Some(app_s_key)) => Some(Session {
@@ -211,11 +212,12 @@ impl Daemon {
         }
 
         let downlinker = Downlinker::new(socket.clone(), gateways.clone());
+        let plan = crate::downlink::window::RxPlan::new(cfg.gateway.region, cfg.gateway.rx2_dr);
         let scheduler = Scheduler::new(
             registry.clone(),
             store.clone(),
             downlinker,
-            cfg.gateway.region,
+            plan,
             links,
             metrics.clone(),
         );
@@ -244,8 +246,9 @@ impl Daemon {
             metrics.clone(),
             Duration::from_millis(cfg.gateway.dedup_window_ms),
             crate::uplink::JoinSettings {
-                region: cfg.gateway.region,
+                plan,
                 net_id: cfg.gateway.net_id(),
+                sub_band: cfg.gateway.sub_band,
             },
         );
         let uplink = tokio::spawn(stage.run(rx));

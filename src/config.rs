@@ -124,8 +124,8 @@ pub struct Config {
     pub streams: Vec<Spanned<StreamConfig>>,
 }
 
-/// LoRaWAN region. Only the uplink side is region-independent today; the downlink tables
-/// (RX1/RX2) arrive with the downlink work.
+/// LoRaWAN region: the downlink tables (RX1/RX2, data rates, payload sizes, power) of
+/// `downlink::window`, from LoRaWAN Regional Parameters RP002-1.0.x. AS923 is AS923-1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 pub enum Region {
     #[default]
@@ -133,6 +133,17 @@ pub enum Region {
     US915,
     AU915,
     AS923,
+}
+
+impl Region {
+    /// LoRa data rates a gateway transmits with (RP002-1.0.3 "Data Rate and End-device Output
+    /// Power encoding": EU868/AS923 DR0..6; US915/AU915 DR8..13, the 500 kHz downlink rates).
+    pub fn downlink_drs(self) -> std::ops::RangeInclusive<u8> {
+        match self {
+            Region::EU868 | Region::AS923 => 0..=6,
+            Region::US915 | Region::AU915 => 8..=13,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -155,6 +166,15 @@ pub struct GatewayConfig {
     /// NetID for OTAA DevAddrs (6 hex digits). 000000 and 000001 are for private networks;
     /// DevAddrs get the NetID's 7-bit NwkID as their top bits.
     pub net_id: String,
+    /// RX2 data rate for every device (default: the region's, e.g. DR0 in EU868; TTN uses DR3
+    /// there). OTAA devices learn it from the JoinAccept; ABP devices must be set to the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rx2_dr: Option<u8>,
+    /// US915/AU915: the 8-channel sub-band (1..8) the gateway listens on. JoinAccepts then carry
+    /// a channel-mask CFList (type 1) enabling only those channels and their 500 kHz channel;
+    /// devices of LoRaWAN 1.0.3 or later apply it, earlier ones ignore it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub_band: Option<u8>,
 }
 
 impl GatewayConfig {
@@ -172,6 +192,8 @@ impl Default for GatewayConfig {
             udp_recv_buffer: 8 * 1024 * 1024,
             eui: None,
             net_id: "000000".into(),
+            rx2_dr: None,
+            sub_band: None,
         }
     }
 }
@@ -268,6 +290,11 @@ pub struct DeviceConfig {
     pub dev_eui: Eui64,
     #[serde(default)]
     pub class: DeviceClass,
+    /// OTAA: the device's LoRaWAN version, which decides the DevNonce rule: 1.0.0–1.0.3 devices
+    /// pick random DevNonces (a used one is refused), 1.0.4 devices count up (a DevNonce not
+    /// above the last one is refused). Default "1.0.3", which also accepts 1.0.4 devices.
+    #[serde(default)]
+    pub lorawan_version: LorawanVersion,
     /// ABP.
     #[serde(
         default,
@@ -300,6 +327,30 @@ pub struct DeviceConfig {
         serialize_with = "ser_masked"
     )]
     pub app_key: Option<AesKey>,
+}
+
+/// LoRaWAN version of a device (1.0.x; what lorastream implements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum LorawanVersion {
+    #[serde(rename = "1.0.0")]
+    V1_0_0,
+    #[serde(rename = "1.0.1")]
+    V1_0_1,
+    #[serde(rename = "1.0.2")]
+    V1_0_2,
+    #[default]
+    #[serde(rename = "1.0.3")]
+    V1_0_3,
+    #[serde(rename = "1.0.4")]
+    V1_0_4,
+}
+
+impl LorawanVersion {
+    /// LoRaWAN 1.0.4 §6.2.5: DevNonce is a counter; the network refuses one that is not
+    /// greater than the last (earlier versions use random DevNonces).
+    pub fn dev_nonce_counts_up(self) -> bool {
+        self == LorawanVersion::V1_0_4
+    }
 }
 
 /// Stream kinds.
@@ -804,6 +855,29 @@ impl Config {
                     self.gateway.net_id
                 ),
             ));
+        }
+        if let Some(dr) = self.gateway.rx2_dr {
+            if !self.gateway.region.downlink_drs().contains(&dr) {
+                return Err(top(
+                    "rx2_dr",
+                    format!(
+                        "DR{dr} is not a downlink data rate of {:?} (EU868/AS923: 0..6, US915/AU915: 8..13)",
+                        self.gateway.region
+                    ),
+                ));
+            }
+        }
+        if let Some(sb) = self.gateway.sub_band {
+            if !matches!(self.gateway.region, Region::US915 | Region::AU915)
+                || !(1..=8).contains(&sb)
+            {
+                return Err(top(
+                    "sub_band",
+                    format!(
+                        "sub_band = {sb}: only US915 and AU915 have sub-bands, numbered 1..8 (channels 8n-8..8n-1)"
+                    ),
+                ));
+            }
         }
         if self.gateway.dedup_window_ms > 2_000 {
             return Err(top(

@@ -142,8 +142,24 @@ struct JoinCandidate {
 /// What OTAA needs from the config.
 #[derive(Debug, Clone, Copy)]
 pub struct JoinSettings {
-    pub region: Region,
+    /// Region and the RX settings the JoinAccept gives (DLSettings).
+    pub plan: window::RxPlan,
     pub net_id: u32,
+    /// US915/AU915: the gateway's sub-band, for a channel-mask CFList.
+    pub sub_band: Option<u8>,
+}
+
+impl JoinSettings {
+    /// The CFList of a JoinAccept: EU868's five extra channels (type 0); US915/AU915 the
+    /// configured sub-band (type 1) or none; none for AS923 (optional there, and which extra
+    /// channels a gateway has is not known).
+    pub fn cf_list(&self) -> Option<[u8; 16]> {
+        match self.plan.region {
+            Region::EU868 => Some(otaa::eu868_cf_list()),
+            Region::US915 | Region::AU915 => self.sub_band.and_then(otaa::channel_mask_cf_list),
+            Region::AS923 => None,
+        }
+    }
 }
 
 pub struct UplinkStage {
@@ -247,13 +263,23 @@ impl UplinkStage {
             return;
         };
         let eui = j.request.dev_eui;
-        // DevNonce must not repeat (1.0.x §6.2.4); recorded and fsynced before answering.
-        match self.store.use_dev_nonce(eui, j.request.dev_nonce).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let counts_up = self
+            .registry
+            .lock()
+            .map(|r| r.device(j.device).dev_nonce_counts_up)
+            .unwrap_or(false);
+        // DevNonce must not repeat (1.0.x §6.2.4); recorded, with the next JoinNonce, and
+        // fsynced before answering.
+        let app_nonce = match self
+            .store
+            .accept_join(eui, j.request.dev_nonce, counts_up)
+            .await
+        {
+            Ok(Some(join_nonce)) => join_nonce,
+            Ok(None) => {
                 self.metrics.uplink("join_replay");
                 if self.warn.allow() {
-                    tracing::warn!(dev_eui = %eui, dev_nonce = j.request.dev_nonce, "JoinRequest with a DevNonce used before ignored (replay)");
+                    tracing::warn!(dev_eui = %eui, dev_nonce = j.request.dev_nonce, counts_up, "JoinRequest with a DevNonce used before (or, for a LoRaWAN 1.0.4 device, not above the last one) ignored: replay");
                 }
                 return;
             }
@@ -261,7 +287,7 @@ impl UplinkStage {
                 tracing::error!(error = %e, "cannot record a DevNonce; JoinRequest ignored");
                 return;
             }
-        }
+        };
         let (app_key, application, device, dev_addr) = {
             let Ok(reg) = self.registry.lock() else {
                 return;
@@ -275,26 +301,26 @@ impl UplinkStage {
             }
             (app_key, d.application.clone(), d.id.clone(), dev_addr)
         };
-        let app_nonce: u32 = rand::random::<u32>() & 0x00FF_FFFF;
         let (nwk_s_key, app_s_key) =
             otaa::derive_session_keys(&app_key, app_nonce, self.join.net_id, j.request.dev_nonce);
-        let rx2 = window::rx2(self.join.region, None);
+        let plan = self.join.plan;
         let ja = otaa::JoinAccept {
             app_nonce,
             net_id: self.join.net_id,
             dev_addr,
-            rx1_dr_offset: 0,
-            rx2_dr: rx2.dr,
+            rx1_dr_offset: plan.rx1_dr_offset,
+            rx2_dr: plan.rx2_dr,
+            // RX1 one second after the uplink (RECEIVE_DELAY1), as for ABP devices.
             rx_delay: 1,
-            cf_list: (self.join.region == Region::EU868).then(otaa::eu868_cf_list),
+            cf_list: self.join.cf_list(),
         };
         let phy = otaa::encode_join_accept(&ja, &app_key);
         let pending = OtaaSession {
             dev_addr,
             nwk_s_key: nwk_s_key.0,
             app_s_key: app_s_key.0,
-            rx1_dr_offset: 0,
-            rx2_dr: rx2.dr,
+            rx1_dr_offset: plan.rx1_dr_offset,
+            rx2_dr: plan.rx2_dr,
             rx_delay: 1,
         };
         if let Err(e) = self.store.save_otaa_pending(eui, &pending).await {
@@ -318,10 +344,12 @@ impl UplinkStage {
         self.metrics.uplink("join_accepted");
         tracing::info!(%device, dev_eui = %eui, %dev_addr, "OTAA join accepted");
         if let Some(tx) = &self.downlinks {
+            let mut rx: Vec<_> = j.rx.iter().map(|r| r.rx.clone()).collect();
+            rx.sort_by(|a, b| b.snr.total_cmp(&a.snr).then(b.rssi.cmp(&a.rssi)));
             let job = JoinAcceptJob {
                 device: j.device,
                 phy,
-                best: best.rx.clone(),
+                rx,
                 settings: best.settings.clone(),
                 arrived: j
                     .rx
@@ -454,8 +482,7 @@ impl UplinkStage {
                     confirmed: header.confirmed,
                     ack: header.ack,
                     mac,
-                    best: rx[0].rx.clone(),
-                    gateways: rx.len(),
+                    rx: rx.iter().map(|r| r.rx.clone()).collect(),
                     settings: rx[0].settings.clone(),
                     arrived: rx
                         .iter()

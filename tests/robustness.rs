@@ -47,6 +47,7 @@ fn registry(d: &SimDevice) -> Registry {
         class: DeviceClass::A,
         app_key: Some(AesKey([3; 16])),
         join_eui: None,
+        dev_nonce_counts_up: false,
         pending: None,
         session: Some(Session {
             dev_addr: d.dev_addr,

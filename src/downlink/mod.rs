@@ -2,14 +2,23 @@
 //!
 //! Inputs (one channel, so one task owns all downlink state):
 //! - [`Input::Uplink`], from the uplink stage after an uplink is stored: the class A
-//!   opportunity. The scheduler answers in RX1 (RX2 if RX1 is refused) with the next queued
-//!   downlink, the ACK of a confirmed uplink, and its MAC answers (LinkCheckAns, DeviceTimeAns),
-//!   whichever apply; `FPending` says more is queued.
+//!   opportunity. The scheduler answers in RX1, or in RX2 when RX1 has passed or cannot carry
+//!   the frame, with the next queued downlink, the ACK of a confirmed uplink, and its MAC answers
+//!   (LinkCheckAns, DeviceTimeAns), whichever apply; `FPending` says more is queued. It answers
+//!   through the gateway that heard the uplink best (best SNR, then RSSI) that has a downlink
+//!   path, with that gateway's `tmst`.
 //! - [`Input::Request`], from a stream: `push`/`replace` a device's queue (persisted and fsynced
 //!   before the stream acknowledges the cloud's message). Class C devices are served at once.
 //! - [`Input::TxAck`], from ingress: a forwarder accepted or refused a PULL_RESP. Refused in RX1
-//!   → retried in RX2; refused again → kept for the next uplink.
-//! - [`Input::JoinAccept`]: an OTAA JoinAccept to send at JOIN_ACCEPT_DELAY1/2.
+//!   (TOO_LATE, TOO_EARLY, COLLISION_PACKET, COLLISION_BEACON, TX_FREQ, TX_POWER, ...) → the same
+//!   frame is sent for RX2 if RX2 is still ahead and can carry it; otherwise, and when RX2 is
+//!   refused too, the downlink stays queued for the next uplink (with a new FCntDown).
+//! - [`Input::JoinAccept`]: an OTAA JoinAccept to send at JOIN_ACCEPT_DELAY1, or DELAY2 when
+//!   the first window has passed or is refused.
+//!
+//! A payload larger than the biggest window the device has after an uplink (RX1 or RX2, minus
+//! the MAC answers in FOpts) fails with a `down/failed` event; one that only fits a window that
+//! has already passed waits for the next uplink.
 //!
 //! FCntDown is persisted (fsync) before any PULL_RESP leaves, so a crash never reuses one.
 //! Events (`queued`, `sent`, `ack`, `nack`, `failed`) go back to the stream the downlink came
@@ -18,8 +27,8 @@
 pub mod json;
 pub mod window;
 
-use crate::config::{Region, Scope};
-use crate::ingress::udp::{Downlinker, TxAck};
+use crate::config::Scope;
+use crate::ingress::udp::{Downlinker, SendError, TxAck};
 use crate::lorawan::frame::{encode, DataFrame, MacCmd};
 use crate::lorawan::mac;
 use crate::lorawan::session::{DeviceClass, Registry};
@@ -33,7 +42,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use window::Window;
+use window::{
+    RxPlan, Window, JOIN_ACCEPT_DELAY1, JOIN_ACCEPT_DELAY2, RECEIVE_DELAY1, RECEIVE_DELAY2,
+};
 
 /// The registry shared by the uplink stage (FCntUp) and the scheduler (FCntDown, keys).
 pub type SharedRegistry = Arc<Mutex<Registry>>;
@@ -42,9 +53,13 @@ pub type SharedRegistry = Arc<Mutex<Registry>>;
 pub const MAX_CONFIRMED_ATTEMPTS: u8 = 3;
 /// Queued downlinks per device.
 pub const MAX_QUEUE: usize = 64;
+/// FOpts holds at most 15 bytes of MAC commands (LoRaWAN 1.0.x §4.3.1.6, FOptsLen is 4 bits).
+const MAX_FOPTS: usize = 15;
 /// A PULL_RESP without TX_ACK after this long is taken as sent (GWMP v1 forwarders never ACK).
 const TX_ACK_TIMEOUT: Duration = Duration::from_secs(3);
-/// Margin to keep before a window's time for the PULL_RESP to reach the concentrator.
+/// Margin to keep before a window's time for the PULL_RESP to reach the concentrator: the
+/// forwarder needs the packet in its JIT queue some tens of ms ahead (lora_pkt_fwd refuses
+/// with TOO_LATE below about 30 ms); 100 ms also covers a loaded Raspberry Pi.
 const SCHEDULE_MARGIN: Duration = Duration::from_millis(100);
 
 /// A class A opportunity: what the scheduler needs of an accepted uplink.
@@ -56,9 +71,8 @@ pub struct UplinkInfo {
     pub ack: bool,
     /// MAC commands the device sent (FOpts or FPort 0).
     pub mac: Vec<MacCmd>,
-    /// Best reception (the gateway to answer through).
-    pub best: RxInfo,
-    pub gateways: usize,
+    /// Every reception, best first: the gateways to answer through, in order of preference.
+    pub rx: Vec<RxInfo>,
     pub settings: TxSettings,
     /// When the first reception arrived here (the RX windows count from there).
     pub arrived: Instant,
@@ -69,7 +83,8 @@ pub struct UplinkInfo {
 pub struct JoinAcceptJob {
     pub device: usize,
     pub phy: Vec<u8>,
-    pub best: RxInfo,
+    /// Receptions of the JoinRequest, best first.
+    pub rx: Vec<RxInfo>,
     pub settings: TxSettings,
     pub arrived: Instant,
 }
@@ -91,6 +106,15 @@ enum Slot {
     Immediate,
 }
 
+/// Where to send a frame again if its RX1 transmission is refused.
+#[derive(Debug, Clone)]
+struct Fallback {
+    window: Window,
+    tmst: u32,
+    /// After this, the PULL_RESP could not reach the concentrator in time for RX2.
+    deadline: Instant,
+}
+
 /// A PULL_RESP waiting for its TX_ACK.
 struct Pending {
     device: usize,
@@ -102,9 +126,23 @@ struct Pending {
     gateway: Eui64,
     window: Window,
     tmst: Option<u32>,
-    /// Where to retry if RX1 is refused.
-    rx2: Option<(Window, u32)>,
+    rx2: Option<Fallback>,
+    join_accept: bool,
     sent_at: Instant,
+}
+
+/// What to send, where and when.
+struct Tx {
+    device: usize,
+    item: Option<(Vec<u8>, DownlinkItem)>,
+    f_cnt: Option<u32>,
+    phy: Vec<u8>,
+    slot: Slot,
+    gateway: Eui64,
+    window: Window,
+    tmst: Option<u32>,
+    rx2: Option<Fallback>,
+    join_accept: bool,
 }
 
 /// Per-stream scope and event channel.
@@ -117,14 +155,41 @@ pub struct Scheduler {
     registry: SharedRegistry,
     store: Store,
     tx: Downlinker,
-    region: Region,
+    /// The network's RX settings (region, RX2 data rate).
+    plan: RxPlan,
+    /// The region's defaults: what a device uses before its JoinAccept (RX1DROffset 0, default
+    /// RX2 data rate), so the windows of the JoinAccept itself.
+    join_plan: RxPlan,
     streams: HashMap<String, StreamLink>,
     metrics: Metrics,
     pending: HashMap<u16, Pending>,
-    /// Confirmed downlinks sent, waiting for the device's ACK: device → (key, item, attempts).
-    awaiting_ack: HashMap<usize, (Vec<u8>, DownlinkItem, u8)>,
-    /// Last uplink of each device, for class C routing.
-    last_heard: HashMap<usize, (RxInfo, TxSettings)>,
+    /// Confirmed downlinks sent, waiting for the device's ACK: device → (store key, item).
+    awaiting_ack: HashMap<usize, (Vec<u8>, DownlinkItem)>,
+    /// How often each confirmed downlink (store key) has been sent.
+    attempts: HashMap<Vec<u8>, u8>,
+    /// Last uplink of each device (receptions best first, radio settings), for class C.
+    last_heard: HashMap<usize, (Vec<RxInfo>, TxSettings)>,
+}
+
+/// MAC answers that fit FOpts, in order; the rest are dropped (the device asks again).
+fn fit_fopts(answers: Vec<MacCmd>) -> (Vec<MacCmd>, usize) {
+    let mut used = 0;
+    let kept: Vec<MacCmd> = answers
+        .into_iter()
+        .filter(|m| {
+            let n = 1 + m.payload.len();
+            let fits = used + n <= MAX_FOPTS;
+            if fits {
+                used += n;
+            }
+            fits
+        })
+        .collect();
+    (kept, used)
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros() as u32
 }
 
 impl Scheduler {
@@ -132,7 +197,7 @@ impl Scheduler {
         registry: SharedRegistry,
         store: Store,
         tx: Downlinker,
-        region: Region,
+        plan: RxPlan,
         streams: HashMap<String, StreamLink>,
         metrics: Metrics,
     ) -> Self {
@@ -140,11 +205,13 @@ impl Scheduler {
             registry,
             store,
             tx,
-            region,
+            plan,
+            join_plan: RxPlan::new(plan.region, None),
             streams,
             metrics,
             pending: HashMap::new(),
             awaiting_ack: HashMap::new(),
+            attempts: HashMap::new(),
             last_heard: HashMap::new(),
         }
     }
@@ -271,6 +338,7 @@ impl Scheduler {
             Ok(Ok(removed)) => {
                 if !removed.is_empty() {
                     self.awaiting_ack.remove(&device);
+                    self.attempts.retain(|k, _| !k.starts_with(&dev_eui.0));
                 }
                 for it in &items {
                     self.emit(
@@ -333,9 +401,17 @@ impl Scheduler {
                 return (Some((key, item)), total - i);
             }
             let msg = format!(
-                "payload of {} bytes is too large for the data rate of this window (at most {max})",
+                "payload of {} bytes is too large for the data rate the device uses (at most {max} bytes in its RX1/RX2 windows after this uplink)",
                 item.payload.len()
             );
+            self.attempts.remove(&key);
+            if self
+                .awaiting_ack
+                .get(&device)
+                .is_some_and(|(k, _)| *k == key)
+            {
+                self.awaiting_ack.remove(&device);
+            }
             self.emit(
                 device,
                 DownlinkEventKind::Failed,
@@ -352,19 +428,24 @@ impl Scheduler {
         let Some((_, device_id, dev_eui, class)) = self.device_ids(u.device) else {
             return;
         };
+        let Some(best) = u.rx.first().cloned() else {
+            return;
+        };
         self.last_heard
-            .insert(u.device, (u.best.clone(), u.settings.clone()));
+            .insert(u.device, (u.rx.clone(), u.settings.clone()));
 
         // A confirmed downlink in flight: this uplink acknowledges it, or not.
-        if let Some((key, item, attempts)) = self.awaiting_ack.remove(&u.device) {
+        if let Some((key, item)) = self.awaiting_ack.remove(&u.device) {
+            let attempts = self.attempts.get(&key).copied().unwrap_or(1);
             if u.ack {
                 self.emit(
                     u.device,
                     DownlinkEventKind::Ack,
                     Some(&item),
                     &item.stream,
-                    serde_json::json!({}),
+                    serde_json::json!({ "attempts": attempts }),
                 );
+                self.attempts.remove(&key);
                 let _ = self.store.downlink_remove(&key).await;
             } else if attempts >= MAX_CONFIRMED_ATTEMPTS {
                 self.emit(
@@ -374,11 +455,11 @@ impl Scheduler {
                     &item.stream,
                     serde_json::json!({ "attempts": attempts }),
                 );
+                self.attempts.remove(&key);
                 let _ = self.store.downlink_remove(&key).await;
-            } else {
-                // Stays first in the queue: sent again below with a new FCntDown.
-                self.awaiting_ack.insert(u.device, (key, item, attempts));
             }
+            // Otherwise it is still first in the queue and goes out again with a new FCntDown:
+            // below for class A, at once for class C.
         }
 
         let answers: Vec<MacCmd> = u
@@ -386,28 +467,27 @@ impl Scheduler {
             .iter()
             .filter_map(|c| match c.cid {
                 mac::LINK_CHECK => Some(mac::link_check_ans(
-                    u.best.snr,
+                    best.snr,
                     u.settings.spreading_factor,
-                    u.gateways,
+                    u.rx.len(),
                 )),
-                mac::DEVICE_TIME => Some(mac::device_time_ans(u.best.received_at_us)),
+                mac::DEVICE_TIME => Some(mac::device_time_ans(best.received_at_us)),
                 other => {
                     tracing::debug!(device = %device_id, cid = other, "MAC command ignored");
                     None
                 }
             })
             .collect();
+        let (answers, fopts) = fit_fopts(answers);
 
-        let rx_delay = Duration::from_secs(1);
-        let rx1 = window::rx1(self.region, &u.settings, 0);
-        let rx2 = window::rx2(self.region, None);
-        let max = rx1
-            .as_ref()
-            .map(|w| window::max_payload(self.region, w))
-            .unwrap_or(0)
-            .min(window::max_payload(self.region, &rx2));
+        let rx1 = self.plan.rx1(&u.settings);
+        let rx2 = self.plan.rx2(Some(&u.settings));
+        // The most this device can receive after this uplink: a payload above it is too large
+        // for the data rate and fails; below, it waits until a window can carry it.
+        let room = |w: &Option<Window>| w.as_ref().map(|w| w.max_payload.saturating_sub(fopts));
+        let limit = room(&rx1).max(room(&rx2)).unwrap_or(0);
         let (item, queued) = if class == DeviceClass::A || u.confirmed || !answers.is_empty() {
-            self.next_item(u.device, dev_eui, max).await
+            self.next_item(u.device, dev_eui, limit).await
         } else {
             (None, 0)
         };
@@ -425,52 +505,86 @@ impl Scheduler {
             return;
         }
 
-        // Which window is still reachable?
+        // Which window is still reachable, and can carry the frame?
         let elapsed = u.arrived.elapsed();
-        let (slot, win, tmst, retry) = match rx1 {
-            Some(w1) if elapsed + SCHEDULE_MARGIN < rx_delay => {
-                let t1 = u.best.tmst.wrapping_add(rx_delay.as_micros() as u32);
-                let t2 = t1.wrapping_add(1_000_000);
-                (Slot::Rx1, w1, t1, Some((rx2.clone(), t2)))
-            }
-            _ if elapsed + SCHEDULE_MARGIN < rx_delay + Duration::from_secs(1) => {
-                let t2 = u
-                    .best
-                    .tmst
-                    .wrapping_add(rx_delay.as_micros() as u32 + 1_000_000);
-                (Slot::Rx2, rx2.clone(), t2, None)
-            }
-            _ => {
-                tracing::warn!(device = %device_id, elapsed_ms = elapsed.as_millis() as u64, "too late for RX1 and RX2; downlink kept for the next uplink");
-                self.metrics.downlink_event("too_late");
-                return;
+        let rx1_open = elapsed + SCHEDULE_MARGIN < RECEIVE_DELAY1;
+        let rx2_open = elapsed + SCHEDULE_MARGIN < RECEIVE_DELAY2;
+        let fits =
+            |w: &Option<Window>, n: usize| w.as_ref().is_some_and(|w| n + fopts <= w.max_payload);
+        let choose = |n: usize| {
+            if rx1_open && fits(&rx1, n) {
+                Some(Slot::Rx1)
+            } else if rx2_open && fits(&rx2, n) {
+                Some(Slot::Rx2)
+            } else {
+                None
             }
         };
+        let len = item.as_ref().map_or(0, |(_, i)| i.payload.len());
+        let (item, slot) = match choose(len) {
+            Some(slot) => (item, Some(slot)),
+            // The downlink only fits a window that has passed: it waits; the ACK and MAC
+            // answers go alone.
+            None if item.is_some() && (u.confirmed || !answers.is_empty()) => (None, choose(0)),
+            None => (item, None),
+        };
+        let Some(slot) = slot else {
+            tracing::warn!(device = %device_id, elapsed_ms = elapsed.as_millis() as u64, "too late for RX1 and RX2; downlink kept for the next uplink");
+            self.metrics.downlink_event("too_late");
+            return;
+        };
+        let f_pending = queued > usize::from(item.is_some());
         let Some((phy, f_cnt)) = self
             .build_frame(
                 u.device,
                 dev_eui,
                 item.as_ref().map(|(_, i)| i),
                 u.confirmed,
-                queued > 1,
+                f_pending,
                 &answers,
             )
             .await
         else {
             return;
         };
-        self.transmit(
-            u.device,
-            item,
-            Some(f_cnt),
-            phy,
-            slot,
-            u.best.gateway,
-            win,
-            Some(tmst),
-            retry,
-        )
-        .await;
+        let len = len * usize::from(item.is_some());
+        let rx2_deadline = u.arrived + RECEIVE_DELAY2 - SCHEDULE_MARGIN;
+        let mut item = item;
+        for rx in &u.rx {
+            let t1 = rx.tmst.wrapping_add(micros(RECEIVE_DELAY1));
+            let t2 = rx.tmst.wrapping_add(micros(RECEIVE_DELAY2));
+            let (win, tmst, fallback) = match (slot, &rx1, &rx2) {
+                (Slot::Rx1, Some(w1), _) => (
+                    w1.clone(),
+                    t1,
+                    rx2.as_ref().filter(|_| fits(&rx2, len)).map(|w2| Fallback {
+                        window: w2.clone(),
+                        tmst: t2,
+                        deadline: rx2_deadline,
+                    }),
+                ),
+                (_, _, Some(w2)) => (w2.clone(), t2, None),
+                _ => return,
+            };
+            let tx = Tx {
+                device: u.device,
+                item: item.take(),
+                f_cnt: Some(f_cnt),
+                phy: phy.clone(),
+                slot,
+                gateway: rx.gateway,
+                window: win,
+                tmst: Some(tmst),
+                rx2: fallback,
+                join_accept: false,
+            };
+            match self.transmit(tx).await {
+                Ok(()) => break,
+                // That gateway has no downlink path (no PULL_DATA yet): try the next one.
+                Err((SendError::NoRoute(_), back)) => item = back,
+                Err(_) => break,
+            }
+        }
         // RX1 opens 1 s after the uplink: this must stay far below (docs/benchmarks.md).
         self.metrics.observe_schedule_latency(u.arrived.elapsed());
     }
@@ -501,15 +615,6 @@ impl Scheduler {
             tracing::error!(error = %e, "cannot persist FCntDown; downlink not sent");
             return None;
         }
-        let mut mac_bytes = 0;
-        let answers: Vec<MacCmd> = answers
-            .iter()
-            .filter(|m| {
-                mac_bytes += 1 + m.payload.len();
-                mac_bytes <= 15
-            })
-            .cloned()
-            .collect();
         let frame = DataFrame {
             uplink: false,
             confirmed: item.is_some_and(|i| i.confirmed),
@@ -520,7 +625,7 @@ impl Scheduler {
             f_pending,
             f_port: item.map(|i| i.f_port),
             payload: item.map(|i| i.payload.as_slice()).unwrap_or(&[]),
-            mac: &answers,
+            mac: answers,
         };
         match encode(&frame, &nwk, &app) {
             Ok(phy) => Some((phy, f_cnt)),
@@ -531,42 +636,38 @@ impl Scheduler {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Hand a frame to a forwarder. On failure the queued item is handed back (it stays in the
+    /// store either way; this only lets the caller try another gateway).
     async fn transmit(
         &mut self,
-        device: usize,
-        item: Option<(Vec<u8>, DownlinkItem)>,
-        f_cnt: Option<u32>,
-        phy: Vec<u8>,
-        slot: Slot,
-        gateway: Eui64,
-        win: Window,
-        tmst: Option<u32>,
-        rx2: Option<(Window, u32)>,
-    ) {
-        let txpk = window::txpk(&win, tmst, &phy);
-        match self.tx.send(gateway, txpk).await {
+        t: Tx,
+    ) -> Result<(), (SendError, Option<(Vec<u8>, DownlinkItem)>)> {
+        let txpk = window::txpk(&t.window, t.tmst, &t.phy);
+        match self.tx.send(t.gateway, txpk).await {
             Ok(token) => {
                 self.metrics.downlink_event("pull_resp");
                 self.pending.insert(
                     token,
                     Pending {
-                        device,
-                        item,
-                        f_cnt,
-                        phy,
-                        slot,
-                        gateway,
-                        window: win,
-                        tmst,
-                        rx2,
+                        device: t.device,
+                        item: t.item,
+                        f_cnt: t.f_cnt,
+                        phy: t.phy,
+                        slot: t.slot,
+                        gateway: t.gateway,
+                        window: t.window,
+                        tmst: t.tmst,
+                        rx2: t.rx2,
+                        join_accept: t.join_accept,
                         sent_at: Instant::now(),
                     },
                 );
+                Ok(())
             }
             Err(e) => {
-                tracing::warn!(%gateway, error = %e, "cannot send a downlink; kept for the next opportunity");
+                tracing::warn!(gateway = %t.gateway, error = %e, "cannot send a downlink; kept for the next opportunity");
                 self.metrics.downlink_event("send_error");
+                Err((e, t.item))
             }
         }
     }
@@ -577,13 +678,14 @@ impl Scheduler {
         {
             return; // one at a time
         }
-        let Some((best, _)) = self.last_heard.get(&device).cloned() else {
+        let Some((rx, settings)) = self.last_heard.get(&device).cloned() else {
             tracing::info!(%dev_eui, "class C downlink queued until the device is first heard (no gateway known)");
             return;
         };
-        let rx2 = window::rx2(self.region, None);
-        let max = window::max_payload(self.region, &rx2);
-        let (item, queued) = self.next_item(device, dev_eui, max).await;
+        let Some(win) = self.plan.rx2(Some(&settings)) else {
+            return;
+        };
+        let (item, queued) = self.next_item(device, dev_eui, win.max_payload).await;
         let Some(item) = item else { return };
         let Some((phy, f_cnt)) = self
             .build_frame(device, dev_eui, Some(&item.1), false, queued > 1, &[])
@@ -591,71 +693,116 @@ impl Scheduler {
         else {
             return;
         };
-        self.transmit(
-            device,
-            Some(item),
-            Some(f_cnt),
-            phy,
-            Slot::Immediate,
-            best.gateway,
-            rx2,
-            None,
-            None,
-        )
-        .await;
+        let mut item = Some(item);
+        for r in &rx {
+            let tx = Tx {
+                device,
+                item: item.take(),
+                f_cnt: Some(f_cnt),
+                phy: phy.clone(),
+                slot: Slot::Immediate,
+                gateway: r.gateway,
+                window: win.clone(),
+                tmst: None,
+                rx2: None,
+                join_accept: false,
+            };
+            match self.transmit(tx).await {
+                Err((SendError::NoRoute(_), back)) => item = back,
+                _ => break,
+            }
+        }
     }
 
     async fn on_join_accept(&mut self, j: JoinAcceptJob) {
-        let delay1 = window::JOIN_ACCEPT_DELAY1;
         let elapsed = j.arrived.elapsed();
-        let rx1 = window::rx1(self.region, &j.settings, 0);
-        let rx2 = window::rx2(self.region, None);
-        let t1 = j.best.tmst.wrapping_add(delay1.as_micros() as u32);
-        let t2 = t1.wrapping_add(1_000_000);
-        let (slot, win, tmst, retry) = match rx1 {
-            Some(w) if elapsed + SCHEDULE_MARGIN < delay1 => (Slot::Rx1, w, t1, Some((rx2, t2))),
-            _ => (Slot::Rx2, rx2, t2, None),
-        };
-        self.transmit(
-            j.device,
-            None,
-            None,
-            j.phy,
-            slot,
-            j.best.gateway,
-            win,
-            Some(tmst),
-            retry,
-        )
-        .await;
+        // The device still has the region's default RX settings.
+        let rx1 = self.join_plan.rx1(&j.settings);
+        let rx2 = self.join_plan.rx2(Some(&j.settings));
+        let rx2_deadline = j.arrived + JOIN_ACCEPT_DELAY2 - SCHEDULE_MARGIN;
+        for r in &j.rx {
+            let t1 = r.tmst.wrapping_add(micros(JOIN_ACCEPT_DELAY1));
+            let t2 = r.tmst.wrapping_add(micros(JOIN_ACCEPT_DELAY2));
+            let fallback = rx2.as_ref().map(|w| Fallback {
+                window: w.clone(),
+                tmst: t2,
+                deadline: rx2_deadline,
+            });
+            let (slot, win, tmst, fallback) = match (&rx1, &rx2) {
+                (Some(w), _) if elapsed + SCHEDULE_MARGIN < JOIN_ACCEPT_DELAY1 => {
+                    (Slot::Rx1, w.clone(), t1, fallback)
+                }
+                (_, Some(w)) if elapsed + SCHEDULE_MARGIN < JOIN_ACCEPT_DELAY2 => {
+                    (Slot::Rx2, w.clone(), t2, None)
+                }
+                _ => {
+                    tracing::warn!(elapsed_ms = elapsed.as_millis() as u64, "too late for both JoinAccept windows; the device will send a new JoinRequest");
+                    self.metrics.downlink_event("too_late");
+                    return;
+                }
+            };
+            let tx = Tx {
+                device: j.device,
+                item: None,
+                f_cnt: None,
+                phy: j.phy.clone(),
+                slot,
+                gateway: r.gateway,
+                window: win,
+                tmst: Some(tmst),
+                rx2: fallback,
+                join_accept: true,
+            };
+            match self.transmit(tx).await {
+                Err((SendError::NoRoute(_), _)) => continue,
+                _ => break,
+            }
+        }
     }
 
     async fn on_tx_ack(&mut self, a: TxAck) {
+        // A late TX_ACK after the timeout, a forwarder answering another one's token, or
+        // garbage: nothing to do, but visible.
+        if self.pending.get(&a.token).map(|p| p.gateway) != Some(a.gateway) {
+            self.metrics.downlink_event("tx_ack_unknown_token");
+            tracing::debug!(gateway = %a.gateway, token = a.token, "TX_ACK for an unknown token ignored");
+            return;
+        }
         let Some(p) = self.pending.remove(&a.token) else {
-            tracing::debug!(token = a.token, "TX_ACK for an unknown token");
             return;
         };
-        match a.result {
-            Ok(()) => self.sent(p).await,
-            Err(reason) => {
-                self.metrics.downlink_event("tx_refused");
-                if let (Slot::Rx1, Some((w2, t2))) = (p.slot, p.rx2.clone()) {
-                    tracing::info!(gateway = %a.gateway, %reason, "RX1 refused by the gateway; retrying in RX2");
-                    self.transmit(
-                        p.device,
-                        p.item,
-                        p.f_cnt,
-                        p.phy,
-                        Slot::Rx2,
-                        p.gateway,
-                        w2,
-                        Some(t2),
-                        None,
-                    )
-                    .await;
-                } else {
-                    tracing::warn!(gateway = %a.gateway, %reason, "downlink refused by the gateway; kept for the next uplink");
-                }
+        let reason = match a.result {
+            Ok(()) => return self.sent(p).await,
+            Err(reason) => reason,
+        };
+        self.metrics.downlink_event("tx_refused");
+        let what = if p.join_accept {
+            "JoinAccept"
+        } else {
+            "downlink"
+        };
+        match (p.slot, p.rx2) {
+            (Slot::Rx1, Some(f)) if Instant::now() < f.deadline => {
+                tracing::info!(gateway = %a.gateway, %reason, "{what}: RX1 refused by the gateway; retrying in RX2");
+                let tx = Tx {
+                    device: p.device,
+                    item: p.item,
+                    f_cnt: p.f_cnt,
+                    phy: p.phy,
+                    slot: Slot::Rx2,
+                    gateway: p.gateway,
+                    window: f.window,
+                    tmst: Some(f.tmst),
+                    rx2: None,
+                    join_accept: p.join_accept,
+                };
+                let _ = self.transmit(tx).await;
+            }
+            _ if p.join_accept => {
+                tracing::warn!(gateway = %a.gateway, %reason, "JoinAccept refused by the gateway; the device will send a new JoinRequest");
+            }
+            _ => {
+                tracing::warn!(gateway = %a.gateway, %reason, "downlink refused by the gateway; kept for the next uplink");
             }
         }
     }
@@ -665,12 +812,21 @@ impl Scheduler {
         let Some((key, item)) = p.item else { return };
         let detail = serde_json::json!({
             "f_cnt": p.f_cnt,
-            "gateway_ids": { "eui": p.gateway.to_string() },
+            "gateway_ids": {
+                "gateway_id": format!("eui-{}", p.gateway.to_string().to_lowercase()),
+                "eui": p.gateway.to_string(),
+            },
             "timestamp": p.tmst,
             "class": if p.slot == Slot::Immediate { "C" } else { "A" },
             "rx_window": match p.slot { Slot::Rx1 => 1, Slot::Rx2 => 2, Slot::Immediate => 0 },
             "frequency": p.window.freq_hz.to_string(),
-            "data_rate": { "lora": { "spreading_factor": p.window.sf, "bandwidth": p.window.bw_hz } },
+            "data_rate_index": p.window.dr,
+            "data_rate": { "lora": {
+                "spreading_factor": p.window.sf,
+                "bandwidth": p.window.bw_hz,
+                "coding_rate": "4/5",
+            } },
+            "power_dbm": p.window.power_dbm,
         });
         self.emit(
             p.device,
@@ -680,13 +836,8 @@ impl Scheduler {
             detail,
         );
         if item.confirmed {
-            let attempts = self
-                .awaiting_ack
-                .get(&p.device)
-                .map(|(_, _, a)| *a)
-                .unwrap_or(0)
-                + 1;
-            self.awaiting_ack.insert(p.device, (key, item, attempts));
+            *self.attempts.entry(key.clone()).or_insert(0) += 1;
+            self.awaiting_ack.insert(p.device, (key, item));
         } else if let Err(e) = self.store.downlink_remove(&key).await {
             tracing::error!(error = %e, "cannot remove a sent downlink");
         }

@@ -199,6 +199,35 @@ pub fn eu868_cf_list() -> [u8; 16] {
     c
 }
 
+/// US902-928 / AU915-928 CFList (CFListType 1, RP002-1.0.3 "JoinAccept CFList" of both
+/// regions): ChMask0..ChMask4 (16 bits each, LSB first; bit n of ChMaskk = channel 16k + n),
+/// 5 RFU bytes, then CFListType. Enables the eight 125 kHz channels of `sub_band` (1..8, channels
+/// 8·(sub_band−1) .. +7) and the 500 kHz channel 64 + (sub_band−1), nothing else.
+pub fn channel_mask_cf_list(sub_band: u8) -> Option<[u8; 16]> {
+    if !(1..=8).contains(&sub_band) {
+        return None;
+    }
+    let sb = usize::from(sub_band - 1);
+    let mut c = [0u8; 16];
+    c[sb] = 0xFF; // channels 8·sb .. 8·sb+7 are byte sb of ChMask0..3
+    c[8] = 1 << sb; // ChMask4, channels 64..71
+    c[15] = 1; // CFListType: channel mask
+    Some(c)
+}
+
+/// Whether a JoinRequest's DevNonce may be used, given the DevNonces already used by the device
+/// (oldest first). LoRaWAN 1.0.0–1.0.3 §6.2.4: DevNonce is random and the network "keeps track
+/// of a certain number of DevNonce values used by the end-device in the past, and ignores join
+/// requests with any of these"; LoRaWAN 1.0.4 §6.2.4: DevNonce counts up from 0 and a
+/// JoinRequest whose DevNonce is not greater than the last one is ignored.
+pub fn dev_nonce_fresh(used: &[u16], nonce: u16, counts_up: bool) -> bool {
+    if counts_up {
+        used.last().is_none_or(|&last| nonce > last)
+    } else {
+        !used.contains(&nonce)
+    }
+}
+
 /// A DevAddr for NetID `net_id` (type 0 NetIDs: the 7-bit NwkID is the NetID's low 7 bits, in
 /// the top 7 bits of the address) and a 25-bit NwkAddr.
 pub fn dev_addr_for(net_id: u32, nwk_addr: u32) -> DevAddr {
@@ -288,6 +317,78 @@ mod tests {
             encode_join_accept(&ja, &key),
             JOIN_ACCEPT_CFLIST_KEY1.to_vec()
         );
+    }
+
+    /// A JoinRequest/JoinAccept exchange captured from The Things Network and published by
+    /// Arjan van Bentem ("Deciphering a LoRaWAN OTAA Join Accept", runkit.com/avbentem), with
+    /// the session keys he derived: an EU868 JoinAccept with CFList, RX2 DR3, NetID 000013.
+    #[test]
+    fn ttn_published_join_exchange() {
+        let app_key: AesKey = "B6B53F4A168A7A88BDF7EA135CE9CFCA".parse().unwrap();
+        let jr = hex::decode("00DC0000D07ED5B3701E6FEDF57CEEAF0085CC587FE913").unwrap();
+        let r = parse_join_request(&jr).unwrap();
+        assert_eq!(r.join_eui, "70B3D57ED00000DC".parse().unwrap());
+        assert_eq!(r.dev_eui, "00AFEE7CF5ED6F1E".parse().unwrap());
+        assert_eq!(r.dev_nonce, 0xCC85);
+        assert!(join_request_mic_ok(&jr, &app_key));
+        assert_eq!(encode_join_request(&r, &app_key), jr);
+
+        let phy = hex::decode("204DD85AE608B87FC4889970B7D2042C9E72959B0057AED6094B16003DF12DE145")
+            .unwrap();
+        let (ja, mic_ok) = decode_join_accept(&phy, &app_key).unwrap();
+        assert!(mic_ok);
+        assert_eq!(ja.app_nonce, 0xE5_063A);
+        assert_eq!(ja.net_id, 0x00_0013);
+        assert_eq!(ja.dev_addr, DevAddr(0x2601_2E43));
+        assert_eq!((ja.rx1_dr_offset, ja.rx2_dr, ja.rx_delay), (0, 3, 1));
+        let cf = hex::decode("184F84E85684B85E84886684586E8400").unwrap();
+        assert_eq!(ja.cf_list.map(|c| c.to_vec()), Some(cf));
+        assert_eq!(
+            ja.cf_list,
+            Some(eu868_cf_list()),
+            "867.1..867.9 MHz, type 0"
+        );
+        // The network side produces TTN's bytes exactly (MIC and encryption over the CFList).
+        assert_eq!(encode_join_accept(&ja, &app_key), phy);
+        let (nwk, app) = derive_session_keys(&app_key, ja.app_nonce, ja.net_id, r.dev_nonce);
+        assert_eq!(hex::encode_upper(nwk.0), "2C96F7028184BB0BE8AA49275290D4FC");
+        assert_eq!(hex::encode_upper(app.0), "F3A5C8F0232A38C144029C165865802C");
+        assert_eq!(
+            dev_addr_for(ja.net_id, 0x12E43),
+            ja.dev_addr,
+            "TTN's NwkID 0x13"
+        );
+    }
+
+    #[test]
+    fn us915_channel_mask_cf_list() {
+        // Sub-band 2: channels 8..15 and 65.
+        let c = channel_mask_cf_list(2).unwrap();
+        assert_eq!(
+            c,
+            [0x00, 0xFF, 0, 0, 0, 0, 0, 0, 0x02, 0, 0, 0, 0, 0, 0, 0x01]
+        );
+        let c = channel_mask_cf_list(8).unwrap();
+        assert_eq!((c[7], c[8], c[15]), (0xFF, 0x80, 1));
+        assert!(channel_mask_cf_list(0).is_none() && channel_mask_cf_list(9).is_none());
+    }
+
+    #[test]
+    fn dev_nonce_rules() {
+        // 1.0.0-1.0.3: random; any value not used before.
+        assert!(dev_nonce_fresh(&[], 7, false));
+        assert!(dev_nonce_fresh(&[9, 3], 7, false));
+        assert!(!dev_nonce_fresh(&[9, 7, 3], 7, false), "replay");
+        assert!(
+            dev_nonce_fresh(&[9, 3], 1, false),
+            "smaller is fine when random"
+        );
+        // 1.0.4: a counter; only values above the last one.
+        assert!(dev_nonce_fresh(&[], 0, true));
+        assert!(dev_nonce_fresh(&[0, 1, 2], 3, true));
+        assert!(dev_nonce_fresh(&[0, 1, 2], 10, true), "gaps are allowed");
+        assert!(!dev_nonce_fresh(&[0, 1, 2], 2, true), "replay");
+        assert!(!dev_nonce_fresh(&[5], 4, true), "went backwards");
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Device {
     /// OTAA: the root key and JoinEUI (None for ABP devices).
     pub app_key: Option<AesKey>,
     pub join_eui: Option<Eui64>,
+    /// OTAA: the device's DevNonce is a counter (LoRaWAN 1.0.4), not a random value.
+    pub dev_nonce_counts_up: bool,
     /// OTAA: a session from a JoinAccept the device has not used yet. The previous session
     /// stays valid until the first uplink on this one (LoRaWAN 1.0.x §6.2.5).
     pub pending: Option<Session>,
@@ -262,6 +264,7 @@ mod tests {
             class: DeviceClass::A,
             app_key: None,
             join_eui: None,
+            dev_nonce_counts_up: false,
             pending: None,
             session: Some(Session {
                 dev_addr: DevAddr(addr),

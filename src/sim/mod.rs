@@ -105,6 +105,8 @@ pub struct Radio {
     pub rssi: i32,
     pub snr: f32,
     pub chan: u64,
+    /// LoRa bandwidth in kHz: 125 (default), 250 or 500.
+    pub bw_khz: u32,
 }
 
 impl Default for Radio {
@@ -116,6 +118,7 @@ impl Default for Radio {
             rssi: -60,
             snr: 9.5,
             chan: 0,
+            bw_khz: 125,
         }
     }
 }
@@ -141,7 +144,14 @@ pub fn push_data(gateway: Eui64, token: u16, frames: &[(&[u8], Radio)]) -> Vec<u
                 chan: r.chan,
                 codr: Some(CodingRate::_4_5),
                 data: phy.to_vec(),
-                datr: DataRate::new(sf(r.sf), Bandwidth::_125KHz),
+                datr: DataRate::new(
+                    sf(r.sf),
+                    match r.bw_khz {
+                        250 => Bandwidth::_250KHz,
+                        500 => Bandwidth::_500KHz,
+                        _ => Bandwidth::_125KHz,
+                    },
+                ),
                 freq: r.freq_mhz,
                 lsnr: r.snr,
                 modu: Modulation::LORA,

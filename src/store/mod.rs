@@ -7,7 +7,8 @@
 //! | `meta`        | `"schema"`           | `lorastream-store-v1`          |
 //! | `devices`     | DevEUI (8 bytes)     | [`SessionState`] (postcard)    |
 //! | `devices`     | DevEUI + `d`         | FCntDown (see `sessions.rs`)   |
-//! | `otaa`        | DevEUI (+ `n`)       | joined session / used DevNonces |
+//! | `otaa`        | DevEUI (+ `p`)       | joined / pending OTAA session  |
+//! | `otaa`        | DevEUI + `n` / + `j` | used DevNonces / last JoinNonce |
 //! | `down`        | DevEUI + sequence    | [`DownlinkItem`](crate::model::DownlinkItem) |
 //! | `q:{stream}`  | sequence (u64, BE)   | [`Record`] (postcard)          |
 //!

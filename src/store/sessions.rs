@@ -6,6 +6,7 @@
 //! after a crash: it is on disk before the PULL_RESP is sent.
 
 use super::{Store, StoreError};
+use crate::lorawan::otaa;
 use crate::lorawan::session::SessionState;
 use crate::model::{AesKey, DevAddr, Eui64};
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,13 @@ fn nonce_key(eui: Eui64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[..8].copy_from_slice(&eui.0);
     k[8] = b'n';
+    k
+}
+
+fn join_nonce_key(eui: Eui64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[..8].copy_from_slice(&eui.0);
+    k[8] = b'j';
     k
 }
 
@@ -187,24 +195,96 @@ impl Store {
         Ok(())
     }
 
-    /// Record a DevNonce; false if it was used before (a replayed JoinRequest). Persisted and
-    /// fsynced before the JoinAccept is built, so a crash cannot make a nonce usable twice.
-    pub async fn use_dev_nonce(&self, dev_eui: Eui64, nonce: u16) -> Result<bool, StoreError> {
+    /// Admit a JoinRequest: check its DevNonce against the device's history with
+    /// [`otaa::dev_nonce_fresh`] (`counts_up` for LoRaWAN 1.0.4 devices), record it, and take the
+    /// next JoinNonce (AppNonce) of the device — a per-device counter from 1, as LoRaWAN 1.0.4
+    /// §6.2.3 requires ("incremented with every Join-accept"; 1.0.4 devices may refuse one that
+    /// is not greater than the last) and which suits earlier devices as well. Both are fsynced
+    /// before the JoinAccept is built, so a crash can neither make a DevNonce usable twice nor
+    /// reuse a JoinNonce. `None`: the DevNonce was refused (a replay).
+    pub async fn accept_join(
+        &self,
+        dev_eui: Eui64,
+        nonce: u16,
+        counts_up: bool,
+    ) -> Result<Option<u32>, StoreError> {
         let mut used: Vec<u16> = match self.otaa.get(nonce_key(dev_eui))? {
             Some(v) => postcard::from_bytes(&v).unwrap_or_default(),
             None => Vec::new(),
         };
-        if used.contains(&nonce) {
-            return Ok(false);
+        if !otaa::dev_nonce_fresh(&used, nonce, counts_up) {
+            return Ok(None);
         }
+        used.retain(|&n| n != nonce);
         used.push(nonce);
         if used.len() > DEV_NONCE_HISTORY {
             let cut = used.len() - DEV_NONCE_HISTORY;
             used.drain(..cut);
         }
-        self.otaa
-            .insert(nonce_key(dev_eui), postcard::to_stdvec(&used)?)?;
+        let join_nonce = match self.otaa.get(join_nonce_key(dev_eui))? {
+            Some(v) => postcard::from_bytes::<u32>(&v).unwrap_or(0),
+            None => 0,
+        }
+        .wrapping_add(1)
+            & 0x00FF_FFFF;
+        let mut batch = sled::Batch::default();
+        batch.insert(&nonce_key(dev_eui), postcard::to_stdvec(&used)?);
+        batch.insert(&join_nonce_key(dev_eui), postcard::to_stdvec(&join_nonce)?);
+        self.otaa.apply_batch(batch)?;
         self.fsync().await?;
-        Ok(true)
+        Ok(Some(join_nonce))
+    }
+}
+
+#[cfg(test)]
+mod join_tests {
+    use super::*;
+    use crate::config::StorageConfig;
+
+    fn open(dir: &std::path::Path) -> Store {
+        let cfg = StorageConfig {
+            path: dir.join("db"),
+            flush_every_ms: 0,
+            ..Default::default()
+        };
+        Store::open(&cfg, &[]).unwrap().0
+    }
+
+    #[tokio::test]
+    async fn dev_nonces_are_remembered_bounded_and_join_nonces_count_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let eui = Eui64::from_u64(7);
+        {
+            let s = open(dir.path());
+            // Random DevNonces (1.0.0-1.0.3): any unused value; a used one is a replay.
+            assert_eq!(s.accept_join(eui, 500, false).await.unwrap(), Some(1));
+            assert_eq!(s.accept_join(eui, 20, false).await.unwrap(), Some(2));
+            assert_eq!(s.accept_join(eui, 500, false).await.unwrap(), None);
+            // Another device has its own history and counter.
+            let other = Eui64::from_u64(8);
+            assert_eq!(s.accept_join(other, 500, false).await.unwrap(), Some(1));
+        }
+        let s = open(dir.path());
+        assert_eq!(
+            s.accept_join(eui, 20, false).await.unwrap(),
+            None,
+            "after reopen"
+        );
+        assert_eq!(s.accept_join(eui, 21, false).await.unwrap(), Some(3));
+        // 1.0.4: counting up from the last one.
+        assert_eq!(s.accept_join(eui, 21, true).await.unwrap(), None);
+        assert_eq!(s.accept_join(eui, 22, true).await.unwrap(), Some(4));
+        // The history is bounded: the oldest DevNonces are forgotten.
+        for n in 1000..1000 + DEV_NONCE_HISTORY as u16 {
+            assert!(s.accept_join(eui, n, false).await.unwrap().is_some());
+        }
+        assert!(
+            s.accept_join(eui, 500, false).await.unwrap().is_some(),
+            "forgotten after {DEV_NONCE_HISTORY} newer ones"
+        );
+        assert_eq!(s.accept_join(eui, 1000 + 10, false).await.unwrap(), None);
+        let stored: Vec<u16> =
+            postcard::from_bytes(&s.otaa.get(nonce_key(eui)).unwrap().unwrap()).unwrap();
+        assert_eq!(stored.len(), DEV_NONCE_HISTORY);
     }
 }
