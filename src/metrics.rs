@@ -35,6 +35,7 @@ struct Inner {
     downlinks: Family<Labels, Counter>,
     stream_connected: Family<Labels, Gauge>,
     stream_published: Family<Labels, Counter>,
+    stream_connections: Family<Labels, Gauge>,
     queue_depth: Family<Labels, Gauge>,
     queue_bytes: Family<Labels, Gauge>,
     queue_oldest: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -101,6 +102,11 @@ impl Metrics {
             stream_published: reg!(
                 "stream_published",
                 "Messages sent to the destination (acked or not)",
+                Family::default()
+            ),
+            stream_connections: reg!(
+                "stream_connections",
+                "Open connections of streams that hold several (Azure IoT Hub, identity = device)",
                 Family::default()
             ),
             queue_depth: reg!(
@@ -202,6 +208,21 @@ impl Metrics {
             .stream_published
             .get_or_create(&vec![("stream", stream.into())])
             .inc_by(n);
+    }
+
+    /// Open connections of a stream that holds several (one per device identity).
+    pub fn set_stream_connections(&self, stream: &str, n: usize) {
+        self.inner
+            .stream_connections
+            .get_or_create(&vec![("stream", stream.into())])
+            .set(n as i64);
+    }
+    /// Open connections, for streams that report them (None for single-connection streams).
+    pub fn stream_connections(&self, stream: &str) -> Option<i64> {
+        self.inner
+            .stream_connections
+            .get(&vec![("stream", stream.into())])
+            .map(|g| g.get())
     }
 
     /// Fill the scrape-time gauges of one queue.

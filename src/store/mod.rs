@@ -66,6 +66,8 @@ pub enum DropReason {
     WriteFailed,
     /// Older than `[storage] max_age`.
     Expired,
+    /// The destination can never take it (e.g. over Azure IoT Hub's 256 KB message limit).
+    TooLarge,
 }
 
 impl DropReason {
@@ -76,6 +78,7 @@ impl DropReason {
             DropReason::Corrupt => "corrupt",
             DropReason::WriteFailed => "write_failed",
             DropReason::Expired => "expired",
+            DropReason::TooLarge => "too_large",
         }
     }
 }

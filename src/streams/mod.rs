@@ -11,11 +11,13 @@
 //! the daemon's stop deadline) and returns. Failures to reach the destination are retried with
 //! [`backoff::Backoff`], forever: the queue holds the data meanwhile.
 
+pub mod azure;
 pub mod backoff;
 pub mod format;
 pub mod lanes;
 pub mod lines;
 pub mod mqtt;
+pub mod session;
 pub mod tls;
 
 use crate::config::{Scope, StreamConfig, StreamKind};
@@ -47,6 +49,7 @@ pub struct StreamContext {
 /// A configured stream, ready to run.
 pub enum Stream {
     Mqtt(Box<mqtt::MqttStream>),
+    Azure(Box<azure::AzureStream>),
     Lines(lines::LineStream),
 }
 
@@ -64,6 +67,9 @@ impl Stream {
         Ok(match cfg.kind {
             StreamKind::Mqtt | StreamKind::AwsIot => Stream::Mqtt(Box::new(
                 mqtt::MqttStream::new(cfg, ctx, events).map_err(setup)?,
+            )),
+            StreamKind::AzureIotHub => Stream::Azure(Box::new(
+                azure::AzureStream::new(cfg, ctx, events).map_err(setup)?,
             )),
             StreamKind::Stdout => Stream::Lines(lines::LineStream::stdout(ctx, events)),
             StreamKind::File => {
@@ -85,6 +91,7 @@ impl Stream {
     pub async fn run(self) {
         match self {
             Stream::Mqtt(s) => s.run().await,
+            Stream::Azure(s) => s.run().await,
             Stream::Lines(s) => s.run().await,
         }
     }

@@ -1,0 +1,594 @@
+//! `kind = "azure-iot-hub"` against the IoT-Hub-like broker of `support/iothub.rs` (TLS with
+//! certificates generated here, trusted through `ca_file`; SAS tokens checked; one connection per
+//! device id; topic rules; token expiry), with the test acting as the packet forwarder over real
+//! UDP and decrypting the downlinks it receives.
+
+mod support;
+
+use base64::Engine;
+use lorastream::app::Daemon;
+use lorastream::model::Eui64;
+use lorastream::sim::{Forwarder, Radio, SimDevice};
+use lorastream::streams::azure::wire;
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+use support::iothub::{Close, IotHub};
+use support::pki::Ca;
+use support::*;
+
+const T: Duration = Duration::from_secs(20);
+const HOST: &str = "testhub.azure-devices.net";
+
+/// A deterministic 32-byte key, base64 (as the portal shows them).
+fn key(n: u8) -> String {
+    base64::engine::general_purpose::STANDARD.encode([n; 32])
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn eui(d: &SimDevice) -> String {
+    format!("70B3D57ED00000{:02X}", d.dev_addr.0 & 0xFF)
+}
+
+struct Rig {
+    dir: tempfile::TempDir,
+    ca: Ca,
+    hub: IotHub,
+}
+
+async fn rig() -> Rig {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "hub");
+    let server = ca.issue(dir.path(), "localhost", &["localhost"]);
+    let hub = IotHub::start(HOST, &server).await;
+    Rig { dir, ca, hub }
+}
+
+impl Rig {
+    /// `[[stream]]` for this hub; `extra` adds keys.
+    fn stream(&self, extra: &str) -> String {
+        format!(
+            "[[stream]]\nname = \"azure\"\nkind = \"azure-iot-hub\"\nhostname = \"{HOST}\"\nserver = \"mqtts://localhost:{}\"\nca_file = {:?}\n{extra}\n",
+            self.hub.port(),
+            self.ca.pem_path.display().to_string()
+        )
+    }
+
+    fn config(
+        &self,
+        sub: &str,
+        devices: &[&SimDevice],
+        stream: &str,
+    ) -> lorastream::config::Config {
+        let devs: String = devices.iter().map(|d| device_toml(d, "farm")).collect();
+        config(
+            &self.dir.path().join(sub),
+            &format!("[[application]]\nid = \"farm\"\n\n{devs}{stream}"),
+        )
+    }
+
+    /// Uplink messages (type=uplink) received so far.
+    fn uplinks(&self) -> Vec<support::iothub::D2c> {
+        self.hub
+            .d2c()
+            .into_iter()
+            .filter(|m| m.prop("type") == Some("uplink"))
+            .collect()
+    }
+
+    async fn wait_d2c(&self, what: &str, f: impl Fn(&[support::iothub::D2c]) -> bool) {
+        assert!(
+            wait_until(T, || f(&self.hub.d2c())).await,
+            "{what}; hub saw: {:#?}",
+            self.hub
+                .d2c()
+                .iter()
+                .map(|m| (&m.topic, m.prop("type")))
+                .collect::<Vec<_>>()
+        );
+    }
+}
+
+async fn forwarder(daemon: &Daemon) -> Forwarder {
+    let mut f = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(0xAA55_5A00_0000_0001))
+        .await
+        .unwrap();
+    f.pull().await.unwrap();
+    assert!(wait_until(T, || daemon.gateways().len() == 1).await);
+    f
+}
+
+async fn up(f: &mut Forwarder, d: &mut SimDevice, payload: &[u8]) {
+    f.send(&[(&d.uplink(1, payload, false).unwrap(), Radio::default())])
+        .await
+        .unwrap();
+}
+
+/// Uplinks grouped by correlation id must be copies of one uplink (at-least-once delivery).
+fn check_duplicates_are_copies(
+    msgs: &[support::iothub::D2c],
+) -> HashMap<String, serde_json::Value> {
+    let mut by_cid: HashMap<String, serde_json::Value> = HashMap::new();
+    for m in msgs {
+        let v = m.json();
+        let cid = v["correlation_ids"][0].as_str().unwrap().to_string();
+        assert_eq!(
+            m.prop("$.mid"),
+            Some(cid.as_str()),
+            "message id = correlation id"
+        );
+        let key = serde_json::json!([
+            v["end_device_ids"]["device_id"],
+            v["uplink_message"]["f_cnt"],
+            v["uplink_message"]["frm_payload"]
+        ]);
+        if let Some(prev) = by_cid.insert(cid.clone(), key.clone()) {
+            assert_eq!(prev, key, "two different uplinks with correlation id {cid}");
+        }
+    }
+    by_cid
+}
+
+/// A raw MQTT client of the stand-in, for checking its rules.
+async fn raw_client(
+    hub: &IotHub,
+    ca: &Path,
+    client_id: &str,
+    user_device: &str,
+    token: &str,
+) -> (AsyncClient, EventLoop) {
+    let tls = lorastream::streams::tls::client_config_with_roots(&[], Some(ca), &[]).unwrap();
+    let mut o = MqttOptions::new(client_id, "localhost", hub.port());
+    o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(
+        tls,
+    )));
+    o.set_credentials(wire::username(HOST, user_device), token);
+    o.set_keep_alive(Duration::from_secs(30));
+    AsyncClient::new(o, 10)
+}
+
+fn token_for(device: &str, key_b64: &str, policy: Option<&str>, expiry: u64) -> String {
+    let k = wire::SasKey::new(&lorastream::model::Secret::new(key_b64), policy).unwrap();
+    wire::token(&wire::resource(HOST, device), &k, expiry)
+        .expose()
+        .to_string()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn connack(el: &mut EventLoop) -> Result<(), ConnectionError> {
+    loop {
+        let ev = tokio::time::timeout(T, el.poll())
+            .await
+            .expect("CONNACK in time")?;
+        if let Event::Incoming(Packet::ConnAck(_)) = ev {
+            return Ok(());
+        }
+    }
+}
+
+/// Poll until the connection ends (the hub closed it).
+async fn until_closed(el: &mut EventLoop) -> bool {
+    tokio::time::timeout(T, async {
+        loop {
+            if el.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// The stand-in enforces IoT Hub's rules, so that lorastream passing against it means something.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stand_in_enforces_iot_hub_rules() {
+    let r = rig().await;
+    r.hub.add_device("d1", &key(1));
+    r.hub.add_policy("gw-policy", &key(9));
+    let ca = r.ca.pem_path.clone();
+    let later = unix_now() + 600;
+    let refused = |e: Result<(), ConnectionError>| {
+        matches!(
+            e,
+            Err(ConnectionError::ConnectionRefused(
+                rumqttc::ConnectReturnCode::NotAuthorized
+            ))
+        )
+    };
+
+    // Good token: accepted.
+    let (_c, mut el) = raw_client(
+        &r.hub,
+        &ca,
+        "d1",
+        "d1",
+        &token_for("d1", &key(1), None, later),
+    )
+    .await;
+    connack(&mut el).await.unwrap();
+    // Wrong key, expired token, ClientId not the username's device, unknown policy, unknown device.
+    for (id, user, tok, why) in [
+        (
+            "d1",
+            "d1",
+            token_for("d1", &key(2), None, later),
+            "signature",
+        ),
+        (
+            "d1",
+            "d1",
+            token_for("d1", &key(1), None, unix_now() - 1),
+            "expired",
+        ),
+        (
+            "other",
+            "d1",
+            token_for("d1", &key(1), None, later),
+            "ClientId",
+        ),
+        (
+            "d1",
+            "d1",
+            token_for("d1", &key(9), Some("nope"), later),
+            "unknown policy",
+        ),
+        (
+            "d9",
+            "d9",
+            token_for("d9", &key(9), Some("gw-policy"), later),
+            "not registered",
+        ),
+    ] {
+        let (_c2, mut el2) = raw_client(&r.hub, &ca, id, user, &tok).await;
+        assert!(refused(connack(&mut el2).await), "{why}");
+        assert!(
+            r.hub.log(|l| l.refused.last().unwrap().1.contains(why)),
+            "{why}: {:?}",
+            r.hub.log(|l| l.refused.clone())
+        );
+    }
+    // A policy token (skn) signs for a registered device; the newcomer replaces the first
+    // connection (one connection per device id).
+    let (_c3, mut el3) = raw_client(
+        &r.hub,
+        &ca,
+        "d1",
+        "d1",
+        &token_for("d1", &key(9), Some("gw-policy"), later),
+    )
+    .await;
+    connack(&mut el3).await.unwrap();
+    assert!(
+        until_closed(&mut el).await,
+        "the first connection is closed"
+    );
+    assert!(r.hub.log(|l| l
+        .closed
+        .iter()
+        .any(|(_, d, w)| d == "d1" && *w == Close::Replaced)));
+    assert_eq!(
+        r.hub.log(|l| l.connected.last().unwrap().policy.clone()),
+        Some("gw-policy".into())
+    );
+
+    // Subscribing elsewhere fails; publishing elsewhere closes the connection.
+    let c3 = _c3;
+    c3.subscribe("devices/d2/messages/devicebound/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let suback = tokio::time::timeout(T, async {
+        loop {
+            if let Ok(Event::Incoming(Packet::SubAck(s))) = el3.poll().await {
+                return s;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        suback.return_codes,
+        vec![rumqttc::SubscribeReasonCode::Failure]
+    );
+    c3.publish("telemetry/d1", QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    assert!(until_closed(&mut el3).await);
+    assert!(r.hub.log(|l| l
+        .closed
+        .iter()
+        .any(|(_, _, w)| matches!(w, Close::Violation(v) if v.contains("telemetry/d1")))));
+
+    // The token's expiry closes the connection.
+    let (_c4, mut el4) = raw_client(
+        &r.hub,
+        &ca,
+        "d1",
+        "d1",
+        &token_for("d1", &key(1), None, unix_now() + 2),
+    )
+    .await;
+    connack(&mut el4).await.unwrap();
+    assert!(until_closed(&mut el4).await);
+    assert!(r
+        .hub
+        .log(|l| l.closed.iter().any(|(_, _, w)| *w == Close::TokenExpired)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
+    let r = rig().await;
+    r.hub.add_device("gw-01", &key(1));
+    let mut d1 = device(1);
+    let mut d2 = device(2);
+    let cfg = r.config(
+        "gw",
+        &[&d1, &d2],
+        &r.stream(&format!(
+            "identity = \"gateway\"\ndevice_id = \"gw-01\"\ndevice_key = \"{}\"\nsas_ttl_s = 3\ntwin = true\n",
+            key(1)
+        )),
+    );
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let mut f = forwarder(&daemon).await;
+    assert!(wait_until(T, || daemon.metrics().is_stream_connected("azure")).await);
+    let q = daemon.store().queue("azure").unwrap();
+
+    // Uplinks: on the gateway's events topic, properties and body as documented.
+    up(&mut f, &mut d1, b"a").await;
+    up(&mut f, &mut d2, b"b").await;
+    up(&mut f, &mut d1, b"c").await;
+    r.wait_d2c("3 uplinks", |_| r.uplinks().len() >= 3).await;
+    assert!(
+        wait_until(T, || q.is_empty()).await,
+        "acknowledged records leave the queue"
+    );
+    let ups = r.uplinks();
+    let m = &ups[0];
+    assert_eq!(m.device, "gw-01");
+    assert!(
+        m.topic
+            .starts_with("devices/gw-01/messages/events/$.ct=application%2Fjson&$.ce=utf-8&"),
+        "{}",
+        m.topic
+    );
+    assert_eq!(m.prop("$.ct"), Some("application/json"));
+    assert_eq!(m.prop("$.ce"), Some("utf-8"));
+    assert_eq!(m.prop("application"), Some("farm"));
+    assert_eq!(m.prop("device"), Some("dev-1"));
+    assert_eq!(m.prop("dev_eui"), Some(eui(&d1).as_str()));
+    assert_eq!(m.prop("f_port"), Some("1"));
+    assert_eq!(m.prop("f_cnt"), Some("0"));
+    let v = m.json();
+    assert_eq!(v["end_device_ids"]["device_id"], "dev-1");
+    assert_eq!(v["uplink_message"]["frm_payload"], b64(b"a"));
+    assert_eq!(ups[1].prop("device"), Some("dev-2"));
+    assert_eq!(ups[2].json()["uplink_message"]["f_cnt"], 1);
+    // Twin: reported properties, rate-limited (one for these three).
+    let patches = r.hub.log(|l| l.twin_patches.clone());
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    assert_eq!(patches[0].1["lorastream"]["last_uplink"]["device"], "dev-1");
+    assert_eq!(
+        patches[0].1["lorastream"]["last_uplink"]["rssi"],
+        Radio::default().rssi
+    );
+
+    // Cloud-to-device: the device named by properties, contract JSON body; acknowledged to the
+    // hub once stored; the queued event comes back as a D2C message marked as such.
+    let body =
+        serde_json::json!({"downlinks":[{"f_port":7,"frm_payload":b64(b"hello")}]}).to_string();
+    let mid = r
+        .hub
+        .send_c2d("gw-01", "application=farm&device=dev-1", body.as_bytes());
+    r.wait_d2c("downlink_queued event", |v| {
+        v.iter()
+            .any(|m| m.prop("type") == Some("downlink_queued") && m.prop("device") == Some("dev-1"))
+    })
+    .await;
+    assert!(
+        wait_until(T, || r
+            .hub
+            .log(|l| l.completed.iter().any(|(_, m)| *m == mid)))
+        .await
+    );
+    let ev = r
+        .hub
+        .d2c()
+        .into_iter()
+        .find(|m| m.prop("type") == Some("downlink_queued"))
+        .unwrap();
+    assert_eq!(ev.json()["downlink_queued"]["f_port"], 7);
+    assert!(ev.json()["downlink_queued"]["correlation_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c == &serde_json::json!(format!("azure-iot-hub:message-id:{mid}"))));
+    up(&mut f, &mut d1, b"d").await;
+    let pr = f.pull_resp(T).await.expect("PULL_RESP");
+    let dl = d1.open(&pr.phy, 0).unwrap();
+    assert!(dl.mic_ok);
+    assert_eq!(dl.opened.f_port, Some(7));
+    assert_eq!(dl.opened.frm_payload, b"hello");
+    f.tx_ack(pr.token, None).await.unwrap();
+    r.wait_d2c("downlink_sent event", |v| {
+        v.iter().any(|m| m.prop("type") == Some("downlink_sent"))
+    })
+    .await;
+    // A downlink for a device the body names (TTS-style end_device_ids).
+    let body = serde_json::json!({"end_device_ids":{"device_id":"dev-2","application_ids":{"application_id":"farm"}},"downlinks":[{"f_port":8,"frm_payload":b64(b"yo")}]}).to_string();
+    r.hub.send_c2d("gw-01", "", body.as_bytes());
+    r.wait_d2c("queued for dev-2", |v| {
+        v.iter()
+            .any(|m| m.prop("type") == Some("downlink_queued") && m.prop("device") == Some("dev-2"))
+    })
+    .await;
+
+    // Token renewal: with sas_ttl_s = 3 the connection is renewed every 2.4 s, before the hub
+    // would close it; uplinks keep flowing.
+    let conns = || {
+        r.hub
+            .log(|l| l.connected.iter().filter(|c| c.device == "gw-01").count())
+    };
+    let before = conns();
+    assert!(
+        wait_until(T, || conns() >= before + 2).await,
+        "renewed twice"
+    );
+    assert!(
+        r.hub
+            .log(|l| l.closed.iter().all(|(_, _, w)| *w != Close::TokenExpired)),
+        "renewed before expiry"
+    );
+    assert!(r.hub.log(|l| l.refused.is_empty()));
+    let n = r.uplinks().len();
+    up(&mut f, &mut d2, b"e").await;
+    r.wait_d2c("uplink after renewals", |_| r.uplinks().len() > n)
+        .await;
+
+    // The hub's clock runs ahead: it closes the connection when the token expires (before
+    // lorastream renews it); lorastream reconnects and goes on.
+    r.hub.set_clock_skew(2);
+    assert!(
+        wait_until(T, || r.hub.log(|l| l
+            .closed
+            .iter()
+            .any(|(_, _, w)| *w == Close::TokenExpired)))
+        .await
+    );
+    let n = r.uplinks().len();
+    up(&mut f, &mut d2, b"f").await;
+    r.wait_d2c("uplink while tokens expire early", |_| {
+        r.uplinks().len() > n
+    })
+    .await;
+    r.hub.set_clock_skew(0);
+    // Back to normal: renewals again (which also resets lorastream's reconnect backoff).
+    let expired = || {
+        r.hub.log(|l| {
+            l.closed
+                .iter()
+                .filter(|(_, _, w)| *w == Close::TokenExpired)
+                .count()
+        })
+    };
+    let (e0, c0) = (expired(), conns());
+    assert!(wait_until(T, || conns() >= c0 + 2).await);
+    assert!(expired() <= e0 + 1);
+    // Ahead by more than the lifetime: every token is refused as expired; uplinks wait.
+    r.hub.set_clock_skew(10);
+    assert!(
+        wait_until(T, || r
+            .hub
+            .log(|l| l.refused.iter().any(|(_, w)| w.contains("expired"))))
+        .await
+    );
+    assert!(wait_until(T, || !daemon.metrics().is_stream_connected("azure")).await);
+    up(&mut f, &mut d2, b"g").await;
+    assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 7).await);
+    assert_eq!(q.len(), 1, "waits in the queue");
+    r.hub.set_clock_skew(0);
+    r.wait_d2c("uplink after the clock is fixed", |_| {
+        r.uplinks()
+            .iter()
+            .any(|m| m.json()["uplink_message"]["frm_payload"] == b64(b"g"))
+    })
+    .await;
+
+    // Another client takes the device id: IoT Hub closes lorastream's connection; lorastream
+    // comes back (and pushes the intruder out in turn).
+    let (_intruder, mut iel) = raw_client(
+        &r.hub,
+        &r.ca.pem_path,
+        "gw-01",
+        "gw-01",
+        &token_for("gw-01", &key(1), None, unix_now() + 600),
+    )
+    .await;
+    connack(&mut iel).await.unwrap();
+    assert!(
+        until_closed(&mut iel).await,
+        "lorastream reconnected and replaced the intruder"
+    );
+    let n = r.uplinks().len();
+    up(&mut f, &mut d1, b"h").await;
+    r.wait_d2c("uplink after being replaced", |_| r.uplinks().len() > n)
+        .await;
+    assert!(wait_until(T, || q.is_empty()).await);
+
+    // A hub that receives but does not acknowledge: the record stays queued until a PUBACK.
+    r.hub.hold_acks(true);
+    up(&mut f, &mut d1, b"held").await;
+    let held = |v: &[support::iothub::D2c]| {
+        v.iter()
+            .filter(|m| m.json()["uplink_message"]["frm_payload"] == b64(b"held"))
+            .count()
+    };
+    r.wait_d2c("held uplink received", |v| held(v) >= 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(q.len(), 1, "not acknowledged: still queued");
+    r.hub.hold_acks(false);
+    r.hub.kick("gw-01");
+    assert!(
+        wait_until(T, || q.is_empty()).await,
+        "sent again on the next connection and acknowledged"
+    );
+    assert!(
+        held(&r.hub.d2c()) >= 2,
+        "the copy carries the same correlation id (checked below)"
+    );
+
+    // Hub down for a while: everything arrives afterwards, once or as copies of one uplink.
+    let mut hub = r.hub;
+    hub.stop().await;
+    assert!(wait_until(T, || !daemon.metrics().is_stream_connected("azure")).await);
+    for i in 0..5u8 {
+        up(
+            &mut f,
+            if i % 2 == 0 { &mut d1 } else { &mut d2 },
+            &[b'o', i],
+        )
+        .await;
+    }
+    assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 14).await);
+    assert_eq!(q.len(), 5);
+    hub.restart().await;
+    assert!(
+        wait_until(T, || q.is_empty()).await,
+        "the backlog is delivered"
+    );
+    let all: Vec<_> = hub
+        .d2c()
+        .into_iter()
+        .filter(|m| m.prop("type") == Some("uplink"))
+        .collect();
+    let distinct = check_duplicates_are_copies(&all);
+    assert_eq!(distinct.len(), 14, "every uplink arrived");
+    // Per-device order: each device's f_cnt sequence (first copies) only grows.
+    for dev in ["dev-1", "dev-2"] {
+        let mut seen = std::collections::HashSet::new();
+        let fcnts: Vec<u64> = all
+            .iter()
+            .map(|m| m.json())
+            .filter(|v| v["end_device_ids"]["device_id"] == dev)
+            .filter(|v| seen.insert(v["correlation_ids"][0].clone()))
+            .map(|v| v["uplink_message"]["f_cnt"].as_u64().unwrap())
+            .collect();
+        assert!(fcnts.windows(2).all(|w| w[0] < w[1]), "{dev}: {fcnts:?}");
+    }
+    let text = daemon.metrics().encode();
+    assert!(
+        text.contains("lorastream_stream_published_total{stream=\"azure\"}"),
+        "{text}"
+    );
+    daemon.stop().await;
+}
