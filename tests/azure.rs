@@ -81,6 +81,18 @@ impl Rig {
             .collect()
     }
 
+    /// Wait until the uplink with this payload has arrived and the queue is empty again.
+    async fn delivered(&self, q: &lorastream::store::Queue, payload: &[u8]) {
+        let want = b64(payload);
+        self.wait_d2c(&format!("uplink {payload:?}"), |_| {
+            self.uplinks()
+                .iter()
+                .any(|m| m.json()["uplink_message"]["frm_payload"] == want)
+        })
+        .await;
+        assert!(wait_until(T, || q.is_empty()).await, "acknowledged");
+    }
+
     async fn wait_d2c(&self, what: &str, f: impl Fn(&[support::iothub::D2c]) -> bool) {
         assert!(
             wait_until(T, || f(&self.hub.d2c())).await,
@@ -450,10 +462,8 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
         "renewed before expiry"
     );
     assert!(r.hub.log(|l| l.refused.is_empty()));
-    let n = r.uplinks().len();
     up(&mut f, &mut d2, b"e").await;
-    r.wait_d2c("uplink after renewals", |_| r.uplinks().len() > n)
-        .await;
+    r.delivered(&q, b"e").await;
 
     // The hub's clock runs ahead: it closes the connection when the token expires (before
     // lorastream renews it); lorastream reconnects and goes on.
@@ -465,12 +475,8 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
             .any(|(_, _, w)| *w == Close::TokenExpired)))
         .await
     );
-    let n = r.uplinks().len();
     up(&mut f, &mut d2, b"f").await;
-    r.wait_d2c("uplink while tokens expire early", |_| {
-        r.uplinks().len() > n
-    })
-    .await;
+    r.delivered(&q, b"f").await;
     r.hub.set_clock_skew(0);
     // Back to normal: renewals again (which also resets lorastream's reconnect backoff).
     let expired = || {
@@ -497,12 +503,7 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
     assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 7).await);
     assert_eq!(q.len(), 1, "waits in the queue");
     r.hub.set_clock_skew(0);
-    r.wait_d2c("uplink after the clock is fixed", |_| {
-        r.uplinks()
-            .iter()
-            .any(|m| m.json()["uplink_message"]["frm_payload"] == b64(b"g"))
-    })
-    .await;
+    r.delivered(&q, b"g").await;
 
     // Another client takes the device id: IoT Hub closes lorastream's connection; lorastream
     // comes back (and pushes the intruder out in turn).
@@ -519,11 +520,8 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
         until_closed(&mut iel).await,
         "lorastream reconnected and replaced the intruder"
     );
-    let n = r.uplinks().len();
     up(&mut f, &mut d1, b"h").await;
-    r.wait_d2c("uplink after being replaced", |_| r.uplinks().len() > n)
-        .await;
-    assert!(wait_until(T, || q.is_empty()).await);
+    r.delivered(&q, b"h").await;
 
     // A hub that receives but does not acknowledge: the record stays queued until a PUBACK.
     r.hub.hold_acks(true);
@@ -535,7 +533,12 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
     };
     r.wait_d2c("held uplink received", |v| held(v) >= 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(q.len(), 1, "not acknowledged: still queued");
+    assert_eq!(
+        q.len(),
+        1,
+        "not acknowledged: still queued: {:?}",
+        q.read_after(None, 10).unwrap()
+    );
     r.hub.hold_acks(false);
     r.hub.kick("gw-01");
     assert!(
@@ -591,4 +594,439 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
         "{text}"
     );
     daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_identity_connections_on_demand_cap_idle_and_raw_downlinks() {
+    let r = rig().await;
+    let mut devs: Vec<SimDevice> = (1..=4).map(device).collect();
+    let hub_id = |d: &SimDevice| format!("lora-{}", eui(d));
+    // A hub policy with DeviceConnect signs for every device; dev-3 has its own key instead.
+    r.hub.add_policy("lorastream", &key(7));
+    for d in &devs {
+        r.hub
+            .add_device(&hub_id(d), &key(30 + (d.dev_addr.0 & 0xFF) as u8));
+    }
+    let cfg = r.config(
+        "dev",
+        &devs.iter().collect::<Vec<_>>(),
+        &r.stream(&format!(
+            "identity = \"device\"\ndevice_id = \"lora-{{dev_eui}}\"\npolicy_name = \"lorastream\"\npolicy_key = \"{}\"\ndevice_keys = {{ \"dev-3\" = \"{}\" }}\nmax_connections = 2\nidle_timeout_s = 2\ndownlink_format = \"raw\"\n",
+            key(7),
+            key(33)
+        )),
+    );
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let mut f = forwarder(&daemon).await;
+    let q = daemon.store().queue("azure").unwrap();
+
+    // Three uplinks from each of four devices, interleaved.
+    for round in 0..3u8 {
+        for d in devs.iter_mut() {
+            up(&mut f, d, &[round]).await;
+        }
+    }
+    r.wait_d2c("12 uplinks", |_| {
+        check_duplicates_are_copies(&r.uplinks()).len() == 12
+    })
+    .await;
+    assert!(wait_until(T, || q.is_empty()).await);
+    // Each LoRaWAN device is its own IoT Hub device, on its own connection.
+    for m in r.uplinks() {
+        let dev = devs
+            .iter()
+            .find(|d| Some(d.id.as_str()) == m.prop("device"))
+            .unwrap();
+        assert_eq!(m.device, hub_id(dev));
+        assert!(m.topic.starts_with(&format!(
+            "devices/{}/messages/events/$.ct=application%2Fjson&$.ce=utf-8&",
+            hub_id(dev)
+        )));
+        assert_eq!(m.prop("dev_eui"), Some(eui(dev).as_str()));
+    }
+    let connected = r.hub.log(|l| l.connected.clone());
+    let ids: std::collections::BTreeSet<_> = connected.iter().map(|c| c.device.clone()).collect();
+    assert_eq!(ids.len(), 4, "{connected:?}");
+    assert!(
+        r.hub.log(|l| l.max_open) <= 2,
+        "max_connections respected: {}",
+        r.hub.log(|l| l.max_open)
+    );
+    assert!(
+        r.hub.log(|l| l.refused.is_empty()),
+        "{:?}",
+        r.hub.log(|l| l.refused.clone())
+    );
+    for c in &connected {
+        let want = if c.device == hub_id(&devs[2]) {
+            None
+        } else {
+            Some("lorastream".to_string())
+        };
+        assert_eq!(
+            c.policy, want,
+            "{}: policy key, or its own device key",
+            c.device
+        );
+    }
+    // Per-device order.
+    for d in &devs {
+        let mut seen = std::collections::HashSet::new();
+        let fcnts: Vec<u64> = r
+            .uplinks()
+            .iter()
+            .filter(|m| m.prop("device") == Some(d.id.as_str()))
+            .map(|m| m.json())
+            .filter(|v| seen.insert(v["correlation_ids"][0].clone()))
+            .map(|v| v["uplink_message"]["f_cnt"].as_u64().unwrap())
+            .collect();
+        assert_eq!(fcnts, vec![0, 1, 2], "{}", d.id);
+    }
+    // Idle connections close; /health and /metrics say how many are open.
+    assert!(
+        wait_until(T, || r.hub.open_devices().is_empty()).await,
+        "idle connections closed"
+    );
+    assert!(
+        wait_until(T, || daemon.metrics().stream_connections("azure")
+            == Some(0))
+        .await
+    );
+    assert_eq!(daemon.health()["streams"][0]["connections"], 0);
+    assert_eq!(
+        daemon.health()["streams"][0]["connected"],
+        true,
+        "idle is not down"
+    );
+
+    // Raw cloud-to-device message (payload bytes, fPort property, `$` unescaped) while the
+    // device's connection is open.
+    up(&mut f, &mut devs[0], b"open").await;
+    let id0 = hub_id(&devs[0]);
+    assert!(wait_until(T, || r.hub.open_devices().contains(&id0)).await);
+    let mid = r.hub.send_c2d(
+        &id0,
+        "$.ct=application%2Foctet-stream&fPort=5&confirmed=false",
+        &[1, 2],
+    );
+    r.wait_d2c("downlink_queued on the device's identity", |v| {
+        v.iter()
+            .any(|m| m.device == id0 && m.prop("type") == Some("downlink_queued"))
+    })
+    .await;
+    assert!(
+        wait_until(T, || r
+            .hub
+            .log(|l| l.completed.iter().any(|(_, m)| *m == mid)))
+        .await
+    );
+    up(&mut f, &mut devs[0], b"x").await;
+    let pr = f.pull_resp(T).await.expect("PULL_RESP");
+    let dl = devs[0].open(&pr.phy, 0).unwrap();
+    assert!(dl.mic_ok);
+    assert_eq!(
+        (dl.opened.f_port, dl.opened.frm_payload.as_slice()),
+        (Some(5), &[1u8, 2][..])
+    );
+    f.tx_ack(pr.token, None).await.unwrap();
+    // A message for a device without a connection waits in its IoT Hub queue until the device
+    // sends (escaped `%24` this time); an invalid one is reported as failed and completed.
+    let id1 = hub_id(&devs[1]);
+    assert!(wait_until(T, || !r.hub.open_devices().contains(&id1)).await);
+    r.hub
+        .send_c2d(&id1, "%24.ct=application%2Foctet-stream&fPort=6", b"\x07");
+    let bad = r.hub.send_c2d(&id1, "fPort=300", b"\x07");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(r.hub.c2d_pending(&id1), 2, "no connection, no delivery");
+    up(&mut f, &mut devs[1], b"y").await;
+    assert!(
+        wait_until(T, || r.hub.c2d_pending(&id1) == 0).await,
+        "delivered and acknowledged"
+    );
+    r.wait_d2c("failed event for the bad one", |v| {
+        v.iter()
+            .any(|m| m.device == id1 && m.prop("type") == Some("downlink_failed"))
+    })
+    .await;
+    assert!(r.hub.log(|l| l.completed.iter().any(|(_, m)| *m == bad)));
+    up(&mut f, &mut devs[1], b"z").await;
+    let pr = f.pull_resp(T).await.expect("PULL_RESP");
+    let dl = devs[1].open(&pr.phy, 0).unwrap();
+    assert_eq!(
+        (dl.opened.f_port, dl.opened.frm_payload.as_slice()),
+        (Some(6), &[7u8][..])
+    );
+    f.tx_ack(pr.token, None).await.unwrap();
+
+    // Hub down: every device's uplinks wait, then all arrive, each device in order.
+    let mut hub = r.hub;
+    hub.stop().await;
+    for round in 0..2u8 {
+        for d in devs.iter_mut() {
+            up(&mut f, d, &[0x10 + round]).await;
+        }
+    }
+    assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 12 + 4 + 8).await);
+    hub.restart().await;
+    assert!(
+        wait_until(Duration::from_secs(60), || q.is_empty()).await,
+        "backlog delivered"
+    );
+    let all: Vec<_> = hub
+        .d2c()
+        .into_iter()
+        .filter(|m| m.prop("type") == Some("uplink"))
+        .collect();
+    assert_eq!(check_duplicates_are_copies(&all).len(), 24);
+    for d in &devs {
+        let mut seen = std::collections::HashSet::new();
+        let fcnts: Vec<u64> = all
+            .iter()
+            .filter(|m| m.prop("device") == Some(d.id.as_str()))
+            .map(|m| m.json())
+            .filter(|v| seen.insert(v["correlation_ids"][0].clone()))
+            .map(|v| v["uplink_message"]["f_cnt"].as_u64().unwrap())
+            .collect();
+        assert!(fcnts.windows(2).all(|w| w[0] < w[1]), "{}: {fcnts:?}", d.id);
+    }
+    assert!(hub.log(|l| l.max_open) <= 2);
+    daemon.stop().await;
+    let _keep = r.dir;
+}
+
+/// MQTT over WebSocket (`wss://`, path `/$iothub/websocket`, subprotocol `mqtt`), per-device
+/// identity with a short token lifetime: a device's connection is renewed while it is active,
+/// so cloud-to-device messages keep arriving without new uplinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_transport_and_renewal_of_device_connections() {
+    let r = rig().await;
+    let mut d = device(1);
+    r.hub.add_device("dev-1", &key(5));
+    let stream = format!(
+        "[[stream]]\nname = \"azure\"\nkind = \"azure-iot-hub\"\nhostname = \"{HOST}\"\nserver = \"wss://localhost:{}\"\nca_file = {:?}\ndevice_keys = {{ \"dev-1\" = \"{}\" }}\nsas_ttl_s = 3\nidle_timeout_s = 30\n",
+        r.hub.ws_port(),
+        r.ca.pem_path.display().to_string(),
+        key(5)
+    );
+    let cfg = r.config("ws", &[&d], &stream);
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let mut f = forwarder(&daemon).await;
+    up(&mut f, &mut d, b"ws").await;
+    r.wait_d2c("uplink over WebSocket", |_| r.uplinks().len() == 1)
+        .await;
+    let first = r.hub.log(|l| l.connected[0].clone());
+    assert!(first.websocket, "connected through the WebSocket listener");
+    assert_eq!(first.device, "dev-1");
+    // Renewed (new token, new connection) while within idle_timeout_s, never expired.
+    assert!(wait_until(T, || r.hub.log(|l| l.connected.len()) >= 3).await);
+    assert!(r
+        .hub
+        .log(|l| l.closed.iter().all(|(_, _, w)| *w != Close::TokenExpired)));
+    assert_eq!(r.uplinks().len(), 1, "nothing sent twice");
+    let body =
+        serde_json::json!({"downlinks":[{"f_port":9,"frm_payload":b64(b"late")}]}).to_string();
+    r.hub.send_c2d("dev-1", "", body.as_bytes());
+    r.wait_d2c("queued without a new uplink", |v| {
+        v.iter().any(|m| m.prop("type") == Some("downlink_queued"))
+    })
+    .await;
+    up(&mut f, &mut d, b"now").await;
+    let pr = f.pull_resp(T).await.expect("PULL_RESP");
+    assert_eq!(d.open(&pr.phy, 0).unwrap().opened.frm_payload, b"late");
+    daemon.stop().await;
+    // Stopped: the connection was closed politely.
+    assert!(wait_until(T, || r.hub.open_devices().is_empty()).await);
+    assert!(r.hub.log(|l| l.closed.last().map(|c| c.2.clone())) == Some(Close::Disconnect));
+}
+
+/// A record IoT Hub could never take (over 256 KB) is dropped and counted; the next one goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_records_are_dropped_with_a_counter_not_wedging_the_queue() {
+    use lorastream::model::{DevAddr, Record, RxInfo, TxSettings, Uplink};
+    let r = rig().await;
+    r.hub.add_device("gw", &key(1));
+    let d = device(1);
+    let cfg = r.config(
+        "big",
+        &[&d],
+        &r.stream(&format!(
+            "identity = \"gateway\"\ndevice_id = \"gw\"\ndevice_key = \"{}\"\n",
+            key(1)
+        )),
+    );
+    // Queue two records before the daemon runs: one heard by 3000 "gateways" (about 750 KB of
+    // JSON), then a normal one.
+    let uplink = |id: u128, receptions: usize| {
+        Record::Uplink(Uplink {
+            id,
+            received_at_us: lorastream::model::now_us(),
+            application: "farm".into(),
+            device: "dev-1".into(),
+            dev_eui: Eui64::from_u64(1),
+            dev_addr: DevAddr(1),
+            f_port: Some(1),
+            f_cnt: id as u32,
+            confirmed: false,
+            adr: false,
+            payload: vec![1],
+            settings: TxSettings {
+                frequency_hz: 868_100_000,
+                spreading_factor: 7,
+                bandwidth_hz: 125_000,
+                coding_rate: "4/5".into(),
+            },
+            rx: (0..receptions)
+                .map(|i| RxInfo {
+                    gateway: Eui64::from_u64(i as u64),
+                    tmst: 1,
+                    time: None,
+                    rssi: -50,
+                    channel_rssi: -50,
+                    snr: 9.0,
+                    channel: 0,
+                    rf_chain: 0,
+                    received_at_us: 0,
+                })
+                .collect(),
+        })
+    };
+    {
+        let (store, _) = lorastream::store::Store::open(
+            &cfg.storage,
+            &[("azure".into(), lorastream::config::WhenFull::DropOldest)],
+        )
+        .unwrap();
+        let qi = store.queue_index("azure").unwrap();
+        for rec in [uplink(1, 3000), uplink(2, 1)] {
+            store
+                .append(
+                    &[lorastream::store::Entry {
+                        record: &rec,
+                        queues: &[qi],
+                    }],
+                    &[],
+                )
+                .await
+                .unwrap();
+        }
+        store.flush().await.unwrap();
+    }
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let q = daemon.store().queue("azure").unwrap();
+    r.wait_d2c("the normal record", |_| r.uplinks().len() == 1)
+        .await;
+    assert!(wait_until(T, || q.is_empty()).await);
+    assert_eq!(r.uplinks()[0].json()["uplink_message"]["f_cnt"], 2);
+    assert_eq!(q.stats().dropped.get("too_large"), Some(&1));
+    daemon.health();
+    let text = daemon.metrics().encode();
+    assert!(
+        text.contains("lorastream_queue_dropped{stream=\"azure\",reason=\"too_large\"} 1"),
+        "{text}"
+    );
+    assert!(r.hub.log(|l| l
+        .closed
+        .iter()
+        .all(|(_, _, w)| !matches!(w, Close::Violation(_)))));
+    daemon.stop().await;
+}
+
+#[test]
+fn azure_config_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let devices = "[[application]]\nid = \"farm\"\n\n[[device]]\napplication = \"farm\"\nid = \"d1\"\ndev_eui = \"0000000000000001\"\ndev_addr = \"26000001\"\nnwk_s_key = \"00000000000000000000000000000000\"\napp_s_key = \"00000000000000000000000000000000\"\n\n[[device]]\napplication = \"farm\"\nid = \"d 2\"\ndev_eui = \"0000000000000002\"\ndev_addr = \"26000002\"\nnwk_s_key = \"00000000000000000000000000000000\"\napp_s_key = \"00000000000000000000000000000000\"\n\n";
+    let parse = |rest: &str| {
+        let src = format!(
+            "[storage]\npath = {:?}\n\n{devices}[[stream]]\nname = \"az\"\nkind = \"azure-iot-hub\"\nhostname = \"hub.azure-devices.net\"\n{rest}",
+            dir.path().display().to_string()
+        );
+        lorastream::config::Config::parse(&src, "t.toml")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let k = key(1);
+    let policy = format!("policy_name = \"p\"\npolicy_key = \"{k}\"\n");
+    // Device identity with a policy key; {device} would give "d 2", which IoT Hub refuses.
+    assert_eq!(
+        parse(&format!("device_id = \"lora-{{dev_eui}}\"\n{policy}")),
+        Ok(())
+    );
+    let e = parse(&policy).unwrap_err();
+    assert!(e.contains("device \"d 2\"") && e.contains("' '"), "{e}");
+    assert!(parse(&format!("device_id = \"gw\"\n{policy}"))
+        .unwrap_err()
+        .contains("identity = \"gateway\""));
+    assert!(
+        parse(&format!("device_id = \"{{devid}}-{{device}}\"\n{policy}"))
+            .unwrap_err()
+            .contains("only {device} and {dev_eui}")
+    );
+    // Per-device keys must cover every device in scope.
+    let e = parse(&format!(
+        "device_id = \"x{{dev_eui}}\"\ndevice_keys = {{ \"d1\" = \"{k}\" }}\n"
+    ))
+    .unwrap_err();
+    assert!(e.contains("no key for device \"d 2\""), "{e}");
+    assert_eq!(
+        parse(&format!("device_id = \"x{{dev_eui}}\"\ndevice_keys = {{ \"d1\" = \"{k}\", \"x0000000000000002\" = \"{k}\" }}\n")),
+        Ok(())
+    );
+    // Gateway identity.
+    let gw = format!("identity = \"gateway\"\ndevice_id = \"gw-1\"\ndevice_key = \"{k}\"\n");
+    assert_eq!(parse(&gw), Ok(()));
+    assert!(parse(&format!("{gw}max_connections = 3\n"))
+        .unwrap_err()
+        .contains("only used with identity = \"device\""));
+    assert!(parse(&gw.replace(&k, "not base64!"))
+        .unwrap_err()
+        .contains("not a base64 key"));
+    assert!(
+        !parse(&gw.replace(&k, "not base64!"))
+            .unwrap_err()
+            .contains("not base64!"),
+        "keys never in errors"
+    );
+    assert!(parse("identity = \"gateway\"\ndevice_id = \"gw\"\n")
+        .unwrap_err()
+        .contains("device_key"));
+    // Transport, formats, limits.
+    assert!(parse(&format!(
+        "{gw}server = \"mqtt://hub.azure-devices.net:1883\"\n"
+    ))
+    .unwrap_err()
+    .contains("IoT Hub needs TLS"));
+    assert_eq!(
+        parse(&format!("{gw}server = \"wss://hub.azure-devices.net\"\n")),
+        Ok(())
+    );
+    assert!(parse(&format!("{gw}downlink_format = \"xml\"\n"))
+        .unwrap_err()
+        .contains("downlink_format"));
+    assert!(parse(&format!("{gw}keep_alive_s = 3600\n"))
+        .unwrap_err()
+        .contains("1767"));
+    assert!(parse(&format!("{gw}policy_name = \"p\"\n"))
+        .unwrap_err()
+        .contains("go together"));
+    assert!(parse(&format!("{gw}topic_prefix = \"x\"\n"))
+        .unwrap_err()
+        .contains("not used by kind = \"azure-iot-hub\""));
+    assert!(parse(&format!("{gw}identity = \"both\"\n").replacen(
+        "identity = \"gateway\"\n",
+        "",
+        1
+    ))
+    .unwrap_err()
+    .contains("\"both\""));
+    let src = format!(
+        "[storage]\npath = {:?}\n\n[[stream]]\nname = \"az\"\nkind = \"azure-iot-hub\"\nhostname = \"https://hub.azure-devices.net\"\n{gw}",
+        dir.path().display().to_string()
+    );
+    let e = lorastream::config::Config::parse(&src, "t.toml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("t.toml:7: [[stream]] \"az\": key `hostname`"),
+        "{e}"
+    );
 }
