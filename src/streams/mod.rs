@@ -3,13 +3,15 @@
 //!
 //! | kind       | module     | acknowledgement that removes a record      |
 //! |------------|------------|--------------------------------------------|
-//! | `mqtt`     | [`mqtt`]   | PUBACK of the QoS 1 publish                 |
+//! | `mqtt`, `aws-iot` | [`mqtt`] | PUBACK of the QoS 1 publish          |
+//! | `azure-iot-hub` | [`azure`] | PUBACK of the QoS 1 device-to-cloud message (one connection, or one per device) |
 //! | `stdout`   | [`lines`]  | the line written and stdout flushed         |
 //! | `file`     | [`lines`]  | the line written and the file fsynced       |
 //!
 //! A stream runs until its cancel token fires; it then finishes what is in flight (bounded by
 //! the daemon's stop deadline) and returns. Failures to reach the destination are retried with
-//! [`backoff::Backoff`], forever: the queue holds the data meanwhile.
+//! [`backoff::Backoff`], forever: the queue holds the data meanwhile. [`session`] holds what the
+//! MQTT-based streams share (PUBACK matching, endpoints, CONNACK).
 
 pub mod azure;
 pub mod backoff;
