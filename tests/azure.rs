@@ -146,6 +146,62 @@ fn check_duplicates_are_copies(
     by_cid
 }
 
+/// An uplink of test device `n` (as `device(n)`) with FCnt `f_cnt`, heard `receptions` times.
+fn stored_uplink(n: u8, f_cnt: u32, receptions: usize) -> lorastream::model::Record {
+    use lorastream::model::{DevAddr, Record, RxInfo, TxSettings, Uplink};
+    Record::Uplink(Uplink {
+        id: lorastream::model::new_id(),
+        received_at_us: lorastream::model::now_us(),
+        application: "farm".into(),
+        device: format!("dev-{n}"),
+        dev_eui: format!("70B3D57ED00000{n:02X}").parse().unwrap(),
+        dev_addr: DevAddr(0x2600_0000 | u32::from(n)),
+        f_port: Some(1),
+        f_cnt,
+        confirmed: false,
+        adr: false,
+        payload: vec![n],
+        settings: TxSettings {
+            frequency_hz: 868_100_000,
+            spreading_factor: 7,
+            bandwidth_hz: 125_000,
+            coding_rate: "4/5".into(),
+        },
+        rx: (0..receptions)
+            .map(|i| RxInfo {
+                gateway: Eui64::from_u64(i as u64),
+                tmst: 1,
+                time: None,
+                rssi: -50,
+                channel_rssi: -50,
+                snr: 9.0,
+                channel: 0,
+                rf_chain: 0,
+                received_at_us: 0,
+            })
+            .collect(),
+    })
+}
+
+/// Queue records for stream "azure" in the store of `cfg` before the daemon runs.
+async fn prefill(cfg: &lorastream::config::Config, records: &[lorastream::model::Record]) {
+    let (store, _) = lorastream::store::Store::open(
+        &cfg.storage,
+        &[("azure".into(), lorastream::config::WhenFull::DropOldest)],
+    )
+    .unwrap();
+    let qi = [store.queue_index("azure").unwrap()];
+    let entries: Vec<_> = records
+        .iter()
+        .map(|record| lorastream::store::Entry {
+            record,
+            queues: &qi,
+        })
+        .collect();
+    store.append(&entries, &[]).await.unwrap();
+    store.flush().await.unwrap();
+}
+
 /// A raw MQTT client of the stand-in, for checking its rules.
 async fn raw_client(
     hub: &IotHub,
@@ -803,7 +859,7 @@ async fn websocket_transport_and_renewal_of_device_connections() {
     let mut d = device(1);
     r.hub.add_device("dev-1", &key(5));
     let stream = format!(
-        "[[stream]]\nname = \"azure\"\nkind = \"azure-iot-hub\"\nhostname = \"{HOST}\"\nserver = \"wss://localhost:{}\"\nca_file = {:?}\ndevice_keys = {{ \"dev-1\" = \"{}\" }}\nsas_ttl_s = 3\nidle_timeout_s = 30\n",
+        "[[stream]]\nname = \"azure\"\nkind = \"azure-iot-hub\"\nhostname = \"{HOST}\"\nserver = \"wss://localhost:{}\"\nca_file = {:?}\ndevice_keys = {{ \"dev-1\" = \"{}\" }}\nsas_ttl_s = 3\nidle_timeout_s = 30\ntwin = true\n",
         r.hub.ws_port(),
         r.ca.pem_path.display().to_string(),
         key(5)
@@ -817,6 +873,16 @@ async fn websocket_transport_and_renewal_of_device_connections() {
     let first = r.hub.log(|l| l.connected[0].clone());
     assert!(first.websocket, "connected through the WebSocket listener");
     assert_eq!(first.device, "dev-1");
+    // The device's own twin: last seen, radio data.
+    assert!(wait_until(T, || r.hub.log(|l| !l.twin_patches.is_empty())).await);
+    let (twin_dev, patch) = r.hub.log(|l| l.twin_patches[0].clone());
+    assert_eq!(twin_dev, "dev-1");
+    assert_eq!(patch["lorawan"]["dev_eui"], eui(&d));
+    assert_eq!(patch["lorawan"]["f_cnt"], 0);
+    assert!(patch["lorawan"]["last_seen"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
     // Renewed (new token, new connection) while within idle_timeout_s, never expired.
     assert!(wait_until(T, || r.hub.log(|l| l.connected.len()) >= 3).await);
     assert!(r
@@ -842,7 +908,6 @@ async fn websocket_transport_and_renewal_of_device_connections() {
 /// A record IoT Hub could never take (over 256 KB) is dropped and counted; the next one goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_records_are_dropped_with_a_counter_not_wedging_the_queue() {
-    use lorastream::model::{DevAddr, Record, RxInfo, TxSettings, Uplink};
     let r = rig().await;
     r.hub.add_device("gw", &key(1));
     let d = device(1);
@@ -856,61 +921,7 @@ async fn oversize_records_are_dropped_with_a_counter_not_wedging_the_queue() {
     );
     // Queue two records before the daemon runs: one heard by 3000 "gateways" (about 750 KB of
     // JSON), then a normal one.
-    let uplink = |id: u128, receptions: usize| {
-        Record::Uplink(Uplink {
-            id,
-            received_at_us: lorastream::model::now_us(),
-            application: "farm".into(),
-            device: "dev-1".into(),
-            dev_eui: Eui64::from_u64(1),
-            dev_addr: DevAddr(1),
-            f_port: Some(1),
-            f_cnt: id as u32,
-            confirmed: false,
-            adr: false,
-            payload: vec![1],
-            settings: TxSettings {
-                frequency_hz: 868_100_000,
-                spreading_factor: 7,
-                bandwidth_hz: 125_000,
-                coding_rate: "4/5".into(),
-            },
-            rx: (0..receptions)
-                .map(|i| RxInfo {
-                    gateway: Eui64::from_u64(i as u64),
-                    tmst: 1,
-                    time: None,
-                    rssi: -50,
-                    channel_rssi: -50,
-                    snr: 9.0,
-                    channel: 0,
-                    rf_chain: 0,
-                    received_at_us: 0,
-                })
-                .collect(),
-        })
-    };
-    {
-        let (store, _) = lorastream::store::Store::open(
-            &cfg.storage,
-            &[("azure".into(), lorastream::config::WhenFull::DropOldest)],
-        )
-        .unwrap();
-        let qi = store.queue_index("azure").unwrap();
-        for rec in [uplink(1, 3000), uplink(2, 1)] {
-            store
-                .append(
-                    &[lorastream::store::Entry {
-                        record: &rec,
-                        queues: &[qi],
-                    }],
-                    &[],
-                )
-                .await
-                .unwrap();
-        }
-        store.flush().await.unwrap();
-    }
+    prefill(&cfg, &[stored_uplink(1, 1, 3000), stored_uplink(1, 2, 1)]).await;
     let daemon = Daemon::start(&cfg).await.unwrap();
     let q = daemon.store().queue("azure").unwrap();
     r.wait_d2c("the normal record", |_| r.uplinks().len() == 1)
@@ -1029,4 +1040,76 @@ fn azure_config_rules() {
         e.starts_with("t.toml:7: [[stream]] \"az\": key `hostname`"),
         "{e}"
     );
+}
+
+/// Identity "device", one connection at most: a device the hub refuses (not registered) with a
+/// backlog bigger than the per-device index holds neither takes the connection nor holds back
+/// the others; registered later, its whole backlog arrives, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_device_with_a_big_backlog_does_not_hold_back_the_others() {
+    let r = rig().await;
+    r.hub.add_policy("p", &key(7));
+    r.hub.add_device("dev-1", &key(1));
+    r.hub.add_device("dev-3", &key(3));
+    let devs = [device(1), device(2), device(3)];
+    let cfg = r.config(
+        "refused",
+        &devs.iter().collect::<Vec<_>>(),
+        &r.stream(&format!(
+            "policy_name = \"p\"\npolicy_key = \"{}\"\nmax_connections = 1\nidle_timeout_s = 1\n",
+            key(7)
+        )),
+    );
+    // dev-2's 5000 records first (more than the 4096 indexed per device), then the others'.
+    let n2 = 5000u32;
+    let mut recs: Vec<_> = (0..n2).map(|i| stored_uplink(2, i, 1)).collect();
+    for i in 0..3 {
+        recs.push(stored_uplink(1, i, 1));
+        recs.push(stored_uplink(3, i, 1));
+    }
+    prefill(&cfg, &recs).await;
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let q = daemon.store().queue("azure").unwrap();
+    r.wait_d2c("dev-1 and dev-3 delivered while dev-2 is refused", |_| {
+        ["dev-1", "dev-3"].iter().all(|d| {
+            r.uplinks()
+                .iter()
+                .filter(|m| m.prop("device") == Some(d))
+                .count()
+                >= 3
+        })
+    })
+    .await;
+    assert!(
+        wait_until(T, || q.len() == u64::from(n2)).await,
+        "only dev-2's records wait"
+    );
+    assert!(r.hub.log(|l| l
+        .refused
+        .iter()
+        .any(|(id, why)| id == "dev-2" && why.contains("not registered"))));
+    assert!(r.hub.log(|l| l.max_open) <= 1);
+    // Registered: the backlog drains in order.
+    r.hub.add_device("dev-2", &key(2));
+    assert!(
+        wait_until(Duration::from_secs(90), || q.is_empty()).await,
+        "{} left",
+        q.len()
+    );
+    let mut seen = std::collections::HashSet::new();
+    let fcnts: Vec<u64> = r
+        .uplinks()
+        .iter()
+        .filter(|m| m.prop("device") == Some("dev-2"))
+        .map(|m| m.json())
+        .filter(|v| seen.insert(v["correlation_ids"][0].clone()))
+        .map(|v| v["uplink_message"]["f_cnt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        fcnts,
+        (0..u64::from(n2)).collect::<Vec<_>>(),
+        "all of them, in order (copies share a correlation id)"
+    );
+    assert!(r.hub.log(|l| l.max_open) <= 1);
+    daemon.stop().await;
 }

@@ -585,6 +585,71 @@ mod tests {
     }
 
     #[test]
+    fn message_properties_per_record_kind() {
+        use crate::model::{DevAddr, GatewayFrame, RxInfo, TxSettings, Uplink};
+        let rx = RxInfo {
+            gateway: Eui64::from_u64(0xAA55),
+            tmst: 0,
+            time: None,
+            rssi: -1,
+            channel_rssi: -1,
+            snr: 0.0,
+            channel: 0,
+            rf_chain: 0,
+            received_at_us: 0,
+        };
+        let settings = TxSettings {
+            frequency_hz: 868_100_000,
+            spreading_factor: 7,
+            bandwidth_hz: 125_000,
+            coding_rate: String::new(),
+        };
+        let up = Record::Uplink(Uplink {
+            id: 1,
+            received_at_us: 0,
+            application: "farm".into(),
+            device: "soil 1".into(),
+            dev_eui: Eui64::from_u64(1),
+            dev_addr: DevAddr(1),
+            f_port: None,
+            f_cnt: 9,
+            confirmed: false,
+            adr: false,
+            payload: vec![],
+            settings: settings.clone(),
+            rx: vec![rx.clone()],
+        });
+        let (t, body) = message("d1", &up, 0);
+        assert_eq!(
+            t,
+            format!(
+                "devices/d1/messages/events/$.ct=application%2Fjson&$.ce=utf-8&$.mid={}&type=uplink\
+                 &application=farm&device=soil%201&dev_eui=0000000000000001&f_cnt=9",
+                wire::url_encode(&correlation_id("uplink", 1))
+            ),
+            "no f_port for a frame without FPort"
+        );
+        assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+        let frame = Record::GatewayFrame(GatewayFrame {
+            id: 2,
+            phy_payload: vec![0x40],
+            crc_ok: true,
+            settings,
+            rx,
+        });
+        let props = wire::parse_devicebound(
+            &message("gw", &frame, 0)
+                .0
+                .replace("/events/", "/devicebound/"),
+            "gw",
+        )
+        .unwrap();
+        assert_eq!(wire::prop(&props, "type"), Some("frame"));
+        assert_eq!(wire::prop(&props, "gateway"), Some("000000000000AA55"));
+        assert_eq!(wire::prop(&props, "device"), None);
+    }
+
+    #[test]
     fn raw_downlinks_take_port_and_confirmed_from_properties() {
         let d = LoraDevice {
             application: "farm".into(),

@@ -6,8 +6,9 @@
 //!
 //! - **Index.** It walks the queue once, in order, from a frontier cursor and keeps, per
 //!   device, the sequence numbers not yet handed to a connection (`waiting`, 8 bytes each, at
-//!   most [`INDEX_CAP`] in all). Records are read again by sequence number when handed (the
-//!   few just scanned come from a small cache).
+//!   most [`PER_DEVICE_CAP`] per device and [`INDEX_CAP`] in all; a device's records beyond its
+//!   cap are skipped and read again, in order, when its list drains). Records are read again by
+//!   sequence number when handed (the few just scanned come from a small cache).
 //! - **Hand-over.** A connection gets its device's records in queue order, at most `inflight`
 //!   unacknowledged (`handed`). Its PUBACKs come back as `Done(seq)` (the connection removed
 //!   the record from the queue). When a connection ends, whatever it had not acknowledged goes
@@ -35,8 +36,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Sequence numbers indexed in memory at most (the rest of a huge backlog is read later).
-pub(super) const INDEX_CAP: usize = 65_536;
+/// Sequence numbers indexed in memory at most, all devices (a hard memory bound: 2 MiB).
+pub(super) const INDEX_CAP: usize = 262_144;
+/// Sequence numbers indexed per device at most. A device with more (a long outage, or a device
+/// the hub refuses) has the rest skipped by the scan and read again later ([`Slot::overflow`]),
+/// so one device's backlog never fills the index and stops the others.
+pub(super) const PER_DEVICE_CAP: usize = 4096;
 /// Records kept from the scan for a quick hand-over.
 const CACHE_CAP: usize = 1024;
 /// A connection is not closed for another device before it has been idle this long.
@@ -71,6 +76,9 @@ struct Slot {
     /// connects, and its records stay queued.
     key: Option<SasKey>,
     waiting: VecDeque<u64>,
+    /// The first record of this device the scan skipped because `waiting` was full; from there
+    /// on the device's records are read by [`Dispatcher::refill`], in order.
+    overflow: Option<u64>,
     handed: BTreeSet<u64>,
     events: VecDeque<DownlinkEvent>,
     conn: Option<Conn>,
@@ -180,6 +188,7 @@ impl Dispatcher {
                 device: dev,
                 key: sas,
                 waiting: VecDeque::new(),
+                overflow: None,
                 handed: BTreeSet::new(),
                 events: VecDeque::new(),
                 conn: None,
@@ -222,11 +231,61 @@ impl Dispatcher {
                     // The config check refuses gateway scopes with identity = "device".
                     Record::GatewayFrame(_) => continue,
                 };
-                self.slot(dev).waiting.push_back(seq);
+                let slot = self.slot(dev);
+                if slot.overflow.is_some() || slot.waiting.len() >= PER_DEVICE_CAP {
+                    slot.overflow.get_or_insert(seq);
+                    continue;
+                }
+                slot.waiting.push_back(seq);
                 self.indexed += 1;
                 if self.cache.len() < CACHE_CAP {
                     self.cache.insert(seq, r);
                 }
+            }
+        }
+    }
+
+    /// Index a device's skipped records again, from its overflow point, in order, up to the
+    /// per-device cap; once the scan frontier is reached, the normal scan takes over.
+    fn refill(&mut self, key: u64) {
+        let queue = self.sh.ctx.queue.clone();
+        let Some(slot) = self.slots.get_mut(&key) else {
+            return;
+        };
+        let Some(from) = slot.overflow else { return };
+        let mut cursor = from.checked_sub(1);
+        loop {
+            let chunk = match queue.read_after(cursor, 512) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(stream = %self.sh.name, error = %e, "cannot read the queue");
+                    return;
+                }
+            };
+            if chunk.is_empty() {
+                slot.overflow = None;
+                return;
+            }
+            for (seq, r) in chunk {
+                if self.frontier.is_none_or(|f| seq > f) {
+                    slot.overflow = None;
+                    return;
+                }
+                cursor = Some(seq);
+                let dev_eui = match &r {
+                    Record::Uplink(u) => u.dev_eui,
+                    Record::Join(j) => j.dev_eui,
+                    Record::GatewayFrame(_) => continue,
+                };
+                if device_key(dev_eui) != key {
+                    continue;
+                }
+                if slot.waiting.len() >= PER_DEVICE_CAP {
+                    slot.overflow = Some(seq);
+                    return;
+                }
+                slot.waiting.push_back(seq);
+                self.indexed += 1;
             }
         }
     }
@@ -248,6 +307,15 @@ impl Dispatcher {
 
     /// Hand work to open connections, open connections for devices with work.
     fn pump(&mut self) {
+        let refill: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.overflow.is_some() && s.waiting.len() < PER_DEVICE_CAP / 2)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in refill {
+            self.refill(k);
+        }
         let now = Instant::now();
         let inflight = self.sh.inflight;
         let queue = self.sh.ctx.queue.clone();
