@@ -183,13 +183,11 @@ fn stored_uplink(n: u8, f_cnt: u32, receptions: usize) -> lorastream::model::Rec
     })
 }
 
-/// Queue records for stream "azure" in the store of `cfg` before the daemon runs.
-async fn prefill(cfg: &lorastream::config::Config, records: &[lorastream::model::Record]) {
-    let (store, _) = lorastream::store::Store::open(
-        &cfg.storage,
-        &[("azure".into(), lorastream::config::WhenFull::DropOldest)],
-    )
-    .unwrap();
+/// Queue records for stream "azure" in a running daemon's store, in one append (as the uplink
+/// stage does). (Writing the store before the daemon opens it would race sled's background
+/// threads, which hold its lock a little after the handle is dropped.)
+async fn append(daemon: &Daemon, records: &[lorastream::model::Record]) {
+    let store = daemon.store();
     let qi = [store.queue_index("azure").unwrap()];
     let entries: Vec<_> = records
         .iter()
@@ -199,7 +197,6 @@ async fn prefill(cfg: &lorastream::config::Config, records: &[lorastream::model:
         })
         .collect();
     store.append(&entries, &[]).await.unwrap();
-    store.flush().await.unwrap();
 }
 
 /// A raw MQTT client of the stand-in, for checking its rules.
@@ -921,8 +918,12 @@ async fn oversize_records_are_dropped_with_a_counter_not_wedging_the_queue() {
     );
     // Queue two records before the daemon runs: one heard by 3000 "gateways" (about 750 KB of
     // JSON), then a normal one.
-    prefill(&cfg, &[stored_uplink(1, 1, 3000), stored_uplink(1, 2, 1)]).await;
     let daemon = Daemon::start(&cfg).await.unwrap();
+    append(
+        &daemon,
+        &[stored_uplink(1, 1, 3000), stored_uplink(1, 2, 1)],
+    )
+    .await;
     let q = daemon.store().queue("azure").unwrap();
     r.wait_d2c("the normal record", |_| r.uplinks().len() == 1)
         .await;
@@ -1067,8 +1068,8 @@ async fn a_refused_device_with_a_big_backlog_does_not_hold_back_the_others() {
         recs.push(stored_uplink(1, i, 1));
         recs.push(stored_uplink(3, i, 1));
     }
-    prefill(&cfg, &recs).await;
     let daemon = Daemon::start(&cfg).await.unwrap();
+    append(&daemon, &recs).await;
     let q = daemon.store().queue("azure").unwrap();
     r.wait_d2c("dev-1 and dev-3 delivered while dev-2 is refused", |_| {
         ["dev-1", "dev-3"].iter().all(|d| {
@@ -1111,5 +1112,93 @@ async fn a_refused_device_with_a_big_backlog_does_not_hold_back_the_others() {
         "all of them, in order (copies share a correlation id)"
     );
     assert!(r.hub.log(|l| l.max_open) <= 1);
+    daemon.stop().await;
+}
+
+/// Not a check: drain rates against the stand-in, for the record. Run with
+/// `cargo test --test azure measure -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_backlog_drain() {
+    let r = rig().await;
+    r.hub.add_device("gw", &key(1));
+    r.hub.add_policy("p", &key(7));
+    let n = 5000u32;
+    // Gateway identity: one connection, the whole backlog.
+    let cfg = r.config(
+        "m-gw",
+        &[&device(1)],
+        &r.stream(&format!(
+            "identity = \"gateway\"\ndevice_id = \"gw\"\ndevice_key = \"{}\"\n",
+            key(1)
+        )),
+    );
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let q = daemon.store().queue("azure").unwrap();
+    assert!(wait_until(T, || daemon.metrics().is_stream_connected("azure")).await);
+    let t0 = std::time::Instant::now();
+    append(
+        &daemon,
+        &(0..n).map(|i| stored_uplink(1, i, 1)).collect::<Vec<_>>(),
+    )
+    .await;
+    assert!(wait_until(Duration::from_secs(300), || q.is_empty()).await);
+    let dt = t0.elapsed();
+    println!(
+        "gateway identity: {n} records in {:.2} s = {:.0} msg/s (TLS, loopback, inflight 32)",
+        dt.as_secs_f64(),
+        f64::from(n) / dt.as_secs_f64()
+    );
+    daemon.stop().await;
+
+    // Device identity: 200 devices × 10 records, at most 20 connections.
+    let devices: Vec<SimDevice> = (1..=200).map(device).collect();
+    for d in &devices {
+        r.hub.add_device(&d.id, &key(9));
+    }
+    let cfg = r.config(
+        "m-dev",
+        &devices.iter().collect::<Vec<_>>(),
+        &r.stream(&format!(
+            "policy_name = \"p\"\npolicy_key = \"{}\"\nmax_connections = 20\n",
+            key(7)
+        )),
+    );
+    let mut recs = Vec::new();
+    for i in 0..10 {
+        for k in 1..=200u8 {
+            recs.push(stored_uplink(k, i, 1));
+        }
+    }
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let q = daemon.store().queue("azure").unwrap();
+    // Live records first (connections held 2 s after their last live message when others
+    // wait), then the same as a backlog received a minute ago (no hold).
+    for (what, age_us) in [("live", 0i64), ("backlog", 60_000_000)] {
+        let recs: Vec<_> = recs
+            .iter()
+            .cloned()
+            .map(|mut r| {
+                if let lorastream::model::Record::Uplink(u) = &mut r {
+                    u.id = lorastream::model::new_id();
+                    u.received_at_us = lorastream::model::now_us() - age_us;
+                }
+                r
+            })
+            .collect();
+        let before = r.hub.log(|l| l.connected.len());
+        let t0 = std::time::Instant::now();
+        append(&daemon, &recs).await;
+        assert!(wait_until(Duration::from_secs(300), || q.is_empty()).await);
+        let dt = t0.elapsed();
+        println!(
+            "device identity, {what}: {} records of 200 devices in {:.2} s = {:.0} msg/s; {} connections opened, at most {} at once (max_connections 20)",
+            recs.len(),
+            dt.as_secs_f64(),
+            recs.len() as f64 / dt.as_secs_f64(),
+            r.hub.log(|l| l.connected.len()) - before,
+            r.hub.log(|l| l.max_open)
+        );
+    }
     daemon.stop().await;
 }

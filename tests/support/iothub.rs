@@ -79,6 +79,7 @@ pub struct Connected {
     pub policy: Option<String>,
     /// The token's `se`.
     pub expiry: u64,
+    pub at: std::time::Instant,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -602,6 +603,7 @@ async fn connection(mut io: Io, websocket: bool, state: Arc<State>, stop: Cancel
             websocket,
             policy,
             expiry,
+            at: std::time::Instant::now(),
         });
         l.open_now += 1;
         l.max_open = l.max_open.max(l.open_now);
@@ -619,7 +621,8 @@ async fn connection(mut io: Io, websocket: bool, state: Arc<State>, stop: Cancel
         )
         .await;
     }
-    io.close().await;
+    // The hub's books first, then the socket: a client that sees the close may reconnect at
+    // once, and must not find its old connection still counted.
     {
         let mut conns = state.conns.lock().unwrap();
         if conns.get(&device).is_some_and(|h| h.id == id) {
@@ -634,9 +637,12 @@ async fn connection(mut io: Io, websocket: bool, state: Arc<State>, stop: Cancel
             }
         }
     }
-    let mut l = state.log.lock().unwrap();
-    l.open_now -= 1;
-    l.closed.push((id, device, why));
+    {
+        let mut l = state.log.lock().unwrap();
+        l.open_now -= 1;
+        l.closed.push((id, device, why));
+    }
+    io.close().await;
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -16,8 +16,9 @@
 //!   sends it again first: per-device order is kept, duplicates carry the same correlation id.
 //! - **Connections.** Devices with work and no connection get one, oldest work first, while
 //!   fewer than `max_connections` are open. At the cap, the connection idle the longest (nothing
-//!   handed, nothing waiting, no traffic for [`MIN_HOLD`]) is closed to make room, so a device
-//!   waits at most for someone's in-flight PUBACKs, never for an idle timeout. A device whose
+//!   handed, nothing waiting, and no traffic for [`MIN_HOLD`] if its last record was live) is
+//!   closed to make room, so a device waits at most for someone's in-flight PUBACKs, never for
+//!   an idle timeout. A device whose
 //!   connection fails (refused key, network) is parked with its own backoff; its records stay
 //!   queued and nobody else waits for it.
 //! - **Renewal.** A connection ending for its SAS token is reopened at once if the device was
@@ -29,6 +30,7 @@ use super::{device_key, log_failure, Shared, EVENT_QUEUE};
 use crate::config::azure_device_id;
 use crate::model::{DownlinkEvent, Record};
 use crate::streams::backoff::Backoff;
+use crate::streams::format::LIVE_THRESHOLD;
 use crate::streams::session::FailureLog;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -44,7 +46,9 @@ pub(super) const INDEX_CAP: usize = 262_144;
 pub(super) const PER_DEVICE_CAP: usize = 4096;
 /// Records kept from the scan for a quick hand-over.
 const CACHE_CAP: usize = 1024;
-/// A connection is not closed for another device before it has been idle this long.
+/// A connection that carried live traffic is not closed for another device before it has been
+/// idle this long, so that a cloud-to-device message sent in reaction to the uplink still
+/// finds it. Connections that only drained a backlog are closed at once when someone waits.
 pub(super) const MIN_HOLD: Duration = Duration::from_secs(2);
 /// Downlink events kept per device while it has no connection.
 const EVENTS_PER_DEVICE: usize = 32;
@@ -86,6 +90,8 @@ struct Slot {
     backoff: Backoff,
     failures: FailureLog,
     last_active: Instant,
+    /// The last record handed over was live (not a backlog record).
+    live: bool,
     /// Reopen after a token renewal until then, even without work.
     keep_until: Option<Instant>,
 }
@@ -196,6 +202,7 @@ impl Dispatcher {
                 backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
                 failures: FailureLog::default(),
                 last_active: Instant::now(),
+                live: false,
                 keep_until: None,
             }
         })
@@ -343,8 +350,11 @@ impl Dispatcher {
                     self.indexed -= 1;
                     continue;
                 };
+                let age_us = crate::model::now_us() - rec.received_at_us();
+                let live = age_us < LIVE_THRESHOLD.as_micros() as i64;
                 match c.records.try_send((seq, rec)) {
                     Ok(()) => {
+                        slot.live = live;
                         slot.waiting.pop_front();
                         self.indexed -= 1;
                         slot.handed.insert(seq);
@@ -419,7 +429,7 @@ impl Dispatcher {
                 .filter(|(_, s)| {
                     s.quiet()
                         && s.conn.as_ref().is_some_and(|c| c.connected && !c.closing)
-                        && now.duration_since(s.last_active) >= MIN_HOLD
+                        && (!s.live || now.duration_since(s.last_active) >= MIN_HOLD)
                 })
                 .min_by_key(|(_, s)| s.last_active)
                 .map(|(k, _)| *k);
