@@ -11,10 +11,7 @@
 use super::wire::{self, SasKey};
 use super::Shared;
 use crate::downlink::{json as downlink_json, Input as DownlinkInput};
-use crate::model::{
-    correlation_id, new_id, now_us, DownlinkEvent, DownlinkItem, DownlinkOp, DownlinkRequest,
-    Eui64, Record,
-};
+use crate::model::{correlation_id, now_us, DownlinkEvent, DownlinkRequest, Eui64, Record};
 use crate::store::DropReason;
 use crate::streams::format::{record_json, Delivery};
 use crate::streams::session::{self, Inflight};
@@ -361,133 +358,17 @@ fn incoming(sh: &Shared, who: &Identity, p: &Publish) -> Option<DownlinkRequest>
         return None;
     };
     sh.ctx.downlinks.as_ref()?;
-    let req = downlink_request(
-        &sh.name,
-        sh.raw_downlinks,
-        who.device.as_ref(),
-        &props,
-        &p.payload,
-    );
+    let device = who
+        .device
+        .as_ref()
+        .map(|d| (d.application.as_str(), d.device.as_str()));
+    let req = wire::downlink_request(&sh.name, sh.raw_downlinks, device, &props, &p.payload);
     if req.is_none() {
         sh.ctx.metrics.downlink_event("unroutable");
         tracing::warn!(stream = %sh.name, device = %who.hub_id,
             "cloud-to-device message without a LoRaWAN device dropped: set the application and device properties (or end_device_ids in the JSON body)");
     }
     req
-}
-
-/// Build the downlink request of a cloud-to-device message (pure; see docs/formats.md).
-///
-/// - The LoRaWAN device: the connection's (identity = "device"); otherwise the `application`
-///   and `device` properties, or `end_device_ids` in a JSON body.
-/// - `op` property: `push` (default) or `replace`.
-/// - JSON body (default): the contract's `{"downlinks":[…]}`. Raw body (`downlink_format =
-///   "raw"`): the payload bytes, with `fPort` (1..223) and optional `confirmed` (`true`/`false`)
-///   and `priority` properties.
-/// - IoT Hub's message id (`$.mid`) is added to each downlink's correlation ids.
-pub(super) fn downlink_request(
-    stream: &str,
-    raw: bool,
-    device: Option<&LoraDevice>,
-    props: &[(String, String)],
-    body: &[u8],
-) -> Option<DownlinkRequest> {
-    let mut body = body.to_vec();
-    let mut target = device.map(|d| (d.application.clone(), d.device.clone()));
-    if target.is_none() {
-        if let (Some(a), Some(d)) = (
-            wire::prop(props, "application"),
-            wire::prop(props, "device"),
-        ) {
-            target = Some((a.to_string(), d.to_string()));
-        }
-    }
-    if !raw {
-        // TTS-style addressing in the body; removed before the contract parser sees it.
-        if let Ok(serde_json::Value::Object(mut m)) = serde_json::from_slice(&body) {
-            if let Some(ids) = m.remove("end_device_ids") {
-                if target.is_none() {
-                    let d = ids["device_id"].as_str();
-                    let a = ids["application_ids"]["application_id"].as_str();
-                    if let (Some(a), Some(d)) = (a, d) {
-                        target = Some((a.to_string(), d.to_string()));
-                    }
-                }
-                body = serde_json::to_vec(&m).unwrap_or_default();
-            }
-        }
-    }
-    let (application, device) = target?;
-    let op = match wire::prop(props, "op") {
-        None | Some("push") => Ok(DownlinkOp::Push),
-        Some("replace") => Ok(DownlinkOp::Replace),
-        Some(o) => Err(format!("property op={o:?} is not push or replace")),
-    };
-    let mid = wire::prop(props, "$.mid").map(|m| format!("azure-iot-hub:message-id:{m}"));
-    let items = op.as_ref().map_err(|e| e.clone()).and_then(|_| {
-        if raw {
-            raw_item(stream, props, body).map(|it| vec![it])
-        } else {
-            downlink_json::parse_request(&body, stream)
-        }
-    });
-    let items = items.map(|mut v| {
-        if let Some(m) = &mid {
-            for it in &mut v {
-                it.correlation_ids.push(m.clone());
-            }
-        }
-        v
-    });
-    Some(DownlinkRequest {
-        stream: stream.to_string(),
-        application,
-        device,
-        op: op.unwrap_or(DownlinkOp::Push),
-        items,
-    })
-}
-
-fn raw_item(
-    stream: &str,
-    props: &[(String, String)],
-    body: Vec<u8>,
-) -> Result<DownlinkItem, String> {
-    let port = wire::prop(props, "fPort")
-        .or_else(|| wire::prop(props, "f_port"))
-        .ok_or("raw downlink without the fPort property")?;
-    let f_port = match port.parse::<u8>() {
-        Ok(p @ 1..=223) => p,
-        _ => {
-            return Err(format!(
-                "fPort {port:?} is not an application port (1..223)"
-            ))
-        }
-    };
-    let confirmed = match wire::prop(props, "confirmed") {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") => true,
-        Some(c) => return Err(format!("confirmed={c:?} is not true or false")),
-    };
-    if body.len() > downlink_json::MAX_PAYLOAD {
-        return Err(format!(
-            "payload is {} bytes; LoRaWAN carries at most {}",
-            body.len(),
-            downlink_json::MAX_PAYLOAD
-        ));
-    }
-    let priority = wire::prop(props, "priority")
-        .unwrap_or("NORMAL")
-        .to_uppercase();
-    Ok(DownlinkItem {
-        id: new_id(),
-        f_port,
-        payload: body,
-        confirmed,
-        priority,
-        correlation_ids: Vec::new(),
-        stream: stream.to_string(),
-    })
 }
 
 /// Hand downlinks to the scheduler one by one and acknowledge each message to IoT Hub once it is
@@ -519,70 +400,6 @@ async fn ack_in_order(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn props(s: &str) -> Vec<(String, String)> {
-        wire::parse_properties(s)
-    }
-
-    #[test]
-    fn json_downlinks_in_device_identity() {
-        let d = LoraDevice {
-            application: "farm".into(),
-            device: "soil-1".into(),
-            dev_eui: Eui64::from_u64(1),
-        };
-        let r = downlink_request(
-            "az",
-            false,
-            Some(&d),
-            &props("%24.mid=m1&op=replace"),
-            br#"{"downlinks":[{"f_port":2,"frm_payload":"AQ=="}]}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            (r.application.as_str(), r.device.as_str()),
-            ("farm", "soil-1")
-        );
-        assert_eq!(r.op, DownlinkOp::Replace);
-        let items = r.items.unwrap();
-        assert_eq!(items[0].payload, vec![1]);
-        assert_eq!(
-            items[0].correlation_ids,
-            vec!["azure-iot-hub:message-id:m1"]
-        );
-    }
-
-    #[test]
-    fn gateway_identity_finds_the_device_in_properties_or_body() {
-        let r = downlink_request(
-            "az",
-            false,
-            None,
-            &props("application=farm&device=d%201"),
-            br#"{"downlinks":[{"f_port":2}]}"#,
-        )
-        .unwrap();
-        assert_eq!((r.application.as_str(), r.device.as_str()), ("farm", "d 1"));
-        let r = downlink_request("az", false, None, &[],
-            br#"{"end_device_ids":{"device_id":"d2","application_ids":{"application_id":"farm"}},"downlinks":[{"f_port":3}]}"#).unwrap();
-        assert_eq!((r.application.as_str(), r.device.as_str()), ("farm", "d2"));
-        assert_eq!(
-            r.items.unwrap()[0].f_port,
-            3,
-            "end_device_ids removed before parsing"
-        );
-        assert!(downlink_request("az", false, None, &props("device=x"), b"{}").is_none());
-        // Known device, bad body: a request whose error becomes a `failed` event.
-        let r = downlink_request(
-            "az",
-            false,
-            None,
-            &props("application=a&device=x&op=pop"),
-            b"{}",
-        )
-        .unwrap();
-        assert!(r.items.unwrap_err().contains("op=\"pop\""));
-    }
 
     #[test]
     fn message_properties_per_record_kind() {
@@ -647,30 +464,5 @@ mod tests {
         assert_eq!(wire::prop(&props, "type"), Some("frame"));
         assert_eq!(wire::prop(&props, "gateway"), Some("000000000000AA55"));
         assert_eq!(wire::prop(&props, "device"), None);
-    }
-
-    #[test]
-    fn raw_downlinks_take_port_and_confirmed_from_properties() {
-        let d = LoraDevice {
-            application: "farm".into(),
-            device: "soil-1".into(),
-            dev_eui: Eui64::from_u64(1),
-        };
-        let ok = |p: &str, body: &[u8]| {
-            downlink_request("az", true, Some(&d), &props(p), body)
-                .unwrap()
-                .items
-        };
-        let it = ok("fPort=5&confirmed=true", b"\x01\x02").unwrap().remove(0);
-        assert_eq!((it.f_port, it.confirmed, it.payload), (5, true, vec![1, 2]));
-        assert!(!ok("fPort=5", b"x").unwrap()[0].confirmed);
-        assert!(ok("", b"x").unwrap_err().contains("fPort"));
-        assert!(ok("fPort=0", b"x").unwrap_err().contains("1..223"));
-        assert!(ok("fPort=5&confirmed=maybe", b"x")
-            .unwrap_err()
-            .contains("confirmed"));
-        assert!(ok("fPort=5", &[0u8; 243])
-            .unwrap_err()
-            .contains("243 bytes"));
     }
 }

@@ -1,11 +1,12 @@
-//! Azure IoT Hub's MQTT details that need no I/O: SAS tokens, the username, topics and
-//! property bags. Pure functions, tested against vectors published by Microsoft.
+//! Azure IoT Hub's MQTT details that need no I/O: SAS tokens, the username, topics, property
+//! bags, and the downlink request a cloud-to-device message carries. Pure functions, tested against vectors published by Microsoft.
 //!
 //! Sources: Azure IoT Hub docs, "Control access to IoT Hub with shared access signatures"
 //! (token format, string to sign, `skn` for policy keys) and "Communicate with an IoT hub using
 //! the MQTT protocol" (ClientId, username, topics, property bags, 256 KB messages).
 
-use crate::model::Secret;
+use crate::downlink::json as downlink_json;
+use crate::model::{new_id, DownlinkItem, DownlinkOp, DownlinkRequest, Secret};
 use base64::Engine;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
@@ -183,6 +184,116 @@ pub fn prop<'a>(props: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// Build the downlink request of a cloud-to-device message (see docs/formats.md).
+///
+/// - The LoRaWAN device (application, device id): `device`, the connection's with
+///   identity = "device"; otherwise the `application`
+///   and `device` properties, or `end_device_ids` in a JSON body.
+/// - `op` property: `push` (default) or `replace`.
+/// - JSON body (default): the contract's `{"downlinks":[…]}`. Raw body (`downlink_format =
+///   "raw"`): the payload bytes, with `fPort` (1..223) and optional `confirmed` (`true`/`false`)
+///   and `priority` properties.
+/// - IoT Hub's message id (`$.mid`) is added to each downlink's correlation ids.
+pub fn downlink_request(
+    stream: &str,
+    raw: bool,
+    device: Option<(&str, &str)>,
+    props: &[(String, String)],
+    body: &[u8],
+) -> Option<DownlinkRequest> {
+    let mut body = body.to_vec();
+    let mut target = device.map(|(a, d)| (a.to_string(), d.to_string()));
+    if target.is_none() {
+        if let (Some(a), Some(d)) = (prop(props, "application"), prop(props, "device")) {
+            target = Some((a.to_string(), d.to_string()));
+        }
+    }
+    if !raw {
+        // TTS-style addressing in the body; removed before the contract parser sees it.
+        if let Ok(serde_json::Value::Object(mut m)) = serde_json::from_slice(&body) {
+            if let Some(ids) = m.remove("end_device_ids") {
+                if target.is_none() {
+                    let d = ids["device_id"].as_str();
+                    let a = ids["application_ids"]["application_id"].as_str();
+                    if let (Some(a), Some(d)) = (a, d) {
+                        target = Some((a.to_string(), d.to_string()));
+                    }
+                }
+                body = serde_json::to_vec(&m).unwrap_or_default();
+            }
+        }
+    }
+    let (application, device) = target?;
+    let op = match prop(props, "op") {
+        None | Some("push") => Ok(DownlinkOp::Push),
+        Some("replace") => Ok(DownlinkOp::Replace),
+        Some(o) => Err(format!("property op={o:?} is not push or replace")),
+    };
+    let mid = prop(props, "$.mid").map(|m| format!("azure-iot-hub:message-id:{m}"));
+    let items = op.as_ref().map_err(|e| e.clone()).and_then(|_| {
+        if raw {
+            raw_item(stream, props, body).map(|it| vec![it])
+        } else {
+            downlink_json::parse_request(&body, stream)
+        }
+    });
+    let items = items.map(|mut v| {
+        if let Some(m) = &mid {
+            for it in &mut v {
+                it.correlation_ids.push(m.clone());
+            }
+        }
+        v
+    });
+    Some(DownlinkRequest {
+        stream: stream.to_string(),
+        application,
+        device,
+        op: op.unwrap_or(DownlinkOp::Push),
+        items,
+    })
+}
+
+fn raw_item(
+    stream: &str,
+    props: &[(String, String)],
+    body: Vec<u8>,
+) -> Result<DownlinkItem, String> {
+    let port = prop(props, "fPort")
+        .or_else(|| prop(props, "f_port"))
+        .ok_or("raw downlink without the fPort property")?;
+    let f_port = match port.parse::<u8>() {
+        Ok(p @ 1..=223) => p,
+        _ => {
+            return Err(format!(
+                "fPort {port:?} is not an application port (1..223)"
+            ))
+        }
+    };
+    let confirmed = match prop(props, "confirmed") {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(c) => return Err(format!("confirmed={c:?} is not true or false")),
+    };
+    if body.len() > downlink_json::MAX_PAYLOAD {
+        return Err(format!(
+            "payload is {} bytes; LoRaWAN carries at most {}",
+            body.len(),
+            downlink_json::MAX_PAYLOAD
+        ));
+    }
+    let priority = prop(props, "priority").unwrap_or("NORMAL").to_uppercase();
+    Ok(DownlinkItem {
+        id: new_id(),
+        f_port,
+        payload: body,
+        confirmed,
+        priority,
+        correlation_ids: Vec::new(),
+        stream: stream.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +429,83 @@ mod tests {
                 ("%zz".to_string(), "%".to_string())
             ]
         );
+    }
+    #[test]
+    fn json_downlinks_in_device_identity() {
+        let d = ("farm", "soil-1");
+        let r = downlink_request(
+            "az",
+            false,
+            Some(d),
+            &parse_properties("%24.mid=m1&op=replace"),
+            br#"{"downlinks":[{"f_port":2,"frm_payload":"AQ=="}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (r.application.as_str(), r.device.as_str()),
+            ("farm", "soil-1")
+        );
+        assert_eq!(r.op, DownlinkOp::Replace);
+        let items = r.items.unwrap();
+        assert_eq!(items[0].payload, vec![1]);
+        assert_eq!(
+            items[0].correlation_ids,
+            vec!["azure-iot-hub:message-id:m1"]
+        );
+    }
+
+    #[test]
+    fn gateway_identity_finds_the_device_in_properties_or_body() {
+        let r = downlink_request(
+            "az",
+            false,
+            None,
+            &parse_properties("application=farm&device=d%201"),
+            br#"{"downlinks":[{"f_port":2}]}"#,
+        )
+        .unwrap();
+        assert_eq!((r.application.as_str(), r.device.as_str()), ("farm", "d 1"));
+        let r = downlink_request("az", false, None, &[],
+            br#"{"end_device_ids":{"device_id":"d2","application_ids":{"application_id":"farm"}},"downlinks":[{"f_port":3}]}"#).unwrap();
+        assert_eq!((r.application.as_str(), r.device.as_str()), ("farm", "d2"));
+        assert_eq!(
+            r.items.unwrap()[0].f_port,
+            3,
+            "end_device_ids removed before parsing"
+        );
+        assert!(
+            downlink_request("az", false, None, &parse_properties("device=x"), b"{}").is_none()
+        );
+        // Known device, bad body: a request whose error becomes a `failed` event.
+        let r = downlink_request(
+            "az",
+            false,
+            None,
+            &parse_properties("application=a&device=x&op=pop"),
+            b"{}",
+        )
+        .unwrap();
+        assert!(r.items.unwrap_err().contains("op=\"pop\""));
+    }
+
+    #[test]
+    fn raw_downlinks_take_port_and_confirmed_from_properties() {
+        let d = ("farm", "soil-1");
+        let ok = |p: &str, body: &[u8]| {
+            downlink_request("az", true, Some(d), &parse_properties(p), body)
+                .unwrap()
+                .items
+        };
+        let it = ok("fPort=5&confirmed=true", b"\x01\x02").unwrap().remove(0);
+        assert_eq!((it.f_port, it.confirmed, it.payload), (5, true, vec![1, 2]));
+        assert!(!ok("fPort=5", b"x").unwrap()[0].confirmed);
+        assert!(ok("", b"x").unwrap_err().contains("fPort"));
+        assert!(ok("fPort=0", b"x").unwrap_err().contains("1..223"));
+        assert!(ok("fPort=5&confirmed=maybe", b"x")
+            .unwrap_err()
+            .contains("confirmed"));
+        assert!(ok("fPort=5", &[0u8; 243])
+            .unwrap_err()
+            .contains("243 bytes"));
     }
 }
