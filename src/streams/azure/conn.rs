@@ -16,6 +16,7 @@ use crate::store::DropReason;
 use crate::streams::format::{record_json, Delivery};
 use crate::streams::session::{self, Inflight};
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, Publish, QoS};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -147,11 +148,15 @@ async fn session(
         let _ = client.try_subscribe("$iothub/twin/res/#", QoS::AtMostOnce);
     }
     // Cloud-to-device messages are handled one at a time, in order, off the polling task.
+    // `unacked` counts those not yet acknowledged: a renewal or stop waits for them too, so a
+    // stored downlink is not redelivered (and queued twice) after the reconnect.
     let (acks, ack_rx) = mpsc::channel::<(Option<DownlinkRequest>, Publish)>(256);
+    let unacked = Arc::new(AtomicUsize::new(0));
     let acker = tokio::spawn(ack_in_order(
         client.clone(),
         sh.ctx.downlinks.clone(),
         ack_rx,
+        unacked.clone(),
     ));
 
     let renew_at = tokio::time::Instant::now() + ttl.mul_f32(0.8);
@@ -174,7 +179,9 @@ async fn session(
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     report(Report::Activity);
                     let req = incoming(sh, who, &p);
+                    unacked.fetch_add(1, Ordering::SeqCst);
                     if acks.try_send((req, p)).is_err() {
+                        unacked.fetch_sub(1, Ordering::SeqCst);
                         tracing::warn!(stream = %sh.name, device = %who.hub_id, "too many cloud-to-device messages at once; IoT Hub will redeliver the rest");
                     }
                 }
@@ -217,7 +224,8 @@ async fn session(
             }
             _ = tokio::time::sleep(Duration::from_millis(50)), if draining.is_some() => {
                 if let Some((since, _)) = &draining {
-                    if inflight.is_empty() || since.elapsed() > DRAIN_GRACE {
+                    let idle = inflight.is_empty() && unacked.load(Ordering::SeqCst) == 0;
+                    if idle || since.elapsed() > DRAIN_GRACE {
                         session::disconnect(&client, &mut eventloop).await;
                         break draining.take().map(|(_, e)| e).unwrap_or(Ended::Stopped);
                     }
@@ -377,6 +385,7 @@ async fn ack_in_order(
     client: AsyncClient,
     downlinks: Option<mpsc::Sender<DownlinkInput>>,
     mut rx: mpsc::Receiver<(Option<DownlinkRequest>, Publish)>,
+    unacked: Arc<AtomicUsize>,
 ) {
     while let Some((req, p)) = rx.recv().await {
         if let (Some(req), Some(tx)) = (req, &downlinks) {
@@ -391,7 +400,9 @@ async fn ack_in_order(
                 return;
             }
         }
-        if client.ack(&p).await.is_err() {
+        let acked = client.ack(&p).await;
+        unacked.fetch_sub(1, Ordering::SeqCst);
+        if acked.is_err() {
             return;
         }
     }
