@@ -224,7 +224,7 @@ async fn run_gateway(sh: Arc<Shared>, id: Identity, mut events: mpsc::Receiver<D
         let end = loop {
             if let Some(l) = lanes.as_mut() {
                 // Fill the window; records go to the connection in lane order.
-                while outstanding < sh.inflight {
+                'fill: while outstanding < sh.inflight {
                     let batch = match l.next(&queue, sh.inflight - outstanding) {
                         Ok(b) => b,
                         Err(e) => {
@@ -237,10 +237,12 @@ async fn run_gateway(sh: Arc<Shared>, id: Identity, mut events: mpsc::Receiver<D
                     }
                     for r in batch {
                         // Cannot be full (outstanding < capacity); closed = the connection
-                        // ended, and its Closed report is on its way.
-                        if rec_tx.try_send(r).is_ok() {
-                            outstanding += 1;
+                        // ended, its Closed report is on its way, and the next session
+                        // reads the queue from its oldest record again.
+                        if rec_tx.try_send(r).is_err() {
+                            break 'fill;
                         }
+                        outstanding += 1;
                     }
                 }
             }
