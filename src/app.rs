@@ -416,6 +416,9 @@ fn health(
             metrics.set_queue(&s);
             let mut v = serde_json::to_value(&s).unwrap_or_default();
             v["connected"] = metrics.is_stream_connected(&s.stream).into();
+            if let Some(n) = metrics.stream_connections(&s.stream) {
+                v["connections"] = n.into();
+            }
             v
         })
         .collect();

@@ -597,12 +597,205 @@ fn allowed_keys(kind: StreamKind) -> &'static [&'static str] {
     }
 }
 
-/// Kind-specific checks: `Err((key, message))`. Each stream kind's module owns its rules.
-fn validate_azure(_st: &StreamConfig) -> Result<(), (&'static str, String)> {
-    Err((
-        "kind",
-        "kind = \"azure-iot-hub\" is not available in this version yet".into(),
-    ))
+/// Azure IoT Hub defaults (README "Stream to Azure IoT Hub").
+pub mod azure_defaults {
+    /// SAS token lifetime (the Azure SDKs use one hour too); renewed at 80 %.
+    pub const SAS_TTL_S: u64 = 3600;
+    /// Per-device connections without traffic this long are closed.
+    pub const IDLE_TIMEOUT_S: u64 = 300;
+    pub const MAX_CONNECTIONS: usize = 100;
+    /// Unacknowledged publishes per connection.
+    pub const INFLIGHT: u16 = 32;
+    /// IoT Hub allows keep-alives up to 1767 s; shorter detects a dead link sooner.
+    pub const KEEP_ALIVE_S: u64 = 60;
+    pub const DEVICE_ID: &str = "{device}";
+}
+
+/// The IoT Hub device id of a LoRaWAN device: `template` with `{device}` (its id in this file)
+/// and `{dev_eui}` (16 upper-case hex digits) replaced.
+pub fn azure_device_id(template: &str, device: &str, dev_eui: Eui64) -> String {
+    template
+        .replace("{device}", device)
+        .replace("{dev_eui}", &dev_eui.to_string())
+}
+
+/// Why `id` cannot be an IoT Hub device id (Azure IoT Hub docs, "Device identity properties":
+/// up to 128 characters, ASCII letters and digits and `- . % _ * ? ! ( ) , : = @ $ '`).
+pub fn azure_device_id_error(id: &str) -> Option<String> {
+    if id.is_empty() || id.len() > 128 {
+        return Some(format!(
+            "IoT Hub device id {id:?} must have 1 to 128 characters"
+        ));
+    }
+    id.chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-.%_*?!(),:=@$'".contains(*c)))
+        .map(|c| {
+            format!(
+                "IoT Hub device id {id:?} contains {c:?}; IoT Hub allows letters, digits and - . % _ * ? ! ( ) , : = @ $ '"
+            )
+        })
+}
+
+/// Azure IoT Hub: identity mode, keys for every device in scope, device ids IoT Hub accepts.
+/// `devices` are the devices in the stream's scope.
+fn validate_azure(
+    st: &StreamConfig,
+    devices: &[&DeviceConfig],
+) -> Result<(), (&'static str, String)> {
+    let host = st.hostname.as_deref().unwrap_or("");
+    if host.is_empty() || host.contains(['/', ':', ' ']) {
+        return Err((
+            "hostname",
+            format!("{host:?}: set hostname = \"<hub>.azure-devices.net\" (the hub's host name, no scheme or port)"),
+        ));
+    }
+    if let Some(server) = &st.server {
+        if !(server.starts_with("mqtts://") || server.starts_with("wss://")) {
+            return Err((
+                "server",
+                format!("{server:?}: IoT Hub needs TLS: mqtts://{host}:8883 or wss://{host}/$iothub/websocket"),
+            ));
+        }
+    }
+    let b64 = |key: &'static str, v: &Secret| {
+        use base64::Engine;
+        match base64::engine::general_purpose::STANDARD.decode(v.expose().trim()) {
+            Ok(k) if !k.is_empty() => Ok(()),
+            _ => Err((
+                key,
+                "is not a base64 key; copy the primary key from the Azure portal".to_string(),
+            )),
+        }
+    };
+    if st.policy_name.is_some() != st.policy_key.is_some() {
+        return Err((
+            "policy_name",
+            "policy_name and policy_key go together (a hub shared-access policy with DeviceConnect)".into(),
+        ));
+    }
+    if let Some(k) = &st.policy_key {
+        b64("policy_key", k)?;
+    }
+    if let Some(k) = &st.device_key {
+        b64("device_key", k)?;
+    }
+    for k in st.device_keys.iter().flat_map(|m| m.values()) {
+        b64("device_keys", k)?;
+    }
+    match st.downlink_format.as_deref() {
+        None | Some("json") | Some("raw") => {}
+        Some(f) => {
+            return Err((
+                "downlink_format",
+                format!("{f:?} is not \"json\" or \"raw\""),
+            ))
+        }
+    }
+    if st.sas_ttl_s.is_some_and(|t| t < 2) {
+        return Err(("sas_ttl_s", "must be at least 2 (seconds)".into()));
+    }
+    if st.idle_timeout_s == Some(0) {
+        return Err(("idle_timeout_s", "must be at least 1 (seconds)".into()));
+    }
+    if st.max_connections == Some(0) {
+        return Err(("max_connections", "must be at least 1".into()));
+    }
+    if st.inflight == Some(0) {
+        return Err(("inflight", "must be at least 1".into()));
+    }
+    if st.keep_alive_s.is_some_and(|k| !(5..=1767).contains(&k)) {
+        return Err((
+            "keep_alive_s",
+            "must be 5 to 1767 seconds (IoT Hub's maximum)".into(),
+        ));
+    }
+    let has_policy = st.policy_key.is_some();
+    match st.identity.as_deref().unwrap_or("device") {
+        "gateway" => {
+            let id = st.device_id.as_deref().unwrap_or("");
+            if id.is_empty() || id.contains(['{', '}']) {
+                return Err((
+                    "device_id",
+                    "identity = \"gateway\" needs device_id = the IoT Hub device id of this gateway (no placeholders)".into(),
+                ));
+            }
+            if let Some(e) = azure_device_id_error(id) {
+                return Err(("device_id", e));
+            }
+            if st.device_key.is_none() && !has_policy {
+                return Err((
+                    "device_key",
+                    "identity = \"gateway\" needs device_key (the IoT Hub device's primary key) or policy_name + policy_key".into(),
+                ));
+            }
+            for k in ["device_keys", "idle_timeout_s", "max_connections"] {
+                if st.set_keys().contains(&k) {
+                    return Err((k, "is only used with identity = \"device\"".into()));
+                }
+            }
+        }
+        "device" => {
+            if matches!(st.scope(), Scope::Gateway(_)) {
+                return Err((
+                    "identity",
+                    "raw gateway frames have no LoRaWAN device: use identity = \"gateway\" for a gateway-scoped stream".into(),
+                ));
+            }
+            if st.device_key.is_some() {
+                return Err((
+                    "device_key",
+                    "is for identity = \"gateway\"; with identity = \"device\" use device_keys = { \"<device>\" = \"<key>\" } or policy_name + policy_key".into(),
+                ));
+            }
+            let template = st.device_id.as_deref().unwrap_or(azure_defaults::DEVICE_ID);
+            if !(template.contains("{device}") || template.contains("{dev_eui}")) {
+                return Err((
+                    "device_id",
+                    format!("{template:?} names one IoT Hub device for every LoRaWAN device; with identity = \"device\" use {{device}} or {{dev_eui}}, or set identity = \"gateway\""),
+                ));
+            }
+            let rest = template.replace("{device}", "").replace("{dev_eui}", "");
+            if rest.contains(['{', '}']) {
+                return Err((
+                    "device_id",
+                    format!("{template:?}: only {{device}} and {{dev_eui}} can be used"),
+                ));
+            }
+            if !has_policy && st.device_keys.is_none() {
+                return Err((
+                    "policy_key",
+                    "identity = \"device\" needs policy_name + policy_key (a hub policy with DeviceConnect) or device_keys".into(),
+                ));
+            }
+            let mut ids = HashSet::new();
+            for d in devices {
+                let id = azure_device_id(template, &d.id, d.dev_eui);
+                if let Some(e) = azure_device_id_error(&id) {
+                    return Err(("device_id", format!("device {:?}: {e}", d.id)));
+                }
+                if !ids.insert(id.clone()) {
+                    return Err(("device_id", format!("IoT Hub device id {id:?} is used by two devices")));
+                }
+                let keyed = st
+                    .device_keys
+                    .as_ref()
+                    .is_some_and(|m| m.contains_key(&d.id) || m.contains_key(&id));
+                if !keyed && !has_policy {
+                    return Err((
+                        "device_keys",
+                        format!("no key for device {:?} (IoT Hub device {id:?}); add it to device_keys or set a policy key", d.id),
+                    ));
+                }
+            }
+        }
+        other => {
+            return Err((
+                "identity",
+                format!("{other:?} is not \"device\" (one IoT Hub device per LoRaWAN device) or \"gateway\" (one for the gateway)"),
+            ))
+        }
+    }
+    Ok(())
 }
 
 /// AWS IoT Core: TLS with a client certificate, a thing name, and topics within AWS limits
@@ -1078,7 +1271,10 @@ impl Config {
                     }
                 }
                 StreamKind::Stdout => {}
-                StreamKind::AzureIotHub => validate_azure(st).map_err(|(k, m)| err(k, m))?,
+                StreamKind::AzureIotHub => {
+                    let in_scope = self.devices_in_scope(st);
+                    validate_azure(st, &in_scope).map_err(|(k, m)| err(k, m))?
+                }
                 StreamKind::AwsIot => {
                     let in_scope: Vec<(&str, &str)> = self
                         .device_configs()
@@ -1106,6 +1302,18 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The devices whose uplinks a stream takes.
+    pub fn devices_in_scope(&self, st: &StreamConfig) -> Vec<&DeviceConfig> {
+        self.device_configs()
+            .filter(|d| match st.scope() {
+                Scope::All => true,
+                Scope::Application(a) => a == d.application,
+                Scope::Device(x) => x == d.id,
+                Scope::Gateway(_) => false,
+            })
+            .collect()
     }
 
     pub fn device_configs(&self) -> impl Iterator<Item = &DeviceConfig> {

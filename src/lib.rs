@@ -22,7 +22,7 @@
 //! | [`uplink`]   | the task joining them: dedup window → verdict → store              |
 //! | [`downlink`] | device downlink queues, RX1/RX2/class C scheduling, events        |
 //! | [`store`]    | durable per-stream queues and session counters (sled)             |
-//! | [`streams`]  | destinations: MQTT (TLS, WebSocket), HTTP webhooks, stdout, file  |
+//! | [`streams`]  | destinations: MQTT (TLS, WebSocket), AWS IoT, Azure IoT Hub, HTTP, stdout, file |
 //! | [`app`]      | wiring, task start and ordered stop                               |
 //! | [`config`]   | the TOML file, defaults, errors with file:line:key                |
 //! | [`metrics`]  | Prometheus `/metrics` and JSON `/health`                          |

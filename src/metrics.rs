@@ -37,6 +37,7 @@ struct Inner {
     stream_published: Family<Labels, Counter>,
     stream_errors: Family<Labels, Counter>,
     http_requests: Family<Labels, Counter>,
+    stream_connections: Family<Labels, Gauge>,
     queue_depth: Family<Labels, Gauge>,
     queue_bytes: Family<Labels, Gauge>,
     queue_oldest: Family<Labels, Gauge<f64, AtomicU64>>,
@@ -113,6 +114,11 @@ impl Metrics {
             http_requests: reg!(
                 "http_requests",
                 "Requests of HTTP streams, by stream, purpose (uplinks, events, poll, probe) and result (2xx, 3xx, 4xx, 5xx, timeout, error)",
+                Family::default()
+            ),
+            stream_connections: reg!(
+                "stream_connections",
+                "Open connections of streams that hold several (Azure IoT Hub, identity = device)",
                 Family::default()
             ),
             queue_depth: reg!(
@@ -247,6 +253,21 @@ impl Metrics {
             ("purpose", purpose.into()),
             ("result", result.into()),
         ]
+    }
+
+    /// Open connections of a stream that holds several (one per device identity).
+    pub fn set_stream_connections(&self, stream: &str, n: usize) {
+        self.inner
+            .stream_connections
+            .get_or_create(&vec![("stream", stream.into())])
+            .set(n as i64);
+    }
+    /// Open connections, for streams that report them (None for single-connection streams).
+    pub fn stream_connections(&self, stream: &str) -> Option<i64> {
+        self.inner
+            .stream_connections
+            .get(&vec![("stream", stream.into())])
+            .map(|g| g.get())
     }
 
     /// Fill the scrape-time gauges of one queue.

@@ -123,3 +123,18 @@ fn downlink_requests_and_configs_never_panic() {
         let _ = lorastream::config::Config::parse(&String::from_utf8_lossy(&m), "fuzz.toml");
     }
 }
+
+#[test]
+fn azure_cloud_to_device_messages_never_panic() {
+    use lorastream::streams::azure::wire;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xA2);
+    let topic = b"devices/gw/messages/devicebound/%24.mid=m1&%24.to=%2Fdevices%2Fgw%2Fmessages%2FdeviceBound&application=farm&device=d1&op=replace&fPort=5&confirmed=true";
+    let body = br#"{"end_device_ids":{"device_id":"d1","application_ids":{"application_id":"farm"}},"downlinks":[{"f_port":1,"frm_payload":"AQID"}]}"#;
+    for i in 0..20_000 {
+        let t = String::from_utf8_lossy(&mutate(&mut rng, topic)).into_owned();
+        let b = mutate(&mut rng, body);
+        let props = wire::parse_devicebound(&t, "gw").unwrap_or_default();
+        let device = (i % 2 == 0).then_some(("farm", "d1"));
+        let _ = wire::downlink_request("s", i % 3 == 0, device, &props, &b);
+    }
+}

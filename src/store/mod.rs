@@ -69,6 +69,8 @@ pub enum DropReason {
     Expired,
     /// The destination refused it for good (an HTTP 4xx with `on_client_error = "drop"`).
     DeadLetter,
+    /// The destination can never take it (e.g. over Azure IoT Hub's 256 KB message limit).
+    TooLarge,
 }
 
 impl DropReason {
@@ -80,6 +82,7 @@ impl DropReason {
             DropReason::WriteFailed => "write_failed",
             DropReason::Expired => "expired",
             DropReason::DeadLetter => "dead_letter",
+            DropReason::TooLarge => "too_large",
         }
     }
 }

@@ -145,22 +145,40 @@ impl Queue {
         Ok(out)
     }
 
+    /// The record with this sequence number, if it is still queued. An undecodable record is
+    /// removed and counted as corrupt, as in [`Queue::read_after`].
+    pub fn get(&self, seq: u64) -> Result<Option<Record>, StoreError> {
+        let Some(v) = self.inner.tree.get(seq.to_be_bytes())? else {
+            return Ok(None);
+        };
+        match postcard::from_bytes::<Record>(&v) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                tracing::error!(stream = %self.inner.name, seq, error = %e, "unreadable record removed from the queue");
+                if self.remove(seq)? {
+                    self.count_drop(DropReason::Corrupt, 1);
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The destination can never take this record: remove it and count it under `reason`, so
+    /// that it does not block the queue. Returns false if it was already gone.
+    pub fn drop_undeliverable(&self, seq: u64, reason: DropReason) -> Result<bool, StoreError> {
+        let removed = self.remove(seq)?;
+        if removed {
+            self.count_drop(reason, 1);
+        }
+        Ok(removed)
+    }
+
     /// The destination has the record: remove it. Returns false if it was already gone
     /// (evicted, or acknowledged twice after a reconnect).
     pub fn ack(&self, seq: u64) -> Result<bool, StoreError> {
         let removed = self.remove(seq)?;
         if removed {
             self.inner.delivered.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(removed)
-    }
-
-    /// The destination refused the record for good: remove it, counted as a dead letter (not
-    /// as delivered). Returns false if it was already gone.
-    pub fn dead_letter(&self, seq: u64) -> Result<bool, StoreError> {
-        let removed = self.remove(seq)?;
-        if removed {
-            self.count_drop(DropReason::DeadLetter, 1);
         }
         Ok(removed)
     }

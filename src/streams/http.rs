@@ -37,6 +37,7 @@ use crate::downlink::{json as downlink_json, Input as DownlinkInput};
 use crate::model::{
     correlation_id, now_us, DownlinkEvent, DownlinkOp, DownlinkRequest, Record, Secret,
 };
+use crate::store::DropReason;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use serde::Deserialize;
 use std::collections::{BTreeMap, VecDeque};
@@ -334,7 +335,11 @@ impl HttpStream {
             let first = dropped.first().map(|(_, r)| cid(r)).unwrap_or_default();
             let last = dropped.last().map(|(_, r)| cid(r)).unwrap_or_default();
             for (seq, _) in &dropped {
-                if let Err(e) = self.ctx.queue.dead_letter(*seq) {
+                if let Err(e) = self
+                    .ctx
+                    .queue
+                    .drop_undeliverable(*seq, DropReason::DeadLetter)
+                {
                     self.ctx.metrics.stream_error(&self.name, "queue_ack");
                     tracing::error!(stream = %self.name, seq, error = %e, "cannot remove a refused record from the queue");
                 }

@@ -1,24 +1,27 @@
 //! Streams: each one takes records from its own store queue and delivers them to one
 //! destination, removing a record only when the destination acknowledged it.
 //!
-//! | kind       | module     | acknowledgement that removes a record      |
-//! |------------|------------|--------------------------------------------|
-//! | `mqtt`     | [`mqtt`]   | PUBACK of the QoS 1 publish                 |
-//! | `aws-iot`  | [`mqtt`]   | PUBACK of the QoS 1 publish                 |
-//! | `http`     | [`http`]   | a 2xx answer to the POST of the batch       |
-//! | `stdout`   | [`lines`]  | the line written and stdout flushed         |
-//! | `file`     | [`lines`]  | the line written and the file fsynced       |
+//! | kind              | module      | acknowledgement that removes a record                 |
+//! |-------------------|-------------|-------------------------------------------------------|
+//! | `mqtt`, `aws-iot` | [`mqtt`]    | PUBACK of the QoS 1 publish                           |
+//! | `azure-iot-hub`   | [`azure`]   | PUBACK of the QoS 1 device-to-cloud message (one connection, or one per device) |
+//! | `http`            | [`http`]    | a 2xx answer to the POST of the batch                 |
+//! | `stdout`          | [`lines`]   | the line written and stdout flushed                   |
+//! | `file`            | [`lines`]   | the line written and the file fsynced                 |
 //!
 //! A stream runs until its cancel token fires; it then finishes what is in flight (bounded by
 //! the daemon's stop deadline) and returns. Failures to reach the destination are retried with
-//! [`backoff::Backoff`], forever: the queue holds the data meanwhile.
+//! [`backoff::Backoff`], forever: the queue holds the data meanwhile. [`session`] holds what the
+//! MQTT-based streams share (PUBACK matching, endpoints, CONNACK).
 
+pub mod azure;
 pub mod backoff;
 pub mod format;
 pub mod http;
 pub mod lanes;
 pub mod lines;
 pub mod mqtt;
+pub mod session;
 pub mod tls;
 
 use crate::config::{Scope, StreamConfig, StreamKind};
@@ -51,6 +54,7 @@ pub struct StreamContext {
 pub enum Stream {
     Mqtt(Box<mqtt::MqttStream>),
     Http(Box<http::HttpStream>),
+    Azure(Box<azure::AzureStream>),
     Lines(lines::LineStream),
 }
 
@@ -72,6 +76,9 @@ impl Stream {
             StreamKind::Http => Stream::Http(Box::new(
                 http::HttpStream::new(cfg, ctx, events).map_err(setup)?,
             )),
+            StreamKind::AzureIotHub => Stream::Azure(Box::new(
+                azure::AzureStream::new(cfg, ctx, events).map_err(setup)?,
+            )),
             StreamKind::Stdout => Stream::Lines(lines::LineStream::stdout(ctx, events)),
             StreamKind::File => {
                 let path = cfg
@@ -80,12 +87,6 @@ impl Stream {
                     .ok_or_else(|| setup("file stream needs path".into()))?;
                 Stream::Lines(lines::LineStream::file(ctx, path, events))
             }
-            other => {
-                return Err(setup(format!(
-                    "kind {:?} is not available yet",
-                    other.name()
-                )))
-            }
         })
     }
 
@@ -93,6 +94,7 @@ impl Stream {
         match self {
             Stream::Mqtt(s) => s.run().await,
             Stream::Http(s) => s.run().await,
+            Stream::Azure(s) => s.run().await,
             Stream::Lines(s) => s.run().await,
         }
     }

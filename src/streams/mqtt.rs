@@ -1,11 +1,8 @@
 //! The generic MQTT stream (`kind = "mqtt"`): QoS 1 publishes, deleted from the queue on PUBACK.
 //!
-//! How acknowledgements are matched (crate-notes, "rumqttc 0.25"): rumqttc does not return the
-//! packet id of a publish. Every publish goes into rumqttc's request channel *and* onto our FIFO
-//! of record sequence numbers under one lock, so both have the same order; when the event loop
-//! reports `Outgoing::Publish(pkid)` we pop the FIFO and remember `pkid → seq`; on
-//! `Incoming::PubAck(pkid)` we acknowledge `seq` in the store. Publishes that are not queue
-//! records (the retained status) put `None` on the FIFO.
+//! How acknowledgements are matched: see [`super::session::Inflight`] (a FIFO of record
+//! sequence numbers kept in rumqttc's order; `pkid → seq` on write; delete on PUBACK). Here the
+//! feeder task and the event-loop task share it under a lock.
 //!
 //! Connections are never resumed: on any error the client and event loop are dropped, and the
 //! next connection (after a backoff with jitter) re-reads the queue from its oldest record. The
@@ -21,15 +18,15 @@
 
 use super::backoff::Backoff;
 use super::format::{record_json, topic, Delivery};
+use super::session::{self, FailureLog, Inflight};
 use super::tls;
 use super::StreamContext;
 use crate::config::StreamConfig;
 use crate::downlink::{json as downlink_json, Input as DownlinkInput};
 use crate::model::{now_us, DownlinkEvent, DownlinkOp, DownlinkRequest, Secret};
 use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, Transport,
+    AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter, Transport,
 };
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -60,15 +57,6 @@ pub struct MqttStream {
 /// Shadow updates at most this often.
 const SHADOW_EVERY: Duration = Duration::from_secs(60);
 
-/// Publishes in flight, in rumqttc's order.
-#[derive(Default)]
-struct Inflight {
-    /// Handed to rumqttc, not yet written to the socket.
-    fifo: VecDeque<Option<u64>>,
-    /// Written, waiting for PUBACK.
-    by_pkid: HashMap<u16, Option<u64>>,
-}
-
 enum End {
     Stopped,
     Failed(String),
@@ -82,12 +70,6 @@ impl MqttStream {
     ) -> Result<Self, String> {
         let server = cfg.server.as_deref().unwrap_or_default();
         let url = url::Url::parse(server).map_err(|e| format!("server {server:?}: {e}"))?;
-        let host = url
-            .host_str()
-            .ok_or_else(|| format!("server {server:?}: no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
         let aws = cfg.kind == crate::config::StreamKind::AwsIot;
         let port443 = url.port() == Some(443);
         let tls_cfg = || {
@@ -105,22 +87,11 @@ impl MqttStream {
                 tls::client_config(cfg.ca_file.as_deref(), client_cert, true, &[])
             }
         };
-        let (transport, port, host) = match url.scheme() {
-            "mqtt" => (Transport::Tcp, url.port().unwrap_or(1883), host),
-            "mqtts" => (
-                Transport::Tls(rumqttc::TlsConfiguration::Rustls(tls_cfg()?)),
-                url.port().unwrap_or(8883),
-                host,
-            ),
-            // rumqttc wants the whole URL as the "host" for WebSocket transports.
-            "ws" => (Transport::Ws, url.port().unwrap_or(80), server.to_string()),
-            "wss" => (
-                Transport::Wss(rumqttc::TlsConfiguration::Rustls(tls_cfg()?)),
-                url.port().unwrap_or(443),
-                server.to_string(),
-            ),
-            s => return Err(format!("server scheme {s:?} is not mqtt, mqtts, ws or wss")),
-        };
+        let session::Endpoint {
+            host,
+            port,
+            transport,
+        } = session::endpoint(server, tls_cfg)?;
         let client_id = cfg.client_id.clone().unwrap_or_else(|| {
             let who = ctx
                 .gateway_eui
@@ -210,7 +181,7 @@ impl MqttStream {
 
     pub async fn run(self) {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let mut failures = 0u64;
+        let mut failures = FailureLog::default();
         loop {
             if self.ctx.cancel.is_cancelled() {
                 return;
@@ -224,12 +195,11 @@ impl MqttStream {
                     // A connection that lived a while was a success: start the backoff over.
                     if started.elapsed() > Duration::from_secs(30) {
                         backoff.reset();
-                        failures = 0;
+                        failures.reset();
                     }
-                    failures += 1;
+                    let (log, failures) = failures.failed();
                     let delay = backoff.next_delay();
-                    // Log the first failures, then every 10th, so an outage of days stays readable.
-                    if failures <= 3 || failures % 10 == 0 {
+                    if log {
                         tracing::warn!(stream = %self.name, server = %self.host, error = %e, retry_in_ms = delay.as_millis() as u64, failures, "MQTT connection failed");
                     }
                     tokio::select! {
@@ -250,23 +220,30 @@ impl MqttStream {
         let permits = Arc::new(Semaphore::new(window));
 
         // Wait for CONNACK before feeding, so nothing is queued for a connection that never was.
-        match self.until_connack(&mut eventloop).await {
+        match session::until_connack(&mut eventloop, &self.ctx.cancel).await {
             Ok(true) => {}
             Ok(false) => return End::Stopped,
-            Err(e) => return End::Failed(e),
+            Err(e) => return End::Failed(e.to_string()),
         }
-        self.ctx.metrics.stream_connected(&self.name, true);
         tracing::info!(stream = %self.name, server = %self.host, backlog = self.ctx.queue.len(), "MQTT connected");
         if let Some(t) = self.status_topic() {
             publish(&client, &state, &t, b"online".to_vec(), true, None);
         }
+        // The stream counts as connected (/health, metrics) once it can also take downlinks:
+        // after the SUBACK of its downlink topics, so a downlink published after that point
+        // cannot miss the subscription.
+        let mut awaiting_suback = false;
         if self.ctx.downlinks.is_some() {
-            for op in ["push", "replace"] {
-                let _ = client.try_subscribe(
+            let filters = ["push", "replace"].map(|op| {
+                SubscribeFilter::new(
                     format!("{}/+/devices/+/down/{op}", self.prefix),
                     QoS::AtLeastOnce,
-                );
-            }
+                )
+            });
+            awaiting_suback = client.try_subscribe_many(filters).is_ok();
+        }
+        if !awaiting_suback {
+            self.ctx.metrics.stream_connected(&self.name, true);
         }
         let mut events = self.events.lock().await;
 
@@ -302,11 +279,7 @@ impl MqttStream {
                         if let Some(t) = self.status_topic() {
                             publish(&client, &state, &t, b"offline".to_vec(), true, None);
                         }
-                        let _ = client.try_disconnect();
-                        // Let the event loop write the last packets.
-                        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                            while eventloop.poll().await.is_ok() {}
-                        }).await;
+                        session::disconnect(&client, &mut eventloop).await;
                         break End::Stopped;
                     }
                     continue;
@@ -315,8 +288,7 @@ impl MqttStream {
             match ev {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     if let Ok(mut s) = state.lock() {
-                        let seq = s.fifo.pop_front().flatten();
-                        s.by_pkid.insert(pkid, seq);
+                        s.written(pkid);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -341,12 +313,13 @@ impl MqttStream {
                         }
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) if awaiting_suback => {
+                    awaiting_suback = false;
+                    self.ctx.metrics.stream_connected(&self.name, true);
+                }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    let seq = state
-                        .lock()
-                        .ok()
-                        .and_then(|mut s| s.by_pkid.remove(&ack.pkid));
-                    if let Some(Some(seq)) = seq {
+                    let seq = state.lock().ok().and_then(|mut s| s.acked(ack.pkid));
+                    if let Some(seq) = seq {
                         if let Err(e) = self.ctx.queue.ack(seq) {
                             tracing::error!(stream = %self.name, error = %e, "cannot remove an acknowledged record");
                         }
@@ -362,20 +335,6 @@ impl MqttStream {
         let _ = feeder.await;
         end
     }
-
-    /// Poll until CONNACK. Ok(false) when stopped meanwhile.
-    async fn until_connack(&self, eventloop: &mut EventLoop) -> Result<bool, String> {
-        loop {
-            tokio::select! {
-                _ = self.ctx.cancel.cancelled() => return Ok(false),
-                ev = eventloop.poll() => match ev {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(true),
-                    Ok(_) => {}
-                    Err(e) => return Err(e.to_string()),
-                },
-            }
-        }
-    }
 }
 
 /// Queue a QoS 1 publish and its FIFO entry atomically (see the module docs).
@@ -390,13 +349,7 @@ fn publish(
     let Ok(mut s) = state.lock() else {
         return false;
     };
-    match client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
-        Ok(()) => {
-            s.fifo.push_back(seq);
-            true
-        }
-        Err(_) => false,
-    }
+    s.publish(client, topic, payload, retain, seq)
 }
 
 /// Read the queue from its oldest record and publish, never more than the window unacknowledged.

@@ -1,6 +1,8 @@
 //! rustls client configuration (ring provider) for the MQTT-based streams.
 //!
-//! Roots: the system store (`/etc/ssl/certs`, via rustls-native-certs) plus `ca_file` if given.
+//! Roots: the system store (`/etc/ssl/certs`, via rustls-native-certs) plus `ca_file` if given;
+//! for clouds, the roots their documentation names (AWS: Amazon Root CA 1; Azure: see
+//! [`AZURE_IOT_ROOTS`]).
 //! A gateway image without a CA bundle and no `ca_file` gets an error naming both fixes, instead
 //! of the panic rumqttc's default TLS config would give (crate-notes, "rumqttc 0.25").
 
@@ -75,6 +77,51 @@ pub fn client_config_pinned_roots(
     finish(roots, client_cert, alpn)
 }
 
+/// The roots Microsoft advises devices to trust for Azure IoT Hub ("Azure IoT TLS: changes to
+/// server certificates", Azure IoT Hub docs), the default trust of `azure-iot-hub` streams:
+/// - DigiCert Global Root G2 (SHA-256 CB3CCBB7 6031E5E0 138F8DD3 9A23F9DE 47FFC35E 43C1144C
+///   EA27D46A 5AB1CB5F), which IoT Hub's server certificates chain to since the 2023–2024
+///   migration;
+/// - Microsoft RSA Root Certificate Authority 2017 (SHA-256 C741F70F 4B2A8D88 BF2E71C1 4122EF53
+///   EF10EBA0 CFA5E64C FA20F418 853073E0), Microsoft's own root, listed for future changes;
+/// - Baltimore CyberTrust Root (SHA-256 16AF57A9 F676B0AB 126095AA 5EBADEF2 2AB31119 D644AC95
+///   CD4B93DB F3F26AEB), the pre-migration root, listed by Microsoft for hubs not yet moved. It
+///   expired on 2025-05-12; trust anchors carry no validity check in rustls, so it only matters
+///   for a server that still sends a Baltimore chain.
+pub const AZURE_IOT_ROOTS: [&[u8]; 3] = [
+    include_bytes!("certs/DigiCert_Global_Root_G2.pem"),
+    include_bytes!("certs/Microsoft_RSA_Root_Certificate_Authority_2017.pem"),
+    include_bytes!("certs/Baltimore_CyberTrust_Root.pem"),
+];
+
+/// A client config trusting the built-in `roots_pem` plus `ca_file` when given (unlike
+/// [`client_config_pinned_roots`], where `ca_file` replaces them). No system roots.
+pub fn client_config_with_roots(
+    roots_pem: &[&[u8]],
+    ca_file: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    for pem in roots_pem {
+        for c in CertificateDer::pem_slice_iter(pem) {
+            let c = c.map_err(|e| format!("built-in roots: {e}"))?;
+            roots.add(c).map_err(|e| format!("built-in roots: {e}"))?;
+        }
+    }
+    if let Some(p) = ca_file {
+        let certs = read_certs(p)?;
+        if certs.is_empty() {
+            return Err(format!("ca_file {}: no PEM certificate found", p.display()));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("ca_file {}: {e}", p.display()))?;
+        }
+    }
+    finish(roots, None, alpn)
+}
+
 fn finish(
     roots: RootCertStore,
     client_cert: Option<(&Path, &Path)>,
@@ -118,4 +165,32 @@ fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         .map_err(|e| format!("{}: {e}", p.display()))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The embedded Azure roots are the certificates their documented fingerprints name.
+    #[test]
+    fn azure_roots_are_the_documented_certificates() {
+        let want = [
+            "CB3CCBB76031E5E0138F8DD39A23F9DE47FFC35E43C1144CEA27D46A5AB1CB5F",
+            "C741F70F4B2A8D88BF2E71C14122EF53EF10EBA0CFA5E64CFA20F418853073E0",
+            "16AF57A9F676B0AB126095AA5EBADEF22AB31119D644AC95CD4B93DBF3F26AEB",
+        ];
+        for (pem, want) in AZURE_IOT_ROOTS.iter().zip(want) {
+            let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert_eq!(certs.len(), 1);
+            let d = ring::digest::digest(&ring::digest::SHA256, certs[0].as_ref());
+            assert_eq!(hex::encode_upper(d.as_ref()), want);
+        }
+        assert!(client_config_with_roots(&AZURE_IOT_ROOTS, None, &[]).is_ok());
+        let e =
+            client_config_with_roots(&AZURE_IOT_ROOTS, Some(Path::new("/nonexistent.pem")), &[])
+                .unwrap_err();
+        assert!(e.contains("/nonexistent.pem"), "{e}");
+    }
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod iothub;
 pub mod pki;
 
 use lorastream::config::Config;

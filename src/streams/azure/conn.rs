@@ -1,0 +1,479 @@
+//! One MQTT connection to IoT Hub for one device identity, from CONNECT to its end.
+//!
+//! The connection publishes what it is handed (records and downlink events) as QoS 1
+//! device-to-cloud messages and reports each record's PUBACK ([`Report::Done`]) after removing
+//! the record from the queue; its owner (the gateway runner or the dispatcher) decides what to
+//! hand and re-sends what was not acknowledged when the connection ends. Cloud-to-device messages
+//! become downlink requests; each is acknowledged to IoT Hub only after the scheduler stored it,
+//! in arrival order (MQTT 3.1.1 §4.6). The connection ends itself at 80 % of its SAS token's
+//! lifetime ([`Ended::Renew`]), after waiting for outstanding PUBACKs.
+
+use super::wire::{self, SasKey};
+use super::Shared;
+use crate::downlink::{json as downlink_json, Input as DownlinkInput};
+use crate::model::{correlation_id, now_us, DownlinkEvent, DownlinkRequest, Eui64, Record};
+use crate::store::DropReason;
+use crate::streams::format::{record_json, Delivery};
+use crate::streams::session::{self, Inflight};
+use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, Publish, QoS};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How long a stop or a renewal waits for outstanding PUBACKs.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+/// CONNECT (TCP, TLS, WebSocket, CONNACK) must complete within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Twin reported properties at most this often per device identity.
+pub(super) const TWIN_EVERY: Duration = Duration::from_secs(60);
+/// rumqttc packet limit both ways: a 256 KB message plus its topic.
+const MAX_PACKET: usize = wire::MAX_MESSAGE + 4096;
+/// Publishes that are not records (events, twin) allowed in flight beside the records.
+const EXTRA: usize = 16;
+
+/// The LoRaWAN device behind a per-device identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct LoraDevice {
+    pub application: String,
+    pub device: String,
+    pub dev_eui: Eui64,
+}
+
+/// An IoT Hub device identity.
+#[derive(Debug, Clone)]
+pub(super) struct Identity {
+    pub hub_id: String,
+    pub key: SasKey,
+    /// `identity = "device"`: the LoRaWAN device; None for the gateway identity.
+    pub device: Option<LoraDevice>,
+}
+
+/// What a connection tells its owner, tagged with the connection id.
+#[derive(Debug)]
+pub(super) enum Report {
+    /// CONNACK accepted.
+    Connected,
+    /// The record left the queue (PUBACK, or dropped as undeliverable).
+    Done(u64),
+    /// A message came from IoT Hub (keeps a per-device connection from idling out).
+    Activity,
+    /// The last report of a connection.
+    Closed(Ended),
+}
+
+#[derive(Debug)]
+pub(super) enum Ended {
+    /// Asked to stop (daemon stop, idle, room for another device).
+    Stopped,
+    /// The SAS token is about to expire: reconnect at once with a new one.
+    Renew,
+    /// CONNACK refused (bad key, unknown or disabled device, expired token).
+    Refused(String),
+    Failed(String),
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Run one connection and report its end.
+pub(super) async fn run(
+    sh: Arc<Shared>,
+    who: Identity,
+    conn_id: u64,
+    mut records: mpsc::Receiver<(u64, Record)>,
+    mut events: mpsc::Receiver<DownlinkEvent>,
+    reports: mpsc::UnboundedSender<(u64, Report)>,
+    close: CancellationToken,
+) {
+    let report = |r: Report| {
+        let _ = reports.send((conn_id, r));
+    };
+    let end = session(&sh, &who, &mut records, &mut events, &report, &close).await;
+    report(Report::Closed(end));
+}
+
+async fn session(
+    sh: &Shared,
+    who: &Identity,
+    records: &mut mpsc::Receiver<(u64, Record)>,
+    events: &mut mpsc::Receiver<DownlinkEvent>,
+    report: &impl Fn(Report),
+    close: &CancellationToken,
+) -> Ended {
+    let ttl = sh.sas_ttl;
+    let token = wire::token(
+        &wire::resource(&sh.hostname, &who.hub_id),
+        &who.key,
+        unix_now() + ttl.as_secs(),
+    );
+    let window = sh.inflight + EXTRA;
+    let mut o = MqttOptions::new(&who.hub_id, &sh.endpoint.host, sh.endpoint.port);
+    o.set_transport(sh.endpoint.transport.clone());
+    o.set_keep_alive(sh.keep_alive);
+    // No resumed sessions: the store is the truth; IoT Hub keeps cloud-to-device messages in
+    // the device's queue whatever the session flag.
+    o.set_clean_session(true);
+    o.set_inflight(u16::try_from(window).unwrap_or(u16::MAX));
+    o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    o.set_credentials(wire::username(&sh.hostname, &who.hub_id), token.expose());
+    o.set_manual_acks(true);
+    let (client, mut eventloop) = AsyncClient::new(o, window + 16);
+
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        session::until_connack(&mut eventloop, close),
+    )
+    .await
+    {
+        Err(_) => return Ended::Failed(format!("no CONNACK within {CONNECT_TIMEOUT:?}")),
+        Ok(Ok(false)) => return Ended::Stopped,
+        Ok(Err(ConnectionError::ConnectionRefused(code))) => {
+            return Ended::Refused(format!("{code:?}"))
+        }
+        Ok(Err(e)) => return Ended::Failed(e.to_string()),
+        Ok(Ok(true)) => {}
+    }
+    report(Report::Connected);
+    if sh.ctx.downlinks.is_some() {
+        let _ = client.try_subscribe(wire::devicebound_filter(&who.hub_id), QoS::AtLeastOnce);
+    }
+    if sh.twin {
+        // Twin responses come only to subscribers (IoT Hub MQTT docs, "Device twins").
+        let _ = client.try_subscribe("$iothub/twin/res/#", QoS::AtMostOnce);
+    }
+    // Cloud-to-device messages are handled one at a time, in order, off the polling task.
+    // `unacked` counts those not yet acknowledged: a renewal or stop waits for them too, so a
+    // stored downlink is not redelivered (and queued twice) after the reconnect.
+    let (acks, ack_rx) = mpsc::channel::<(Option<DownlinkRequest>, Publish)>(256);
+    let unacked = Arc::new(AtomicUsize::new(0));
+    let acker = tokio::spawn(ack_in_order(
+        client.clone(),
+        sh.ctx.downlinks.clone(),
+        ack_rx,
+        unacked.clone(),
+    ));
+
+    let renew_at = tokio::time::Instant::now() + ttl.mul_f32(0.8);
+    let mut inflight = Inflight::default();
+    let mut rid = 0u64;
+    let mut draining: Option<(Instant, Ended)> = None;
+    let end = loop {
+        let room = draining.is_none() && inflight.len() < window;
+        tokio::select! {
+            ev = eventloop.poll() => match ev {
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => inflight.written(pkid),
+                Ok(Event::Incoming(Packet::PubAck(a))) => {
+                    if let Some(seq) = inflight.acked(a.pkid) {
+                        if let Err(e) = sh.ctx.queue.ack(seq) {
+                            tracing::error!(stream = %sh.name, error = %e, "cannot remove an acknowledged record");
+                        }
+                        report(Report::Done(seq));
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    report(Report::Activity);
+                    let req = incoming(sh, who, &p);
+                    unacked.fetch_add(1, Ordering::SeqCst);
+                    if acks.try_send((req, p)).is_err() {
+                        unacked.fetch_sub(1, Ordering::SeqCst);
+                        tracing::warn!(stream = %sh.name, device = %who.hub_id, "too many cloud-to-device messages at once; IoT Hub will redeliver the rest");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(s))) => {
+                    if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        tracing::warn!(stream = %sh.name, device = %who.hub_id, "IoT Hub refused a subscription");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => break Ended::Failed(e.to_string()),
+            },
+            Some((seq, r)) = records.recv(), if room => {
+                if !publish_record(sh, who, &client, &mut inflight, &mut rid, seq, &r, report) {
+                    break Ended::Failed("MQTT request channel closed".into());
+                }
+            }
+            Some(e) = events.recv(), if room => {
+                let mut props = vec![
+                    ("$.ct", "application/json".to_string()),
+                    ("$.ce", "utf-8".to_string()),
+                    ("type", format!("downlink_{}", e.kind.as_str())),
+                    ("application", e.application.clone()),
+                    ("device", e.device.clone()),
+                    ("dev_eui", e.dev_eui.to_string()),
+                ];
+                if let Some(it) = &e.item {
+                    // Every event of one downlink carries its correlation id.
+                    props.push(("$.cid", correlation_id("downlink", it.id)));
+                }
+                let topic = topic_of(&who.hub_id, &props);
+                if !inflight.publish(&client, &topic, downlink_json::event_json(&e), false, None) {
+                    break Ended::Failed("MQTT request channel closed".into());
+                }
+            }
+            _ = tokio::time::sleep_until(renew_at), if draining.is_none() => {
+                draining = Some((Instant::now(), Ended::Renew));
+            }
+            _ = close.cancelled(), if draining.is_none() => {
+                draining = Some((Instant::now(), Ended::Stopped));
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)), if draining.is_some() => {
+                if let Some((since, _)) = &draining {
+                    let idle = inflight.is_empty() && unacked.load(Ordering::SeqCst) == 0;
+                    if idle || since.elapsed() > DRAIN_GRACE {
+                        session::disconnect(&client, &mut eventloop).await;
+                        break draining.take().map(|(_, e)| e).unwrap_or(Ended::Stopped);
+                    }
+                }
+            }
+        }
+    };
+    acker.abort();
+    end
+}
+
+fn topic_of(hub_id: &str, props: &[(&str, String)]) -> String {
+    let p: Vec<(&str, &str)> = props.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    wire::events_topic(hub_id, &p)
+}
+
+/// The device-to-cloud message of a record: topic (with its property bag) and body.
+pub(super) fn message(hub_id: &str, r: &Record, now_us: i64) -> (String, Vec<u8>) {
+    let mut props = vec![
+        ("$.ct", "application/json".to_string()),
+        ("$.ce", "utf-8".to_string()),
+    ];
+    match r {
+        Record::Uplink(u) => {
+            props.push(("$.mid", correlation_id("uplink", u.id)));
+            props.push(("type", "uplink".into()));
+            props.push(("application", u.application.clone()));
+            props.push(("device", u.device.clone()));
+            props.push(("dev_eui", u.dev_eui.to_string()));
+            if let Some(p) = u.f_port {
+                props.push(("f_port", p.to_string()));
+            }
+            props.push(("f_cnt", u.f_cnt.to_string()));
+        }
+        Record::Join(j) => {
+            props.push(("$.mid", correlation_id("join", j.id)));
+            props.push(("type", "join".into()));
+            props.push(("application", j.application.clone()));
+            props.push(("device", j.device.clone()));
+            props.push(("dev_eui", j.dev_eui.to_string()));
+        }
+        Record::GatewayFrame(g) => {
+            props.push(("$.mid", correlation_id("frame", g.id)));
+            props.push(("type", "frame".into()));
+            props.push(("gateway", g.rx.gateway.to_string()));
+        }
+    }
+    (
+        topic_of(hub_id, &props),
+        record_json(r, Delivery { now_us }),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish_record(
+    sh: &Shared,
+    who: &Identity,
+    client: &AsyncClient,
+    inflight: &mut Inflight,
+    rid: &mut u64,
+    seq: u64,
+    r: &Record,
+    report: &impl Fn(Report),
+) -> bool {
+    let (topic, body) = message(&who.hub_id, r, now_us());
+    let size = topic.len() + body.len();
+    if size > wire::MAX_MESSAGE {
+        // IoT Hub would refuse it forever: drop it rather than block the queue.
+        tracing::warn!(stream = %sh.name, device = %who.hub_id, seq, size, limit = wire::MAX_MESSAGE, "message over IoT Hub's 256 KB limit dropped");
+        if let Err(e) = sh.ctx.queue.drop_undeliverable(seq, DropReason::TooLarge) {
+            tracing::error!(stream = %sh.name, error = %e, "cannot remove an undeliverable record");
+        }
+        report(Report::Done(seq));
+        return true;
+    }
+    if !inflight.publish(client, &topic, body, false, Some(seq)) {
+        return false;
+    }
+    sh.ctx.metrics.stream_published(&sh.name, 1);
+    if let (true, Record::Uplink(u)) = (sh.twin, r) {
+        let due = sh.last_twin.lock().map(|mut m| {
+            let now = Instant::now();
+            match m.get(&who.hub_id) {
+                Some(t) if now.duration_since(*t) < TWIN_EVERY => false,
+                _ => {
+                    m.insert(who.hub_id.clone(), now);
+                    true
+                }
+            }
+        });
+        if due.unwrap_or(false) {
+            *rid += 1;
+            let best = u.rx.first();
+            let seen = serde_json::json!({
+                "application": u.application,
+                "device": u.device,
+                "dev_eui": u.dev_eui.to_string(),
+                "f_cnt": u.f_cnt,
+                "rssi": best.map(|x| x.rssi),
+                "snr": best.map(|x| x.snr),
+                "gateway": best.map(|x| x.gateway.to_string()),
+                "last_seen": humantime::format_rfc3339_micros(
+                    std::time::UNIX_EPOCH + Duration::from_micros(u.received_at_us.max(0) as u64)
+                ).to_string(),
+            });
+            let doc = if who.device.is_some() {
+                serde_json::json!({ "lorawan": seen })
+            } else {
+                serde_json::json!({ "lorastream": {
+                    "last_uplink": seen,
+                    "queue_depth": sh.ctx.queue.len(),
+                }})
+            };
+            // Best effort: a twin update is not a queue record.
+            inflight.publish(
+                client,
+                &wire::twin_patch_topic(*rid),
+                doc.to_string().into_bytes(),
+                false,
+                None,
+            );
+        }
+    }
+    true
+}
+
+/// A message from IoT Hub → the downlink request it carries (None: nothing to queue; it is
+/// acknowledged all the same, so that IoT Hub does not redeliver it forever).
+fn incoming(sh: &Shared, who: &Identity, p: &Publish) -> Option<DownlinkRequest> {
+    if let Some(status) = wire::twin_response_status(&p.topic) {
+        if !(200..300).contains(&status) {
+            tracing::warn!(stream = %sh.name, device = %who.hub_id, status, "IoT Hub refused a twin update");
+        }
+        return None;
+    }
+    let Some(props) = wire::parse_devicebound(&p.topic, &who.hub_id) else {
+        tracing::debug!(stream = %sh.name, topic = %p.topic, "message on an unexpected topic ignored");
+        return None;
+    };
+    sh.ctx.downlinks.as_ref()?;
+    let device = who
+        .device
+        .as_ref()
+        .map(|d| (d.application.as_str(), d.device.as_str()));
+    let req = wire::downlink_request(&sh.name, sh.raw_downlinks, device, &props, &p.payload);
+    if req.is_none() {
+        sh.ctx.metrics.downlink_event("unroutable");
+        tracing::warn!(stream = %sh.name, device = %who.hub_id,
+            "cloud-to-device message without a LoRaWAN device dropped: set the application and device properties (or end_device_ids in the JSON body)");
+    }
+    req
+}
+
+/// Hand downlinks to the scheduler one by one and acknowledge each message to IoT Hub once it is
+/// stored (or was refused with a `failed` event), in arrival order.
+async fn ack_in_order(
+    client: AsyncClient,
+    downlinks: Option<mpsc::Sender<DownlinkInput>>,
+    mut rx: mpsc::Receiver<(Option<DownlinkRequest>, Publish)>,
+    unacked: Arc<AtomicUsize>,
+) {
+    while let Some((req, p)) = rx.recv().await {
+        if let (Some(req), Some(tx)) = (req, &downlinks) {
+            let (done, stored) = tokio::sync::oneshot::channel();
+            if tx
+                .send(DownlinkInput::Request(req, Some(done)))
+                .await
+                .is_err()
+                || stored.await.is_err()
+            {
+                // The scheduler is gone (stopping): leave it unacknowledged for redelivery.
+                return;
+            }
+        }
+        let acked = client.ack(&p).await;
+        unacked.fetch_sub(1, Ordering::SeqCst);
+        if acked.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_properties_per_record_kind() {
+        use crate::model::{DevAddr, GatewayFrame, RxInfo, TxSettings, Uplink};
+        let rx = RxInfo {
+            gateway: Eui64::from_u64(0xAA55),
+            tmst: 0,
+            time: None,
+            rssi: -1,
+            channel_rssi: -1,
+            snr: 0.0,
+            channel: 0,
+            rf_chain: 0,
+            received_at_us: 0,
+        };
+        let settings = TxSettings {
+            frequency_hz: 868_100_000,
+            spreading_factor: 7,
+            bandwidth_hz: 125_000,
+            coding_rate: String::new(),
+        };
+        let up = Record::Uplink(Uplink {
+            id: 1,
+            received_at_us: 0,
+            application: "farm".into(),
+            device: "soil 1".into(),
+            dev_eui: Eui64::from_u64(1),
+            dev_addr: DevAddr(1),
+            f_port: None,
+            f_cnt: 9,
+            confirmed: false,
+            adr: false,
+            payload: vec![],
+            settings: settings.clone(),
+            rx: vec![rx.clone()],
+        });
+        let (t, body) = message("d1", &up, 0);
+        assert_eq!(
+            t,
+            format!(
+                "devices/d1/messages/events/$.ct=application%2Fjson&$.ce=utf-8&$.mid={}&type=uplink\
+                 &application=farm&device=soil%201&dev_eui=0000000000000001&f_cnt=9",
+                wire::url_encode(&correlation_id("uplink", 1))
+            ),
+            "no f_port for a frame without FPort"
+        );
+        assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+        let frame = Record::GatewayFrame(GatewayFrame {
+            id: 2,
+            phy_payload: vec![0x40],
+            crc_ok: true,
+            settings,
+            rx,
+        });
+        let props = wire::parse_devicebound(
+            &message("gw", &frame, 0)
+                .0
+                .replace("/events/", "/devicebound/"),
+            "gw",
+        )
+        .unwrap();
+        assert_eq!(wire::prop(&props, "type"), Some("frame"));
+        assert_eq!(wire::prop(&props, "gateway"), Some("000000000000AA55"));
+        assert_eq!(wire::prop(&props, "device"), None);
+    }
+}
