@@ -1037,8 +1037,10 @@ pub fn at_risk_age(s: &Sent, runs: &[Run], window: Duration) -> Option<Duration>
     })
 }
 
-/// For each device, the newest uplink that must have survived (and, if `delivered` is given,
-/// was delivered): replaying it must be refused.
+/// For each device, the newest uplink that must have survived a kill or cut that already
+/// happened (and, if `delivered` is given, was delivered): replaying it must be refused.
+/// Uplinks of the run that is up now are never candidates: one still in the dedup window
+/// would merge with its replay into one uplink (a duplicate reception, not a refusal).
 pub fn replay_candidates(
     log: &[Sent],
     runs: &[Run],
@@ -1046,8 +1048,17 @@ pub fn replay_candidates(
     delivered: Option<&HashSet<(u8, u32)>>,
 ) -> Vec<Sent> {
     let mut best: HashMap<u8, &Sent> = HashMap::new();
+    let ended: Vec<Run> = runs
+        .iter()
+        .filter(|r| r.killed.is_some())
+        .map(|r| Run {
+            ready: r.ready,
+            killed: r.killed,
+        })
+        .collect();
     for s in log {
-        if must_survive(s, runs, window) && delivered.is_none_or(|d| d.contains(&(s.dev, s.f_cnt)))
+        if must_survive(s, &ended, window)
+            && delivered.is_none_or(|d| d.contains(&(s.dev, s.f_cnt)))
         {
             let e = best.entry(s.dev).or_insert(s);
             if s.f_cnt > e.f_cnt {
