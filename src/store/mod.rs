@@ -164,6 +164,13 @@ impl Store {
                 open_db(cfg)?
             }
         };
+        // sled creates its directory and files but never fsyncs a directory: make their names
+        // (and a quarantine rename) durable, or a power cut could take the whole store along on
+        // filesystems that do not commit names with file data (POSIX asks for this fsync).
+        sync_dir(&cfg.path);
+        if let Some(parent) = cfg.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent);
+        }
         let meta = db.open_tree("meta")?;
         match meta.get("schema")? {
             None => {
@@ -413,6 +420,16 @@ fn open_db(cfg: &StorageConfig) -> Result<sled::Db, sled::Error> {
         .flush_every_ms(flush)
         .mode(sled::Mode::LowSpace)
         .open()
+}
+
+/// fsync a directory so that its entries are durable. Best effort: some filesystems refuse
+/// to fsync directories (EINVAL), and the store works without it where names are journaled.
+fn sync_dir(dir: &Path) {
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        if e.kind() != std::io::ErrorKind::InvalidInput {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot fsync the store directory; a power cut right now could lose the store's file names");
+        }
+    }
 }
 
 fn quarantine_path(p: &Path) -> PathBuf {
