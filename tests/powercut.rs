@@ -33,8 +33,12 @@ fn skip(test: &str) -> bool {
             if std::env::var("LORASTREAM_TEST_ROOT").is_ok_and(|v| v == "1") {
                 panic!("{test}: LORASTREAM_TEST_ROOT=1 but {why}");
             }
-            println!("SKIPPED {test}: {why} (LORASTREAM_TEST_ROOT=1 makes this a failure)");
-            eprintln!("SKIPPED {test}: {why} (LORASTREAM_TEST_ROOT=1 makes this a failure)");
+            // Straight to stderr: the test harness captures println!/eprintln! of passing tests,
+            // and a skip must be seen.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {test}: {why} (LORASTREAM_TEST_ROOT=1 makes this a failure)"
+            );
             true
         }
     }
@@ -179,7 +183,7 @@ fn the_test_filesystem_matches_a_reference_model() {
     let mut live: Vec<Vec<u8>> = vec![Vec::new(); FILES];
     let mut synced: Vec<Vec<u8>> = vec![Vec::new(); FILES];
     let mut cuts = 0;
-    for step in 0..4000 {
+    for step in 0..3000 {
         let i = rng.random_range(0..FILES);
         let ctx = format!("seed {seed} step {step} file {i}");
         match rng.random_range(0..100) {
@@ -245,7 +249,7 @@ fn the_test_filesystem_matches_a_reference_model() {
             }
         }
     }
-    assert!(cuts >= 20, "{cuts} cuts");
+    assert!(cuts >= 15, "{cuts} cuts");
     drop(files);
     m.unmount().unwrap();
 }
@@ -267,7 +271,10 @@ fn the_test_filesystem_keeps_every_sqlite_commit() {
         .map(|o| !o.status.success())
         .unwrap_or(true)
     {
-        println!("SKIPPED the_test_filesystem_keeps_every_sqlite_commit: no python3 with sqlite3");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED the_test_filesystem_keeps_every_sqlite_commit: no python3 with sqlite3"
+        );
         return;
     }
     const WRITER: &str = r#"
@@ -742,6 +749,11 @@ async fn power_cuts_lose_nothing_older_than_the_durability_window() {
     }
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("powercut-results.md");
     let _ = std::fs::write(&path, &table);
-    println!("{table}\n(written to {})", path.display());
+    // Straight to stderr, so CI logs show the table of a passing run too.
+    let _ = writeln!(
+        std::io::stderr(),
+        "{table}\n(written to {})",
+        path.display()
+    );
     assert!(all.iter().all(Series::ok), "power-cut failures:\n{table}");
 }

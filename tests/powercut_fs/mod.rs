@@ -512,13 +512,20 @@ pub fn available() -> Result<(), String> {
     if unsafe { libc::geteuid() } != 0 {
         return Err("not running as root (mount(2) of a FUSE filesystem needs it)".into());
     }
-    match std::fs::OpenOptions::new()
+    if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
     {
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("/dev/fuse cannot be opened: {e}")),
+        return Err(format!("/dev/fuse cannot be opened: {e}"));
+    }
+    // Root in a container may still lack CAP_SYS_ADMIN: try a mount.
+    let dir = tempfile::tempdir().map_err(|e| format!("no temp dir: {e}"))?;
+    match Disk::new(DirModel::Journal).mount(dir.path()) {
+        Ok(m) => m
+            .unmount()
+            .map_err(|e| format!("a FUSE test mount could not be unmounted: {e}")),
+        Err(e) => Err(format!("a FUSE filesystem cannot be mounted here: {e}")),
     }
 }
 
