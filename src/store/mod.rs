@@ -20,6 +20,11 @@
 //! Durability: sled writes to its log at once and fsyncs every `flush_every_ms`; with `0`,
 //! [`Store::append`] fsyncs before it returns, so an uplink counts as queued only once it is on
 //! disk. A store that cannot be opened is moved aside (never deleted) and a fresh one is created.
+//!
+//! `sled::Db::flush` alone is not an fsync: it writes sled's buffers and calls
+//! `sync_file_range(2)`, which makes no promise after a power cut (no metadata, no disk cache;
+//! see its man page). [`Store::fsync`] therefore follows it with `fdatasync` of sled's data file.
+//! Found by the power-cut test (`tests/powercut.rs`, docs/powercut.md).
 
 mod downlinks;
 mod queue;
@@ -37,6 +42,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 const SCHEMA: &[u8] = b"lorastream-store-v1";
+/// The file in `[storage] path` where sled keeps its log and pages.
+const SLED_DATA_FILE: &str = "db";
 const QUEUE_PREFIX: &str = "q:";
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +54,11 @@ pub enum StoreError {
     Encode(#[from] postcard::Error),
     #[error("store at {path} was written by something else (schema {found:?}); move it away")]
     Schema { path: PathBuf, found: String },
+    #[error("cannot fsync the store file {path}: {source} (is the disk full or failing?)")]
+    Sync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot move the unreadable store {path} aside: {source}")]
     Quarantine {
         path: PathBuf,
@@ -112,6 +124,8 @@ pub struct Store {
     shared: Arc<Shared>,
     next_seq: Arc<AtomicU64>,
     flush_each_append: bool,
+    /// sled's data file, opened once more so that [`Store::fsync`] can fdatasync it.
+    data_file: Arc<(PathBuf, std::fs::File)>,
 }
 
 /// One record to append and the queues it goes to.
@@ -157,6 +171,13 @@ impl Store {
                 open_db(cfg)?
             }
         };
+        // sled creates its directory and files but never fsyncs a directory: make their names
+        // (and a quarantine rename) durable, or a power cut could take the whole store along on
+        // filesystems that do not commit names with file data (POSIX asks for this fsync).
+        sync_dir(&cfg.path);
+        if let Some(parent) = cfg.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent);
+        }
         let meta = db.open_tree("meta")?;
         match meta.get("schema")? {
             None => {
@@ -200,6 +221,15 @@ impl Store {
             next_seq = next_seq.max(q.last_seq().map(|s| s + 1).unwrap_or(0));
             queues.insert(name.clone(), q);
         }
+        let data_path = cfg.path.join(SLED_DATA_FILE);
+        let data_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(|source| StoreError::Sync {
+                path: data_path.clone(),
+                source,
+            })?;
         let store = Store {
             db,
             devices,
@@ -209,6 +239,7 @@ impl Store {
             shared,
             next_seq: Arc::new(AtomicU64::new(next_seq)),
             flush_each_append: cfg.flush_every_ms == 0,
+            data_file: Arc::new((data_path, data_file)),
         };
         Ok((store, report))
     }
@@ -327,10 +358,21 @@ impl Store {
     /// fsync, on a blocking thread that we wait for. (Not `sled::Db::flush_async`: its job runs
     /// on sled's own pool and can keep the database alive after the last handle is dropped, so
     /// a store reopened in the same process may briefly see a stale tree list.)
+    ///
+    /// `db.flush()` writes sled's buffers out (with `sync_file_range`, which is not durable);
+    /// the `fdatasync` of the data file that follows is what makes them survive a power cut.
     pub(crate) async fn fsync(&self) -> Result<(), StoreError> {
         let db = self.db.clone();
-        match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(r) => r.map(|_| ()).map_err(StoreError::from),
+        let file = self.data_file.clone();
+        let job = move || -> Result<(), StoreError> {
+            db.flush()?;
+            file.1.sync_data().map_err(|source| StoreError::Sync {
+                path: file.0.clone(),
+                source,
+            })
+        };
+        match tokio::task::spawn_blocking(job).await {
+            Ok(r) => r,
             Err(_) => Err(StoreError::Sled(sled::Error::ReportableBug(
                 "flush task failed".into(),
             ))),
@@ -374,7 +416,7 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
 
 fn open_db(cfg: &StorageConfig) -> Result<sled::Db, sled::Error> {
     let flush = if cfg.flush_every_ms == 0 {
-        // We fsync ourselves after each append; keep sled's timer as a backstop.
+        // We fsync ourselves after each append (Store::fsync); keep sled's timer as a backstop.
         Some(1_000)
     } else {
         Some(cfg.flush_every_ms)
@@ -385,6 +427,16 @@ fn open_db(cfg: &StorageConfig) -> Result<sled::Db, sled::Error> {
         .flush_every_ms(flush)
         .mode(sled::Mode::LowSpace)
         .open()
+}
+
+/// fsync a directory so that its entries are durable. Best effort: some filesystems refuse
+/// to fsync directories (EINVAL), and the store works without it where names are journaled.
+fn sync_dir(dir: &Path) {
+    if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+        if e.kind() != std::io::ErrorKind::InvalidInput {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot fsync the store directory; a power cut right now could lose the store's file names");
+        }
+    }
 }
 
 fn quarantine_path(p: &Path) -> PathBuf {
