@@ -117,17 +117,7 @@ struct Fallback {
 
 /// A PULL_RESP waiting for its TX_ACK.
 struct Pending {
-    device: usize,
-    /// Store key and item of the queued downlink it carries (None: ACK/MAC/JoinAccept only).
-    item: Option<(Vec<u8>, DownlinkItem)>,
-    f_cnt: Option<u32>,
-    phy: Vec<u8>,
-    slot: Slot,
-    gateway: Eui64,
-    window: Window,
-    tmst: Option<u32>,
-    rx2: Option<Fallback>,
-    join_accept: bool,
+    tx: Tx,
     sent_at: Instant,
 }
 
@@ -649,16 +639,7 @@ impl Scheduler {
                 self.pending.insert(
                     token,
                     Pending {
-                        device: t.device,
-                        item: t.item,
-                        f_cnt: t.f_cnt,
-                        phy: t.phy,
-                        slot: t.slot,
-                        gateway: t.gateway,
-                        window: t.window,
-                        tmst: t.tmst,
-                        rx2: t.rx2,
-                        join_accept: t.join_accept,
+                        tx: t,
                         sent_at: Instant::now(),
                     },
                 );
@@ -674,7 +655,7 @@ impl Scheduler {
 
     async fn send_class_c(&mut self, device: usize, dev_eui: Eui64) {
         if self.awaiting_ack.contains_key(&device)
-            || self.pending.values().any(|p| p.device == device)
+            || self.pending.values().any(|p| p.tx.device == device)
         {
             return; // one at a time
         }
@@ -763,12 +744,12 @@ impl Scheduler {
     async fn on_tx_ack(&mut self, a: TxAck) {
         // A late TX_ACK after the timeout, a forwarder answering another one's token, or
         // garbage: nothing to do, but visible.
-        if self.pending.get(&a.token).map(|p| p.gateway) != Some(a.gateway) {
+        if self.pending.get(&a.token).map(|p| p.tx.gateway) != Some(a.gateway) {
             self.metrics.downlink_event("tx_ack_unknown_token");
             tracing::debug!(gateway = %a.gateway, token = a.token, "TX_ACK for an unknown token ignored");
             return;
         }
-        let Some(p) = self.pending.remove(&a.token) else {
+        let Some(Pending { tx: p, .. }) = self.pending.remove(&a.token) else {
             return;
         };
         let reason = match a.result {
@@ -785,16 +766,11 @@ impl Scheduler {
             (Slot::Rx1, Some(f)) if Instant::now() < f.deadline => {
                 tracing::info!(gateway = %a.gateway, %reason, "{what}: RX1 refused by the gateway; retrying in RX2");
                 let tx = Tx {
-                    device: p.device,
-                    item: p.item,
-                    f_cnt: p.f_cnt,
-                    phy: p.phy,
                     slot: Slot::Rx2,
-                    gateway: p.gateway,
                     window: f.window,
                     tmst: Some(f.tmst),
                     rx2: None,
-                    join_accept: p.join_accept,
+                    ..p
                 };
                 let _ = self.transmit(tx).await;
             }
@@ -807,7 +783,7 @@ impl Scheduler {
         }
     }
 
-    async fn sent(&mut self, p: Pending) {
+    async fn sent(&mut self, p: Tx) {
         self.metrics.downlink_event("tx_ok");
         let Some((key, item)) = p.item else { return };
         let detail = serde_json::json!({
@@ -853,7 +829,7 @@ impl Scheduler {
             .collect();
         for t in old {
             if let Some(p) = self.pending.remove(&t) {
-                self.sent(p).await;
+                self.sent(p.tx).await;
             }
         }
     }

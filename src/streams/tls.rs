@@ -33,15 +33,7 @@ pub fn client_config(
         }
     }
     if let Some(p) = ca_file {
-        let certs = read_certs(p)?;
-        if certs.is_empty() {
-            return Err(format!("ca_file {}: no PEM certificate found", p.display()));
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("ca_file {}: {e}", p.display()))?;
-        }
+        add_ca_file(&mut roots, p)?;
     }
     if roots.is_empty() {
         return Err(
@@ -109,15 +101,7 @@ pub fn client_config_with_roots(
         }
     }
     if let Some(p) = ca_file {
-        let certs = read_certs(p)?;
-        if certs.is_empty() {
-            return Err(format!("ca_file {}: no PEM certificate found", p.display()));
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("ca_file {}: {e}", p.display()))?;
-        }
+        add_ca_file(&mut roots, p)?;
     }
     finish(roots, None, alpn)
 }
@@ -158,6 +142,20 @@ fn finish(
     };
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     Ok(Arc::new(cfg))
+}
+
+/// Add every certificate of a PEM `ca_file` to `roots`; a file without one is an error.
+fn add_ca_file(roots: &mut RootCertStore, p: &Path) -> Result<(), String> {
+    let certs = read_certs(p)?;
+    if certs.is_empty() {
+        return Err(format!("ca_file {}: no PEM certificate found", p.display()));
+    }
+    for c in certs {
+        roots
+            .add(c)
+            .map_err(|e| format!("ca_file {}: {e}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
