@@ -1,47 +1,93 @@
 //! The durable store: every uplink lands here before any stream sees it.
 //!
-//! Layout in one sled database (`[storage] path`):
+//! Layout (tables of one storage engine under `[storage] path`, see `backend.rs`):
 //!
-//! | tree          | key                  | value                          |
+//! | table         | key                  | value                          |
 //! |---------------|----------------------|--------------------------------|
 //! | `meta`        | `"schema"`           | `lorastream-store-v1`          |
 //! | `devices`     | DevEUI (8 bytes)     | [`SessionState`] (postcard)    |
 //! | `devices`     | DevEUI + `d`         | FCntDown (see `sessions.rs`)   |
-//! | `otaa`        | DevEUI (+ `n`)       | joined session / used DevNonces |
+//! | `otaa`        | DevEUI (+ `n`, `p`)  | joined session / used DevNonces / pending session |
 //! | `down`        | DevEUI + sequence    | [`DownlinkItem`](crate::model::DownlinkItem) |
 //! | `q:{stream}`  | sequence (u64, BE)   | [`Record`] (postcard)          |
 //!
-//! Each stream has its own queue tree, so a dead stream's backlog never blocks another (mirror
+//! Each stream has its own queue table, so a dead stream's backlog never blocks another (mirror
 //! streams), and a record leaves a queue only through [`Queue::ack`], which streams call when
 //! their destination acknowledged it (MQTT PUBACK, HTTP 2xx, a written line). Sequence numbers
 //! only grow, so key order is arrival order and per-device order is kept.
 //!
-//! Durability: sled writes to its log at once and fsyncs every `flush_every_ms`; with `0`,
-//! [`Store::append`] fsyncs before it returns, so an uplink counts as queued only once it is on
-//! disk. A store that cannot be opened is moved aside (never deleted) and a fresh one is created.
+//! ## Durability: group commits
+//! [`Store::append`] takes one loop iteration of the uplink stage (records for every matching
+//! queue plus the devices' new FCntUp) and
+//! - with `flush_every_ms = 0`, commits it to the engine in one atomic, fsynced commit before it
+//!   returns (and with it every pending delete);
+//! - otherwise writes it to the journal (`journal.rs`, one `write(2)`, no fsync: survives a
+//!   SIGKILL) and keeps it in memory; the committer ([`Store::run_committer`]) commits
+//!   everything appended in the interval in one atomic, fsynced commit every `flush_every_ms`
+//!   and then deletes the journal generations it covered. A power cut loses at most that window.
+//!
+//! Acknowledgements are not written at once: they are deletes batched into the next commit (at
+//! the latest [`ACK_COMMIT_EVERY`]). A record acknowledged before its own commit never reaches
+//! the disk. Losing a delete only means an at-least-once redelivery with the same correlation id.
+//!
+//! ## A full or failing disk
+//! A commit that fails leaves everything in memory (`unsaved`), so streams keep delivering live
+//! traffic; the engine is reopened (sled and redb both refuse all further I/O after an I/O
+//! error) and the commit retried with a backoff until the disk takes writes again. Memory held
+//! this way is bounded by [`MEMORY_FALLBACK_BYTES`]: beyond it the oldest unsaved records are
+//! dropped and counted `write_failed`. A store that cannot be opened is moved aside (never
+//! deleted) and a fresh one is created.
 
+mod backend;
 mod downlinks;
+mod journal;
 mod queue;
 mod sessions;
 
 pub use queue::{Queue, QueueStats};
 pub use sessions::OtaaSession;
 
-use crate::config::{StorageConfig, WhenFull};
+use crate::config::{StorageBackend, StorageConfig, WhenFull};
 use crate::lorawan::session::SessionState;
 use crate::model::{Eui64, Record};
+use backend::{Backend, Batch};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 const SCHEMA: &[u8] = b"lorastream-store-v1";
 const QUEUE_PREFIX: &str = "q:";
+pub(crate) const META: &str = "meta";
+pub(crate) const DEVICES: &str = "devices";
+pub(crate) const OTAA: &str = "otaa";
+pub(crate) const DOWN: &str = "down";
+
+/// Deletes (acknowledgements) are committed at least this often, even with nothing else to do.
+pub const ACK_COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// Records kept in memory only while the disk refuses writes, all queues together.
+pub const MEMORY_FALLBACK_BYTES: u64 = 8 << 20;
+/// Pending deletes above this trigger a commit before [`ACK_COMMIT_EVERY`].
+const MAX_PENDING_DELETES: usize = 50_000;
+
+pub(crate) fn queue_table(stream: &str) -> String {
+    format!("{QUEUE_PREFIX}{stream}")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store I/O error: {0}")]
+    #[error("store I/O error (sled): {0}")]
     Sled(#[from] sled::Error),
+    /// Boxed: redb's error type is large and this one travels through every store call.
+    #[error("store I/O error (redb): {0}")]
+    Redb(Box<redb::Error>),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot encode record: {0}")]
     Encode(#[from] postcard::Error),
     #[error("store at {path} was written by something else (schema {found:?}); move it away")]
@@ -51,6 +97,24 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the store at {path} is in use by another process (is a lorastream daemon running?)")]
+    Locked { path: PathBuf },
+    #[error("the store's disk refuses I/O; it is being reopened (will retry)")]
+    Unavailable,
+}
+
+impl StoreError {
+    /// Another process holds the store: never a reason to move it aside.
+    fn is_locked(&self) -> bool {
+        match self {
+            StoreError::Redb(e) => matches!(**e, redb::Error::DatabaseAlreadyOpen),
+            // sled 0.34 reports its failed `try_lock_exclusive` as a plain I/O error.
+            StoreError::Sled(sled::Error::Io(e)) => {
+                e.to_string().contains("could not acquire lock")
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Why a record did not enter (or left) a queue without being delivered.
@@ -62,7 +126,7 @@ pub enum DropReason {
     QueueFullRejected,
     /// The record could not be decoded (corruption); it was removed.
     Corrupt,
-    /// The store could not write (disk full, I/O error).
+    /// The disk refused writes and the memory fallback was full (or the daemon stopped).
     WriteFailed,
     /// Older than `[storage] max_age`.
     Expired,
@@ -87,24 +151,75 @@ pub struct OpenReport {
     pub quarantined: Option<PathBuf>,
     /// Queues of streams no longer in the config, freed: (name, records).
     pub removed_queues: Vec<(String, u64)>,
+    /// Records and session updates recovered from the journal (a killed daemon's last window).
+    pub journal_replayed: u64,
+    /// A store of the other engine was copied into this one; its files were kept here.
+    pub migrated_from: Option<PathBuf>,
 }
 
+/// Health of the disk side, for `/health` and `/metrics`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StoreHealth {
+    pub backend: &'static str,
+    /// False while commits fail (disk full, I/O error).
+    pub writable: bool,
+    pub last_error: Option<String>,
+    /// Failed commits since start.
+    pub commit_failures: u64,
+    pub commits: u64,
+    /// Bytes held in memory, not yet on disk.
+    pub unsaved_bytes: u64,
+    pub queued_bytes: u64,
+    pub size_on_disk: u64,
+}
+
+/// State shared by the store and its queues.
 pub(crate) struct Shared {
     pub(crate) total_bytes: AtomicU64,
     pub(crate) max_bytes: u64,
+    pub(crate) unsaved_bytes: AtomicU64,
+    engine: RwLock<Option<Arc<Backend>>>,
+}
+
+impl Shared {
+    /// The engine, unless it is being reopened after an I/O error.
+    pub(crate) fn engine(&self) -> Option<Arc<Backend>> {
+        self.engine.read().ok().and_then(|e| e.clone())
+    }
+}
+
+#[derive(Default)]
+struct Health {
+    failed: Option<String>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    failures: u64,
+    commits: u64,
+    last_commit: Option<Instant>,
+}
+
+struct Inner {
+    cfg: StorageConfig,
+    shared: Arc<Shared>,
+    queues: BTreeMap<String, Queue>,
+    next_seq: AtomicU64,
+    /// `Some` with group commits (`flush_every_ms > 0`). Its lock also orders appends against
+    /// commit snapshots (see `journal.rs`).
+    journal: Option<Mutex<journal::Journal>>,
+    /// FCntUp states appended but not committed (devices table key → value).
+    sessions: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// One commit at a time.
+    commit_lock: Mutex<()>,
+    health: Mutex<Health>,
+    writable: AtomicBool,
+    /// Asks the committer to commit now (memory filling up).
+    kick: Notify,
 }
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    devices: sled::Tree,
-    otaa: sled::Tree,
-    down: sled::Tree,
-    queues: Arc<RwLock<BTreeMap<String, Queue>>>,
-    shared: Arc<Shared>,
-    next_seq: Arc<AtomicU64>,
-    flush_each_append: bool,
+    inner: Arc<Inner>,
 }
 
 /// One record to append and the queues it goes to.
@@ -116,23 +231,91 @@ pub struct Entry<'a> {
 /// Result of an append.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
-    /// Record copies written (one per queue).
+    /// Record copies queued (one per queue).
     pub written: u64,
     /// Copies refused (`reject_new`) and oldest copies evicted (`drop_oldest`).
     pub rejected: u64,
     pub evicted: u64,
+    /// Copies queued in memory only because the disk refused the write (they are delivered
+    /// if the destination is up, and written when the disk takes writes again).
+    pub unsaved: u64,
+}
+
+fn quarantine_path(p: &Path) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut s = p.as_os_str().to_owned();
+    s.push(format!(".corrupt-{secs}"));
+    PathBuf::from(s)
+}
+
+fn other(kind: StorageBackend) -> StorageBackend {
+    match kind {
+        StorageBackend::Sled => StorageBackend::Redb,
+        StorageBackend::Redb => StorageBackend::Sled,
+    }
+}
+
+/// Open the configured engine; if only the other engine's files are there, copy everything
+/// into the configured one and move the old files into `<path>/migrated-from-<engine>-<time>`.
+fn open_engine(cfg: &StorageConfig, report: &mut OpenReport) -> Result<Backend, StoreError> {
+    let kind = cfg.backend;
+    let old = other(kind);
+    if Backend::present(kind, &cfg.path) || !Backend::present(old, &cfg.path) {
+        return Backend::open(kind, cfg);
+    }
+    tracing::warn!(path = %cfg.path.display(), from = old.name(), to = kind.name(),
+        "the store was written by the other engine; migrating it");
+    let src = Backend::open(old, cfg)?;
+    let dst = Backend::open(kind, cfg)?;
+    let mut copied = 0u64;
+    for table in src.table_names()? {
+        let mut batch = Batch::default();
+        src.scan(&table, |k, v| batch.put(&table, k, v))?;
+        copied += batch.len() as u64;
+        dst.commit(&batch, true)?;
+    }
+    drop(src);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = cfg
+        .path
+        .join(format!("migrated-from-{}-{secs}", old.name()));
+    let io = |source| StoreError::Io {
+        path: aside.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&aside).map_err(io)?;
+    for f in Backend::files(old, &cfg.path) {
+        if let Some(name) = f.file_name() {
+            std::fs::rename(&f, aside.join(name)).map_err(io)?;
+        }
+    }
+    tracing::warn!(entries = copied, kept_in = %aside.display(), "store migrated");
+    report.migrated_from = Some(aside);
+    Ok(dst)
 }
 
 impl Store {
     /// Open (or create) the store and the queues named in `streams` (name, when_full).
-    /// Queues of streams that are no longer configured are removed.
+    /// Queues of streams that are no longer configured are removed; the journal of a killed
+    /// daemon is replayed.
     pub fn open(
         cfg: &StorageConfig,
         streams: &[(String, WhenFull)],
     ) -> Result<(Store, OpenReport), StoreError> {
         let mut report = OpenReport::default();
-        let db = match open_db(cfg) {
-            Ok(db) => db,
+        let engine = match open_engine(cfg, &mut report) {
+            Ok(e) => e,
+            Err(e) if e.is_locked() => {
+                return Err(StoreError::Locked {
+                    path: cfg.path.clone(),
+                })
+            }
             Err(e) => {
                 // Never delete: move aside so the data can still be examined or recovered.
                 let aside = quarantine_path(&cfg.path);
@@ -147,15 +330,16 @@ impl Store {
                     source,
                 })?;
                 report.quarantined = Some(aside);
-                open_db(cfg)?
+                open_engine(cfg, &mut report)?
             }
         };
-        let meta = db.open_tree("meta")?;
-        match meta.get("schema")? {
+        match engine.get(META, b"schema")? {
             None => {
-                meta.insert("schema", SCHEMA)?;
+                let mut b = Batch::default();
+                b.put(META, b"schema", SCHEMA);
+                engine.commit(&b, true)?;
             }
-            Some(v) if v.as_ref() == SCHEMA => {}
+            Some(v) if v == SCHEMA => {}
             Some(v) => {
                 return Err(StoreError::Schema {
                     path: cfg.path.clone(),
@@ -163,88 +347,134 @@ impl Store {
                 })
             }
         }
-        let devices = db.open_tree("devices")?;
-        let otaa = db.open_tree("otaa")?;
-        let down = db.open_tree("down")?;
+
+        // The last window of a daemon that was killed: apply it (puts are idempotent; later
+        // frames win for session counters).
+        let (puts, last_gen) = journal::replay(&cfg.path);
+        if !puts.is_empty() {
+            let mut b = Batch::default();
+            for (t, k, v) in &puts {
+                b.put(t, k, v);
+            }
+            engine.commit(&b, true)?;
+            report.journal_replayed = puts.len() as u64;
+            tracing::warn!(
+                entries = puts.len(),
+                "recovered the last group-commit window from the journal"
+            );
+        }
+        if let Some(g) = last_gen {
+            journal::remove_upto(&cfg.path, g);
+        }
 
         // Free the backlog of streams that were removed from the config.
-        for name in db.tree_names() {
-            let Some(q) = name.strip_prefix(QUEUE_PREFIX.as_bytes()) else {
+        for name in engine.table_names()? {
+            let Some(q) = name.strip_prefix(QUEUE_PREFIX) else {
                 continue;
             };
-            let q = String::from_utf8_lossy(q).into_owned();
-            if !streams.iter().any(|(n, _)| *n == q) {
-                let n = db.open_tree(&name)?.len() as u64;
-                db.drop_tree(&name)?;
+            if !streams.iter().any(|(n, _)| n == q) {
+                let mut n = 0u64;
+                engine.scan(&name, |_, _| n += 1)?;
+                engine.drop_table(&name)?;
                 tracing::warn!(stream = %q, records = n, "stream no longer configured: its queue was removed");
-                report.removed_queues.push((q, n));
+                report.removed_queues.push((q.to_string(), n));
             }
         }
 
         let shared = Arc::new(Shared {
             total_bytes: AtomicU64::new(0),
             max_bytes: cfg.max_bytes,
+            unsaved_bytes: AtomicU64::new(0),
+            engine: RwLock::new(None),
         });
         let mut queues = BTreeMap::new();
         let mut next_seq = 0u64;
         for (name, when_full) in streams {
-            let tree = db.open_tree(format!("{QUEUE_PREFIX}{name}"))?;
-            let q = Queue::open(name.clone(), tree, *when_full, shared.clone())?;
-            next_seq = next_seq.max(q.last_seq().map(|s| s + 1).unwrap_or(0));
+            let q = Queue::open(name.clone(), &engine, *when_full, shared.clone())?;
             queues.insert(name.clone(), q);
+            if let Some((k, _)) = engine.last(&queue_table(name))? {
+                if let Ok(b) = <[u8; 8]>::try_from(k.as_slice()) {
+                    next_seq = next_seq.max(u64::from_be_bytes(b) + 1);
+                }
+            }
         }
+        // Downlink keys use the same counter: never reuse one of theirs either.
+        engine.scan(DOWN, |k, _| {
+            if let Some(b) = k.get(8..16).and_then(|s| <[u8; 8]>::try_from(s).ok()) {
+                next_seq = next_seq.max(u64::from_be_bytes(b) + 1);
+            }
+        })?;
+        if let Ok(mut e) = shared.engine.write() {
+            *e = Some(Arc::new(engine));
+        }
+        let journal =
+            (cfg.flush_every_ms > 0).then(|| Mutex::new(journal::Journal::new(&cfg.path)));
         let store = Store {
-            db,
-            devices,
-            otaa,
-            down,
-            queues: Arc::new(RwLock::new(queues)),
-            shared,
-            next_seq: Arc::new(AtomicU64::new(next_seq)),
-            flush_each_append: cfg.flush_every_ms == 0,
+            inner: Arc::new(Inner {
+                cfg: cfg.clone(),
+                shared,
+                queues,
+                next_seq: AtomicU64::new(next_seq),
+                journal,
+                sessions: Mutex::new(BTreeMap::new()),
+                commit_lock: Mutex::new(()),
+                health: Mutex::new(Health::default()),
+                writable: AtomicBool::new(true),
+                kick: Notify::new(),
+            }),
         };
         Ok((store, report))
     }
 
+    /// The engine in use.
+    pub fn backend(&self) -> StorageBackend {
+        self.inner.cfg.backend
+    }
+
     /// The queue of a stream.
     pub fn queue(&self, name: &str) -> Option<Queue> {
-        self.queues.read().ok()?.get(name).cloned()
+        self.inner.queues.get(name).cloned()
     }
 
     /// Position of a stream's queue in [`Store::queues`] (the index [`Entry::queues`] takes).
     pub fn queue_index(&self, name: &str) -> Option<usize> {
-        self.queues.read().ok()?.keys().position(|k| k == name)
+        self.inner.queues.keys().position(|k| k == name)
     }
 
     /// All queues, in name order.
     pub fn queues(&self) -> Vec<Queue> {
-        self.queues
-            .read()
-            .map(|q| q.values().cloned().collect())
-            .unwrap_or_default()
+        self.inner.queues.values().cloned().collect()
     }
 
     /// Queued bytes over all streams.
     pub fn total_bytes(&self) -> u64 {
-        self.shared.total_bytes.load(Ordering::Relaxed)
+        self.inner.shared.total_bytes.load(Ordering::Relaxed)
     }
 
-    /// Append records to their queues and save session counters, then (with
-    /// `flush_every_ms = 0`) fsync. `queues` indexes are positions in [`Store::queues`].
-    /// Streams are woken only after the data is in the store.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.inner.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn engine(&self) -> Result<Arc<Backend>, StoreError> {
+        self.inner.shared.engine().ok_or(StoreError::Unavailable)
+    }
+
+    /// Append records to their queues and save session counters (see the module docs for when
+    /// it is on disk). `queues` indexes are positions in [`Store::queues`]. Streams are woken
+    /// only after the records are queued. A disk that refuses the write is not an error here:
+    /// the records stay queued in memory ([`Appended::unsaved`]).
     pub async fn append(
         &self,
         entries: &[Entry<'_>],
         sessions: &[(Eui64, SessionState)],
     ) -> Result<Appended, StoreError> {
         let queues = self.queues();
-        let mut batches: Vec<Option<sled::Batch>> = vec![None; queues.len()];
-        let mut incoming: Vec<(u64, u64)> = vec![(0, 0); queues.len()]; // (records, bytes)
-        let mut keys: Vec<Vec<(u64, u64)>> = vec![Vec::new(); queues.len()]; // (order key, seq)
+        let mut per_queue: Vec<Vec<(u64, Arc<Vec<u8>>)>> = vec![Vec::new(); queues.len()];
+        let mut keys: Vec<Vec<(u64, u64)>> = vec![Vec::new(); queues.len()];
         let mut out = Appended::default();
         for e in entries {
-            let bytes = postcard::to_stdvec(e.record)?;
-            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            let bytes = Arc::new(postcard::to_stdvec(e.record)?);
+            let seq = self.next_seq();
             for &qi in e.queues {
                 let Some(q) = queues.get(qi) else { continue };
                 let size = bytes.len() as u64;
@@ -256,54 +486,303 @@ impl Store {
                     }
                 }
                 // Reserve the bytes now so the next record's room check sees them.
-                self.shared.total_bytes.fetch_add(size, Ordering::Relaxed);
-                batches[qi]
-                    .get_or_insert_with(sled::Batch::default)
-                    .insert(&seq.to_be_bytes(), bytes.as_slice());
-                incoming[qi].0 += 1;
-                incoming[qi].1 += size;
+                self.inner
+                    .shared
+                    .total_bytes
+                    .fetch_add(size, Ordering::Relaxed);
+                per_queue[qi].push((seq, bytes.clone()));
                 keys[qi].push((e.record.order_key(), seq));
                 out.written += 1;
             }
         }
-        let mut failed: Option<StoreError> = None;
-        for (qi, batch) in batches.into_iter().enumerate() {
-            let Some(batch) = batch else { continue };
-            let q = &queues[qi];
-            let (n, b) = incoming[qi];
-            match q.tree().apply_batch(batch) {
-                Ok(()) => {
-                    q.account_added(n, b);
-                    q.note_keys(&keys[qi]);
+        let mut session_puts = Vec::with_capacity(sessions.len());
+        for (eui, st) in sessions {
+            session_puts.push((eui.0.to_vec(), postcard::to_stdvec(st)?));
+        }
+        if out.written == 0 && session_puts.is_empty() {
+            return Ok(out);
+        }
+
+        let writable = self.inner.writable.load(Ordering::Relaxed);
+        match &self.inner.journal {
+            Some(j) => {
+                // Journal first, then memory, under the journal lock (a commit snapshot is
+                // taken under the same lock, so no record is in neither).
+                let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
+                let mut frame: Vec<journal::Put> = Vec::new();
+                for (qi, recs) in per_queue.iter().enumerate() {
+                    for (seq, v) in recs {
+                        let table = queue_table(queues[qi].name());
+                        frame.push((table, seq.to_be_bytes().to_vec(), v.to_vec()));
+                    }
                 }
-                Err(e) => {
-                    self.shared.total_bytes.fetch_sub(b, Ordering::Relaxed);
-                    q.count_drop(DropReason::WriteFailed, n);
-                    out.written -= n;
-                    failed = Some(e.into());
+                for (k, v) in &session_puts {
+                    frame.push((DEVICES.to_string(), k.clone(), v.clone()));
+                }
+                // While the disk refuses writes, records stay in memory only (no journal file
+                // per failed attempt); the committer writes them once it can.
+                if writable {
+                    if let Err(e) = j.write(&frame) {
+                        out.unsaved = out.written;
+                        self.note_failure(&format!("journal write: {e}"), false);
+                    }
+                }
+                self.stage(&queues, per_queue, &keys, session_puts);
+            }
+            None => {
+                self.stage(&queues, per_queue, &keys, session_puts);
+                if writable {
+                    let s = self.clone();
+                    let r = tokio::task::spawn_blocking(move || s.commit_blocking()).await;
+                    if !matches!(r, Ok(Ok(_))) {
+                        out.unsaved = out.written;
+                    }
+                } else {
+                    out.unsaved = out.written;
                 }
             }
         }
-        if !sessions.is_empty() {
-            let mut batch = sled::Batch::default();
-            for (eui, st) in sessions {
-                batch.insert(&eui.0, postcard::to_stdvec(st)?);
-            }
-            if let Err(e) = self.devices.apply_batch(batch) {
-                failed = Some(e.into());
-            }
+        if !self.inner.writable.load(Ordering::Relaxed) {
+            out.unsaved = out.written;
+            self.shed_memory();
+        } else if self.inner.shared.unsaved_bytes.load(Ordering::Relaxed)
+            > MEMORY_FALLBACK_BYTES / 2
+        {
+            self.inner.kick.notify_one();
         }
-        if self.flush_each_append && out.written > 0 {
-            self.fsync().await?;
-        }
-        for (qi, (n, _)) in incoming.iter().enumerate() {
-            if *n > 0 {
+        for (qi, k) in keys.iter().enumerate() {
+            if !k.is_empty() {
                 queues[qi].wake();
             }
         }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
+        Ok(out)
+    }
+
+    fn stage(
+        &self,
+        queues: &[Queue],
+        per_queue: Vec<Vec<(u64, Arc<Vec<u8>>)>>,
+        keys: &[Vec<(u64, u64)>],
+        session_puts: Vec<(Vec<u8>, Vec<u8>)>,
+    ) {
+        for (qi, recs) in per_queue.into_iter().enumerate() {
+            if !recs.is_empty() {
+                queues[qi].insert(recs);
+                queues[qi].note_keys(&keys[qi]);
+            }
+        }
+        if !session_puts.is_empty() {
+            let mut s = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (k, v) in session_puts {
+                s.insert(k, v);
+            }
+        }
+    }
+
+    /// Over the memory bound while the disk refuses writes: drop the oldest unsaved records.
+    fn shed_memory(&self) {
+        let mut queues = self.queues();
+        queues.sort_by_key(|q| std::cmp::Reverse(q.unsaved_bytes()));
+        for q in queues {
+            if self.inner.shared.unsaved_bytes.load(Ordering::Relaxed) <= MEMORY_FALLBACK_BYTES {
+                break;
+            }
+            q.shed_unsaved(MEMORY_FALLBACK_BYTES);
+        }
+    }
+
+    /// A write failed; with `reschedule` (a commit or reopen), the next retry is backed off.
+    fn note_failure(&self, e: &str, reschedule: bool) {
+        let mut h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.failures += 1;
+        let first = h.failed.is_none();
+        if reschedule || first {
+            h.backoff = if first {
+                Duration::from_millis(500)
+            } else {
+                (h.backoff * 2).min(Duration::from_secs(10))
+            };
+            h.retry_at = Some(Instant::now() + h.backoff);
+        }
+        h.failed = Some(e.to_string());
+        self.inner.writable.store(false, Ordering::Relaxed);
+        if first {
+            tracing::error!(error = %e, path = %self.inner.cfg.path.display(),
+                "the store cannot write (disk full or failing); keeping new records in memory (at most {} MiB) and retrying",
+                MEMORY_FALLBACK_BYTES >> 20);
+        }
+    }
+
+    fn note_success(&self) {
+        let mut h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.commits += 1;
+        h.last_commit = Some(Instant::now());
+        if let Some(e) = h.failed.take() {
+            tracing::warn!(previous_error = %e, failures = h.failures, "the store writes to disk again");
+        }
+        h.retry_at = None;
+        self.inner.writable.store(true, Ordering::Relaxed);
+    }
+
+    /// Reopen the engine after an I/O error (both engines refuse all I/O after one).
+    fn reopen(&self) -> Result<(), StoreError> {
+        let old = self
+            .inner
+            .shared
+            .engine
+            .write()
+            .ok()
+            .and_then(|mut e| e.take());
+        if let Some(old) = old {
+            // Readers hold the engine for microseconds; the files must be closed before they
+            // are opened again (both engines lock them).
+            let end = Instant::now() + Duration::from_secs(2);
+            while Arc::strong_count(&old) > 1 && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            drop(old);
+        }
+        let e = Backend::open(self.inner.cfg.backend, &self.inner.cfg)?;
+        if let Ok(mut slot) = self.inner.shared.engine.write() {
+            *slot = Some(Arc::new(e));
+        }
+        tracing::info!(
+            backend = self.inner.cfg.backend.name(),
+            "store engine reopened"
+        );
+        Ok(())
+    }
+
+    /// Commit everything pending (records, deletes, session counters) in one atomic, fsynced
+    /// commit. Blocking: call from a blocking thread. Ok(false) when there was nothing to do.
+    fn commit_blocking(&self) -> Result<bool, StoreError> {
+        let _g = self
+            .inner
+            .commit_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let failed_before = !self.inner.writable.load(Ordering::Relaxed);
+        if failed_before || self.inner.shared.engine().is_none() {
+            if let Err(e) = self.reopen() {
+                self.note_failure(&format!("reopen: {e}"), true);
+                return Err(e);
+            }
+        }
+        let engine = self.engine()?;
+        let queues = self.queues();
+        let mut batch = Batch::default();
+        let (gen, snaps, sessions) = {
+            let mut j = self
+                .inner
+                .journal
+                .as_ref()
+                .map(|j| j.lock().unwrap_or_else(|p| p.into_inner()));
+            let gen = j.as_mut().map(|j| j.rotate());
+            let snaps: Vec<_> = queues.iter().map(|q| q.snapshot(&mut batch)).collect();
+            let sessions = self
+                .inner
+                .sessions
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            (gen, snaps, sessions)
+        };
+        for (k, v) in &sessions {
+            batch.put(DEVICES, k, v);
+        }
+        if batch.is_empty() && !failed_before {
+            return Ok(false);
+        }
+        match engine.commit(&batch, true) {
+            Ok(()) => {
+                for (q, s) in queues.iter().zip(snaps) {
+                    q.committed(s);
+                }
+                if let Ok(mut s) = self.inner.sessions.lock() {
+                    for (k, v) in &sessions {
+                        if s.get(k) == Some(v) {
+                            s.remove(k);
+                        }
+                    }
+                }
+                if let (Some(j), Some(g)) = (&self.inner.journal, gen) {
+                    if let Ok(j) = j.lock() {
+                        j.remove_upto(g);
+                    }
+                }
+                self.note_success();
+                Ok(true)
+            }
+            Err(e) => {
+                // Both engines poison themselves after an I/O error: the next attempt (after
+                // the backoff) reopens the engine first.
+                self.note_failure(&e.to_string(), true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Commit now, on a blocking thread.
+    async fn commit(&self) -> Result<bool, StoreError> {
+        let s = self.clone();
+        match tokio::task::spawn_blocking(move || s.commit_blocking()).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable),
+        }
+    }
+
+    /// The group committer: commits the journaled window every `flush_every_ms`, batched
+    /// deletes every [`ACK_COMMIT_EVERY`], and retries (with a backoff) while the disk refuses
+    /// writes. Runs until `cancel`; the daemon then calls [`Store::flush`].
+    pub async fn run_committer(self, cancel: tokio_util::sync::CancellationToken) {
+        let tick = Duration::from_millis(match self.inner.cfg.flush_every_ms {
+            0 => 100,
+            n => n,
+        });
+        let mut last_deletes = Instant::now();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.inner.kick.notified() => {}
+            }
+            let (retry_at, failed) = {
+                let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+                (h.retry_at, h.failed.is_some())
+            };
+            if failed && retry_at.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
+            let (mut puts, mut dels) = (0usize, 0usize);
+            for q in self.queues() {
+                let (p, d) = q.pending();
+                puts += p;
+                dels += d;
+            }
+            let sessions = self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0);
+            let due = puts > 0
+                || sessions > 0
+                || failed
+                || dels > MAX_PENDING_DELETES
+                || (dels > 0 && last_deletes.elapsed() >= ACK_COMMIT_EVERY);
+            if !due {
+                continue;
+            }
+            match self.commit().await {
+                Ok(_) => {
+                    if dels > 0 {
+                        last_deletes = Instant::now();
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "store commit failed; will retry"),
+            }
+            if !self.inner.writable.load(Ordering::Relaxed) {
+                self.shed_memory();
+            }
         }
     }
 
@@ -317,77 +796,124 @@ impl Store {
         Ok(n)
     }
 
-    /// fsync, on a blocking thread that we wait for. (Not `sled::Db::flush_async`: its job runs
-    /// on sled's own pool and can keep the database alive after the last handle is dropped, so
-    /// a store reopened in the same process may briefly see a stale tree list.)
-    pub(crate) async fn fsync(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(r) => r.map(|_| ()).map_err(StoreError::from),
-            Err(_) => Err(StoreError::Sled(sled::Error::ReportableBug(
-                "flush task failed".into(),
-            ))),
+    /// Write `batch` at once, durably (session counters, downlinks: things that must be on disk
+    /// before the daemon acts on them).
+    pub(crate) async fn write_now(&self, batch: Batch) -> Result<(), StoreError> {
+        if !batch.is_empty() {
+            // A direct write of a devices key supersedes an uncommitted FCntUp for it.
+            if let Ok(mut s) = self.inner.sessions.lock() {
+                for (t, k, _) in &batch.ops {
+                    if t == DEVICES {
+                        s.remove(k);
+                    }
+                }
+            }
         }
+        let s = self.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let _g = s
+                .inner
+                .commit_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if s.inner.shared.engine().is_none() {
+                s.reopen()?;
+            }
+            s.engine()?.commit(&batch, true)
+        })
+        .await
+        .unwrap_or(Err(StoreError::Unavailable));
+        if let Err(e) = &r {
+            self.note_failure(&e.to_string(), true);
+        }
+        r
     }
 
-    /// fsync everything (graceful stop).
+    /// Commit everything and fsync (graceful stop). Records that still cannot be written are
+    /// lost with the process: counted `write_failed`.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.fsync().await?;
-        Ok(())
+        let r = self.commit().await.map(|_| ());
+        if r.is_err() {
+            for q in self.queues() {
+                q.shed_unsaved(0);
+            }
+        }
+        r
     }
 
-    /// Bytes sled reports on disk.
+    /// Bytes the engine occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.inner
+            .shared
+            .engine()
+            .map(|e| e.size_on_disk(&self.inner.cfg.path))
+            .unwrap_or(0)
+    }
+
+    /// Disk-side health, for `/health` and `/metrics`.
+    pub fn health(&self) -> StoreHealth {
+        let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        StoreHealth {
+            backend: self.inner.cfg.backend.name(),
+            writable: h.failed.is_none(),
+            last_error: h.failed.clone(),
+            commit_failures: h.failures,
+            commits: h.commits,
+            unsaved_bytes: self.inner.shared.unsaved_bytes.load(Ordering::Relaxed),
+            queued_bytes: self.total_bytes(),
+            size_on_disk: self.size_on_disk(),
+        }
     }
 }
 
 /// Read queue statistics from a store that no daemon is using, changing nothing (no
-/// quarantine, no removal of unconfigured queues). Fails if the store is locked.
+/// quarantine, no migration, no removal of unconfigured queues, no journal replay; records
+/// still in the journal of a killed daemon are counted). Fails if the store is locked.
 pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
-    let db = sled::Config::new()
-        .path(&cfg.path)
-        .cache_capacity(cfg.cache_bytes)
-        .open()?;
+    let kind = if Backend::present(cfg.backend, &cfg.path)
+        || !Backend::present(other(cfg.backend), &cfg.path)
+    {
+        cfg.backend
+    } else {
+        other(cfg.backend)
+    };
+    if !Backend::present(kind, &cfg.path) {
+        return Ok(Vec::new());
+    }
+    let engine = Arc::new(Backend::open(kind, cfg).map_err(|e| {
+        if e.is_locked() {
+            StoreError::Locked {
+                path: cfg.path.clone(),
+            }
+        } else {
+            e
+        }
+    })?);
     let shared = Arc::new(Shared {
         total_bytes: AtomicU64::new(0),
         max_bytes: u64::MAX,
+        unsaved_bytes: AtomicU64::new(0),
+        engine: RwLock::new(Some(engine.clone())),
     });
+    let (puts, _) = journal::replay(&cfg.path);
     let mut out = Vec::new();
-    for name in db.tree_names() {
-        let Some(q) = name.strip_prefix(QUEUE_PREFIX.as_bytes()) else {
+    for name in engine.table_names()? {
+        let Some(q) = name.strip_prefix(QUEUE_PREFIX) else {
             continue;
         };
-        let q = String::from_utf8_lossy(q).into_owned();
-        let tree = db.open_tree(&name)?;
-        out.push(Queue::open(q, tree, WhenFull::DropOldest, shared.clone())?.stats());
+        let queue = Queue::open(q.to_string(), &engine, WhenFull::DropOldest, shared.clone())?;
+        let (mut n, mut bytes) = (0u64, 0u64);
+        let mut seen = std::collections::HashSet::new();
+        for (t, k, v) in &puts {
+            if *t == name && seen.insert(k.clone()) && engine.get(&name, k)?.is_none() {
+                n += 1;
+                bytes += v.len() as u64;
+            }
+        }
+        queue.count_extra(n, bytes);
+        out.push(queue.stats());
     }
     Ok(out)
-}
-
-fn open_db(cfg: &StorageConfig) -> Result<sled::Db, sled::Error> {
-    let flush = if cfg.flush_every_ms == 0 {
-        // We fsync ourselves after each append; keep sled's timer as a backstop.
-        Some(1_000)
-    } else {
-        Some(cfg.flush_every_ms)
-    };
-    sled::Config::new()
-        .path(&cfg.path)
-        .cache_capacity(cfg.cache_bytes)
-        .flush_every_ms(flush)
-        .mode(sled::Mode::LowSpace)
-        .open()
-}
-
-fn quarantine_path(p: &Path) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut s = p.as_os_str().to_owned();
-    s.push(format!(".corrupt-{secs}"));
-    PathBuf::from(s)
 }
 
 #[cfg(test)]

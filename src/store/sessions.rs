@@ -5,7 +5,8 @@
 //! can overwrite the other's newer value with an older copy. A downlink counter is never reused
 //! after a crash: it is on disk before the PULL_RESP is sent.
 
-use super::{Store, StoreError};
+use super::backend::Batch;
+use super::{Store, StoreError, DEVICES, OTAA};
 use crate::lorawan::session::SessionState;
 use crate::model::{AesKey, DevAddr, Eui64};
 use serde::{Deserialize, Serialize};
@@ -74,8 +75,10 @@ impl Store {
     pub fn load_sessions(&self) -> Result<Vec<(Eui64, SessionState)>, StoreError> {
         let mut ups: Vec<(Eui64, SessionState)> = Vec::new();
         let mut downs: Vec<(Eui64, FCntDown)> = Vec::new();
-        for kv in self.devices.iter() {
-            let (k, v) = kv?;
+        let mut all = Vec::new();
+        self.engine()?
+            .scan(DEVICES, |k, v| all.push((k.to_vec(), v.to_vec())))?;
+        for (k, v) in all {
             let Ok(eui) = <[u8; 8]>::try_from(&k[..k.len().min(8)]) else {
                 continue;
             };
@@ -121,12 +124,13 @@ impl Store {
         dev_addr: DevAddr,
         next: u32,
     ) -> Result<(), StoreError> {
-        self.devices.insert(
-            down_key(dev_eui),
-            postcard::to_stdvec(&FCntDown { dev_addr, next })?,
-        )?;
-        self.fsync().await?;
-        Ok(())
+        let mut b = Batch::default();
+        b.put(
+            DEVICES,
+            &down_key(dev_eui),
+            &postcard::to_stdvec(&FCntDown { dev_addr, next })?,
+        );
+        self.write_now(b).await
     }
 
     /// Save all counters of one device and fsync (used by tests and on join).
@@ -135,10 +139,17 @@ impl Store {
         dev_eui: Eui64,
         state: &SessionState,
     ) -> Result<(), StoreError> {
-        self.devices
-            .insert(dev_eui.0, postcard::to_stdvec(state)?)?;
-        self.save_f_cnt_down(dev_eui, state.dev_addr, state.f_cnt_down)
-            .await
+        let mut b = Batch::default();
+        b.put(DEVICES, &dev_eui.0, &postcard::to_stdvec(state)?);
+        b.put(
+            DEVICES,
+            &down_key(dev_eui),
+            &postcard::to_stdvec(&FCntDown {
+                dev_addr: state.dev_addr,
+                next: state.f_cnt_down,
+            })?,
+        );
+        self.write_now(b).await
     }
 
     /// The active and the pending (not yet used) OTAA session of a device.
@@ -146,10 +157,10 @@ impl Store {
         &self,
         dev_eui: Eui64,
     ) -> Result<(Option<OtaaSession>, Option<OtaaSession>), StoreError> {
+        let engine = self.engine()?;
         let get = |k: &[u8]| -> Result<Option<OtaaSession>, StoreError> {
-            Ok(self
-                .otaa
-                .get(k)?
+            Ok(engine
+                .get(OTAA, k)?
                 .and_then(|v| postcard::from_bytes(&v).ok()))
         };
         Ok((get(&dev_eui.0)?, get(&pending_key(dev_eui))?))
@@ -162,35 +173,36 @@ impl Store {
         dev_eui: Eui64,
         s: &OtaaSession,
     ) -> Result<(), StoreError> {
-        self.otaa
-            .insert(pending_key(dev_eui), postcard::to_stdvec(s)?)?;
-        self.fsync().await?;
-        Ok(())
+        let mut b = Batch::default();
+        b.put(OTAA, &pending_key(dev_eui), &postcard::to_stdvec(s)?);
+        self.write_now(b).await
     }
 
     /// The device used its pending session: it replaces the active one; FCntDown restarts at 0.
     pub async fn promote_otaa(&self, dev_eui: Eui64) -> Result<(), StoreError> {
-        let Some(p) = self.otaa.get(pending_key(dev_eui))? else {
+        let Some(p) = self.engine()?.get(OTAA, &pending_key(dev_eui))? else {
             return Ok(());
         };
         let s: OtaaSession = postcard::from_bytes(&p)?;
-        self.otaa.insert(dev_eui.0, p)?;
-        self.otaa.remove(pending_key(dev_eui))?;
-        self.devices.insert(
-            down_key(dev_eui),
-            postcard::to_stdvec(&FCntDown {
+        // One atomic commit: the new session, the pending one gone, FCntDown restarted.
+        let mut b = Batch::default();
+        b.put(OTAA, &dev_eui.0, &p);
+        b.delete(OTAA, &pending_key(dev_eui));
+        b.put(
+            DEVICES,
+            &down_key(dev_eui),
+            &postcard::to_stdvec(&FCntDown {
                 dev_addr: s.dev_addr,
                 next: 0,
             })?,
-        )?;
-        self.fsync().await?;
-        Ok(())
+        );
+        self.write_now(b).await
     }
 
     /// Record a DevNonce; false if it was used before (a replayed JoinRequest). Persisted and
     /// fsynced before the JoinAccept is built, so a crash cannot make a nonce usable twice.
     pub async fn use_dev_nonce(&self, dev_eui: Eui64, nonce: u16) -> Result<bool, StoreError> {
-        let mut used: Vec<u16> = match self.otaa.get(nonce_key(dev_eui))? {
+        let mut used: Vec<u16> = match self.engine()?.get(OTAA, &nonce_key(dev_eui))? {
             Some(v) => postcard::from_bytes(&v).unwrap_or_default(),
             None => Vec::new(),
         };
@@ -202,9 +214,9 @@ impl Store {
             let cut = used.len() - DEV_NONCE_HISTORY;
             used.drain(..cut);
         }
-        self.otaa
-            .insert(nonce_key(dev_eui), postcard::to_stdvec(&used)?)?;
-        self.fsync().await?;
+        let mut b = Batch::default();
+        b.put(OTAA, &nonce_key(dev_eui), &postcard::to_stdvec(&used)?);
+        self.write_now(b).await?;
         Ok(true)
     }
 }
