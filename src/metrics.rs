@@ -43,7 +43,7 @@ struct Inner {
     gateways: Gauge,
     store_writable: Gauge,
     store_unsaved_bytes: Gauge,
-    store_commit_failures: Gauge,
+    store_write_failures: Gauge,
     /// Uplink arrival → PULL_RESP sent, microseconds: last and maximum since start.
     sched_last_us: Gauge,
     sched_max_us: Gauge,
@@ -134,7 +134,7 @@ impl Metrics {
             gateways: reg!("gateways", "Packet forwarders seen", Gauge::default()),
             store_writable: reg!("store_writable", "1 while the store's disk takes writes; 0 while commits fail (disk full, I/O error)", Gauge::default()),
             store_unsaved_bytes: reg!("store_unsaved_bytes", "Queued bytes held in memory, not yet committed to disk", Gauge::default()),
-            store_commit_failures: reg!("store_commit_failures", "Failed store commits since start", Gauge::default()),
+            store_write_failures: reg!("store_write_failures", "Failed store writes (commits, journal writes, engine reopens) since start", Gauge::default()),
             sched_last_us: reg!("downlink_schedule_latency_last_us", "Uplink arrival to PULL_RESP sent (class A), last, microseconds (includes the dedup window)", Gauge::default()),
             sched_max_us: reg!("downlink_schedule_latency_max_us", "Uplink arrival to PULL_RESP sent (class A), maximum since start, microseconds", Gauge::default()),
             registry: r,
@@ -241,8 +241,8 @@ impl Metrics {
             .store_unsaved_bytes
             .set(h.unsaved_bytes.min(i64::MAX as u64) as i64);
         self.inner
-            .store_commit_failures
-            .set(h.commit_failures.min(i64::MAX as u64) as i64);
+            .store_write_failures
+            .set(h.write_failures.min(i64::MAX as u64) as i64);
     }
 
     /// Record the time from an uplink's arrival to its answer's PULL_RESP.

@@ -164,8 +164,8 @@ pub struct StoreHealth {
     /// False while commits fail (disk full, I/O error).
     pub writable: bool,
     pub last_error: Option<String>,
-    /// Failed commits since start.
-    pub commit_failures: u64,
+    /// Failed writes (commits, journal writes, reopens) since start.
+    pub write_failures: u64,
     pub commits: u64,
     /// Bytes held in memory, not yet on disk.
     pub unsaved_bytes: u64,
@@ -212,6 +212,13 @@ struct Inner {
     commit_lock: Mutex<()>,
     health: Mutex<Health>,
     writable: AtomicBool,
+    /// The engine failed an operation: reopen it before the next one (both engines poison
+    /// themselves after an I/O error).
+    needs_reopen: AtomicBool,
+    /// The journal was written since the last commit snapshot.
+    journal_dirty: AtomicBool,
+    /// Last time a change of writability was logged (flapping is logged once per 10 s).
+    last_state_log: Mutex<Option<Instant>>,
     /// Asks the committer to commit now (memory filling up).
     kick: Notify,
 }
@@ -420,6 +427,9 @@ impl Store {
                 commit_lock: Mutex::new(()),
                 health: Mutex::new(Health::default()),
                 writable: AtomicBool::new(true),
+                needs_reopen: AtomicBool::new(false),
+                journal_dirty: AtomicBool::new(false),
+                last_state_log: Mutex::new(None),
                 kick: Notify::new(),
             }),
         };
@@ -522,6 +532,7 @@ impl Store {
                 // While the disk refuses writes, records stay in memory only (no journal file
                 // per failed attempt); the committer writes them once it can.
                 if writable {
+                    self.inner.journal_dirty.store(true, Ordering::Relaxed);
                     if let Err(e) = j.write(&frame) {
                         out.unsaved = out.written;
                         self.note_failure(&format!("journal write: {e}"), false);
@@ -610,7 +621,8 @@ impl Store {
         }
         h.failed = Some(e.to_string());
         self.inner.writable.store(false, Ordering::Relaxed);
-        if first {
+        drop(h);
+        if first && self.log_state_change() {
             tracing::error!(error = %e, path = %self.inner.cfg.path.display(),
                 "the store cannot write (disk full or failing); keeping new records in memory (at most {} MiB) and retrying",
                 MEMORY_FALLBACK_BYTES >> 20);
@@ -622,10 +634,27 @@ impl Store {
         h.commits += 1;
         h.last_commit = Some(Instant::now());
         if let Some(e) = h.failed.take() {
-            tracing::warn!(previous_error = %e, failures = h.failures, "the store writes to disk again");
+            let failures = h.failures;
+            if self.log_state_change() {
+                tracing::warn!(previous_error = %e, failures, "the store writes to disk again");
+            }
         }
         h.retry_at = None;
         self.inner.writable.store(true, Ordering::Relaxed);
+    }
+
+    /// Changes between writable and failing are logged at most once per 10 s (a disk that is
+    /// just full can flap: the engine's preallocated space takes a commit, a new journal page
+    /// does not).
+    fn log_state_change(&self) -> bool {
+        let Ok(mut last) = self.inner.last_state_log.lock() else {
+            return false;
+        };
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// Reopen the engine after an I/O error (both engines refuse all I/O after one).
@@ -650,6 +679,7 @@ impl Store {
         if let Ok(mut slot) = self.inner.shared.engine.write() {
             *slot = Some(Arc::new(e));
         }
+        self.inner.needs_reopen.store(false, Ordering::Relaxed);
         tracing::info!(
             backend = self.inner.cfg.backend.name(),
             "store engine reopened"
@@ -666,7 +696,7 @@ impl Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let failed_before = !self.inner.writable.load(Ordering::Relaxed);
-        if failed_before || self.inner.shared.engine().is_none() {
+        if self.inner.needs_reopen.load(Ordering::Relaxed) || self.inner.shared.engine().is_none() {
             if let Err(e) = self.reopen() {
                 self.note_failure(&format!("reopen: {e}"), true);
                 return Err(e);
@@ -682,6 +712,7 @@ impl Store {
                 .as_ref()
                 .map(|j| j.lock().unwrap_or_else(|p| p.into_inner()));
             let gen = j.as_mut().map(|j| j.rotate());
+            self.inner.journal_dirty.store(false, Ordering::Relaxed);
             let snaps: Vec<_> = queues.iter().map(|q| q.snapshot(&mut batch)).collect();
             let sessions = self
                 .inner
@@ -695,6 +726,12 @@ impl Store {
             batch.put(DEVICES, k, v);
         }
         if batch.is_empty() && !failed_before {
+            // Everything journaled up to `gen` was acknowledged before it needed committing.
+            if let (Some(j), Some(g)) = (&self.inner.journal, gen) {
+                if let Ok(j) = j.lock() {
+                    j.remove_upto(g);
+                }
+            }
             return Ok(false);
         }
         match engine.commit(&batch, true) {
@@ -720,6 +757,7 @@ impl Store {
             Err(e) => {
                 // Both engines poison themselves after an I/O error: the next attempt (after
                 // the backoff) reopens the engine first.
+                self.inner.needs_reopen.store(true, Ordering::Relaxed);
                 self.note_failure(&e.to_string(), true);
                 Err(e)
             }
@@ -766,6 +804,7 @@ impl Store {
             let sessions = self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0);
             let due = puts > 0
                 || sessions > 0
+                || self.inner.journal_dirty.load(Ordering::Relaxed)
                 || failed
                 || dels > MAX_PENDING_DELETES
                 || (dels > 0 && last_deletes.elapsed() >= ACK_COMMIT_EVERY);
@@ -816,7 +855,7 @@ impl Store {
                 .commit_lock
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if s.inner.shared.engine().is_none() {
+            if s.inner.needs_reopen.load(Ordering::Relaxed) || s.inner.shared.engine().is_none() {
                 s.reopen()?;
             }
             s.engine()?.commit(&batch, true)
@@ -824,6 +863,7 @@ impl Store {
         .await
         .unwrap_or(Err(StoreError::Unavailable));
         if let Err(e) = &r {
+            self.inner.needs_reopen.store(true, Ordering::Relaxed);
             self.note_failure(&e.to_string(), true);
         }
         r
@@ -857,7 +897,7 @@ impl Store {
             backend: self.inner.cfg.backend.name(),
             writable: h.failed.is_none(),
             last_error: h.failed.clone(),
-            commit_failures: h.failures,
+            write_failures: h.failures,
             commits: h.commits,
             unsaved_bytes: self.inner.shared.unsaved_bytes.load(Ordering::Relaxed),
             queued_bytes: self.total_bytes(),
