@@ -1,0 +1,392 @@
+#!/usr/bin/env python3
+"""Load benchmarks of the whole lorastream pipeline (not timed tests).
+
+UDP (simulated packet forwarder) -> MIC/decrypt -> store (sled or redb) -> MQTT (local mosquitto).
+Uses the release binary, its own mosquitto on a free port, a temporary store (under $TMPDIR: put
+it on the disk you want to measure, not on a tmpfs), and reads the daemon's /health plus
+/proc/<pid>/{stat,status,io} and /proc/net/snmp. Standard library and mosquitto_sub only.
+
+  cargo build --release --locked
+  python3 benches/pipeline.py throughput --rate 10000 --seconds 30 --devices 1000
+  python3 benches/pipeline.py drain --count 1000000 --backend redb
+  python3 benches/pipeline.py writes --flush-ms 100 --rate 1000 --count 20000 --backend redb [--broker-down]
+  python3 benches/pipeline.py latency --flush-ms 100 --rate 200 --count 2000 --backend redb
+  python3 benches/pipeline.py callgrind --rate 200 --count 2000
+
+Results are printed as one JSON object per run; docs/benchmarks.md records them.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+BIN = os.environ.get("LORASTREAM_BIN", "target/release/lorastream")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port(kind=socket.SOCK_STREAM):
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def config(work, devices, udp, metrics, mqtt_port, flush_ms, backend="redb", dedup_ms=200):
+    lines = [
+        "[gateway]", f'listen = "127.0.0.1:{udp}"', f"dedup_window_ms = {dedup_ms}", "",
+        "[storage]", f'path = "{work}/db"', f"flush_every_ms = {flush_ms}", f'backend = "{backend}"',
+        "max_bytes = 2147483648", "",
+        "[metrics]", f'listen = "127.0.0.1:{metrics}"', "",
+        "[log]", 'level = "warn"', "",
+        "[[application]]", 'id = "bench"', "",
+        "[[stream]]", 'name = "cloud"', 'kind = "mqtt"', f'server = "mqtt://127.0.0.1:{mqtt_port}"',
+        "inflight = 200", "",
+    ]
+    for i in range(devices):
+        n = i + 1
+        lines += [
+            "[[device]]", 'application = "bench"', f'id = "d{n}"',
+            f'dev_eui = "70B3D57E{n:08X}"', f'dev_addr = "{0x26000000 + n:08X}"',
+            f'nwk_s_key = "{n:032X}"', f'app_s_key = "{(n << 64) | 0xABCD:032X}"', "",
+        ]
+    path = os.path.join(work, "bench.toml")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+class Mosquitto:
+    def __init__(self, work, port):
+        self.port = port
+        self.conf = os.path.join(work, "mosquitto.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(["mosquitto", "-c", self.conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_tcp(self.port)
+
+    def stop(self):
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def wait_tcp(port, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+def health(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        return json.load(r)
+
+
+def proc_stats(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(parts[11]) + int(parts[12])) / TICK  # utime + stime, seconds
+    status = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            status[k] = v.strip()
+    io = {}
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            io[k] = int(v)
+    kb = lambda k: int(status.get(k, "0 kB").split()[0])
+    # write_bytes: page-cache pages this process dirtied (what may reach the disk);
+    # cancelled_write_bytes: of those, dropped before writeback (files deleted or truncated).
+    return {"cpu_s": cpu, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM"), "write_bytes": io["write_bytes"],
+            "cancelled_write_bytes": io["cancelled_write_bytes"]}
+
+
+def udp_rcvbuf_errors():
+    with open("/proc/net/snmp") as f:
+        rows = [l.split() for l in f if l.startswith("Udp:")]
+    return int(dict(zip(rows[0], rows[1]))["RcvbufErrors"])
+
+
+class Daemon:
+    def __init__(self, cfg, metrics_port, wrap=None):
+        cmd = (wrap or []) + [BIN, "run", "-c", cfg]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.metrics = metrics_port
+        wait_tcp(metrics_port, timeout=120)
+
+    def stats(self):
+        return proc_stats(self.proc.pid)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def simulate(cfg, rate, count, udp):
+    out = subprocess.run([BIN, "simulate", "-c", cfg, "--target", f"127.0.0.1:{udp}", "--rate", str(rate),
+                          "--count", str(count)], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def queue(h):
+    return h["streams"][0]
+
+
+class Sub:
+    """mosquitto_sub on the uplink topics: payload sizes and arrival times."""
+
+    def __init__(self, port, out):
+        self.out = out
+        self.f = open(out, "w")
+        self.proc = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-q", "1", "-t", "lorastream/+/devices/+/up",
+                                      "-F", "%U %l %p"], stdout=self.f, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def lines(self):
+        self.f.flush()
+        with open(self.out) as f:
+            return [l.split(" ", 2) for l in f if l.count(" ") >= 2]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+        self.f.close()
+
+
+def mean_json_size(sub):
+    sizes = [int(l[1]) for l in sub.lines()]
+    return round(sum(sizes) / max(len(sizes), 1))
+
+
+def setup(args, flush_ms=100, broker_up=True, dedup_ms=200):
+    work = tempfile.mkdtemp(prefix="lorastream-bench-")
+    udp, metrics, mqtt = free_port(socket.SOCK_DGRAM), free_port(), free_port()
+    cfg = config(work, args.devices, udp, metrics, mqtt, flush_ms, args.backend, dedup_ms)
+    m = Mosquitto(work, mqtt)
+    if broker_up:
+        m.start()
+    return work, cfg, udp, metrics, m
+
+
+def until(pred, timeout, step=0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def throughput(args):
+    work, cfg, udp, metrics, m = setup(args)
+    d = Daemon(cfg, metrics)
+    try:
+        count = int(args.rate * args.seconds)
+        before, drops0, t0 = d.stats(), udp_rcvbuf_errors(), time.time()
+        sim = simulate(cfg, args.rate, count, udp)
+        until(lambda: queue(health(metrics))["delivered"] >= count, 60)
+        elapsed, after, drops1 = time.time() - t0, d.stats(), udp_rcvbuf_errors()
+        h = health(metrics)
+        accepted, delivered = h["uplinks"]["accepted"], queue(h)["delivered"]
+        return {
+            "scenario": "throughput", "rate": args.rate, "seconds": args.seconds, "devices": args.devices,
+            "sent": count, "accepted": accepted, "delivered_to_mosquitto": delivered,
+            "lost": count - delivered, "udp_rcvbuf_errors": drops1 - drops0,
+            "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / max(accepted, 1) * 1000, 4),
+            "peak_rss_mb": round(after["hwm_kb"] / 1024, 1), "wall_s": round(elapsed, 1), "simulate": sim,
+        }
+    finally:
+        d.stop()
+        m.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def drain(args):
+    work, cfg, udp, metrics, m = setup(args, broker_up=False)
+    d = Daemon(cfg, metrics)
+    try:
+        t0 = time.time()
+        # Queue in chunks so PUSH_ACK counting in simulate stays cheap; fcnt continues.
+        sent, chunk = 0, 200_000
+        while sent < args.count:
+            n = min(chunk, args.count - sent)
+            subprocess.run([BIN, "simulate", "-c", cfg, "--target", f"127.0.0.1:{udp}", "--rate", str(args.rate),
+                            "--count", str(n), "--fcnt-start", str(sent // args.devices)],
+                           capture_output=True, check=True)
+            sent += n
+        until(lambda: queue(health(metrics))["depth"] >= args.count * 0.999, 600, 1)
+        fill_s = time.time() - t0
+        h = health(metrics)
+        queued = queue(h)
+        st = d.stats()
+        m.start()
+        t1 = time.time()
+        until(lambda: queue(health(metrics))["depth"] == 0, 3600, 0.2)
+        drain_s = time.time() - t1
+        after = d.stats()
+        return {
+            "scenario": "drain", "backend": args.backend, "queued": queued["depth"], "queue_bytes": queued["bytes"],
+            "accepted": h["uplinks"]["accepted"], "fill_s": round(fill_s, 1),
+            "rss_mb_while_queued": round(st["rss_kb"] / 1024, 1), "drain_s": round(drain_s, 1),
+            "drain_per_s": round(queued["depth"] / max(drain_s, 1e-9)),
+            "peak_rss_mb": round(after["hwm_kb"] / 1024, 1),
+            "store_on_disk_mb": round(h["store"]["size_on_disk"] / 1e6, 1),
+        }
+    finally:
+        d.stop()
+        m.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def writes(args):
+    work, cfg, udp, metrics, m = setup(args, flush_ms=args.flush_ms, broker_up=not args.broker_down)
+    d = Daemon(cfg, metrics)
+    sub = None if args.broker_down else Sub(m.port, os.path.join(work, "sub.txt"))
+    try:
+        time.sleep(1.0)
+        before = d.stats()
+        t0 = time.time()
+        simulate(cfg, args.rate, args.count, udp)
+        if args.broker_down:
+            until(lambda: queue(health(metrics))["depth"] >= args.count, 120)
+        else:
+            until(lambda: queue(health(metrics))["delivered"] >= args.count, 120)
+        time.sleep(max(2.0, 3 * args.flush_ms / 1000))  # let the last commits land (acks: 1 s)
+        after = d.stats()
+        wall = time.time() - t0
+        du = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(work, "db")) for f in fs)
+        h = health(metrics)
+        if args.broker_down:  # the JSON size, measured on the drain
+            sub = Sub(m.port, os.path.join(work, "sub.txt"))
+            m.start()
+            until(lambda: queue(health(metrics))["depth"] == 0, 300)
+        json_size = mean_json_size(sub)
+        gross = (after["write_bytes"] - before["write_bytes"]) / args.count
+        net = gross - (after["cancelled_write_bytes"] - before["cancelled_write_bytes"]) / args.count
+        return {
+            "scenario": "writes", "backend": args.backend, "flush_every_ms": args.flush_ms,
+            "broker": "down" if args.broker_down else "up", "uplinks": args.count, "rate": args.rate,
+            "json_bytes": json_size,
+            "write_bytes_per_uplink": round(gross), "net_write_bytes_per_uplink": round(net),
+            "net_per_json": round(net / max(json_size, 1), 2),
+            "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / args.count * 1000, 4),
+            "commits": h["store"]["commits"], "store_dir_mb": round(du / 1e6, 2), "wall_s": round(wall, 1),
+        }
+    finally:
+        if sub:
+            sub.stop()
+        d.stop()
+        m.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def latency(args):
+    """UDP arrival (received_at) -> MQTT subscriber, with no dedup window: the store's share."""
+    work, cfg, udp, metrics, m = setup(args, flush_ms=args.flush_ms, dedup_ms=0)
+    d = Daemon(cfg, metrics)
+    sub = Sub(m.port, os.path.join(work, "sub.txt"))
+    try:
+        time.sleep(1.0)
+        before = d.stats()
+        simulate(cfg, args.rate, args.count, udp)
+        until(lambda: queue(health(metrics))["delivered"] >= args.count, 120)
+        after = d.stats()
+        time.sleep(0.5)
+        lat = []
+        for tst, _, payload in sub.lines():
+            try:
+                recv = json.loads(payload)["received_at"]
+            except (ValueError, KeyError):
+                continue
+            # RFC 3339 with microseconds, UTC.
+            t = time.mktime(time.strptime(recv[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+            t += float("0." + recv[20:26]) if len(recv) > 20 else 0.0
+            lat.append((float(tst) - t) * 1000)
+        lat.sort()
+        pct = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else None
+        return {
+            "scenario": "latency", "backend": args.backend, "flush_every_ms": args.flush_ms, "rate": args.rate,
+            "uplinks": args.count, "samples": len(lat), "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99),
+            "max_ms": round(lat[-1], 2) if lat else None,
+            "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / args.count * 1000, 4),
+        }
+    finally:
+        sub.stop()
+        d.stop()
+        m.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def callgrind(args):
+    """Instructions per uplink: a traffic run minus an idle run of the same length."""
+    results = {}
+    for label, count in (("idle", 0), ("traffic", args.count)):
+        work, cfg, udp, metrics, m = setup(args)
+        out = os.path.join(work, "callgrind.out")
+        d = Daemon(cfg, metrics, wrap=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"])
+        try:
+            time.sleep(2)
+            t0 = time.time()
+            if count:
+                simulate(cfg, args.rate, count, udp)
+                until(lambda: queue(health(metrics))["delivered"] >= count, 300)
+            else:
+                time.sleep(args.count / args.rate)
+            results[label + "_s"] = round(time.time() - t0, 1)
+        finally:
+            d.stop()
+            m.stop()
+        ann = subprocess.run(["callgrind_annotate", out], capture_output=True, text=True).stdout
+        total = next(int(l.split()[0].replace(",", "")) for l in ann.splitlines() if "PROGRAM TOTALS" in l)
+        results[label + "_instructions"] = total
+        if count:
+            results["top_functions"] = [l.strip() for l in ann.splitlines() if "file:function" not in l][20:40]
+        shutil.copy(out, f"/tmp/callgrind.{label}.out")
+        shutil.rmtree(work, ignore_errors=True)
+    results["instructions_per_uplink"] = round((results["traffic_instructions"] - results["idle_instructions"]) / args.count)
+    results["scenario"] = "callgrind"
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=["throughput", "drain", "writes", "latency", "callgrind"])
+    p.add_argument("--backend", choices=["sled", "redb"], default="redb")
+    p.add_argument("--rate", type=float, default=10_000)
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--devices", type=int, default=1000)
+    p.add_argument("--count", type=int, default=20_000)
+    p.add_argument("--flush-ms", type=int, default=100)
+    p.add_argument("--broker-down", action="store_true")
+    a = p.parse_args()
+    if not os.path.exists(BIN):
+        sys.exit(f"{BIN} missing: cargo build --release --locked")
+    r = {"throughput": throughput, "drain": drain, "writes": writes, "latency": latency,
+         "callgrind": callgrind}[a.scenario](a)
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
