@@ -937,7 +937,14 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
     });
     let (puts, _) = journal::replay(&cfg.path);
     let mut out = Vec::new();
-    for name in engine.table_names()? {
+    let mut names = engine.table_names()?;
+    for (t, _, _) in &puts {
+        if !names.contains(t) {
+            names.push(t.clone());
+        }
+    }
+    names.sort();
+    for name in names {
         let Some(q) = name.strip_prefix(QUEUE_PREFIX) else {
             continue;
         };

@@ -211,8 +211,11 @@ impl Queue {
             let Some(engine) = self.inner.shared.engine() else {
                 return Err(StoreError::Unavailable);
             };
-            // 2. The disk part, skipping deletes that are not committed yet.
+            // 2. The disk part, skipping deletes that are not committed yet. The run of deleted
+            //    records at the head (acks of the last second) is remembered in `head`, so the
+            //    next read from the start does not walk it again.
             let mut after = start;
+            let mut leading_deleted: Option<u64> = None;
             loop {
                 let from = after.map(|s| s.to_be_bytes());
                 let lo = match &from {
@@ -230,11 +233,22 @@ impl Queue {
                     after = Some(seq);
                     if !m.deleted.contains(&seq) {
                         out.push((seq, Arc::new(v)));
+                    } else if out.is_empty() {
+                        leading_deleted = Some(seq);
                     }
                 }
                 drop(m);
                 if out.len() >= max {
                     break;
+                }
+            }
+            if let Some(l) = leading_deleted {
+                let mut m = self.mem();
+                // Only when this read started at the head: nothing live lies before `l` then
+                // (unsaved records are newer than everything on disk).
+                let from_head = start == m.head || start.is_none();
+                if from_head && m.unsaved.keys().next().is_none_or(|u| *u > l) && Some(l) > m.head {
+                    m.head = Some(l);
                 }
             }
         }
