@@ -782,10 +782,13 @@ impl Store {
             n => n,
         });
         let mut last_deletes = Instant::now();
+        // A fixed period (not a sleep after each commit), so the window stays `flush_every_ms`.
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(tick) => {}
+                _ = interval.tick() => {}
                 _ = self.inner.kick.notified() => {}
             }
             let (retry_at, failed) = {
