@@ -27,8 +27,11 @@
 //!   and then deletes the journal generations it covered. A power cut loses at most that window.
 //!
 //! Acknowledgements are not written at once: they are deletes batched into the next commit (at
-//! the latest [`ACK_COMMIT_EVERY`]). A record acknowledged before its own commit never reaches
+//! the latest [`LAZY_COMMIT_EVERY`]). A record acknowledged before its own commit never reaches
 //! the disk. Losing a delete only means an at-least-once redelivery with the same correlation id.
+//! When no record waits (the cloud acknowledged everything of the window), the devices' new
+//! FCntUp alone does not trigger a commit either: it goes with the next one, at the latest after
+//! [`LAZY_COMMIT_EVERY`] (journaled meanwhile, so only a power cut can lose it).
 //!
 //! ## A full or failing disk
 //! A commit that fails leaves everything in memory (`unsaved`), so streams keep delivering live
@@ -65,11 +68,12 @@ pub(crate) const DEVICES: &str = "devices";
 pub(crate) const OTAA: &str = "otaa";
 pub(crate) const DOWN: &str = "down";
 
-/// Deletes (acknowledgements) are committed at least this often, even with nothing else to do.
-pub const ACK_COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// Deletes (acknowledgements) and frame-counter-only changes are committed at least this
+/// often when no records are waiting (records are committed every `flush_every_ms`).
+pub const LAZY_COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// Records kept in memory only while the disk refuses writes, all queues together.
 pub const MEMORY_FALLBACK_BYTES: u64 = 8 << 20;
-/// Pending deletes above this trigger a commit before [`ACK_COMMIT_EVERY`].
+/// Pending deletes above this trigger a commit before [`LAZY_COMMIT_EVERY`].
 const MAX_PENDING_DELETES: usize = 50_000;
 
 pub(crate) fn queue_table(stream: &str) -> String {
@@ -774,14 +778,14 @@ impl Store {
     }
 
     /// The group committer: commits the journaled window every `flush_every_ms`, batched
-    /// deletes every [`ACK_COMMIT_EVERY`], and retries (with a backoff) while the disk refuses
+    /// deletes and counters every [`LAZY_COMMIT_EVERY`], and retries (with a backoff) while the disk refuses
     /// writes. Runs until `cancel`; the daemon then calls [`Store::flush`].
     pub async fn run_committer(self, cancel: tokio_util::sync::CancellationToken) {
         let tick = Duration::from_millis(match self.inner.cfg.flush_every_ms {
             0 => 100,
             n => n,
         });
-        let mut last_deletes = Instant::now();
+        let mut last_lazy = Instant::now();
         // A fixed period (not a sleep after each commit), so the window stays `flush_every_ms`.
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -805,21 +809,21 @@ impl Store {
                 dels += d;
             }
             let sessions = self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0);
+            // Records are committed every window (the power-cut contract). Deletes, frame
+            // counters of already delivered uplinks, and journal clean-up can wait for the
+            // next record commit or LAZY_COMMIT_EVERY: at low rates with the cloud up this
+            // saves most commits (each costs several pages however little changed; see
+            // docs/benchmarks.md). All of them are in the journal meanwhile (kill-safe).
+            let lazy = dels > 0 || sessions > 0 || self.inner.journal_dirty.load(Ordering::Relaxed);
             let due = puts > 0
-                || sessions > 0
-                || self.inner.journal_dirty.load(Ordering::Relaxed)
                 || failed
                 || dels > MAX_PENDING_DELETES
-                || (dels > 0 && last_deletes.elapsed() >= ACK_COMMIT_EVERY);
+                || (lazy && last_lazy.elapsed() >= LAZY_COMMIT_EVERY);
             if !due {
                 continue;
             }
             match self.commit().await {
-                Ok(_) => {
-                    if dels > 0 {
-                        last_deletes = Instant::now();
-                    }
-                }
+                Ok(_) => last_lazy = Instant::now(),
                 Err(e) => tracing::debug!(error = %e, "store commit failed; will retry"),
             }
             if !self.inner.writable.load(Ordering::Relaxed) {

@@ -61,7 +61,21 @@ struct Mem {
     disk_max: Option<u64>,
     /// No live record has a sequence number at or below this (skips committed-away heads).
     head: Option<u64>,
+    /// Bumped by every commit: what was read from disk before may be stale after it.
+    epoch: u64,
+    /// Sizes of disk records handed to readers, so their ack needs no disk read.
+    sizes: std::collections::HashMap<u64, u32>,
+    /// Read-ahead: the last chunk read from disk, all entries after `ahead_from` (exclusive;
+    /// None = from the first) up to its last one, valid while `ahead_epoch == epoch`.
+    ahead: Vec<Raw>,
+    ahead_from: Option<u64>,
+    ahead_epoch: u64,
 }
+
+/// Disk reads fetch at least this many records (the rest serves the next reads).
+const READ_AHEAD: usize = 256;
+/// Bound of [`Mem::sizes`] (a reader that never acks cannot grow it without limit).
+const MAX_SIZES: usize = 100_000;
 
 /// What a commit took from a queue, to clean up after it succeeded.
 pub(super) struct Snapshot {
@@ -216,23 +230,57 @@ impl Queue {
             //    next read from the start does not walk it again.
             let mut after = start;
             let mut leading_deleted: Option<u64> = None;
+            let epoch0 = self.mem().epoch;
             loop {
-                let from = after.map(|s| s.to_be_bytes());
-                let lo = match &from {
-                    Some(b) => Bound::Excluded(&b[..]),
-                    None => Bound::Unbounded,
+                let cached: Option<Vec<Raw>> = {
+                    let m = self.mem();
+                    let last = m.ahead.last().map(|(s, _)| *s);
+                    (m.ahead_epoch == m.epoch && m.ahead_from <= after && after < last).then(|| {
+                        m.ahead
+                            .iter()
+                            .filter(|(s, _)| Some(*s) > after)
+                            .cloned()
+                            .collect()
+                    })
                 };
-                let chunk =
-                    engine.range(&self.inner.table, lo, max.saturating_sub(out.len()).max(64))?;
+                let chunk = match cached {
+                    Some(c) => c,
+                    None => {
+                        let from = after.map(|s| s.to_be_bytes());
+                        let lo = match &from {
+                            Some(b) => Bound::Excluded(&b[..]),
+                            None => Bound::Unbounded,
+                        };
+                        let want = max.saturating_sub(out.len()).max(READ_AHEAD);
+                        let raw: Vec<Raw> = engine
+                            .range(&self.inner.table, lo, want)?
+                            .into_iter()
+                            .filter_map(|(k, v)| key_seq(&k).map(|s| (s, Arc::new(v))))
+                            .collect();
+                        let mut m = self.mem();
+                        if m.epoch == epoch0 {
+                            m.ahead = raw.clone();
+                            m.ahead_from = after;
+                            m.ahead_epoch = epoch0;
+                        }
+                        raw
+                    }
+                };
                 if chunk.is_empty() {
                     break;
                 }
-                let m = self.mem();
-                for (k, v) in chunk {
-                    let Some(seq) = key_seq(&k) else { continue };
+                let mut m = self.mem();
+                let fresh = m.epoch == epoch0;
+                for (seq, v) in chunk {
                     after = Some(seq);
+                    if out.len() >= max {
+                        break;
+                    }
                     if !m.deleted.contains(&seq) {
-                        out.push((seq, Arc::new(v)));
+                        if fresh && m.sizes.len() < MAX_SIZES {
+                            m.sizes.insert(seq, v.len() as u32);
+                        }
+                        out.push((seq, v));
                     } else if out.is_empty() {
                         leading_deleted = Some(seq);
                     }
@@ -319,6 +367,13 @@ impl Queue {
         }
         if m.deleted.contains(&seq) || m.disk_max.is_none_or(|d| seq > d) {
             return Ok(false);
+        }
+        // Handed out from disk since the last commit: its size is known.
+        if let Some(size) = m.sizes.remove(&seq) {
+            m.deleted.insert(seq);
+            drop(m);
+            self.account_removed(u64::from(size));
+            return Ok(true);
         }
         // On disk (or already deleted there): ask the engine, under the lock so a commit that
         // finishes meanwhile cannot make us count it twice.
@@ -567,6 +622,8 @@ impl Queue {
         for seq in snap.deletes {
             m.deleted.remove(&seq);
         }
+        m.epoch += 1;
+        m.ahead.clear();
         drop(m);
         self.inner
             .shared
