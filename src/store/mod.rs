@@ -738,7 +738,15 @@ impl Store {
             }
             return Ok(false);
         }
-        match engine.commit(&batch, true) {
+        let t0 = Instant::now();
+        let r = engine.commit(&batch, true);
+        tracing::debug!(
+            ops = batch.len(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            ok = r.is_ok(),
+            "store commit"
+        );
+        match r {
             Ok(()) => {
                 for (q, s) in queues.iter().zip(snaps) {
                     q.committed(s);
