@@ -25,7 +25,8 @@ impl Store {
         max_len: usize,
     ) -> Result<Result<Vec<DownlinkItem>, usize>, StoreError> {
         let mut removed = Vec::new();
-        let existing = self.downlinks(eui)?;
+        // Strict read: a replace must see every queued item to remove it.
+        let existing = self.read_downlinks(eui)?;
         if items.len() > max_len {
             return Ok(Err(0));
         }
@@ -47,8 +48,17 @@ impl Store {
         Ok(Ok(removed))
     }
 
-    /// A device's queued downlinks, in order, with their store keys.
+    /// A device's queued downlinks, in order, with their store keys. While the engine is being
+    /// reopened after a disk error this is empty (the items stay stored and are found again
+    /// once it is back), so the scheduler does not log an error for every uplink meanwhile.
     pub fn downlinks(&self, eui: Eui64) -> Result<Vec<(Vec<u8>, DownlinkItem)>, StoreError> {
+        match self.read_downlinks(eui) {
+            Err(StoreError::Unavailable) => Ok(Vec::new()),
+            r => r,
+        }
+    }
+
+    fn read_downlinks(&self, eui: Eui64) -> Result<Vec<(Vec<u8>, DownlinkItem)>, StoreError> {
         let mut out = Vec::new();
         let engine = self.engine()?;
         let mut bad = Batch::default();
