@@ -31,6 +31,30 @@ pub(crate) struct Journal {
     dir: PathBuf,
     gen: u64,
     file: Option<File>,
+    /// A generation file was created since the directory was last fsynced.
+    dir_unsynced: bool,
+    /// Frames written since the last [`Journal::sync_handle`].
+    unsynced: bool,
+}
+
+/// What [`Journal::sync_handle`] hands out: fsync it without holding the journal's lock.
+pub(crate) struct SyncHandle {
+    file: Option<File>,
+    dir: Option<PathBuf>,
+}
+
+impl SyncHandle {
+    /// fdatasync the journal file (and fsync the directory if a generation file is new, so
+    /// the file itself survives a power cut).
+    pub(crate) fn sync(self) -> io::Result<()> {
+        if let Some(f) = self.file {
+            f.sync_data()?;
+        }
+        if let Some(d) = self.dir {
+            File::open(d)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 fn gen_of(p: &Path) -> Option<u64> {
@@ -58,7 +82,25 @@ impl Journal {
             dir: dir.to_path_buf(),
             gen,
             file: None,
+            dir_unsynced: false,
+            unsynced: false,
         }
+    }
+
+    /// Something to fsync so that every frame written so far is durable (None: nothing new).
+    /// A generation abandoned after a failed write is not covered: its records stay in memory
+    /// and reach the disk with the next engine commit.
+    pub(crate) fn sync_handle(&mut self) -> io::Result<Option<SyncHandle>> {
+        if !self.unsynced {
+            return Ok(None);
+        }
+        self.unsynced = false;
+        let file = match &self.file {
+            Some(f) => Some(f.try_clone()?),
+            None => None,
+        };
+        let dir = std::mem::take(&mut self.dir_unsynced).then(|| self.dir.clone());
+        Ok(Some(SyncHandle { file, dir }))
     }
 
     /// Append one frame (not synced).
@@ -71,7 +113,9 @@ impl Journal {
         if self.file.is_none() {
             let p = self.dir.join(format!("{PREFIX}{:020}", self.gen));
             self.file = Some(OpenOptions::new().create(true).append(true).open(p)?);
+            self.dir_unsynced = true;
         }
+        self.unsynced = true;
         let r = match self.file.as_mut() {
             Some(f) => f.write_all(&frame),
             None => Ok(()),
@@ -91,6 +135,8 @@ impl Journal {
         if self.file.take().is_some() {
             self.gen += 1;
         }
+        // The engine commit that follows makes these frames durable.
+        self.unsynced = false;
         g
     }
 
@@ -112,11 +158,16 @@ pub(crate) fn remove_upto(dir: &Path, gen: u64) {
 
 /// Every intact frame of every journal file under `dir`, oldest first, and the newest
 /// generation seen (None when there is no journal).
-pub(crate) fn replay(dir: &Path) -> (Vec<Put>, Option<u64>) {
+pub(crate) fn replay(dir: &Path, committed: Option<u64>) -> (Vec<Put>, Option<u64>) {
     let mut out = Vec::new();
     let all = files(dir);
     let last = all.last().map(|(g, _)| *g);
-    for (_, p) in all {
+    for (g, p) in all {
+        // Already in the engine (a file whose deletion did not survive a power cut): replaying
+        // it could only bring back older frame counters.
+        if committed.is_some_and(|c| g <= c) {
+            continue;
+        }
         let mut buf = Vec::new();
         if let Err(e) = File::open(&p).and_then(|mut f| f.read_to_end(&mut buf)) {
             tracing::error!(file = %p.display(), error = %e, "cannot read a journal file; its records are lost");
@@ -161,7 +212,7 @@ mod tests {
         j.write(&put(2)).unwrap();
         let g = j.rotate();
         j.write(&put(3)).unwrap();
-        let (all, last) = replay(dir.path());
+        let (all, last) = replay(dir.path(), None);
         assert_eq!(
             all.iter().map(|p| p.1[0]).collect::<Vec<_>>(),
             vec![1, 2, 3]
@@ -171,14 +222,19 @@ mod tests {
         let newest = files(dir.path()).last().unwrap().1.clone();
         let mut f = OpenOptions::new().append(true).open(&newest).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
-        assert_eq!(replay(dir.path()).0.len(), 3);
+        assert_eq!(replay(dir.path(), None).0.len(), 3);
+        assert_eq!(
+            replay(dir.path(), Some(g)).0.len(),
+            1,
+            "covered generations skipped"
+        );
         // A flipped bit fails the checksum.
         let first = files(dir.path())[0].1.clone();
         let mut b = std::fs::read(&first).unwrap();
         b[10] ^= 1;
         std::fs::write(&first, b).unwrap();
         assert_eq!(
-            replay(dir.path())
+            replay(dir.path(), None)
                 .0
                 .iter()
                 .map(|p| p.1[0])

@@ -67,12 +67,20 @@ pub(crate) const META: &str = "meta";
 pub(crate) const DEVICES: &str = "devices";
 pub(crate) const OTAA: &str = "otaa";
 pub(crate) const DOWN: &str = "down";
+/// `meta` key: the newest journal generation whose content is in the engine.
+const JOURNAL_GEN: &[u8] = b"journal_gen";
 
 /// Deletes (acknowledgements) and frame-counter-only changes are committed at least this
 /// often when no records are waiting (records are committed every `flush_every_ms`).
 pub const LAZY_COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// Records kept in memory only while the disk refuses writes, all queues together.
 pub const MEMORY_FALLBACK_BYTES: u64 = 8 << 20;
+/// With group commits, records are made durable each window by an fsync of the journal, and
+/// committed to the engine (a checkpoint) this often or when [`CHECKPOINT_BYTES`] wait: an
+/// engine commit costs several pages however little it carries (docs/benchmarks.md).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
+/// Unsaved record bytes that trigger a checkpoint before [`CHECKPOINT_EVERY`].
+pub const CHECKPOINT_BYTES: u64 = 2 << 20;
 /// Pending deletes above this trigger a commit before [`LAZY_COMMIT_EVERY`].
 const MAX_PENDING_DELETES: usize = 50_000;
 
@@ -320,7 +328,20 @@ impl Store {
         streams: &[(String, WhenFull)],
     ) -> Result<(Store, OpenReport), StoreError> {
         let mut report = OpenReport::default();
-        let engine = match open_engine(cfg, &mut report) {
+        // sled's background threads can hold its lock for a moment after the last handle of a
+        // store closed in this same process (tests, the reopen after an I/O error): wait up to
+        // a second before calling the store busy.
+        let mut opened = open_engine(cfg, &mut report);
+        for _ in 0..20 {
+            match &opened {
+                Err(e) if e.is_locked() => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    opened = open_engine(cfg, &mut report);
+                }
+                _ => break,
+            }
+        }
+        let engine = match opened {
             Ok(e) => e,
             Err(e) if e.is_locked() => {
                 return Err(StoreError::Locked {
@@ -361,7 +382,11 @@ impl Store {
 
         // The last window of a daemon that was killed: apply it (puts are idempotent; later
         // frames win for session counters).
-        let (puts, last_gen) = journal::replay(&cfg.path);
+        let committed_gen = engine
+            .get(META, JOURNAL_GEN)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        let (puts, last_gen) = journal::replay(&cfg.path, committed_gen);
         if !puts.is_empty() {
             let mut b = Batch::default();
             for (t, k, v) in &puts {
@@ -729,6 +754,9 @@ impl Store {
         for (k, v) in &sessions {
             batch.put(DEVICES, k, v);
         }
+        if let (Some(g), false) = (gen, batch.is_empty()) {
+            batch.put(META, JOURNAL_GEN, &g.to_be_bytes());
+        }
         if batch.is_empty() && !failed_before {
             // Everything journaled up to `gen` was acknowledged before it needed committing.
             if let (Some(j), Some(g)) = (&self.inner.journal, gen) {
@@ -776,6 +804,18 @@ impl Store {
         }
     }
 
+    /// fdatasync what the journal holds (on a blocking thread, without holding its lock).
+    async fn sync_journal(&self) -> std::io::Result<()> {
+        let Some(j) = &self.inner.journal else {
+            return Ok(());
+        };
+        let handle = j.lock().unwrap_or_else(|p| p.into_inner()).sync_handle()?;
+        let Some(h) = handle else { return Ok(()) };
+        tokio::task::spawn_blocking(move || h.sync())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+
     /// Commit now, on a blocking thread.
     async fn commit(&self) -> Result<bool, StoreError> {
         let s = self.clone();
@@ -794,6 +834,7 @@ impl Store {
             n => n,
         });
         let mut last_lazy = Instant::now();
+        let mut last_commit = Instant::now();
         // A fixed period (not a sleep after each commit), so the window stays `flush_every_ms`.
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -817,22 +858,33 @@ impl Store {
                 dels += d;
             }
             let sessions = self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0);
-            // Records are committed every window (the power-cut contract). Deletes, frame
-            // counters of already delivered uplinks, and journal clean-up can wait for the
-            // next record commit or LAZY_COMMIT_EVERY: at low rates with the cloud up this
-            // saves most commits (each costs several pages however little changed; see
-            // docs/benchmarks.md). All of them are in the journal meanwhile (kill-safe).
+            // Records must be durable at the end of each window (the power-cut contract): an
+            // fsync of the journal does that for one page, an engine commit (checkpoint) for
+            // several, so the engine is committed only every CHECKPOINT_EVERY, or with
+            // CHECKPOINT_BYTES waiting. Deletes, frame counters of delivered uplinks and journal
+            // clean-up wait for LAZY_COMMIT_EVERY: at low rates with the cloud up that saves
+            // most writes. All of them are in the journal meanwhile (kill-safe).
             let lazy = dels > 0 || sessions > 0 || self.inner.journal_dirty.load(Ordering::Relaxed);
-            let due = puts > 0
-                || failed
+            let unsaved = self.inner.shared.unsaved_bytes.load(Ordering::Relaxed);
+            let checkpoint = failed
+                || self.inner.journal.is_none() && puts > 0
+                || puts > 0
+                    && (last_commit.elapsed() >= CHECKPOINT_EVERY || unsaved >= CHECKPOINT_BYTES)
                 || dels > MAX_PENDING_DELETES
-                || (lazy && last_lazy.elapsed() >= LAZY_COMMIT_EVERY);
-            if !due {
-                continue;
-            }
-            match self.commit().await {
-                Ok(_) => last_lazy = Instant::now(),
-                Err(e) => tracing::debug!(error = %e, "store commit failed; will retry"),
+                || (lazy && puts == 0 && last_lazy.elapsed() >= LAZY_COMMIT_EVERY);
+            if checkpoint {
+                match self.commit().await {
+                    Ok(_) => {
+                        last_lazy = Instant::now();
+                        last_commit = Instant::now();
+                    }
+                    Err(e) => tracing::debug!(error = %e, "store commit failed; will retry"),
+                }
+            } else if puts > 0 {
+                if let Err(e) = self.sync_journal().await {
+                    // The records stay in memory; the next engine commit writes them.
+                    self.note_failure(&format!("journal fsync: {e}"), false);
+                }
             }
             if !self.inner.writable.load(Ordering::Relaxed) {
                 self.shed_memory();
@@ -950,7 +1002,11 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
         unsaved_bytes: AtomicU64::new(0),
         engine: RwLock::new(Some(engine.clone())),
     });
-    let (puts, _) = journal::replay(&cfg.path);
+    let committed_gen = engine
+        .get(META, JOURNAL_GEN)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map(u64::from_be_bytes);
+    let (puts, _) = journal::replay(&cfg.path, committed_gen);
     let mut out = Vec::new();
     let mut names = engine.table_names()?;
     for (t, _, _) in &puts {
