@@ -1,20 +1,22 @@
-//! The write-ahead journal of the group-commit window: what makes an uplink survive a SIGKILL
-//! before its group commit.
+//! The write-ahead journal of the group-commit window: what makes an appended uplink survive a
+//! SIGKILL at once and a power cut after its window, without an engine commit per window.
 //!
-//! With `flush_every_ms > 0` the store commits to the engine once per interval (one atomic,
-//! fsynced commit for everything appended meanwhile, see `store/mod.rs`). Until then an
-//! appended record lives in memory *and* in this journal: one `write(2)` of a checksummed frame
-//! per append, without fsync. A killed process loses its memory but not the kernel's page
-//! cache, so the next open replays the journal; a power cut may lose the unsynced tail, which is
-//! exactly the `flush_every_ms` window the contract allows.
+//! With `flush_every_ms > 0` an appended record lives in memory *and* in this journal: one
+//! `write(2)` of a checksummed frame per append, which a killed process cannot lose (the kernel
+//! has it). Once per window the committer fdatasyncs the journal (and, for a new generation
+//! file, its directory), which makes the window durable against a power cut for the price of
+//! about one page; the engine itself is committed only every few seconds (a checkpoint, see
+//! `store/mod.rs`). Open replays every generation newer than the last checkpoint.
 //!
-//! Files: `<path>/journal.<generation>`. The committer starts a new generation at each
-//! snapshot and deletes the generations a successful commit covers, so a file lives for about
-//! one interval and its pages are usually dropped before the kernel writes them back (they
-//! then cost no disk write at all). A frame is `len (u32 LE) | crc32 (u32 LE) | postcard
-//! payload`; replay stops at the first frame of a file that is short or fails its checksum (a
-//! torn tail), and keeps everything before it. After a failed write the file is abandoned and
-//! the next frame opens a new generation, so a torn frame can never hide later ones.
+//! Files: `<path>/journal.<generation>`. A checkpoint starts a new generation, deletes the ones
+//! it covered and records the newest covered one in the engine (`meta`/`journal_gen`), so a
+//! file whose deletion did not survive a power cut is not replayed again. If nothing waits to
+//! be delivered at the end of a window (everything was acknowledged), no fsync is needed and the
+//! short-lived file's pages are usually dropped before the kernel writes them back. A frame is
+//! `len (u32 LE) | crc32 (u32 LE) | postcard payload`; replay stops at the first frame of a file
+//! that is short or fails its checksum (a torn tail), and keeps everything before it. After a
+//! failed write the file is abandoned and the next frame opens a new generation, so a torn
+//! frame can never hide later ones.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};

@@ -21,10 +21,14 @@
 //! queue plus the devices' new FCntUp) and
 //! - with `flush_every_ms = 0`, commits it to the engine in one atomic, fsynced commit before it
 //!   returns (and with it every pending delete);
-//! - otherwise writes it to the journal (`journal.rs`, one `write(2)`, no fsync: survives a
-//!   SIGKILL) and keeps it in memory; the committer ([`Store::run_committer`]) commits
-//!   everything appended in the interval in one atomic, fsynced commit every `flush_every_ms`
-//!   and then deletes the journal generations it covered. A power cut loses at most that window.
+//! - otherwise writes it to the journal (`journal.rs`, one `write(2)`: survives a SIGKILL in the
+//!   page cache) and keeps it in memory. The committer ([`Store::run_committer`]) makes each
+//!   `flush_every_ms` window durable with one fdatasync of the journal (a power cut loses at
+//!   most that window) and commits everything to the engine in one atomic, fsynced commit (a
+//!   checkpoint) every [`CHECKPOINT_EVERY`] or [`CHECKPOINT_BYTES`], then deletes the journal
+//!   generations it covered and records the newest one in `meta`. An engine commit costs several
+//!   pages however little it carries, a journal fsync about one: that is what keeps the bytes
+//!   written per uplink low at low rates (docs/benchmarks.md).
 //!
 //! Acknowledgements are not written at once: they are deletes batched into the next commit (at
 //! the latest [`LAZY_COMMIT_EVERY`]). A record acknowledged before its own commit never reaches
