@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The store measurements of docs/benchmarks.md, both engines; one JSON line per run on stdout.
 #   cargo build --release --locked && bash benches/store_matrix.sh | tee target/store-matrix.jsonl
-# Put TMPDIR on the disk you want to measure (not a tmpfs). Takes about 20 minutes.
+# Put TMPDIR on the disk you want to measure (not a tmpfs). Takes about 30 minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 P="python3 benches/pipeline.py"
-SCENARIOS="${SCENARIOS:-writes lowrate latency drain}"
+SCENARIOS="${SCENARIOS:-writes lowrate onepersec latency drain}"
 for s in $SCENARIOS; do
   for b in sled redb; do
     case $s in
@@ -17,6 +17,9 @@ for s in $SCENARIOS; do
       lowrate)
         $P writes --backend $b --flush-ms 100 --rate 20 --count 600
         $P writes --backend $b --flush-ms 100 --rate 20 --count 600 --broker-down ;;
+      onepersec)
+        $P writes --backend $b --flush-ms 100 --rate 1 --count 120
+        $P writes --backend $b --flush-ms 100 --rate 1 --count 120 --broker-down ;;
       latency)
         for f in 0 100 1000; do
           $P latency --backend $b --flush-ms $f --rate 200 --count 2000

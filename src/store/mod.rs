@@ -30,12 +30,13 @@
 //!   pages however little it carries, a journal fsync about one: that is what keeps the bytes
 //!   written per uplink low at low rates (docs/benchmarks.md).
 //!
-//! Acknowledgements are not written at once: they are deletes batched into the next commit (at
-//! the latest [`LAZY_COMMIT_EVERY`]). A record acknowledged before its own commit never reaches
-//! the disk. Losing a delete only means an at-least-once redelivery with the same correlation id.
-//! When no record waits (the cloud acknowledged everything of the window), the devices' new
-//! FCntUp alone does not trigger a commit either: it goes with the next one, at the latest after
-//! [`LAZY_COMMIT_EVERY`] (journaled meanwhile, so only a power cut can lose it).
+//! Acknowledgements are not written at once: they are deletes batched into the next checkpoint
+//! (with `flush_every_ms = 0`: the next commit, at the latest after [`LAZY_COMMIT_EVERY`]). A
+//! record acknowledged before its checkpoint never reaches the engine. Losing a delete only
+//! means an at-least-once redelivery with the same correlation id. When no record waits (the
+//! cloud acknowledged everything of the window), the devices' new FCntUp alone is made durable
+//! (journal fsync) at most every [`LAZY_COMMIT_EVERY`], so a power cut can lose up to that much
+//! of the frame counters of delivered uplinks.
 //!
 //! ## A full or failing disk
 //! A commit that fails leaves everything in memory (`unsaved`), so streams keep delivering live
@@ -74,8 +75,8 @@ pub(crate) const DOWN: &str = "down";
 /// `meta` key: the newest journal generation whose content is in the engine.
 const JOURNAL_GEN: &[u8] = b"journal_gen";
 
-/// Deletes (acknowledgements) and frame-counter-only changes are committed at least this
-/// often when no records are waiting (records are committed every `flush_every_ms`).
+/// Frame counters of delivered uplinks are made durable at least this often (records: every
+/// `flush_every_ms`); without a journal, deletes are committed this often too.
 pub const LAZY_COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// Records kept in memory only while the disk refuses writes, all queues together.
 pub const MEMORY_FALLBACK_BYTES: u64 = 8 << 20;
@@ -863,19 +864,26 @@ impl Store {
             }
             let sessions = self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0);
             // Records must be durable at the end of each window (the power-cut contract): an
-            // fsync of the journal does that for one page, an engine commit (checkpoint) for
-            // several, so the engine is committed only every CHECKPOINT_EVERY, or with
-            // CHECKPOINT_BYTES waiting. Deletes, frame counters of delivered uplinks and journal
-            // clean-up wait for LAZY_COMMIT_EVERY: at low rates with the cloud up that saves
-            // most writes. All of them are in the journal meanwhile (kill-safe).
-            let lazy = dels > 0 || sessions > 0 || self.inner.journal_dirty.load(Ordering::Relaxed);
+            // fsync of the journal does that for about one page, an engine commit (checkpoint)
+            // costs several, so the engine is committed every CHECKPOINT_EVERY, or earlier with
+            // CHECKPOINT_BYTES waiting. Frame counters of delivered uplinks are made durable at
+            // most every LAZY_COMMIT_EVERY (journal fsync); deletes and journal clean-up wait for
+            // the checkpoint. At low rates with the cloud up that saves most writes
+            // (docs/benchmarks.md). Without a journal (`flush_every_ms = 0`) appends commit
+            // themselves and deletes are committed every LAZY_COMMIT_EVERY.
+            let journal_dirty = self.inner.journal_dirty.load(Ordering::Relaxed);
             let unsaved = self.inner.shared.unsaved_bytes.load(Ordering::Relaxed);
-            let checkpoint = failed
-                || self.inner.journal.is_none() && puts > 0
-                || puts > 0
-                    && (last_commit.elapsed() >= CHECKPOINT_EVERY || unsaved >= CHECKPOINT_BYTES)
-                || dels > MAX_PENDING_DELETES
-                || (lazy && puts == 0 && last_lazy.elapsed() >= LAZY_COMMIT_EVERY);
+            let lazy_due = last_lazy.elapsed() >= LAZY_COMMIT_EVERY;
+            let checkpoint = match &self.inner.journal {
+                None => failed || puts > 0 || sessions > 0 || (dels > 0 && lazy_due),
+                Some(_) => {
+                    failed
+                        || dels > MAX_PENDING_DELETES
+                        || unsaved >= CHECKPOINT_BYTES
+                        || ((puts > 0 || dels > 0 || sessions > 0 || journal_dirty)
+                            && last_commit.elapsed() >= CHECKPOINT_EVERY)
+                }
+            };
             if checkpoint {
                 match self.commit().await {
                     Ok(_) => {
@@ -884,10 +892,15 @@ impl Store {
                     }
                     Err(e) => tracing::debug!(error = %e, "store commit failed; will retry"),
                 }
-            } else if puts > 0 {
-                if let Err(e) = self.sync_journal().await {
+            } else if puts > 0 || (sessions > 0 && lazy_due) {
+                match self.sync_journal().await {
+                    Ok(()) => {
+                        if puts == 0 {
+                            last_lazy = Instant::now();
+                        }
+                    }
                     // The records stay in memory; the next engine commit writes them.
-                    self.note_failure(&format!("journal fsync: {e}"), false);
+                    Err(e) => self.note_failure(&format!("journal fsync: {e}"), false),
                 }
             }
             if !self.inner.writable.load(Ordering::Relaxed) {
