@@ -133,7 +133,7 @@ impl Metrics {
             ),
             gateways: reg!("gateways", "Packet forwarders seen", Gauge::default()),
             store_writable: reg!("store_writable", "1 while the store's disk takes writes; 0 while commits fail (disk full, I/O error)", Gauge::default()),
-            store_unsaved_bytes: reg!("store_unsaved_bytes", "Queued bytes held in memory, not yet committed to disk", Gauge::default()),
+            store_unsaved_bytes: reg!("store_unsaved_bytes", "Queued bytes not yet checkpointed into the storage engine (journaled, or in memory only while the disk refuses writes)", Gauge::default()),
             store_write_failures: reg!("store_write_failures", "Failed store writes (commits, journal writes, engine reopens) since start", Gauge::default()),
             sched_last_us: reg!("downlink_schedule_latency_last_us", "Uplink arrival to PULL_RESP sent (class A), last, microseconds (includes the dedup window)", Gauge::default()),
             sched_max_us: reg!("downlink_schedule_latency_max_us", "Uplink arrival to PULL_RESP sent (class A), maximum since start, microseconds", Gauge::default()),

@@ -184,7 +184,8 @@ pub struct StoreHealth {
     /// Failed writes (commits, journal writes, reopens) since start.
     pub write_failures: u64,
     pub commits: u64,
-    /// Bytes held in memory, not yet on disk.
+    /// Queued bytes not yet checkpointed into the engine (journaled; or in memory only while
+    /// `writable` is false).
     pub unsaved_bytes: u64,
     pub queued_bytes: u64,
     pub size_on_disk: u64,

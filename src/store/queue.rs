@@ -89,8 +89,8 @@ pub struct QueueStats {
     pub stream: String,
     pub depth: u64,
     pub bytes: u64,
-    /// Records not yet committed to disk (the group-commit window, or held in memory while the
-    /// disk refuses writes).
+    /// Records not yet checkpointed into the engine: in the journal (durable once their window
+    /// ended), or held in memory only while the disk refuses writes (`StoreHealth::writable`).
     pub unsaved: u64,
     /// Age of the oldest queued record, seconds.
     pub oldest_age_s: f64,
