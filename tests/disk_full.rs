@@ -246,3 +246,93 @@ impl ParseBackend for &str {
         }
     }
 }
+
+/// A daemon (re)started on a full disk never moves its store aside: the store is fine, the disk
+/// is not. It either opens (and runs as above) or fails with the disk's error, and the queued
+/// uplinks are all there once space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_start_never_moves_the_store_aside() {
+    use lorastream::config::{StorageBackend, StorageConfig, WhenFull};
+    use lorastream::model::{DevAddr, Record, RxInfo, TxSettings, Uplink};
+    use lorastream::store::{Entry, Store};
+    for backend in [StorageBackend::Sled, StorageBackend::Redb] {
+        let Some(fs) = Tmpfs::mount("16m") else {
+            return;
+        };
+        let cfg = StorageConfig {
+            path: fs.path().join("db"),
+            backend,
+            flush_every_ms: 0,
+            ..Default::default()
+        };
+        let streams = [("cloud".to_string(), WhenFull::DropOldest)];
+        let rec = |n: u32| {
+            Record::Uplink(Uplink {
+                id: u128::from(n),
+                received_at_us: 1,
+                application: "farm".into(),
+                device: "d".into(),
+                dev_eui: Eui64::from_u64(1),
+                dev_addr: DevAddr(1),
+                f_port: Some(1),
+                f_cnt: n,
+                confirmed: false,
+                adr: false,
+                payload: vec![n as u8; 16],
+                settings: TxSettings {
+                    frequency_hz: 868_100_000,
+                    spreading_factor: 7,
+                    bandwidth_hz: 125_000,
+                    coding_rate: "4/5".into(),
+                },
+                rx: vec![RxInfo {
+                    gateway: gw(),
+                    tmst: 1,
+                    time: None,
+                    rssi: -50,
+                    channel_rssi: -50,
+                    snr: 9.0,
+                    channel: 0,
+                    rf_chain: 0,
+                    received_at_us: 1,
+                }],
+            })
+        };
+        {
+            let (s, _) = Store::open(&cfg, &streams).unwrap();
+            for n in 0..50 {
+                let r = rec(n);
+                s.append(
+                    &[Entry {
+                        record: &r,
+                        queues: &[0],
+                    }],
+                    &[],
+                )
+                .await
+                .unwrap();
+            }
+            s.flush().await.unwrap();
+        }
+        let filler = fill(fs.path());
+        match Store::open(&cfg, &streams) {
+            Ok((s, report)) => {
+                assert!(report.quarantined.is_none(), "{backend:?}");
+                assert_eq!(s.queue("cloud").unwrap().len(), 50);
+            }
+            Err(e) => eprintln!("{backend:?}: open on a full disk: {e}"),
+        }
+        let aside: Vec<_> = std::fs::read_dir(fs.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("corrupt"))
+            .collect();
+        assert!(aside.is_empty(), "{backend:?}: moved aside: {aside:?}");
+        std::fs::remove_file(filler).unwrap();
+        let (s, report) = Store::open(&cfg, &streams).unwrap();
+        assert!(report.quarantined.is_none());
+        assert_eq!(s.queue("cloud").unwrap().len(), 50, "{backend:?}");
+        drop(s);
+        drop(fs);
+    }
+}

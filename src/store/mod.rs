@@ -132,6 +132,30 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// The disk, not the store, is the problem (full, read-only, no permission): moving a
+    /// healthy store aside would only lose its queue. Returned as an error instead (systemd
+    /// restarts the daemon; see systemd/lorastream.service).
+    fn is_environment(&self) -> bool {
+        let io = match self {
+            StoreError::Io { source, .. } => Some(source),
+            StoreError::Sled(sled::Error::Io(e)) => Some(e),
+            StoreError::Redb(e) => match &**e {
+                redb::Error::Io(e) => Some(e),
+                _ => None,
+            },
+            _ => None,
+        };
+        io.is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::QuotaExceeded
+            )
+        })
+    }
 }
 
 /// Why a record did not enter (or left) a queue without being delivered.
@@ -353,6 +377,11 @@ impl Store {
                 return Err(StoreError::Locked {
                     path: cfg.path.clone(),
                 })
+            }
+            Err(e) if e.is_environment() => {
+                tracing::error!(path = %cfg.path.display(), error = %e,
+                    "cannot open the store because of its disk (full, read-only or no permission); it is left as it is");
+                return Err(e);
             }
             Err(e) => {
                 // Never delete: move aside so the data can still be examined or recovered.
