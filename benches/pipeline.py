@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Load benchmarks of the whole lorastream pipeline (not timed tests).
 
-UDP (simulated packet forwarder) -> MIC/decrypt -> sled outbox -> MQTT (local mosquitto).
-Uses the release binary, its own mosquitto on a free port, a temporary store, and reads the
-daemon's /health plus /proc/<pid>/{stat,status,io} and /proc/net/snmp. Standard library only.
+UDP (simulated packet forwarder) -> MIC/decrypt -> store (sled or redb) -> MQTT (local mosquitto).
+Uses the release binary, its own mosquitto on a free port, a temporary store (under $TMPDIR: put
+it on the disk you want to measure, not on a tmpfs), and reads the daemon's /health plus
+/proc/<pid>/{stat,status,io} and /proc/net/snmp. Standard library and mosquitto_sub only.
 
   cargo build --release --locked
   python3 benches/pipeline.py throughput --rate 10000 --seconds 30 --devices 1000
-  python3 benches/pipeline.py drain --count 1000000
-  python3 benches/pipeline.py writes --flush-ms 100 --count 20000 [--broker-down]
+  python3 benches/pipeline.py drain --count 1000000 --backend redb
+  python3 benches/pipeline.py writes --flush-ms 100 --rate 1000 --count 20000 --backend redb [--broker-down]
+  python3 benches/pipeline.py latency --flush-ms 100 --rate 200 --count 2000 --backend redb
   python3 benches/pipeline.py callgrind --rate 200 --count 2000
 
 Results are printed as one JSON object per run; docs/benchmarks.md records them.
@@ -37,10 +39,10 @@ def free_port(kind=socket.SOCK_STREAM):
     return p
 
 
-def config(work, devices, udp, metrics, mqtt_port, flush_ms):
+def config(work, devices, udp, metrics, mqtt_port, flush_ms, backend="redb", dedup_ms=200):
     lines = [
-        "[gateway]", f'listen = "127.0.0.1:{udp}"', "",
-        "[storage]", f'path = "{work}/db"', f"flush_every_ms = {flush_ms}",
+        "[gateway]", f'listen = "127.0.0.1:{udp}"', f"dedup_window_ms = {dedup_ms}", "",
+        "[storage]", f'path = "{work}/db"', f"flush_every_ms = {flush_ms}", f'backend = "{backend}"',
         "max_bytes = 2147483648", "",
         "[metrics]", f'listen = "127.0.0.1:{metrics}"', "",
         "[log]", 'level = "warn"', "",
@@ -111,7 +113,10 @@ def proc_stats(pid):
             k, _, v = line.partition(":")
             io[k] = int(v)
     kb = lambda k: int(status.get(k, "0 kB").split()[0])
-    return {"cpu_s": cpu, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM"), "write_bytes": io["write_bytes"]}
+    # write_bytes: page-cache pages this process dirtied (what may reach the disk);
+    # cancelled_write_bytes: of those, dropped before writeback (files deleted or truncated).
+    return {"cpu_s": cpu, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM"), "write_bytes": io["write_bytes"],
+            "cancelled_write_bytes": io["cancelled_write_bytes"]}
 
 
 def udp_rcvbuf_errors():
@@ -123,7 +128,10 @@ def udp_rcvbuf_errors():
 class Daemon:
     def __init__(self, cfg, metrics_port, wrap=None):
         cmd = (wrap or []) + [BIN, "run", "-c", cfg]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The daemon's log goes to a file beside the config (a pipe nobody reads could fill up
+        # and block the daemon).
+        self.log = open(os.path.join(os.path.dirname(cfg), "daemon.log"), "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log)
         self.metrics = metrics_port
         wait_tcp(metrics_port, timeout=120)
 
@@ -149,10 +157,36 @@ def queue(h):
     return h["streams"][0]
 
 
-def setup(args, flush_ms=100, broker_up=True):
+class Sub:
+    """mosquitto_sub on the uplink topics: payload sizes and arrival times."""
+
+    def __init__(self, port, out):
+        self.out = out
+        self.f = open(out, "w")
+        self.proc = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-q", "1", "-t", "lorastream/+/devices/+/up",
+                                      "-F", "%U %l %p"], stdout=self.f, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def lines(self):
+        self.f.flush()
+        with open(self.out) as f:
+            return [l.split(" ", 2) for l in f if l.count(" ") >= 2]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+        self.f.close()
+
+
+def mean_json_size(sub):
+    sizes = [int(l[1]) for l in sub.lines()]
+    return round(sum(sizes) / max(len(sizes), 1))
+
+
+def setup(args, flush_ms=100, broker_up=True, dedup_ms=200):
     work = tempfile.mkdtemp(prefix="lorastream-bench-")
     udp, metrics, mqtt = free_port(socket.SOCK_DGRAM), free_port(), free_port()
-    cfg = config(work, args.devices, udp, metrics, mqtt, flush_ms)
+    cfg = config(work, args.devices, udp, metrics, mqtt, flush_ms, args.backend, dedup_ms)
     m = Mosquitto(work, mqtt)
     if broker_up:
         m.start()
@@ -205,21 +239,35 @@ def drain(args):
                             "--count", str(n), "--fcnt-start", str(sent // args.devices)],
                            capture_output=True, check=True)
             sent += n
-        until(lambda: queue(health(metrics))["depth"] >= args.count * 0.999, 600, 1)
+        # Until the queue stops growing (UDP can drop datagrams if the daemon falls behind the
+        # simulator: those are reported as sent - accepted, not waited for).
+        last = [-1]
+
+        def settled():
+            depth = queue(health(metrics))["depth"]
+            done = depth == last[0]
+            last[0] = depth
+            return done
+
+        until(settled, 600, 3)
         fill_s = time.time() - t0
         h = health(metrics)
         queued = queue(h)
         st = d.stats()
         m.start()
+        # The stream reconnects after its backoff (up to 60 s after a long outage): time the
+        # drain from the first delivery, not from the broker's start.
+        until(lambda: queue(health(metrics))["delivered"] > 0, 120, 0.05)
         t1 = time.time()
+        first = queue(health(metrics))["delivered"]
         until(lambda: queue(health(metrics))["depth"] == 0, 3600, 0.2)
         drain_s = time.time() - t1
         after = d.stats()
         return {
-            "scenario": "drain", "queued": queued["depth"], "queue_bytes": queued["bytes"],
+            "scenario": "drain", "backend": args.backend, "sent": args.count, "queued": queued["depth"], "queue_bytes": queued["bytes"],
             "accepted": h["uplinks"]["accepted"], "fill_s": round(fill_s, 1),
             "rss_mb_while_queued": round(st["rss_kb"] / 1024, 1), "drain_s": round(drain_s, 1),
-            "drain_per_s": round(queued["depth"] / max(drain_s, 1e-9)),
+            "drain_per_s": round((queued["depth"] - first) / max(drain_s, 1e-9)),
             "peak_rss_mb": round(after["hwm_kb"] / 1024, 1),
             "store_on_disk_mb": round(h["store"]["size_on_disk"] / 1e6, 1),
         }
@@ -232,23 +280,77 @@ def drain(args):
 def writes(args):
     work, cfg, udp, metrics, m = setup(args, flush_ms=args.flush_ms, broker_up=not args.broker_down)
     d = Daemon(cfg, metrics)
+    sub = None if args.broker_down else Sub(m.port, os.path.join(work, "sub.txt"))
     try:
+        time.sleep(1.0)
         before = d.stats()
+        t0 = time.time()
         simulate(cfg, args.rate, args.count, udp)
         if args.broker_down:
             until(lambda: queue(health(metrics))["depth"] >= args.count, 120)
         else:
             until(lambda: queue(health(metrics))["delivered"] >= args.count, 120)
-        time.sleep(max(1.0, 2 * args.flush_ms / 1000))  # let the last periodic flush land
+        time.sleep(max(2.0, 3 * args.flush_ms / 1000))  # let the last commits land (acks: 1 s)
         after = d.stats()
+        wall = time.time() - t0
         du = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(os.path.join(work, "db")) for f in fs)
+        h = health(metrics)
+        if args.broker_down:  # the JSON size, measured on the drain
+            m.start()
+            sub = Sub(m.port, os.path.join(work, "sub.txt"))
+            until(lambda: queue(health(metrics))["depth"] == 0, 300)
+        json_size = mean_json_size(sub)
+        gross = (after["write_bytes"] - before["write_bytes"]) / args.count
+        net = gross - (after["cancelled_write_bytes"] - before["cancelled_write_bytes"]) / args.count
         return {
-            "scenario": "writes", "flush_every_ms": args.flush_ms, "broker": "down" if args.broker_down else "up",
-            "uplinks": args.count, "rate": args.rate,
-            "write_bytes_per_uplink": round((after["write_bytes"] - before["write_bytes"]) / args.count),
-            "store_dir_mb": round(du / 1e6, 2),
+            "scenario": "writes", "backend": args.backend, "flush_every_ms": args.flush_ms,
+            "broker": "down" if args.broker_down else "up", "uplinks": args.count, "rate": args.rate,
+            "json_bytes": json_size,
+            "write_bytes_per_uplink": round(gross), "net_write_bytes_per_uplink": round(net),
+            "net_per_json": round(net / max(json_size, 1), 2),
+            "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / args.count * 1000, 4),
+            "commits": h["store"]["commits"], "store_dir_mb": round(du / 1e6, 2), "wall_s": round(wall, 1),
         }
     finally:
+        if sub:
+            sub.stop()
+        d.stop()
+        m.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def latency(args):
+    """UDP arrival (received_at) -> MQTT subscriber, with no dedup window: the store's share."""
+    work, cfg, udp, metrics, m = setup(args, flush_ms=args.flush_ms, dedup_ms=0)
+    d = Daemon(cfg, metrics)
+    sub = Sub(m.port, os.path.join(work, "sub.txt"))
+    try:
+        time.sleep(1.0)
+        before = d.stats()
+        simulate(cfg, args.rate, args.count, udp)
+        until(lambda: queue(health(metrics))["delivered"] >= args.count, 120)
+        after = d.stats()
+        time.sleep(0.5)
+        lat = []
+        for tst, _, payload in sub.lines():
+            try:
+                recv = json.loads(payload)["received_at"]
+            except (ValueError, KeyError):
+                continue
+            # RFC 3339 with microseconds, UTC.
+            t = time.mktime(time.strptime(recv[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+            t += float("0." + recv[20:26]) if len(recv) > 20 else 0.0
+            lat.append((float(tst) - t) * 1000)
+        lat.sort()
+        pct = lambda p: round(lat[min(len(lat) - 1, int(p * len(lat)))], 2) if lat else None
+        return {
+            "scenario": "latency", "backend": args.backend, "flush_every_ms": args.flush_ms, "rate": args.rate,
+            "uplinks": args.count, "samples": len(lat), "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99),
+            "max_ms": round(lat[-1], 2) if lat else None,
+            "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / args.count * 1000, 4),
+        }
+    finally:
+        sub.stop()
         d.stop()
         m.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -287,7 +389,8 @@ def callgrind(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["throughput", "drain", "writes", "callgrind"])
+    p.add_argument("scenario", choices=["throughput", "drain", "writes", "latency", "callgrind"])
+    p.add_argument("--backend", choices=["sled", "redb"], default="redb")
     p.add_argument("--rate", type=float, default=10_000)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--devices", type=int, default=1000)
@@ -297,7 +400,8 @@ def main():
     a = p.parse_args()
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release --locked")
-    r = {"throughput": throughput, "drain": drain, "writes": writes, "callgrind": callgrind}[a.scenario](a)
+    r = {"throughput": throughput, "drain": drain, "writes": writes, "latency": latency,
+         "callgrind": callgrind}[a.scenario](a)
     print(json.dumps(r))
 
 

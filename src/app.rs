@@ -142,6 +142,12 @@ impl Daemon {
         if let Some(p) = &report.quarantined {
             tracing::error!(moved_to = %p.display(), "the previous store was unreadable and has been kept aside");
         }
+        tracing::info!(
+            backend = store.backend().name(),
+            path = %cfg.storage.path.display(),
+            flush_every_ms = cfg.storage.flush_every_ms,
+            "store opened"
+        );
 
         let mut registry = registry_from(cfg);
         let saved = store.load_sessions().map_err(|source| AppError::Store {
@@ -263,6 +269,10 @@ impl Daemon {
 
         // Helper tasks that hold the store: awaited on stop.
         let mut misc: Vec<JoinHandle<()>> = Vec::new();
+        // Group commits, batched acknowledgements, retries while the disk refuses writes.
+        misc.push(tokio::spawn(
+            store.clone().run_committer(misc_cancel.clone()),
+        ));
         if let Some(max_age) = cfg.storage.max_age() {
             // Expire old records once a minute (and once at start, after a long power-off).
             let (st, cancel) = (store.clone(), misc_cancel.clone());
@@ -423,6 +433,9 @@ fn health(
         })
         .collect();
     metrics.set_gateways(gateways.len());
+    let store_health = store.health();
+    metrics.set_store(&store_health);
+    let store_health = serde_json::to_value(&store_health).unwrap_or_default();
     let gw = gateways.to_json();
     // Degraded: a destination is unreachable, or no packet forwarder talks to us.
     let streams_down: Vec<String> = queues
@@ -433,7 +446,8 @@ fn health(
     let forwarders_online = gw
         .as_array()
         .is_some_and(|a| a.iter().any(|g| g["online"] == true));
-    let status = if streams_down.is_empty() && forwarders_online {
+    let status = if streams_down.is_empty() && forwarders_online && store_health["writable"] == true
+    {
         "ok"
     } else {
         "degraded"
@@ -446,10 +460,7 @@ fn health(
         "uptime_s": started.elapsed().as_secs(),
         "gateways": gw,
         "streams": queues,
-        "store": {
-            "queued_bytes": store.total_bytes(),
-            "size_on_disk": store.size_on_disk(),
-        },
+        "store": store_health,
         "downlink_schedule_latency_us": {
             "last": metrics.schedule_latency_us().0,
             "max": metrics.schedule_latency_us().1,

@@ -431,7 +431,9 @@ async fn demo(count: Option<u64>) -> anyhow::Result<()> {
     while Instant::now() < deadline {
         let accepted = daemon.metrics().uplinks("accepted");
         let queued: u64 = daemon.store().queues().iter().map(|q| q.len()).sum();
-        if accepted >= sent && queued == 0 {
+        // The downlink of the round trip is shown once the gateway acknowledged it (TX_ACK).
+        let downlink_done = sent <= 3 || daemon.metrics().downlinks("tx_ok") >= 1;
+        if accepted >= sent && queued == 0 && downlink_done {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

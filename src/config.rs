@@ -207,17 +207,41 @@ pub enum WhenFull {
     RejectNew,
 }
 
+/// The storage engine under the store (`[storage] backend`); see `src/store/backend.rs` and
+/// docs/benchmarks.md for why the default is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    /// sled 0.34: log-structured; unmaintained, known power-loss corruption reports.
+    Sled,
+    /// redb 2.6: copy-on-write B-tree with checksummed commits.
+    #[default]
+    Redb,
+}
+
+impl StorageBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            StorageBackend::Sled => "sled",
+            StorageBackend::Redb => "redb",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     pub path: PathBuf,
+    /// The storage engine: "redb" (default) or "sled". A store written by the other engine is
+    /// migrated on open (its files are kept aside).
+    pub backend: StorageBackend,
     /// Cap on queued message bytes, all streams together.
     pub max_bytes: u64,
     pub when_full: WhenFull,
     /// Periodic flush of the store; the power-cut loss window. 0 = flush before an uplink
     /// counts as queued.
     pub flush_every_ms: u64,
-    /// sled page cache. sled's own default (1 GiB) is wrong for a gateway.
+    /// Page cache of the engine. sled's and redb's own defaults (1 GiB) are wrong for a gateway.
     pub cache_bytes: u64,
     /// Drop queued messages older than this ("7d", "12h"; empty = keep until delivered or
     /// pushed out by `max_bytes`). Expired drops are counted per stream.
@@ -235,6 +259,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             path: PathBuf::from("/var/lib/lorastream"),
+            backend: StorageBackend::default(),
             max_bytes: 256 * 1024 * 1024,
             when_full: WhenFull::DropOldest,
             flush_every_ms: 100,
@@ -1449,6 +1474,20 @@ password = "s3cret"
                 .replace("[storage]", "[storage]\nwhen_full = \"drop_newest\""),
         );
         assert!(e.contains("unknown variant `drop_newest`"), "{e}");
+
+        let e = err_of(&GOOD.replace("[storage]", "[storage]\nbackend = \"rocksdb\""));
+        assert!(e.starts_with("t.toml:6:"), "{e}");
+        assert!(
+            e.contains("unknown variant `rocksdb`, expected `sled` or `redb`"),
+            "{e}"
+        );
+        let c = Config::parse(
+            &GOOD.replace("[storage]", "[storage]\nbackend = \"sled\""),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::Sled);
+        assert!(c.to_toml_masked().contains("backend = \"sled\""));
     }
 }
 

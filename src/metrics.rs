@@ -44,6 +44,9 @@ struct Inner {
     queue_delivered: Family<Labels, Gauge>,
     queue_dropped: Family<Labels, Gauge>,
     gateways: Gauge,
+    store_writable: Gauge,
+    store_unsaved_bytes: Gauge,
+    store_write_failures: Gauge,
     /// Uplink arrival → PULL_RESP sent, microseconds: last and maximum since start.
     sched_last_us: Gauge,
     sched_max_us: Gauge,
@@ -88,7 +91,7 @@ impl Metrics {
             ),
             store_errors: reg!(
                 "store_errors",
-                "Store write errors (disk full, I/O)",
+                "Appends that did not reach the disk (disk full, I/O error): queued in memory only",
                 Counter::default()
             ),
             downlinks: reg!(
@@ -147,6 +150,9 @@ impl Metrics {
                 Family::default()
             ),
             gateways: reg!("gateways", "Packet forwarders seen", Gauge::default()),
+            store_writable: reg!("store_writable", "1 while the store's disk takes writes; 0 while commits fail (disk full, I/O error)", Gauge::default()),
+            store_unsaved_bytes: reg!("store_unsaved_bytes", "Queued bytes not yet checkpointed into the storage engine (journaled, or in memory only while the disk refuses writes)", Gauge::default()),
+            store_write_failures: reg!("store_write_failures", "Failed store writes (commits, journal writes, engine reopens) since start", Gauge::default()),
             sched_last_us: reg!("downlink_schedule_latency_last_us", "Uplink arrival to PULL_RESP sent (class A), last, microseconds (includes the dedup window)", Gauge::default()),
             sched_max_us: reg!("downlink_schedule_latency_max_us", "Uplink arrival to PULL_RESP sent (class A), maximum since start, microseconds", Gauge::default()),
             registry: r,
@@ -292,6 +298,17 @@ impl Metrics {
                 ])
                 .set(*n as i64);
         }
+    }
+
+    /// Fill the scrape-time gauges of the store's disk side.
+    pub fn set_store(&self, h: &crate::store::StoreHealth) {
+        self.inner.store_writable.set(i64::from(h.writable));
+        self.inner
+            .store_unsaved_bytes
+            .set(h.unsaved_bytes.min(i64::MAX as u64) as i64);
+        self.inner
+            .store_write_failures
+            .set(h.write_failures.min(i64::MAX as u64) as i64);
     }
 
     /// Record the time from an uplink's arrival to its answer's PULL_RESP.

@@ -567,10 +567,15 @@ impl UplinkStage {
             .filter(|(_, q)| !q.is_empty())
             .map(|(record, queues)| Entry { record, queues })
             .collect();
-        if let Err(e) = self.store.append(&entries, sessions).await {
-            self.metrics.store_error();
-            if self.warn.allow() {
-                tracing::error!(error = %e, records = entries.len(), "cannot write to the store; these uplinks are lost");
+        match self.store.append(&entries, sessions).await {
+            // Queued in memory only (the store logs the disk error, rate-limited).
+            Ok(a) if a.unsaved > 0 => self.metrics.store_error(),
+            Ok(_) => {}
+            Err(e) => {
+                self.metrics.store_error();
+                if self.warn.allow() {
+                    tracing::error!(error = %e, records = entries.len(), "cannot queue these uplinks; they are lost");
+                }
             }
         }
         records.clear();

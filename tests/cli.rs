@@ -106,99 +106,126 @@ fn demo_prints_decrypted_uplinks_as_json_lines() {
 
 mod support;
 
-/// `lorastream queue` against a running daemon (via /health) and a stopped one (the store),
-/// and a graceful stop on SIGTERM within the contract's 5 s.
+/// `lorastream queue` against a running daemon (via /health) and a stopped one (the store), for
+/// both storage engines; a `kill -9` loses nothing queued (the journal of the last group-commit
+/// window is counted by `queue` and replayed by the next start); a graceful stop on SIGTERM
+/// within the contract's 5 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_command_and_sigterm() {
+async fn queue_command_kill_and_sigterm() {
     use lorastream::model::Eui64;
     use lorastream::sim::{Forwarder, Radio};
     use std::time::{Duration, Instant};
-    let dir = tempfile::tempdir().unwrap();
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let metrics_port = support::free_port();
-    let closed_port = support::free_port();
-    let mut d = support::device(1);
-    let cfg = dir.path().join("lorastream.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[gateway]\nlisten = \"{udp}\"\ndedup_window_ms = 50\n\n[storage]\npath = {:?}\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"cloud\"\nserver = \"mqtt://127.0.0.1:{closed_port}\"\n",
-            dir.path().join("db").display().to_string(),
-            support::device_toml(&d, "farm")
-        ),
-    )
-    .unwrap();
-    let mut child = bin()
-        .args(["run", "-c"])
-        .arg(&cfg)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(
-        support::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
-            "127.0.0.1",
-            metrics_port
-        ))
-        .is_ok())
-        .await,
-        "daemon did not start"
-    );
-    let mut f = Forwarder::connect(udp, Eui64::from_u64(1)).await.unwrap();
-    for i in 0..5u8 {
-        f.send(&[(&d.uplink(1, &[i], false).unwrap(), Radio::default())])
-            .await
+    for backend in ["sled", "redb"] {
+        let dir = tempfile::tempdir().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
             .unwrap();
-    }
-    let table = || {
-        let out = bin().args(["queue", "-c"]).arg(&cfg).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    assert!(
-        support::wait_until(Duration::from_secs(10), || table()
-            .lines()
-            .any(|l| l.starts_with("cloud") && l.split_whitespace().nth(1) == Some("5")))
-        .await,
-        "{}",
-        table()
-    );
-    let live = table();
-    assert!(live.contains("running daemon"), "{live}");
-    assert!(
-        live.lines()
-            .any(|l| l.starts_with("cloud") && l.contains(" no ")),
-        "not connected: {live}"
-    );
-
-    // SIGTERM: graceful stop within 5 s.
-    let t0 = Instant::now();
-    send_signal(child.id(), 15);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
+        let metrics_port = support::free_port();
+        let closed_port = support::free_port();
+        let mut d = support::device(1);
+        let cfg = dir.path().join("lorastream.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[gateway]\nlisten = \"{udp}\"\ndedup_window_ms = 50\n\n[storage]\npath = {:?}\nbackend = \"{backend}\"\nflush_every_ms = 60000\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"cloud\"\nserver = \"mqtt://127.0.0.1:{closed_port}\"\n",
+                dir.path().join("db").display().to_string(),
+                support::device_toml(&d, "farm")
+            ),
+        )
+        .unwrap();
+        let start = || {
+            bin()
+                .args(["run", "-c"])
+                .arg(&cfg)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let up = || async {
+            assert!(
+                support::wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
+                    "127.0.0.1",
+                    metrics_port
+                ))
+                .is_ok())
+                .await,
+                "daemon did not start"
+            );
+        };
+        let table = || {
+            let out = bin().args(["queue", "-c"]).arg(&cfg).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let depth = |t: &str| -> Option<String> {
+            t.lines()
+                .find(|l| l.starts_with("cloud"))
+                .and_then(|l| l.split_whitespace().nth(1).map(String::from))
+        };
+        let mut child = start();
+        up().await;
+        let mut f = Forwarder::connect(udp, Eui64::from_u64(1)).await.unwrap();
+        for i in 0..5u8 {
+            f.send(&[(&d.uplink(1, &[i], false).unwrap(), Radio::default())])
+                .await
+                .unwrap();
         }
         assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "no stop within 5 s after SIGTERM"
+            support::wait_until(Duration::from_secs(10), || depth(&table()).as_deref()
+                == Some("5"))
+            .await,
+            "{backend}: {}",
+            table()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert!(status.success(), "{status:?}");
-    let offline = table();
-    assert!(offline.contains("daemon not running"), "{offline}");
-    assert!(
-        offline
-            .lines()
-            .any(|l| l.starts_with("cloud") && l.split_whitespace().nth(1) == Some("5")),
-        "{offline}"
-    );
+        let live = table();
+        assert!(live.contains("running daemon"), "{live}");
+        assert!(
+            live.lines()
+                .any(|l| l.starts_with("cloud") && l.contains(" no ")),
+            "not connected: {live}"
+        );
+
+        // kill -9 inside the (60 s) group-commit window: the journal has them.
+        send_signal(child.id(), 9);
+        let _ = child.wait();
+        let offline = table();
+        assert!(offline.contains("daemon not running"), "{offline}");
+        assert_eq!(
+            depth(&offline).as_deref(),
+            Some("5"),
+            "{backend}: {offline}"
+        );
+        let mut child = start();
+        up().await;
+        assert_eq!(depth(&table()).as_deref(), Some("5"), "{backend}: replayed");
+
+        // SIGTERM: graceful stop within 5 s.
+        let t0 = Instant::now();
+        send_signal(child.id(), 15);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "no stop within 5 s after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(status.success(), "{status:?}");
+        let offline = table();
+        assert!(offline.contains("daemon not running"), "{offline}");
+        assert_eq!(
+            depth(&offline).as_deref(),
+            Some("5"),
+            "{backend}: {offline}"
+        );
+    }
 }
 
 fn send_signal(pid: u32, sig: i32) {

@@ -1,17 +1,32 @@
-//! One stream's queue: a sled tree keyed by sequence number, plus in-memory counters.
+//! One stream's queue: a table of the engine keyed by sequence number (u64 BE), seen through a
+//! small in-memory overlay, plus counters.
 //!
-//! Readers (the stream task) walk the tree from a cursor they keep; [`Queue::ack`] removes a
+//! The overlay is what makes group commits and a full disk work without the streams noticing:
+//! - `unsaved`: records appended but not yet committed to the engine (the current group-commit
+//!   window, journaled; or, while the disk refuses writes, held in memory only). Always a suffix
+//!   of the queue: a commit takes all of them at once.
+//! - `deleted`: records on disk that were acknowledged (or evicted, expired) whose delete is not
+//!   committed yet. Acks are batched this way because losing one only means an at-least-once
+//!   redelivery with the same correlation id; a record acknowledged before its commit never
+//!   touches the disk at all.
+//!
+//! Readers (the stream task) walk the queue from a cursor they keep; [`Queue::ack`] removes a
 //! record once the destination has it. Counters (records, bytes, drops) are kept in memory and
 //! rebuilt by a scan on open, so the store has no second source of truth to get out of step.
 
+use super::backend::Backend;
 use super::{DropReason, Shared, StoreError};
 use crate::config::WhenFull;
 use crate::model::{now_us, Record};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+
+/// Drop warnings per queue and reason: at most one line per this interval (with the count).
+const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A stream's queue; cheap to clone.
 #[derive(Clone)]
@@ -21,17 +36,51 @@ pub struct Queue {
 
 struct Inner {
     name: String,
-    tree: sled::Tree,
+    table: String,
     when_full: WhenFull,
     shared: Arc<Shared>,
     len: AtomicU64,
     bytes: AtomicU64,
     delivered: AtomicU64,
     drops: Mutex<BTreeMap<DropReason, u64>>,
+    drop_log: Mutex<BTreeMap<DropReason, (Instant, u64)>>,
     notify: Notify,
     /// Last sequence number queued per order key (device or gateway), for the catch-up lane:
     /// it tells, without a scan, which devices have a backlog.
     last_by_key: Mutex<std::collections::HashMap<u64, u64>>,
+    mem: Mutex<Mem>,
+}
+
+#[derive(Default)]
+struct Mem {
+    /// Appended, not committed: seq → encoded record.
+    unsaved: BTreeMap<u64, Arc<Vec<u8>>>,
+    /// On disk but removed; the delete is not committed yet.
+    deleted: BTreeSet<u64>,
+    /// Largest sequence number that may be on disk (committed, or in a commit in flight).
+    disk_max: Option<u64>,
+    /// No live record has a sequence number at or below this (skips committed-away heads).
+    head: Option<u64>,
+    /// Bumped by every commit: what was read from disk before may be stale after it.
+    epoch: u64,
+    /// Sizes of disk records handed to readers, so their ack needs no disk read.
+    sizes: std::collections::HashMap<u64, u32>,
+    /// Read-ahead: the last chunk read from disk, all entries after `ahead_from` (exclusive;
+    /// None = from the first) up to its last one, valid while `ahead_epoch == epoch`.
+    ahead: Vec<Raw>,
+    ahead_from: Option<u64>,
+    ahead_epoch: u64,
+}
+
+/// Disk reads fetch at least this many records (the rest serves the next reads).
+const READ_AHEAD: usize = 256;
+/// Bound of [`Mem::sizes`] (a reader that never acks cannot grow it without limit).
+const MAX_SIZES: usize = 100_000;
+
+/// What a commit took from a queue, to clean up after it succeeded.
+pub(super) struct Snapshot {
+    puts: Vec<u64>,
+    deletes: Vec<u64>,
 }
 
 /// A snapshot for `/health`, `/metrics` and `lorastream queue`.
@@ -40,6 +89,9 @@ pub struct QueueStats {
     pub stream: String,
     pub depth: u64,
     pub bytes: u64,
+    /// Records not yet checkpointed into the engine: in the journal (durable once their window
+    /// ended), or held in memory only while the disk refuses writes (`StoreHealth::writable`).
+    pub unsaved: u64,
     /// Age of the oldest queued record, seconds.
     pub oldest_age_s: f64,
     pub delivered: u64,
@@ -51,36 +103,53 @@ pub(super) enum Room {
     Rejected,
 }
 
+/// A queued record as stored: sequence number and encoded bytes (shared with the batch).
+type Raw = (u64, Arc<Vec<u8>>);
+
+fn key_seq(k: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(k).ok().map(u64::from_be_bytes)
+}
+
 impl Queue {
+    /// Rebuild a queue's counters from the engine.
     pub(super) fn open(
         name: String,
-        tree: sled::Tree,
+        backend: &Backend,
         when_full: WhenFull,
         shared: Arc<Shared>,
     ) -> Result<Queue, StoreError> {
+        let table = super::queue_table(&name);
         let (mut len, mut bytes) = (0u64, 0u64);
+        let mut last = None;
         let mut last_by_key = std::collections::HashMap::new();
-        for kv in tree.iter() {
-            let (k, v) = kv?;
+        backend.scan(&table, |k, v| {
             len += 1;
             bytes += v.len() as u64;
-            if let (Some(seq), Ok(r)) = (key_seq(&k), postcard::from_bytes::<Record>(&v)) {
-                last_by_key.insert(r.order_key(), seq);
+            if let Some(seq) = key_seq(k) {
+                last = Some(seq);
+                if let Ok(r) = postcard::from_bytes::<Record>(v) {
+                    last_by_key.insert(r.order_key(), seq);
+                }
             }
-        }
+        })?;
         shared.total_bytes.fetch_add(bytes, Ordering::Relaxed);
         Ok(Queue {
             inner: Arc::new(Inner {
                 name,
-                tree,
+                table,
                 when_full,
                 shared,
                 len: AtomicU64::new(len),
                 bytes: AtomicU64::new(bytes),
                 delivered: AtomicU64::new(0),
                 drops: Mutex::new(BTreeMap::new()),
+                drop_log: Mutex::new(BTreeMap::new()),
                 notify: Notify::new(),
                 last_by_key: Mutex::new(last_by_key),
+                mem: Mutex::new(Mem {
+                    disk_max: last,
+                    ..Mem::default()
+                }),
             }),
         })
     }
@@ -89,17 +158,25 @@ impl Queue {
         &self.inner.name
     }
 
-    pub(super) fn tree(&self) -> &sled::Tree {
-        &self.inner.tree
+    fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+        // A panic while holding this lock cannot leave the maps half-updated in a way that
+        // loses data (the engine is the truth); keep going with what is there.
+        self.inner.mem.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The largest queued sequence number (memory or disk).
     pub(super) fn last_seq(&self) -> Option<u64> {
-        self.inner
-            .tree
-            .last()
-            .ok()
-            .flatten()
-            .and_then(|(k, _)| key_seq(&k))
+        let m = self.mem();
+        let mem_last = m.unsaved.keys().next_back().copied();
+        let disk_last = match self.inner.shared.engine() {
+            Some(b) => b
+                .last(&self.inner.table)
+                .ok()
+                .flatten()
+                .and_then(|(k, _)| key_seq(&k)),
+            None => m.disk_max,
+        };
+        mem_last.max(disk_last)
     }
 
     pub fn len(&self) -> u64 {
@@ -110,6 +187,135 @@ impl Queue {
         self.len() == 0
     }
 
+    /// Records not committed to disk yet.
+    pub fn unsaved(&self) -> u64 {
+        self.mem().unsaved.len() as u64
+    }
+
+    /// Up to `max` raw records after `cursor` (from the start with `None`), in order, from
+    /// disk and memory, without the removed ones.
+    fn read_raw(&self, cursor: Option<u64>, max: usize) -> Result<Vec<Raw>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        // 1. The memory part first: a commit that moves records to disk meanwhile then shows
+        //    them twice (deduplicated below), never not at all.
+        let (mut from_mem, need_disk, start) = {
+            let m = self.mem();
+            let start = match (cursor, m.head) {
+                (Some(c), Some(h)) => Some(c.max(h)),
+                (c, h) => c.or(h),
+            };
+            let lo = match start {
+                Some(s) => Bound::Excluded(s),
+                None => Bound::Unbounded,
+            };
+            let mem: Vec<(u64, Arc<Vec<u8>>)> = m
+                .unsaved
+                .range((lo, Bound::Unbounded))
+                .take(max)
+                .map(|(s, v)| (*s, v.clone()))
+                .collect();
+            let on_disk = self.len().saturating_sub(m.unsaved.len() as u64);
+            let need_disk = on_disk > 0 && m.disk_max.is_some_and(|d| start.is_none_or(|s| s < d));
+            (mem, need_disk, start)
+        };
+        let mut out: Vec<(u64, Arc<Vec<u8>>)> = Vec::new();
+        if need_disk {
+            let Some(engine) = self.inner.shared.engine() else {
+                return Err(StoreError::Unavailable);
+            };
+            // 2. The disk part, skipping deletes that are not committed yet. The run of deleted
+            //    records at the head (acks of the last second) is remembered in `head`, so the
+            //    next read from the start does not walk it again.
+            let mut after = start;
+            let mut leading_deleted: Option<u64> = None;
+            let epoch0 = self.mem().epoch;
+            loop {
+                let cached: Option<Vec<Raw>> = {
+                    let m = self.mem();
+                    let last = m.ahead.last().map(|(s, _)| *s);
+                    (m.ahead_epoch == m.epoch && m.ahead_from <= after && after < last).then(|| {
+                        m.ahead
+                            .iter()
+                            .filter(|(s, _)| Some(*s) > after)
+                            .cloned()
+                            .collect()
+                    })
+                };
+                let chunk = match cached {
+                    Some(c) => c,
+                    None => {
+                        let from = after.map(|s| s.to_be_bytes());
+                        let lo = match &from {
+                            Some(b) => Bound::Excluded(&b[..]),
+                            None => Bound::Unbounded,
+                        };
+                        let want = max.saturating_sub(out.len()).max(READ_AHEAD);
+                        let raw: Vec<Raw> = engine
+                            .range(&self.inner.table, lo, want)?
+                            .into_iter()
+                            .filter_map(|(k, v)| key_seq(&k).map(|s| (s, Arc::new(v))))
+                            .collect();
+                        let mut m = self.mem();
+                        if m.epoch == epoch0 {
+                            m.ahead = raw.clone();
+                            m.ahead_from = after;
+                            m.ahead_epoch = epoch0;
+                        }
+                        raw
+                    }
+                };
+                if chunk.is_empty() {
+                    break;
+                }
+                let mut m = self.mem();
+                let fresh = m.epoch == epoch0;
+                for (seq, v) in chunk {
+                    after = Some(seq);
+                    if out.len() >= max {
+                        break;
+                    }
+                    if !m.deleted.contains(&seq) {
+                        if fresh && m.sizes.len() < MAX_SIZES {
+                            m.sizes.insert(seq, v.len() as u32);
+                        }
+                        out.push((seq, v));
+                    } else if out.is_empty() {
+                        leading_deleted = Some(seq);
+                    }
+                }
+                drop(m);
+                if out.len() >= max {
+                    break;
+                }
+            }
+            if let Some(l) = leading_deleted {
+                let mut m = self.mem();
+                // Only when this read started at the head: nothing live lies before `l` then
+                // (unsaved records are newer than everything on disk).
+                let from_head = start == m.head || start.is_none();
+                if from_head && m.unsaved.keys().next().is_none_or(|u| *u > l) && Some(l) > m.head {
+                    m.head = Some(l);
+                }
+            }
+        }
+        // 3. Merge. Memory records acknowledged meanwhile are dropped again; those committed
+        //    meanwhile are still live (on disk now).
+        {
+            let m = self.mem();
+            from_mem.retain(|(s, _)| {
+                m.unsaved.contains_key(s)
+                    || (m.disk_max.is_some_and(|d| *s <= d) && !m.deleted.contains(s))
+            });
+        }
+        out.append(&mut from_mem);
+        out.sort_by_key(|(s, _)| *s);
+        out.dedup_by_key(|(s, _)| *s);
+        out.truncate(max);
+        Ok(out)
+    }
+
     /// Up to `max` records after `cursor` (from the start with `None`), in order. Records that
     /// cannot be decoded are removed and counted as corrupt.
     pub fn read_after(
@@ -117,21 +323,9 @@ impl Queue {
         cursor: Option<u64>,
         max: usize,
     ) -> Result<Vec<(u64, Record)>, StoreError> {
-        let start = match cursor {
-            Some(c) => Bound::Excluded(c.to_be_bytes()),
-            None => Bound::Unbounded,
-        };
-        let mut out = Vec::with_capacity(max.min(1024));
-        for kv in self
-            .inner
-            .tree
-            .range::<[u8; 8], _>((start, Bound::Unbounded))
-        {
-            if out.len() >= max {
-                break;
-            }
-            let (k, v) = kv?;
-            let Some(seq) = key_seq(&k) else { continue };
+        let raw = self.read_raw(cursor, max)?;
+        let mut out = Vec::with_capacity(raw.len());
+        for (seq, v) in raw {
             match postcard::from_bytes::<Record>(&v) {
                 Ok(r) => out.push((seq, r)),
                 Err(e) => {
@@ -148,7 +342,12 @@ impl Queue {
     /// The record with this sequence number, if it is still queued. An undecodable record is
     /// removed and counted as corrupt, as in [`Queue::read_after`].
     pub fn get(&self, seq: u64) -> Result<Option<Record>, StoreError> {
-        let Some(v) = self.inner.tree.get(seq.to_be_bytes())? else {
+        // The first live record after `seq - 1`, from memory or disk, deletes applied.
+        let Some((_, v)) = self
+            .read_raw(seq.checked_sub(1), 1)?
+            .into_iter()
+            .find(|(s, _)| *s == seq)
+        else {
             return Ok(None);
         };
         match postcard::from_bytes::<Record>(&v) {
@@ -174,7 +373,8 @@ impl Queue {
     }
 
     /// The destination has the record: remove it. Returns false if it was already gone
-    /// (evicted, or acknowledged twice after a reconnect).
+    /// (evicted, or acknowledged twice after a reconnect). The delete reaches the disk with
+    /// the next commit.
     pub fn ack(&self, seq: u64) -> Result<bool, StoreError> {
         let removed = self.remove(seq)?;
         if removed {
@@ -184,13 +384,56 @@ impl Queue {
     }
 
     fn remove(&self, seq: u64) -> Result<bool, StoreError> {
-        match self.inner.tree.remove(seq.to_be_bytes())? {
+        let mut m = self.mem();
+        if let Some(v) = m.unsaved.remove(&seq) {
+            if m.disk_max.is_some_and(|d| seq <= d) {
+                // Its commit may be in flight: make sure the put is undone.
+                m.deleted.insert(seq);
+            }
+            self.inner
+                .shared
+                .unsaved_bytes
+                .fetch_sub(v.len() as u64, Ordering::Relaxed);
+            drop(m);
+            self.account_removed(v.len() as u64);
+            return Ok(true);
+        }
+        if m.deleted.contains(&seq) || m.disk_max.is_none_or(|d| seq > d) {
+            return Ok(false);
+        }
+        // Handed out from disk since the last commit: its size is known.
+        if let Some(size) = m.sizes.remove(&seq) {
+            m.deleted.insert(seq);
+            drop(m);
+            self.account_removed(u64::from(size));
+            return Ok(true);
+        }
+        // On disk (or already deleted there): ask the engine, under the lock so a commit that
+        // finishes meanwhile cannot make us count it twice.
+        let engine = self.inner.shared.engine().ok_or(StoreError::Unavailable)?;
+        match engine.get(&self.inner.table, &seq.to_be_bytes())? {
             Some(v) => {
+                m.deleted.insert(seq);
+                drop(m);
                 self.account_removed(v.len() as u64);
                 Ok(true)
             }
             None => Ok(false),
         }
+    }
+
+    /// The oldest live record, if any.
+    fn first(&self) -> Result<Option<Raw>, StoreError> {
+        let first = self.read_raw(None, 1)?.into_iter().next();
+        if let Some((s, _)) = &first {
+            // Nothing live below it: later reads from the start can skip there directly.
+            let mut m = self.mem();
+            let h = s.checked_sub(1);
+            if h > m.head {
+                m.head = h;
+            }
+        }
+        Ok(first)
     }
 
     /// Wait until something is appended (returns at once if something was appended since the
@@ -201,6 +444,25 @@ impl Queue {
 
     pub(super) fn wake(&self) {
         self.inner.notify.notify_one();
+    }
+
+    /// Take appended records (already counted by [`Queue::make_room`]'s caller).
+    pub(super) fn insert(&self, recs: Vec<(u64, Arc<Vec<u8>>)>) {
+        let mut n = 0u64;
+        let mut b = 0u64;
+        let mut m = self.mem();
+        for (seq, v) in recs {
+            n += 1;
+            b += v.len() as u64;
+            m.unsaved.insert(seq, v);
+        }
+        drop(m);
+        self.inner
+            .shared
+            .unsaved_bytes
+            .fetch_add(b, Ordering::Relaxed);
+        self.inner.len.fetch_add(n, Ordering::Relaxed);
+        self.inner.bytes.fetch_add(b, Ordering::Relaxed);
     }
 
     pub(super) fn note_keys(&self, keys: &[(u64, u64)]) {
@@ -214,7 +476,11 @@ impl Queue {
     /// Snapshot for a new delivery session: the last queued sequence number (None when empty)
     /// and, per order key, the last sequence number at or below it.
     pub fn backlog_snapshot(&self) -> (Option<u64>, std::collections::HashMap<u64, u64>) {
-        let last = self.last_seq();
+        let last = if self.is_empty() {
+            None
+        } else {
+            self.last_seq()
+        };
         let map = self
             .inner
             .last_by_key
@@ -224,33 +490,38 @@ impl Queue {
         (last, map)
     }
 
-    pub(super) fn account_added(&self, n: u64, bytes: u64) {
-        self.inner.len.fetch_add(n, Ordering::Relaxed);
-        self.inner.bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-
     fn account_removed(&self, bytes: u64) {
-        self.inner.len.fetch_sub(1, Ordering::Relaxed);
-        self.inner.bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.inner
-            .shared
-            .total_bytes
-            .fetch_sub(bytes, Ordering::Relaxed);
+        let sub = |a: &AtomicU64, n: u64| {
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+        };
+        sub(&self.inner.len, 1);
+        sub(&self.inner.bytes, bytes);
+        sub(&self.inner.shared.total_bytes, bytes);
     }
 
+    /// Count a drop, and log it at most once per [`DROP_LOG_EVERY`] per reason.
     pub(super) fn count_drop(&self, reason: DropReason, n: u64) {
-        if let Ok(mut d) = self.inner.drops.lock() {
-            *d.entry(reason).or_default() += n;
-        }
-        // Rate-limited by the caller's context is not possible here; warn once per power of two.
-        let total: u64 = self
-            .inner
-            .drops
-            .lock()
-            .map(|d| d.values().sum())
-            .unwrap_or(0);
-        if total.is_power_of_two() {
-            tracing::warn!(stream = %self.inner.name, reason = reason.as_str(), total_dropped = total, "queue dropped records");
+        let total = match self.inner.drops.lock() {
+            Ok(mut d) => {
+                let e = d.entry(reason).or_default();
+                *e += n;
+                *e
+            }
+            Err(_) => return,
+        };
+        let Ok(mut log) = self.inner.drop_log.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let (last, since) = log.entry(reason).or_insert((now - DROP_LOG_EVERY, 0));
+        *since += n;
+        if now.duration_since(*last) >= DROP_LOG_EVERY {
+            tracing::warn!(stream = %self.inner.name, reason = reason.as_str(), dropped = *since, total_dropped = total,
+                "queue dropped records (see lorastream_queue_dropped)");
+            *last = now;
+            *since = 0;
         }
     }
 
@@ -276,14 +547,14 @@ impl Queue {
                 self.count_drop(DropReason::QueueFullRejected, 1);
                 return Ok(Room::Rejected);
             };
-            match victim.inner.tree.pop_min()? {
-                Some((_, v)) => {
-                    victim.account_removed(v.len() as u64);
+            match victim.first()? {
+                Some((seq, _)) if victim.remove(seq)? => {
                     victim.count_drop(DropReason::QueueFullOldest, 1);
                     evicted += 1;
                 }
+                Some(_) => {}
                 None => {
-                    // Counter said non-empty but the tree is: resync and refuse this record.
+                    // Counter said non-empty but nothing is there: resync and refuse this record.
                     victim.inner.len.store(0, Ordering::Relaxed);
                     self.count_drop(DropReason::QueueFullRejected, 1);
                     return Ok(Room::Rejected);
@@ -295,17 +566,15 @@ impl Queue {
     /// Remove records at the head received before `cutoff_us`.
     pub(super) fn expire_before(&self, cutoff_us: i64) -> Result<u64, StoreError> {
         let mut n = 0;
-        while let Some((k, v)) = self.inner.tree.first()? {
+        while let Some((seq, v)) = self.first()? {
             let old = postcard::from_bytes::<Record>(&v)
                 .map(|r| r.received_at_us() < cutoff_us)
                 .unwrap_or(true);
             if !old {
                 break;
             }
-            if let Some(seq) = key_seq(&k) {
-                if self.remove(seq)? {
-                    n += 1;
-                }
+            if self.remove(seq)? {
+                n += 1;
             }
         }
         if n > 0 {
@@ -314,10 +583,96 @@ impl Queue {
         Ok(n)
     }
 
+    /// While the disk refuses writes: drop the oldest records held only in memory until at
+    /// most `keep_bytes` remain; counted as `write_failed`. Returns how many.
+    pub(super) fn shed_unsaved(&self, keep_bytes: u64) -> u64 {
+        let mut n = 0;
+        loop {
+            if self.inner.shared.unsaved_bytes.load(Ordering::Relaxed) <= keep_bytes {
+                break;
+            }
+            let mut m = self.mem();
+            let Some((&seq, _)) = m.unsaved.iter().next() else {
+                break;
+            };
+            let v = m.unsaved.remove(&seq);
+            if m.disk_max.is_some_and(|d| seq <= d) {
+                m.deleted.insert(seq);
+            }
+            drop(m);
+            if let Some(v) = v {
+                self.inner
+                    .shared
+                    .unsaved_bytes
+                    .fetch_sub(v.len() as u64, Ordering::Relaxed);
+                self.account_removed(v.len() as u64);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.count_drop(DropReason::WriteFailed, n);
+        }
+        n
+    }
+
+    /// Bytes held in memory only by this queue.
+    pub(super) fn unsaved_bytes(&self) -> u64 {
+        self.mem().unsaved.values().map(|v| v.len() as u64).sum()
+    }
+
+    /// (records to write, deletes to apply) pending for the next commit.
+    pub(super) fn pending(&self) -> (usize, usize) {
+        let m = self.mem();
+        (m.unsaved.len(), m.deleted.len())
+    }
+
+    /// Add this queue's pending writes and deletes to `batch`.
+    pub(super) fn snapshot(&self, batch: &mut super::backend::Batch) -> Snapshot {
+        let mut m = self.mem();
+        let puts: Vec<u64> = m.unsaved.keys().copied().collect();
+        for (seq, v) in &m.unsaved {
+            batch.put(&self.inner.table, &seq.to_be_bytes(), v);
+        }
+        let deletes: Vec<u64> = m.deleted.iter().copied().collect();
+        for seq in &deletes {
+            batch.delete(&self.inner.table, &seq.to_be_bytes());
+        }
+        if let Some(&last) = puts.last() {
+            m.disk_max = m.disk_max.max(Some(last));
+        }
+        Snapshot { puts, deletes }
+    }
+
+    /// The commit of `snap` is on disk: forget what it covered.
+    pub(super) fn committed(&self, snap: Snapshot) {
+        let mut freed = 0u64;
+        let mut m = self.mem();
+        for seq in snap.puts {
+            if let Some(v) = m.unsaved.remove(&seq) {
+                freed += v.len() as u64;
+            }
+        }
+        for seq in snap.deletes {
+            m.deleted.remove(&seq);
+        }
+        m.epoch += 1;
+        m.ahead.clear();
+        drop(m);
+        self.inner
+            .shared
+            .unsaved_bytes
+            .fetch_sub(freed, Ordering::Relaxed);
+    }
+
+    /// Add records found in the journal but not on disk to the counters (`lorastream queue`
+    /// on a store whose daemon was killed).
+    pub(super) fn count_extra(&self, n: u64, bytes: u64) {
+        self.inner.len.fetch_add(n, Ordering::Relaxed);
+        self.inner.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub fn stats(&self) -> QueueStats {
         let oldest_age_s = self
-            .inner
-            .tree
             .first()
             .ok()
             .flatten()
@@ -328,6 +683,7 @@ impl Queue {
             stream: self.inner.name.clone(),
             depth: self.len(),
             bytes: self.inner.bytes.load(Ordering::Relaxed),
+            unsaved: self.unsaved(),
             oldest_age_s,
             delivered: self.inner.delivered.load(Ordering::Relaxed),
             dropped: self
@@ -338,8 +694,4 @@ impl Queue {
                 .unwrap_or_default(),
         }
     }
-}
-
-fn key_seq(k: &[u8]) -> Option<u64> {
-    <[u8; 8]>::try_from(k).ok().map(u64::from_be_bytes)
 }

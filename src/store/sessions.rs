@@ -5,7 +5,8 @@
 //! can overwrite the other's newer value with an older copy. A downlink counter is never reused
 //! after a crash: it is on disk before the PULL_RESP is sent.
 
-use super::{Store, StoreError};
+use super::backend::Batch;
+use super::{Store, StoreError, DEVICES, OTAA};
 use crate::lorawan::otaa;
 use crate::lorawan::session::SessionState;
 use crate::model::{AesKey, DevAddr, Eui64};
@@ -82,8 +83,10 @@ impl Store {
     pub fn load_sessions(&self) -> Result<Vec<(Eui64, SessionState)>, StoreError> {
         let mut ups: Vec<(Eui64, SessionState)> = Vec::new();
         let mut downs: Vec<(Eui64, FCntDown)> = Vec::new();
-        for kv in self.devices.iter() {
-            let (k, v) = kv?;
+        let mut all = Vec::new();
+        self.engine()?
+            .scan(DEVICES, |k, v| all.push((k.to_vec(), v.to_vec())))?;
+        for (k, v) in all {
             let Ok(eui) = <[u8; 8]>::try_from(&k[..k.len().min(8)]) else {
                 continue;
             };
@@ -129,12 +132,13 @@ impl Store {
         dev_addr: DevAddr,
         next: u32,
     ) -> Result<(), StoreError> {
-        self.devices.insert(
-            down_key(dev_eui),
-            postcard::to_stdvec(&FCntDown { dev_addr, next })?,
-        )?;
-        self.fsync().await?;
-        Ok(())
+        let mut b = Batch::default();
+        b.put(
+            DEVICES,
+            &down_key(dev_eui),
+            &postcard::to_stdvec(&FCntDown { dev_addr, next })?,
+        );
+        self.write_now(b).await
     }
 
     /// Save all counters of one device and fsync (used by tests and on join).
@@ -143,10 +147,17 @@ impl Store {
         dev_eui: Eui64,
         state: &SessionState,
     ) -> Result<(), StoreError> {
-        self.devices
-            .insert(dev_eui.0, postcard::to_stdvec(state)?)?;
-        self.save_f_cnt_down(dev_eui, state.dev_addr, state.f_cnt_down)
-            .await
+        let mut b = Batch::default();
+        b.put(DEVICES, &dev_eui.0, &postcard::to_stdvec(state)?);
+        b.put(
+            DEVICES,
+            &down_key(dev_eui),
+            &postcard::to_stdvec(&FCntDown {
+                dev_addr: state.dev_addr,
+                next: state.f_cnt_down,
+            })?,
+        );
+        self.write_now(b).await
     }
 
     /// The active and the pending (not yet used) OTAA session of a device.
@@ -154,10 +165,10 @@ impl Store {
         &self,
         dev_eui: Eui64,
     ) -> Result<(Option<OtaaSession>, Option<OtaaSession>), StoreError> {
+        let engine = self.engine()?;
         let get = |k: &[u8]| -> Result<Option<OtaaSession>, StoreError> {
-            Ok(self
-                .otaa
-                .get(k)?
+            Ok(engine
+                .get(OTAA, k)?
                 .and_then(|v| postcard::from_bytes(&v).ok()))
         };
         Ok((get(&dev_eui.0)?, get(&pending_key(dev_eui))?))
@@ -170,29 +181,30 @@ impl Store {
         dev_eui: Eui64,
         s: &OtaaSession,
     ) -> Result<(), StoreError> {
-        self.otaa
-            .insert(pending_key(dev_eui), postcard::to_stdvec(s)?)?;
-        self.fsync().await?;
-        Ok(())
+        let mut b = Batch::default();
+        b.put(OTAA, &pending_key(dev_eui), &postcard::to_stdvec(s)?);
+        self.write_now(b).await
     }
 
     /// The device used its pending session: it replaces the active one; FCntDown restarts at 0.
     pub async fn promote_otaa(&self, dev_eui: Eui64) -> Result<(), StoreError> {
-        let Some(p) = self.otaa.get(pending_key(dev_eui))? else {
+        let Some(p) = self.engine()?.get(OTAA, &pending_key(dev_eui))? else {
             return Ok(());
         };
         let s: OtaaSession = postcard::from_bytes(&p)?;
-        self.otaa.insert(dev_eui.0, p)?;
-        self.otaa.remove(pending_key(dev_eui))?;
-        self.devices.insert(
-            down_key(dev_eui),
-            postcard::to_stdvec(&FCntDown {
+        // One atomic commit: the new session, the pending one gone, FCntDown restarted.
+        let mut b = Batch::default();
+        b.put(OTAA, &dev_eui.0, &p);
+        b.delete(OTAA, &pending_key(dev_eui));
+        b.put(
+            DEVICES,
+            &down_key(dev_eui),
+            &postcard::to_stdvec(&FCntDown {
                 dev_addr: s.dev_addr,
                 next: 0,
             })?,
-        )?;
-        self.fsync().await?;
-        Ok(())
+        );
+        self.write_now(b).await
     }
 
     /// Admit a JoinRequest: check its DevNonce against the device's history with
@@ -208,7 +220,7 @@ impl Store {
         nonce: u16,
         counts_up: bool,
     ) -> Result<Option<u32>, StoreError> {
-        let mut used: Vec<u16> = match self.otaa.get(nonce_key(dev_eui))? {
+        let mut used: Vec<u16> = match self.engine()?.get(OTAA, &nonce_key(dev_eui))? {
             Some(v) => postcard::from_bytes(&v).unwrap_or_default(),
             None => Vec::new(),
         };
@@ -221,17 +233,20 @@ impl Store {
             let cut = used.len() - DEV_NONCE_HISTORY;
             used.drain(..cut);
         }
-        let join_nonce = match self.otaa.get(join_nonce_key(dev_eui))? {
+        let join_nonce = match self.engine()?.get(OTAA, &join_nonce_key(dev_eui))? {
             Some(v) => postcard::from_bytes::<u32>(&v).unwrap_or(0),
             None => 0,
         }
         .wrapping_add(1)
             & 0x00FF_FFFF;
-        let mut batch = sled::Batch::default();
-        batch.insert(&nonce_key(dev_eui), postcard::to_stdvec(&used)?);
-        batch.insert(&join_nonce_key(dev_eui), postcard::to_stdvec(&join_nonce)?);
-        self.otaa.apply_batch(batch)?;
-        self.fsync().await?;
+        let mut b = Batch::default();
+        b.put(OTAA, &nonce_key(dev_eui), &postcard::to_stdvec(&used)?);
+        b.put(
+            OTAA,
+            &join_nonce_key(dev_eui),
+            &postcard::to_stdvec(&join_nonce)?,
+        );
+        self.write_now(b).await?;
         Ok(Some(join_nonce))
     }
 }
@@ -283,8 +298,14 @@ mod join_tests {
             "forgotten after {DEV_NONCE_HISTORY} newer ones"
         );
         assert_eq!(s.accept_join(eui, 1000 + 10, false).await.unwrap(), None);
-        let stored: Vec<u16> =
-            postcard::from_bytes(&s.otaa.get(nonce_key(eui)).unwrap().unwrap()).unwrap();
+        let stored: Vec<u16> = postcard::from_bytes(
+            &s.engine()
+                .unwrap()
+                .get(OTAA, &nonce_key(eui))
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
         assert_eq!(stored.len(), DEV_NONCE_HISTORY);
     }
 }

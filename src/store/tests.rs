@@ -1,9 +1,13 @@
 use super::*;
 use crate::model::{DevAddr, RxInfo, TxSettings, Uplink};
 
-fn cfg(dir: &Path, max_bytes: u64, flush: u64) -> StorageConfig {
+/// Every store test runs against both engines.
+const BACKENDS: [StorageBackend; 2] = [StorageBackend::Sled, StorageBackend::Redb];
+
+fn cfg_for(backend: StorageBackend, dir: &Path, max_bytes: u64, flush: u64) -> StorageConfig {
     StorageConfig {
         path: dir.join("db"),
+        backend,
         max_bytes,
         flush_every_ms: flush,
         ..Default::default()
@@ -63,154 +67,49 @@ fn streams(names: &[&str]) -> Vec<(String, WhenFull)> {
 
 #[tokio::test]
 async fn append_read_ack_and_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = cfg(dir.path(), 1 << 20, 0);
-    {
-        let (s, _) = Store::open(&c, &streams(&["a", "b"])).unwrap();
-        for n in 0..5 {
-            let r = uplink(n);
-            s.append(
-                &[Entry {
-                    record: &r,
-                    queues: &[0, 1],
-                }],
-                &[],
-            )
-            .await
-            .unwrap();
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 1 << 20, 0);
+        {
+            let (s, _) = Store::open(&c, &streams(&["a", "b"])).unwrap();
+            for n in 0..5 {
+                let r = uplink(n);
+                s.append(
+                    &[Entry {
+                        record: &r,
+                        queues: &[0, 1],
+                    }],
+                    &[],
+                )
+                .await
+                .unwrap();
+            }
+            let a = s.queue("a").unwrap();
+            let items = a.read_after(None, 2).unwrap();
+            assert_eq!(items.len(), 2);
+            assert!(a.ack(items[0].0).unwrap());
+            assert!(!a.ack(items[0].0).unwrap(), "second ack is a no-op");
+            assert_eq!(fcnts(&a), vec![1, 2, 3, 4]);
+            assert_eq!(a.read_after(Some(items[1].0), 10).unwrap().len(), 3);
+            let st = SessionState {
+                dev_addr: DevAddr(7),
+                f_cnt_up: Some(9),
+                f_cnt_down: 2,
+            };
+            s.save_session(Eui64::from_u64(7), &st).await.unwrap();
+            // Acks are batched into the next commit; a graceful stop commits them.
+            s.flush().await.unwrap();
         }
+        // Reopen: queues and sessions are still there; stream "b" removed from config is freed.
+        let (s, report) = Store::open(&c, &streams(&["a"])).unwrap();
+        assert_eq!(report.removed_queues, vec![("b".to_string(), 5)]);
         let a = s.queue("a").unwrap();
-        let items = a.read_after(None, 2).unwrap();
-        assert_eq!(items.len(), 2);
-        assert!(a.ack(items[0].0).unwrap());
-        assert!(!a.ack(items[0].0).unwrap(), "second ack is a no-op");
         assert_eq!(fcnts(&a), vec![1, 2, 3, 4]);
-        assert_eq!(a.read_after(Some(items[1].0), 10).unwrap().len(), 3);
-        let st = SessionState {
-            dev_addr: DevAddr(7),
-            f_cnt_up: Some(9),
-            f_cnt_down: 2,
-        };
-        s.save_session(Eui64::from_u64(7), &st).await.unwrap();
-    }
-    // Reopen: queues and sessions are still there; stream "b" removed from config is freed.
-    let (s, report) = Store::open(&c, &streams(&["a"])).unwrap();
-    assert_eq!(report.removed_queues, vec![("b".to_string(), 5)]);
-    let a = s.queue("a").unwrap();
-    assert_eq!(fcnts(&a), vec![1, 2, 3, 4]);
-    assert_eq!(a.len(), 4);
-    let sessions = s.load_sessions().unwrap();
-    assert_eq!(sessions[0].1.f_cnt_up, Some(9));
-    // New records get larger sequence numbers than the surviving ones.
-    let r = uplink(5);
-    s.append(
-        &[Entry {
-            record: &r,
-            queues: &[0],
-        }],
-        &[],
-    )
-    .await
-    .unwrap();
-    assert_eq!(fcnts(&a), vec![1, 2, 3, 4, 5]);
-}
-
-#[tokio::test]
-async fn cap_drop_oldest_and_reject_new_count_exactly() {
-    let dir = tempfile::tempdir().unwrap();
-    let size = postcard::to_stdvec(&uplink(0)).unwrap().len() as u64;
-    // Room for exactly 10 records (all queues together).
-    let c = cfg(dir.path(), size * 10, 100);
-    let (s, _) = Store::open(
-        &c,
-        &[
-            ("old".to_string(), WhenFull::DropOldest),
-            ("new".to_string(), WhenFull::RejectNew),
-        ],
-    )
-    .unwrap();
-    let (qi_old, qi_new) = (s.queue_index("old").unwrap(), s.queue_index("new").unwrap());
-    for n in 0..15 {
-        let r = uplink(n);
-        s.append(
-            &[Entry {
-                record: &r,
-                queues: &[qi_old],
-            }],
-            &[],
-        )
-        .await
-        .unwrap();
-    }
-    let old = s.queue("old").unwrap();
-    assert_eq!(fcnts(&old), (5..15).collect::<Vec<_>>());
-    assert_eq!(old.stats().dropped.get("queue_full_drop_oldest"), Some(&5));
-    assert_eq!(s.total_bytes(), size * 10);
-    // A reject_new stream refuses new records while the cap is reached; it never evicts.
-    let r = uplink(99);
-    let out = s
-        .append(
-            &[Entry {
-                record: &r,
-                queues: &[qi_new],
-            }],
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(out.rejected, 1);
-    let new = s.queue("new").unwrap();
-    assert_eq!(new.stats().dropped.get("queue_full_reject_new"), Some(&1));
-    assert!(new.is_empty());
-    // Acks free room.
-    for (seq, _) in old.read_after(None, 3).unwrap() {
-        old.ack(seq).unwrap();
-    }
-    let out = s
-        .append(
-            &[Entry {
-                record: &r,
-                queues: &[qi_new],
-            }],
-            &[],
-        )
-        .await
-        .unwrap();
-    assert_eq!(out.written, 1);
-    assert_eq!(new.len(), 1);
-}
-
-#[tokio::test]
-async fn unreadable_store_is_moved_aside_not_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let c = cfg(dir.path(), 1 << 20, 100);
-    // A regular file where the database directory should be cannot be opened by sled.
-    std::fs::write(&c.path, b"not a database").unwrap();
-    let (s, report) = Store::open(&c, &streams(&["a"])).unwrap();
-    let aside = report.quarantined.expect("moved aside");
-    assert_eq!(std::fs::read(&aside).unwrap(), b"not a database");
-    let r = uplink(1);
-    s.append(
-        &[Entry {
-            record: &r,
-            queues: &[0],
-        }],
-        &[],
-    )
-    .await
-    .unwrap();
-    assert_eq!(s.queue("a").unwrap().len(), 1);
-}
-
-#[tokio::test]
-async fn expire_drops_only_old_records_and_counts_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, _) = Store::open(&cfg(dir.path(), 1 << 20, 100), &streams(&["a"])).unwrap();
-    for (n, at) in [(0u32, 100i64), (1, 200), (2, 300), (3, 50)] {
-        let mut r = uplink(n);
-        if let Record::Uplink(u) = &mut r {
-            u.received_at_us = at;
-        }
+        assert_eq!(a.len(), 4);
+        let sessions = s.load_sessions().unwrap();
+        assert_eq!(sessions[0].1.f_cnt_up, Some(9));
+        // New records get larger sequence numbers than the surviving ones.
+        let r = uplink(5);
         s.append(
             &[Entry {
                 record: &r,
@@ -220,11 +119,450 @@ async fn expire_drops_only_old_records_and_counts_them() {
         )
         .await
         .unwrap();
+        assert_eq!(fcnts(&a), vec![1, 2, 3, 4, 5]);
     }
-    // Arrival order decides: the head is looked at, so the late "50" behind "300" stays.
-    assert_eq!(s.expire(250).unwrap(), 2);
-    let a = s.queue("a").unwrap();
-    assert_eq!(fcnts(&a), vec![2, 3]);
-    assert_eq!(a.stats().dropped.get("expired"), Some(&2));
-    assert_eq!(s.expire(250).unwrap(), 0);
+}
+
+#[tokio::test]
+async fn cap_drop_oldest_and_reject_new_count_exactly() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let size = postcard::to_stdvec(&uplink(0)).unwrap().len() as u64;
+        // Room for exactly 10 records (all queues together).
+        let c = cfg_for(backend, dir.path(), size * 10, 100);
+        let (s, _) = Store::open(
+            &c,
+            &[
+                ("old".to_string(), WhenFull::DropOldest),
+                ("new".to_string(), WhenFull::RejectNew),
+            ],
+        )
+        .unwrap();
+        let (qi_old, qi_new) = (s.queue_index("old").unwrap(), s.queue_index("new").unwrap());
+        for n in 0..15 {
+            let r = uplink(n);
+            s.append(
+                &[Entry {
+                    record: &r,
+                    queues: &[qi_old],
+                }],
+                &[],
+            )
+            .await
+            .unwrap();
+        }
+        let old = s.queue("old").unwrap();
+        assert_eq!(fcnts(&old), (5..15).collect::<Vec<_>>());
+        assert_eq!(old.stats().dropped.get("queue_full_drop_oldest"), Some(&5));
+        assert_eq!(s.total_bytes(), size * 10);
+        // A reject_new stream refuses new records while the cap is reached; it never evicts.
+        let r = uplink(99);
+        let out = s
+            .append(
+                &[Entry {
+                    record: &r,
+                    queues: &[qi_new],
+                }],
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.rejected, 1);
+        let new = s.queue("new").unwrap();
+        assert_eq!(new.stats().dropped.get("queue_full_reject_new"), Some(&1));
+        assert!(new.is_empty());
+        // Acks free room.
+        for (seq, _) in old.read_after(None, 3).unwrap() {
+            old.ack(seq).unwrap();
+        }
+        let out = s
+            .append(
+                &[Entry {
+                    record: &r,
+                    queues: &[qi_new],
+                }],
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.written, 1);
+        assert_eq!(new.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn unreadable_store_is_moved_aside_not_deleted() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 1 << 20, 100);
+        // A regular file where the database directory should be cannot be opened by sled.
+        std::fs::write(&c.path, b"not a database").unwrap();
+        let (s, report) = Store::open(&c, &streams(&["a"])).unwrap();
+        let aside = report.quarantined.expect("moved aside");
+        assert_eq!(std::fs::read(&aside).unwrap(), b"not a database");
+        let r = uplink(1);
+        s.append(
+            &[Entry {
+                record: &r,
+                queues: &[0],
+            }],
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.queue("a").unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn expire_drops_only_old_records_and_counts_them() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(
+            &cfg_for(backend, dir.path(), 1 << 20, 100),
+            &streams(&["a"]),
+        )
+        .unwrap();
+        for (n, at) in [(0u32, 100i64), (1, 200), (2, 300), (3, 50)] {
+            let mut r = uplink(n);
+            if let Record::Uplink(u) = &mut r {
+                u.received_at_us = at;
+            }
+            s.append(
+                &[Entry {
+                    record: &r,
+                    queues: &[0],
+                }],
+                &[],
+            )
+            .await
+            .unwrap();
+        }
+        // Arrival order decides: the head is looked at, so the late "50" behind "300" stays.
+        assert_eq!(s.expire(250).unwrap(), 2);
+        let a = s.queue("a").unwrap();
+        assert_eq!(fcnts(&a), vec![2, 3]);
+        assert_eq!(a.stats().dropped.get("expired"), Some(&2));
+        assert_eq!(s.expire(250).unwrap(), 0);
+    }
+}
+
+fn journal_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("db"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("journal.")
+        })
+        .count()
+}
+
+async fn add(s: &Store, r: &Record) {
+    s.append(
+        &[Entry {
+            record: r,
+            queues: &[0],
+        }],
+        &[],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn the_group_commit_window_is_journaled_and_replayed_after_a_kill() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 1 << 20, 100);
+        let st = SessionState {
+            dev_addr: DevAddr(1),
+            f_cnt_up: Some(41),
+            f_cnt_down: 0,
+        };
+        {
+            let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+            for n in 0..5 {
+                let r = uplink(n);
+                s.append(
+                    &[Entry {
+                        record: &r,
+                        queues: &[0],
+                    }],
+                    &[(Eui64::from_u64(1), st)],
+                )
+                .await
+                .unwrap();
+            }
+            let a = s.queue("a").unwrap();
+            assert_eq!(a.unsaved(), 5, "{backend:?}: nothing committed yet");
+            assert_eq!(fcnts(&a), vec![0, 1, 2, 3, 4]);
+            assert!(journal_files(dir.path()) > 0);
+            // Dropped without a flush: what a SIGKILL leaves (the journal is in the page cache).
+        }
+        let (s, report) = Store::open(&c, &streams(&["a"])).unwrap();
+        assert_eq!(
+            report.journal_replayed, 10,
+            "{backend:?}: 5 records + 5 session updates"
+        );
+        assert_eq!(fcnts(&s.queue("a").unwrap()), vec![0, 1, 2, 3, 4]);
+        assert_eq!(s.load_sessions().unwrap()[0].1.f_cnt_up, Some(41));
+        assert_eq!(
+            journal_files(dir.path()),
+            0,
+            "replayed generations are removed"
+        );
+        // New sequence numbers continue after the replayed ones.
+        add(&s, &uplink(5)).await;
+        assert_eq!(fcnts(&s.queue("a").unwrap()), vec![0, 1, 2, 3, 4, 5]);
+    }
+}
+
+#[tokio::test]
+async fn a_commit_moves_the_window_to_disk_and_removes_the_journal() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 1 << 20, 100);
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        for n in 0..3 {
+            add(&s, &uplink(n)).await;
+        }
+        let a = s.queue("a").unwrap();
+        assert_eq!(a.unsaved(), 3);
+        s.flush().await.unwrap();
+        assert_eq!(a.unsaved(), 0, "{backend:?}");
+        assert_eq!(journal_files(dir.path()), 0, "{backend:?}");
+        assert_eq!(fcnts(&a), vec![0, 1, 2]);
+        assert_eq!(s.health().commits, 1);
+        assert!(s.health().writable);
+        // Reading across disk and memory keeps order and skips nothing.
+        add(&s, &uplink(3)).await;
+        let first = a.read_after(None, 2).unwrap();
+        assert_eq!(a.read_after(Some(first[1].0), 10).unwrap().len(), 2);
+        assert_eq!(fcnts(&a), vec![0, 1, 2, 3]);
+    }
+}
+
+#[tokio::test]
+async fn acks_are_batched_and_an_uncommitted_ack_only_means_a_redelivery() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 1 << 20, 0);
+        {
+            let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+            for n in 0..3 {
+                add(&s, &uplink(n)).await;
+            }
+            let a = s.queue("a").unwrap();
+            assert_eq!(
+                a.unsaved(),
+                0,
+                "{backend:?}: flush_every_ms = 0 commits in append"
+            );
+            let first = a.read_after(None, 1).unwrap()[0].0;
+            assert!(a.ack(first).unwrap());
+            assert_eq!(fcnts(&a), vec![1, 2], "gone at once for readers");
+            assert_eq!(a.len(), 2);
+            // No commit of the delete: as after a crash.
+        }
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        let a = s.queue("a").unwrap();
+        assert_eq!(fcnts(&a), vec![0, 1, 2], "{backend:?}: redelivered");
+        let first = a.read_after(None, 1).unwrap()[0].0;
+        assert!(a.ack(first).unwrap());
+        assert!(!a.ack(first).unwrap());
+        s.flush().await.unwrap();
+        assert_eq!(fcnts(&a), vec![1, 2]);
+        drop((a, s));
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        assert_eq!(fcnts(&s.queue("a").unwrap()), vec![1, 2]);
+    }
+}
+
+#[tokio::test]
+async fn a_record_acked_within_its_window_never_reaches_the_disk() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 1 << 20, 100);
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        add(&s, &uplink(0)).await;
+        let a = s.queue("a").unwrap();
+        let seq = a.read_after(None, 1).unwrap()[0].0;
+        assert!(a.ack(seq).unwrap());
+        assert_eq!(
+            a.pending(),
+            (0, 0),
+            "{backend:?}: no write, no delete left to do"
+        );
+        assert!(!s.commit().await.unwrap(), "nothing to commit");
+        assert_eq!(a.stats().delivered, 1);
+    }
+}
+
+#[tokio::test]
+async fn switching_the_engine_migrates_the_store_and_keeps_the_old_files() {
+    for (from, to) in [
+        (StorageBackend::Sled, StorageBackend::Redb),
+        (StorageBackend::Redb, StorageBackend::Sled),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(from, dir.path(), 1 << 20, 0);
+        let st = SessionState {
+            dev_addr: DevAddr(3),
+            f_cnt_up: Some(77),
+            f_cnt_down: 5,
+        };
+        {
+            let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+            for n in 0..4 {
+                add(&s, &uplink(n)).await;
+            }
+            s.save_session(Eui64::from_u64(3), &st).await.unwrap();
+            s.flush().await.unwrap();
+        }
+        let c2 = StorageConfig {
+            backend: to,
+            ..c.clone()
+        };
+        let (s, report) = Store::open(&c2, &streams(&["a"])).unwrap();
+        let aside = report.migrated_from.expect("migrated");
+        assert!(aside.starts_with(&c.path) && aside.is_dir());
+        assert!(
+            std::fs::read_dir(&aside).unwrap().count() > 0,
+            "old files kept"
+        );
+        assert_eq!(
+            fcnts(&s.queue("a").unwrap()),
+            vec![0, 1, 2, 3],
+            "{from:?} → {to:?}"
+        );
+        let sess = s.load_sessions().unwrap();
+        assert_eq!(sess[0].1.f_cnt_up, Some(77));
+        assert_eq!(sess[0].1.f_cnt_down, 5);
+        assert_eq!(s.backend(), to);
+    }
+}
+
+#[tokio::test]
+async fn a_store_in_use_is_refused_not_moved_aside() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 1 << 20, 0);
+        let (_s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        match Store::open(&c, &streams(&["a"])) {
+            Err(StoreError::Locked { .. }) => {}
+            Err(e) => panic!("{backend:?}: {e}"),
+            Ok(_) => panic!("{backend:?}: opened twice"),
+        }
+        assert!(
+            !std::fs::read_dir(dir.path()).unwrap().any(|e| e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("corrupt")),
+            "{backend:?}: nothing moved aside"
+        );
+        assert!(matches!(inspect(&c), Err(StoreError::Locked { .. })));
+    }
+}
+
+#[tokio::test]
+async fn a_corrupt_redb_file_is_moved_aside_and_a_fresh_store_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg_for(StorageBackend::Redb, dir.path(), 1 << 20, 0);
+    {
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        add(&s, &uplink(0)).await;
+    }
+    // Overwrite the header and the commit slots.
+    let file = c.path.join(backend::REDB_FILE);
+    let mut b = std::fs::read(&file).unwrap();
+    for x in b.iter_mut().take(4096) {
+        *x = 0x5A;
+    }
+    std::fs::write(&file, &b).unwrap();
+    let (s, report) = Store::open(&c, &streams(&["a"])).unwrap();
+    let aside = report.quarantined.expect("moved aside");
+    assert_eq!(
+        std::fs::read(aside.join(backend::REDB_FILE)).unwrap(),
+        b,
+        "kept byte for byte"
+    );
+    add(&s, &uplink(1)).await;
+    assert_eq!(fcnts(&s.queue("a").unwrap()), vec![1]);
+}
+
+#[tokio::test]
+async fn inspect_counts_disk_and_journal_without_changing_anything() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 1 << 20, 100);
+        {
+            let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+            add(&s, &uplink(0)).await;
+            s.flush().await.unwrap();
+            add(&s, &uplink(1)).await;
+            add(&s, &uplink(2)).await;
+        }
+        let stats = inspect(&c).unwrap();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(
+            stats[0].depth, 3,
+            "{backend:?}: 1 on disk + 2 in the journal"
+        );
+        assert!(journal_files(dir.path()) > 0, "inspect does not replay");
+    }
+}
+
+#[tokio::test]
+async fn a_backlog_read_and_acked_in_small_steps_keeps_order_and_exact_counts() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 1 << 24, 100);
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        for n in 0..1500 {
+            add(&s, &uplink(n)).await;
+            if n % 400 == 0 {
+                s.flush().await.unwrap();
+            }
+        }
+        s.flush().await.unwrap();
+        let a = s.queue("a").unwrap();
+        let (mut cursor, mut got) = (None, Vec::new());
+        let mut live = 1500;
+        loop {
+            let batch = a.read_after(cursor, 7).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for (seq, r) in batch {
+                cursor = Some(seq);
+                if let Record::Uplink(u) = r {
+                    got.push(u.f_cnt);
+                }
+                assert!(a.ack(seq).unwrap());
+                assert!(!a.ack(seq).unwrap(), "counted once");
+            }
+            // Commits (and new records) while the reader is under way.
+            if got.len() % 210 == 0 {
+                s.flush().await.unwrap();
+                add(&s, &uplink(live)).await;
+                live += 1;
+            }
+        }
+        assert_eq!(got, (0..live).collect::<Vec<_>>(), "{backend:?}");
+        assert_eq!(a.len(), 0);
+        assert_eq!(a.stats().bytes, 0);
+        assert_eq!(s.total_bytes(), 0);
+        assert_eq!(a.stats().delivered, u64::from(live));
+        s.flush().await.unwrap();
+        drop((a, s));
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        assert!(
+            s.queue("a").unwrap().is_empty(),
+            "{backend:?}: deletes committed"
+        );
+    }
 }

@@ -83,10 +83,10 @@ impl LineStream {
                 .read_after(None, 512)
                 .map_err(std::io::Error::other)?;
             if batch.is_empty() {
-                // Stop only when idle, so a stop request drains what is already queued.
+                // Stop only when idle, so a stop request drains what is already queued
+                // (records and downlink events: `biased` checks them before the stop).
                 tokio::select! {
-                    _ = self.ctx.cancel.cancelled() => return Ok(()),
-                    _ = self.ctx.queue.appended() => continue,
+                    biased;
                     Some(e) = events.recv() => {
                         let mut line = event_json(&e);
                         line.push(b'\n');
@@ -94,6 +94,8 @@ impl LineStream {
                         out.flush().await?;
                         continue;
                     }
+                    _ = self.ctx.queue.appended() => continue,
+                    _ = self.ctx.cancel.cancelled() => return Ok(()),
                 }
             }
             let d = Delivery { now_us: now_us() };

@@ -376,8 +376,14 @@ async fn feed(
         let batch = match lanes.next(&ctx.queue, room) {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(stream = %name, error = %e, "cannot read the queue");
-                return;
+                // The store may be reopening its engine after a disk error: try again soon
+                // rather than leaving the connection up with nothing fed into it.
+                tracing::warn!(stream = %name, error = %e, "cannot read the queue; retrying in 1 s");
+                drop(first);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
             }
         };
         if batch.is_empty() {

@@ -32,21 +32,14 @@ use tokio_util::sync::CancellationToken;
 // Store backends
 
 /// The backend a config gets when it names none.
-pub const DEFAULT_BACKEND: &str = "sled";
-
-/// Store backends every fault test runs against. (The `store` branch adds "redb".)
+/// Store backends every fault test runs against (`[storage] backend`).
 pub fn backends() -> Vec<&'static str> {
-    vec!["sled"]
+    vec!["redb", "sled"]
 }
 
-/// The `[storage]` line selecting `backend`, empty for the default (so configs stay valid on
-/// builds that do not know the key).
+/// The `[storage]` line selecting `backend`.
 pub fn backend_toml(backend: &str) -> String {
-    if backend == DEFAULT_BACKEND {
-        String::new()
-    } else {
-        format!("backend = \"{backend}\"\n")
-    }
+    format!("backend = \"{backend}\"\n")
 }
 
 // ---------------------------------------------------------------------------------------------

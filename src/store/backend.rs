@@ -1,0 +1,433 @@
+//! The storage engines behind the store, and the one narrow interface they share.
+//!
+//! Everything above this file (queues, sessions, downlinks, the journal, group commits) is
+//! engine-independent and speaks only these operations on named tables of byte keys and
+//! values, sorted by key:
+//!
+//! | operation | guarantee |
+//! |---|---|
+//! | [`Backend::commit`] | a [`Batch`] of puts and deletes over any tables is applied all or nothing; with `durable` it is on disk (fsync) when it returns |
+//! | [`Backend::get`], [`Backend::range`], [`Backend::prefix`], [`Backend::last`], [`Backend::scan`] | read the last committed state |
+//! | [`Backend::table_names`], [`Backend::drop_table`] | queues of removed streams are freed |
+//!
+//! It is an enum rather than a trait object: there are exactly two engines, both known at
+//! compile time, and a `match` per operation keeps each engine's code in one place without
+//! boxing or generic parameters leaking into `Store`/`Queue`. Adding a third engine means one
+//! more variant and one more arm per operation.
+//!
+//! Engines (crate-notes, "sled 0.34.7"):
+//! - **sled** 0.34.7: a log-structured B-tree, one sled tree per table, batches applied in a
+//!   multi-tree transaction. Unmaintained; its own flush timer is switched off (the store
+//!   commits and flushes itself). 8 MiB cache instead of its 1 GiB default, `LowSpace` mode.
+//! - **redb** 2.6: a single-file copy-on-write B-tree with checksummed commits. Each durable
+//!   commit is `Durability::Immediate` (1-phase commit with checksums: after a crash the newest
+//!   commit slot whose checksum verifies is used, so a torn commit falls back to the previous
+//!   one). Opening a file that was not closed cleanly runs redb's repair, which re-verifies
+//!   every checksum and rebuilds the allocator state.
+//!
+//! Both poison themselves after an I/O error (sled keeps a global error; redb answers
+//! `PreviousIo` to every later read and write), so the store reopens the engine after a failed
+//! commit (see `Store::recover`).
+
+use super::StoreError;
+use crate::config::{StorageBackend, StorageConfig};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+
+/// File name of the redb database inside `[storage] path`.
+pub(crate) const REDB_FILE: &str = "lorastream.redb";
+/// sled's data file under `[storage] path`.
+const SLED_DATA_FILE: &str = "db";
+
+/// A key and its value, as stored.
+pub(crate) type Kv = (Vec<u8>, Vec<u8>);
+
+/// Puts (`Some`) and deletes (`None`) to apply atomically.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub(crate) ops: Vec<(String, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub(crate) fn put(&mut self, table: &str, key: &[u8], value: &[u8]) {
+        self.ops
+            .push((table.to_string(), key.to_vec(), Some(value.to_vec())));
+    }
+    pub(crate) fn delete(&mut self, table: &str, key: &[u8]) {
+        self.ops.push((table.to_string(), key.to_vec(), None));
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.ops.len()
+    }
+    /// Distinct table names, in first-use order.
+    fn tables(&self) -> Vec<&str> {
+        let mut t: Vec<&str> = Vec::new();
+        for (name, _, _) in &self.ops {
+            if !t.contains(&name.as_str()) {
+                t.push(name);
+            }
+        }
+        t
+    }
+}
+
+pub(crate) enum Backend {
+    /// sled and its data file (`<path>/db`), kept open to fdatasync it: see [`sled_sync`].
+    Sled(sled::Db, SledData),
+    Redb(redb::Database),
+}
+
+/// sled's data file, opened a second time.
+pub(crate) struct SledData {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+/// Make what sled has written durable. `sled::Db::flush` alone is not an fsync: it writes
+/// sled's buffers and calls `sync_file_range(2)`, which promises nothing after a power cut (no
+/// metadata, no disk cache; see its man page). The `fdatasync` of the data file that follows is
+/// what makes the data survive one. Found by tests/powercut.rs (docs/powercut.md): without it
+/// `flush_every_ms = 0` lost up to ~1 s of uplinks and frame counters.
+fn sled_sync(db: &sled::Db, data: &SledData) -> Result<(), StoreError> {
+    db.flush()?;
+    data.file.sync_data().map_err(|source| StoreError::Sync {
+        path: data.path.clone(),
+        source,
+    })
+}
+
+fn redb_err(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Redb(Box::new(e.into()))
+}
+
+fn def(name: &str) -> redb::TableDefinition<'_, &'static [u8], &'static [u8]> {
+    redb::TableDefinition::new(name)
+}
+
+/// Turn "table does not exist" into an empty result for reads.
+macro_rules! redb_table {
+    ($txn:expr, $name:expr) => {
+        match $txn.open_table(def($name)) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Default::default()),
+            Err(e) => return Err(redb_err(e)),
+        }
+    };
+}
+
+impl Backend {
+    /// Open (or create) the engine's files under `cfg.path`.
+    pub(crate) fn open(kind: StorageBackend, cfg: &StorageConfig) -> Result<Backend, StoreError> {
+        match kind {
+            StorageBackend::Sled => {
+                let db = sled::Config::new()
+                    .path(&cfg.path)
+                    .cache_capacity(cfg.cache_bytes)
+                    // The store commits and flushes on its own schedule (`flush_every_ms`,
+                    // group commits); sled's timer would only add writes.
+                    .flush_every_ms(None)
+                    .mode(sled::Mode::LowSpace)
+                    .open()?;
+                let path = cfg.path.join(SLED_DATA_FILE);
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|source| StoreError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Ok(Backend::Sled(db, SledData { path, file }))
+            }
+            StorageBackend::Redb => {
+                std::fs::create_dir_all(&cfg.path).map_err(|source| StoreError::Io {
+                    path: cfg.path.clone(),
+                    source,
+                })?;
+                let file = cfg.path.join(REDB_FILE);
+                let mut b = redb::Builder::new();
+                // redb's default cache is 1 GiB; a gateway has far less memory.
+                b.set_cache_size(cfg.cache_bytes.min(usize::MAX as u64) as usize);
+                let shown = file.clone();
+                b.set_repair_callback(move |s: &mut redb::RepairSession| {
+                    tracing::warn!(file = %shown.display(), progress = format!("{:.0}%", s.progress() * 100.0),
+                        "store was not closed cleanly; redb is verifying checksums and repairing");
+                });
+                let db = b.create(&file).map_err(redb_err)?;
+                Ok(Backend::Redb(db))
+            }
+        }
+    }
+
+    /// Which files of `path` belong to an engine (to detect a store written by the other one).
+    pub(crate) fn present(kind: StorageBackend, path: &Path) -> bool {
+        match kind {
+            StorageBackend::Sled => {
+                path.join("conf").is_file() && path.join(SLED_DATA_FILE).is_file()
+            }
+            StorageBackend::Redb => path.join(REDB_FILE).is_file(),
+        }
+    }
+
+    /// The engine's own files under `path` (moved aside together by a migration).
+    pub(crate) fn files(kind: StorageBackend, path: &Path) -> Vec<PathBuf> {
+        let names: Vec<PathBuf> = match std::fs::read_dir(path) {
+            Ok(d) => d.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
+            Err(_) => return Vec::new(),
+        };
+        names
+            .into_iter()
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                match kind {
+                    StorageBackend::Sled => {
+                        matches!(n, "conf" | "db" | "blobs") || n.starts_with("snap.")
+                    }
+                    StorageBackend::Redb => n == REDB_FILE,
+                }
+            })
+            .collect()
+    }
+
+    pub(crate) fn table_names(&self) -> Result<Vec<String>, StoreError> {
+        match self {
+            Backend::Sled(db, _) => Ok(db
+                .tree_names()
+                .into_iter()
+                .map(|n| String::from_utf8_lossy(&n).into_owned())
+                .filter(|n| n != "__sled__default")
+                .collect()),
+            Backend::Redb(db) => {
+                use redb::TableHandle;
+                let r = db.begin_read().map_err(redb_err)?;
+                let names = r.list_tables().map_err(redb_err)?;
+                Ok(names.map(|h| h.name().to_string()).collect())
+            }
+        }
+    }
+
+    pub(crate) fn drop_table(&self, name: &str) -> Result<(), StoreError> {
+        match self {
+            Backend::Sled(db, data) => {
+                db.drop_tree(name)?;
+                sled_sync(db, data)?;
+                Ok(())
+            }
+            Backend::Redb(db) => {
+                let w = db.begin_write().map_err(redb_err)?;
+                w.delete_table(def(name)).map_err(redb_err)?;
+                w.commit().map_err(redb_err)
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Backend::Sled(db, _) => Ok(db.open_tree(table)?.get(key)?.map(|v| v.to_vec())),
+            Backend::Redb(db) => {
+                let r = db.begin_read().map_err(redb_err)?;
+                let t = redb_table!(r, table);
+                Ok(t.get(key).map_err(redb_err)?.map(|v| v.value().to_vec()))
+            }
+        }
+    }
+
+    /// Up to `max` entries from `start` on, in key order.
+    pub(crate) fn range(
+        &self,
+        table: &str,
+        start: Bound<&[u8]>,
+        max: usize,
+    ) -> Result<Vec<Kv>, StoreError> {
+        let mut out = Vec::new();
+        if max == 0 {
+            return Ok(out);
+        }
+        match self {
+            Backend::Sled(db, _) => {
+                let t = db.open_tree(table)?;
+                for kv in t.range::<&[u8], _>((start, Bound::Unbounded)) {
+                    let (k, v) = kv?;
+                    out.push((k.to_vec(), v.to_vec()));
+                    if out.len() >= max {
+                        break;
+                    }
+                }
+            }
+            Backend::Redb(db) => {
+                let r = db.begin_read().map_err(redb_err)?;
+                let t = redb_table!(r, table);
+                for kv in t
+                    .range::<&[u8]>((start, Bound::Unbounded))
+                    .map_err(redb_err)?
+                {
+                    let (k, v) = kv.map_err(redb_err)?;
+                    out.push((k.value().to_vec(), v.value().to_vec()));
+                    if out.len() >= max {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    pub(crate) fn prefix(&self, table: &str, prefix: &[u8]) -> Result<Vec<Kv>, StoreError> {
+        let mut out = Vec::new();
+        self.scan_from(table, prefix, |k, v| {
+            if !k.starts_with(prefix) {
+                return false;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Visit every entry in key order (used once on open to rebuild counters).
+    pub(crate) fn scan(
+        &self,
+        table: &str,
+        mut f: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
+        self.scan_from(table, &[], |k, v| {
+            f(k, v);
+            true
+        })
+    }
+
+    /// Visit entries from `from` on until `f` returns false.
+    fn scan_from(
+        &self,
+        table: &str,
+        from: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        match self {
+            Backend::Sled(db, _) => {
+                for kv in db.open_tree(table)?.range(from..) {
+                    let (k, v) = kv?;
+                    if !f(&k, &v) {
+                        break;
+                    }
+                }
+            }
+            Backend::Redb(db) => {
+                let r = db.begin_read().map_err(redb_err)?;
+                let t = redb_table!(r, table);
+                for kv in t.range::<&[u8]>(from..).map_err(redb_err)? {
+                    let (k, v) = kv.map_err(redb_err)?;
+                    if !f(k.value(), v.value()) {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry with the largest key.
+    pub(crate) fn last(&self, table: &str) -> Result<Option<Kv>, StoreError> {
+        match self {
+            Backend::Sled(db, _) => Ok(db
+                .open_tree(table)?
+                .last()?
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))),
+            Backend::Redb(db) => {
+                use redb::ReadableTable;
+                let r = db.begin_read().map_err(redb_err)?;
+                let t = redb_table!(r, table);
+                let last = t
+                    .last()
+                    .map_err(redb_err)?
+                    .map(|(k, v)| (k.value().to_vec(), v.value().to_vec()));
+                Ok(last)
+            }
+        }
+    }
+
+    /// Apply `batch` atomically; with `durable`, fsync before returning.
+    pub(crate) fn commit(&self, batch: &Batch, durable: bool) -> Result<(), StoreError> {
+        match self {
+            Backend::Sled(db, data) => {
+                if !batch.is_empty() {
+                    let names = batch.tables();
+                    let trees = names
+                        .iter()
+                        .map(|n| db.open_tree(n))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let refs: Vec<&sled::Tree> = trees.iter().collect();
+                    let idx: Vec<usize> = batch
+                        .ops
+                        .iter()
+                        .map(|(t, _, _)| names.iter().position(|n| n == t).unwrap_or(0))
+                        .collect();
+                    use sled::transaction::{ConflictableTransactionError, Transactional};
+                    refs.as_slice()
+                        .transaction(|views| {
+                            for ((_, k, v), &i) in batch.ops.iter().zip(&idx) {
+                                match v {
+                                    Some(v) => {
+                                        views[i].insert(k.as_slice(), v.as_slice())?;
+                                    }
+                                    None => {
+                                        views[i].remove(k.as_slice())?;
+                                    }
+                                }
+                            }
+                            Ok::<(), ConflictableTransactionError<()>>(())
+                        })
+                        .map_err(|e| match e {
+                            sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                            sled::transaction::TransactionError::Abort(()) => StoreError::Sled(
+                                sled::Error::ReportableBug("transaction aborted".into()),
+                            ),
+                        })?;
+                }
+                if durable {
+                    sled_sync(db, data)?;
+                }
+                Ok(())
+            }
+            Backend::Redb(db) => {
+                if batch.is_empty() && !durable {
+                    return Ok(());
+                }
+                let mut w = db.begin_write().map_err(redb_err)?;
+                w.set_durability(if durable {
+                    redb::Durability::Immediate
+                } else {
+                    redb::Durability::None
+                });
+                for name in batch.tables() {
+                    let mut t = w.open_table(def(name)).map_err(redb_err)?;
+                    for (_, k, v) in batch.ops.iter().filter(|(t, _, _)| t == name) {
+                        match v {
+                            Some(v) => {
+                                t.insert(k.as_slice(), v.as_slice()).map_err(redb_err)?;
+                            }
+                            None => {
+                                t.remove(k.as_slice()).map_err(redb_err)?;
+                            }
+                        }
+                    }
+                }
+                w.commit().map_err(redb_err)
+            }
+        }
+    }
+
+    /// Bytes the engine occupies on disk.
+    pub(crate) fn size_on_disk(&self, path: &Path) -> u64 {
+        match self {
+            Backend::Sled(db, _) => db.size_on_disk().unwrap_or(0),
+            Backend::Redb(_) => std::fs::metadata(path.join(REDB_FILE))
+                .map(|m| m.len())
+                .unwrap_or(0),
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! A full disk, for real: the store lives on a small tmpfs (`mount -t tmpfs -o size=…`), a
+//! file fills it to ENOSPC, and the daemon keeps receiving uplinks over real UDP and delivering
+//! them to a real MQTT broker. It must stay up, count the failed writes, keep live traffic
+//! flowing, hold what it cannot write in memory, and write it by itself once space returns.
+//! Both storage engines.
+//!
+//! Mounting needs root: without it the test skips with a printed reason, unless
+//! LORASTREAM_TEST_ROOT=1 (CI, which runs as root) makes it mandatory.
+
+mod support;
+
+use lorastream::app::Daemon;
+use lorastream::model::Eui64;
+use lorastream::sim::{Forwarder, Radio};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A tmpfs of a fixed size, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let required = std::env::var("LORASTREAM_TEST_ROOT").is_ok_and(|v| v == "1");
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(Tmpfs { dir });
+        }
+        let why =
+            "cannot mount a tmpfs (needs root; CI sets LORASTREAM_TEST_ROOT=1 and runs as root)";
+        if required {
+            panic!("LORASTREAM_TEST_ROOT=1 but {why}");
+        }
+        eprintln!("SKIPPED disk_full: {why}");
+        None
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Still busy (a failed assertion left the store open): detach it anyway.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
+/// Write zeros until the file system says ENOSPC.
+fn fill(dir: &Path) -> PathBuf {
+    let p = dir.join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Err(e) = f.write_all(&chunk) {
+            assert_eq!(e.raw_os_error(), Some(28), "expected ENOSPC, got {e}");
+            break;
+        }
+    }
+    // Single pages may still be free: fill those too.
+    loop {
+        if f.write_all(&[0u8; 512]).is_err() {
+            break;
+        }
+    }
+    p
+}
+
+fn gw() -> Eui64 {
+    Eui64::from_u64(0xAA55_5A00_0000_0001)
+}
+
+fn ups(broker: &support::broker::TestBroker) -> Vec<serde_json::Value> {
+    broker
+        .received()
+        .into_iter()
+        .filter(|(t, _)| t.ends_with("/up"))
+        .map(|(_, p)| serde_json::from_slice(&p).unwrap())
+        .collect()
+}
+
+fn f_cnts(v: &[serde_json::Value]) -> Vec<u64> {
+    let mut f: Vec<u64> = v
+        .iter()
+        .map(|u| u["uplink_message"]["f_cnt"].as_u64().unwrap())
+        .collect();
+    f.sort();
+    f.dedup();
+    f
+}
+
+/// `n` uplinks, one every `every_ms`.
+async fn send(
+    f: &mut Forwarder,
+    d: &mut lorastream::sim::SimDevice,
+    n: u64,
+    sent: &mut u64,
+    every_ms: u64,
+) {
+    for _ in 0..n {
+        let p = d.uplink(1, &[*sent as u8; 16], false).unwrap();
+        f.send(&[(&p, Radio::default())]).await.unwrap();
+        *sent += 1;
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
+    install_crypto();
+    for backend in ["sled", "redb"] {
+        let Some(fs) = Tmpfs::mount("16m") else {
+            return;
+        };
+        let mut broker = support::broker::TestBroker::start().await;
+        let mut d = device(1);
+        let mut cfg = config(
+            fs.path(),
+            &format!(
+                "[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"cloud\"\nserver = \"{}\"\n",
+                device_toml(&d, "farm"),
+                broker.url()
+            ),
+        );
+        cfg.storage.backend = backend.parse_backend();
+        cfg.storage.flush_every_ms = 100;
+        let daemon = Daemon::start(&cfg).await.unwrap();
+        let q = daemon.store().queue("cloud").unwrap();
+        let mut f = Forwarder::connect(daemon.udp_addr(), gw()).await.unwrap();
+        let mut sent = 0u64;
+
+        // 1. Normal operation.
+        send(&mut f, &mut d, 5, &mut sent, 30).await;
+        assert!(wait_until(T, || ups(&broker).len() >= 5).await, "{backend}");
+        assert!(wait_until(T, || q.is_empty() && daemon.store().health().commits > 0).await);
+
+        // 2. The disk fills up: live traffic keeps flowing to the broker.
+        let filler = fill(fs.path());
+        send(&mut f, &mut d, 20, &mut sent, 30).await;
+        assert!(
+            wait_until(T, || f_cnts(&ups(&broker)).len() == 25).await,
+            "{backend}: live uplinks delivered while the disk is full: {:?}",
+            f_cnts(&ups(&broker))
+        );
+        // The store may still recycle its own pages here (a deleted journal generation frees
+        // the page the next one takes); nothing accumulates while the broker acknowledges.
+        eprintln!(
+            "{backend}: disk full, broker up: {:?}",
+            daemon.store().health()
+        );
+        assert!(q.stats().dropped.is_empty(), "{:?}", q.stats().dropped);
+
+        // 3. The broker goes away too: uplinks accumulate, and the writes that need new pages
+        //    fail. They are counted, shown in /health, and the records are held in memory.
+        broker.stop().await;
+        const HELD: u64 = 300;
+        send(&mut f, &mut d, HELD, &mut sent, 2).await;
+        assert!(
+            wait_until(T, || q.len() == HELD).await,
+            "{backend}: {}",
+            q.len()
+        );
+        assert!(
+            wait_until(T, || !daemon.store().health().writable).await,
+            "{backend}: {:?}",
+            daemon.store().health()
+        );
+        let h = daemon.store().health();
+        eprintln!(
+            "{backend}: disk full, broker down: {} queued, {} in memory only; {h:?}",
+            q.len(),
+            q.unsaved()
+        );
+        assert!(h.write_failures > 0 && h.last_error.is_some(), "{h:?}");
+        assert!(q.unsaved() > 0);
+        assert!(q.stats().dropped.is_empty(), "{:?}", q.stats().dropped);
+        let health = daemon.health();
+        assert_eq!(health["status"], "degraded", "{health}");
+        assert_eq!(health["store"]["writable"], false);
+        let m = daemon.metrics().encode();
+        assert!(m.contains("lorastream_store_writable 0"), "{m}");
+        assert!(!m.contains("lorastream_store_errors_total 0"), "{m}");
+
+        // 4. Space comes back: the store writes them by itself (committer retry + reopen).
+        std::fs::remove_file(&filler).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(40), || daemon.store().health().writable
+                && q.unsaved() == 0)
+            .await,
+            "{backend}: not recovered: {:?}",
+            daemon.store().health()
+        );
+        assert_eq!(q.len(), HELD);
+
+        // 5. The broker is back: the backlog is delivered, nothing was lost.
+        broker.restart().await;
+        assert!(
+            wait_until(Duration::from_secs(40), || q.is_empty()).await,
+            "{backend}: backlog not delivered"
+        );
+        assert_eq!(
+            f_cnts(&ups(&broker)),
+            (0..sent).collect::<Vec<_>>(),
+            "{backend}: every uplink delivered"
+        );
+        assert_eq!(daemon.metrics().uplinks("accepted"), sent);
+        assert!(daemon
+            .metrics()
+            .encode()
+            .contains("lorastream_store_writable 1"));
+        daemon.stop().await;
+        // The queue handle keeps the engine open; the file system can go once it is closed.
+        drop(q);
+        drop(fs);
+    }
+}
+
+trait ParseBackend {
+    fn parse_backend(self) -> lorastream::config::StorageBackend;
+}
+impl ParseBackend for &str {
+    fn parse_backend(self) -> lorastream::config::StorageBackend {
+        match self {
+            "sled" => lorastream::config::StorageBackend::Sled,
+            _ => lorastream::config::StorageBackend::Redb,
+        }
+    }
+}
+
+/// A daemon (re)started on a full disk never moves its store aside: the store is fine, the disk
+/// is not. It either opens (and runs as above) or fails with the disk's error, and the queued
+/// uplinks are all there once space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_start_never_moves_the_store_aside() {
+    use lorastream::config::{StorageBackend, StorageConfig, WhenFull};
+    use lorastream::model::{DevAddr, Record, RxInfo, TxSettings, Uplink};
+    use lorastream::store::{Entry, Store};
+    for backend in [StorageBackend::Sled, StorageBackend::Redb] {
+        let Some(fs) = Tmpfs::mount("16m") else {
+            return;
+        };
+        let cfg = StorageConfig {
+            path: fs.path().join("db"),
+            backend,
+            flush_every_ms: 0,
+            ..Default::default()
+        };
+        let streams = [("cloud".to_string(), WhenFull::DropOldest)];
+        let rec = |n: u32| {
+            Record::Uplink(Uplink {
+                id: u128::from(n),
+                received_at_us: 1,
+                application: "farm".into(),
+                device: "d".into(),
+                dev_eui: Eui64::from_u64(1),
+                dev_addr: DevAddr(1),
+                f_port: Some(1),
+                f_cnt: n,
+                confirmed: false,
+                adr: false,
+                payload: vec![n as u8; 16],
+                settings: TxSettings {
+                    frequency_hz: 868_100_000,
+                    spreading_factor: 7,
+                    bandwidth_hz: 125_000,
+                    coding_rate: "4/5".into(),
+                },
+                rx: vec![RxInfo {
+                    gateway: gw(),
+                    tmst: 1,
+                    time: None,
+                    rssi: -50,
+                    channel_rssi: -50,
+                    snr: 9.0,
+                    channel: 0,
+                    rf_chain: 0,
+                    received_at_us: 1,
+                }],
+            })
+        };
+        {
+            let (s, _) = Store::open(&cfg, &streams).unwrap();
+            for n in 0..50 {
+                let r = rec(n);
+                s.append(
+                    &[Entry {
+                        record: &r,
+                        queues: &[0],
+                    }],
+                    &[],
+                )
+                .await
+                .unwrap();
+            }
+            s.flush().await.unwrap();
+        }
+        let filler = fill(fs.path());
+        match Store::open(&cfg, &streams) {
+            Ok((s, report)) => {
+                assert!(report.quarantined.is_none(), "{backend:?}");
+                assert_eq!(s.queue("cloud").unwrap().len(), 50);
+            }
+            Err(e) => eprintln!("{backend:?}: open on a full disk: {e}"),
+        }
+        let aside: Vec<_> = std::fs::read_dir(fs.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("corrupt"))
+            .collect();
+        assert!(aside.is_empty(), "{backend:?}: moved aside: {aside:?}");
+        std::fs::remove_file(filler).unwrap();
+        let (s, report) = Store::open(&cfg, &streams).unwrap();
+        assert!(report.quarantined.is_none());
+        assert_eq!(s.queue("cloud").unwrap().len(), 50, "{backend:?}");
+        drop(s);
+        drop(fs);
+    }
+}

@@ -1,0 +1,108 @@
+//! `[storage] max_bytes` with `when_full` and its per-stream override, through the daemon: two
+//! streams whose broker is down fill the cap; the one that drops oldest keeps the newest
+//! uplinks, the one that rejects new keeps the oldest; every drop is counted per stream and
+//! reason in `/metrics`. Both storage engines.
+
+mod support;
+
+use lorastream::app::Daemon;
+use lorastream::config::StorageBackend;
+use lorastream::model::Eui64;
+use lorastream::sim::{Forwarder, Radio};
+use std::time::Duration;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_stream_when_full_decides_what_a_full_store_drops() {
+    install_crypto();
+    for backend in [StorageBackend::Sled, StorageBackend::Redb] {
+        let mut broker = support::broker::TestBroker::start().await;
+        broker.stop().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = device(1);
+        let url = broker.url();
+        let mut cfg = config(
+            dir.path(),
+            &format!(
+                "[[application]]\nid = \"farm\"\n\n{}\
+                 [[stream]]\nname = \"keep-newest\"\nserver = \"{url}\"\n\n\
+                 [[stream]]\nname = \"keep-oldest\"\nserver = \"{url}\"\nwhen_full = \"reject_new\"\n",
+                device_toml(&d, "farm"),
+            ),
+        );
+        cfg.storage.backend = backend;
+        cfg.storage.max_bytes = 65_536;
+        cfg.storage.flush_every_ms = 100;
+        cfg.gateway.dedup_window_ms = 0;
+        let daemon = Daemon::start(&cfg).await.unwrap();
+        let newest = daemon.store().queue("keep-newest").unwrap();
+        let oldest = daemon.store().queue("keep-oldest").unwrap();
+        let mut f = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(1))
+            .await
+            .unwrap();
+        const N: u32 = 600;
+        for i in 0..N {
+            let p = d.uplink(1, &[i as u8; 32], false).unwrap();
+            f.send(&[(&p, Radio::default())]).await.unwrap();
+            if i % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert!(
+            wait_until(Duration::from_secs(20), || daemon
+                .metrics()
+                .uplinks("accepted")
+                == u64::from(N))
+            .await
+        );
+        let (sn, so) = (newest.stats(), oldest.stats());
+        assert!(
+            daemon.store().total_bytes() <= 65_536,
+            "{backend:?}: {}",
+            daemon.store().total_bytes()
+        );
+        let evicted = sn
+            .dropped
+            .get("queue_full_drop_oldest")
+            .copied()
+            .unwrap_or(0);
+        let rejected = so
+            .dropped
+            .get("queue_full_reject_new")
+            .copied()
+            .unwrap_or(0);
+        assert!(evicted > 0 && rejected > 0, "{backend:?}: {sn:?} {so:?}");
+        assert_eq!(sn.depth + evicted, u64::from(N), "{sn:?}");
+        assert_eq!(so.depth + rejected, u64::from(N), "{so:?}");
+        let f_cnts = |q: &lorastream::store::Queue| -> Vec<u32> {
+            q.read_after(None, usize::MAX)
+                .unwrap()
+                .into_iter()
+                .map(|(_, r)| match r {
+                    lorastream::model::Record::Uplink(u) => u.f_cnt,
+                    _ => u32::MAX,
+                })
+                .collect()
+        };
+        // drop_oldest keeps the newest uplinks, reject_new the oldest.
+        assert_eq!(f_cnts(&newest).last(), Some(&(N - 1)), "{backend:?}");
+        assert_eq!(f_cnts(&oldest).first(), Some(&0), "{backend:?}");
+        assert!(*f_cnts(&oldest).last().unwrap() < N - 1);
+        let m = daemon.metrics().clone();
+        let _ = daemon.health(); // fills the scrape-time gauges
+        let text = m.encode();
+        assert!(
+            text.contains(&format!(
+                "lorastream_queue_dropped{{stream=\"keep-newest\",reason=\"queue_full_drop_oldest\"}} {evicted}"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "lorastream_queue_dropped{{stream=\"keep-oldest\",reason=\"queue_full_reject_new\"}} {rejected}"
+            )),
+            "{text}"
+        );
+        daemon.stop().await;
+    }
+}
