@@ -34,10 +34,10 @@
 //! Acknowledgements are not written at once: they are deletes batched into the next checkpoint
 //! (with `flush_every_ms = 0`: the next commit, at the latest after [`LAZY_COMMIT_EVERY`]). A
 //! record acknowledged before its checkpoint never reaches the engine. Losing a delete only
-//! means an at-least-once redelivery with the same correlation id. When no record waits (the
-//! cloud acknowledged everything of the window), the devices' new FCntUp alone is made durable
-//! (journal fsync) at most every [`LAZY_COMMIT_EVERY`], so a power cut can lose up to that much
-//! of the frame counters of delivered uplinks.
+//! means an at-least-once redelivery with the same correlation id. Every window in which the
+//! journal was written ends with its fsync, also when the cloud has already acknowledged every
+//! record of it: the devices' new FCntUp is in the same frames, and a power cut must not let a
+//! replayed frame older than the window through (tests/powercut.rs checks exactly that).
 //!
 //! ## A full or failing disk
 //! A commit that fails leaves everything in memory (`unsaved`), so streams keep delivering live
@@ -76,8 +76,7 @@ pub(crate) const DOWN: &str = "down";
 /// `meta` key: the newest journal generation whose content is in the engine.
 const JOURNAL_GEN: &[u8] = b"journal_gen";
 
-/// Frame counters of delivered uplinks are made durable at least this often (records: every
-/// `flush_every_ms`); without a journal, deletes are committed this often too.
+/// Without a journal (`flush_every_ms = 0`), deletes are committed at least this often.
 pub const LAZY_COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// Records kept in memory only while the disk refuses writes, all queues together.
 pub const MEMORY_FALLBACK_BYTES: u64 = 8 << 20;
@@ -271,6 +270,8 @@ struct Inner {
     needs_reopen: AtomicBool,
     /// The journal was written since the last commit snapshot.
     journal_dirty: AtomicBool,
+    /// The journal was written since its last fsync (or commit snapshot).
+    journal_unsynced: AtomicBool,
     /// Last time a change of writability was logged (flapping is logged once per 10 s).
     last_state_log: Mutex<Option<Instant>>,
     /// Asks the committer to commit now (memory filling up).
@@ -513,6 +514,7 @@ impl Store {
                 writable: AtomicBool::new(true),
                 needs_reopen: AtomicBool::new(false),
                 journal_dirty: AtomicBool::new(false),
+                journal_unsynced: AtomicBool::new(false),
                 last_state_log: Mutex::new(None),
                 kick: Notify::new(),
             }),
@@ -617,6 +619,7 @@ impl Store {
                 // per failed attempt); the committer writes them once it can.
                 if writable {
                     self.inner.journal_dirty.store(true, Ordering::Relaxed);
+                    self.inner.journal_unsynced.store(true, Ordering::Relaxed);
                     if let Err(e) = j.write(&frame) {
                         out.unsaved = out.written;
                         self.note_failure(&format!("journal write: {e}"), false);
@@ -797,6 +800,7 @@ impl Store {
                 .map(|j| j.lock().unwrap_or_else(|p| p.into_inner()));
             let gen = j.as_mut().map(|j| j.rotate());
             self.inner.journal_dirty.store(false, Ordering::Relaxed);
+            self.inner.journal_unsynced.store(false, Ordering::Relaxed);
             let snaps: Vec<_> = queues.iter().map(|q| q.snapshot(&mut batch)).collect();
             let sessions = self
                 .inner
@@ -864,11 +868,24 @@ impl Store {
         let Some(j) = &self.inner.journal else {
             return Ok(());
         };
-        let handle = j.lock().unwrap_or_else(|p| p.into_inner()).sync_handle()?;
-        let Some(h) = handle else { return Ok(()) };
-        tokio::task::spawn_blocking(move || h.sync())
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        // Cleared under the journal lock before the fsync: a write after this point sets it again
+        // and is synced by the next window.
+        let handle = {
+            let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
+            self.inner.journal_unsynced.store(false, Ordering::Relaxed);
+            j.sync_handle()
+        };
+        let r = match handle {
+            Ok(Some(h)) => tokio::task::spawn_blocking(move || h.sync())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
+            self.inner.journal_unsynced.store(true, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Commit now, on a blocking thread.
@@ -880,9 +897,10 @@ impl Store {
         }
     }
 
-    /// The group committer: commits the journaled window every `flush_every_ms`, batched
-    /// deletes and counters every [`LAZY_COMMIT_EVERY`], and retries (with a backoff) while the disk refuses
-    /// writes. Runs until `cancel`; the daemon then calls [`Store::flush`].
+    /// The group committer: makes each `flush_every_ms` window durable (journal fsync),
+    /// checkpoints into the engine every [`CHECKPOINT_EVERY`] or [`CHECKPOINT_BYTES`], and retries
+    /// (with a backoff) while the disk refuses writes. Runs until `cancel`; the daemon then calls
+    /// [`Store::flush`].
     pub async fn run_committer(self, cancel: tokio_util::sync::CancellationToken) {
         let tick = Duration::from_millis(match self.inner.cfg.flush_every_ms {
             0 => 100,
@@ -916,11 +934,10 @@ impl Store {
             // Records must be durable at the end of each window (the power-cut contract): an
             // fsync of the journal does that for about one page, an engine commit (checkpoint)
             // costs several, so the engine is committed every CHECKPOINT_EVERY, or earlier with
-            // CHECKPOINT_BYTES waiting. Frame counters of delivered uplinks are made durable at
-            // most every LAZY_COMMIT_EVERY (journal fsync); deletes and journal clean-up wait for
-            // the checkpoint. At low rates with the cloud up that saves most writes
-            // (docs/benchmarks.md). Without a journal (`flush_every_ms = 0`) appends commit
-            // themselves and deletes are committed every LAZY_COMMIT_EVERY.
+            // CHECKPOINT_BYTES waiting. A window in which the journal was written ends with its
+            // fsync (records and frame counters); deletes and journal clean-up wait for the
+            // checkpoint (docs/benchmarks.md). Without a journal (`flush_every_ms = 0`) appends
+            // commit themselves and deletes are committed every LAZY_COMMIT_EVERY.
             let journal_dirty = self.inner.journal_dirty.load(Ordering::Relaxed);
             let unsaved = self.inner.shared.unsaved_bytes.load(Ordering::Relaxed);
             let lazy_due = last_lazy.elapsed() >= LAZY_COMMIT_EVERY;
@@ -942,13 +959,9 @@ impl Store {
                     }
                     Err(e) => tracing::debug!(error = %e, "store commit failed; will retry"),
                 }
-            } else if puts > 0 || (sessions > 0 && lazy_due) {
+            } else if self.inner.journal_unsynced.load(Ordering::Relaxed) {
                 match self.sync_journal().await {
-                    Ok(()) => {
-                        if puts == 0 {
-                            last_lazy = Instant::now();
-                        }
-                    }
+                    Ok(()) => {}
                     // The records stay in memory; the next engine commit writes them.
                     Err(e) => self.note_failure(&format!("journal fsync: {e}"), false),
                 }
