@@ -158,6 +158,11 @@ impl Queue {
         &self.inner.name
     }
 
+    /// The engine table that holds this queue (`q:{name}`).
+    pub(super) fn table(&self) -> &str {
+        &self.inner.table
+    }
+
     fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
         // A panic while holding this lock cannot leave the maps half-updated in a way that
         // loses data (the engine is the truth); keep going with what is there.
