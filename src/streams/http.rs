@@ -36,7 +36,8 @@ use super::{tls, StreamContext};
 use crate::config::StreamConfig;
 use crate::downlink::{json as downlink_json, Input as DownlinkInput};
 use crate::model::{
-    correlation_id, now_us, DownlinkEvent, DownlinkOp, DownlinkRequest, Record, Secret,
+    correlation_id, now_us, redact_url, redact_url_str, DownlinkEvent, DownlinkOp, DownlinkRequest,
+    Record, Secret,
 };
 use crate::store::DropReason;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -807,28 +808,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// A URL fit for a log line: no user info, no query, no fragment (keys often hide there).
-fn redact_url(u: &reqwest::Url) -> String {
-    let mut u = u.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    let had_query = u.query().is_some();
-    u.set_query(None);
-    u.set_fragment(None);
-    if had_query {
-        format!("{u}?***")
-    } else {
-        u.to_string()
-    }
-}
-
-fn redact_url_str(s: &str) -> String {
-    match reqwest::Url::parse(s) {
-        Ok(u) => redact_url(&u),
-        Err(_) => "(not a URL)".into(),
-    }
-}
-
 /// One device's entry: `{"push": [items], "replace": [items]}` (at least one of them).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -976,14 +955,6 @@ mod tests {
         assert!(errs[1].contains("unknown field `pus`"), "{errs:?}"); // x
         assert!(errs[2].contains("\"push\" or \"replace\""), "{errs:?}"); // y
         assert!(errs[3].contains("f_port 0"), "{errs:?}"); // z
-    }
-
-    #[test]
-    fn urls_lose_credentials_in_logs() {
-        let u = reqwest::Url::parse("https://user:pw@fn.example.net/api/up?code=SECRET#x").unwrap();
-        let r = redact_url(&u);
-        assert_eq!(r, "https://fn.example.net/api/up?***");
-        assert_eq!(redact_url_str("nope"), "(not a URL)");
     }
 
     #[test]
