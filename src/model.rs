@@ -267,6 +267,15 @@ impl Record {
             Record::GatewayFrame(g) => g.rx.received_at_us,
         }
     }
+
+    /// The correlation id its messages carry (`lorastream:uplink:…`, `:join:`, `:frame:`).
+    pub fn correlation_id(&self) -> String {
+        match self {
+            Record::Uplink(u) => correlation_id("uplink", u.id),
+            Record::Join(j) => correlation_id("join", j.id),
+            Record::GatewayFrame(g) => correlation_id("frame", g.id),
+        }
+    }
 }
 
 /// Unix time now in microseconds.

@@ -36,8 +36,7 @@ use super::{tls, StreamContext};
 use crate::config::StreamConfig;
 use crate::downlink::{json as downlink_json, Input as DownlinkInput};
 use crate::model::{
-    correlation_id, now_us, redact_url, redact_url_str, DownlinkEvent, DownlinkOp, DownlinkRequest,
-    Record, Secret,
+    now_us, redact_url, redact_url_str, DownlinkEvent, DownlinkOp, DownlinkRequest, Record, Secret,
 };
 use crate::store::DropReason;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -334,8 +333,14 @@ impl HttpStream {
             // The server is there and answering; it only wants none of this batch.
             self.ctx.metrics.stream_connected(&self.name, true);
             let dropped: Vec<(u64, Record)> = pending.drain(..n).collect();
-            let first = dropped.first().map(|(_, r)| cid(r)).unwrap_or_default();
-            let last = dropped.last().map(|(_, r)| cid(r)).unwrap_or_default();
+            let first = dropped
+                .first()
+                .map(|(_, r)| r.correlation_id())
+                .unwrap_or_default();
+            let last = dropped
+                .last()
+                .map(|(_, r)| r.correlation_id())
+                .unwrap_or_default();
             for (seq, _) in &dropped {
                 if let Err(e) = self
                     .ctx
@@ -767,15 +772,6 @@ fn json_array(docs: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
     }
     out.push(b']');
     out
-}
-
-/// The correlation id of a record (for log lines).
-fn cid(r: &Record) -> String {
-    match r {
-        Record::Uplink(u) => correlation_id("uplink", u.id),
-        Record::GatewayFrame(g) => correlation_id("frame", g.id),
-        Record::Join(j) => correlation_id("join", j.id),
-    }
 }
 
 /// `Retry-After` as a delay from `now`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3),

@@ -247,10 +247,10 @@ pub(super) fn message(hub_id: &str, r: &Record, now_us: i64) -> (String, Vec<u8>
     let mut props = vec![
         ("$.ct", "application/json".to_string()),
         ("$.ce", "utf-8".to_string()),
+        ("$.mid", r.correlation_id()),
     ];
     match r {
         Record::Uplink(u) => {
-            props.push(("$.mid", correlation_id("uplink", u.id)));
             props.push(("type", "uplink".into()));
             props.push(("application", u.application.clone()));
             props.push(("device", u.device.clone()));
@@ -261,14 +261,12 @@ pub(super) fn message(hub_id: &str, r: &Record, now_us: i64) -> (String, Vec<u8>
             props.push(("f_cnt", u.f_cnt.to_string()));
         }
         Record::Join(j) => {
-            props.push(("$.mid", correlation_id("join", j.id)));
             props.push(("type", "join".into()));
             props.push(("application", j.application.clone()));
             props.push(("device", j.device.clone()));
             props.push(("dev_eui", j.dev_eui.to_string()));
         }
         Record::GatewayFrame(g) => {
-            props.push(("$.mid", correlation_id("frame", g.id)));
             props.push(("type", "frame".into()));
             props.push(("gateway", g.rx.gateway.to_string()));
         }
