@@ -13,7 +13,7 @@ use super::Shared;
 use crate::downlink::{json as downlink_json, Input as DownlinkInput};
 use crate::model::{correlation_id, now_us, DownlinkEvent, DownlinkRequest, Eui64, Record};
 use crate::store::DropReason;
-use crate::streams::format::{record_json, Delivery};
+use crate::streams::format::{record_json, rfc3339, Delivery};
 use crate::streams::session::{self, Inflight};
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, Publish, QoS};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -325,9 +325,7 @@ fn publish_record(
                 "rssi": best.map(|x| x.rssi),
                 "snr": best.map(|x| x.snr),
                 "gateway": best.map(|x| x.gateway.to_string()),
-                "last_seen": humantime::format_rfc3339_micros(
-                    std::time::UNIX_EPOCH + Duration::from_micros(u.received_at_us.max(0) as u64)
-                ).to_string(),
+                "last_seen": rfc3339(u.received_at_us),
             });
             let doc = if who.device.is_some() {
                 serde_json::json!({ "lorawan": seen })
