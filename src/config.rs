@@ -88,23 +88,12 @@ fn ser_masked<S: Serializer, T>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> 
     }
 }
 
-/// A URL with its query and password shown as `***`: webhook keys often live there (e.g.
-/// `?code=` of Azure Functions).
+/// A URL without what may hold a key (see [`crate::model::redact_url`]): webhook keys often
+/// live in the query (e.g. `?code=` of Azure Functions).
 fn ser_url_masked<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    let Some(u) = v else {
-        return s.serialize_none();
-    };
-    match url::Url::parse(u) {
-        Ok(mut p) => {
-            if p.password().is_some() {
-                let _ = p.set_password(Some("***"));
-            }
-            if p.query().is_some() {
-                p.set_query(Some("***"));
-            }
-            s.serialize_str(p.as_str())
-        }
-        Err(_) => s.serialize_str(u),
+    match v {
+        Some(u) => s.serialize_str(&crate::model::redact_url_str(u)),
+        None => s.serialize_none(),
     }
 }
 

@@ -144,6 +144,30 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A URL fit for a log line or `lorastream check`: no user info, no query, no fragment (keys
+/// often hide there, e.g. `?code=` of Azure Functions); a query shows as `?***`.
+pub fn redact_url(u: &url::Url) -> String {
+    let mut u = u.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    let had_query = u.query().is_some();
+    u.set_query(None);
+    u.set_fragment(None);
+    if had_query {
+        format!("{u}?***")
+    } else {
+        u.to_string()
+    }
+}
+
+/// [`redact_url`] of a configured string; text that is not a URL is not shown at all.
+pub fn redact_url_str(s: &str) -> String {
+    match url::Url::parse(s) {
+        Ok(u) => redact_url(&u),
+        Err(_) => "(not a URL)".into(),
+    }
+}
+
 /// Radio settings of a received frame.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TxSettings {
@@ -243,6 +267,15 @@ impl Record {
             Record::GatewayFrame(g) => g.rx.received_at_us,
         }
     }
+
+    /// The correlation id its messages carry (`lorastream:uplink:…`, `:join:`, `:frame:`).
+    pub fn correlation_id(&self) -> String {
+        match self {
+            Record::Uplink(u) => correlation_id("uplink", u.id),
+            Record::Join(j) => correlation_id("join", j.id),
+            Record::GatewayFrame(g) => correlation_id("frame", g.id),
+        }
+    }
 }
 
 /// Unix time now in microseconds.
@@ -266,6 +299,14 @@ pub fn correlation_id(kind: &str, id: u128) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_credentials_in_logs() {
+        let u = url::Url::parse("https://user:pw@fn.example.net/api/up?code=SECRET#x").unwrap();
+        let r = redact_url(&u);
+        assert_eq!(r, "https://fn.example.net/api/up?***");
+        assert_eq!(redact_url_str("nope"), "(not a URL)");
+    }
 
     #[test]
     fn eui_and_devaddr_roundtrip_msb_first() {

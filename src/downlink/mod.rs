@@ -538,43 +538,33 @@ impl Scheduler {
             return;
         };
         let len = len * usize::from(item.is_some());
-        let rx2_deadline = u.arrived + RECEIVE_DELAY2 - SCHEDULE_MARGIN;
-        let mut item = item;
-        for rx in &u.rx {
-            let t1 = rx.tmst.wrapping_add(micros(RECEIVE_DELAY1));
-            let t2 = rx.tmst.wrapping_add(micros(RECEIVE_DELAY2));
-            let (win, tmst, fallback) = match (slot, &rx1, &rx2) {
-                (Slot::Rx1, Some(w1), _) => (
-                    w1.clone(),
-                    t1,
-                    rx2.as_ref().filter(|_| fits(&rx2, len)).map(|w2| Fallback {
-                        window: w2.clone(),
-                        tmst: t2,
-                        deadline: rx2_deadline,
-                    }),
-                ),
-                (_, _, Some(w2)) => (w2.clone(), t2, None),
-                _ => return,
-            };
-            let tx = Tx {
-                device: u.device,
-                item: item.take(),
-                f_cnt: Some(f_cnt),
-                phy: phy.clone(),
-                slot,
-                gateway: rx.gateway,
-                window: win,
-                tmst: Some(tmst),
-                rx2: fallback,
-                join_accept: false,
-            };
-            match self.transmit(tx).await {
-                Ok(()) => break,
-                // That gateway has no downlink path (no PULL_DATA yet): try the next one.
-                Err((SendError::NoRoute(_), back)) => item = back,
-                Err(_) => break,
-            }
-        }
+        let (window, delay, rx2_fallback) = match (slot, &rx1, &rx2) {
+            (Slot::Rx1, Some(w1), _) => (
+                w1.clone(),
+                RECEIVE_DELAY1,
+                rx2.as_ref().filter(|_| fits(&rx2, len)).map(|w2| Fallback {
+                    window: w2.clone(),
+                    tmst: 0,
+                    deadline: u.arrived + RECEIVE_DELAY2 - SCHEDULE_MARGIN,
+                }),
+            ),
+            (_, _, Some(w2)) => (w2.clone(), RECEIVE_DELAY2, None),
+            _ => return,
+        };
+        let tx = Tx {
+            device: u.device,
+            item,
+            f_cnt: Some(f_cnt),
+            phy,
+            slot,
+            gateway: Eui64::default(),
+            window,
+            tmst: None,
+            rx2: rx2_fallback,
+            join_accept: false,
+        };
+        self.transmit_via(&u.rx, tx, Some(delay), RECEIVE_DELAY2)
+            .await;
         // RX1 opens 1 s after the uplink: this must stay far below (docs/benchmarks.md).
         self.metrics.observe_schedule_latency(u.arrived.elapsed());
     }
@@ -626,12 +616,34 @@ impl Scheduler {
         }
     }
 
-    /// Hand a frame to a forwarder. On failure the queued item is handed back (it stays in the
-    /// store either way; this only lets the caller try another gateway).
-    async fn transmit(
+    /// Send `tx` through the first gateway of `rx` (receptions, best first) that has a downlink
+    /// path: `tx.gateway` and `tx.tmst` (and the RX2 fallback's `tmst`) are set here for each
+    /// gateway tried, from its own reception `tmst` plus `delay` (None: at once, class C) and
+    /// `rx2_delay`.
+    async fn transmit_via(
         &mut self,
-        t: Tx,
-    ) -> Result<(), (SendError, Option<(Vec<u8>, DownlinkItem)>)> {
+        rx: &[RxInfo],
+        mut tx: Tx,
+        delay: Option<Duration>,
+        rx2_delay: Duration,
+    ) {
+        for r in rx {
+            tx.gateway = r.gateway;
+            tx.tmst = delay.map(|d| r.tmst.wrapping_add(micros(d)));
+            if let Some(f) = &mut tx.rx2 {
+                f.tmst = r.tmst.wrapping_add(micros(rx2_delay));
+            }
+            match self.transmit(tx).await {
+                // That gateway has no downlink path (no PULL_DATA yet): try the next one.
+                Err((SendError::NoRoute(_), back)) => tx = back,
+                _ => return,
+            }
+        }
+    }
+
+    /// Hand a frame to a forwarder. On failure the frame is handed back (a queued item stays
+    /// in the store either way; this only lets the caller try another gateway).
+    async fn transmit(&mut self, t: Tx) -> Result<(), (SendError, Tx)> {
         let txpk = window::txpk(&t.window, t.tmst, &t.phy);
         match self.tx.send(t.gateway, txpk).await {
             Ok(token) => {
@@ -648,7 +660,7 @@ impl Scheduler {
             Err(e) => {
                 tracing::warn!(gateway = %t.gateway, error = %e, "cannot send a downlink; kept for the next opportunity");
                 self.metrics.downlink_event("send_error");
-                Err((e, t.item))
+                Err((e, t))
             }
         }
     }
@@ -674,25 +686,20 @@ impl Scheduler {
         else {
             return;
         };
-        let mut item = Some(item);
-        for r in &rx {
-            let tx = Tx {
-                device,
-                item: item.take(),
-                f_cnt: Some(f_cnt),
-                phy: phy.clone(),
-                slot: Slot::Immediate,
-                gateway: r.gateway,
-                window: win.clone(),
-                tmst: None,
-                rx2: None,
-                join_accept: false,
-            };
-            match self.transmit(tx).await {
-                Err((SendError::NoRoute(_), back)) => item = back,
-                _ => break,
-            }
-        }
+        let tx = Tx {
+            device,
+            item: Some(item),
+            f_cnt: Some(f_cnt),
+            phy,
+            slot: Slot::Immediate,
+            gateway: Eui64::default(),
+            window: win,
+            tmst: None,
+            rx2: None,
+            join_accept: false,
+        };
+        // At once, without an RX2 fallback.
+        self.transmit_via(&rx, tx, None, Duration::ZERO).await;
     }
 
     async fn on_join_accept(&mut self, j: JoinAcceptJob) {
@@ -700,45 +707,41 @@ impl Scheduler {
         // The device still has the region's default RX settings.
         let rx1 = self.join_plan.rx1(&j.settings);
         let rx2 = self.join_plan.rx2(Some(&j.settings));
-        let rx2_deadline = j.arrived + JOIN_ACCEPT_DELAY2 - SCHEDULE_MARGIN;
-        for r in &j.rx {
-            let t1 = r.tmst.wrapping_add(micros(JOIN_ACCEPT_DELAY1));
-            let t2 = r.tmst.wrapping_add(micros(JOIN_ACCEPT_DELAY2));
-            let fallback = rx2.as_ref().map(|w| Fallback {
-                window: w.clone(),
-                tmst: t2,
-                deadline: rx2_deadline,
-            });
-            let (slot, win, tmst, fallback) = match (&rx1, &rx2) {
-                (Some(w), _) if elapsed + SCHEDULE_MARGIN < JOIN_ACCEPT_DELAY1 => {
-                    (Slot::Rx1, w.clone(), t1, fallback)
-                }
-                (_, Some(w)) if elapsed + SCHEDULE_MARGIN < JOIN_ACCEPT_DELAY2 => {
-                    (Slot::Rx2, w.clone(), t2, None)
-                }
-                _ => {
-                    tracing::warn!(elapsed_ms = elapsed.as_millis() as u64, "too late for both JoinAccept windows; the device will send a new JoinRequest");
-                    self.metrics.downlink_event("too_late");
-                    return;
-                }
-            };
-            let tx = Tx {
-                device: j.device,
-                item: None,
-                f_cnt: None,
-                phy: j.phy.clone(),
-                slot,
-                gateway: r.gateway,
-                window: win,
-                tmst: Some(tmst),
-                rx2: fallback,
-                join_accept: true,
-            };
-            match self.transmit(tx).await {
-                Err((SendError::NoRoute(_), _)) => continue,
-                _ => break,
+        let fallback = rx2.as_ref().map(|w| Fallback {
+            window: w.clone(),
+            tmst: 0,
+            deadline: j.arrived + JOIN_ACCEPT_DELAY2 - SCHEDULE_MARGIN,
+        });
+        let (slot, window, delay, fallback) = match (&rx1, &rx2) {
+            (Some(w), _) if elapsed + SCHEDULE_MARGIN < JOIN_ACCEPT_DELAY1 => {
+                (Slot::Rx1, w.clone(), JOIN_ACCEPT_DELAY1, fallback)
             }
-        }
+            (_, Some(w)) if elapsed + SCHEDULE_MARGIN < JOIN_ACCEPT_DELAY2 => {
+                (Slot::Rx2, w.clone(), JOIN_ACCEPT_DELAY2, None)
+            }
+            _ => {
+                tracing::warn!(
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "too late for both JoinAccept windows; the device will send a new JoinRequest"
+                );
+                self.metrics.downlink_event("too_late");
+                return;
+            }
+        };
+        let tx = Tx {
+            device: j.device,
+            item: None,
+            f_cnt: None,
+            phy: j.phy,
+            slot,
+            gateway: Eui64::default(),
+            window,
+            tmst: None,
+            rx2: fallback,
+            join_accept: true,
+        };
+        self.transmit_via(&j.rx, tx, Some(delay), JOIN_ACCEPT_DELAY2)
+            .await;
     }
 
     async fn on_tx_ack(&mut self, a: TxAck) {

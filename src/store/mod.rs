@@ -605,19 +605,24 @@ impl Store {
                 // Journal first, then memory, under the journal lock (a commit snapshot is
                 // taken under the same lock, so no record is in neither).
                 let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
-                let mut frame: Vec<journal::Put> = Vec::new();
-                for (qi, recs) in per_queue.iter().enumerate() {
-                    for (seq, v) in recs {
-                        let table = queue_table(queues[qi].name());
-                        frame.push((table, seq.to_be_bytes().to_vec(), v.to_vec()));
-                    }
-                }
-                for (k, v) in &session_puts {
-                    frame.push((DEVICES.to_string(), k.clone(), v.clone()));
-                }
                 // While the disk refuses writes, records stay in memory only (no journal file
                 // per failed attempt); the committer writes them once it can.
                 if writable {
+                    // The frame borrows the encoded records: they are not copied again.
+                    let seq_keys: Vec<Vec<[u8; 8]>> = per_queue
+                        .iter()
+                        .map(|recs| recs.iter().map(|(seq, _)| seq.to_be_bytes()).collect())
+                        .collect();
+                    let mut frame: Vec<journal::PutRef> = Vec::new();
+                    for (qi, recs) in per_queue.iter().enumerate() {
+                        let table = queues[qi].table();
+                        for ((_, v), k) in recs.iter().zip(&seq_keys[qi]) {
+                            frame.push((table, k.as_slice(), v.as_slice()));
+                        }
+                    }
+                    for (k, v) in &session_puts {
+                        frame.push((DEVICES, k.as_slice(), v.as_slice()));
+                    }
                     self.inner.journal_dirty.store(true, Ordering::Relaxed);
                     self.inner.journal_unsynced.store(true, Ordering::Relaxed);
                     if let Err(e) = j.write(&frame) {

@@ -158,6 +158,11 @@ impl Queue {
         &self.inner.name
     }
 
+    /// The engine table that holds this queue (`q:{name}`).
+    pub(super) fn table(&self) -> &str {
+        &self.inner.table
+    }
+
     fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
         // A panic while holding this lock cannot leave the maps half-updated in a way that
         // loses data (the engine is the truth); keep going with what is there.
@@ -326,17 +331,25 @@ impl Queue {
         let raw = self.read_raw(cursor, max)?;
         let mut out = Vec::with_capacity(raw.len());
         for (seq, v) in raw {
-            match postcard::from_bytes::<Record>(&v) {
-                Ok(r) => out.push((seq, r)),
-                Err(e) => {
-                    tracing::error!(stream = %self.inner.name, seq, error = %e, "unreadable record removed from the queue");
-                    if self.remove(seq)? {
-                        self.count_drop(DropReason::Corrupt, 1);
-                    }
-                }
+            if let Some(r) = self.decode(seq, &v)? {
+                out.push((seq, r));
             }
         }
         Ok(out)
+    }
+
+    /// Decode a queued record; one that cannot be decoded is removed and counted as corrupt.
+    fn decode(&self, seq: u64, v: &[u8]) -> Result<Option<Record>, StoreError> {
+        match postcard::from_bytes::<Record>(v) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                tracing::error!(stream = %self.inner.name, seq, error = %e, "unreadable record removed from the queue");
+                if self.remove(seq)? {
+                    self.count_drop(DropReason::Corrupt, 1);
+                }
+                Ok(None)
+            }
+        }
     }
 
     /// The record with this sequence number, if it is still queued. An undecodable record is
@@ -350,16 +363,7 @@ impl Queue {
         else {
             return Ok(None);
         };
-        match postcard::from_bytes::<Record>(&v) {
-            Ok(r) => Ok(Some(r)),
-            Err(e) => {
-                tracing::error!(stream = %self.inner.name, seq, error = %e, "unreadable record removed from the queue");
-                if self.remove(seq)? {
-                    self.count_drop(DropReason::Corrupt, 1);
-                }
-                Ok(None)
-            }
-        }
+        self.decode(seq, &v)
     }
 
     /// The destination can never take this record: remove it and count it under `reason`, so

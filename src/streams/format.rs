@@ -22,7 +22,9 @@ pub struct Delivery {
     pub now_us: i64,
 }
 
-fn rfc3339(us: i64) -> String {
+/// Unix µs as RFC 3339 with microseconds, UTC (`2026-11-22T10:00:00.123456Z`), as TTS writes
+/// `received_at`.
+pub(crate) fn rfc3339(us: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
     humantime::format_rfc3339_micros(t).to_string()
 }

@@ -31,11 +31,12 @@
 use super::backoff::Backoff;
 use super::format::{record_json, Delivery};
 use super::lanes::Lanes;
+use super::session::FailureLog;
 use super::{tls, StreamContext};
 use crate::config::StreamConfig;
 use crate::downlink::{json as downlink_json, Input as DownlinkInput};
 use crate::model::{
-    correlation_id, now_us, DownlinkEvent, DownlinkOp, DownlinkRequest, Record, Secret,
+    now_us, redact_url, redact_url_str, DownlinkEvent, DownlinkOp, DownlinkRequest, Record, Secret,
 };
 use crate::store::DropReason;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -228,7 +229,7 @@ impl HttpStream {
         let mut pending: VecDeque<(u64, Record)> = VecDeque::new();
         let mut limit = self.batch_max;
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
-        let mut failures = 0u64;
+        let mut failures = FailureLog::default();
         // After an outage, re-split the queue into backlog and live lanes (as MQTT does on
         // reconnect), once nothing read is outstanding.
         let mut relane = false;
@@ -276,11 +277,11 @@ impl HttpStream {
                         }
                     }
                     self.ctx.metrics.stream_connected(&self.name, true);
-                    if failures > 0 {
-                        tracing::info!(stream = %self.name, failures, "HTTP server accepts uplinks again");
+                    if failures.count() > 0 {
+                        tracing::info!(stream = %self.name, failures = failures.count(), "HTTP server accepts uplinks again");
                         relane = true;
                     }
-                    failures = 0;
+                    failures.reset();
                     backoff.reset();
                     self.route_downlinks(&body, Purpose::Uplinks).await;
                     continue;
@@ -298,9 +299,9 @@ impl HttpStream {
                 }
                 Outcome::Retry { why, after } => {
                     self.ctx.metrics.stream_connected(&self.name, false);
-                    failures += 1;
+                    let (log, failures) = failures.failed();
                     let delay = backoff.next_delay().max(after.unwrap_or_default());
-                    if failures <= 3 || failures % 10 == 0 {
+                    if log {
                         tracing::warn!(stream = %self.name, url = %redact_url(&self.url), error = %why, records = n, retry_in_ms = delay.as_millis() as u64, failures, "HTTP POST of uplinks failed; the batch stays queued");
                     }
                     if !self.sleep(delay).await {
@@ -326,14 +327,20 @@ impl HttpStream {
         n: usize,
         status: u16,
         detail: String,
-        failures: &mut u64,
+        failures: &mut FailureLog,
     ) {
         if self.drop_refused {
             // The server is there and answering; it only wants none of this batch.
             self.ctx.metrics.stream_connected(&self.name, true);
             let dropped: Vec<(u64, Record)> = pending.drain(..n).collect();
-            let first = dropped.first().map(|(_, r)| cid(r)).unwrap_or_default();
-            let last = dropped.last().map(|(_, r)| cid(r)).unwrap_or_default();
+            let first = dropped
+                .first()
+                .map(|(_, r)| r.correlation_id())
+                .unwrap_or_default();
+            let last = dropped
+                .last()
+                .map(|(_, r)| r.correlation_id())
+                .unwrap_or_default();
             for (seq, _) in &dropped {
                 if let Err(e) = self
                     .ctx
@@ -349,12 +356,12 @@ impl HttpStream {
                 .stream_error(&self.name, "dead_letter_batch");
             // Data leaves the gateway here: every dropped batch gets its own line.
             tracing::warn!(stream = %self.name, status, server_said = %detail, records = n, first = %first, last = %last, "HTTP server refused a batch; dropped as dead letters (on_client_error = \"drop\")");
-            *failures = 0;
+            failures.reset();
         } else {
             // Stuck until the server (or its credentials) is fixed: /health says so.
             self.ctx.metrics.stream_connected(&self.name, false);
-            *failures += 1;
-            if *failures <= 3 || *failures % 10 == 0 {
+            let (log, failures) = failures.failed();
+            if log {
                 tracing::warn!(stream = %self.name, status, server_said = %detail, records = n, failures, "HTTP server refused a batch; it stays queued and is retried (on_client_error = \"retry\"); fix the server or its credentials, or set on_client_error = \"drop\"");
             }
         }
@@ -433,7 +440,7 @@ impl HttpStream {
         let mut buf: VecDeque<Vec<u8>> = VecDeque::new();
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
         let mut retry_at: Option<Instant> = None;
-        let mut failures = 0u64;
+        let mut failures = FailureLog::default();
         let mut open = true;
         loop {
             // With nothing held, or a retry pending, wait for an event, the retry time or the
@@ -495,7 +502,7 @@ impl HttpStream {
             match outcome {
                 Outcome::Delivered(body) => {
                     backoff.reset();
-                    failures = 0;
+                    failures.reset();
                     self.ctx.metrics.stream_connected(&self.name, true);
                     self.route_downlinks(&body, Purpose::Events).await;
                 }
@@ -516,10 +523,10 @@ impl HttpStream {
                         self.ctx.metrics.downlink_event("event_dropped");
                         self.ctx.metrics.stream_error(&self.name, "events_dropped");
                     }
-                    failures += 1;
+                    let (log, _) = failures.failed();
                     let delay = backoff.next_delay().max(after.unwrap_or_default());
                     retry_at = Some(Instant::now() + delay);
-                    if failures <= 3 || failures % 10 == 0 {
+                    if log {
                         tracing::warn!(stream = %self.name, error = %why, events = buf.len(), retry_in_ms = delay.as_millis() as u64, "HTTP POST of downlink events failed; held in memory");
                     }
                 }
@@ -549,7 +556,7 @@ impl HttpStream {
 
     async fn poll_loop(&self) {
         let Some(url) = &self.poll_url else { return };
-        let mut failures = 0u64;
+        let mut failures = FailureLog::default();
         loop {
             let req = self
                 .client
@@ -561,19 +568,19 @@ impl HttpStream {
             let mut wait = self.poll_every;
             match outcome {
                 Outcome::Delivered(body) => {
-                    failures = 0;
+                    failures.reset();
                     self.route_downlinks(&body, Purpose::Poll).await;
                 }
                 Outcome::Retry { why, after } => {
-                    failures += 1;
+                    let (log, failures) = failures.failed();
                     wait = wait.max(after.unwrap_or_default());
-                    if failures <= 3 || failures % 10 == 0 {
+                    if log {
                         tracing::warn!(stream = %self.name, poll_url = %redact_url(url), error = %why, failures, "downlink poll failed");
                     }
                 }
                 Outcome::TooLarge(detail) | Outcome::Refused { detail, .. } => {
-                    failures += 1;
-                    if failures <= 3 || failures % 10 == 0 {
+                    let (log, failures) = failures.failed();
+                    if log {
                         tracing::warn!(stream = %self.name, poll_url = %redact_url(url), server_said = %detail, failures, "downlink poll refused");
                     }
                 }
@@ -767,15 +774,6 @@ fn json_array(docs: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
     out
 }
 
-/// The correlation id of a record (for log lines).
-fn cid(r: &Record) -> String {
-    match r {
-        Record::Uplink(u) => correlation_id("uplink", u.id),
-        Record::GatewayFrame(g) => correlation_id("frame", g.id),
-        Record::Join(j) => correlation_id("join", j.id),
-    }
-}
-
 /// `Retry-After` as a delay from `now`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3),
 /// capped at [`RETRY_AFTER_CAP`]. A date in the past means "now".
 fn retry_after(h: &HeaderMap, now: SystemTime) -> Option<Duration> {
@@ -804,28 +802,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
-}
-
-/// A URL fit for a log line: no user info, no query, no fragment (keys often hide there).
-fn redact_url(u: &reqwest::Url) -> String {
-    let mut u = u.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    let had_query = u.query().is_some();
-    u.set_query(None);
-    u.set_fragment(None);
-    if had_query {
-        format!("{u}?***")
-    } else {
-        u.to_string()
-    }
-}
-
-fn redact_url_str(s: &str) -> String {
-    match reqwest::Url::parse(s) {
-        Ok(u) => redact_url(&u),
-        Err(_) => "(not a URL)".into(),
-    }
 }
 
 /// One device's entry: `{"push": [items], "replace": [items]}` (at least one of them).
@@ -975,14 +951,6 @@ mod tests {
         assert!(errs[1].contains("unknown field `pus`"), "{errs:?}"); // x
         assert!(errs[2].contains("\"push\" or \"replace\""), "{errs:?}"); // y
         assert!(errs[3].contains("f_port 0"), "{errs:?}"); // z
-    }
-
-    #[test]
-    fn urls_lose_credentials_in_logs() {
-        let u = reqwest::Url::parse("https://user:pw@fn.example.net/api/up?code=SECRET#x").unwrap();
-        let r = redact_url(&u);
-        assert_eq!(r, "https://fn.example.net/api/up?***");
-        assert_eq!(redact_url_str("nope"), "(not a URL)");
     }
 
     #[test]

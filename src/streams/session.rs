@@ -1,6 +1,6 @@
 //! Pieces shared by the MQTT-based streams (`mqtt`, `aws-iot`, `azure-iot-hub`): where to
 //! connect, matching QoS 1 publishes to their PUBACKs, waiting for CONNACK, and logging a long
-//! outage readably.
+//! outage readably ([`FailureLog`], which the HTTP stream uses too).
 //!
 //! PUBACK matching (crate-notes, "rumqttc 0.25"): rumqttc does not return the packet id of a
 //! publish. Each publish goes into rumqttc's request channel and onto [`Inflight`]'s FIFO of
@@ -149,6 +149,11 @@ impl FailureLog {
     pub fn failed(&mut self) -> (bool, u64) {
         self.failures += 1;
         (self.failures <= 3 || self.failures % 10 == 0, self.failures)
+    }
+
+    /// Failures since the last reset.
+    pub fn count(&self) -> u64 {
+        self.failures
     }
 
     pub fn reset(&mut self) {

@@ -13,7 +13,7 @@ use super::Shared;
 use crate::downlink::{json as downlink_json, Input as DownlinkInput};
 use crate::model::{correlation_id, now_us, DownlinkEvent, DownlinkRequest, Eui64, Record};
 use crate::store::DropReason;
-use crate::streams::format::{record_json, Delivery};
+use crate::streams::format::{record_json, rfc3339, Delivery};
 use crate::streams::session::{self, Inflight};
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, Publish, QoS};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -247,10 +247,10 @@ pub(super) fn message(hub_id: &str, r: &Record, now_us: i64) -> (String, Vec<u8>
     let mut props = vec![
         ("$.ct", "application/json".to_string()),
         ("$.ce", "utf-8".to_string()),
+        ("$.mid", r.correlation_id()),
     ];
     match r {
         Record::Uplink(u) => {
-            props.push(("$.mid", correlation_id("uplink", u.id)));
             props.push(("type", "uplink".into()));
             props.push(("application", u.application.clone()));
             props.push(("device", u.device.clone()));
@@ -261,14 +261,12 @@ pub(super) fn message(hub_id: &str, r: &Record, now_us: i64) -> (String, Vec<u8>
             props.push(("f_cnt", u.f_cnt.to_string()));
         }
         Record::Join(j) => {
-            props.push(("$.mid", correlation_id("join", j.id)));
             props.push(("type", "join".into()));
             props.push(("application", j.application.clone()));
             props.push(("device", j.device.clone()));
             props.push(("dev_eui", j.dev_eui.to_string()));
         }
         Record::GatewayFrame(g) => {
-            props.push(("$.mid", correlation_id("frame", g.id)));
             props.push(("type", "frame".into()));
             props.push(("gateway", g.rx.gateway.to_string()));
         }
@@ -327,9 +325,7 @@ fn publish_record(
                 "rssi": best.map(|x| x.rssi),
                 "snr": best.map(|x| x.snr),
                 "gateway": best.map(|x| x.gateway.to_string()),
-                "last_seen": humantime::format_rfc3339_micros(
-                    std::time::UNIX_EPOCH + Duration::from_micros(u.received_at_us.max(0) as u64)
-                ).to_string(),
+                "last_seen": rfc3339(u.received_at_us),
             });
             let doc = if who.device.is_some() {
                 serde_json::json!({ "lorawan": seen })

@@ -57,10 +57,6 @@ impl SasKey {
             policy: policy.map(String::from),
         })
     }
-
-    pub fn policy(&self) -> Option<&str> {
-        self.policy.as_deref()
-    }
 }
 
 /// The resource a device token grants: `{hostname}/devices/{deviceId}`.
