@@ -422,6 +422,7 @@ pub struct StreamConfig {
     /// Per-stream override of `[storage] when_full`.
     pub when_full: Option<WhenFull>,
     // mqtt / aws-iot / azure-iot-hub
+    #[serde(serialize_with = "ser_url_masked")]
     pub server: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,

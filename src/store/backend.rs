@@ -27,7 +27,7 @@
 //!
 //! Both poison themselves after an I/O error (sled keeps a global error; redb answers
 //! `PreviousIo` to every later read and write), so the store reopens the engine after a failed
-//! commit (see `Store::recover`).
+//! commit (see `Store::reopen`).
 
 use super::StoreError;
 use crate::config::{StorageBackend, StorageConfig};

@@ -39,6 +39,8 @@ pub struct MqttStream {
     ctx: StreamContext,
     name: String,
     host: String,
+    /// `server` for log lines, secrets removed (see `session::Endpoint::shown`).
+    shown: String,
     port: u16,
     transport: Transport,
     client_id: String,
@@ -91,6 +93,7 @@ impl MqttStream {
             host,
             port,
             transport,
+            shown,
         } = session::endpoint(server, tls_cfg)?;
         let client_id = cfg.client_id.clone().unwrap_or_else(|| {
             let who = ctx
@@ -104,6 +107,7 @@ impl MqttStream {
             host,
             port,
             transport,
+            shown,
             client_id,
             credentials: cfg
                 .username
@@ -200,7 +204,7 @@ impl MqttStream {
                     let (log, failures) = failures.failed();
                     let delay = backoff.next_delay();
                     if log {
-                        tracing::warn!(stream = %self.name, server = %self.host, error = %e, retry_in_ms = delay.as_millis() as u64, failures, "MQTT connection failed");
+                        tracing::warn!(stream = %self.name, server = %self.shown, error = %e, retry_in_ms = delay.as_millis() as u64, failures, "MQTT connection failed");
                     }
                     tokio::select! {
                         _ = self.ctx.cancel.cancelled() => return,
@@ -225,7 +229,7 @@ impl MqttStream {
             Ok(false) => return End::Stopped,
             Err(e) => return End::Failed(e.to_string()),
         }
-        tracing::info!(stream = %self.name, server = %self.host, backlog = self.ctx.queue.len(), "MQTT connected");
+        tracing::info!(stream = %self.name, server = %self.shown, backlog = self.ctx.queue.len(), "MQTT connected");
         if let Some(t) = self.status_topic() {
             publish(&client, &state, &t, b"online".to_vec(), true, None);
         }

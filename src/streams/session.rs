@@ -72,6 +72,9 @@ pub struct Endpoint {
     pub host: String,
     pub port: u16,
     pub transport: Transport,
+    /// The server for log lines: the URL without user, password, query or fragment (a
+    /// WebSocket URL may carry a signature or credentials).
+    pub shown: String,
 }
 
 /// Parse `mqtt://`, `mqtts://`, `ws://` or `wss://` URLs. `tls` builds the TLS configuration
@@ -80,10 +83,12 @@ pub fn endpoint(
     server: &str,
     tls: impl Fn() -> Result<Arc<rustls::ClientConfig>, String>,
 ) -> Result<Endpoint, String> {
-    let url = url::Url::parse(server).map_err(|e| format!("server {server:?}: {e}"))?;
+    let url = url::Url::parse(server)
+        .map_err(|e| format!("server {:?}: {e}", crate::model::redact_url_str(server)))?;
+    let shown = crate::model::redact_url(&url);
     let host = url
         .host_str()
-        .ok_or_else(|| format!("server {server:?}: no host"))?
+        .ok_or_else(|| format!("server {shown:?}: no host"))?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
@@ -108,6 +113,7 @@ pub fn endpoint(
         host,
         port,
         transport,
+        shown,
     })
 }
 
@@ -158,5 +164,30 @@ impl FailureLog {
 
     pub fn reset(&mut self) {
         self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_endpoints_keep_the_url_for_rumqttc_but_log_it_without_secrets() {
+        let no_tls = || Err("no TLS for ws://".to_string());
+        let e = endpoint(
+            "ws://gw:hunter2@broker.example:8080/mqtt?sig=S3CRET",
+            no_tls,
+        )
+        .unwrap();
+        assert_eq!(
+            e.host,
+            "ws://gw:hunter2@broker.example:8080/mqtt?sig=S3CRET"
+        );
+        assert_eq!(e.port, 8080);
+        assert_eq!(e.shown, "ws://broker.example:8080/mqtt?***");
+        let e = endpoint("mqtt://broker.example", no_tls).unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("broker.example", 1883));
+        let err = endpoint("bogus://u:pw@x/?k=SECRET", no_tls).err().unwrap();
+        assert!(!err.contains("SECRET") && !err.contains("pw@"), "{err}");
     }
 }

@@ -188,7 +188,7 @@ fn log_failure(sh: &Shared, hub_id: &str, end: &Ended, failures: u64, retry_in: 
             "IoT Hub refused the connection: check the key (device key, or policy name + key with DeviceConnect), that the device exists and is enabled in the hub, and the gateway's clock (SAS tokens expire)"
         ),
         Ended::Failed(e) => tracing::warn!(
-            stream = %sh.name, device = %hub_id, server = %sh.endpoint.host, error = %e, failures,
+            stream = %sh.name, device = %hub_id, server = %sh.endpoint.shown, error = %e, failures,
             retry_in_ms = retry_in.as_millis() as u64, "IoT Hub connection failed"
         ),
         Ended::Stopped | Ended::Renew => {}
@@ -251,7 +251,7 @@ async fn run_gateway(sh: Arc<Shared>, id: Identity, mut events: mpsc::Receiver<D
                 r = reports.recv() => match r {
                     Some((_, Report::Connected)) => {
                         sh.ctx.metrics.stream_connected(&sh.name, true);
-                        tracing::info!(stream = %sh.name, device = %id.hub_id, server = %sh.endpoint.host, backlog = queue.len(), "IoT Hub connected");
+                        tracing::info!(stream = %sh.name, device = %id.hub_id, server = %sh.endpoint.shown, backlog = queue.len(), "IoT Hub connected");
                         // A new session re-reads the queue from its oldest record.
                         lanes = Some(Lanes::new(&queue));
                     }
