@@ -792,7 +792,7 @@ impl Scheduler {
         let detail = serde_json::json!({
             "f_cnt": p.f_cnt,
             "gateway_ids": {
-                "gateway_id": format!("eui-{}", p.gateway.to_string().to_lowercase()),
+                "gateway_id": format!("eui-{}", p.gateway.to_lower_hex()),
                 "eui": p.gateway.to_string(),
             },
             "timestamp": p.tmst,

@@ -41,7 +41,7 @@ struct GatewayIds {
 
 fn gateway_ids(eui: Eui64) -> GatewayIds {
     GatewayIds {
-        gateway_id: format!("eui-{}", eui.to_string().to_lowercase()),
+        gateway_id: format!("eui-{}", eui.to_lower_hex()),
         eui: eui.to_string(),
     }
 }
@@ -280,10 +280,7 @@ pub fn topic(prefix: &str, r: &Record) -> String {
     match r {
         Record::Uplink(u) => format!("{prefix}/{}/devices/{}/up", u.application, u.device),
         Record::Join(j) => format!("{prefix}/{}/devices/{}/join", j.application, j.device),
-        Record::GatewayFrame(g) => format!(
-            "{prefix}/gateways/{}/up",
-            g.rx.gateway.to_string().to_lowercase()
-        ),
+        Record::GatewayFrame(g) => format!("{prefix}/gateways/{}/up", g.rx.gateway.to_lower_hex()),
     }
 }
 

@@ -98,7 +98,7 @@ impl MqttStream {
         let client_id = cfg.client_id.clone().unwrap_or_else(|| {
             let who = ctx
                 .gateway_eui
-                .map(|e| e.to_string().to_lowercase())
+                .map(|e| e.to_lower_hex())
                 .unwrap_or_else(hostname);
             format!("lorastream-{who}-{}", cfg.name)
         });
@@ -134,13 +134,9 @@ impl MqttStream {
     }
 
     fn status_topic(&self) -> Option<String> {
-        self.ctx.gateway_eui.map(|e| {
-            format!(
-                "{}/gateways/{}/status",
-                self.prefix,
-                e.to_string().to_lowercase()
-            )
-        })
+        self.ctx
+            .gateway_eui
+            .map(|e| format!("{}/gateways/{}/status", self.prefix, e.to_lower_hex()))
     }
 
     fn options(&self) -> MqttOptions {
