@@ -12,6 +12,7 @@ it on the disk you want to measure, not on a tmpfs), and reads the daemon's /hea
   python3 benches/pipeline.py writes --flush-ms 100 --rate 1000 --count 20000 --backend redb [--broker-down]
   python3 benches/pipeline.py latency --flush-ms 100 --rate 200 --count 2000 --backend redb
   python3 benches/pipeline.py callgrind --rate 200 --count 2000
+  python3 benches/pipeline.py soak --rate 500 --seconds 1800 --outage-every 240 --outage 60
 
 Results are printed as one JSON object per run; docs/benchmarks.md records them.
 """
@@ -387,9 +388,69 @@ def callgrind(args):
     return results
 
 
+def soak(args):
+    """Hours-long behaviour in minutes: steady load with the broker killed for `outage_s` every
+    `outage_every_s`, sampling RSS, open files, queue depth and store size. What must hold: every
+    accepted uplink is delivered, and RSS, descriptors and the store's size do not creep up
+    from one outage cycle to the next."""
+    work, cfg, udp, metrics, m = setup(args)
+    d = Daemon(cfg, metrics)
+    count = int(args.rate * args.seconds)
+    sim = subprocess.Popen([BIN, "simulate", "-c", cfg, "--target", f"127.0.0.1:{udp}", "--rate", str(args.rate),
+                            "--count", str(count)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    fds = lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+    samples, outages, t0 = [], 0, time.time()
+    cpu0 = d.stats()["cpu_s"]
+    try:
+        next_outage = t0 + args.outage_every
+        while sim.poll() is None:
+            time.sleep(args.sample_every)
+            now = time.time()
+            if m.proc and now >= next_outage:
+                m.stop()
+                outages += 1
+                back = now + args.outage
+            elif not m.proc and now >= back:
+                m.start()
+                next_outage = now + args.outage_every
+            h, st = health(metrics), d.stats()
+            samples.append({"t": round(now - t0), "rss_mb": round(st["rss_kb"] / 1024, 1), "fds": fds(),
+                            "depth": queue(h)["depth"], "store_mb": round(h["store"]["size_on_disk"] / 1e6, 1)})
+        if not m.proc:
+            m.start()
+        until(lambda: queue(health(metrics))["depth"] == 0, 600, 1)
+        h, st = health(metrics), d.stats()
+        accepted, delivered = h["uplinks"]["accepted"], queue(h)["delivered"]
+        third = max(len(samples) // 3, 1)
+        peak = lambda xs, k: max(x[k] for x in xs)
+        return {
+            "scenario": "soak", "backend": args.backend, "rate": args.rate, "seconds": args.seconds,
+            "outages": outages, "outage_s": args.outage, "sent": count, "accepted": accepted,
+            "delivered_to_mosquitto": delivered, "lost": accepted - delivered,
+            "dropped": queue(h).get("dropped"),
+            "cpu_s_per_1000": round((st["cpu_s"] - cpu0) / max(accepted, 1) * 1000, 4),
+            "rss_mb_first_third_max": peak(samples[:third], "rss_mb"),
+            "rss_mb_last_third_max": peak(samples[-third:], "rss_mb"),
+            "peak_rss_mb": round(st["hwm_kb"] / 1024, 1),
+            "fds_first": samples[0]["fds"] if samples else None, "fds_last": fds(),
+            "fds_max": peak(samples, "fds") if samples else None,
+            "max_depth": peak(samples, "depth") if samples else None,
+            "store_mb_first_third_max": peak(samples[:third], "store_mb"),
+            "store_mb_last_third_max": peak(samples[-third:], "store_mb"),
+            "store_mb_end": round(h["store"]["size_on_disk"] / 1e6, 1),
+            "simulate": (sim.stdout.read() or "").strip(), "samples": samples,
+        }
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+        d.stop()
+        m.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["throughput", "drain", "writes", "latency", "callgrind"])
+    p.add_argument("scenario", choices=["throughput", "drain", "writes", "latency", "callgrind", "soak"])
     p.add_argument("--backend", choices=["sled", "redb"], default="redb")
     p.add_argument("--rate", type=float, default=10_000)
     p.add_argument("--seconds", type=float, default=30)
@@ -397,11 +458,14 @@ def main():
     p.add_argument("--count", type=int, default=20_000)
     p.add_argument("--flush-ms", type=int, default=100)
     p.add_argument("--broker-down", action="store_true")
+    p.add_argument("--outage-every", type=float, default=240, help="soak: seconds between broker outages")
+    p.add_argument("--outage", type=float, default=60, help="soak: seconds each outage lasts")
+    p.add_argument("--sample-every", type=float, default=10, help="soak: seconds between samples")
     a = p.parse_args()
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release --locked")
     r = {"throughput": throughput, "drain": drain, "writes": writes, "latency": latency,
-         "callgrind": callgrind}[a.scenario](a)
+         "callgrind": callgrind, "soak": soak}[a.scenario](a)
     print(json.dumps(r))
 
 
