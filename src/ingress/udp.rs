@@ -184,7 +184,7 @@ pub fn tx_ack_result(body: &[u8]) -> Result<(), String> {
 pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    // The kernel caps this at net.core.rmem_max; docs/operations.md says how to raise it.
+    // The kernel caps this at net.core.rmem_max; README.md (Troubleshooting) says how to raise it.
     if let Err(e) = s.set_recv_buffer_size(recv_buffer) {
         tracing::warn!(error = %e, "cannot set the UDP receive buffer size");
     }
