@@ -74,15 +74,7 @@ async fn append_read_ack_and_reopen() {
             let (s, _) = Store::open(&c, &streams(&["a", "b"])).unwrap();
             for n in 0..5 {
                 let r = uplink(n);
-                s.append(
-                    &[Entry {
-                        record: &r,
-                        queues: &[0, 1],
-                    }],
-                    &[],
-                )
-                .await
-                .unwrap();
+                append_to(&s, &r, &[0, 1]).await;
             }
             let a = s.queue("a").unwrap();
             let items = a.read_after(None, 2).unwrap();
@@ -110,15 +102,7 @@ async fn append_read_ack_and_reopen() {
         assert_eq!(sessions[0].1.f_cnt_up, Some(9));
         // New records get larger sequence numbers than the surviving ones.
         let r = uplink(5);
-        s.append(
-            &[Entry {
-                record: &r,
-                queues: &[0],
-            }],
-            &[],
-        )
-        .await
-        .unwrap();
+        append_to(&s, &r, &[0]).await;
         assert_eq!(fcnts(&a), vec![1, 2, 3, 4, 5]);
     }
 }
@@ -141,15 +125,7 @@ async fn cap_drop_oldest_and_reject_new_count_exactly() {
         let (qi_old, qi_new) = (s.queue_index("old").unwrap(), s.queue_index("new").unwrap());
         for n in 0..15 {
             let r = uplink(n);
-            s.append(
-                &[Entry {
-                    record: &r,
-                    queues: &[qi_old],
-                }],
-                &[],
-            )
-            .await
-            .unwrap();
+            append_to(&s, &r, &[qi_old]).await;
         }
         let old = s.queue("old").unwrap();
         assert_eq!(fcnts(&old), (5..15).collect::<Vec<_>>());
@@ -157,16 +133,7 @@ async fn cap_drop_oldest_and_reject_new_count_exactly() {
         assert_eq!(s.total_bytes(), size * 10);
         // A reject_new stream refuses new records while the cap is reached; it never evicts.
         let r = uplink(99);
-        let out = s
-            .append(
-                &[Entry {
-                    record: &r,
-                    queues: &[qi_new],
-                }],
-                &[],
-            )
-            .await
-            .unwrap();
+        let out = append_to(&s, &r, &[qi_new]).await;
         assert_eq!(out.rejected, 1);
         let new = s.queue("new").unwrap();
         assert_eq!(new.stats().dropped.get("queue_full_reject_new"), Some(&1));
@@ -175,16 +142,7 @@ async fn cap_drop_oldest_and_reject_new_count_exactly() {
         for (seq, _) in old.read_after(None, 3).unwrap() {
             old.ack(seq).unwrap();
         }
-        let out = s
-            .append(
-                &[Entry {
-                    record: &r,
-                    queues: &[qi_new],
-                }],
-                &[],
-            )
-            .await
-            .unwrap();
+        let out = append_to(&s, &r, &[qi_new]).await;
         assert_eq!(out.written, 1);
         assert_eq!(new.len(), 1);
     }
@@ -201,15 +159,7 @@ async fn unreadable_store_is_moved_aside_not_deleted() {
         let aside = report.quarantined.expect("moved aside");
         assert_eq!(std::fs::read(&aside).unwrap(), b"not a database");
         let r = uplink(1);
-        s.append(
-            &[Entry {
-                record: &r,
-                queues: &[0],
-            }],
-            &[],
-        )
-        .await
-        .unwrap();
+        append_to(&s, &r, &[0]).await;
         assert_eq!(s.queue("a").unwrap().len(), 1);
     }
 }
@@ -228,15 +178,7 @@ async fn expire_drops_only_old_records_and_counts_them() {
             if let Record::Uplink(u) = &mut r {
                 u.received_at_us = at;
             }
-            s.append(
-                &[Entry {
-                    record: &r,
-                    queues: &[0],
-                }],
-                &[],
-            )
-            .await
-            .unwrap();
+            append_to(&s, &r, &[0]).await;
         }
         // Arrival order decides: the head is looked at, so the late "50" behind "300" stays.
         assert_eq!(s.expire(250).unwrap(), 2);
@@ -260,16 +202,13 @@ fn journal_files(dir: &Path) -> usize {
         .count()
 }
 
+/// Append one record to the given queues (no session updates).
+async fn append_to(s: &Store, r: &Record, queues: &[usize]) -> Appended {
+    s.append(&[Entry { record: r, queues }], &[]).await.unwrap()
+}
+
 async fn add(s: &Store, r: &Record) {
-    s.append(
-        &[Entry {
-            record: r,
-            queues: &[0],
-        }],
-        &[],
-    )
-    .await
-    .unwrap();
+    append_to(s, r, &[0]).await;
 }
 
 #[tokio::test]
