@@ -1,8 +1,8 @@
 //! Command line: `run`, `check`, `demo`, `simulate`. The only place (with `main.rs`) that uses
 //! `anyhow`; everything below returns typed errors.
 
-use crate::app::Daemon;
 use crate::config::{Config, DEFAULT_PATH};
+use crate::daemon::Daemon;
 use crate::model::{Eui64, HexError};
 use crate::sim::{demo_devices, Forwarder, Radio, SimDevice};
 use anyhow::Context;
@@ -114,16 +114,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn init_logs(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Check { config } => Ok(check(&config)),
@@ -134,12 +124,12 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
-            init_logs(&cfg.log.level);
+            crate::logs::init(&cfg.log.level);
             runtime()?.block_on(run(cfg))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { count } => {
-            init_logs("warn");
+            crate::logs::init("warn");
             runtime()?.block_on(demo(count))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -153,7 +143,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             payload_size,
         } => {
             let cfg = Config::load(&config)?;
-            init_logs("info");
+            crate::logs::init("info");
             runtime()?.block_on(simulate(
                 &cfg,
                 target,
@@ -186,9 +176,8 @@ fn check(path: &Path) -> ExitCode {
 }
 
 /// `GET /health` of a running daemon (plain HTTP/1.1 on loopback, 2 s timeout).
-fn fetch_health(listen: &str) -> Option<serde_json::Value> {
+fn fetch_health(mut addr: SocketAddr) -> Option<serde_json::Value> {
     use std::io::{Read, Write};
-    let mut addr: SocketAddr = listen.parse().ok()?;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
@@ -203,19 +192,22 @@ fn fetch_health(listen: &str) -> Option<serde_json::Value> {
 }
 
 fn queue(cfg: &Config, json: bool) -> anyhow::Result<()> {
-    let (streams, source) = match (!cfg.metrics.listen.is_empty())
-        .then(|| fetch_health(&cfg.metrics.listen))
-        .flatten()
-    {
+    let (streams, source) = match cfg.metrics.listen.and_then(fetch_health) {
         Some(h) => (
             h["streams"].clone(),
-            format!("running daemon at {}", cfg.metrics.listen),
+            format!(
+                "running daemon at {}",
+                cfg.metrics
+                    .listen
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+            ),
         ),
         None => {
             let stats = crate::store::inspect(&cfg.storage).with_context(|| {
                 format!(
-                    "no daemon answered on [metrics] listen = {:?}, and the store at {} cannot be opened (a daemon holds it?)",
-                    cfg.metrics.listen,
+                    "no daemon answered on [metrics] listen = {}, and the store at {} cannot be opened (a daemon holds it?)",
+                    cfg.metrics.listen.map_or("\"\"".to_string(), |a| a.to_string()),
                     cfg.storage.path.display()
                 )
             })?;
@@ -453,23 +445,26 @@ async fn simulate(
     gateway: Eui64,
     payload_size: usize,
 ) -> anyhow::Result<()> {
-    let mut target = match target {
-        Some(t) => t,
-        None => cfg.gateway.listen.parse().context("[gateway] listen")?,
-    };
+    let mut target = target.unwrap_or(cfg.gateway.listen);
     if target.ip().is_unspecified() {
         target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let mut devices: Vec<SimDevice> = cfg
-        .device_configs()
-        .filter_map(|d| {
-            Some(SimDevice {
+        .devices
+        .iter()
+        .filter_map(|d| match &d.activation {
+            crate::config::Activation::Abp {
+                dev_addr,
+                nwk_s_key,
+                app_s_key,
+            } => Some(SimDevice {
                 id: d.id.clone(),
-                dev_addr: d.dev_addr?,
-                nwk_s_key: d.nwk_s_key?,
-                app_s_key: d.app_s_key?,
+                dev_addr: *dev_addr,
+                nwk_s_key: *nwk_s_key,
+                app_s_key: *app_s_key,
                 f_cnt: fcnt_start,
-            })
+            }),
+            crate::config::Activation::Otaa { .. } => None,
         })
         .collect();
     anyhow::ensure!(

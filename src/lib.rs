@@ -8,25 +8,30 @@
 //! ## Data path
 //!
 //! ```text
-//! packet forwarder ─UDP─▶ ingress ─▶ uplink stage ─▶ store ─▶ streams ─▶ MQTT broker / cloud
-//!                         (GWMP)     (lorawan:       (sled,    (one queue      │
-//!                                     dedup, MIC,     queue     and cursor     │ PUBACK / 2xx
-//!                                     FCnt, decrypt)  per       each)          ▼
-//!                                                     stream)  ◀── ack = delete from queue
+//! packet forwarder ─UDP─▶ ingress ─▶ uplink ─────────▶ store ─▶ streams ─▶ MQTT broker / cloud
+//!                         (GWMP)     (lorawan: dedup,  (redb,    (one queue      │
+//!                                     MIC, FCnt,        journal,  and cursor     │ PUBACK / 2xx
+//!                                     decrypt, joins)   a queue   each)          ▼
+//!                            ▲                          per       ◀── ack = delete from queue
+//!                            │ PULL_RESP                stream)      │
+//!                         downlink ◀──── DownlinkHandle ─────────────┘ cloud downlinks
+//!                         (RX1/RX2/class C, FCntDown)
 //! ```
 //!
 //! | module       | role                                                              |
 //! |--------------|-------------------------------------------------------------------|
 //! | [`ingress`]  | Semtech UDP server: ACKs, parsing, forwarder table                |
-//! | [`lorawan`]  | pure LoRaWAN 1.0.x: frames, MIC, crypto, FCnt, dedup, sessions     |
-//! | [`uplink`]   | the task joining them: dedup window → verdict → store              |
-//! | [`downlink`] | device downlink queues, RX1/RX2/class C scheduling, events        |
-//! | [`store`]    | durable per-stream queues and session counters (sled)             |
+//! | [`lorawan`]  | pure LoRaWAN 1.0.x: frames, MIC, crypto, FCnt, dedup, sessions, regions |
+//! | [`uplink`]   | the stage joining them: dedup window → verdict → store; OTAA answers |
+//! | [`store`]    | durable per-stream queues, session counters, downlink queues      |
 //! | [`streams`]  | destinations: MQTT (TLS, WebSocket), AWS IoT, Azure IoT Hub, HTTP, stdout, file |
-//! | [`app`]      | wiring, task start and ordered stop                               |
-//! | [`config`]   | the TOML file, defaults, errors with file:line:key                |
-//! | [`metrics`]  | Prometheus `/metrics` and JSON `/health`                          |
-//! | [`model`]    | shared plain types (EUIs, keys that never print, records)          |
+//! | [`downlink`] | the scheduler: device downlink queues, RX1/RX2/class C, events    |
+//! | [`devices`]  | the device registry from the config and the store                 |
+//! | [`daemon`]   | wiring, task start and ordered stop, `/health`                    |
+//! | [`config`]   | the TOML file, typed once, defaults, errors with file:line:key    |
+//! | [`metrics`]  | Prometheus `/metrics` and the HTTP endpoint                      |
+//! | [`logs`]     | log set-up and rate-limited warnings                              |
+//! | [`model`]    | shared plain types (EUIs, keys that never print, records, scopes) |
 //! | [`sim`]      | simulated forwarder and devices for demo, simulate, tests, benches |
 //! | [`cli`]      | the `lorastream` command                                          |
 //!
@@ -54,18 +59,20 @@
 //! let err = lorastream::config::Config::parse("[gateway]\nlisten = \"nowhere\"\n", "gw.toml")
 //!     .unwrap_err()
 //!     .to_string();
-//! assert!(err.starts_with("gw.toml:2: key `listen`"), "{err}");
+//! assert!(err.starts_with("gw.toml:2: [gateway] key `listen`"), "{err}");
 //! ```
 
-pub mod app;
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub(crate) mod devices;
 pub mod downlink;
 pub mod ingress;
+pub(crate) mod logs;
 pub mod lorawan;
 pub mod metrics;
 pub mod model;
 pub mod sim;
 pub mod store;
 pub mod streams;
-pub mod uplink;
+pub(crate) mod uplink;

@@ -2,16 +2,19 @@
 //!
 //! Every stage gets a clone of [`Metrics`] and counts what it does, in particular everything it
 //! refuses (bad datagrams, MIC failures, replays, drops), so an operator can tell "nothing came
-//! in" from "everything was rejected". Values that live elsewhere (queue depths, gateway list)
-//! are filled in at scrape time by the `snapshot` closure that `app` passes to [`serve`].
+//! in" from "everything was rejected". Values that live elsewhere (queue depths, the forwarder
+//! table, the store's disk) are read at scrape time: the daemon gives [`Metrics::set_snapshot`]
+//! a function returning a [`Snapshot`], and a collector encodes it. A scrape changes nothing.
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -38,15 +41,8 @@ struct Inner {
     stream_errors: Family<Labels, Counter>,
     http_requests: Family<Labels, Counter>,
     stream_connections: Family<Labels, Gauge>,
-    queue_depth: Family<Labels, Gauge>,
-    queue_bytes: Family<Labels, Gauge>,
-    queue_oldest: Family<Labels, Gauge<f64, AtomicU64>>,
-    queue_delivered: Family<Labels, Gauge>,
-    queue_dropped: Family<Labels, Gauge>,
-    gateways: Gauge,
-    store_writable: Gauge,
-    store_unsaved_bytes: Gauge,
-    store_write_failures: Gauge,
+    /// Where scrape-time values come from ([`Metrics::set_snapshot`]).
+    snapshot: Arc<RwLock<Option<SnapshotFn>>>,
     /// Uplink arrival → PULL_RESP sent, microseconds: last and maximum since start.
     sched_last_us: Gauge,
     sched_max_us: Gauge,
@@ -61,6 +57,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::with_prefix("lorastream");
+        let inner_snapshot: Arc<RwLock<Option<SnapshotFn>>> = Arc::new(RwLock::new(None));
         macro_rules! reg {
             ($name:literal, $help:literal, $m:expr) => {{
                 let m = $m;
@@ -124,38 +121,13 @@ impl Metrics {
                 "Open connections of streams that hold several (Azure IoT Hub, identity = device)",
                 Family::default()
             ),
-            queue_depth: reg!(
-                "queue_depth",
-                "Records waiting in the stream's queue",
-                Family::default()
-            ),
-            queue_bytes: reg!(
-                "queue_bytes",
-                "Bytes waiting in the stream's queue",
-                Family::default()
-            ),
-            queue_oldest: reg!(
-                "queue_oldest_age_seconds",
-                "Age of the oldest queued record",
-                Family::default()
-            ),
-            queue_delivered: reg!(
-                "queue_delivered",
-                "Records acknowledged by the destination since start",
-                Family::default()
-            ),
-            queue_dropped: reg!(
-                "queue_dropped",
-                "Records dropped from the queue since start, by reason",
-                Family::default()
-            ),
-            gateways: reg!("gateways", "Packet forwarders seen", Gauge::default()),
-            store_writable: reg!("store_writable", "1 while the store's disk takes writes; 0 while commits fail (disk full, I/O error)", Gauge::default()),
-            store_unsaved_bytes: reg!("store_unsaved_bytes", "Queued bytes not yet checkpointed into the storage engine (journaled, or in memory only while the disk refuses writes)", Gauge::default()),
-            store_write_failures: reg!("store_write_failures", "Failed store writes (commits, journal writes, engine reopens) since start", Gauge::default()),
+            snapshot: inner_snapshot.clone(),
             sched_last_us: reg!("downlink_schedule_latency_last_us", "Uplink arrival to PULL_RESP sent (class A), last, microseconds (includes the dedup window)", Gauge::default()),
             sched_max_us: reg!("downlink_schedule_latency_max_us", "Uplink arrival to PULL_RESP sent (class A), maximum since start, microseconds", Gauge::default()),
-            registry: r,
+            registry: {
+                r.register_collector(Box::new(SnapshotCollector(inner_snapshot.clone())));
+                r
+            },
         };
         Metrics {
             inner: Arc::new(inner),
@@ -276,39 +248,20 @@ impl Metrics {
             .map(|g| g.get())
     }
 
-    /// Fill the scrape-time gauges of one queue.
-    pub fn set_queue(&self, s: &crate::store::QueueStats) {
-        let l = vec![("stream", s.stream.clone())];
-        self.inner.queue_depth.get_or_create(&l).set(s.depth as i64);
-        self.inner.queue_bytes.get_or_create(&l).set(s.bytes as i64);
-        self.inner
-            .queue_oldest
-            .get_or_create(&l)
-            .set(s.oldest_age_s);
-        self.inner
-            .queue_delivered
-            .get_or_create(&l)
-            .set(s.delivered as i64);
-        for (reason, n) in &s.dropped {
-            self.inner
-                .queue_dropped
-                .get_or_create(&vec![
-                    ("stream", s.stream.clone()),
-                    ("reason", (*reason).into()),
-                ])
-                .set(*n as i64);
+    /// Where scrape-time values come from: set by the daemon when it starts, and cleared when
+    /// it stops ([`Metrics::clear_snapshot`]), so that a `Metrics` kept by someone else does not
+    /// keep the store open.
+    pub fn set_snapshot(&self, f: impl Fn() -> Snapshot + Send + Sync + 'static) {
+        if let Ok(mut s) = self.inner.snapshot.write() {
+            *s = Some(Box::new(f));
         }
     }
 
-    /// Fill the scrape-time gauges of the store's disk side.
-    pub fn set_store(&self, h: &crate::store::StoreHealth) {
-        self.inner.store_writable.set(i64::from(h.writable));
-        self.inner
-            .store_unsaved_bytes
-            .set(h.unsaved_bytes.min(i64::MAX as u64) as i64);
-        self.inner
-            .store_write_failures
-            .set(h.write_failures.min(i64::MAX as u64) as i64);
+    /// Forget the snapshot source (the daemon stopped).
+    pub fn clear_snapshot(&self) {
+        if let Ok(mut s) = self.inner.snapshot.write() {
+            *s = None;
+        }
     }
 
     /// Record the time from an uplink's arrival to its answer's PULL_RESP.
@@ -328,10 +281,6 @@ impl Metrics {
         )
     }
 
-    pub fn set_gateways(&self, n: usize) {
-        self.inner.gateways.set(n as i64);
-    }
-
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut s = String::new();
@@ -342,17 +291,148 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics` and `/health` until `cancel`. `snapshot` refreshes scrape-time gauges and
-/// returns the `/health` document.
-pub async fn serve<F>(
+type SnapshotFn = Box<dyn Fn() -> Snapshot + Send + Sync>;
+
+/// Values that live elsewhere, read at scrape time.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub queues: Vec<QueueGauges>,
+    /// Packet forwarders in the table.
+    pub gateways: usize,
+    pub store_writable: bool,
+    pub store_unsaved_bytes: u64,
+    pub store_write_failures: u64,
+}
+
+/// One stream's queue.
+#[derive(Debug, Default, Clone)]
+pub struct QueueGauges {
+    pub stream: String,
+    pub depth: u64,
+    pub bytes: u64,
+    pub oldest_age_s: f64,
+    pub delivered: u64,
+    pub dropped: Vec<(&'static str, u64)>,
+}
+
+/// Encodes a [`Snapshot`] on each scrape.
+struct SnapshotCollector(Arc<RwLock<Option<SnapshotFn>>>);
+
+impl std::fmt::Debug for SnapshotCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SnapshotCollector")
+    }
+}
+
+fn gauge(v: u64) -> Gauge {
+    let g = Gauge::default();
+    g.set(v.min(i64::MAX as u64) as i64);
+    g
+}
+
+/// Encode one metric (a family or a single gauge) under `name`.
+fn put(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    m: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    m.encode(enc.encode_descriptor(name, help, None, m.metric_type())?)
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = match self.0.read() {
+            Ok(f) => match f.as_ref() {
+                Some(f) => f(),
+                None => return Ok(()),
+            },
+            Err(_) => return Ok(()),
+        };
+        let depth = Family::<Labels, Gauge>::default();
+        let bytes = Family::<Labels, Gauge>::default();
+        let oldest = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        let delivered = Family::<Labels, Gauge>::default();
+        let dropped = Family::<Labels, Gauge>::default();
+        for q in &s.queues {
+            let l = vec![("stream", q.stream.clone())];
+            depth.get_or_create(&l).set(q.depth as i64);
+            bytes.get_or_create(&l).set(q.bytes as i64);
+            oldest.get_or_create(&l).set(q.oldest_age_s);
+            delivered.get_or_create(&l).set(q.delivered as i64);
+            for (reason, n) in &q.dropped {
+                dropped
+                    .get_or_create(&vec![
+                        ("stream", q.stream.clone()),
+                        ("reason", (*reason).into()),
+                    ])
+                    .set(*n as i64);
+            }
+        }
+        let e = &mut enc;
+        put(
+            e,
+            "queue_depth",
+            "Records waiting in the stream's queue",
+            &depth,
+        )?;
+        put(
+            e,
+            "queue_bytes",
+            "Bytes waiting in the stream's queue",
+            &bytes,
+        )?;
+        put(
+            e,
+            "queue_oldest_age_seconds",
+            "Age of the oldest queued record",
+            &oldest,
+        )?;
+        put(
+            e,
+            "queue_delivered",
+            "Records acknowledged by the destination since start",
+            &delivered,
+        )?;
+        put(
+            e,
+            "queue_dropped",
+            "Records dropped from the queue since start, by reason",
+            &dropped,
+        )?;
+        put(
+            e,
+            "gateways",
+            "Packet forwarders seen",
+            &gauge(s.gateways as u64),
+        )?;
+        put(
+            e,
+            "store_writable",
+            "1 while the store's disk takes writes; 0 while commits fail (disk full, I/O error)",
+            &gauge(u64::from(s.store_writable)),
+        )?;
+        put(e, "store_unsaved_bytes", "Queued bytes not yet checkpointed into the storage engine (journaled, or in memory only while the disk refuses writes)", &gauge(s.store_unsaved_bytes))?;
+        put(
+            e,
+            "store_write_failures",
+            "Failed store writes (commits, journal writes, engine reopens) since start",
+            &gauge(s.store_write_failures),
+        )?;
+        Ok(())
+    }
+}
+
+/// Serve `/metrics` and `/health` until `cancel`. `health` returns the `/health` document.
+pub(crate) async fn serve<F>(
     listener: TcpListener,
     metrics: Metrics,
-    snapshot: F,
+    health: F,
     cancel: CancellationToken,
 ) where
-    F: Fn() -> serde_json::Value + Send + Sync + 'static,
+    F: Fn() -> String + Send + Sync + 'static,
 {
-    let snapshot = Arc::new(snapshot);
+    let snapshot = Arc::new(health);
     loop {
         let (mut sock, _) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -389,15 +469,12 @@ pub async fn serve<F>(
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, ctype, body) = match path {
-                "/metrics" => {
-                    let _ = snapshot();
-                    (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        metrics.encode(),
-                    )
-                }
-                "/health" => ("200 OK", "application/json", snapshot().to_string()),
+                "/metrics" => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    metrics.encode(),
+                ),
+                "/health" => ("200 OK", "application/json", snapshot()),
                 _ => (
                     "404 Not Found",
                     "text/plain",

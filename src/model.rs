@@ -113,6 +113,55 @@ impl FromStr for DevAddr {
     }
 }
 
+/// A LoRaWAN NetID (24 bits), written as 6 hex digits (`000000`, `000013`).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Debug)]
+pub struct NetId(pub u32);
+
+impl fmt::Display for NetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:06X}", self.0)
+    }
+}
+impl FromStr for NetId {
+    type Err = HexError;
+    fn from_str(s: &str) -> Result<Self, HexError> {
+        parse_hex::<3>(s).map(|b| NetId(u32::from_be_bytes([0, b[0], b[1], b[2]])))
+    }
+}
+
+/// Which messages a stream takes (`application = ..`, `device = ..`, `gateway = ..` of a
+/// `[[stream]]`). The one place that decides whether a scope covers a device or a gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every device uplink.
+    All,
+    Application(String),
+    Device(String),
+    /// Raw frames of one gateway (`None` = every gateway, `gateway = "*"`).
+    Gateway(Option<Eui64>),
+}
+
+impl Scope {
+    /// Does the scope take the messages of this device?
+    pub fn covers(&self, application: &str, device: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Application(a) => a == application,
+            Scope::Device(d) => d == device,
+            Scope::Gateway(_) => false,
+        }
+    }
+
+    /// Does the scope take the raw frames of this gateway?
+    pub fn covers_gateway(&self, gateway: Eui64) -> bool {
+        match self {
+            Scope::Gateway(None) => true,
+            Scope::Gateway(Some(g)) => *g == gateway,
+            _ => false,
+        }
+    }
+}
+
 /// An AES-128 key. Prints as `***` whatever the format.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct AesKey(pub [u8; 16]);
@@ -363,6 +412,34 @@ pub struct DownlinkItem {
     pub stream: String,
 }
 
+/// Largest FRMPayload any LoRaWAN data rate can carry.
+pub const MAX_PAYLOAD: usize = 242;
+
+/// Why a downlink request (or one item of it) is refused; the text goes into the
+/// `down/failed` event, so it says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("invalid downlink JSON: {0}")]
+    Json(String),
+    #[error("\"downlinks\" is empty")]
+    Empty,
+    #[error("downlinks[{index}].f_port {port} is not an application port (1..223)")]
+    Port { index: usize, port: u32 },
+    #[error("downlinks[{index}].f_port is missing")]
+    NoPort { index: usize },
+    #[error("downlinks[{index}].frm_payload is not base64: {reason}")]
+    Base64 { index: usize, reason: String },
+    #[error(
+        "downlinks[{index}].frm_payload is {len} bytes; LoRaWAN carries at most {MAX_PAYLOAD}"
+    )]
+    TooLong { index: usize, len: usize },
+    #[error("downlinks[{index}].priority {value:?} is not one of LOWEST, LOW, BELOW_NORMAL, NORMAL, ABOVE_NORMAL, HIGH, HIGHEST")]
+    Priority { index: usize, value: String },
+    /// A message property or body field the transport adds (Azure `op`, raw `fPort`, ...).
+    #[error("{0}")]
+    Transport(String),
+}
+
 /// `push` appends to the device's queue, `replace` replaces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DownlinkOp {
@@ -380,7 +457,7 @@ pub struct DownlinkRequest {
     pub device: String,
     pub op: DownlinkOp,
     /// Parsed items, or why the request is invalid (reported as a `down/failed` event).
-    pub items: Result<Vec<DownlinkItem>, String>,
+    pub items: Result<Vec<DownlinkItem>, RequestError>,
 }
 
 /// What happened to a downlink.

@@ -6,7 +6,7 @@
 mod support;
 
 use base64::Engine;
-use lorastream::app::Daemon;
+use lorastream::daemon::Daemon;
 use lorastream::model::Eui64;
 use lorastream::sim::{Forwarder, Radio};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
@@ -15,18 +15,6 @@ use support::pki::Ca;
 use support::*;
 
 const T: Duration = Duration::from_secs(15);
-
-fn mosquitto_or_skip() -> bool {
-    if Mosquitto::available() {
-        return true;
-    }
-    assert!(
-        std::env::var("LORASTREAM_TEST_MOSQUITTO").as_deref() != Ok("1"),
-        "LORASTREAM_TEST_MOSQUITTO=1 but mosquitto is not installed"
-    );
-    eprintln!("skipped: mosquitto is not installed");
-    false
-}
 
 /// A TLS MQTT client with a client certificate, collecting messages under `filter`.
 async fn tls_client(
@@ -85,7 +73,7 @@ async fn tls_client(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_iot_with_client_certificates_acl_shadow_and_downlinks() {
-    if !mosquitto_or_skip() {
+    if !needs_mosquitto("aws_iot_core") {
         return;
     }
     install_crypto();

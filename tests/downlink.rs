@@ -5,8 +5,8 @@
 mod support;
 
 use base64::Engine;
-use lorastream::app::Daemon;
 use lorastream::config::Region;
+use lorastream::daemon::Daemon;
 use lorastream::lorawan::frame::MacCmd;
 use lorastream::model::Eui64;
 use lorastream::sim::{Forwarder, PullResp, Radio, SimDevice};
@@ -187,6 +187,46 @@ async fn push_is_sent_in_rx1_and_decrypts_with_the_device_keys() {
         assert!(r.fwd.pull_resp(Duration::from_millis(700)).await.is_none());
         r.daemon.stop().await;
         drop(r.broker);
+    }
+}
+
+/// Downlinks published back to back on one connection reach the device queues in publish order
+/// (MQTT 3.1.1 §4.6): a `replace` followed by two `push`es leaves exactly the replacement and
+/// the pushes, in that order, for every device, whatever the scheduling of the daemon's tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downlinks_published_back_to_back_are_queued_in_publish_order() {
+    for kind in broker_kinds() {
+        let mut devs: Vec<SimDevice> = (1..=6).map(device).collect();
+        let tomls: String = devs.iter().map(|d| device_toml(d, "farm")).collect();
+        let mut r = rig(kind, &tomls, "").await;
+        let body = |p: &[u8]| serde_json::json!({"downlinks":[{"f_port":1,"frm_payload":b64(p)}]});
+        for d in &devs {
+            r.push(&d.id, "push", body(b"X")).await;
+        }
+        for d in &devs {
+            r.push(&d.id, "replace", body(b"A")).await;
+            r.push(&d.id, "push", body(b"B")).await;
+            r.push(&d.id, "push", body(b"C")).await;
+        }
+        let queued = r
+            .sub
+            .wait_for(4 * devs.len(), T, |t, _| t.ends_with("/down/queued"))
+            .await;
+        assert_eq!(queued.len(), 4 * devs.len(), "{kind:?}");
+        let mut tmst = 1_000_000u32;
+        for d in devs.iter_mut() {
+            let mut got = Vec::new();
+            for n in 0..3u32 {
+                tmst += 3_000_000;
+                r.uplink(d, false, false, &[], tmst).await;
+                let pr = r.pull_resp().await;
+                let dl = d.open(&pr.phy, n).unwrap();
+                assert!(dl.mic_ok, "{kind:?} {}", d.id);
+                got.push(String::from_utf8_lossy(&dl.opened.frm_payload).into_owned());
+                r.fwd.tx_ack(pr.token, None).await.unwrap();
+            }
+            assert_eq!(got, ["A", "B", "C"], "{kind:?} {}", d.id);
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 
 mod support;
 
-use lorastream::app::Daemon;
+use lorastream::daemon::Daemon;
 use lorastream::model::Eui64;
 use lorastream::sim::{Forwarder, Radio};
 use std::time::Duration;
@@ -15,12 +15,7 @@ const T: Duration = Duration::from_secs(15);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtts_with_password_and_websocket() {
-    if !Mosquitto::available() {
-        assert!(
-            std::env::var("LORASTREAM_TEST_MOSQUITTO").as_deref() != Ok("1"),
-            "mosquitto required"
-        );
-        eprintln!("skipped: mosquitto is not installed");
+    if !needs_mosquitto("mqtts_with_password_and_websocket") {
         return;
     }
     install_crypto();

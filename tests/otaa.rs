@@ -3,8 +3,8 @@
 
 mod support;
 
-use lorastream::app::Daemon;
 use lorastream::config::Config;
+use lorastream::daemon::Daemon;
 use lorastream::lorawan::otaa;
 use lorastream::model::{AesKey, Eui64};
 use lorastream::sim::{Forwarder, Radio, SimDevice};
@@ -351,6 +351,9 @@ async fn us915_join_with_sub_band_cf_list_then_uplink_and_downlink() {
         .unwrap();
     let up = sub.wait_for(1, T, |t, _| t.ends_with("/up")).await;
     assert_eq!(up[0]["uplink_message"]["frm_payload"], "dXMgam9pbg==");
+    // The scheduler has seen that uplink (nothing to send): a downlink queued from now on
+    // waits for the next one.
+    assert!(wait_until(T, || daemon.metrics().downlinks("opportunity") >= 1).await);
 
     // A downlink pushed over MQTT reaches the joined device after its next uplink.
     let (client, mut el) = rumqttc::AsyncClient::new(

@@ -97,7 +97,7 @@ fn datagrams_and_frames_never_panic() {
             accepted += 1;
         }
         let _ = lorastream::lorawan::mac::parse_uplink(&f);
-        let _ = lorastream::ingress::udp::tx_ack_result(&m);
+        let _ = lorastream::ingress::gwmp::tx_ack_result(&m);
         let _ = reg.open_join_request(&f);
         let _ = lorastream::lorawan::otaa::parse_join_request(&m);
         let _ = lorastream::lorawan::otaa::decode_join_accept(&f, &dev.app_s_key);

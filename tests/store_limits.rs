@@ -5,8 +5,8 @@
 
 mod support;
 
-use lorastream::app::Daemon;
 use lorastream::config::StorageBackend;
+use lorastream::daemon::Daemon;
 use lorastream::model::Eui64;
 use lorastream::sim::{Forwarder, Radio};
 use std::time::Duration;
@@ -55,6 +55,20 @@ async fn per_stream_when_full_decides_what_a_full_store_drops() {
                 == u64::from(N))
             .await
         );
+        // "accepted" is counted when the uplink is decided, a moment before it is appended:
+        // wait until every one of them is queued or dropped in both queues.
+        let settled = |q: &lorastream::store::Queue| {
+            let s = q.stats();
+            s.depth + s.dropped.values().sum::<u64>() == u64::from(N)
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), || settled(&newest)
+                && settled(&oldest))
+            .await,
+            "{:?} {:?}",
+            newest.stats(),
+            oldest.stats()
+        );
         let (sn, so) = (newest.stats(), oldest.stats());
         assert!(
             daemon.store().total_bytes() <= 65_536,
@@ -89,7 +103,6 @@ async fn per_stream_when_full_decides_what_a_full_store_drops() {
         assert_eq!(f_cnts(&oldest).first(), Some(&0), "{backend:?}");
         assert!(*f_cnts(&oldest).last().unwrap() < N - 1);
         let m = daemon.metrics().clone();
-        let _ = daemon.health(); // fills the scrape-time gauges
         let text = m.encode();
         assert!(
             text.contains(&format!(

@@ -5,7 +5,7 @@
 mod support;
 
 use base64::Engine;
-use lorastream::app::Daemon;
+use lorastream::daemon::Daemon;
 use lorastream::model::Eui64;
 use lorastream::sim::{Forwarder, Radio};
 use std::time::Duration;
@@ -391,7 +391,7 @@ async fn health_and_metrics_endpoint() {
             dir.path().join("out.jsonl").display().to_string()
         ),
     );
-    cfg.metrics.listen = "127.0.0.1:0".into();
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
     let daemon = Daemon::start(&cfg).await.unwrap();
     let mut f = Forwarder::connect(daemon.udp_addr(), gw(1)).await.unwrap();
     f.pull().await.unwrap();

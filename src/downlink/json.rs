@@ -4,14 +4,12 @@
 //! Out: `{"end_device_ids":{…},"correlation_ids":[…],"received_at":…,"downlink_queued":{…}}` and
 //! likewise `downlink_sent`, `downlink_ack`, `downlink_nack`, `downlink_failed` (with `error`).
 
+pub use crate::model::RequestError;
 use crate::model::{
-    correlation_id, new_id, now_us, DownlinkEvent, DownlinkEventKind, DownlinkItem,
+    correlation_id, new_id, now_us, DownlinkEvent, DownlinkEventKind, DownlinkItem, MAX_PAYLOAD,
 };
 use base64::Engine;
 use serde::Deserialize;
-
-/// Largest FRMPayload any LoRaWAN data rate can carry.
-pub const MAX_PAYLOAD: usize = 242;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,47 +40,45 @@ const PRIORITIES: [&str; 7] = [
     "HIGHEST",
 ];
 
-/// Parse a downlink request body. The error says what is wrong, for the `down/failed` event.
-pub fn parse_request(body: &[u8], stream: &str) -> Result<Vec<DownlinkItem>, String> {
-    let req: Req =
-        serde_json::from_slice(body).map_err(|e| format!("invalid downlink JSON: {e}"))?;
+/// Parse a downlink request body (the contract layout).
+pub fn parse_request(body: &[u8], stream: &str) -> Result<Vec<DownlinkItem>, RequestError> {
+    let req: Req = serde_json::from_slice(body).map_err(|e| RequestError::Json(e.to_string()))?;
     if req.downlinks.is_empty() {
-        return Err("\"downlinks\" is empty".into());
+        return Err(RequestError::Empty);
     }
     req.downlinks
         .into_iter()
         .enumerate()
-        .map(|(i, it)| {
+        .map(|(index, it)| {
             let f_port = match it.f_port {
                 Some(p @ 1..=223) => p as u8,
-                Some(p) => {
-                    return Err(format!(
-                        "downlinks[{i}].f_port {p} is not an application port (1..223)"
-                    ))
-                }
-                None => return Err(format!("downlinks[{i}].f_port is missing")),
+                Some(port) => return Err(RequestError::Port { index, port }),
+                None => return Err(RequestError::NoPort { index }),
             };
             let payload = match &it.frm_payload {
                 Some(s) => base64::engine::general_purpose::STANDARD
                     .decode(s)
-                    .map_err(|e| format!("downlinks[{i}].frm_payload is not base64: {e}"))?,
+                    .map_err(|e| RequestError::Base64 {
+                        index,
+                        reason: e.to_string(),
+                    })?,
                 None => Vec::new(),
             };
             if payload.len() > MAX_PAYLOAD {
-                return Err(format!(
-                    "downlinks[{i}].frm_payload is {} bytes; LoRaWAN carries at most {MAX_PAYLOAD}",
-                    payload.len()
-                ));
+                return Err(RequestError::TooLong {
+                    index,
+                    len: payload.len(),
+                });
             }
             let priority = it
                 .priority
                 .unwrap_or_else(|| "NORMAL".into())
                 .to_uppercase();
             if !PRIORITIES.contains(&priority.as_str()) {
-                return Err(format!(
-                    "downlinks[{i}].priority {priority:?} is not one of {}",
-                    PRIORITIES.join(", ")
-                ));
+                return Err(RequestError::Priority {
+                    index,
+                    value: priority,
+                });
             }
             Ok(DownlinkItem {
                 id: new_id(),
@@ -170,7 +166,7 @@ mod tests {
 
     #[test]
     fn refuses_with_reasons() {
-        let e = |b: &[u8]| parse_request(b, "s").unwrap_err();
+        let e = |b: &[u8]| parse_request(b, "s").unwrap_err().to_string();
         assert!(e(b"{nope").contains("invalid downlink JSON"));
         assert!(e(br#"{"downlinks":[]}"#).contains("empty"));
         assert!(e(br#"{"downlinks":[{"f_port":0}]}"#).contains("f_port 0"));

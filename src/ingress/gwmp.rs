@@ -118,6 +118,24 @@ pub fn ack(version: u8, token: u16, id: u8) -> [u8; 4] {
     [version, t[0], t[1], id]
 }
 
+/// Parse a TX_ACK body: empty, `{"txpk_ack":{"error":"NONE"}}` or a warning are success.
+pub fn tx_ack_result(body: &[u8]) -> Result<(), String> {
+    let body = body
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map(|i| &body[i..])
+        .unwrap_or(&[]);
+    if body.is_empty() {
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| "INVALID_TX_ACK".to_string())?;
+    match v["txpk_ack"]["error"].as_str() {
+        None | Some("NONE") | Some("") => Ok(()),
+        Some(e) => Err(e.to_string()),
+    }
+}
+
 /// One received frame, converted from an `rxpk`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reception {

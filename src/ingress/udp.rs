@@ -4,7 +4,7 @@
 //! (`lorastream_udp_errors_total{reason}`) and logged at debug level with the sender, since a
 //! misconfigured forwarder can send thousands per minute.
 
-use super::gwmp::{self, Datagram, Reception};
+use super::gwmp::{self, tx_ack_result, Datagram, Reception};
 use crate::metrics::Metrics;
 use crate::model::Eui64;
 use std::collections::HashMap;
@@ -66,37 +66,49 @@ impl Gateways {
         self.len() == 0
     }
 
-    /// `/health` view.
-    pub fn to_json(&self) -> serde_json::Value {
+    /// What `/health` shows of each forwarder, sorted by EUI.
+    pub fn view(&self) -> Vec<GatewayView> {
         let Ok(m) = self.0.lock() else {
-            return serde_json::Value::Null;
+            return Vec::new();
         };
-        let mut v: Vec<_> = m
+        let mut v: Vec<GatewayView> = m
             .iter()
-            .map(|(eui, g)| {
-                serde_json::json!({
-                    "eui": eui.to_string(),
-                    "pull_addr": g.pull_addr.map(|a| a.to_string()),
-                    "push_addr": g.push_addr.map(|a| a.to_string()),
-                    "last_seen_s": g.last_seen.elapsed().as_secs_f64(),
-                    // PULL_DATA comes every few seconds; 60 s of silence means the forwarder is gone.
-                    "online": g.last_seen.elapsed() < Duration::from_secs(60),
-                    "rx_frames": g.rx_frames,
-                    "stat": g.last_stat,
-                })
+            .map(|(eui, g)| GatewayView {
+                eui: eui.to_string(),
+                pull_addr: g.pull_addr.map(|a| a.to_string()),
+                push_addr: g.push_addr.map(|a| a.to_string()),
+                last_seen_s: g.last_seen.elapsed().as_secs_f64(),
+                // PULL_DATA comes every few seconds; 60 s of silence means the forwarder is gone.
+                online: g.last_seen.elapsed() < Duration::from_secs(60),
+                rx_frames: g.rx_frames,
+                stat: g.last_stat.clone(),
             })
             .collect();
-        v.sort_by(|a, b| a["eui"].as_str().cmp(&b["eui"].as_str()));
-        serde_json::Value::Array(v)
+        v.sort_by(|a, b| a.eui.cmp(&b.eui));
+        v
     }
 }
 
+/// One forwarder in `/health`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GatewayView {
+    pub eui: String,
+    /// Where downlinks (PULL_RESP) go.
+    pub pull_addr: Option<String>,
+    pub push_addr: Option<String>,
+    pub last_seen_s: f64,
+    pub online: bool,
+    pub rx_frames: u64,
+    /// The last `stat` object, as sent.
+    pub stat: Option<serde_json::Value>,
+}
+
 /// Receptions of one PUSH_DATA, as handed to the uplink stage.
-pub type Batch = Vec<Reception>;
+pub(crate) type Batch = Vec<Reception>;
 
 /// A TX_ACK: the forwarder's answer to one PULL_RESP.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TxAck {
+pub(crate) struct TxAck {
     pub gateway: Eui64,
     pub token: u16,
     /// `Err("TOO_LATE")` etc.; an empty TX_ACK or `"NONE"` is success.
@@ -105,7 +117,7 @@ pub struct TxAck {
 
 /// Why a downlink could not be handed to a forwarder.
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     #[error("gateway {0} has not sent PULL_DATA yet: no downlink path")]
     NoRoute(Eui64),
     #[error("cannot encode PULL_RESP: {0}")]
@@ -116,14 +128,14 @@ pub enum SendError {
 
 /// Sends PULL_RESP datagrams to forwarders (shared with the downlink scheduler).
 #[derive(Clone)]
-pub struct Downlinker {
+pub(crate) struct Downlinker {
     socket: Arc<UdpSocket>,
     gateways: Gateways,
     token: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Downlinker {
-    pub fn new(socket: Arc<UdpSocket>, gateways: Gateways) -> Self {
+    pub(crate) fn new(socket: Arc<UdpSocket>, gateways: Gateways) -> Self {
         Downlinker {
             socket,
             gateways,
@@ -132,7 +144,7 @@ impl Downlinker {
     }
 
     /// Send one `txpk` to a gateway; returns the token its TX_ACK will carry.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         gateway: Eui64,
         txpk: semtech_udp::pull_resp::TxPk,
@@ -162,26 +174,8 @@ impl Downlinker {
     }
 }
 
-/// Parse a TX_ACK body: empty, `{"txpk_ack":{"error":"NONE"}}` or a warning are success.
-pub fn tx_ack_result(body: &[u8]) -> Result<(), String> {
-    let body = body
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .map(|i| &body[i..])
-        .unwrap_or(&[]);
-    if body.is_empty() {
-        return Ok(());
-    }
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| "INVALID_TX_ACK".to_string())?;
-    match v["txpk_ack"]["error"].as_str() {
-        None | Some("NONE") | Some("") => Ok(()),
-        Some(e) => Err(e.to_string()),
-    }
-}
-
 /// Bind the forwarder socket with a large receive buffer.
-pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> {
+pub(crate) fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> {
     let domain = socket2::Domain::for_address(addr);
     let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
     // The kernel caps this at net.core.rmem_max; README.md (Troubleshooting) says how to raise it.
@@ -202,7 +196,7 @@ pub fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpSocket> 
 }
 
 /// Run the socket loop until `cancel` or until the uplink stage goes away.
-pub async fn run(
+pub(crate) async fn run(
     socket: Arc<UdpSocket>,
     uplinks: mpsc::Sender<Batch>,
     tx_acks: mpsc::Sender<TxAck>,
@@ -245,7 +239,6 @@ pub async fn run(
                     g.version = version;
                 }) {
                     tracing::info!(%gateway, %from, "packet forwarder connected (PULL_DATA)");
-                    metrics.set_gateways(gateways.len());
                 }
             }
             Ok(Datagram::PushData {
@@ -286,7 +279,6 @@ pub async fn run(
                     }
                 }) {
                     tracing::info!(%gateway, %from, "packet forwarder connected (PUSH_DATA)");
-                    metrics.set_gateways(gateways.len());
                 }
                 if parsed.receptions.is_empty() {
                     continue;

@@ -4,6 +4,7 @@
 //! - [`frame`]: header peek, MIC, FRMPayload encryption, frame building;
 //! - [`fcnt`]: 16→32-bit frame-counter reconstruction and replay classification;
 //! - [`dedup`]: the deduplication window that merges receptions of one frame;
+//! - [`region`]: regional parameters (RP002): data rates, RX windows, payload sizes, power;
 //! - [`session`]: device sessions looked up by DevAddr and the uplink decision (MIC decides
 //!   between devices sharing a DevAddr).
 
@@ -12,4 +13,5 @@ pub mod fcnt;
 pub mod frame;
 pub mod mac;
 pub mod otaa;
+pub mod region;
 pub mod session;

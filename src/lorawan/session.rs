@@ -3,8 +3,10 @@
 //! The [`Registry`] holds every configured device with its current session (ABP from the config;
 //! OTAA once joined) and answers one question per deduplicated frame: whose is it, is it
 //! authentic, and is it new? Several devices may share a DevAddr: each candidate's NwkSKey is
-//! tried and the MIC decides (LoRaWAN 1.0.x §6.1.1). The registry is owned by one task (the
-//! uplink stage), so it needs no locks; the caller persists [`SessionState`] after each change.
+//! tried and the MIC decides (LoRaWAN 1.0.x §6.1.1). The registry is plain data with no I/O and
+//! no locks of its own: the daemon shares it between the uplink stage (FCntUp) and the downlink
+//! scheduler (FCntDown) behind one mutex, and the caller persists [`SessionState`] after each
+//! change.
 
 use super::fcnt::{self, FCntCheck};
 use super::frame::{self, DataUpHeader, Opened};

@@ -4,6 +4,9 @@
 //! Devices build real encrypted LoRaWAN 1.0.x frames; the forwarder wraps them in real GWMP v2
 //! PUSH_DATA datagrams (built with the `semtech-udp` crate's types) and sends them over UDP, so
 //! everything after the socket is exactly what a Raspberry Pi with a concentrator would cause.
+//! [`fixtures`] has sample records for tests and benchmarks.
+
+pub mod fixtures;
 
 use crate::lorawan::frame::{encode, open_downlink, DataFrame, FrameError, MacCmd, OpenedDownlink};
 use crate::model::{AesKey, DevAddr, Eui64};

@@ -460,12 +460,15 @@ impl Queue {
             b += v.len() as u64;
             m.unsaved.insert(seq, v);
         }
+        // Counted before the lock is released: a reader works out how many records are on
+        // disk as `len - unsaved`, and must never see the new records in `unsaved` without them
+        // in `len` (it would skip the disk and take a newer record for the first one).
+        self.inner.len.fetch_add(n, Ordering::Relaxed);
         drop(m);
         self.inner
             .shared
             .unsaved_bytes
             .fetch_add(b, Ordering::Relaxed);
-        self.inner.len.fetch_add(n, Ordering::Relaxed);
         self.inner.bytes.fetch_add(b, Ordering::Relaxed);
     }
 

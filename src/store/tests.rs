@@ -1,5 +1,7 @@
 use super::*;
-use crate::model::{DevAddr, RxInfo, TxSettings, Uplink};
+use crate::config::WhenFull;
+use crate::model::DevAddr;
+use std::path::Path;
 
 /// Every store test runs against both engines.
 const BACKENDS: [StorageBackend; 2] = [StorageBackend::Sled, StorageBackend::Redb];
@@ -15,36 +17,9 @@ fn cfg_for(backend: StorageBackend, dir: &Path, max_bytes: u64, flush: u64) -> S
 }
 
 fn uplink(n: u32) -> Record {
-    Record::Uplink(Uplink {
-        id: n as u128,
-        received_at_us: 1,
-        application: "app".into(),
-        device: "dev".into(),
-        dev_eui: Eui64::from_u64(1),
-        dev_addr: DevAddr(1),
-        f_port: Some(1),
-        f_cnt: n,
-        confirmed: false,
-        adr: false,
-        payload: vec![0xAB; 20],
-        settings: TxSettings {
-            frequency_hz: 868_100_000,
-            spreading_factor: 7,
-            bandwidth_hz: 125_000,
-            coding_rate: "4/5".into(),
-        },
-        rx: vec![RxInfo {
-            gateway: Eui64::from_u64(2),
-            tmst: 1,
-            time: None,
-            rssi: -50,
-            channel_rssi: -50,
-            snr: 9.0,
-            channel: 0,
-            rf_chain: 0,
-            received_at_us: 1,
-        }],
-    })
+    let mut u = crate::sim::fixtures::uplink(1, n);
+    (u.application, u.device) = ("app".into(), "dev".into());
+    Record::Uplink(u)
 }
 
 fn fcnts(q: &Queue) -> Vec<u32> {

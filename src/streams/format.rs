@@ -290,36 +290,19 @@ mod tests {
     use crate::model::DevAddr;
 
     fn sample() -> Uplink {
-        Uplink {
-            id: 0x0193_0000_0000_0000_0000_0000_0000_0001,
-            received_at_us: 1_795_000_000_123_456,
-            application: "farm".into(),
-            device: "soil-1".into(),
-            dev_eui: "70b3d57ed0000001".parse().unwrap(),
-            dev_addr: DevAddr(0x2600_0001),
-            f_port: Some(1),
-            f_cnt: 70_000,
-            confirmed: false,
-            adr: true,
-            payload: vec![1, 2, 3, 4],
-            settings: TxSettings {
-                frequency_hz: 868_100_000,
-                spreading_factor: 7,
-                bandwidth_hz: 125_000,
-                coding_rate: "4/5".into(),
-            },
-            rx: vec![RxInfo {
-                gateway: "aa555a0000000000".parse().unwrap(),
-                tmst: 2_000_123,
-                time: None,
-                rssi: -57,
-                channel_rssi: -57,
-                snr: 9.5,
-                channel: 2,
-                rf_chain: 0,
-                received_at_us: 1_795_000_000_123_456,
-            }],
-        }
+        let mut u = crate::sim::fixtures::uplink(1, 70_000);
+        u.id = 0x0193_0000_0000_0000_0000_0000_0000_0001;
+        u.received_at_us = 1_795_000_000_123_456;
+        (u.application, u.device) = ("farm".into(), "soil-1".into());
+        u.dev_eui = "70b3d57ed0000001".parse().unwrap();
+        u.dev_addr = DevAddr(0x2600_0001);
+        u.adr = true;
+        u.payload = vec![1, 2, 3, 4];
+        u.rx[0].gateway = "aa555a0000000000".parse().unwrap();
+        (u.rx[0].tmst, u.rx[0].rssi, u.rx[0].channel_rssi) = (2_000_123, -57, -57);
+        (u.rx[0].snr, u.rx[0].channel) = (9.5, 2);
+        u.rx[0].received_at_us = u.received_at_us;
+        u
     }
 
     #[test]

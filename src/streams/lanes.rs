@@ -46,7 +46,8 @@ impl Lanes {
     }
 
     /// True while a backlog remains ahead of live traffic.
-    pub fn catching_up(&self) -> bool {
+    #[cfg(test)]
+    fn catching_up(&self) -> bool {
         !self.merged
     }
 
@@ -150,40 +151,10 @@ impl Lanes {
 mod tests {
     use super::*;
     use crate::config::{StorageConfig, WhenFull};
-    use crate::model::{DevAddr, Eui64, RxInfo, TxSettings, Uplink};
     use crate::store::{Entry, Store};
 
     fn up(dev: u64, n: u32) -> Record {
-        Record::Uplink(Uplink {
-            id: n as u128,
-            received_at_us: 0,
-            application: "a".into(),
-            device: format!("d{dev}"),
-            dev_eui: Eui64::from_u64(dev),
-            dev_addr: DevAddr(dev as u32),
-            f_port: Some(1),
-            f_cnt: n,
-            confirmed: false,
-            adr: false,
-            payload: vec![],
-            settings: TxSettings {
-                frequency_hz: 0,
-                spreading_factor: 7,
-                bandwidth_hz: 125_000,
-                coding_rate: String::new(),
-            },
-            rx: vec![RxInfo {
-                gateway: Eui64::default(),
-                tmst: 0,
-                time: None,
-                rssi: 0,
-                channel_rssi: 0,
-                snr: 0.0,
-                channel: 0,
-                rf_chain: 0,
-                received_at_us: 0,
-            }],
-        })
+        crate::sim::fixtures::record(dev, n)
     }
 
     fn ids(v: &[(u64, Record)]) -> Vec<(u64, u32)> {

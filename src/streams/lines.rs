@@ -2,6 +2,7 @@
 //! appended to a file (`kind = "file"`). A record is acknowledged after the line is written and
 //! flushed (stdout) or fsynced (file), a batch at a time.
 
+use super::connect::{self, Retry, Session, SessionEnd};
 use super::format::{record_json, Delivery};
 use super::StreamContext;
 use crate::downlink::json::event_json;
@@ -16,11 +17,11 @@ enum Sink {
     File(PathBuf),
 }
 
-pub struct LineStream {
+pub(crate) struct LineStream {
     ctx: StreamContext,
     sink: Sink,
     /// Downlink events are written as lines too (TTS `downlink_*` documents).
-    events: tokio::sync::Mutex<mpsc::Receiver<DownlinkEvent>>,
+    events: mpsc::Receiver<DownlinkEvent>,
 }
 
 impl LineStream {
@@ -28,7 +29,7 @@ impl LineStream {
         LineStream {
             ctx,
             sink: Sink::Stdout,
-            events: tokio::sync::Mutex::new(events),
+            events,
         }
     }
 
@@ -36,34 +37,18 @@ impl LineStream {
         LineStream {
             ctx,
             sink: Sink::File(path),
-            events: tokio::sync::Mutex::new(events),
+            events,
         }
     }
 
-    pub async fn run(self) {
-        let name = self.ctx.queue.name().to_string();
-        let mut backoff =
-            super::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-        loop {
-            if self.ctx.cancel.is_cancelled() {
-                return;
-            }
-            match self.session().await {
-                Ok(()) => return,
-                Err(e) => {
-                    self.ctx.metrics.stream_connected(&name, false);
-                    tracing::warn!(stream = %name, error = %e, "line stream failed; retrying");
-                    tokio::select! {
-                        _ = self.ctx.cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next_delay()) => {}
-                    }
-                }
-            }
-        }
+    pub async fn run(mut self) {
+        let ctx = self.ctx.clone();
+        let retry = Retry::new(Duration::from_millis(200), Duration::from_secs(30));
+        connect::run(&mut self, &ctx, retry).await;
     }
 
-    async fn session(&self) -> std::io::Result<()> {
-        let name = self.ctx.queue.name().to_string();
+    async fn write(&mut self) -> std::io::Result<()> {
+        let name = self.ctx.name.clone();
         let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match &self.sink {
             Sink::Stdout => Box::new(tokio::io::stdout()),
             Sink::File(p) => Box::new(
@@ -75,7 +60,6 @@ impl LineStream {
             ),
         };
         self.ctx.metrics.stream_connected(&name, true);
-        let mut events = self.events.lock().await;
         loop {
             let batch = self
                 .ctx
@@ -87,7 +71,7 @@ impl LineStream {
                 // (records and downlink events: `biased` checks them before the stop).
                 tokio::select! {
                     biased;
-                    Some(e) = events.recv() => {
+                    Some(e) = self.events.recv() => {
                         let mut line = event_json(&e);
                         line.push(b'\n');
                         out.write_all(&line).await?;
@@ -118,6 +102,24 @@ impl LineStream {
             for (seq, _) in batch {
                 self.ctx.queue.ack(seq).map_err(std::io::Error::other)?;
             }
+        }
+    }
+}
+
+impl Session for LineStream {
+    const WHAT: &'static str = "writing lines";
+
+    fn server(&self) -> String {
+        match &self.sink {
+            Sink::Stdout => "stdout".into(),
+            Sink::File(p) => p.display().to_string(),
+        }
+    }
+
+    async fn session(&mut self) -> SessionEnd {
+        match self.write().await {
+            Ok(()) => SessionEnd::Stopped,
+            Err(e) => SessionEnd::failed(e),
         }
     }
 }

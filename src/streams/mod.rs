@@ -9,49 +9,63 @@
 //! | `stdout`          | [`lines`]   | the line written and stdout flushed                   |
 //! | `file`            | [`lines`]   | the line written and the file fsynced                 |
 //!
+//! What every kind shares:
+//! - [`connect`]: the one reconnect loop (sessions, backoff with jitter, readable failure logs);
+//! - [`lanes`]: how a session reads its queue (backlog and live traffic, each device in order);
+//! - [`format`]: the message layouts;
+//! - [`tls`]: rustls client configurations;
+//! - [`error`]: typed setup and session errors;
+//! - [`crate::downlink::DownlinkHandle`]: the one way to hand a cloud's downlink to the
+//!   scheduler (in order; acknowledged to the cloud once stored).
+//!
 //! A stream runs until its cancel token fires; it then finishes what is in flight (bounded by
-//! the daemon's stop deadline) and returns. Failures to reach the destination are retried with
-//! [`backoff::Backoff`], forever: the queue holds the data meanwhile. [`session`] holds what the
-//! MQTT-based streams share (PUBACK matching, endpoints, CONNACK).
+//! the daemon's stop deadline) and returns.
 
 pub mod azure;
-pub mod backoff;
-pub mod format;
-pub mod http;
-pub mod lanes;
-pub mod lines;
-pub mod mqtt;
-pub mod session;
+mod backoff;
+pub(crate) mod connect;
+pub(crate) mod error;
+pub(crate) mod format;
+pub(crate) mod http;
+pub(crate) mod lanes;
+pub(crate) mod lines;
+pub(crate) mod mqtt;
 pub mod tls;
 
-use crate::config::{Scope, StreamConfig, StreamKind};
-use crate::downlink::Input as DownlinkInput;
+use crate::config::{StreamConfig, StreamKind};
+use crate::downlink::DownlinkHandle;
 use crate::metrics::Metrics;
 use crate::model::{DownlinkEvent, Eui64};
 use crate::store::Queue;
+use error::SetupError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// A stream that cannot be started.
 #[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    #[error("stream {stream:?}: {message}")]
-    Setup { stream: String, message: String },
+#[error("stream {stream:?}: {source}")]
+pub struct StreamError {
+    pub stream: String,
+    #[source]
+    pub source: SetupError,
 }
 
 /// What every stream gets from the daemon.
 #[derive(Clone)]
-pub struct StreamContext {
+pub(crate) struct StreamContext {
+    /// The stream's name (and its queue's).
+    pub name: String,
     pub queue: Queue,
     pub metrics: Metrics,
     pub cancel: CancellationToken,
-    /// `[gateway] eui`, for the status topic and default client id.
+    /// `[gateway] eui`, for the status topic.
     pub gateway_eui: Option<Eui64>,
     /// Where downlink requests go (None when the stream has `downlinks = false`).
-    pub downlinks: Option<mpsc::Sender<DownlinkInput>>,
+    pub downlinks: Option<DownlinkHandle>,
 }
 
 /// A configured stream, ready to run.
-pub enum Stream {
+pub(crate) enum Stream {
     Mqtt(Box<mqtt::MqttStream>),
     Http(Box<http::HttpStream>),
     Azure(Box<azure::AzureStream>),
@@ -59,33 +73,32 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Check what can be checked before running (TLS files, URLs) and build the stream.
+    /// Check what can be checked before running (TLS files, keys) and build the stream.
     pub fn build(
         cfg: &StreamConfig,
         ctx: StreamContext,
         events: mpsc::Receiver<DownlinkEvent>,
     ) -> Result<Stream, StreamError> {
-        let setup = |message: String| StreamError::Setup {
+        let setup = |source: SetupError| StreamError {
             stream: cfg.name.clone(),
-            message,
+            source,
         };
-        Ok(match cfg.kind {
-            StreamKind::Mqtt | StreamKind::AwsIot => Stream::Mqtt(Box::new(
-                mqtt::MqttStream::new(cfg, ctx, events).map_err(setup)?,
+        Ok(match &cfg.kind {
+            StreamKind::Mqtt(m) => Stream::Mqtt(Box::new(
+                mqtt::MqttStream::mqtt(m, ctx, events).map_err(setup)?,
             )),
-            StreamKind::Http => Stream::Http(Box::new(
-                http::HttpStream::new(cfg, ctx, events).map_err(setup)?,
+            StreamKind::AwsIot(a) => Stream::Mqtt(Box::new(
+                mqtt::MqttStream::aws(a, ctx, events).map_err(setup)?,
             )),
-            StreamKind::AzureIotHub => Stream::Azure(Box::new(
-                azure::AzureStream::new(cfg, ctx, events).map_err(setup)?,
+            StreamKind::Http(h) => Stream::Http(Box::new(
+                http::HttpStream::new(h, ctx, events).map_err(setup)?,
+            )),
+            StreamKind::AzureIotHub(a) => Stream::Azure(Box::new(
+                azure::AzureStream::new(a, ctx, events).map_err(setup)?,
             )),
             StreamKind::Stdout => Stream::Lines(lines::LineStream::stdout(ctx, events)),
-            StreamKind::File => {
-                let path = cfg
-                    .path
-                    .clone()
-                    .ok_or_else(|| setup("file stream needs path".into()))?;
-                Stream::Lines(lines::LineStream::file(ctx, path, events))
+            StreamKind::File { path } => {
+                Stream::Lines(lines::LineStream::file(ctx, path.clone(), events))
             }
         })
     }
@@ -98,9 +111,4 @@ impl Stream {
             Stream::Lines(s) => s.run().await,
         }
     }
-}
-
-/// Scope of a stream config (re-exported for the wiring code).
-pub fn scope_of(cfg: &StreamConfig) -> Scope {
-    cfg.scope()
 }

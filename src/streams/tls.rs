@@ -9,8 +9,32 @@
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Why a TLS client configuration cannot be built (a file, a key, the trust store).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(
+        "no trusted CA certificates: install the system CA bundle (ca-certificates) or set ca_file"
+    )]
+    NoSystemRoots,
+    #[error("no trusted CA certificate (ca_file has none)")]
+    NoRoots,
+    #[error("{}: {reason}", path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("{what} {}: no PEM certificate found", path.display())]
+    NoCertificate { what: &'static str, path: PathBuf },
+    #[error("key_file {}: cannot read a PEM private key (PKCS#8, RSA or EC): {reason}", path.display())]
+    Key { path: PathBuf, reason: String },
+    #[error("{what}: {source}")]
+    Rustls {
+        what: &'static str,
+        source: rustls::Error,
+    },
+    #[error("built-in roots: {0}")]
+    BuiltIn(String),
+}
 
 /// Install ring as the process-wide rustls provider (rumqttc's WebSocket path and any library
 /// that asks for the default provider need one). Safe to call more than once.
@@ -24,7 +48,7 @@ pub fn client_config(
     client_cert: Option<(&Path, &Path)>,
     use_system_roots: bool,
     alpn: &[&[u8]],
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     if use_system_roots {
         let native = rustls_native_certs::load_native_certs();
@@ -36,10 +60,7 @@ pub fn client_config(
         add_ca_file(&mut roots, p)?;
     }
     if roots.is_empty() {
-        return Err(
-            "no trusted CA certificates: install the system CA bundle (ca-certificates) or set ca_file"
-                .into(),
-        );
+        return Err(TlsError::NoSystemRoots);
     }
     finish(roots, client_cert, alpn)
 }
@@ -55,16 +76,19 @@ pub fn client_config_pinned_roots(
     ca_file: Option<&Path>,
     client_cert: Option<(&Path, &Path)>,
     alpn: &[&[u8]],
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, TlsError> {
     let certs = match ca_file {
         Some(p) => read_certs(p)?,
         None => CertificateDer::pem_slice_iter(roots_pem)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("built-in roots: {e}"))?,
+            .map_err(|e| TlsError::BuiltIn(e.to_string()))?,
     };
     let mut roots = RootCertStore::empty();
     for c in certs {
-        roots.add(c).map_err(|e| format!("CA certificate: {e}"))?;
+        roots.add(c).map_err(|source| TlsError::Rustls {
+            what: "CA certificate",
+            source,
+        })?;
     }
     finish(roots, client_cert, alpn)
 }
@@ -92,12 +116,12 @@ pub fn client_config_with_roots(
     roots_pem: &[&[u8]],
     ca_file: Option<&Path>,
     alpn: &[&[u8]],
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
     for pem in roots_pem {
         for c in CertificateDer::pem_slice_iter(pem) {
-            let c = c.map_err(|e| format!("built-in roots: {e}"))?;
-            roots.add(c).map_err(|e| format!("built-in roots: {e}"))?;
+            let c = c.map_err(|e| TlsError::BuiltIn(e.to_string()))?;
+            roots.add(c).map_err(|e| TlsError::BuiltIn(e.to_string()))?;
         }
     }
     if let Some(p) = ca_file {
@@ -110,33 +134,37 @@ fn finish(
     roots: RootCertStore,
     client_cert: Option<(&Path, &Path)>,
     alpn: &[&[u8]],
-) -> Result<Arc<ClientConfig>, String> {
+) -> Result<Arc<ClientConfig>, TlsError> {
     if roots.is_empty() {
-        return Err("no trusted CA certificate (ca_file has none)".into());
+        return Err(TlsError::NoRoots);
     }
     let builder =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(|source| TlsError::Rustls {
+                what: "TLS setup",
+                source,
+            })?
             .with_root_certificates(roots);
     let mut cfg = match client_cert {
         Some((cert, key)) => {
             let chain = read_certs(cert)?;
             if chain.is_empty() {
-                return Err(format!(
-                    "cert_file {}: no PEM certificate found",
-                    cert.display()
-                ));
+                return Err(TlsError::NoCertificate {
+                    what: "cert_file",
+                    path: cert.to_path_buf(),
+                });
             }
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                format!(
-                    "key_file {}: cannot read a PEM private key (PKCS#8, RSA or EC): {e}",
-                    key.display()
-                )
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+                path: key.to_path_buf(),
+                reason: e.to_string(),
             })?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("cert_file/key_file: {e}"))?
+                .map_err(|source| TlsError::Rustls {
+                    what: "cert_file/key_file",
+                    source,
+                })?
         }
         None => builder.with_no_client_auth(),
     };
@@ -145,24 +173,32 @@ fn finish(
 }
 
 /// Add every certificate of a PEM `ca_file` to `roots`; a file without one is an error.
-fn add_ca_file(roots: &mut RootCertStore, p: &Path) -> Result<(), String> {
+fn add_ca_file(roots: &mut RootCertStore, p: &Path) -> Result<(), TlsError> {
     let certs = read_certs(p)?;
     if certs.is_empty() {
-        return Err(format!("ca_file {}: no PEM certificate found", p.display()));
+        return Err(TlsError::NoCertificate {
+            what: "ca_file",
+            path: p.to_path_buf(),
+        });
     }
     for c in certs {
-        roots
-            .add(c)
-            .map_err(|e| format!("ca_file {}: {e}", p.display()))?;
+        roots.add(c).map_err(|source| TlsError::Rustls {
+            what: "ca_file",
+            source,
+        })?;
     }
     Ok(())
 }
 
-fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read = |reason: String| TlsError::Read {
+        path: p.to_path_buf(),
+        reason,
+    };
     CertificateDer::pem_file_iter(p)
-        .map_err(|e| format!("{}: {e}", p.display()))?
+        .map_err(|e| read(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{}: {e}", p.display()))
+        .map_err(|e| read(e.to_string()))
 }
 
 #[cfg(test)]
@@ -188,7 +224,8 @@ mod tests {
         assert!(client_config_with_roots(&AZURE_IOT_ROOTS, None, &[]).is_ok());
         let e =
             client_config_with_roots(&AZURE_IOT_ROOTS, Some(Path::new("/nonexistent.pem")), &[])
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("/nonexistent.pem"), "{e}");
     }
 }

@@ -13,7 +13,7 @@
 #![allow(dead_code)]
 
 use crate::support::broker::TestBroker;
-use crate::support::{device_toml, free_port, wait_until, BrokerKind};
+use crate::support::{device_toml, free_port, wait_until, BrokerKind, Mosquitto};
 use lorastream::model::Eui64;
 use lorastream::sim::{push_data, Radio, SimDevice};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -610,93 +610,6 @@ pub fn parse_uplink(topic: &str, payload: &[u8], at: Option<Instant>) -> Option<
     })
 }
 
-/// Debian's mosquitto with persistence, stopped by SIGTERM so that it saves its sessions: a
-/// subscriber's persistent session then keeps collecting while the subscriber reconnects, and
-/// nothing published during the gap is missed by the test.
-pub struct PersistentMosquitto {
-    pub port: u16,
-    conf: PathBuf,
-    child: Option<Child>,
-}
-
-impl PersistentMosquitto {
-    pub async fn start(dir: &Path) -> PersistentMosquitto {
-        std::fs::create_dir_all(dir).unwrap();
-        let port = free_port();
-        let conf = dir.join("mosquitto.conf");
-        // `user root`: as root mosquitto would switch to the `mosquitto` user, which cannot
-        // write its database into the test's private temp dir.
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {}/\nmax_queued_messages 1000000\nmax_queued_bytes 0\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let mut m = PersistentMosquitto {
-            port,
-            conf,
-            child: None,
-        };
-        m.restart().await;
-        m
-    }
-
-    pub async fn restart(&mut self) {
-        let log = self.conf.with_extension("log");
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .unwrap(),
-            )
-            .spawn()
-            .expect("mosquitto could not be started");
-        self.child = Some(child);
-        let port = self.port;
-        assert!(
-            wait_until(Duration::from_secs(10), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_ok())
-            .await,
-            "mosquitto did not start listening on {port}"
-        );
-    }
-
-    /// SIGTERM: mosquitto closes every connection and saves its database.
-    pub async fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            }
-            let end = Instant::now() + Duration::from_secs(10);
-            while c.try_wait().ok().flatten().is_none() && Instant::now() < end {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PersistentMosquitto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// An MQTT subscriber with a persistent session (clean_session = false, QoS 1), reconnecting
 /// by itself. Every message is timestamped on arrival.
 pub struct SessionSub {
@@ -766,10 +679,7 @@ pub struct Sink {
 
 enum SinkInner {
     Embedded(TestBroker),
-    Mosquitto {
-        broker: PersistentMosquitto,
-        sub: SessionSub,
-    },
+    Mosquitto { broker: Mosquitto, sub: SessionSub },
 }
 
 impl Sink {
@@ -777,7 +687,7 @@ impl Sink {
         let inner = match kind {
             BrokerKind::Embedded => SinkInner::Embedded(TestBroker::start().await),
             BrokerKind::Mosquitto => {
-                let broker = PersistentMosquitto::start(&dir.join("mosquitto")).await;
+                let broker = Mosquitto::start_persistent(&dir.join("mosquitto")).await;
                 let id = format!("fault-sub-{}-{}", std::process::id(), free_port());
                 let sub = SessionSub::connect(broker.port, "+/+/devices/+/up", &id).await;
                 SinkInner::Mosquitto { broker, sub }

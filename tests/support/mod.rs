@@ -34,11 +34,56 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Debian's mosquitto on a port of its own.
+// ---- skip gates: one rule for every optional part ----
+//
+// A test that needs something this machine may not have (Debian's mosquitto, root for mounts
+// and FUSE) is skipped with a line on stderr, unless the matching variable makes it mandatory
+// (CI sets both): then a missing part is a failure, never a silent pass.
+
+/// Skip (false, with a line on stderr) or fail (when `var=1`) because `why`.
+fn skip_or_fail(test: &str, var: &str, why: &str) -> bool {
+    if std::env::var(var).is_ok_and(|v| v == "1") {
+        panic!("{test}: {var}=1 but {why}");
+    }
+    // Straight to stderr: the harness captures the output of passing tests, and a skip must
+    // be seen.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: {why} ({var}=1 makes this a failure)"
+    );
+    false
+}
+
+/// True when Debian's mosquitto can run; otherwise skip, or fail with
+/// `LORASTREAM_TEST_MOSQUITTO=1`.
+pub fn needs_mosquitto(test: &str) -> bool {
+    Mosquitto::available()
+        || skip_or_fail(
+            test,
+            "LORASTREAM_TEST_MOSQUITTO",
+            "the mosquitto binary is not installed",
+        )
+}
+
+/// True when `check` says the root-only part is there (Ok); otherwise skip, or fail with
+/// `LORASTREAM_TEST_ROOT=1`.
+pub fn needs_root(test: &str, check: Result<(), String>) -> bool {
+    match check {
+        Ok(()) => true,
+        Err(why) => skip_or_fail(test, "LORASTREAM_TEST_ROOT", &why),
+    }
+}
+
+/// Debian's mosquitto on a port of its own: the one launcher of the test suite. With
+/// [`Mosquitto::start_persistent`] it keeps sessions on disk and [`Mosquitto::stop`] (SIGTERM)
+/// lets it save them.
 pub struct Mosquitto {
     pub port: u16,
     child: Option<Child>,
-    conf: tempfile::NamedTempFile,
+    conf: std::path::PathBuf,
+    /// Keeps a temporary config file alive.
+    _temp: Option<tempfile::NamedTempFile>,
 }
 
 impl Mosquitto {
@@ -68,18 +113,53 @@ impl Mosquitto {
         let mut m = Mosquitto {
             port,
             child: None,
+            conf: conf.path().to_path_buf(),
+            _temp: Some(conf),
+        };
+        m.restart().await;
+        m
+    }
+
+    /// mosquitto with persistence in `dir` (its config and log there too): a subscriber's
+    /// persistent session keeps collecting while the subscriber or the broker restarts.
+    pub async fn start_persistent(dir: &Path) -> Mosquitto {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        // `user root`: as root mosquitto would switch to the `mosquitto` user, which cannot
+        // write its database into the test's private temp dir.
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {}/\nmax_queued_messages 1000000\nmax_queued_bytes 0\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut m = Mosquitto {
+            port,
+            child: None,
             conf,
+            _temp: None,
         };
         m.restart().await;
         m
     }
 
     pub async fn restart(&mut self) {
+        let log = self.conf.with_extension("log");
         let child = Command::new("mosquitto")
             .arg("-c")
-            .arg(self.conf.path())
+            .arg(&self.conf)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
             .spawn()
             .expect("mosquitto could not be started");
         self.child = Some(child);
@@ -95,8 +175,17 @@ impl Mosquitto {
         );
     }
 
+    /// SIGTERM: mosquitto closes every connection and saves its database (when persistent).
     pub async fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let end = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -127,12 +216,9 @@ pub enum BrokerKind {
 /// Brokers to run every broker test against: the embedded one always; mosquitto when it is
 /// installed, and mandatory (a missing binary fails) with LORASTREAM_TEST_MOSQUITTO=1 (CI).
 pub fn broker_kinds() -> Vec<BrokerKind> {
-    let required = std::env::var("LORASTREAM_TEST_MOSQUITTO").is_ok_and(|v| v == "1");
     let mut v = vec![BrokerKind::Embedded];
-    if Mosquitto::available() {
+    if needs_mosquitto("(broker tests against mosquitto)") {
         v.push(BrokerKind::Mosquitto);
-    } else if required {
-        panic!("LORASTREAM_TEST_MOSQUITTO=1 but the mosquitto binary is not installed");
     }
     v
 }

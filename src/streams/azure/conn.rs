@@ -10,13 +10,14 @@
 
 use super::wire::{self, SasKey};
 use super::Shared;
-use crate::downlink::{json as downlink_json, Input as DownlinkInput};
+use crate::downlink::json as downlink_json;
 use crate::model::{correlation_id, now_us, DownlinkEvent, DownlinkRequest, Eui64, Record};
 use crate::store::DropReason;
+use crate::streams::connect::SessionEnd;
+use crate::streams::error::SessionError;
 use crate::streams::format::{record_json, rfc3339, Delivery};
-use crate::streams::session::{self, Inflight};
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, Publish, QoS};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::streams::mqtt::client::{self, Inflight, Intake};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, Publish, QoS};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -59,19 +60,11 @@ pub(super) enum Report {
     Done(u64),
     /// A message came from IoT Hub (keeps a per-device connection from idling out).
     Activity,
-    /// The last report of a connection.
-    Closed(Ended),
-}
-
-#[derive(Debug)]
-pub(super) enum Ended {
-    /// Asked to stop (daemon stop, idle, room for another device).
-    Stopped,
-    /// The SAS token is about to expire: reconnect at once with a new one.
-    Renew,
-    /// CONNACK refused (bad key, unknown or disabled device, expired token).
-    Refused(String),
-    Failed(String),
+    /// The last report of a connection: `Stopped` (daemon stop, idle, room for another
+    /// device), `Renew` (the SAS token is about to expire: reconnect at once with a new one) or
+    /// `Failed` (CONNACK refused: bad key, unknown or disabled device, expired token; or the
+    /// connection broke).
+    Closed(SessionEnd),
 }
 
 fn unix_now() -> u64 {
@@ -105,7 +98,7 @@ async fn session(
     events: &mut mpsc::Receiver<DownlinkEvent>,
     report: &impl Fn(Report),
     close: &CancellationToken,
-) -> Ended {
+) -> SessionEnd {
     let ttl = sh.sas_ttl;
     let token = wire::token(
         &wire::resource(&sh.hostname, &who.hub_id),
@@ -125,19 +118,10 @@ async fn session(
     o.set_manual_acks(true);
     let (client, mut eventloop) = AsyncClient::new(o, window + 16);
 
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        session::until_connack(&mut eventloop, close),
-    )
-    .await
-    {
-        Err(_) => return Ended::Failed(format!("no CONNACK within {CONNECT_TIMEOUT:?}")),
-        Ok(Ok(false)) => return Ended::Stopped,
-        Ok(Err(ConnectionError::ConnectionRefused(code))) => {
-            return Ended::Refused(format!("{code:?}"))
-        }
-        Ok(Err(e)) => return Ended::Failed(e.to_string()),
-        Ok(Ok(true)) => {}
+    match client::until_connack(&mut eventloop, close, CONNECT_TIMEOUT).await {
+        Ok(true) => {}
+        Ok(false) => return SessionEnd::Stopped,
+        Err(e) => return SessionEnd::failed(e),
     }
     report(Report::Connected);
     if sh.ctx.downlinks.is_some() {
@@ -147,22 +131,15 @@ async fn session(
         // Twin responses come only to subscribers (IoT Hub MQTT docs, "Device twins").
         let _ = client.try_subscribe("$iothub/twin/res/#", QoS::AtMostOnce);
     }
-    // Cloud-to-device messages are handled one at a time, in order, off the polling task.
-    // `unacked` counts those not yet acknowledged: a renewal or stop waits for them too, so a
-    // stored downlink is not redelivered (and queued twice) after the reconnect.
-    let (acks, ack_rx) = mpsc::channel::<(Option<DownlinkRequest>, Publish)>(256);
-    let unacked = Arc::new(AtomicUsize::new(0));
-    let acker = tokio::spawn(ack_in_order(
-        client.clone(),
-        sh.ctx.downlinks.clone(),
-        ack_rx,
-        unacked.clone(),
-    ));
+    // Cloud-to-device messages are handled one at a time, in order, off the polling task. A
+    // renewal or stop waits until they are acknowledged too, so a stored downlink is not
+    // redelivered (and queued twice) after the reconnect.
+    let intake = Intake::start(client.clone(), sh.ctx.downlinks.clone());
 
     let renew_at = tokio::time::Instant::now() + ttl.mul_f32(0.8);
     let mut inflight = Inflight::default();
     let mut rid = 0u64;
-    let mut draining: Option<(Instant, Ended)> = None;
+    let mut draining: Option<(Instant, SessionEnd)> = None;
     let end = loop {
         let room = draining.is_none() && inflight.len() < window;
         tokio::select! {
@@ -171,7 +148,7 @@ async fn session(
                 Ok(Event::Incoming(Packet::PubAck(a))) => {
                     if let Some(seq) = inflight.acked(a.pkid) {
                         if let Err(e) = sh.ctx.queue.ack(seq) {
-                            tracing::error!(stream = %sh.name, error = %e, "cannot remove an acknowledged record");
+                            tracing::error!(stream = %sh.ctx.name, error = %e, "cannot remove an acknowledged record");
                         }
                         report(Report::Done(seq));
                     }
@@ -179,23 +156,22 @@ async fn session(
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     report(Report::Activity);
                     let req = incoming(sh, who, &p);
-                    unacked.fetch_add(1, Ordering::SeqCst);
-                    if acks.try_send((req, p)).is_err() {
-                        unacked.fetch_sub(1, Ordering::SeqCst);
-                        tracing::warn!(stream = %sh.name, device = %who.hub_id, "too many cloud-to-device messages at once; IoT Hub will redeliver the rest");
+                    if !intake.push(req, p) {
+                        sh.ctx.metrics.stream_error(&sh.ctx.name, "downlinks_backlog");
+                        tracing::warn!(stream = %sh.ctx.name, device = %who.hub_id, "too many cloud-to-device messages at once; IoT Hub will redeliver the rest");
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(s))) => {
                     if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                        tracing::warn!(stream = %sh.name, device = %who.hub_id, "IoT Hub refused a subscription");
+                        tracing::warn!(stream = %sh.ctx.name, device = %who.hub_id, "IoT Hub refused a subscription");
                     }
                 }
                 Ok(_) => {}
-                Err(e) => break Ended::Failed(e.to_string()),
+                Err(e) => break SessionEnd::failed(SessionError::from_mqtt(e)),
             },
             Some((seq, r)) = records.recv(), if room => {
                 if !publish_record(sh, who, &client, &mut inflight, &mut rid, seq, &r, report) {
-                    break Ended::Failed("MQTT request channel closed".into());
+                    break SessionEnd::failed(SessionError::ClientClosed);
                 }
             }
             Some(e) = events.recv(), if room => {
@@ -213,27 +189,27 @@ async fn session(
                 }
                 let topic = topic_of(&who.hub_id, &props);
                 if !inflight.publish(&client, &topic, downlink_json::event_json(&e), false, None) {
-                    break Ended::Failed("MQTT request channel closed".into());
+                    break SessionEnd::failed(SessionError::ClientClosed);
                 }
             }
             _ = tokio::time::sleep_until(renew_at), if draining.is_none() => {
-                draining = Some((Instant::now(), Ended::Renew));
+                draining = Some((Instant::now(), SessionEnd::Renew));
             }
             _ = close.cancelled(), if draining.is_none() => {
-                draining = Some((Instant::now(), Ended::Stopped));
+                draining = Some((Instant::now(), SessionEnd::Stopped));
             }
             _ = tokio::time::sleep(Duration::from_millis(50)), if draining.is_some() => {
                 if let Some((since, _)) = &draining {
-                    let idle = inflight.is_empty() && unacked.load(Ordering::SeqCst) == 0;
+                    let idle = inflight.is_empty() && intake.settled();
                     if idle || since.elapsed() > DRAIN_GRACE {
-                        session::disconnect(&client, &mut eventloop).await;
-                        break draining.take().map(|(_, e)| e).unwrap_or(Ended::Stopped);
+                        client::disconnect(&client, &mut eventloop).await;
+                        break draining.take().map(|(_, e)| e).unwrap_or(SessionEnd::Stopped);
                     }
                 }
             }
         }
     };
-    acker.abort();
+    drop(intake);
     end
 }
 
@@ -292,9 +268,9 @@ fn publish_record(
     let size = topic.len() + body.len();
     if size > wire::MAX_MESSAGE {
         // IoT Hub would refuse it forever: drop it rather than block the queue.
-        tracing::warn!(stream = %sh.name, device = %who.hub_id, seq, size, limit = wire::MAX_MESSAGE, "message over IoT Hub's 256 KB limit dropped");
+        tracing::warn!(stream = %sh.ctx.name, device = %who.hub_id, seq, size, limit = wire::MAX_MESSAGE, "message over IoT Hub's 256 KB limit dropped");
         if let Err(e) = sh.ctx.queue.drop_undeliverable(seq, DropReason::TooLarge) {
-            tracing::error!(stream = %sh.name, error = %e, "cannot remove an undeliverable record");
+            tracing::error!(stream = %sh.ctx.name, error = %e, "cannot remove an undeliverable record");
         }
         report(Report::Done(seq));
         return true;
@@ -302,7 +278,7 @@ fn publish_record(
     if !inflight.publish(client, &topic, body, false, Some(seq)) {
         return false;
     }
-    sh.ctx.metrics.stream_published(&sh.name, 1);
+    sh.ctx.metrics.stream_published(&sh.ctx.name, 1);
     if let (true, Record::Uplink(u)) = (sh.twin, r) {
         let due = sh.last_twin.lock().map(|mut m| {
             let now = Instant::now();
@@ -353,12 +329,12 @@ fn publish_record(
 fn incoming(sh: &Shared, who: &Identity, p: &Publish) -> Option<DownlinkRequest> {
     if let Some(status) = wire::twin_response_status(&p.topic) {
         if !(200..300).contains(&status) {
-            tracing::warn!(stream = %sh.name, device = %who.hub_id, status, "IoT Hub refused a twin update");
+            tracing::warn!(stream = %sh.ctx.name, device = %who.hub_id, status, "IoT Hub refused a twin update");
         }
         return None;
     }
     let Some(props) = wire::parse_devicebound(&p.topic, &who.hub_id) else {
-        tracing::debug!(stream = %sh.name, topic = %p.topic, "message on an unexpected topic ignored");
+        tracing::debug!(stream = %sh.ctx.name, topic = %p.topic, "message on an unexpected topic ignored");
         return None;
     };
     sh.ctx.downlinks.as_ref()?;
@@ -366,42 +342,13 @@ fn incoming(sh: &Shared, who: &Identity, p: &Publish) -> Option<DownlinkRequest>
         .device
         .as_ref()
         .map(|d| (d.application.as_str(), d.device.as_str()));
-    let req = wire::downlink_request(&sh.name, sh.raw_downlinks, device, &props, &p.payload);
+    let req = wire::downlink_request(&sh.ctx.name, sh.raw_downlinks, device, &props, &p.payload);
     if req.is_none() {
         sh.ctx.metrics.downlink_event("unroutable");
-        tracing::warn!(stream = %sh.name, device = %who.hub_id,
+        tracing::warn!(stream = %sh.ctx.name, device = %who.hub_id,
             "cloud-to-device message without a LoRaWAN device dropped: set the application and device properties (or end_device_ids in the JSON body)");
     }
     req
-}
-
-/// Hand downlinks to the scheduler one by one and acknowledge each message to IoT Hub once it is
-/// stored (or was refused with a `failed` event), in arrival order.
-async fn ack_in_order(
-    client: AsyncClient,
-    downlinks: Option<mpsc::Sender<DownlinkInput>>,
-    mut rx: mpsc::Receiver<(Option<DownlinkRequest>, Publish)>,
-    unacked: Arc<AtomicUsize>,
-) {
-    while let Some((req, p)) = rx.recv().await {
-        if let (Some(req), Some(tx)) = (req, &downlinks) {
-            let (done, stored) = tokio::sync::oneshot::channel();
-            if tx
-                .send(DownlinkInput::Request(req, Some(done)))
-                .await
-                .is_err()
-                || stored.await.is_err()
-            {
-                // The scheduler is gone (stopping): leave it unacknowledged for redelivery.
-                return;
-            }
-        }
-        let acked = client.ack(&p).await;
-        unacked.fetch_sub(1, Ordering::SeqCst);
-        if acked.is_err() {
-            return;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -410,39 +357,12 @@ mod tests {
 
     #[test]
     fn message_properties_per_record_kind() {
-        use crate::model::{DevAddr, GatewayFrame, RxInfo, TxSettings, Uplink};
-        let rx = RxInfo {
-            gateway: Eui64::from_u64(0xAA55),
-            tmst: 0,
-            time: None,
-            rssi: -1,
-            channel_rssi: -1,
-            snr: 0.0,
-            channel: 0,
-            rf_chain: 0,
-            received_at_us: 0,
-        };
-        let settings = TxSettings {
-            frequency_hz: 868_100_000,
-            spreading_factor: 7,
-            bandwidth_hz: 125_000,
-            coding_rate: String::new(),
-        };
-        let up = Record::Uplink(Uplink {
-            id: 1,
-            received_at_us: 0,
-            application: "farm".into(),
-            device: "soil 1".into(),
-            dev_eui: Eui64::from_u64(1),
-            dev_addr: DevAddr(1),
-            f_port: None,
-            f_cnt: 9,
-            confirmed: false,
-            adr: false,
-            payload: vec![],
-            settings: settings.clone(),
-            rx: vec![rx.clone()],
-        });
+        use crate::model::GatewayFrame;
+        use crate::sim::fixtures;
+        let mut u = fixtures::uplink(1, 9);
+        (u.id, u.application, u.device, u.f_port) = (1, "farm".into(), "soil 1".into(), None);
+        let (settings, rx) = (u.settings.clone(), fixtures::rx(Eui64::from_u64(0xAA55)));
+        let up = Record::Uplink(u);
         let (t, body) = message("d1", &up, 0);
         assert_eq!(
             t,

@@ -24,14 +24,13 @@
 //! - **Renewal.** A connection ending for its SAS token is reopened at once if the device was
 //!   active within `idle_timeout_s` (so cloud-to-device messages keep arriving).
 
-use super::conn::{self, Ended, Identity, LoraDevice, Report};
+use super::conn::{self, Identity, LoraDevice, Report};
 use super::wire::SasKey;
-use super::{device_key, log_failure, Shared, EVENT_QUEUE};
+use super::{device_key, hint, Shared, EVENT_QUEUE};
 use crate::config::azure_device_id;
 use crate::model::{DownlinkEvent, Record};
-use crate::streams::backoff::Backoff;
+use crate::streams::connect::{Retry, SessionEnd, HEALTHY_SESSION};
 use crate::streams::format::LIVE_THRESHOLD;
-use crate::streams::session::FailureLog;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,8 +86,7 @@ struct Slot {
     events: VecDeque<DownlinkEvent>,
     conn: Option<Conn>,
     parked_until: Option<Instant>,
-    backoff: Backoff,
-    failures: FailureLog,
+    retry: Retry,
     last_active: Instant,
     /// The last record handed over was live (not a backlog record).
     live: bool,
@@ -124,8 +122,8 @@ pub(super) struct Dispatcher {
 impl Dispatcher {
     pub(super) fn new(sh: Arc<Shared>, keys: Keys) -> Dispatcher {
         let (reports_tx, reports) = mpsc::unbounded_channel();
-        sh.ctx.metrics.stream_connected(&sh.name, true);
-        sh.ctx.metrics.set_stream_connections(&sh.name, 0);
+        sh.ctx.metrics.stream_connected(&sh.ctx.name, true);
+        sh.ctx.metrics.set_stream_connections(&sh.ctx.name, 0);
         Dispatcher {
             sh,
             keys,
@@ -170,7 +168,10 @@ impl Dispatcher {
                 _ => break,
             }
         }
-        self.sh.ctx.metrics.set_stream_connections(&self.sh.name, 0);
+        self.sh
+            .ctx
+            .metrics
+            .set_stream_connections(&self.sh.ctx.name, 0);
     }
 
     fn slot(&mut self, dev: LoraDevice) -> &mut Slot {
@@ -186,7 +187,7 @@ impl Dispatcher {
                 .or(keys.policy.as_ref())
                 .cloned();
             if sas.is_none() {
-                tracing::error!(stream = %sh.name, device = %dev.device, hub_device = %hub_id,
+                tracing::error!(stream = %sh.ctx.name, device = %dev.device, hub_device = %hub_id,
                     "no key for this device: its messages stay queued; add it to device_keys or set a policy key");
             }
             Slot {
@@ -199,8 +200,7 @@ impl Dispatcher {
                 events: VecDeque::new(),
                 conn: None,
                 parked_until: None,
-                backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
-                failures: FailureLog::default(),
+                retry: Retry::connection(),
                 last_active: Instant::now(),
                 live: false,
                 keep_until: None,
@@ -215,7 +215,7 @@ impl Dispatcher {
             let chunk = match queue.read_after(self.frontier, 256) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(stream = %self.sh.name, error = %e, "cannot read the queue");
+                    tracing::error!(stream = %self.sh.ctx.name, error = %e, "cannot read the queue");
                     return;
                 }
             };
@@ -265,7 +265,7 @@ impl Dispatcher {
             let chunk = match queue.read_after(cursor, 512) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(stream = %self.sh.name, error = %e, "cannot read the queue");
+                    tracing::error!(stream = %self.sh.ctx.name, error = %e, "cannot read the queue");
                     return;
                 }
             };
@@ -339,7 +339,7 @@ impl Dispatcher {
                     None => match queue.get(seq) {
                         Ok(r) => r,
                         Err(e) => {
-                            tracing::error!(stream = %self.sh.name, error = %e, "cannot read the queue");
+                            tracing::error!(stream = %self.sh.ctx.name, error = %e, "cannot read the queue");
                             break;
                         }
                     },
@@ -435,7 +435,7 @@ impl Dispatcher {
                 .map(|(k, _)| *k);
             let Some(v) = victim else { break };
             if let Some(c) = self.slots.get_mut(&v).and_then(|s| s.conn.as_mut()) {
-                tracing::debug!(stream = %self.sh.name, "closing the longest-idle connection to make room (max_connections)");
+                tracing::debug!(stream = %self.sh.ctx.name, "closing the longest-idle connection to make room (max_connections)");
                 c.closing = true;
                 c.close.cancel();
             }
@@ -497,7 +497,7 @@ impl Dispatcher {
                 }
                 slot.last_active = now;
                 self.last_attempt_failed = false;
-                tracing::debug!(stream = %self.sh.name, device = %slot.hub_id, "IoT Hub connected");
+                tracing::debug!(stream = %self.sh.ctx.name, device = %slot.hub_id, "IoT Hub connected");
             }
             Report::Done(seq) => {
                 slot.handed.remove(&seq);
@@ -514,28 +514,34 @@ impl Dispatcher {
                     slot.waiting.push_front(seq);
                 }
                 match end {
-                    Ended::Stopped => {}
-                    Ended::Renew => {
-                        slot.backoff.reset();
-                        slot.failures.reset();
+                    SessionEnd::Stopped => {}
+                    SessionEnd::Renew => {
+                        slot.retry.reset();
                         let until = slot.last_active + self.keys.idle;
                         if until > now {
                             slot.keep_until = Some(until);
                         }
                     }
-                    Ended::Refused(_) | Ended::Failed(_) => {
-                        if c.opened.elapsed() > Duration::from_secs(30) {
-                            slot.backoff.reset();
-                            slot.failures.reset();
+                    SessionEnd::Failed { error, .. } => {
+                        if c.opened.elapsed() >= HEALTHY_SESSION {
+                            slot.retry.reset();
                         }
                         if !c.connected {
                             self.last_attempt_failed = true;
                         }
-                        let delay = slot.backoff.next_delay();
-                        slot.parked_until = Some(now + delay);
-                        let (log, n) = slot.failures.failed();
-                        if log {
-                            log_failure(&self.sh, &slot.hub_id, &end, n, delay);
+                        let f = slot.retry.failed(None);
+                        slot.parked_until = Some(now + f.delay);
+                        if f.log {
+                            tracing::warn!(
+                                stream = %self.sh.ctx.name,
+                                device = %slot.hub_id,
+                                server = %self.sh.shown,
+                                error = %error,
+                                hint = hint(&error).unwrap_or(""),
+                                retry_in_ms = f.delay.as_millis() as u64,
+                                failures = f.count,
+                                "IoT Hub connection failed"
+                            );
                         }
                     }
                 }
@@ -556,7 +562,7 @@ impl Dispatcher {
                     && c.connected
                     && !c.closing
                 {
-                    tracing::debug!(stream = %self.sh.name, device = %s.hub_id, "idle connection closed");
+                    tracing::debug!(stream = %self.sh.ctx.name, device = %s.hub_id, "idle connection closed");
                     c.closing = true;
                     c.close.cancel();
                 }
@@ -574,7 +580,10 @@ impl Dispatcher {
             .filter(|s| s.conn.as_ref().is_some_and(|c| c.connected))
             .count();
         let m = &self.sh.ctx.metrics;
-        m.set_stream_connections(&self.sh.name, connected);
-        m.stream_connected(&self.sh.name, connected > 0 || !self.last_attempt_failed);
+        m.set_stream_connections(&self.sh.ctx.name, connected);
+        m.stream_connected(
+            &self.sh.ctx.name,
+            connected > 0 || !self.last_attempt_failed,
+        );
     }
 }

@@ -28,14 +28,15 @@ mod conn;
 mod dispatch;
 pub mod wire;
 
-use super::backoff::Backoff;
+use super::connect::{self, Retry, Session, SessionEnd};
+use super::error::{SessionError, SetupError};
 use super::lanes::Lanes;
-use super::session::{self, Endpoint, FailureLog};
+use super::mqtt::client::{self, Endpoint};
 use super::tls;
 use super::StreamContext;
-use crate::config::{azure_defaults as defaults, StreamConfig};
+use crate::config::{AzureConfig, AzureIdentity, AzureKey, DownlinkFormat, PolicyKey};
 use crate::model::{DownlinkEvent, Eui64, Secret};
-use conn::{Ended, Identity, Report};
+use conn::{Identity, Report};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,13 +46,17 @@ use wire::SasKey;
 /// Downlink events waiting for a connection, per connection.
 const EVENT_QUEUE: usize = 64;
 
+/// What to check when IoT Hub refuses a connection.
+const REFUSED_HINT: &str = "check the key (device key, or policy name + key with DeviceConnect), that the device exists and is enabled in the hub, and the gateway's clock (SAS tokens expire)";
+
 /// What every connection of the stream shares.
 pub(crate) struct Shared {
-    name: String,
     ctx: StreamContext,
     /// `{hub}.azure-devices.net`: the username and the SAS resource use it.
     hostname: String,
     endpoint: Endpoint,
+    /// The server for log lines (no secrets).
+    shown: String,
     sas_ttl: Duration,
     keep_alive: Duration,
     /// Unacknowledged records per connection.
@@ -67,99 +72,72 @@ enum Mode {
     Device(dispatch::Keys),
 }
 
-pub struct AzureStream {
+pub(crate) struct AzureStream {
     shared: Arc<Shared>,
     mode: Mode,
     events: mpsc::Receiver<DownlinkEvent>,
 }
 
-fn key_of(secret: &Secret, policy: Option<&str>, what: &str) -> Result<SasKey, String> {
-    SasKey::new(secret, policy).map_err(|e| format!("{what}: {e}"))
+fn key_of(secret: &Secret, policy: Option<&str>, what: &'static str) -> Result<SasKey, SetupError> {
+    SasKey::new(secret, policy).map_err(|e| SetupError::Key {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn policy_of(p: &PolicyKey) -> Result<SasKey, SetupError> {
+    key_of(&p.key, Some(&p.name), "policy_key")
 }
 
 impl AzureStream {
     pub fn new(
-        cfg: &StreamConfig,
+        cfg: &AzureConfig,
         ctx: StreamContext,
         events: mpsc::Receiver<DownlinkEvent>,
-    ) -> Result<Self, String> {
-        let hostname = cfg
-            .hostname
-            .clone()
-            .filter(|h| !h.is_empty())
-            .ok_or("azure-iot-hub needs hostname = \"<hub>.azure-devices.net\"")?;
-        let mut server = cfg
-            .server
-            .clone()
-            .unwrap_or_else(|| format!("mqtts://{hostname}:8883"));
-        // MQTT over WebSocket lives at this path (IoT Hub MQTT docs, "Using the MQTT protocol
-        // directly ... over WebSockets").
-        if let Ok(u) = url::Url::parse(&server) {
-            if u.scheme() == "wss" && (u.path().is_empty() || u.path() == "/") {
-                server = format!("{}/$iothub/websocket", server.trim_end_matches('/'));
-            }
-        }
-        let endpoint = session::endpoint(&server, || {
+    ) -> Result<Self, SetupError> {
+        let endpoint = client::endpoint(&cfg.server, || {
             tls::client_config_with_roots(&tls::AZURE_IOT_ROOTS, cfg.ca_file.as_deref(), &[])
         })?;
-        if matches!(
-            endpoint.transport,
-            rumqttc::Transport::Tcp | rumqttc::Transport::Ws
-        ) {
-            return Err(format!(
-                "server {server:?}: IoT Hub needs TLS (mqtts:// or wss://)"
-            ));
-        }
-        let policy = match (&cfg.policy_name, &cfg.policy_key) {
-            (Some(n), Some(k)) => Some(key_of(k, Some(n), "policy_key")?),
-            _ => None,
-        };
-        let mode = match cfg.identity.as_deref().unwrap_or("device") {
-            "gateway" => {
-                let id = cfg
-                    .device_id
-                    .clone()
-                    .ok_or("identity = \"gateway\" needs device_id")?;
-                let key = match &cfg.device_key {
-                    Some(k) => key_of(k, None, "device_key")?,
-                    None => policy.ok_or("identity = \"gateway\" needs device_key")?,
-                };
-                Mode::Gateway(Identity {
-                    hub_id: id,
-                    key,
-                    device: None,
-                })
-            }
-            _ => {
+        let mode = match &cfg.identity {
+            AzureIdentity::Gateway { device_id, key } => Mode::Gateway(Identity {
+                hub_id: device_id.clone(),
+                key: match key {
+                    AzureKey::Device(k) => key_of(k, None, "device_key")?,
+                    AzureKey::Policy(p) => policy_of(p)?,
+                },
+                device: None,
+            }),
+            AzureIdentity::Device {
+                device_id,
+                policy,
+                device_keys,
+                idle_timeout,
+                max_connections,
+            } => {
                 let mut keys = HashMap::new();
-                for (dev, k) in cfg.device_keys.iter().flatten() {
+                for (dev, k) in device_keys {
                     keys.insert(dev.clone(), key_of(k, None, "device_keys")?);
                 }
                 Mode::Device(dispatch::Keys {
-                    template: cfg
-                        .device_id
-                        .clone()
-                        .unwrap_or_else(|| defaults::DEVICE_ID.into()),
+                    template: device_id.clone(),
                     by_device: keys,
-                    policy,
-                    idle: Duration::from_secs(
-                        cfg.idle_timeout_s.unwrap_or(defaults::IDLE_TIMEOUT_S),
-                    ),
-                    max_connections: cfg.max_connections.unwrap_or(defaults::MAX_CONNECTIONS),
+                    policy: policy.as_ref().map(policy_of).transpose()?,
+                    idle: *idle_timeout,
+                    max_connections: *max_connections,
                 })
             }
         };
         Ok(AzureStream {
             shared: Arc::new(Shared {
-                name: cfg.name.clone(),
                 ctx,
-                hostname,
+                hostname: cfg.hostname.clone(),
                 endpoint,
-                sas_ttl: Duration::from_secs(cfg.sas_ttl_s.unwrap_or(defaults::SAS_TTL_S)),
-                keep_alive: Duration::from_secs(cfg.keep_alive_s.unwrap_or(defaults::KEEP_ALIVE_S)),
-                inflight: usize::from(cfg.inflight.unwrap_or(defaults::INFLIGHT)),
-                raw_downlinks: cfg.downlink_format.as_deref() == Some("raw"),
-                twin: cfg.twin == Some(true),
+                shown: cfg.server.to_string(),
+                sas_ttl: cfg.sas_ttl,
+                keep_alive: cfg.keep_alive,
+                inflight: usize::from(cfg.inflight),
+                raw_downlinks: cfg.downlink_format == DownlinkFormat::Raw,
+                twin: cfg.twin,
                 last_twin: Mutex::new(HashMap::new()),
             }),
             mode,
@@ -169,7 +147,15 @@ impl AzureStream {
 
     pub async fn run(self) {
         match self.mode {
-            Mode::Gateway(id) => run_gateway(self.shared, id, self.events).await,
+            Mode::Gateway(id) => {
+                let ctx = self.shared.ctx.clone();
+                let mut g = GatewaySession {
+                    sh: self.shared,
+                    id,
+                    events: self.events,
+                };
+                connect::run(&mut g, &ctx, Retry::connection()).await;
+            }
             Mode::Device(keys) => {
                 dispatch::Dispatcher::new(self.shared, keys)
                     .run(self.events)
@@ -179,46 +165,49 @@ impl AzureStream {
     }
 }
 
-/// Log a connection that ended badly, with what to check.
-fn log_failure(sh: &Shared, hub_id: &str, end: &Ended, failures: u64, retry_in: Duration) {
-    match end {
-        Ended::Refused(code) => tracing::error!(
-            stream = %sh.name, device = %hub_id, code = %code, failures,
-            retry_in_ms = retry_in.as_millis() as u64,
-            "IoT Hub refused the connection: check the key (device key, or policy name + key with DeviceConnect), that the device exists and is enabled in the hub, and the gateway's clock (SAS tokens expire)"
-        ),
-        Ended::Failed(e) => tracing::warn!(
-            stream = %sh.name, device = %hub_id, server = %sh.endpoint.shown, error = %e, failures,
-            retry_in_ms = retry_in.as_millis() as u64, "IoT Hub connection failed"
-        ),
-        Ended::Stopped | Ended::Renew => {}
+/// A hint for an IoT Hub failure.
+fn hint(e: &SessionError) -> Option<&'static str> {
+    match e {
+        SessionError::Refused(_) => Some(REFUSED_HINT),
+        e => e.hint(),
     }
 }
 
 /// One IoT Hub identity for the whole gateway: one connection, the queue read through the
-/// catch-up lanes, reconnecting with backoff (or at once for a token renewal).
-async fn run_gateway(sh: Arc<Shared>, id: Identity, mut events: mpsc::Receiver<DownlinkEvent>) {
-    let queue = sh.ctx.queue.clone();
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-    let mut failures = FailureLog::default();
-    loop {
-        if sh.ctx.cancel.is_cancelled() {
-            return;
-        }
+/// catch-up lanes.
+struct GatewaySession {
+    sh: Arc<Shared>,
+    id: Identity,
+    events: mpsc::Receiver<DownlinkEvent>,
+}
+
+impl Session for GatewaySession {
+    const WHAT: &'static str = "IoT Hub connection";
+
+    fn server(&self) -> String {
+        self.sh.shown.clone()
+    }
+
+    fn hint(&self, e: &SessionError) -> Option<&'static str> {
+        hint(e)
+    }
+
+    async fn session(&mut self) -> SessionEnd {
+        let sh = &self.sh;
+        let queue = sh.ctx.queue.clone();
         let (rec_tx, rec_rx) = mpsc::channel(sh.inflight);
         let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
         let (rep_tx, mut reports) = mpsc::unbounded_channel();
         let close = sh.ctx.cancel.child_token();
         let task = tokio::spawn(conn::run(
             sh.clone(),
-            id.clone(),
+            self.id.clone(),
             0,
             rec_rx,
             ev_rx,
             rep_tx,
             close.clone(),
         ));
-        let started = Instant::now();
         let mut lanes: Option<Lanes> = None;
         let mut outstanding = 0usize;
         let end = loop {
@@ -228,7 +217,7 @@ async fn run_gateway(sh: Arc<Shared>, id: Identity, mut events: mpsc::Receiver<D
                     let batch = match l.next(&queue, sh.inflight - outstanding) {
                         Ok(b) => b,
                         Err(e) => {
-                            tracing::error!(stream = %sh.name, error = %e, "cannot read the queue");
+                            tracing::error!(stream = %sh.ctx.name, error = %e, "cannot read the queue");
                             break;
                         }
                     };
@@ -250,18 +239,18 @@ async fn run_gateway(sh: Arc<Shared>, id: Identity, mut events: mpsc::Receiver<D
             tokio::select! {
                 r = reports.recv() => match r {
                     Some((_, Report::Connected)) => {
-                        sh.ctx.metrics.stream_connected(&sh.name, true);
-                        tracing::info!(stream = %sh.name, device = %id.hub_id, server = %sh.endpoint.shown, backlog = queue.len(), "IoT Hub connected");
+                        sh.ctx.metrics.stream_connected(&sh.ctx.name, true);
+                        tracing::info!(stream = %sh.ctx.name, device = %self.id.hub_id, server = %sh.shown, backlog = queue.len(), "IoT Hub connected");
                         // A new session re-reads the queue from its oldest record.
                         lanes = Some(Lanes::new(&queue));
                     }
                     Some((_, Report::Done(_))) => outstanding = outstanding.saturating_sub(1),
                     Some((_, Report::Activity)) => {}
                     Some((_, Report::Closed(e))) => break e,
-                    None => break Ended::Failed("connection task ended".into()),
+                    None => break SessionEnd::failed(SessionError::ClientClosed),
                 },
                 _ = queue.appended(), if connected && outstanding < sh.inflight => {}
-                Some(e) = events.recv(), if connected => {
+                Some(e) = self.events.recv(), if connected => {
                     if ev_tx.try_send(e).is_err() {
                         sh.ctx.metrics.downlink_event("event_dropped");
                     }
@@ -269,30 +258,10 @@ async fn run_gateway(sh: Arc<Shared>, id: Identity, mut events: mpsc::Receiver<D
             }
         };
         let _ = task.await;
-        sh.ctx.metrics.stream_connected(&sh.name, false);
-        match end {
-            Ended::Stopped => return,
-            Ended::Renew => {
-                tracing::debug!(stream = %sh.name, "SAS token renewed (reconnecting)");
-                backoff.reset();
-                failures.reset();
-            }
-            Ended::Refused(_) | Ended::Failed(_) => {
-                if started.elapsed() > Duration::from_secs(30) {
-                    backoff.reset();
-                    failures.reset();
-                }
-                let (log, n) = failures.failed();
-                let delay = backoff.next_delay();
-                if log {
-                    log_failure(&sh, &id.hub_id, &end, n, delay);
-                }
-                tokio::select! {
-                    _ = sh.ctx.cancel.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
+        if matches!(end, SessionEnd::Renew) {
+            tracing::debug!(stream = %sh.ctx.name, "SAS token renewed (reconnecting)");
         }
+        end
     }
 }
 

@@ -6,7 +6,9 @@
 //! the MQTT protocol" (ClientId, username, topics, property bags, 256 KB messages).
 
 use crate::downlink::json as downlink_json;
-use crate::model::{new_id, DownlinkItem, DownlinkOp, DownlinkRequest, Secret};
+use crate::model::{
+    new_id, DownlinkItem, DownlinkOp, DownlinkRequest, RequestError, Secret, MAX_PAYLOAD,
+};
 use base64::Engine;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
@@ -43,14 +45,23 @@ impl std::fmt::Debug for SasKey {
     }
 }
 
+/// Why a configured key cannot sign. Never contains the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("the key is not base64 ({0}); copy it from the Azure portal")]
+    NotBase64(String),
+    #[error("the key is empty")]
+    Empty,
+}
+
 impl SasKey {
     /// `key` is the base64 text the Azure portal shows. The error never contains the key.
-    pub fn new(key: &Secret, policy: Option<&str>) -> Result<SasKey, String> {
+    pub fn new(key: &Secret, policy: Option<&str>) -> Result<SasKey, KeyError> {
         let key = base64::engine::general_purpose::STANDARD
             .decode(key.expose().trim())
-            .map_err(|e| format!("the key is not base64 ({e}); copy it from the Azure portal"))?;
+            .map_err(|e| KeyError::NotBase64(e.to_string()))?;
         if key.is_empty() {
-            return Err("the key is empty".into());
+            return Err(KeyError::Empty);
         }
         Ok(SasKey {
             key,
@@ -223,7 +234,9 @@ pub fn downlink_request(
     let op = match prop(props, "op") {
         None | Some("push") => Ok(DownlinkOp::Push),
         Some("replace") => Ok(DownlinkOp::Replace),
-        Some(o) => Err(format!("property op={o:?} is not push or replace")),
+        Some(o) => Err(RequestError::Transport(format!(
+            "property op={o:?} is not push or replace"
+        ))),
     };
     let mid = prop(props, "$.mid").map(|m| format!("azure-iot-hub:message-id:{m}"));
     let items = op.as_ref().map_err(|e| e.clone()).and_then(|_| {
@@ -254,29 +267,29 @@ fn raw_item(
     stream: &str,
     props: &[(String, String)],
     body: Vec<u8>,
-) -> Result<DownlinkItem, String> {
+) -> Result<DownlinkItem, RequestError> {
+    let bad = |m: String| RequestError::Transport(m);
     let port = prop(props, "fPort")
         .or_else(|| prop(props, "f_port"))
-        .ok_or("raw downlink without the fPort property")?;
+        .ok_or_else(|| bad("raw downlink without the fPort property".into()))?;
     let f_port = match port.parse::<u8>() {
         Ok(p @ 1..=223) => p,
         _ => {
-            return Err(format!(
+            return Err(bad(format!(
                 "fPort {port:?} is not an application port (1..223)"
-            ))
+            )))
         }
     };
     let confirmed = match prop(props, "confirmed") {
         None | Some("false") | Some("0") => false,
         Some("true") | Some("1") => true,
-        Some(c) => return Err(format!("confirmed={c:?} is not true or false")),
+        Some(c) => return Err(bad(format!("confirmed={c:?} is not true or false"))),
     };
-    if body.len() > downlink_json::MAX_PAYLOAD {
-        return Err(format!(
-            "payload is {} bytes; LoRaWAN carries at most {}",
+    if body.len() > MAX_PAYLOAD {
+        return Err(bad(format!(
+            "payload is {} bytes; LoRaWAN carries at most {MAX_PAYLOAD}",
             body.len(),
-            downlink_json::MAX_PAYLOAD
-        ));
+        )));
     }
     let priority = prop(props, "priority").unwrap_or("NORMAL").to_uppercase();
     Ok(DownlinkItem {
@@ -352,7 +365,9 @@ mod tests {
 
     #[test]
     fn bad_keys_are_refused_without_echoing_them() {
-        let e = SasKey::new(&Secret::new("not*base64"), None).unwrap_err();
+        let e = SasKey::new(&Secret::new("not*base64"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not base64") && !e.contains("not*base64"), "{e}");
         assert!(SasKey::new(&Secret::new(""), None).is_err());
     }
@@ -481,7 +496,7 @@ mod tests {
             b"{}",
         )
         .unwrap();
-        assert!(r.items.unwrap_err().contains("op=\"pop\""));
+        assert!(r.items.unwrap_err().to_string().contains("op=\"pop\""));
     }
 
     #[test]
@@ -491,6 +506,7 @@ mod tests {
             downlink_request("az", true, Some(d), &parse_properties(p), body)
                 .unwrap()
                 .items
+                .map_err(|e| e.to_string())
         };
         let it = ok("fPort=5&confirmed=true", b"\x01\x02").unwrap().remove(0);
         assert_eq!((it.f_port, it.confirmed, it.payload), (5, true, vec![1, 2]));

@@ -1,14 +1,17 @@
 //! The generic MQTT stream (`kind = "mqtt"`): QoS 1 publishes, deleted from the queue on PUBACK.
 //!
-//! How acknowledgements are matched: see [`super::session::Inflight`] (a FIFO of record
-//! sequence numbers kept in rumqttc's order; `pkid → seq` on write; delete on PUBACK). Here the
-//! feeder task and the event-loop task share it under a lock.
+//! How acknowledgements are matched: see [`client::Inflight`] (a FIFO of record sequence
+//! numbers kept in rumqttc's order; `pkid → seq` on write; delete on PUBACK). Here the feeder
+//! task and the event-loop task share it under a lock.
 //!
 //! Connections are never resumed: on any error the client and event loop are dropped, and the
-//! next connection (after a backoff with jitter) re-reads the queue from its oldest record. The
-//! queue is the only truth, so rumqttc's in-memory pending list (which it drops silently when
-//! the broker has no session) does not matter. The price is that records in flight during a
-//! disconnect are sent again, with the same correlation id.
+//! next session ([`crate::streams::connect`], backoff with jitter) re-reads the queue from its
+//! oldest record. The queue is the only truth, so rumqttc's in-memory pending list (which it
+//! drops silently when the broker has no session) does not matter. The price is that records in
+//! flight during a disconnect are sent again, with the same correlation id.
+//!
+//! Downlinks published on `.../down/push` and `.../down/replace` go through the connection's
+//! [`client::Intake`]: one at a time, in arrival order, each PUBACKed once stored.
 //!
 //! AWS IoT Core (`kind = "aws-iot"`) is this stream with its cloud's rules: X.509 client
 //! certificate, Amazon Root CA 1 as the default trust, ALPN `x-amzn-mqtt-ca` on port 443 (SNI is
@@ -16,14 +19,17 @@
 //! the gateway was offline are delivered on reconnect), 128 KiB payloads, and an optional,
 //! rate-limited device-shadow update.
 
-use super::backoff::Backoff;
+pub(crate) mod client;
+
+use super::connect::{self, Retry, Session, SessionEnd};
+use super::error::{SessionError, SetupError};
 use super::format::{record_json, topic, Delivery};
-use super::session::{self, FailureLog, Inflight};
 use super::tls;
 use super::StreamContext;
-use crate::config::StreamConfig;
-use crate::downlink::{json as downlink_json, Input as DownlinkInput};
-use crate::model::{now_us, DownlinkEvent, DownlinkOp, DownlinkRequest, Secret};
+use crate::config::{AwsConfig, MqttConfig};
+use crate::downlink::json as downlink_json;
+use crate::model::{now_us, DownlinkEvent, DownlinkOp, DownlinkRequest, Record, Secret};
+use client::{Inflight, Intake};
 use rumqttc::{
     AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter, Transport,
 };
@@ -34,13 +40,16 @@ use tokio::sync::Semaphore;
 
 /// How long a stop waits for outstanding PUBACKs before closing the connection.
 const STOP_GRACE: Duration = Duration::from_secs(2);
+/// CONNECT (TCP, TLS, WebSocket, CONNACK) must complete within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Shadow updates at most this often.
+const SHADOW_EVERY: Duration = Duration::from_secs(60);
 
-pub struct MqttStream {
+pub(crate) struct MqttStream {
     ctx: StreamContext,
-    name: String,
-    host: String,
-    /// `server` for log lines, secrets removed (see `session::Endpoint::shown`).
+    /// `server` for log lines, secrets removed.
     shown: String,
+    host: String,
     port: u16,
     transport: Transport,
     client_id: String,
@@ -49,88 +58,94 @@ pub struct MqttStream {
     inflight: u16,
     keep_alive: Duration,
     /// Downlink events for this stream, published on `.../down/{event}`.
-    events: tokio::sync::Mutex<mpsc::Receiver<DownlinkEvent>>,
+    events: mpsc::Receiver<DownlinkEvent>,
     clean_session: bool,
     max_packet: usize,
     /// AWS: `$aws/things/{thing}/shadow/update` topic, when `shadow = true`.
     shadow_topic: Option<String>,
 }
 
-/// Shadow updates at most this often.
-const SHADOW_EVERY: Duration = Duration::from_secs(60);
-
-enum End {
-    Stopped,
-    Failed(String),
-}
-
 impl MqttStream {
-    pub fn new(
-        cfg: &StreamConfig,
+    /// A generic MQTT stream.
+    pub fn mqtt(
+        cfg: &MqttConfig,
         ctx: StreamContext,
         events: mpsc::Receiver<DownlinkEvent>,
-    ) -> Result<Self, String> {
-        let server = cfg.server.as_deref().unwrap_or_default();
-        let url = url::Url::parse(server).map_err(|e| format!("server {server:?}: {e}"))?;
-        let aws = cfg.kind == crate::config::StreamKind::AwsIot;
-        let port443 = url.port() == Some(443);
-        let tls_cfg = || {
-            let client_cert = cfg.cert_file.as_deref().zip(cfg.key_file.as_deref());
-            if aws {
-                // AWS IoT on 443 picks MQTT by ALPN (AWS IoT developer guide, "Protocols").
-                let alpn: &[&[u8]] = if port443 { &[b"x-amzn-mqtt-ca"] } else { &[] };
-                tls::client_config_pinned_roots(
-                    tls::AMAZON_ROOT_CA_1,
-                    cfg.ca_file.as_deref(),
-                    client_cert,
-                    alpn,
-                )
-            } else {
-                tls::client_config(cfg.ca_file.as_deref(), client_cert, true, &[])
-            }
+    ) -> Result<Self, SetupError> {
+        let client_cert = cfg
+            .tls
+            .client_cert
+            .as_ref()
+            .map(|c| (c.cert_file.as_path(), c.key_file.as_path()));
+        let ep = client::endpoint(&cfg.server, || {
+            tls::client_config(cfg.tls.ca_file.as_deref(), client_cert, true, &[])
+        })?;
+        // Azure allows 256 KiB, AWS 128 KiB; rumqttc's default is 10 KiB each way.
+        Ok(Self::new(cfg, ctx, events, ep, true, 256 * 1024, None))
+    }
+
+    /// An AWS IoT Core stream.
+    pub fn aws(
+        cfg: &AwsConfig,
+        ctx: StreamContext,
+        events: mpsc::Receiver<DownlinkEvent>,
+    ) -> Result<Self, SetupError> {
+        let m = &cfg.mqtt;
+        let client_cert = m
+            .tls
+            .client_cert
+            .as_ref()
+            .map(|c| (c.cert_file.as_path(), c.key_file.as_path()));
+        // AWS IoT on 443 picks MQTT by ALPN (AWS IoT developer guide, "Protocols").
+        let alpn: &[&[u8]] = if m.server.port() == 443 {
+            &[b"x-amzn-mqtt-ca"]
+        } else {
+            &[]
         };
-        let session::Endpoint {
-            host,
-            port,
-            transport,
-            shown,
-        } = session::endpoint(server, tls_cfg)?;
-        let client_id = cfg.client_id.clone().unwrap_or_else(|| {
-            let who = ctx
-                .gateway_eui
-                .map(|e| e.to_lower_hex())
-                .unwrap_or_else(hostname);
-            format!("lorastream-{who}-{}", cfg.name)
-        });
-        Ok(MqttStream {
-            name: cfg.name.clone(),
-            host,
-            port,
-            transport,
-            shown,
-            client_id,
-            credentials: cfg
-                .username
-                .clone()
-                .map(|u| (u, cfg.password.clone().unwrap_or_else(|| Secret::new("")))),
-            prefix: cfg
-                .topic_prefix
-                .clone()
-                .unwrap_or_else(|| "lorastream".into()),
-            inflight: cfg.inflight.unwrap_or(100),
-            keep_alive: Duration::from_secs(cfg.keep_alive_s.unwrap_or(30)),
-            events: tokio::sync::Mutex::new(events),
-            clean_session: !aws,
-            max_packet: if aws { 128 * 1024 } else { 256 * 1024 },
-            shadow_topic: (aws && cfg.shadow == Some(true))
-                .then(|| {
-                    cfg.client_id
-                        .as_ref()
-                        .map(|t| format!("$aws/things/{t}/shadow/update"))
-                })
-                .flatten(),
+        let ep = client::endpoint(&m.server, || {
+            tls::client_config_pinned_roots(
+                tls::AMAZON_ROOT_CA_1,
+                m.tls.ca_file.as_deref(),
+                client_cert,
+                alpn,
+            )
+        })?;
+        let shadow = cfg
+            .shadow
+            .then(|| format!("$aws/things/{}/shadow/update", m.client_id));
+        Ok(Self::new(m, ctx, events, ep, false, 128 * 1024, shadow))
+    }
+
+    fn new(
+        cfg: &MqttConfig,
+        ctx: StreamContext,
+        events: mpsc::Receiver<DownlinkEvent>,
+        ep: client::Endpoint,
+        clean_session: bool,
+        max_packet: usize,
+        shadow_topic: Option<String>,
+    ) -> Self {
+        MqttStream {
+            shown: cfg.server.to_string(),
+            host: ep.host,
+            port: ep.port,
+            transport: ep.transport,
+            client_id: cfg.client_id.clone(),
+            credentials: cfg.credentials.clone(),
+            prefix: cfg.topic_prefix.clone(),
+            inflight: cfg.inflight,
+            keep_alive: cfg.keep_alive,
+            events,
+            clean_session,
+            max_packet,
+            shadow_topic,
             ctx,
-        })
+        }
+    }
+
+    pub async fn run(mut self) {
+        let ctx = self.ctx.clone();
+        connect::run(&mut self, &ctx, Retry::connection()).await;
     }
 
     fn status_topic(&self) -> Option<String> {
@@ -145,7 +160,6 @@ impl MqttStream {
         o.set_keep_alive(self.keep_alive);
         o.set_clean_session(self.clean_session);
         o.set_inflight(self.inflight);
-        // Azure allows 256 KiB, AWS 128 KiB; rumqttc's default is 10 KiB each way.
         o.set_max_packet_size(self.max_packet, self.max_packet);
         if let Some((u, p)) = &self.credentials {
             o.set_credentials(u, p.expose());
@@ -171,61 +185,38 @@ impl MqttStream {
             _ => return None,
         };
         Some(DownlinkRequest {
-            stream: self.name.clone(),
+            stream: self.ctx.name.clone(),
             application: application.to_string(),
             device: device.to_string(),
             op,
-            items: downlink_json::parse_request(payload, &self.name),
+            items: downlink_json::parse_request(payload, &self.ctx.name),
         })
     }
+}
 
-    pub async fn run(self) {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let mut failures = FailureLog::default();
-        loop {
-            if self.ctx.cancel.is_cancelled() {
-                return;
-            }
-            let started = Instant::now();
-            let end = self.session().await;
-            self.ctx.metrics.stream_connected(&self.name, false);
-            match end {
-                End::Stopped => return,
-                End::Failed(e) => {
-                    // A connection that lived a while was a success: start the backoff over.
-                    if started.elapsed() > Duration::from_secs(30) {
-                        backoff.reset();
-                        failures.reset();
-                    }
-                    let (log, failures) = failures.failed();
-                    let delay = backoff.next_delay();
-                    if log {
-                        tracing::warn!(stream = %self.name, server = %self.shown, error = %e, retry_in_ms = delay.as_millis() as u64, failures, "MQTT connection failed");
-                    }
-                    tokio::select! {
-                        _ = self.ctx.cancel.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        }
+impl Session for MqttStream {
+    const WHAT: &'static str = "MQTT connection";
+
+    fn server(&self) -> String {
+        self.shown.clone()
     }
 
     /// One connection, from CONNECT to error or stop.
-    async fn session(&self) -> End {
+    async fn session(&mut self) -> SessionEnd {
         let window = usize::from(self.inflight);
         // Request channel: the window, plus room for status publishes and subscriptions.
         let (client, mut eventloop) = AsyncClient::new(self.options(), window + 16);
         let state = Arc::new(Mutex::new(Inflight::default()));
         let permits = Arc::new(Semaphore::new(window));
+        let name = self.ctx.name.clone();
 
         // Wait for CONNACK before feeding, so nothing is queued for a connection that never was.
-        match session::until_connack(&mut eventloop, &self.ctx.cancel).await {
+        match client::until_connack(&mut eventloop, &self.ctx.cancel, CONNECT_TIMEOUT).await {
             Ok(true) => {}
-            Ok(false) => return End::Stopped,
-            Err(e) => return End::Failed(e.to_string()),
+            Ok(false) => return SessionEnd::Stopped,
+            Err(e) => return SessionEnd::failed(e),
         }
-        tracing::info!(stream = %self.name, server = %self.shown, backlog = self.ctx.queue.len(), "MQTT connected");
+        tracing::info!(stream = %name, server = %self.shown, backlog = self.ctx.queue.len(), "MQTT connected");
         if let Some(t) = self.status_topic() {
             publish(&client, &state, &t, b"online".to_vec(), true, None);
         }
@@ -243,9 +234,9 @@ impl MqttStream {
             awaiting_suback = client.try_subscribe_many(filters).is_ok();
         }
         if !awaiting_suback {
-            self.ctx.metrics.stream_connected(&self.name, true);
+            self.ctx.metrics.stream_connected(&name, true);
         }
-        let mut events = self.events.lock().await;
+        let intake = Intake::start(client.clone(), self.ctx.downlinks.clone());
 
         let feeder_stop = tokio_util::sync::CancellationToken::new();
         let feeder = tokio::spawn(feed(
@@ -262,7 +253,7 @@ impl MqttStream {
         let end = loop {
             let ev = tokio::select! {
                 ev = eventloop.poll() => ev,
-                Some(e) = events.recv() => {
+                Some(e) = self.events.recv() => {
                     let t = format!("{}/{}/devices/{}/down/{}", self.prefix, e.application, e.device, e.kind.as_str());
                     publish(&client, &state, &t, downlink_json::event_json(&e), false, None);
                     continue;
@@ -274,13 +265,13 @@ impl MqttStream {
                     continue;
                 }
                 _ = tokio::time::sleep(Duration::from_millis(50)), if stopping.is_some() => {
-                    let idle = permits.available_permits() >= window;
+                    let idle = permits.available_permits() >= window && intake.settled();
                     if idle || stopping.is_some_and(|t| t.elapsed() > STOP_GRACE) {
                         if let Some(t) = self.status_topic() {
                             publish(&client, &state, &t, b"offline".to_vec(), true, None);
                         }
-                        session::disconnect(&client, &mut eventloop).await;
-                        break End::Stopped;
+                        client::disconnect(&client, &mut eventloop).await;
+                        break SessionEnd::Stopped;
                     }
                     continue;
                 }
@@ -293,41 +284,26 @@ impl MqttStream {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let req = self.downlink_request(&p.topic, &p.payload);
-                    match (req, self.ctx.downlinks.clone()) {
-                        (Some(req), Some(tx)) => {
-                            let client = client.clone();
-                            tokio::spawn(async move {
-                                let (done, stored) = tokio::sync::oneshot::channel();
-                                if tx
-                                    .send(DownlinkInput::Request(req, Some(done)))
-                                    .await
-                                    .is_ok()
-                                    && stored.await.is_ok()
-                                {
-                                    let _ = client.ack(&p).await;
-                                }
-                            });
-                        }
-                        _ => {
-                            let _ = client.try_ack(&p);
-                        }
+                    if !intake.push(req, p) {
+                        self.ctx.metrics.stream_error(&name, "downlinks_backlog");
+                        tracing::warn!(stream = %name, "too many downlinks at once; the broker will deliver the rest again");
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) if awaiting_suback => {
                     awaiting_suback = false;
-                    self.ctx.metrics.stream_connected(&self.name, true);
+                    self.ctx.metrics.stream_connected(&name, true);
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     let seq = state.lock().ok().and_then(|mut s| s.acked(ack.pkid));
                     if let Some(seq) = seq {
                         if let Err(e) = self.ctx.queue.ack(seq) {
-                            tracing::error!(stream = %self.name, error = %e, "cannot remove an acknowledged record");
+                            tracing::error!(stream = %name, error = %e, "cannot remove an acknowledged record");
                         }
                         permits.add_permits(1);
                     }
                 }
                 Ok(_) => {}
-                Err(e) => break End::Failed(e.to_string()),
+                Err(e) => break SessionEnd::failed(SessionError::from_mqtt(e)),
             }
         };
         feeder_stop.cancel();
@@ -362,7 +338,6 @@ async fn feed(
     shadow_topic: Option<String>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let name = ctx.queue.name().to_string();
     // Backlog and live traffic share the window (see lanes.rs); per-device order is kept.
     let mut lanes = super::lanes::Lanes::new(&ctx.queue);
     let mut last_shadow: Option<std::time::Instant> = None;
@@ -378,7 +353,7 @@ async fn feed(
             Err(e) => {
                 // The store may be reopening its engine after a disk error: try again soon
                 // rather than leaving the connection up with nothing fed into it.
-                tracing::warn!(stream = %name, error = %e, "cannot read the queue; retrying in 1 s");
+                tracing::warn!(stream = %ctx.name, error = %e, "cannot read the queue; retrying in 1 s");
                 drop(first);
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -409,7 +384,7 @@ async fn feed(
                 // Request channel closed or full: the connection is going away.
                 return;
             }
-            if let (Some(st), crate::model::Record::Uplink(u)) = (&shadow_topic, &r) {
+            if let (Some(st), Record::Uplink(u)) = (&shadow_topic, &r) {
                 if last_shadow.is_none_or(|t| t.elapsed() >= SHADOW_EVERY) {
                     last_shadow = Some(std::time::Instant::now());
                     let doc = serde_json::json!({"state": {"reported": {"lorastream": {
@@ -431,14 +406,6 @@ async fn feed(
                 }
             }
         }
-        ctx.metrics.stream_published(&name, n as u64);
+        ctx.metrics.stream_published(&ctx.name, n as u64);
     }
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "gateway".into())
 }

@@ -1,0 +1,210 @@
+//! `[[application]]` and `[[device]]`: what lorastream knows about each device, typed.
+//!
+//! A device is activated either by personalization (ABP: DevAddr and session keys from the
+//! config) or over the air (OTAA: AppKey, LoRaWAN 1.0.x join); [`Activation`] says which, so
+//! nothing downstream has to guess from a set of optional keys.
+
+use super::locate::Source;
+use super::{de_from_str, de_opt_from_str, ConfigError};
+use crate::lorawan::session::DeviceClass;
+use crate::model::{AesKey, DevAddr, Eui64};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApplicationConfig {
+    pub id: String,
+}
+
+impl ApplicationConfig {
+    pub(super) fn effective(&self) -> toml::Table {
+        let mut t = toml::Table::new();
+        t.insert("id".into(), self.id.clone().into());
+        t
+    }
+}
+
+/// LoRaWAN version of a device (1.0.x; what lorastream implements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+pub enum LorawanVersion {
+    #[serde(rename = "1.0.0")]
+    V1_0_0,
+    #[serde(rename = "1.0.1")]
+    V1_0_1,
+    #[serde(rename = "1.0.2")]
+    V1_0_2,
+    #[default]
+    #[serde(rename = "1.0.3")]
+    V1_0_3,
+    #[serde(rename = "1.0.4")]
+    V1_0_4,
+}
+
+impl LorawanVersion {
+    /// LoRaWAN 1.0.4 §6.2.5: DevNonce is a counter; the network refuses one that is not
+    /// greater than the last (earlier versions use random DevNonces).
+    pub fn dev_nonce_counts_up(self) -> bool {
+        self == LorawanVersion::V1_0_4
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LorawanVersion::V1_0_0 => "1.0.0",
+            LorawanVersion::V1_0_1 => "1.0.1",
+            LorawanVersion::V1_0_2 => "1.0.2",
+            LorawanVersion::V1_0_3 => "1.0.3",
+            LorawanVersion::V1_0_4 => "1.0.4",
+        }
+    }
+}
+
+/// How a device gets its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Activation {
+    /// Activation by personalization: the session is in the config.
+    Abp {
+        dev_addr: DevAddr,
+        nwk_s_key: AesKey,
+        app_s_key: AesKey,
+    },
+    /// Over-the-air activation (LoRaWAN 1.0.x): the device joins with its AppKey.
+    Otaa {
+        /// The JoinEUI (AppEUI) the device must send; any when not given.
+        join_eui: Option<Eui64>,
+        app_key: AesKey,
+    },
+}
+
+/// One `[[device]]`, typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub application: String,
+    pub id: String,
+    pub dev_eui: Eui64,
+    pub class: DeviceClass,
+    /// OTAA: the device's LoRaWAN version, which decides the DevNonce rule: 1.0.0–1.0.3 devices
+    /// pick random DevNonces (a used one is refused), 1.0.4 devices count up (a DevNonce not
+    /// above the last one is refused). Default "1.0.3", which also accepts 1.0.4 devices.
+    pub lorawan_version: LorawanVersion,
+    pub activation: Activation,
+}
+
+impl DeviceConfig {
+    /// `[[device]] "soil-1": ` in messages.
+    pub fn label(&self) -> String {
+        format!("[[device]] {:?}: ", self.id)
+    }
+
+    pub(super) fn effective(&self) -> toml::Table {
+        let mut t = toml::Table::new();
+        let mut put = |k: &str, v: String| {
+            t.insert(k.into(), toml::Value::String(v));
+        };
+        put("application", self.application.clone());
+        put("id", self.id.clone());
+        put("dev_eui", self.dev_eui.to_string());
+        put("class", format!("{:?}", self.class));
+        put("lorawan_version", self.lorawan_version.name().into());
+        match &self.activation {
+            Activation::Abp { dev_addr, .. } => {
+                put("dev_addr", dev_addr.to_string());
+                put("nwk_s_key", "***".into());
+                put("app_s_key", "***".into());
+            }
+            Activation::Otaa { join_eui, .. } => {
+                if let Some(j) = join_eui {
+                    put("join_eui", j.to_string());
+                }
+                put("app_key", "***".into());
+            }
+        }
+        t
+    }
+}
+
+/// One `[[device]]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDevice {
+    application: String,
+    id: String,
+    #[serde(deserialize_with = "de_from_str")]
+    dev_eui: Eui64,
+    #[serde(default)]
+    class: DeviceClass,
+    #[serde(default)]
+    lorawan_version: LorawanVersion,
+    #[serde(default, deserialize_with = "de_opt_from_str")]
+    dev_addr: Option<DevAddr>,
+    #[serde(default, deserialize_with = "de_opt_from_str")]
+    nwk_s_key: Option<AesKey>,
+    #[serde(default, deserialize_with = "de_opt_from_str")]
+    app_s_key: Option<AesKey>,
+    #[serde(default, deserialize_with = "de_opt_from_str")]
+    join_eui: Option<Eui64>,
+    #[serde(default, deserialize_with = "de_opt_from_str")]
+    app_key: Option<AesKey>,
+}
+
+/// Type one `[[device]]`: its id, and ABP or OTAA (never both, never neither).
+pub(super) fn build(
+    d: RawDevice,
+    span: &Range<usize>,
+    src: &Source,
+) -> Result<DeviceConfig, ConfigError> {
+    let label = format!("[[device]] {:?}: ", d.id);
+    let err = |key: &str, message: &str| src.entry_error(span, label.clone(), key, message);
+    if d.id.is_empty() || d.id.contains(['/', '+', '#']) {
+        return Err(err(
+            "id",
+            "must be non-empty and contain no '/', '+' or '#' (it is used in MQTT topics)",
+        ));
+    }
+    let activation = match (d.dev_addr, d.nwk_s_key, d.app_s_key, d.app_key) {
+        (Some(dev_addr), Some(nwk_s_key), Some(app_s_key), None) => Activation::Abp {
+            dev_addr,
+            nwk_s_key,
+            app_s_key,
+        },
+        (None, None, None, Some(app_key)) => Activation::Otaa {
+            join_eui: d.join_eui,
+            app_key,
+        },
+        (None, None, None, None) => {
+            return Err(err(
+                "dev_addr",
+                "set dev_addr + nwk_s_key + app_s_key (ABP) or app_key (OTAA)",
+            ))
+        }
+        (_, _, _, Some(_)) => return Err(err(
+            "app_key",
+            "a device is either ABP (dev_addr, nwk_s_key, app_s_key) or OTAA (app_key), not both",
+        )),
+        (dev_addr, nwk, app, None) => {
+            let missing = [
+                ("dev_addr", dev_addr.is_some()),
+                ("nwk_s_key", nwk.is_some()),
+                ("app_s_key", app.is_some()),
+            ]
+            .into_iter()
+            .find(|(_, set)| !set)
+            .map_or("dev_addr", |(k, _)| k);
+            return Err(err(
+                missing,
+                "ABP devices need dev_addr, nwk_s_key and app_s_key",
+            ));
+        }
+    };
+    if d.join_eui.is_some() && matches!(activation, Activation::Abp { .. }) {
+        return Err(err("join_eui", "is for OTAA devices (with app_key)"));
+    }
+    Ok(DeviceConfig {
+        application: d.application,
+        id: d.id,
+        dev_eui: d.dev_eui,
+        class: d.class,
+        lorawan_version: d.lorawan_version,
+        activation,
+    })
+}

@@ -1,0 +1,429 @@
+//! Configuration: one TOML file, parsed once into typed settings.
+//!
+//! Every value is parsed where it is read from the file (addresses, EUIs, keys, durations, URLs,
+//! enums for every closed set), so nothing downstream parses a string again and every default
+//! lives here: the stream kinds' in [`streams`], the sections' in their `Default`s, which match
+//! `config.example.toml` (a test holds them to it). `lorastream check` prints the result
+//! ([`Config::to_toml_masked`]) with every default filled in and every secret as `***`.
+//!
+//! Errors name the file, the line and the key (`lorastream.toml:14: [[device]] "soil-1": key
+//! `dev_addr`: expected 8 hex digits, got 7`), because the person reading them is editing that
+//! file over SSH on a gateway. Values are checked by their deserializers, so the `toml` crate's
+//! span points at the exact line ([`locate::Source::toml_error`]); cross-references (a device
+//! naming an unknown application, a stream scoped to an unknown device, duplicate ids) are
+//! checked in [`validate`], which finds the key's line in its own section or entry.
+//!
+//! | file | what |
+//! |---|---|
+//! | `mod.rs` | the file, the four plain sections, loading, printing |
+//! | `devices.rs` | `[[application]]`, `[[device]]`: ABP or OTAA |
+//! | `streams.rs` | `[[stream]]`: one typed settings struct per kind, with its defaults |
+//! | `validate.rs` | checks across sections and entries |
+//! | `locate.rs` | lines, sections and keys for error messages |
+
+mod devices;
+pub(crate) mod locate;
+mod streams;
+mod validate;
+
+pub use crate::lorawan::region::Region;
+pub use crate::model::Scope;
+pub use devices::{Activation, ApplicationConfig, DeviceConfig, LorawanVersion};
+pub use streams::{
+    azure_device_id, AwsConfig, AzureConfig, AzureIdentity, AzureKey, ClientCert, DownlinkFormat,
+    Format, HttpConfig, MqttConfig, OnClientError, PolicyKey, PollConfig, ServerUrl, StreamConfig,
+    StreamKind, TlsFiles, Transport,
+};
+
+use crate::model::{Eui64, NetId};
+use locate::Source;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// Where the daemon looks when `-c` is not given.
+pub const DEFAULT_PATH: &str = "/etc/lorastream/lorastream.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// `entry` is how the section or entry is named (`[gateway] `, `[[device]] "soil-1": `).
+    #[error("{path}:{line}: {entry}key `{key}`: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        entry: String,
+        key: String,
+        message: String,
+    },
+}
+
+// ---- serde helpers: parse where the value is read, so errors carry its span ----
+
+pub(crate) fn de_from_str<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = String::deserialize(d)?;
+    s.parse::<T>().map_err(serde::de::Error::custom)
+}
+
+pub(crate) fn de_opt_from_str<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| s.parse::<T>().map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+pub(crate) fn ser_display<S: Serializer, T: std::fmt::Display>(
+    v: &T,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+pub(crate) fn ser_opt_display<S: Serializer, T: std::fmt::Display>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
+fn de_listen<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!("{s:?} is not an IP:port (e.g. \"0.0.0.0:1700\")"))
+    })
+}
+
+/// `""` disables; anything else is an IP:port.
+fn de_opt_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not an IP:port (e.g. \"127.0.0.1:9100\"), or \"\" to disable"
+        ))
+    })
+}
+
+fn ser_opt_listen<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(a) => s.collect_str(a),
+        None => s.serialize_str(""),
+    }
+}
+
+/// A duration written like "7d" or "12h"; `""` means none.
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    humantime::parse_duration(&s)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e} (write e.g. \"7d\" or \"12h\")")))
+}
+
+fn ser_opt_duration<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(d) => s.collect_str(&humantime::format_duration(*d)),
+        None => s.serialize_str(""),
+    }
+}
+
+// ---- the file ----
+
+/// The whole configuration, typed.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub storage: StorageConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    pub applications: Vec<ApplicationConfig>,
+    pub devices: Vec<DeviceConfig>,
+    pub streams: Vec<StreamConfig>,
+}
+
+/// The file as written: the plain sections are already typed; entries keep their spans (for
+/// error lines) until [`Config::parse`] turns them into their typed forms.
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RawFile {
+    gateway: GatewayConfig,
+    storage: StorageConfig,
+    metrics: MetricsConfig,
+    log: LogConfig,
+    #[serde(rename = "application")]
+    applications: Vec<ApplicationConfig>,
+    #[serde(rename = "device")]
+    devices: Vec<Spanned<devices::RawDevice>>,
+    #[serde(rename = "stream")]
+    streams: Vec<Spanned<streams::RawStream>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// UDP address the packet forwarders send to.
+    #[serde(deserialize_with = "de_listen", serialize_with = "ser_display")]
+    pub listen: SocketAddr,
+    pub region: Region,
+    /// Receptions of the same frame within this window are merged into one uplink.
+    pub dedup_window_ms: u64,
+    /// SO_RCVBUF of the UDP socket; bursts beyond it are lost by the kernel, so keep it large.
+    pub udp_recv_buffer: usize,
+    /// The EUI of this gateway, used for the MQTT last will (`gateways/{eui}/status`) and the
+    /// default client id. Optional; without it the status is published per forwarder seen.
+    #[serde(
+        deserialize_with = "de_opt_from_str",
+        serialize_with = "ser_opt_display",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub eui: Option<Eui64>,
+    /// NetID for OTAA DevAddrs (6 hex digits). 000000 and 000001 are for private networks;
+    /// DevAddrs get the NetID's 7-bit NwkID as their top bits.
+    #[serde(deserialize_with = "de_from_str", serialize_with = "ser_display")]
+    pub net_id: NetId,
+    /// RX2 data rate for every device (default: the region's, e.g. DR0 in EU868; TTN uses DR3
+    /// there). OTAA devices learn it from the JoinAccept; ABP devices must be set to the same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rx2_dr: Option<u8>,
+    /// US915/AU915: the 8-channel sub-band (1..8) the gateway listens on. JoinAccepts then carry
+    /// a channel-mask CFList (type 1) enabling only those channels and their 500 kHz channel;
+    /// devices of LoRaWAN 1.0.3 or later apply it, earlier ones ignore it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub_band: Option<u8>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1700)),
+            region: Region::EU868,
+            dedup_window_ms: 200,
+            udp_recv_buffer: 8 * 1024 * 1024,
+            eui: None,
+            net_id: NetId(0),
+            rx2_dr: None,
+            sub_band: None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub fn dedup_window(&self) -> Duration {
+        Duration::from_millis(self.dedup_window_ms)
+    }
+}
+
+/// What to do when the queues reach `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    #[default]
+    DropOldest,
+    RejectNew,
+}
+
+impl WhenFull {
+    pub fn name(self) -> &'static str {
+        match self {
+            WhenFull::DropOldest => "drop_oldest",
+            WhenFull::RejectNew => "reject_new",
+        }
+    }
+}
+
+/// The storage engine under the store (`[storage] backend`); see `src/store/backend.rs` and
+/// docs/benchmarks.md for why the default is what it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    /// sled 0.34: log-structured; unmaintained, known power-loss corruption reports.
+    Sled,
+    /// redb 2.6: copy-on-write B-tree with checksummed commits.
+    #[default]
+    Redb,
+}
+
+impl StorageBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            StorageBackend::Sled => "sled",
+            StorageBackend::Redb => "redb",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    /// The storage engine: "redb" (default) or "sled". A store written by the other engine is
+    /// migrated on open (its files are kept aside).
+    pub backend: StorageBackend,
+    /// Cap on queued message bytes, all streams together.
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    /// Periodic flush of the store; the power-cut loss window. 0 = flush before an uplink
+    /// counts as queued.
+    pub flush_every_ms: u64,
+    /// Page cache of the engine. sled's and redb's own defaults (1 GiB) are wrong for a gateway.
+    pub cache_bytes: u64,
+    /// Drop queued messages older than this ("7d", "12h"; "" = keep until delivered or
+    /// pushed out by `max_bytes`). Expired drops are counted per stream.
+    #[serde(
+        deserialize_with = "de_opt_duration",
+        serialize_with = "ser_opt_duration"
+    )]
+    pub max_age: Option<Duration>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("/var/lib/lorastream"),
+            backend: StorageBackend::default(),
+            max_bytes: 256 * 1024 * 1024,
+            when_full: WhenFull::DropOldest,
+            flush_every_ms: 100,
+            cache_bytes: 8 * 1024 * 1024,
+            max_age: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus `/metrics` and JSON `/health`; `""` (None) disables the endpoint.
+    #[serde(deserialize_with = "de_opt_listen", serialize_with = "ser_opt_listen")]
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter (`lorastream=debug`).
+    /// `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&src, &path.display().to_string())
+    }
+
+    /// Parse and validate config text; `path` is only used in messages.
+    pub fn parse(src: &str, path: &str) -> Result<Config, ConfigError> {
+        let source = Source::new(path, src);
+        let raw: RawFile = toml::from_str(src).map_err(|e| source.toml_error(&e))?;
+        validate::sections(&raw.gateway, &raw.storage, &raw.log, &source)?;
+        let applications = validate::applications(&raw.applications, &source)?;
+        let mut devices = Vec::with_capacity(raw.devices.len());
+        for d in raw.devices {
+            let span = d.span();
+            devices.push((devices::build(d.into_inner(), &span, &source)?, span));
+        }
+        validate::devices(&devices, &applications, &source)?;
+        let ctx = streams::Context {
+            gateway_eui: raw.gateway.eui,
+            when_full: raw.storage.when_full,
+        };
+        let mut streams = Vec::with_capacity(raw.streams.len());
+        for s in raw.streams {
+            let span = s.span();
+            streams.push((streams::build(s.into_inner(), &ctx, &span, &source)?, span));
+        }
+        validate::streams(&streams, &devices, &applications, &source)?;
+        Ok(Config {
+            gateway: raw.gateway,
+            storage: raw.storage,
+            metrics: raw.metrics,
+            log: raw.log,
+            applications: raw.applications,
+            devices: devices.into_iter().map(|(d, _)| d).collect(),
+            streams: streams.into_iter().map(|(s, _)| s).collect(),
+        })
+    }
+
+    /// The effective configuration as TOML: every default filled in, secrets as `***`.
+    pub fn to_toml_masked(&self) -> String {
+        let mut doc = toml::Table::new();
+        let mut section = |name: &str, v: Result<toml::Table, toml::ser::Error>| {
+            if let Ok(t) = v {
+                doc.insert(name.into(), toml::Value::Table(t));
+            }
+        };
+        section("gateway", toml::Table::try_from(&self.gateway));
+        section("storage", toml::Table::try_from(&self.storage));
+        section("metrics", toml::Table::try_from(&self.metrics));
+        section("log", toml::Table::try_from(&self.log));
+        let array = |tables: Vec<toml::Table>| {
+            toml::Value::Array(tables.into_iter().map(toml::Value::Table).collect())
+        };
+        doc.insert(
+            "application".into(),
+            array(self.applications.iter().map(|a| a.effective()).collect()),
+        );
+        doc.insert(
+            "device".into(),
+            array(self.devices.iter().map(|d| d.effective()).collect()),
+        );
+        doc.insert(
+            "stream".into(),
+            array(self.streams.iter().map(|s| s.effective()).collect()),
+        );
+        toml::to_string_pretty(&doc).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

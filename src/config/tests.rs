@@ -1,0 +1,358 @@
+use super::*;
+
+mod basics {
+    use super::*;
+    use crate::model::DevAddr;
+
+    const GOOD: &str = r#"
+[gateway]
+listen = "127.0.0.1:1700"
+
+[storage]
+path = "/tmp/x"
+
+[[application]]
+id = "farm"
+
+[[device]]
+application = "farm"
+id = "soil-1"
+dev_eui = "70b3d57ed0000001"
+dev_addr = "26000001"
+nwk_s_key = "000102030405060708090A0B0C0D0E0F"
+app_s_key = "000102030405060708090a0b0c0d0e0f"
+
+[[stream]]
+name = "cloud"
+kind = "mqtt"
+server = "mqtt://127.0.0.1:1883"
+application = "farm"
+username = "gw"
+password = "s3cret"
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, "t.toml").unwrap();
+        assert_eq!(c.gateway.dedup_window_ms, 200);
+        assert_eq!(c.storage.flush_every_ms, 100);
+        assert_eq!(c.storage.when_full, WhenFull::DropOldest);
+        let d = &c.devices[0];
+        assert!(matches!(
+            d.activation,
+            Activation::Abp {
+                dev_addr: DevAddr(0x2600_0001),
+                ..
+            }
+        ));
+        let s = &c.streams[0];
+        assert_eq!(s.scope, Scope::Application("farm".into()));
+        assert!(s.downlinks);
+        let printed = c.to_toml_masked();
+        assert!(printed.contains("***"), "{printed}");
+        assert!(!printed.contains("s3cret"));
+        assert!(!printed.to_lowercase().contains("0102030405"));
+    }
+
+    #[test]
+    fn empty_config_is_valid_defaults() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c.gateway.listen.to_string(), "0.0.0.0:1700");
+        assert_eq!(
+            c.metrics.listen.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:9100")
+        );
+    }
+
+    fn err_of(src: &str) -> String {
+        Config::parse(src, "t.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let e = err_of(&GOOD.replace("dev_addr = \"26000001\"", "dev_addr = \"2600001\""));
+        assert!(e.starts_with("t.toml:15:"), "{e}");
+        assert!(e.contains("expected 8 hex digits, got 7"), "{e}");
+
+        let e = err_of(&GOOD.replace(
+            "application = \"farm\"\nid = \"soil-1\"",
+            "application = \"farn\"\nid = \"soil-1\"",
+        ));
+        assert!(
+            e.starts_with("t.toml:12: [[device]] \"soil-1\": key `application`"),
+            "{e}"
+        );
+        assert!(e.contains("unknown application \"farn\""), "{e}");
+
+        let e = err_of(&GOOD.replace("[storage]", "[storage]\nflush_evry_ms = 3"));
+        assert!(e.starts_with("t.toml:6:"), "{e}");
+        assert!(e.contains("unknown field `flush_evry_ms`"), "{e}");
+
+        let e = err_of(&GOOD.replace("password = \"s3cret\"", "url = \"http://x\""));
+        assert!(
+            e.contains("t.toml:25: [[stream]] \"cloud\": key `url`: not used by kind = \"mqtt\""),
+            "{e}"
+        );
+
+        let e = err_of(&GOOD.replace("mqtt://127", "tcp://127"));
+        assert!(e.contains("key `server`"), "{e}");
+
+        let e = err_of(&GOOD.replace("nwk_s_key = \"000102030405060708090A0B0C0D0E0F\"\n", ""));
+        assert!(e.contains("key `nwk_s_key`"), "{e}");
+        assert!(
+            !e.contains("0102030405"),
+            "keys never appear in errors: {e}"
+        );
+
+        let e = err_of(
+            &GOOD
+                .replace("when_full", "x")
+                .replace("[storage]", "[storage]\nwhen_full = \"drop_newest\""),
+        );
+        assert!(e.contains("unknown variant `drop_newest`"), "{e}");
+
+        let e = err_of(&GOOD.replace("[storage]", "[storage]\nbackend = \"rocksdb\""));
+        assert!(e.starts_with("t.toml:6:"), "{e}");
+        assert!(
+            e.contains("unknown variant `rocksdb`, expected `sled` or `redb`"),
+            "{e}"
+        );
+        let c = Config::parse(
+            &GOOD.replace("[storage]", "[storage]\nbackend = \"sled\""),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.storage.backend, StorageBackend::Sled);
+        assert!(c.to_toml_masked().contains("backend = \"sled\""));
+    }
+}
+
+mod http_tests {
+    use super::*;
+
+    const BASE: &str =
+        "[[application]]\nid = \"farm\"\n\n[[stream]]\nname = \"hook\"\nkind = \"http\"\n";
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        Config::parse(&format!("{BASE}{extra}"), "t.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_full_http_stream_is_valid_and_its_headers_are_masked() {
+        let c = parse(
+            "url = \"https://example.com/up\"\nheaders = { \"X-Api-Key\" = \"k3y-s3cret\", Authorization = \"Bearer t0ken\" }\n\
+             batch_max = 50\nbatch_wait_ms = 0\ntimeout_s = 10\non_client_error = \"drop\"\n\
+             poll_url = \"https://example.com/down?code=x\"\npoll_interval_s = 5\n\
+             ca_file = \"/etc/ca.pem\"\ncert_file = \"c.pem\"\nkey_file = \"c.key\"\n",
+        )
+        .unwrap();
+        let printed = c.to_toml_masked();
+        assert!(
+            !printed.contains("k3y-s3cret") && !printed.contains("t0ken"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("https://example.com/down?***"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("url = \"https://example.com/up\""),
+            "{printed}"
+        );
+    }
+
+    #[test]
+    fn http_mistakes_name_the_key() {
+        let e = |extra: &str| parse(extra).unwrap_err();
+        assert!(
+            e("").contains("key `url`: kind = \"http\" needs url"),
+            "{}",
+            e("")
+        );
+        assert!(e("url = \"ftp://x/\"\n").contains("key `url`"));
+        assert!(e("url = \"not a url\"\n").contains("is not a URL"));
+        let ok = "url = \"http://127.0.0.1:8080/up\"\n";
+        assert!(e(&format!("{ok}poll_url = \"mqtt://x\"\n")).contains("key `poll_url`"));
+        assert!(e(&format!(
+            "{ok}poll_url = \"http://x/p\"\ndownlinks = false\n"
+        ))
+        .contains("downlinks = false"));
+        assert!(e(&format!("{ok}poll_interval_s = 5\n")).contains("set poll_url too"));
+        assert!(e(&format!("{ok}batch_max = 0\n")).contains("key `batch_max`"));
+        assert!(e(&format!("{ok}timeout_s = 0\n")).contains("key `timeout_s`"));
+        assert!(e(&format!("{ok}on_client_error = \"ignore\"\n")).contains("`retry` or `drop`"));
+        assert!(e(&format!("{ok}cert_file = \"c.pem\"\n")).contains("go together"));
+        assert!(e(&format!("{ok}headers = {{ \"Bad Name\" = \"v\" }}\n"))
+            .contains("not a valid HTTP header name"));
+        assert!(e(&format!(
+            "{ok}headers = {{ \"Content-Type\" = \"text/plain\" }}\n"
+        ))
+        .contains("set by lorastream"));
+        let secret_err = e(&format!("{ok}headers = {{ \"X-Key\" = \"abc\\ndef\" }}\n"));
+        assert!(
+            secret_err.contains("line break") && !secret_err.contains("abc"),
+            "{secret_err}"
+        );
+        assert!(e(&format!("{ok}server = \"mqtt://x\"\n")).contains("not used by kind = \"http\""));
+    }
+}
+
+mod example_tests {
+    use super::*;
+
+    /// config.example.toml stays valid, and its sections show the real defaults.
+    #[test]
+    fn example_config_is_valid_and_matches_defaults() {
+        let src = include_str!("../../config.example.toml");
+        let c = Config::parse(src, "config.example.toml").unwrap();
+        let d = Config::default();
+        let same = |a: &dyn erased::Ser, b: &dyn erased::Ser| a.json() == b.json();
+        assert!(
+            same(&c.gateway, &d.gateway),
+            "[gateway] defaults differ from the example"
+        );
+        assert!(
+            same(&c.storage, &d.storage),
+            "[storage] defaults differ from the example"
+        );
+        assert!(
+            same(&c.metrics, &d.metrics),
+            "[metrics] defaults differ from the example"
+        );
+        assert!(
+            same(&c.log, &d.log),
+            "[log] defaults differ from the example"
+        );
+    }
+
+    mod erased {
+        pub trait Ser {
+            fn json(&self) -> String;
+        }
+        impl<T: serde::Serialize> Ser for T {
+            fn json(&self) -> String {
+                serde_json::to_string(self).unwrap_or_default()
+            }
+        }
+    }
+}
+
+mod typed {
+    use super::*;
+
+    #[test]
+    fn an_error_in_metrics_listen_names_its_own_line() {
+        let src = "[gateway]\nlisten = \"0.0.0.0:1700\"\n\n[metrics]\nlisten = \"nowhere\"\n";
+        let e = Config::parse(src, "t.toml").unwrap_err().to_string();
+        assert!(e.starts_with("t.toml:5: [metrics] key `listen`"), "{e}");
+        let src = "[metrics]\nlisten = \"127.0.0.1:9100\"\n\n[gateway]\nlisten = \"x\"\n";
+        let e = Config::parse(src, "t.toml").unwrap_err().to_string();
+        assert!(e.starts_with("t.toml:5: [gateway] key `listen`"), "{e}");
+        // A cross-field error is placed in its section too.
+        let src = "[metrics]\nlisten = \"\"\n[gateway]\nregion = \"EU868\"\nsub_band = 2\n";
+        let e = Config::parse(src, "t.toml").unwrap_err().to_string();
+        assert!(e.starts_with("t.toml:5: [gateway] key `sub_band`"), "{e}");
+    }
+
+    #[test]
+    fn values_are_parsed_once_into_types() {
+        let c = Config::parse(
+            "[gateway]\nnet_id = \"00001a\"\n[storage]\nmax_age = \"2h\"\n[metrics]\nlisten = \"\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.gateway.net_id.0, 0x1A);
+        assert_eq!(
+            c.storage.max_age,
+            Some(std::time::Duration::from_secs(7200))
+        );
+        assert_eq!(c.metrics.listen, None);
+        let e = Config::parse("[gateway]\nnet_id = \"1a\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:2: [gateway] key `net_id`"), "{e}");
+        let e = Config::parse("[storage]\nmax_age = \"soon\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:2: [storage] key `max_age`"), "{e}");
+        let e = Config::parse("[log]\nlevel = \"lorastream=loud\"\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:2: [log] key `level`"), "{e}");
+    }
+
+    #[test]
+    fn check_prints_every_effective_value_with_defaults_and_no_secret() {
+        let src = "[gateway]\neui = \"AA555A0000000000\"\n\n[[application]]\nid = \"farm\"\n\n\
+                   [[device]]\napplication = \"farm\"\nid = \"m\"\ndev_eui = \"0000000000000007\"\napp_key = \"000102030405060708090a0b0c0d0e0f\"\n\n\
+                   [[stream]]\nname = \"cloud\"\nserver = \"mqtts://gw:pw@broker.example\"\nusername = \"gw\"\npassword = \"hunter2\"\n\n\
+                   [[stream]]\nname = \"hook\"\nkind = \"http\"\nurl = \"https://x.example/up?code=K3Y\"\nheaders = { \"X-Key\" = \"t0ken\" }\n\n\
+                   [[stream]]\nname = \"az\"\nkind = \"azure-iot-hub\"\nhostname = \"hub.azure-devices.net\"\npolicy_name = \"p\"\npolicy_key = \"c2VjcmV0\"\n";
+        let c = Config::parse(src, "t.toml").unwrap();
+        let out = c.to_toml_masked();
+        for secret in ["hunter2", "pw@", "K3Y", "t0ken", "c2VjcmV0", "0102030405"] {
+            assert!(!out.contains(secret), "{secret} printed:\n{out}");
+        }
+        // Defaults that used to live in stream code are printed.
+        for want in [
+            "client_id = \"lorastream-aa555a0000000000-cloud\"",
+            "topic_prefix = \"lorastream\"",
+            "inflight = 100",
+            "keep_alive_s = 30",
+            "batch_max = 100",
+            "batch_wait_ms = 200",
+            "timeout_s = 30",
+            "on_client_error = \"retry\"",
+            "identity = \"device\"",
+            "device_id = \"{device}\"",
+            "server = \"mqtts://hub.azure-devices.net:8883\"",
+            "sas_ttl_s = 3600",
+            "idle_timeout_s = 300",
+            "max_connections = 100",
+            "inflight = 32",
+            "keep_alive_s = 60",
+            "downlink_format = \"json\"",
+            "when_full = \"drop_oldest\"",
+            "downlinks = true",
+            "lorawan_version = \"1.0.3\"",
+            "dedup_window_ms = 200",
+            "max_age = \"\"",
+            "net_id = \"000000\"",
+        ] {
+            assert!(out.contains(want), "{want} missing:\n{out}");
+        }
+        // What is printed is a valid configuration again.
+        assert!(out.contains("app_key = \"***\""), "{out}");
+    }
+
+    #[test]
+    fn a_misplaced_key_names_the_keys_the_kind_takes() {
+        let e = Config::parse(
+            "[[stream]]\nname = \"f\"\nkind = \"file\"\npath = \"/tmp/x\"\nserver = \"mqtt://x\"\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("t.toml:5: [[stream]] \"f\": key `server`: not used by kind = \"file\" (it takes: path)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_device_is_abp_or_otaa() {
+        let base = "[[application]]\nid = \"a\"\n[[device]]\napplication = \"a\"\nid = \"d\"\ndev_eui = \"0000000000000001\"\n";
+        let both = format!("{base}dev_addr = \"26000001\"\nnwk_s_key = \"00000000000000000000000000000000\"\napp_s_key = \"00000000000000000000000000000000\"\napp_key = \"00000000000000000000000000000000\"\n");
+        let e = Config::parse(&both, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("key `app_key`") && e.contains("not both"), "{e}");
+        let otaa = format!("{base}join_eui = \"0000000000000002\"\napp_key = \"00000000000000000000000000000000\"\n");
+        let c = Config::parse(&otaa, "t.toml").unwrap();
+        assert!(matches!(
+            c.devices[0].activation,
+            Activation::Otaa {
+                join_eui: Some(_),
+                ..
+            }
+        ));
+    }
+}

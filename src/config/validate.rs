@@ -1,0 +1,218 @@
+//! Checks that need more than one value: a region's data rates, unique ids, references from
+//! devices and streams to applications and devices, and what a cloud demands of every device
+//! a stream carries (IoT Hub device ids and keys, AWS IoT topic limits). Each error points at
+//! the line of the key that has to change.
+
+use super::devices::DeviceConfig;
+use super::locate::Source;
+use super::streams::{azure_device_id, azure_device_id_error};
+use super::{
+    ApplicationConfig, AzureIdentity, ConfigError, GatewayConfig, LogConfig, Region, Scope,
+    StorageConfig, StreamConfig, StreamKind,
+};
+use std::collections::HashSet;
+use std::ops::Range;
+
+/// `[gateway]`, `[storage]`, `[log]`: values that depend on each other or have limits.
+pub(super) fn sections(
+    g: &GatewayConfig,
+    s: &StorageConfig,
+    log: &LogConfig,
+    src: &Source,
+) -> Result<(), ConfigError> {
+    let gw = |key, message: String| src.section_error("[gateway]", key, message);
+    if let Some(dr) = g.rx2_dr {
+        if !g.region.downlink_drs().contains(&dr) {
+            return Err(gw(
+                "rx2_dr",
+                format!(
+                    "DR{dr} is not a downlink data rate of {:?} (EU868/AS923: 0..6, US915/AU915: 8..13)",
+                    g.region
+                ),
+            ));
+        }
+    }
+    if let Some(sb) = g.sub_band {
+        if !matches!(g.region, Region::US915 | Region::AU915) || !(1..=8).contains(&sb) {
+            return Err(gw(
+                "sub_band",
+                format!(
+                    "sub_band = {sb}: only US915 and AU915 have sub-bands, numbered 1..8 (channels 8n-8..8n-1)"
+                ),
+            ));
+        }
+    }
+    if g.dedup_window_ms > 2_000 {
+        return Err(gw(
+            "dedup_window_ms",
+            "must be at most 2000 ms (RX1 opens 1 s after the uplink)".into(),
+        ));
+    }
+    let st = |key, message: &str| src.section_error("[storage]", key, message);
+    if s.max_age.is_some_and(|d| d.as_secs() < 60) {
+        return Err(st("max_age", "must be at least 1 minute"));
+    }
+    if s.max_bytes < 64 * 1024 {
+        return Err(st("max_bytes", "must be at least 65536"));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+        return Err(src.section_error(
+            "[log]",
+            "level",
+            format!(
+                "{:?}: {e} (use error, warn, info, debug, trace or a filter like \"lorastream=debug\")",
+                log.level
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Application ids: non-empty and unique. Returns them.
+pub(super) fn applications<'a>(
+    apps: &'a [ApplicationConfig],
+    src: &Source,
+) -> Result<HashSet<&'a str>, ConfigError> {
+    let mut seen = HashSet::new();
+    for a in apps {
+        if a.id.is_empty() || a.id.contains(['/', '+', '#']) || !seen.insert(a.id.as_str()) {
+            let line = src
+                .text
+                .lines()
+                .position(|l| {
+                    l.split_once('=').is_some_and(|(k, v)| {
+                        k.trim() == "id" && v.trim().trim_matches('"') == a.id
+                    })
+                })
+                .map_or(0, |i| i + 1);
+            return Err(ConfigError::Invalid {
+                path: src.path.into(),
+                line,
+                entry: "[[application]] ".into(),
+                key: "id".into(),
+                message: format!(
+                    "{:?} is empty, contains '/', '+' or '#', or is used twice",
+                    a.id
+                ),
+            });
+        }
+    }
+    Ok(seen)
+}
+
+/// Device ids and DevEUIs unique, applications known.
+pub(super) fn devices(
+    devices: &[(DeviceConfig, Range<usize>)],
+    apps: &HashSet<&str>,
+    src: &Source,
+) -> Result<(), ConfigError> {
+    let mut ids = HashSet::new();
+    let mut euis = HashSet::new();
+    for (d, span) in devices {
+        let err = |key: &str, message: String| src.entry_error(span, d.label(), key, message);
+        if !ids.insert(d.id.as_str()) {
+            return Err(err("id", "another device has the same id".into()));
+        }
+        if !euis.insert(d.dev_eui) {
+            return Err(err(
+                "dev_eui",
+                format!("{} is used by another device", d.dev_eui),
+            ));
+        }
+        if !apps.contains(d.application.as_str()) {
+            return Err(err(
+                "application",
+                format!(
+                    "unknown application {:?}; add an [[application]] with id = {:?}",
+                    d.application, d.application
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Stream names unique, scopes naming what exists, and each cloud's rules for every device
+/// the stream carries.
+pub(super) fn streams(
+    streams: &[(StreamConfig, Range<usize>)],
+    devices: &[(DeviceConfig, Range<usize>)],
+    apps: &HashSet<&str>,
+    src: &Source,
+) -> Result<(), ConfigError> {
+    let mut names = HashSet::new();
+    for (st, span) in streams {
+        let err = |key: &str, message: String| src.entry_error(span, st.label(), key, message);
+        if !names.insert(st.name.as_str()) {
+            return Err(err("name", "another stream has the same name".into()));
+        }
+        match &st.scope {
+            Scope::Application(a) if !apps.contains(a.as_str()) => {
+                return Err(err("application", format!("unknown application {a:?}")))
+            }
+            Scope::Device(d) if !devices.iter().any(|(x, _)| x.id == *d) => {
+                return Err(err("device", format!("unknown device {d:?}")))
+            }
+            _ => {}
+        }
+        let in_scope = || {
+            devices
+                .iter()
+                .map(|(d, _)| d)
+                .filter(|d| st.scope.covers(&d.application, &d.id))
+        };
+        match &st.kind {
+            StreamKind::AzureIotHub(a) => {
+                if let AzureIdentity::Device {
+                    device_id,
+                    policy,
+                    device_keys,
+                    ..
+                } = &a.identity
+                {
+                    let mut ids = HashSet::new();
+                    for d in in_scope() {
+                        let id = azure_device_id(device_id, &d.id, d.dev_eui);
+                        if let Some(e) = azure_device_id_error(&id) {
+                            return Err(err("device_id", format!("device {:?}: {e}", d.id)));
+                        }
+                        if !ids.insert(id.clone()) {
+                            return Err(err(
+                                "device_id",
+                                format!("IoT Hub device id {id:?} is used by two devices"),
+                            ));
+                        }
+                        let keyed =
+                            device_keys.contains_key(&d.id) || device_keys.contains_key(&id);
+                        if !keyed && policy.is_none() {
+                            return Err(err(
+                                "device_keys",
+                                format!("no key for device {:?} (IoT Hub device {id:?}); add it to device_keys or set a policy key", d.id),
+                            ));
+                        }
+                    }
+                }
+            }
+            StreamKind::AwsIot(a) => {
+                // AWS IoT developer guide, "Quotas": at most 7 slashes and 256 bytes. The longest
+                // topic is {prefix}/{application}/devices/{device}/down/replace.
+                let prefix = &a.mqtt.topic_prefix;
+                for d in in_scope() {
+                    let t = format!("{prefix}/{}/devices/{}/down/replace", d.application, d.id);
+                    let slashes = t.matches('/').count();
+                    if slashes > 7 || t.len() > 256 {
+                        return Err(err(
+                            "topic_prefix",
+                            format!(
+                                "topic {t:?} has {slashes} slashes and {} bytes; AWS IoT allows 7 and 256",
+                                t.len()
+                            ),
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! Wiring: builds every stage from the config, connects them with bounded channels and typed
+//! handles, and stops them in data-path order. Nothing here touches a frame or a record.
+//!
+//! ```text
+//!  UDP ──▶ ingress::udp ──(mpsc, bounded)──▶ uplink stage ──▶ store ──▶ stream 1 ──▶ broker
+//!  (PUSH_ACK at once)  │                      (dedup, MIC,      (fsync      stream 2 ──▶ …
+//!                      │ TX_ACK               FCnt, decrypt)    policy)     ▲ ack = delete
+//!                      ▼                           │ opportunity            │ downlinks
+//!                   downlink scheduler ◀───────────┴── DownlinkHandle ──────┘
+//! ```
+//!
+//! Stop order (SIGTERM, SIGINT, [`Daemon::stop`]): ingress stops reading; the uplink stage
+//! stores everything still in its dedup window; streams finish what is in flight (bounded);
+//! the store is flushed. The whole stop is bounded by [`STOP_DEADLINE`].
+//!
+//! - [`health`]: the `/health` document and the scrape-time values of `/metrics`;
+//! - [`housekeeping`]: expiry of old records, heap trimming.
+
+pub mod health;
+mod housekeeping;
+
+use crate::config::Config;
+use crate::downlink::{DownlinkHandle, Scheduler, StreamLink};
+use crate::ingress::udp::{self, Downlinker, Gateways};
+use crate::metrics::{self, Metrics};
+use crate::store::{Store, StoreError};
+use crate::streams::{Stream, StreamContext, StreamError};
+use crate::uplink::{JoinSettings, Routes, UplinkStage};
+use health::{Health, Sources};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The contract: a graceful stop takes at most 5 s.
+pub const STOP_DEADLINE: Duration = Duration::from_millis(4_500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot open the store at {path}: {source}")]
+    Store { path: String, source: StoreError },
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+}
+
+/// A running daemon.
+pub struct Daemon {
+    udp_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    sources: Sources,
+    ingress_cancel: CancellationToken,
+    streams_cancel: CancellationToken,
+    misc_cancel: CancellationToken,
+    ingress: JoinHandle<()>,
+    uplink: JoinHandle<()>,
+    streams: Vec<JoinHandle<()>>,
+    scheduler: JoinHandle<()>,
+    misc: Vec<JoinHandle<()>>,
+    downlinks: DownlinkHandle,
+}
+
+impl Daemon {
+    /// Open the store, bind the sockets and start every task.
+    pub async fn start(cfg: &Config) -> Result<Daemon, DaemonError> {
+        let metrics = Metrics::new();
+        let store_err = |source| DaemonError::Store {
+            path: cfg.storage.path.display().to_string(),
+            source,
+        };
+        let queue_specs: Vec<_> = cfg
+            .streams
+            .iter()
+            .map(|s| (s.name.clone(), s.when_full))
+            .collect();
+        let (store, report) = Store::open(&cfg.storage, &queue_specs).map_err(store_err)?;
+        if let Some(p) = &report.quarantined {
+            tracing::error!(moved_to = %p.display(), "the previous store was unreadable and has been kept aside");
+        }
+        tracing::info!(
+            backend = store.backend().name(),
+            path = %cfg.storage.path.display(),
+            flush_every_ms = cfg.storage.flush_every_ms,
+            "store opened"
+        );
+        let registry = crate::devices::registry(cfg, &store).map_err(store_err)?;
+
+        let listen = cfg.gateway.listen;
+        let bind_err = |source| DaemonError::Bind {
+            what: "[gateway] listen",
+            addr: listen,
+            source,
+        };
+        let socket = udp::bind(listen, cfg.gateway.udp_recv_buffer).map_err(bind_err)?;
+        let udp_addr = socket.local_addr().map_err(bind_err)?;
+        let socket = Arc::new(socket);
+
+        let ingress_cancel = CancellationToken::new();
+        let streams_cancel = CancellationToken::new();
+        let misc_cancel = CancellationToken::new();
+        let gateways = Gateways::default();
+        let registry = Arc::new(std::sync::Mutex::new(registry));
+        let (downlinks, down_rx) = crate::downlink::channel();
+
+        // Streams first, so nothing appended is missed.
+        let scopes: Vec<_> = cfg
+            .streams
+            .iter()
+            .map(|s| (s.name.clone(), s.scope.clone()))
+            .collect();
+        let routes = Routes::new(&store, &scopes);
+        let mut streams = Vec::new();
+        let mut links = std::collections::HashMap::new();
+        for s in &cfg.streams {
+            let Some(queue) = store.queue(&s.name) else {
+                continue;
+            };
+            let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(256);
+            links.insert(
+                s.name.clone(),
+                StreamLink {
+                    scope: s.scope.clone(),
+                    events: ev_tx,
+                },
+            );
+            let ctx = StreamContext {
+                name: s.name.clone(),
+                queue,
+                metrics: metrics.clone(),
+                cancel: streams_cancel.clone(),
+                gateway_eui: cfg.gateway.eui,
+                downlinks: s.downlinks.then(|| downlinks.clone()),
+            };
+            let stream = Stream::build(s, ctx, ev_rx)?;
+            streams.push(tokio::spawn(stream.run()));
+        }
+
+        let plan = crate::downlink::window::RxPlan::new(cfg.gateway.region, cfg.gateway.rx2_dr);
+        let scheduler = Scheduler::new(
+            registry.clone(),
+            store.clone(),
+            Downlinker::new(socket.clone(), gateways.clone()),
+            plan,
+            links,
+            metrics.clone(),
+        );
+        // TX_ACKs go from ingress straight to the scheduler.
+        let (ack_tx, ack_rx) = tokio::sync::mpsc::channel(256);
+        let scheduler = tokio::spawn(scheduler.run(down_rx, ack_rx));
+
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        let stage = UplinkStage::new(
+            registry,
+            Some(downlinks.clone()),
+            store.clone(),
+            routes,
+            metrics.clone(),
+            cfg.gateway.dedup_window(),
+            JoinSettings {
+                plan,
+                net_id: cfg.gateway.net_id.0,
+                sub_band: cfg.gateway.sub_band,
+            },
+        );
+        let uplink = tokio::spawn(stage.run(rx));
+        let ingress = tokio::spawn(udp::run(
+            socket,
+            tx,
+            ack_tx,
+            gateways.clone(),
+            metrics.clone(),
+            ingress_cancel.clone(),
+        ));
+
+        // Helper tasks that hold the store: awaited on stop.
+        let mut misc: Vec<JoinHandle<()>> = Vec::new();
+        // Group commits, batched acknowledgements, retries while the disk refuses writes.
+        misc.push(tokio::spawn(
+            store.clone().run_committer(misc_cancel.clone()),
+        ));
+        if let Some(max_age) = cfg.storage.max_age {
+            misc.push(tokio::spawn(housekeeping::expire_old(
+                store.clone(),
+                max_age,
+                misc_cancel.clone(),
+            )));
+        }
+        misc.push(tokio::spawn(housekeeping::trim_heap_regularly(
+            misc_cancel.clone(),
+        )));
+
+        let sources = Sources {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            gateways,
+            started: Instant::now(),
+        };
+        {
+            // Not `sources` itself: it holds the `Metrics`, which would then hold itself.
+            let (store, gateways) = (store.clone(), sources.gateways.clone());
+            metrics.set_snapshot(move || health::snapshot(&store, &gateways));
+        }
+        let mut metrics_addr = None;
+        if let Some(addr) = cfg.metrics.listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Bind {
+                    what: "[metrics] listen",
+                    addr,
+                    source,
+                })?;
+            metrics_addr = l.local_addr().ok();
+            let s = sources.clone();
+            let health = move || serde_json::to_string(&s.health()).unwrap_or_default();
+            misc.push(tokio::spawn(metrics::serve(
+                l,
+                metrics.clone(),
+                health,
+                misc_cancel.clone(),
+            )));
+        }
+
+        tracing::info!(
+            udp = %udp_addr,
+            metrics = %metrics_addr.map_or("off".to_string(), |a| a.to_string()),
+            devices = cfg.devices.len(),
+            streams = cfg.streams.len(),
+            queued = store.queues().iter().map(|q| q.len()).sum::<u64>(),
+            "lorastream started"
+        );
+        Ok(Daemon {
+            udp_addr,
+            metrics_addr,
+            sources,
+            ingress_cancel,
+            streams_cancel,
+            misc_cancel,
+            ingress,
+            uplink,
+            streams,
+            scheduler,
+            misc,
+            downlinks,
+        })
+    }
+
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp_addr
+    }
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.sources.metrics
+    }
+    pub fn store(&self) -> &Store {
+        &self.sources.store
+    }
+    pub fn gateways(&self) -> &Gateways {
+        &self.sources.gateways
+    }
+
+    /// Queue a downlink as if `req.stream` had received it (the demo uses this); resolves once
+    /// it is stored or refused.
+    pub async fn request_downlink(&self, req: crate::model::DownlinkRequest) {
+        let _ = self.downlinks.submit(req).await;
+    }
+
+    /// The `/health` document.
+    pub fn health(&self) -> Health {
+        self.sources.health()
+    }
+
+    /// Graceful stop, in data-path order, within [`STOP_DEADLINE`].
+    pub async fn stop(self) {
+        let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
+        // A task that overruns the deadline is aborted, so that when `stop` returns nothing
+        // holds the store any more (a store reopened in the same process must be alone).
+        async fn finish(mut t: JoinHandle<()>, deadline: tokio::time::Instant) {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                t.abort();
+                let _ = t.await;
+            }
+        }
+        drop(self.downlinks);
+        self.ingress_cancel.cancel();
+        finish(self.ingress, deadline).await;
+        // The uplink stage ends when the ingress sender is gone, after storing its window.
+        finish(self.uplink, deadline).await;
+        self.streams_cancel.cancel();
+        for s in self.streams {
+            finish(s, deadline).await;
+        }
+        // The scheduler ends when its last handle (uplink stage, streams) is gone.
+        finish(self.scheduler, deadline).await;
+        if let Err(e) = self.sources.store.flush().await {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+        self.sources.metrics.clear_snapshot();
+        self.misc_cancel.cancel();
+        for t in self.misc {
+            finish(t, deadline + Duration::from_millis(300)).await;
+        }
+        tracing::info!("lorastream stopped");
+    }
+}

@@ -1,0 +1,378 @@
+//! The group committer and the store's disk health: each `flush_every_ms` window made durable
+//! by a journal fsync, checkpoints into the engine, durable writes that cannot wait, and what
+//! happens while the disk refuses writes (engine reopened, commits retried with a backoff,
+//! memory held bounded). See the module docs of [`crate::store`] for the durability model.
+
+use super::backend::{Backend, Batch};
+use super::{
+    Store, StoreError, StoreHealth, CHECKPOINT_BYTES, CHECKPOINT_EVERY, DEVICES, JOURNAL_GEN,
+    LAZY_COMMIT_EVERY, MAX_PENDING_DELETES, MEMORY_FALLBACK_BYTES, META,
+};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The committer's view of the disk.
+#[derive(Default)]
+pub(super) struct Health {
+    failed: Option<String>,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    failures: u64,
+    commits: u64,
+    last_commit: Option<Instant>,
+}
+
+impl Store {
+    /// Over the memory bound while the disk refuses writes: drop the oldest unsaved records.
+    pub(super) fn shed_memory(&self) {
+        let mut queues = self.queues();
+        queues.sort_by_key(|q| std::cmp::Reverse(q.unsaved_bytes()));
+        for q in queues {
+            if self.inner.shared.unsaved_bytes.load(Ordering::Relaxed) <= MEMORY_FALLBACK_BYTES {
+                break;
+            }
+            q.shed_unsaved(MEMORY_FALLBACK_BYTES);
+        }
+    }
+
+    /// A write failed; with `reschedule` (a commit or reopen), the next retry is backed off.
+    pub(super) fn note_failure(&self, e: &str, reschedule: bool) {
+        let mut h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.failures += 1;
+        let first = h.failed.is_none();
+        if reschedule || first {
+            h.backoff = if first {
+                Duration::from_millis(500)
+            } else {
+                (h.backoff * 2).min(Duration::from_secs(10))
+            };
+            h.retry_at = Some(Instant::now() + h.backoff);
+        }
+        h.failed = Some(e.to_string());
+        self.inner.writable.store(false, Ordering::Relaxed);
+        drop(h);
+        if first && self.log_state_change() {
+            tracing::error!(error = %e, path = %self.inner.cfg.path.display(),
+                "the store cannot write (disk full or failing); keeping new records in memory (at most {} MiB) and retrying",
+                MEMORY_FALLBACK_BYTES >> 20);
+        }
+    }
+
+    pub(super) fn note_success(&self) {
+        let mut h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        h.commits += 1;
+        h.last_commit = Some(Instant::now());
+        if let Some(e) = h.failed.take() {
+            let failures = h.failures;
+            if self.log_state_change() {
+                tracing::warn!(previous_error = %e, failures, "the store writes to disk again");
+            }
+        }
+        h.retry_at = None;
+        self.inner.writable.store(true, Ordering::Relaxed);
+    }
+
+    /// Changes between writable and failing are logged at most once per 10 s (a disk that is
+    /// just full can flap: the engine's preallocated space takes a commit, a new journal page
+    /// does not).
+    fn log_state_change(&self) -> bool {
+        let Ok(mut last) = self.inner.last_state_log.lock() else {
+            return false;
+        };
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+
+    /// Reopen the engine after an I/O error (both engines refuse all I/O after one).
+    pub(super) fn reopen(&self) -> Result<(), StoreError> {
+        let old = self
+            .inner
+            .shared
+            .engine
+            .write()
+            .ok()
+            .and_then(|mut e| e.take());
+        if let Some(old) = old {
+            // Readers hold the engine for microseconds; the files must be closed before they
+            // are opened again (both engines lock them).
+            let end = Instant::now() + Duration::from_secs(2);
+            while Arc::strong_count(&old) > 1 && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            drop(old);
+        }
+        let e = Backend::open(self.inner.cfg.backend, &self.inner.cfg)?;
+        if let Ok(mut slot) = self.inner.shared.engine.write() {
+            *slot = Some(Arc::new(e));
+        }
+        self.inner.needs_reopen.store(false, Ordering::Relaxed);
+        tracing::info!(
+            backend = self.inner.cfg.backend.name(),
+            "store engine reopened"
+        );
+        Ok(())
+    }
+
+    /// Commit everything pending (records, deletes, session counters) in one atomic, fsynced
+    /// commit. Blocking: call from a blocking thread. Ok(false) when there was nothing to do.
+    pub(super) fn commit_blocking(&self) -> Result<bool, StoreError> {
+        let _g = self
+            .inner
+            .commit_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let failed_before = !self.inner.writable.load(Ordering::Relaxed);
+        if self.inner.needs_reopen.load(Ordering::Relaxed) || self.inner.shared.engine().is_none() {
+            if let Err(e) = self.reopen() {
+                self.note_failure(&format!("reopen: {e}"), true);
+                return Err(e);
+            }
+        }
+        let engine = self.engine()?;
+        let queues = self.queues();
+        let mut batch = Batch::default();
+        let (gen, snaps, sessions) = {
+            let mut j = self
+                .inner
+                .journal
+                .as_ref()
+                .map(|j| j.lock().unwrap_or_else(|p| p.into_inner()));
+            let gen = j.as_mut().map(|j| j.rotate());
+            self.inner.journal_dirty.store(false, Ordering::Relaxed);
+            self.inner.journal_unsynced.store(false, Ordering::Relaxed);
+            let snaps: Vec<_> = queues.iter().map(|q| q.snapshot(&mut batch)).collect();
+            let sessions = self
+                .inner
+                .sessions
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default();
+            (gen, snaps, sessions)
+        };
+        for (k, v) in &sessions {
+            batch.put(DEVICES, k, v);
+        }
+        if let (Some(g), false) = (gen, batch.is_empty()) {
+            batch.put(META, JOURNAL_GEN, &g.to_be_bytes());
+        }
+        if batch.is_empty() && !failed_before {
+            // Everything journaled up to `gen` was acknowledged before it needed committing.
+            if let (Some(j), Some(g)) = (&self.inner.journal, gen) {
+                if let Ok(j) = j.lock() {
+                    j.remove_upto(g);
+                }
+            }
+            return Ok(false);
+        }
+        let t0 = Instant::now();
+        let r = engine.commit(&batch, true);
+        tracing::debug!(
+            ops = batch.len(),
+            ms = t0.elapsed().as_secs_f64() * 1e3,
+            ok = r.is_ok(),
+            "store commit"
+        );
+        match r {
+            Ok(()) => {
+                for (q, s) in queues.iter().zip(snaps) {
+                    q.committed(s);
+                }
+                if let Ok(mut s) = self.inner.sessions.lock() {
+                    for (k, v) in &sessions {
+                        if s.get(k) == Some(v) {
+                            s.remove(k);
+                        }
+                    }
+                }
+                if let (Some(j), Some(g)) = (&self.inner.journal, gen) {
+                    if let Ok(j) = j.lock() {
+                        j.remove_upto(g);
+                    }
+                }
+                self.note_success();
+                Ok(true)
+            }
+            Err(e) => {
+                // Both engines poison themselves after an I/O error: the next attempt (after
+                // the backoff) reopens the engine first.
+                self.inner.needs_reopen.store(true, Ordering::Relaxed);
+                self.note_failure(&e.to_string(), true);
+                Err(e)
+            }
+        }
+    }
+
+    /// fdatasync what the journal holds (on a blocking thread, without holding its lock).
+    async fn sync_journal(&self) -> std::io::Result<()> {
+        let Some(j) = &self.inner.journal else {
+            return Ok(());
+        };
+        // Cleared under the journal lock before the fsync: a write after this point sets it again
+        // and is synced by the next window.
+        let handle = {
+            let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
+            self.inner.journal_unsynced.store(false, Ordering::Relaxed);
+            j.sync_handle()
+        };
+        let r = match handle {
+            Ok(Some(h)) => tokio::task::spawn_blocking(move || h.sync())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
+            self.inner.journal_unsynced.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Commit now, on a blocking thread.
+    pub(super) async fn commit(&self) -> Result<bool, StoreError> {
+        let s = self.clone();
+        match tokio::task::spawn_blocking(move || s.commit_blocking()).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable),
+        }
+    }
+
+    /// The group committer: makes each `flush_every_ms` window durable (journal fsync),
+    /// checkpoints into the engine every [`CHECKPOINT_EVERY`] or [`CHECKPOINT_BYTES`], and retries
+    /// (with a backoff) while the disk refuses writes. Runs until `cancel`; the daemon then calls
+    /// [`Store::flush`].
+    pub async fn run_committer(self, cancel: tokio_util::sync::CancellationToken) {
+        let tick = Duration::from_millis(match self.inner.cfg.flush_every_ms {
+            0 => 100,
+            n => n,
+        });
+        let mut last_lazy = Instant::now();
+        let mut last_commit = Instant::now();
+        // A fixed period (not a sleep after each commit), so the window stays `flush_every_ms`.
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = interval.tick() => {}
+                _ = self.inner.kick.notified() => {}
+            }
+            let (retry_at, failed) = {
+                let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+                (h.retry_at, h.failed.is_some())
+            };
+            if failed && retry_at.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
+            let (mut puts, mut dels) = (0usize, 0usize);
+            for q in self.queues() {
+                let (p, d) = q.pending();
+                puts += p;
+                dels += d;
+            }
+            let sessions = self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0);
+            // Records must be durable at the end of each window (the power-cut contract): an
+            // fsync of the journal does that for about one page, an engine commit (checkpoint)
+            // costs several, so the engine is committed every CHECKPOINT_EVERY, or earlier with
+            // CHECKPOINT_BYTES waiting. A window in which the journal was written ends with its
+            // fsync (records and frame counters); deletes and journal clean-up wait for the
+            // checkpoint (docs/benchmarks.md). Without a journal (`flush_every_ms = 0`) appends
+            // commit themselves and deletes are committed every LAZY_COMMIT_EVERY.
+            let journal_dirty = self.inner.journal_dirty.load(Ordering::Relaxed);
+            let unsaved = self.inner.shared.unsaved_bytes.load(Ordering::Relaxed);
+            let lazy_due = last_lazy.elapsed() >= LAZY_COMMIT_EVERY;
+            let checkpoint = match &self.inner.journal {
+                None => failed || puts > 0 || sessions > 0 || (dels > 0 && lazy_due),
+                Some(_) => {
+                    failed
+                        || dels > MAX_PENDING_DELETES
+                        || unsaved >= CHECKPOINT_BYTES
+                        || ((puts > 0 || dels > 0 || sessions > 0 || journal_dirty)
+                            && last_commit.elapsed() >= CHECKPOINT_EVERY)
+                }
+            };
+            if checkpoint {
+                match self.commit().await {
+                    Ok(_) => {
+                        last_lazy = Instant::now();
+                        last_commit = Instant::now();
+                    }
+                    Err(e) => tracing::debug!(error = %e, "store commit failed; will retry"),
+                }
+            } else if self.inner.journal_unsynced.load(Ordering::Relaxed) {
+                match self.sync_journal().await {
+                    Ok(()) => {}
+                    // The records stay in memory; the next engine commit writes them.
+                    Err(e) => self.note_failure(&format!("journal fsync: {e}"), false),
+                }
+            }
+            if !self.inner.writable.load(Ordering::Relaxed) {
+                self.shed_memory();
+            }
+        }
+    }
+
+    /// Write `batch` at once, durably (session counters, downlinks: things that must be on disk
+    /// before the daemon acts on them).
+    pub(crate) async fn write_now(&self, batch: Batch) -> Result<(), StoreError> {
+        if !batch.is_empty() {
+            // A direct write of a devices key supersedes an uncommitted FCntUp for it.
+            if let Ok(mut s) = self.inner.sessions.lock() {
+                for (t, k, _) in &batch.ops {
+                    if t == DEVICES {
+                        s.remove(k);
+                    }
+                }
+            }
+        }
+        let s = self.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let _g = s
+                .inner
+                .commit_lock
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if s.inner.needs_reopen.load(Ordering::Relaxed) || s.inner.shared.engine().is_none() {
+                s.reopen()?;
+            }
+            s.engine()?.commit(&batch, true)
+        })
+        .await
+        .unwrap_or(Err(StoreError::Unavailable));
+        if let Err(e) = &r {
+            self.inner.needs_reopen.store(true, Ordering::Relaxed);
+            self.note_failure(&e.to_string(), true);
+        }
+        r
+    }
+
+    /// Commit everything and fsync (graceful stop). Records that still cannot be written are
+    /// lost with the process: counted `write_failed`.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let r = self.commit().await.map(|_| ());
+        if r.is_err() {
+            for q in self.queues() {
+                q.shed_unsaved(0);
+            }
+        }
+        r
+    }
+
+    /// Disk-side health, for `/health` and `/metrics`.
+    pub fn health(&self) -> StoreHealth {
+        let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        StoreHealth {
+            backend: self.inner.cfg.backend.name(),
+            writable: h.failed.is_none(),
+            last_error: h.failed.clone(),
+            write_failures: h.failures,
+            commits: h.commits,
+            unsaved_bytes: self.inner.shared.unsaved_bytes.load(Ordering::Relaxed),
+            queued_bytes: self.total_bytes(),
+            size_on_disk: self.size_on_disk(),
+        }
+    }
+}

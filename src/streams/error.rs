@@ -1,0 +1,80 @@
+//! Typed errors of the streams: [`SetupError`] when a stream cannot be built from its
+//! configuration (TLS files, keys, HTTP client), [`SessionError`] when a session (one
+//! connection, or one run of HTTP deliveries) ends badly. A session error carries a hint for
+//! the operator where the cause is usually the same (credentials, a plain port, the clock).
+
+use super::tls::TlsError;
+use crate::store::StoreError;
+use std::time::Duration;
+
+/// A stream that cannot be started: the daemon refuses to start with its name and this.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{what}: {reason}")]
+    Key { what: &'static str, reason: String },
+    #[error("headers: {0:?} is not a valid HTTP header")]
+    Header(String),
+    #[error("HTTP client: {0}")]
+    HttpClient(String),
+}
+
+/// How a session ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    Mqtt(#[from] rumqttc::ConnectionError),
+    #[error("the server refused the connection ({0:?})")]
+    Refused(rumqttc::ConnectReturnCode),
+    #[error("no CONNACK within {0:?}")]
+    ConnectTimeout(Duration),
+    #[error("the MQTT client's request queue closed")]
+    ClientClosed,
+    /// An HTTP exchange that failed: status and server text, or the transport's error chain.
+    #[error("{0}")]
+    Http(String),
+    /// The server refused a batch and `on_client_error = "retry"` keeps it.
+    #[error("refused with {status}: {detail}")]
+    HttpRefused { status: u16, detail: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the queue cannot be read: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl SessionError {
+    /// From rumqttc: a refused CONNACK becomes [`SessionError::Refused`].
+    pub fn from_mqtt(e: rumqttc::ConnectionError) -> SessionError {
+        match e {
+            rumqttc::ConnectionError::ConnectionRefused(code) => SessionError::Refused(code),
+            e => SessionError::Mqtt(e),
+        }
+    }
+
+    /// What to check, where the cause is usually the same.
+    pub fn hint(&self) -> Option<&'static str> {
+        use rumqttc::ConnectReturnCode as C;
+        match self {
+            SessionError::Refused(C::BadUserNamePassword | C::NotAuthorized) => {
+                Some("check username/password (or the client certificate) and the broker's ACL")
+            }
+            SessionError::Refused(C::BadClientId) => {
+                Some("the broker refuses the client id; set client_id")
+            }
+            SessionError::Mqtt(rumqttc::ConnectionError::Tls(_)) => Some(
+                "TLS failed: is this a TLS port, is the server's certificate trusted (ca_file), is the clock right?",
+            ),
+            SessionError::Mqtt(rumqttc::ConnectionError::MqttState(
+                rumqttc::StateError::Deserialization(_),
+            )) => Some("the server does not speak MQTT here: is this a TLS port (use mqtts://)?"),
+            SessionError::HttpRefused { status: 401 | 403, .. } => {
+                Some("the server refuses the credentials: check headers (API key, token)")
+            }
+            SessionError::HttpRefused { .. } => Some(
+                "fix the server or its credentials, or set on_client_error = \"drop\"",
+            ),
+            _ => None,
+        }
+    }
+}

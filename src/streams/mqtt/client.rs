@@ -1,0 +1,234 @@
+//! What every MQTT-based stream (`mqtt`, `aws-iot`, `azure-iot-hub`) does the same way with
+//! rumqttc: where to connect ([`endpoint`]), waiting for CONNACK, matching QoS 1 publishes to
+//! their PUBACKs ([`Inflight`]), taking cloud messages in order ([`Intake`]), and a polite
+//! disconnect.
+//!
+//! PUBACK matching (crate-notes, "rumqttc 0.25"): rumqttc does not return the packet id of a
+//! publish. Each publish goes into rumqttc's request channel and onto [`Inflight`]'s FIFO of
+//! record sequence numbers in the same step, so both have the same order; when the event loop
+//! reports `Outgoing::Publish(pkid)` the FIFO's head is that publish, and `Incoming::PubAck(pkid)`
+//! then names the record to remove from the store. Publishes that are not queue records
+//! (status, events, twin/shadow) carry `None`.
+
+use crate::config::{ServerUrl, Transport as Scheme};
+use crate::downlink::DownlinkHandle;
+use crate::model::DownlinkRequest;
+use crate::streams::error::SessionError;
+use crate::streams::tls::TlsError;
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS, Transport};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// QoS 1 publishes in flight, in rumqttc's order.
+#[derive(Default)]
+pub(crate) struct Inflight {
+    /// Handed to rumqttc, not yet written to the socket.
+    fifo: VecDeque<Option<u64>>,
+    /// Written, waiting for PUBACK.
+    by_pkid: HashMap<u16, Option<u64>>,
+}
+
+impl Inflight {
+    /// Queue a QoS 1 publish and its FIFO entry together. False when rumqttc's request channel
+    /// is full or closed (the connection is going away).
+    pub fn publish(
+        &mut self,
+        client: &AsyncClient,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        seq: Option<u64>,
+    ) -> bool {
+        match client.try_publish(topic, QoS::AtLeastOnce, retain, payload) {
+            Ok(()) => {
+                self.fifo.push_back(seq);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// rumqttc wrote the publish with this packet id.
+    pub fn written(&mut self, pkid: u16) {
+        let seq = self.fifo.pop_front().flatten();
+        self.by_pkid.insert(pkid, seq);
+    }
+
+    /// A PUBACK: `Some(seq)` when it acknowledged a queue record, `None` otherwise.
+    pub fn acked(&mut self, pkid: u16) -> Option<u64> {
+        self.by_pkid.remove(&pkid).flatten()
+    }
+
+    /// Publishes not yet acknowledged (records and others).
+    pub fn len(&self) -> usize {
+        self.fifo.len() + self.by_pkid.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where an MQTT client connects, in rumqttc's terms.
+pub(crate) struct Endpoint {
+    /// Host name, or the whole URL for WebSocket transports (rumqttc wants it so).
+    pub host: String,
+    pub port: u16,
+    pub transport: Transport,
+}
+
+/// rumqttc's host, port and transport for a server. `tls` builds the TLS configuration when
+/// the scheme needs one.
+pub(crate) fn endpoint(
+    server: &ServerUrl,
+    tls: impl Fn() -> Result<Arc<rustls::ClientConfig>, TlsError>,
+) -> Result<Endpoint, TlsError> {
+    let rustls = |c| rumqttc::TlsConfiguration::Rustls(c);
+    let host = server.host().to_string();
+    let port = server.port();
+    Ok(match server.transport() {
+        Scheme::Tcp => Endpoint {
+            host,
+            port,
+            transport: Transport::Tcp,
+        },
+        Scheme::Tls => Endpoint {
+            host,
+            port,
+            transport: Transport::Tls(rustls(tls()?)),
+        },
+        // rumqttc wants the whole URL as the "host" for WebSocket transports.
+        Scheme::Ws => Endpoint {
+            host: server.url().to_string(),
+            port,
+            transport: Transport::Ws,
+        },
+        Scheme::Wss => Endpoint {
+            host: server.url().to_string(),
+            port,
+            transport: Transport::Wss(rustls(tls()?)),
+        },
+    })
+}
+
+/// Poll until CONNACK, for at most `timeout`. `Ok(false)` when `cancel` fired first.
+pub(crate) async fn until_connack(
+    eventloop: &mut EventLoop,
+    cancel: &CancellationToken,
+    timeout: Duration,
+) -> Result<bool, SessionError> {
+    let wait = async {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(false),
+                ev = eventloop.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(true),
+                    Ok(_) => {}
+                    Err(e) => return Err(SessionError::from_mqtt(e)),
+                },
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .unwrap_or(Err(SessionError::ConnectTimeout(timeout)))
+}
+
+/// Disconnect politely and let the event loop write what is queued (bounded).
+pub(crate) async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// Cloud messages waiting for the scheduler at most, per connection. Beyond it a message is
+/// left unacknowledged (the broker, or IoT Hub, delivers it again).
+const INTAKE_QUEUE: usize = 256;
+
+/// Incoming PUBLISHes of one connection, handled one at a time in arrival order: each downlink
+/// request goes to the scheduler ([`DownlinkHandle::submit`]) and the message is acknowledged
+/// to the broker only once the request is stored or refused. MQTT 3.1.1 §4.6 wants PUBACKs in
+/// the order the PUBLISHes came; doing one at a time also keeps a `replace` followed by a
+/// `push` in that order in the device's queue.
+pub(crate) struct Intake {
+    tx: mpsc::Sender<(Option<DownlinkRequest>, Publish)>,
+    unacked: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Intake {
+    /// Start taking messages for the connection of `client`.
+    pub fn start(client: AsyncClient, downlinks: Option<DownlinkHandle>) -> Intake {
+        let (tx, mut rx) = mpsc::channel::<(Option<DownlinkRequest>, Publish)>(INTAKE_QUEUE);
+        let unacked = Arc::new(AtomicUsize::new(0));
+        let count = unacked.clone();
+        let task = tokio::spawn(async move {
+            while let Some((req, p)) = rx.recv().await {
+                if let (Some(req), Some(h)) = (req, &downlinks) {
+                    if h.submit(req).await.is_err() {
+                        // The scheduler stopped (the daemon is stopping): leave the message
+                        // unacknowledged so that it is delivered again.
+                        return;
+                    }
+                }
+                let acked = client.ack(&p).await;
+                count.fetch_sub(1, Ordering::SeqCst);
+                if acked.is_err() {
+                    return;
+                }
+            }
+        });
+        Intake { tx, unacked, task }
+    }
+
+    /// Hand over a message (with the downlink request it carries, if any). False when too
+    /// many wait: the message stays unacknowledged.
+    pub fn push(&self, req: Option<DownlinkRequest>, p: Publish) -> bool {
+        self.unacked.fetch_add(1, Ordering::SeqCst);
+        if self.tx.try_send((req, p)).is_err() {
+            self.unacked.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// Every message handed over has been acknowledged.
+    pub fn settled(&self) -> bool {
+        self.unacked.load(Ordering::SeqCst) == 0
+    }
+}
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_endpoints_keep_the_url_for_rumqttc_but_print_without_secrets() {
+        let no_tls = || Err(TlsError::NoRoots);
+        let s = ServerUrl::parse("ws://gw:hunter2@broker.example:8080/mqtt?sig=S3CRET").unwrap();
+        let e = endpoint(&s, no_tls).unwrap();
+        assert_eq!(
+            e.host,
+            "ws://gw:hunter2@broker.example:8080/mqtt?sig=S3CRET"
+        );
+        assert_eq!(e.port, 8080);
+        assert_eq!(s.to_string(), "ws://broker.example:8080/mqtt?***");
+        let s = ServerUrl::parse("mqtt://broker.example").unwrap();
+        let e = endpoint(&s, no_tls).unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("broker.example", 1883));
+        let err = ServerUrl::parse("bogus://u:pw@x/?k=SECRET").err().unwrap();
+        assert!(!err.contains("SECRET") && !err.contains("pw@"), "{err}");
+    }
+}
