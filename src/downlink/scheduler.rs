@@ -376,20 +376,17 @@ impl Scheduler {
         // A confirmed downlink in flight: this uplink acknowledges it, or not.
         if let Some((key, item)) = self.awaiting_ack.remove(&u.device) {
             let attempts = self.attempts.get(&key).copied().unwrap_or(1);
-            if u.ack {
-                self.emit(
-                    u.device,
-                    DownlinkEventKind::Ack,
-                    Some(&item),
-                    &item.stream,
-                    serde_json::json!({ "attempts": attempts }),
-                );
-                self.attempts.remove(&key);
-                let _ = self.store.downlink_remove(&key).await;
+            let end = if u.ack {
+                Some(DownlinkEventKind::Ack)
             } else if attempts >= MAX_CONFIRMED_ATTEMPTS {
+                Some(DownlinkEventKind::Nack)
+            } else {
+                None
+            };
+            if let Some(kind) = end {
                 self.emit(
                     u.device,
-                    DownlinkEventKind::Nack,
+                    kind,
                     Some(&item),
                     &item.stream,
                     serde_json::json!({ "attempts": attempts }),

@@ -128,17 +128,7 @@ mod tests {
     use super::*;
     use Region::*;
 
-    fn up(f: u32, sf: u8, bw: u32) -> TxSettings {
-        TxSettings {
-            frequency_hz: f,
-            spreading_factor: sf,
-            bandwidth_hz: bw,
-            coding_rate: "4/5".into(),
-        }
-    }
-
-    /// Data rate tables, typed from RP002-1.0.3 ("Data Rate and End-device Output Power
-    /// encoding" of each region); `None` where the DR is FSK, LR-FHSS or RFU.
+    use crate::sim::fixtures::tx as up;
 
     #[test]
     fn rx2_windows_per_region() {

@@ -5,10 +5,15 @@ use crate::model::{DevAddr, Eui64, Record, RxInfo, TxSettings, Uplink};
 
 /// EU868 868.1 MHz, SF7, 125 kHz, 4/5.
 pub fn settings() -> TxSettings {
+    tx(868_100_000, 7, 125_000)
+}
+
+/// A LoRa reception at `frequency_hz`, spreading factor `sf`, bandwidth `bw_hz`, 4/5.
+pub fn tx(frequency_hz: u32, sf: u8, bw_hz: u32) -> TxSettings {
     TxSettings {
-        frequency_hz: 868_100_000,
-        spreading_factor: 7,
-        bandwidth_hz: 125_000,
+        frequency_hz,
+        spreading_factor: sf,
+        bandwidth_hz: bw_hz,
         coding_rate: "4/5".into(),
     }
 }
