@@ -69,7 +69,11 @@ async fn join_nonce(f: &Forwarder, fwd_send: &mut Forwarder, nonce: u16) -> (Sim
     assert_eq!(ja.dev_addr.0 >> 25, 0, "NwkID of NetID 000000");
     assert_eq!(ja.rx_delay, 1);
     assert_eq!(ja.rx2_dr, 0);
-    assert_eq!(ja.cf_list, Some(otaa::eu868_cf_list()), "EU868 CFList");
+    assert_eq!(
+        ja.cf_list,
+        lorastream::lorawan::region::join_cf_list(lorastream::config::Region::EU868, None),
+        "EU868 CFList"
+    );
     f.tx_ack(pr.token, None).await.unwrap();
     let (nwk_s_key, app_s_key) = otaa::derive_session_keys(&key, ja.app_nonce, ja.net_id, nonce);
     (

@@ -96,7 +96,7 @@ fn datagrams_and_frames_never_panic() {
         if let lorastream::lorawan::session::Verdict::Accepted { .. } = reg.open_uplink(&f) {
             accepted += 1;
         }
-        let _ = lorastream::lorawan::mac::parse_uplink(&f);
+        let _ = lorastream::lorawan::mac::parse_uplink_raw(&f);
         let _ = lorastream::ingress::gwmp::tx_ack_result(&m);
         let _ = reg.open_join_request(&f);
         let _ = lorastream::lorawan::otaa::parse_join_request(&m);

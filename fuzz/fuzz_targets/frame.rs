@@ -10,4 +10,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = frame::decrypt(data, &k, &k, 0);
     let _ = frame::open_downlink(data, &k, &k, 0);
     let _ = mac::parse_uplink(data);
+    let _ = mac::parse_downlink(data);
 });

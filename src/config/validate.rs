@@ -7,8 +7,8 @@ use super::devices::DeviceConfig;
 use super::locate::Source;
 use super::streams::{azure_device_id, azure_device_id_error};
 use super::{
-    ApplicationConfig, AzureIdentity, ConfigError, GatewayConfig, LogConfig, Region, Scope,
-    StorageConfig, StreamConfig, StreamKind,
+    ApplicationConfig, AzureIdentity, ConfigError, GatewayConfig, LogConfig, Scope, StorageConfig,
+    StreamConfig, StreamKind,
 };
 use std::collections::HashSet;
 use std::ops::Range;
@@ -22,18 +22,21 @@ pub(super) fn sections(
 ) -> Result<(), ConfigError> {
     let gw = |key, message: String| src.section_error("[gateway]", key, message);
     if let Some(dr) = g.rx2_dr {
-        if !g.region.downlink_drs().contains(&dr) {
+        let drs = g.region.downlink_drs();
+        if !drs.contains(&dr) {
             return Err(gw(
                 "rx2_dr",
                 format!(
-                    "DR{dr} is not a downlink data rate of {:?} (EU868/AS923: 0..6, US915/AU915: 8..13)",
-                    g.region
+                    "DR{dr} is not a downlink data rate of {} (DR{}..DR{})",
+                    g.region,
+                    drs.start(),
+                    drs.end()
                 ),
             ));
         }
     }
     if let Some(sb) = g.sub_band {
-        if !matches!(g.region, Region::US915 | Region::AU915) || !(1..=8).contains(&sb) {
+        if !g.region.has_fixed_channels() || !(1..=8).contains(&sb) {
             return Err(gw(
                 "sub_band",
                 format!(

@@ -137,7 +137,7 @@ mod tests {
             (US915, 923_300_000, 8, 12, 500_000, 53, 26),
             (AU915, 923_300_000, 8, 12, 500_000, 53, 30),
             // AS923 RX2 is DR2; with the boot dwell time (400 ms) it carries 11 bytes.
-            (AS923, 923_200_000, 2, 10, 125_000, 11, 16),
+            (AS923_1, 923_200_000, 2, 10, 125_000, 11, 16),
         ] {
             let w = RxPlan::new(region, None).rx2(None).unwrap();
             assert_eq!(
@@ -178,7 +178,7 @@ mod tests {
         );
         // AS923 at DR5 (dwell on): same channel, DR5, 242 bytes; at DR0 the device has no
         // dwell time, so RX1 is DR0 with 51 bytes and RX2 DR2 carries 51 bytes.
-        let p = RxPlan::new(AS923, None);
+        let p = RxPlan::new(AS923_1, None);
         let w = p.rx1(&up(923_400_000, 7, 125_000)).unwrap();
         assert_eq!((w.freq_hz, w.dr, w.max_payload), (923_400_000, 5, 242));
         let slow = up(923_200_000, 12, 125_000);

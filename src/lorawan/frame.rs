@@ -232,12 +232,7 @@ pub struct DataFrame<'a> {
     pub mac: &'a [MacCmd],
 }
 
-/// One MAC command: CID and payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MacCmd {
-    pub cid: u8,
-    pub payload: Vec<u8>,
-}
+pub use super::mac::MacCmd;
 
 impl lorawan::maccommands::SerializableMacCommand for MacCmd {
     fn payload_bytes(&self) -> &[u8] {

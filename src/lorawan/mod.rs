@@ -3,11 +3,13 @@
 //!
 //! - [`frame`]: header peek, MIC, FRMPayload encryption, frame building;
 //! - [`fcnt`]: 16→32-bit frame-counter reconstruction and replay classification;
+//! - [`adr`]: the network's adaptive data rate (per-device state and decisions);
 //! - [`dedup`]: the deduplication window that merges receptions of one frame;
 //! - [`region`]: regional parameters (RP002): data rates, RX windows, payload sizes, power;
 //! - [`session`]: device sessions looked up by DevAddr and the uplink decision (MIC decides
 //!   between devices sharing a DevAddr).
 
+pub mod adr;
 pub mod dedup;
 pub mod fcnt;
 pub mod frame;

@@ -180,41 +180,6 @@ pub fn decode_join_accept(phy: &[u8], app_key: &AesKey) -> Result<(JoinAccept, b
     ))
 }
 
-/// EU868 CFList (type 0): the five extra channels commonly used, 867.1 to 867.9 MHz
-/// (frequencies in units of 100 Hz, 24-bit LSB first, then CFListType 0).
-pub fn eu868_cf_list() -> [u8; 16] {
-    let mut c = [0u8; 16];
-    for (i, f) in [
-        867_100_000u32,
-        867_300_000,
-        867_500_000,
-        867_700_000,
-        867_900_000,
-    ]
-    .iter()
-    .enumerate()
-    {
-        c[i * 3..i * 3 + 3].copy_from_slice(&(f / 100).to_le_bytes()[..3]);
-    }
-    c
-}
-
-/// US902-928 / AU915-928 CFList (CFListType 1, RP002-1.0.3 "JoinAccept CFList" of both
-/// regions): ChMask0..ChMask4 (16 bits each, LSB first; bit n of ChMaskk = channel 16k + n),
-/// 5 RFU bytes, then CFListType. Enables the eight 125 kHz channels of `sub_band` (1..8, channels
-/// 8·(sub_band−1) .. +7) and the 500 kHz channel 64 + (sub_band−1), nothing else.
-pub fn channel_mask_cf_list(sub_band: u8) -> Option<[u8; 16]> {
-    if !(1..=8).contains(&sub_band) {
-        return None;
-    }
-    let sb = usize::from(sub_band - 1);
-    let mut c = [0u8; 16];
-    c[sb] = 0xFF; // channels 8·sb .. 8·sb+7 are byte sb of ChMask0..3
-    c[8] = 1 << sb; // ChMask4, channels 64..71
-    c[15] = 1; // CFListType: channel mask
-    Some(c)
-}
-
 /// Whether a JoinRequest's DevNonce may be used, given the DevNonces already used by the device
 /// (oldest first). LoRaWAN 1.0.0–1.0.3 §6.2.4: DevNonce is random and the network "keeps track
 /// of a certain number of DevNonce values used by the end-device in the past, and ignores join
@@ -312,7 +277,11 @@ mod tests {
         assert_eq!((ja.rx1_dr_offset, ja.rx2_dr), (1, 2));
         // 867.1 .. 867.9 MHz, as the crate's test says.
         let cf = ja.cf_list.unwrap();
-        assert_eq!(&cf[..15], &eu868_cf_list()[..15]);
+        assert_eq!(
+            &cf[..15],
+            &crate::lorawan::region::join_cf_list(crate::lorawan::region::Region::EU868, None)
+                .unwrap()[..15]
+        );
         assert_eq!(
             encode_join_accept(&ja, &key),
             JOIN_ACCEPT_CFLIST_KEY1.to_vec()
@@ -345,7 +314,7 @@ mod tests {
         assert_eq!(ja.cf_list.map(|c| c.to_vec()), Some(cf));
         assert_eq!(
             ja.cf_list,
-            Some(eu868_cf_list()),
+            crate::lorawan::region::join_cf_list(crate::lorawan::region::Region::EU868, None),
             "867.1..867.9 MHz, type 0"
         );
         // The network side produces TTN's bytes exactly (MIC and encryption over the CFList).
@@ -358,19 +327,6 @@ mod tests {
             ja.dev_addr,
             "TTN's NwkID 0x13"
         );
-    }
-
-    #[test]
-    fn us915_channel_mask_cf_list() {
-        // Sub-band 2: channels 8..15 and 65.
-        let c = channel_mask_cf_list(2).unwrap();
-        assert_eq!(
-            c,
-            [0x00, 0xFF, 0, 0, 0, 0, 0, 0, 0x02, 0, 0, 0, 0, 0, 0, 0x01]
-        );
-        let c = channel_mask_cf_list(8).unwrap();
-        assert_eq!((c[7], c[8], c[15]), (0xFF, 0x80, 1));
-        assert!(channel_mask_cf_list(0).is_none() && channel_mask_cf_list(9).is_none());
     }
 
     #[test]

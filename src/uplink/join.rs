@@ -3,7 +3,6 @@
 //! handed to the downlink scheduler; a `join` record tells the streams.
 
 use super::{JoinCandidate, UplinkStage};
-use crate::config::Region;
 use crate::downlink::{window, JoinAcceptJob};
 use crate::lorawan::otaa;
 use crate::lorawan::session::{Session, SessionState};
@@ -22,15 +21,10 @@ pub struct JoinSettings {
 }
 
 impl JoinSettings {
-    /// The CFList of a JoinAccept: EU868's five extra channels (type 0); US915/AU915 the
-    /// configured sub-band (type 1) or none; none for AS923 (optional there, and which extra
-    /// channels a gateway has is not known).
+    /// The CFList of a JoinAccept (`lorawan::region::join_cf_list`): the region's extra
+    /// channels, or for US915/AU915 the configured sub-band's channel mask.
     pub fn cf_list(&self) -> Option<[u8; 16]> {
-        match self.plan.region {
-            Region::EU868 => Some(otaa::eu868_cf_list()),
-            Region::US915 | Region::AU915 => self.sub_band.and_then(otaa::channel_mask_cf_list),
-            Region::AS923 => None,
-        }
+        crate::lorawan::region::join_cf_list(self.plan.region, self.sub_band)
     }
 }
 

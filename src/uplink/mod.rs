@@ -243,7 +243,7 @@ impl UplinkStage {
                 if opened.f_port == Some(0) {
                     mac_bytes.extend_from_slice(&opened.frm_payload);
                 }
-                let (mac, unknown) = mac::parse_uplink(&mac_bytes);
+                let (mac, unknown) = mac::parse_uplink_raw(&mac_bytes);
                 if let Some(cid) = unknown {
                     tracing::debug!(device = %d.id, cid, "unknown MAC command; the rest of the MAC payload is ignored");
                 }
