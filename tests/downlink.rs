@@ -130,8 +130,13 @@ impl Rig {
         self.fwd.send_raw(&v).await.unwrap();
     }
 
+    /// The next PULL_RESP, checked as the reference forwarder would read it: no `null`
+    /// member, LoRa's 8-symbol preamble.
     async fn pull_resp(&self) -> PullResp {
-        self.fwd.pull_resp(T).await.expect("no PULL_RESP")
+        let pr = self.fwd.pull_resp(T).await.expect("no PULL_RESP");
+        assert!(!pr.json.contains("null"), "{}", pr.json);
+        assert_eq!(pr.preamble(), 8, "{}", pr.json);
+        pr
     }
 }
 

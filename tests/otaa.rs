@@ -328,6 +328,8 @@ async fn us915_join_with_sub_band_cf_list_then_uplink_and_downlink() {
         .await
         .unwrap();
     let pr = f.pull_resp(T).await.expect("JoinAccept");
+    assert!(!pr.json.contains("null"), "{}", pr.json);
+    assert_eq!(pr.preamble(), 8, "{}", pr.json);
     assert_eq!(pr.txpk["tmst"], 25_000_000);
     assert_eq!(pr.txpk["freq"], 923.9);
     assert_eq!(pr.txpk["datr"], "SF10BW500");

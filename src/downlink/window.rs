@@ -117,7 +117,9 @@ pub fn txpk(w: &Window, tmst: Option<u32>, phy: &[u8]) -> TxPk {
         // Downlinks use inverted I/Q polarity so devices do not hear each other, and carry no
         // PHY payload CRC (LoRaWAN 1.0.x §4, "LoRa PHY layer").
         ipol: true,
-        prea: None,
+        // LoRa's standard preamble, said explicitly: the reference forwarder reads a `null`
+        // (what `None` serializes to) as 0 and transmits its minimum of 6 symbols.
+        prea: Some(8),
         data: PhyData::new(phy.to_vec()),
         ncrc: Some(true),
     }
@@ -216,5 +218,62 @@ mod tests {
         let v = serde_json::to_value(txpk(&w, Some(1), &[1])).unwrap();
         assert_eq!(v["datr"], "SF12BW500");
         assert_eq!(v["freq"], 923.3);
+    }
+
+    /// Every kind of PULL_RESP, as bytes on the wire: no member is `null` (the reference
+    /// forwarder reads a null number as 0), the preamble is LoRa's 8, and the fields
+    /// `lora_pkt_fwd` requires for a LoRa transmission are there with the right types.
+    #[test]
+    fn pull_resp_bytes_have_no_null_and_an_8_symbol_preamble() {
+        use crate::ingress::gwmp;
+        let eu = RxPlan::new(EU868, None);
+        let up = up(868_300_000, 9, 125_000);
+        let join = RxPlan::new(EU868, None);
+        let cases = [
+            ("class A, RX1", eu.rx1(&up).unwrap(), Some(1_000_000u32)),
+            ("class A, RX2", eu.rx2(Some(&up)).unwrap(), Some(2_000_000)),
+            ("class C (immediately)", eu.rx2(Some(&up)).unwrap(), None),
+            ("JoinAccept, RX1", join.rx1(&up).unwrap(), Some(5_000_000)),
+            (
+                "US915 RX1, 500 kHz",
+                RxPlan::new(US915, None).rx1(&fixtures_us915()).unwrap(),
+                Some(1_000_000),
+            ),
+        ];
+        for (what, w, tmst) in cases {
+            let bytes = gwmp::pull_resp(2, 0xBEEF, txpk(&w, tmst, &[0x60, 1, 2, 3])).unwrap();
+            assert_eq!(&bytes[..4], &[2, 0xBE, 0xEF, gwmp::PULL_RESP], "{what}");
+            let text = std::str::from_utf8(&bytes[4..]).unwrap();
+            assert!(!text.contains("null"), "{what}: {text}");
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            let t = &v["txpk"];
+            assert_eq!(t["prea"], 8, "{what}: {text}");
+            assert_eq!(t["modu"], "LORA", "{what}");
+            assert_eq!(t["codr"], "4/5", "{what}");
+            assert_eq!(t["ipol"], true, "{what}");
+            assert_eq!(t["size"], 4, "{what}");
+            assert!(
+                t["freq"].is_f64() && t["powe"].is_u64() && t["rfch"].is_u64(),
+                "{what}"
+            );
+            assert!(
+                t["datr"].as_str().is_some_and(|d| d.starts_with("SF")),
+                "{what}"
+            );
+            match tmst {
+                Some(ts) => {
+                    assert_eq!(t["tmst"], ts, "{what}");
+                    assert_eq!(t["imme"], false, "{what}");
+                }
+                None => {
+                    assert_eq!(t["imme"], true, "{what}");
+                    assert!(t.get("tmst").is_none(), "{what}");
+                }
+            }
+        }
+    }
+
+    fn fixtures_us915() -> TxSettings {
+        up(904_100_000, 10, 125_000)
     }
 }

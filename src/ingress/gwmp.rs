@@ -30,6 +30,9 @@ pub enum GwmpError {
     Identifier(u8),
     #[error("invalid JSON: {0}")]
     Json(String),
+    /// A PULL_RESP we would send is not right for the reference forwarder (a bug of ours).
+    #[error("PULL_RESP not sent: {0}")]
+    Encode(String),
 }
 
 impl GwmpError {
@@ -40,6 +43,7 @@ impl GwmpError {
             GwmpError::Version(_) => "bad_version",
             GwmpError::Identifier(_) => "bad_identifier",
             GwmpError::Json(_) => "bad_json",
+            GwmpError::Encode(_) => "encode",
         }
     }
 }
@@ -110,6 +114,32 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, GwmpError> {
             body,
         },
     })
+}
+
+/// A PULL_RESP datagram: version, token, identifier, then `{"txpk":{...}}`.
+///
+/// The reference packet forwarder (`lora_pkt_fwd`, parson) reads a present-but-`null` number
+/// as 0 — a `"prea":null` becomes the minimum 6-symbol preamble instead of LoRa's 8 — so a
+/// `txpk` with a `null` anywhere is refused here rather than sent.
+pub fn pull_resp(
+    version: u8,
+    token: u16,
+    txpk: semtech_udp::pull_resp::TxPk,
+) -> Result<Vec<u8>, GwmpError> {
+    let body = serde_json::to_vec(&serde_json::json!({ "txpk": txpk }))
+        .map_err(|e| GwmpError::Encode(e.to_string()))?;
+    // Base64 `data` has no ':', so this only matches a JSON member set to null.
+    if body.windows(5).any(|w| w == b":null") {
+        return Err(GwmpError::Encode(format!(
+            "a txpk field is null: {}",
+            String::from_utf8_lossy(&body)
+        )));
+    }
+    let t = token.to_be_bytes();
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&[version, t[0], t[1], PULL_RESP]);
+    out.extend_from_slice(&body);
+    Ok(out)
 }
 
 /// PUSH_ACK / PULL_ACK: version, token, identifier.

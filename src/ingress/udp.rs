@@ -121,7 +121,7 @@ pub(crate) enum SendError {
     #[error("gateway {0} has not sent PULL_DATA yet: no downlink path")]
     NoRoute(Eui64),
     #[error("cannot encode PULL_RESP: {0}")]
-    Encode(String),
+    Encode(#[from] gwmp::GwmpError),
     #[error("UDP send failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -149,7 +149,6 @@ impl Downlinker {
         gateway: Eui64,
         txpk: semtech_udp::pull_resp::TxPk,
     ) -> Result<u16, SendError> {
-        use semtech_udp::SerializablePacket;
         let g = self
             .gateways
             .get(&gateway)
@@ -159,17 +158,9 @@ impl Downlinker {
             .token
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .wrapping_add(1);
-        let pkt = semtech_udp::pull_resp::Packet {
-            random_token: token,
-            data: semtech_udp::pull_resp::Data::from_txpk(txpk),
-        };
-        let mut buf = vec![0u8; 2048];
-        let n = pkt
-            .serialize(&mut buf)
-            .map_err(|e| SendError::Encode(e.to_string()))? as usize;
         // Answer in the protocol version the forwarder speaks.
-        buf[0] = g.version;
-        self.socket.send_to(&buf[..n], addr).await?;
+        let buf = gwmp::pull_resp(g.version, token, txpk)?;
+        self.socket.send_to(&buf, addr).await?;
         Ok(token)
     }
 }

@@ -82,6 +82,20 @@ pub struct PullResp {
     pub txpk: serde_json::Value,
     /// The PHYPayload to transmit.
     pub phy: Vec<u8>,
+    /// The JSON text as sent.
+    pub json: String,
+}
+
+impl PullResp {
+    /// The preamble the reference packet forwarder (`lora_pkt_fwd`) would transmit: 8 when
+    /// `prea` is absent (STD_LORA_PREAMB), else the number read with parson, where a `null`
+    /// reads as 0, raised to its minimum of 6 (MIN_LORA_PREAMB).
+    pub fn preamble(&self) -> u64 {
+        match self.txpk.get("prea") {
+            None => 8,
+            Some(v) => v.as_u64().unwrap_or(0).max(6),
+        }
+    }
 }
 
 /// Parse a PULL_RESP datagram (None for anything else, e.g. ACKs).
@@ -91,12 +105,18 @@ pub fn parse_pull_resp(b: &[u8]) -> Option<PullResp> {
         return None;
     }
     let token = u16::from_be_bytes([b[1], b[2]]);
-    let v: serde_json::Value = serde_json::from_slice(&b[4..]).ok()?;
+    let json = String::from_utf8(b[4..].to_vec()).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&json).ok()?;
     let txpk = v.get("txpk")?.clone();
     let phy = base64::engine::general_purpose::STANDARD
         .decode(txpk["data"].as_str()?)
         .ok()?;
-    Some(PullResp { token, txpk, phy })
+    Some(PullResp {
+        token,
+        txpk,
+        phy,
+        json,
+    })
 }
 
 /// Radio metadata of a simulated reception.
