@@ -294,6 +294,9 @@ pub fn demo_config(store: &Path) -> anyhow::Result<Config> {
 [gateway]
 listen = "127.0.0.1:0"
 eui = "AA555A0000000000"
+# The demo devices keep the three default channels: no NewChannelReq downlinks beside the
+# one the demo queues.
+extra_channels = []
 
 [storage]
 path = {path:?}
@@ -394,6 +397,7 @@ async fn demo(count: Option<u64>) -> anyhow::Result<()> {
                         br#"{"downlinks":[{"f_port":2,"frm_payload":"T04="}]}"#,
                         "console",
                     ),
+                    names: None,
                 })
                 .await;
         }
@@ -463,6 +467,7 @@ async fn simulate(
                 nwk_s_key: *nwk_s_key,
                 app_s_key: *app_s_key,
                 f_cnt: fcnt_start,
+                adr: false,
             }),
             crate::config::Activation::Otaa { .. } => None,
         })

@@ -5,10 +5,17 @@
 //! [`crate::lorawan::session`]; this is where the config and the store meet it.
 
 use crate::config::{Activation, Config};
+use crate::lorawan::mac_state::{self, MacState, Policy, RxSettings};
 use crate::lorawan::session::{Device, Registry, Session, SessionState};
 use crate::store::{OtaaSession, Store, StoreError};
+use std::time::Duration;
 
-/// The registry for `cfg`'s devices, with their stored OTAA sessions and counters.
+/// A network command not answered after this many downlinks is given up.
+const MAC_MAX_ATTEMPTS: u8 = 3;
+/// ADR decides once the history holds this many uplinks.
+const ADR_MIN_HISTORY: usize = 10;
+
+/// The registry for `cfg`'s devices, with their stored OTAA sessions, counters and MAC state.
 pub fn registry(cfg: &Config, store: &Store) -> Result<Registry, StoreError> {
     let mut registry = from_config(cfg);
     restore_otaa(&mut registry, store)?;
@@ -17,11 +24,59 @@ pub fn registry(cfg: &Config, store: &Store) -> Result<Registry, StoreError> {
             registry.restore(idx, st);
         }
     }
+    for (eui, bytes) in store.load_mac_states()? {
+        let Some(idx) = registry.devices().iter().position(|d| d.dev_eui == eui) else {
+            continue;
+        };
+        match mac_state::stored::decode(&bytes) {
+            Some(m) => registry.device_mut(idx).mac = m,
+            None => {
+                tracing::warn!(dev_eui = %eui, "the stored MAC state of a device cannot be read (written by a newer version?); starting from its defaults")
+            }
+        }
+    }
     Ok(registry)
 }
 
+/// What the network wants of every device's MAC layer (`adr` is the gateway's; the uplink
+/// stage also asks the device's own `adr`).
+pub fn mac_policy(cfg: &Config) -> Policy {
+    let g = &cfg.gateway;
+    let plan = crate::downlink::window::RxPlan::new(g.region, g.rx2_dr);
+    let (channels, extra_channels) =
+        Policy::channels_for(g.region, g.sub_band, &g.extra_channels_hz());
+    Policy {
+        region: g.region,
+        adr: g.adr,
+        margin_db: g.adr_margin_db,
+        adr_min_history: ADR_MIN_HISTORY,
+        // AS923 devices boot with the 400 ms dwell time on (RP002-1.0.4 AS923), and
+        // lorastream never lifts it (no TxParamSetupReq): ADR keeps to the data rates it allows.
+        uplink_dwell: g.region.is_as923(),
+        rx: RxSettings {
+            rx1_dr_offset: plan.rx1_dr_offset,
+            rx2_dr: plan.rx2_dr,
+            rx2_freq_hz: plan.rx2_freq_hz,
+            rx_delay: 1,
+        },
+        channels,
+        extra_channels,
+        dev_status_interval_us: i64::try_from(
+            cfg.gateway
+                .dev_status_interval
+                .min(Duration::from_secs(10 * 365 * 24 * 3600))
+                .as_micros(),
+        )
+        .unwrap_or(i64::MAX),
+        max_attempts: MAC_MAX_ATTEMPTS,
+    }
+}
+
 /// Devices of the config as registry entries (ABP sessions; OTAA devices wait for a join).
+/// Their MAC state starts as the network wants it (an ABP device is configured for this
+/// gateway, an OTAA device's JoinAccept tells it); a stored state replaces it.
 pub fn from_config(cfg: &Config) -> Registry {
+    let policy = mac_policy(cfg);
     let devices = cfg
         .devices
         .iter()
@@ -56,6 +111,9 @@ pub fn from_config(cfg: &Config) -> Registry {
                 dev_nonce_counts_up: d.lorawan_version.dev_nonce_counts_up(),
                 pending: None,
                 session,
+                adr: d.adr,
+                resets_f_cnt: d.resets_f_cnt,
+                mac: MacState::abp(&policy),
             }
         })
         .collect();

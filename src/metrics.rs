@@ -36,6 +36,7 @@ struct Inner {
     uplinks: Family<Labels, Counter>,
     store_errors: Counter,
     downlinks: Family<Labels, Counter>,
+    mac_events: Family<Labels, Counter>,
     stream_connected: Family<Labels, Gauge>,
     stream_published: Family<Labels, Counter>,
     stream_errors: Family<Labels, Counter>,
@@ -94,6 +95,11 @@ impl Metrics {
             downlinks: reg!(
                 "downlinks",
                 "Downlink events and scheduler outcomes, by kind",
+                Family::default()
+            ),
+            mac_events: reg!(
+                "mac_events",
+                "The MAC layer of devices: commands sent, settings applied or refused, DevStatus answers, commands given up, by event",
                 Family::default()
             ),
             stream_connected: reg!(
@@ -170,6 +176,18 @@ impl Metrics {
             .downlinks
             .get_or_create(&vec![("kind", kind.into())])
             .inc();
+    }
+    pub fn mac_event(&self, event: &'static str) {
+        self.inner
+            .mac_events
+            .get_or_create(&vec![("event", event.into())])
+            .inc();
+    }
+    pub fn mac_events(&self, event: &'static str) -> u64 {
+        self.inner
+            .mac_events
+            .get_or_create(&vec![("event", event.into())])
+            .get()
     }
     pub fn downlinks(&self, kind: &'static str) -> u64 {
         self.inner

@@ -273,6 +273,33 @@ pub struct Uplink {
     pub settings: TxSettings,
     /// Every reception merged by the dedup window, best signal first.
     pub rx: Vec<RxInfo>,
+    /// The device's last answer to DevStatusReq (battery, link margin), if it ever gave one.
+    pub dev_status: Option<DevStatus>,
+}
+
+/// A DevStatusAns (LoRaWAN 1.0.x §5.5) and when it came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevStatus {
+    /// 0 = external power, 1..=254 = battery level (254 full), 255 = unknown.
+    pub battery: u8,
+    /// SNR margin (dB) of the DevStatusReq as the device received it, −32..31.
+    pub margin: i8,
+    pub received_at_us: i64,
+}
+
+impl DevStatus {
+    /// Battery level in percent, as The Things Stack computes it ((b − 1) / 253 · 100); None
+    /// on external power or when the device cannot tell.
+    pub fn battery_percentage(&self) -> Option<f32> {
+        match self.battery {
+            0 | 255 => None,
+            b => Some(f32::from(b - 1) / 253.0 * 100.0),
+        }
+    }
+
+    pub fn external_power(&self) -> bool {
+        self.battery == 0
+    }
 }
 
 /// A raw frame as one gateway heard it: what gateway-level streams publish.
@@ -435,6 +462,12 @@ pub enum RequestError {
     TooLong { index: usize, len: usize },
     #[error("downlinks[{index}].priority {value:?} is not one of LOWEST, LOW, BELOW_NORMAL, NORMAL, ABOVE_NORMAL, HIGH, HIGHEST")]
     Priority { index: usize, value: String },
+    #[error("downlinks[{index}] has neither frm_payload nor decoded_payload (send \"frm_payload\": \"\" for an empty frame)")]
+    NoPayload { index: usize },
+    #[error("downlinks[{index}] has only decoded_payload, and the device has no codec that encodes downlinks; send frm_payload (base64)")]
+    NoEncoder { index: usize },
+    #[error("end_device_ids.dev_eui {0:?} is not 16 hex digits")]
+    DevEui(String),
     /// A message property or body field the transport adds (Azure `op`, raw `fPort`, ...).
     #[error("{0}")]
     Transport(String),
@@ -445,6 +478,15 @@ pub enum RequestError {
 pub enum DownlinkOp {
     Push,
     Replace,
+}
+
+/// The device a downlink body names (TTS `end_device_ids`): the scheduler refuses the request
+/// when it names another device than the topic (or the transport) addressed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndDeviceIds {
+    pub device_id: Option<String>,
+    pub application_id: Option<String>,
+    pub dev_eui: Option<Eui64>,
 }
 
 /// A request from a stream to the downlink scheduler.
@@ -458,6 +500,8 @@ pub struct DownlinkRequest {
     pub op: DownlinkOp,
     /// Parsed items, or why the request is invalid (reported as a `down/failed` event).
     pub items: Result<Vec<DownlinkItem>, RequestError>,
+    /// The device the body named, if it named one.
+    pub names: Option<EndDeviceIds>,
 }
 
 /// What happened to a downlink.

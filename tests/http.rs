@@ -855,7 +855,7 @@ async fn poll_url_downlinks_reach_a_class_c_device_and_bad_bodies_are_survived()
                         // Not in this stream's scope (application "other").
                         "dev-3": {"push": [{"f_port": 1, "frm_payload": b64(b"no")}]},
                         // Not a device of this gateway.
-                        "ghost": {"push": [{"f_port": 1}]}
+                        "ghost": {"push": [{"f_port": 1, "frm_payload": "AQ=="}]}
                     }})
                     .to_string(),
                 )

@@ -20,12 +20,15 @@ fn cfg(dir: &std::path::Path, url: &str) -> Config {
 
 /// `device_extra`: more keys for the device table (e.g. `lorawan_version = "1.0.4"`).
 fn cfg_with(dir: &std::path::Path, url: &str, device_extra: &str) -> Config {
-    config(
+    let mut c = config(
         dir,
         &format!(
             "[[application]]\nid = \"farm\"\n\n[[device]]\napplication = \"farm\"\nid = \"meter-7\"\ndev_eui = \"70b3d57ed0000007\"\njoin_eui = \"0000000000000001\"\napp_key = \"{APP_KEY}\"\n{device_extra}\n\n[[stream]]\nname = \"cloud\"\nserver = \"{url}\"\n"
         ),
-    )
+    );
+    // The region's channel plan (the shared test config has none).
+    c.gateway.extra_channels = None;
+    c
 }
 
 fn request(nonce: u16, key: &AesKey) -> Vec<u8> {
@@ -69,9 +72,14 @@ async fn join_nonce(f: &Forwarder, fwd_send: &mut Forwarder, nonce: u16) -> (Sim
     assert_eq!(ja.dev_addr.0 >> 25, 0, "NwkID of NetID 000000");
     assert_eq!(ja.rx_delay, 1);
     assert_eq!(ja.rx2_dr, 0);
+    // CFList type 0: 867.1, 867.3, 867.5, 867.7, 867.9 MHz as 24-bit little-endian multiples
+    // of 100 Hz (8671000 = 0x844F18, ...), then CFListType 0.
     assert_eq!(
         ja.cf_list,
-        lorastream::lorawan::region::join_cf_list(lorastream::config::Region::EU868, None),
+        Some([
+            0x18, 0x4F, 0x84, 0xE8, 0x56, 0x84, 0xB8, 0x5E, 0x84, 0x88, 0x66, 0x84, 0x58, 0x6E,
+            0x84, 0x00
+        ]),
         "EU868 CFList"
     );
     f.tx_ack(pr.token, None).await.unwrap();
@@ -83,6 +91,7 @@ async fn join_nonce(f: &Forwarder, fwd_send: &mut Forwarder, nonce: u16) -> (Sim
             nwk_s_key,
             app_s_key,
             f_cnt: 0,
+            adr: false,
         },
         ja.app_nonce,
     )
@@ -350,6 +359,7 @@ async fn us915_join_with_sub_band_cf_list_then_uplink_and_downlink() {
         nwk_s_key,
         app_s_key,
         f_cnt: 0,
+        adr: false,
     };
     other
         .send(&[(&dev.uplink(2, b"us join", false).unwrap(), ch9(30_000_000))])

@@ -49,6 +49,9 @@ fn registry(d: &SimDevice) -> Registry {
         join_eui: None,
         dev_nonce_counts_up: false,
         pending: None,
+        adr: true,
+        resets_f_cnt: false,
+        mac: lorastream::lorawan::mac_state::MacState::booted(lorastream::config::Region::EU868),
         session: Some(Session {
             dev_addr: d.dev_addr,
             nwk_s_key: d.nwk_s_key,
@@ -70,6 +73,7 @@ fn datagrams_and_frames_never_panic() {
         nwk_s_key: AesKey([1; 16]),
         app_s_key: AesKey([2; 16]),
         f_cnt: 0,
+        adr: true,
     };
     let mut reg = registry(&dev);
     let phy = dev.uplink(1, b"seed payload", false).unwrap();

@@ -88,6 +88,11 @@ pub struct DeviceConfig {
     /// above the last one is refused). Default "1.0.3", which also accepts 1.0.4 devices.
     pub lorawan_version: LorawanVersion,
     pub activation: Activation,
+    /// Let the network manage this device's data rate and power (when `[gateway] adr`).
+    pub adr: bool,
+    /// ABP only: accept a frame counter that restarts near 0 as a new epoch (a device that
+    /// loses its counter with its battery). Weakens replay protection (README).
+    pub resets_f_cnt: bool,
 }
 
 impl DeviceConfig {
@@ -119,6 +124,11 @@ impl DeviceConfig {
                 put("app_key", "***".into());
             }
         }
+        t.insert("adr".into(), toml::Value::Boolean(self.adr));
+        t.insert(
+            "resets_f_cnt".into(),
+            toml::Value::Boolean(self.resets_f_cnt),
+        );
         t
     }
 }
@@ -145,6 +155,14 @@ pub(super) struct RawDevice {
     join_eui: Option<Eui64>,
     #[serde(default, deserialize_with = "de_opt_from_str")]
     app_key: Option<AesKey>,
+    #[serde(default = "yes")]
+    adr: bool,
+    #[serde(default)]
+    resets_f_cnt: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Type one `[[device]]`: its id, and ABP or OTAA (never both, never neither).
@@ -199,6 +217,12 @@ pub(super) fn build(
     if d.join_eui.is_some() && matches!(activation, Activation::Abp { .. }) {
         return Err(err("join_eui", "is for OTAA devices (with app_key)"));
     }
+    if d.resets_f_cnt && matches!(activation, Activation::Otaa { .. }) {
+        return Err(err(
+            "resets_f_cnt",
+            "is for ABP devices; an OTAA device starts a new session (and counters) by joining",
+        ));
+    }
     Ok(DeviceConfig {
         application: d.application,
         id: d.id,
@@ -206,5 +230,7 @@ pub(super) fn build(
         class: d.class,
         lorawan_version: d.lorawan_version,
         activation,
+        adr: d.adr,
+        resets_f_cnt: d.resets_f_cnt,
     })
 }

@@ -149,6 +149,18 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
         .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e} (write e.g. \"7d\" or \"12h\")")))
 }
 
+/// A duration written like "24h" or "90s" ("0s" where the key says what zero means).
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!("{s:?}: {e} (write e.g. \"24h\" or \"90s\")"))
+    })
+}
+
+fn ser_duration<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_duration(*v))
+}
+
 fn ser_opt_duration<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(d) => s.collect_str(&humantime::format_duration(*d)),
@@ -219,6 +231,29 @@ pub struct GatewayConfig {
     /// devices of LoRaWAN 1.0.3 or later apply it, earlier ones ignore it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sub_band: Option<u8>,
+    /// Regions with a channel list (EU868, AS923, KR920, IN865): the uplink channels (MHz) the
+    /// gateway listens on beside the region's default ones. JoinAccepts (CFList) and ABP
+    /// devices (NewChannelReq) are given them. Default: the common plan of the region
+    /// ([`crate::lorawan::region::extra_channels`], EU868 867.1..867.9); `[]` = defaults only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extra_channels: Option<Vec<f64>>,
+    /// Manage the data rate, power and NbTrans of devices that set the ADR bit (LinkADRReq);
+    /// a device may opt out with its own `adr = false`.
+    pub adr: bool,
+    /// Installation margin of ADR (dB kept above the demodulation floor).
+    pub adr_margin_db: f32,
+    /// Ask each device for its battery and link margin (DevStatusReq) this often; the first
+    /// request comes one interval after the device is first heard. "0s" = never.
+    #[serde(deserialize_with = "de_duration", serialize_with = "ser_duration")]
+    pub dev_status_interval: Duration,
+    /// Class C devices never heard since they were configured get their downlinks through
+    /// this gateway (default: the only gateway with a downlink path, if there is one).
+    #[serde(
+        deserialize_with = "de_opt_from_str",
+        serialize_with = "ser_opt_display",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub class_c_gateway: Option<Eui64>,
 }
 
 impl Default for GatewayConfig {
@@ -232,6 +267,11 @@ impl Default for GatewayConfig {
             net_id: NetId(0),
             rx2_dr: None,
             sub_band: None,
+            extra_channels: None,
+            adr: true,
+            adr_margin_db: 10.0,
+            dev_status_interval: Duration::from_secs(24 * 3600),
+            class_c_gateway: None,
         }
     }
 }
@@ -240,6 +280,19 @@ impl GatewayConfig {
     pub fn dedup_window(&self) -> Duration {
         Duration::from_millis(self.dedup_window_ms)
     }
+
+    /// The extra uplink channels in Hz: the configured ones, else the region's plan.
+    pub fn extra_channels_hz(&self) -> Vec<u32> {
+        match &self.extra_channels {
+            Some(mhz) => mhz.iter().map(|f| mhz_to_hz(*f)).collect(),
+            None => crate::lorawan::region::extra_channels(self.region).to_vec(),
+        }
+    }
+}
+
+/// MHz as written in the config to Hz, on the 100 Hz grid LoRaWAN encodes.
+pub(crate) fn mhz_to_hz(mhz: f64) -> u32 {
+    ((mhz * 10_000.0).round() as u32).saturating_mul(100)
 }
 
 /// What to do when the queues reach `max_bytes`.

@@ -255,6 +255,48 @@ mod typed {
     }
 
     #[test]
+    fn extra_channels_are_checked_against_the_region() {
+        let parse = |g: &str| Config::parse(&format!("[gateway]\n{g}\n"), "t.toml");
+        let c = parse("extra_channels = [868.8, 869.0]").unwrap();
+        assert_eq!(
+            c.gateway.extra_channels_hz(),
+            vec![868_800_000, 869_000_000]
+        );
+        assert!(parse("extra_channels = []")
+            .unwrap()
+            .gateway
+            .extra_channels_hz()
+            .is_empty());
+        assert_eq!(
+            Config::default().gateway.extra_channels_hz(),
+            vec![
+                867_100_000,
+                867_300_000,
+                867_500_000,
+                867_700_000,
+                867_900_000
+            ]
+        );
+        for (g, want) in [
+            ("extra_channels = [915.2]", "outside EU868's band"),
+            ("extra_channels = [868.1]", "already a channel"),
+            ("extra_channels = [867.1, 867.1]", "already a channel"),
+            (
+                "extra_channels = [863.1,863.3,863.5,863.7,863.9,864.1,864.3,864.5,864.7,864.9,865.1,865.3,865.5,865.7]",
+                "at most 13 more",
+            ),
+            (
+                "region = \"US915\"\nextra_channels = [903.0]",
+                "fixed channel plan",
+            ),
+        ] {
+            let e = parse(g).unwrap_err().to_string();
+            assert!(e.contains("[gateway] key `extra_channels`"), "{e}");
+            assert!(e.contains(want), "{g}: {e}");
+        }
+    }
+
+    #[test]
     fn values_are_parsed_once_into_types() {
         let c = Config::parse(
             "[gateway]\nnet_id = \"00001a\"\n[storage]\nmax_age = \"2h\"\n[metrics]\nlisten = \"\"\n",

@@ -45,6 +45,15 @@ pub(super) fn sections(
             ));
         }
     }
+    if let Some(extra) = &g.extra_channels {
+        extra_channels(g, extra).map_err(|m| gw("extra_channels", m))?;
+    }
+    if !(0.0..=30.0).contains(&g.adr_margin_db) {
+        return Err(gw(
+            "adr_margin_db",
+            format!("{} dB is not within 0..30", g.adr_margin_db),
+        ));
+    }
     if g.dedup_window_ms > 2_000 {
         return Err(gw(
             "dedup_window_ms",
@@ -67,6 +76,49 @@ pub(super) fn sections(
                 log.level
             ),
         ));
+    }
+    Ok(())
+}
+
+/// `[gateway] extra_channels`: a region with a channel list, room in it (16 channels), each
+/// inside the region's band and not already a channel.
+fn extra_channels(g: &GatewayConfig, extra: &[f64]) -> Result<(), String> {
+    use crate::lorawan::region;
+    if g.region.has_fixed_channels() {
+        return Err(format!(
+            "{} has a fixed channel plan; choose the gateway's channels with sub_band",
+            g.region
+        ));
+    }
+    let defaults: Vec<u32> = region::default_channels(g.region)
+        .iter()
+        .map(|c| c.freq_hz)
+        .collect();
+    let room = 16 - defaults.len();
+    if extra.len() > room {
+        return Err(format!(
+            "{} channels given; {} has {} default channels, so at most {room} more",
+            extra.len(),
+            g.region,
+            defaults.len()
+        ));
+    }
+    let (lo, hi) = region::uplink_band_hz(g.region);
+    let mut seen = defaults;
+    for &mhz in extra {
+        let hz = super::mhz_to_hz(mhz);
+        if !mhz.is_finite() || !(lo..=hi).contains(&hz) {
+            return Err(format!(
+                "{mhz} MHz is outside {}'s band ({} .. {} MHz)",
+                g.region,
+                f64::from(lo) / 1e6,
+                f64::from(hi) / 1e6
+            ));
+        }
+        if seen.contains(&hz) {
+            return Err(format!("{mhz} MHz is already a channel"));
+        }
+        seen.push(hz);
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ use crate::ingress::udp::{self, Downlinker, Gateways};
 use crate::metrics::{self, Metrics};
 use crate::store::{Store, StoreError};
 use crate::streams::{Stream, StreamContext, StreamError};
-use crate::uplink::{JoinSettings, Routes, UplinkStage};
+use crate::uplink::{JoinSettings, Network, Routes, UplinkStage};
 use health::{Health, Sources};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -142,11 +142,14 @@ impl Daemon {
         }
 
         let plan = crate::downlink::window::RxPlan::new(cfg.gateway.region, cfg.gateway.rx2_dr);
+        let mac_policy = crate::devices::mac_policy(cfg);
         let scheduler = Scheduler::new(
             registry.clone(),
             store.clone(),
             Downlinker::new(socket.clone(), gateways.clone()),
             plan,
+            mac_policy.clone(),
+            cfg.gateway.class_c_gateway,
             links,
             metrics.clone(),
         );
@@ -161,11 +164,15 @@ impl Daemon {
             store.clone(),
             routes,
             metrics.clone(),
-            cfg.gateway.dedup_window(),
-            JoinSettings {
-                plan,
-                net_id: cfg.gateway.net_id.0,
-                sub_band: cfg.gateway.sub_band,
+            Network {
+                dedup_window: cfg.gateway.dedup_window(),
+                join: JoinSettings {
+                    plan,
+                    net_id: cfg.gateway.net_id.0,
+                    sub_band: cfg.gateway.sub_band,
+                    extra_channels: cfg.gateway.extra_channels_hz(),
+                },
+                mac: mac_policy,
             },
         );
         let uplink = tokio::spawn(stage.run(rx));

@@ -1,12 +1,15 @@
 //! Downlink JSON: requests in (contract layout), events out (TTS layout where it has one).
 //!
-//! In: `{"downlinks":[{"f_port":1,"frm_payload":"<base64>","confirmed":false,"priority":"NORMAL"}]}`.
+//! In: `{"downlinks":[{"f_port":1,"frm_payload":"<base64>","confirmed":false,"priority":"NORMAL"}]}`,
+//! optionally with TTS's `"end_device_ids"` naming the device (checked by the scheduler against
+//! the device the topic names). An item needs `frm_payload` (`""` for an empty frame).
 //! Out: `{"end_device_ids":{…},"correlation_ids":[…],"received_at":…,"downlink_queued":{…}}` and
 //! likewise `downlink_sent`, `downlink_ack`, `downlink_nack`, `downlink_failed` (with `error`).
 
 pub use crate::model::RequestError;
 use crate::model::{
-    correlation_id, new_id, now_us, DownlinkEvent, DownlinkEventKind, DownlinkItem, MAX_PAYLOAD,
+    correlation_id, new_id, now_us, DownlinkEvent, DownlinkEventKind, DownlinkItem, EndDeviceIds,
+    MAX_PAYLOAD,
 };
 use base64::Engine;
 use serde::Deserialize;
@@ -15,6 +18,25 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 struct Req {
     downlinks: Vec<Item>,
+    /// TTS addresses a request to a device in the body too; it must be the topic's device.
+    #[serde(default)]
+    end_device_ids: Option<Ids>,
+}
+
+#[derive(Deserialize)]
+struct Ids {
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default)]
+    application_ids: Option<AppIds>,
+    #[serde(default)]
+    dev_eui: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct AppIds {
+    #[serde(default)]
+    application_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -22,6 +44,9 @@ struct Item {
     f_port: Option<u32>,
     #[serde(default)]
     frm_payload: Option<String>,
+    /// TTS: an object the device's codec encodes (`encodeDownlink`).
+    #[serde(default)]
+    decoded_payload: Option<serde_json::Value>,
     #[serde(default)]
     confirmed: bool,
     #[serde(default)]
@@ -40,57 +65,88 @@ const PRIORITIES: [&str; 7] = [
     "HIGHEST",
 ];
 
-/// Parse a downlink request body (the contract layout).
-pub fn parse_request(body: &[u8], stream: &str) -> Result<Vec<DownlinkItem>, RequestError> {
+/// A parsed request body: its downlinks and the device it names, if it names one.
+#[derive(Debug)]
+pub struct Body {
+    pub items: Vec<DownlinkItem>,
+    pub names: Option<EndDeviceIds>,
+}
+
+/// Parse a downlink request body (the contract layout; TTS's `end_device_ids` allowed).
+pub fn parse_body(body: &[u8], stream: &str) -> Result<Body, RequestError> {
     let req: Req = serde_json::from_slice(body).map_err(|e| RequestError::Json(e.to_string()))?;
+    let names = req.end_device_ids.map(names).transpose()?;
     if req.downlinks.is_empty() {
         return Err(RequestError::Empty);
     }
-    req.downlinks
+    let items = req
+        .downlinks
         .into_iter()
         .enumerate()
-        .map(|(index, it)| {
-            let f_port = match it.f_port {
-                Some(p @ 1..=223) => p as u8,
-                Some(port) => return Err(RequestError::Port { index, port }),
-                None => return Err(RequestError::NoPort { index }),
-            };
-            let payload = match &it.frm_payload {
-                Some(s) => base64::engine::general_purpose::STANDARD
-                    .decode(s)
-                    .map_err(|e| RequestError::Base64 {
-                        index,
-                        reason: e.to_string(),
-                    })?,
-                None => Vec::new(),
-            };
-            if payload.len() > MAX_PAYLOAD {
-                return Err(RequestError::TooLong {
-                    index,
-                    len: payload.len(),
-                });
-            }
-            let priority = it
-                .priority
-                .unwrap_or_else(|| "NORMAL".into())
-                .to_uppercase();
-            if !PRIORITIES.contains(&priority.as_str()) {
-                return Err(RequestError::Priority {
-                    index,
-                    value: priority,
-                });
-            }
-            Ok(DownlinkItem {
-                id: new_id(),
-                f_port,
-                payload,
-                confirmed: it.confirmed,
-                priority,
-                correlation_ids: it.correlation_ids,
-                stream: stream.to_string(),
-            })
-        })
-        .collect()
+        .map(|(index, it)| item(index, it, stream))
+        .collect::<Result<_, _>>()?;
+    Ok(Body { items, names })
+}
+
+/// Parse a downlink request body whose device the transport gives (the names, if any, are
+/// dropped: use [`parse_body`] where the body may name another device).
+pub fn parse_request(body: &[u8], stream: &str) -> Result<Vec<DownlinkItem>, RequestError> {
+    parse_body(body, stream).map(|b| b.items)
+}
+
+fn names(ids: Ids) -> Result<EndDeviceIds, RequestError> {
+    let dev_eui = match ids.dev_eui {
+        Some(s) => Some(s.parse().map_err(|_| RequestError::DevEui(s))?),
+        None => None,
+    };
+    Ok(EndDeviceIds {
+        device_id: ids.device_id,
+        application_id: ids.application_ids.and_then(|a| a.application_id),
+        dev_eui,
+    })
+}
+
+fn item(index: usize, it: Item, stream: &str) -> Result<DownlinkItem, RequestError> {
+    let f_port = match it.f_port {
+        Some(p @ 1..=223) => p as u8,
+        Some(port) => return Err(RequestError::Port { index, port }),
+        None => return Err(RequestError::NoPort { index }),
+    };
+    let payload = match (&it.frm_payload, &it.decoded_payload) {
+        (Some(s), _) => base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| RequestError::Base64 {
+                index,
+                reason: e.to_string(),
+            })?,
+        (None, Some(_)) => return Err(RequestError::NoEncoder { index }),
+        (None, None) => return Err(RequestError::NoPayload { index }),
+    };
+    if payload.len() > MAX_PAYLOAD {
+        return Err(RequestError::TooLong {
+            index,
+            len: payload.len(),
+        });
+    }
+    let priority = it
+        .priority
+        .unwrap_or_else(|| "NORMAL".into())
+        .to_uppercase();
+    if !PRIORITIES.contains(&priority.as_str()) {
+        return Err(RequestError::Priority {
+            index,
+            value: priority,
+        });
+    }
+    Ok(DownlinkItem {
+        id: new_id(),
+        f_port,
+        payload,
+        confirmed: it.confirmed,
+        priority,
+        correlation_ids: it.correlation_ids,
+        stream: stream.to_string(),
+    })
 }
 
 fn rfc3339_now() -> String {
@@ -151,7 +207,7 @@ mod tests {
     #[test]
     fn parses_the_contract_layout() {
         let v = parse_request(
-            br#"{"downlinks":[{"f_port":1,"frm_payload":"AQID","confirmed":true,"priority":"high"},{"f_port":2}]}"#,
+            br#"{"downlinks":[{"f_port":1,"frm_payload":"AQID","confirmed":true,"priority":"high"},{"f_port":2,"frm_payload":""}]}"#,
             "cloud",
         )
         .unwrap();
@@ -178,7 +234,35 @@ mod tests {
             e(format!(r#"{{"downlinks":[{{"f_port":1,"frm_payload":"{big}"}}]}}"#).as_bytes())
                 .contains("243 bytes")
         );
-        assert!(e(br#"{"downlinks":[{"f_port":1,"priority":"URGENT"}]}"#).contains("priority"));
+        assert!(
+            e(br#"{"downlinks":[{"f_port":1,"frm_payload":"","priority":"URGENT"}]}"#)
+                .contains("priority")
+        );
+        assert!(e(br#"{"downlinks":[{"f_port":1}]}"#).contains("neither frm_payload"));
+        assert!(
+            e(br#"{"downlinks":[{"f_port":1,"decoded_payload":{"on":true}}]}"#)
+                .contains("no codec")
+        );
+        assert!(e(
+            br#"{"end_device_ids":{"dev_eui":"xyz"},"downlinks":[{"f_port":1,"frm_payload":""}]}"#
+        )
+        .contains("16 hex digits"));
+    }
+
+    #[test]
+    fn tts_end_device_ids_are_read() {
+        let b = parse_body(
+            br#"{"end_device_ids":{"device_id":"d1","application_ids":{"application_id":"farm"},"dev_eui":"70B3D57ED0000001","join_eui":"0000000000000000"},"downlinks":[{"f_port":1,"frm_payload":"AQ==","session_key_id":"x"}]}"#,
+            "s",
+        )
+        .unwrap();
+        let n = b.names.unwrap();
+        assert_eq!(n.device_id.as_deref(), Some("d1"));
+        assert_eq!(n.application_id.as_deref(), Some("farm"));
+        assert_eq!(n.dev_eui, Some(Eui64::from_u64(0x70B3_D57E_D000_0001)));
+        assert_eq!(b.items[0].payload, vec![1]);
+        let b = parse_body(br#"{"downlinks":[{"f_port":1,"frm_payload":""}]}"#, "s").unwrap();
+        assert!(b.names.is_none());
     }
 
     #[test]

@@ -33,7 +33,6 @@ pub(crate) use handle::channel;
 pub use handle::{DownlinkHandle, Stopped};
 pub(crate) use scheduler::Scheduler;
 
-use crate::lorawan::frame::MacCmd;
 use crate::lorawan::session::Registry;
 use crate::model::{DownlinkEvent, DownlinkRequest, RxInfo, Scope, TxSettings};
 use std::sync::{Arc, Mutex};
@@ -53,8 +52,12 @@ pub(crate) struct UplinkInfo {
     pub confirmed: bool,
     /// The device acknowledged our last confirmed downlink.
     pub ack: bool,
-    /// MAC commands the device sent (FOpts or FPort 0).
-    pub mac: Vec<MacCmd>,
+    /// The device asked LinkCheckReq / DeviceTimeReq (answered in this downlink).
+    pub link_check_req: bool,
+    pub device_time_req: bool,
+    /// The MAC layer wants a downlink now even if nothing is queued (ADRACKReq, network
+    /// commands waiting, a sticky answer to stop: `lorawan::mac_state::Outcome`).
+    pub needs_downlink: bool,
     /// Every reception, best first: the gateways to answer through, in order of preference.
     pub rx: Vec<RxInfo>,
     pub settings: TxSettings,

@@ -6,6 +6,7 @@ use super::{Input, JoinAcceptJob, SharedRegistry, StreamLink, UplinkInfo, MAX_QU
 use crate::ingress::udp::{Downlinker, SendError, TxAck};
 use crate::lorawan::frame::{encode, DataFrame, MacCmd};
 use crate::lorawan::mac;
+use crate::lorawan::mac_state::{MacEvent, Policy};
 use crate::lorawan::region::{
     JOIN_ACCEPT_DELAY1, JOIN_ACCEPT_DELAY2, RECEIVE_DELAY1, RECEIVE_DELAY2,
 };
@@ -36,6 +37,13 @@ const SCHEDULE_MARGIN: Duration = Duration::from_millis(100);
 enum Refusal {
     #[error("device {device:?} is outside the scope of stream {stream:?}")]
     OutOfScope { device: String, stream: String },
+    #[error("end_device_ids names {named}, but the request is for device {device:?} of application {application:?} ({dev_eui})")]
+    OtherDevice {
+        named: String,
+        device: String,
+        application: String,
+        dev_eui: Eui64,
+    },
     #[error("downlink queue full ({len} queued, at most {MAX_QUEUE})")]
     QueueFull { len: usize },
     #[error("store error")]
@@ -83,6 +91,10 @@ struct Tx {
 }
 
 pub(crate) struct Scheduler {
+    /// What the network wants of devices' MAC layers (attempt limits of its commands).
+    policy: Policy,
+    /// `[gateway] class_c_gateway`: where class C downlinks of never-heard devices go.
+    class_c_gateway: Option<Eui64>,
     registry: SharedRegistry,
     store: Store,
     tx: Downlinker,
@@ -100,7 +112,17 @@ pub(crate) struct Scheduler {
     attempts: HashMap<Vec<u8>, u8>,
     /// Last uplink of each device (receptions best first, radio settings), for class C.
     last_heard: HashMap<usize, (Vec<RxInfo>, TxSettings)>,
+    /// Class C devices that may have downlinks queued but no gateway to send them through
+    /// yet (after a start, or before a forwarder's PULL_DATA): the sweep tries them again.
+    /// The flag says whether the wait was reported (one log line and metric per wait).
+    class_c_waiting: HashMap<usize, bool>,
+    /// The FCntDown each device's session may use up to without another write: what the
+    /// store holds (DevAddr of the session, bound).
+    f_cnt_down_saved: HashMap<usize, (crate::model::DevAddr, u32)>,
 }
+
+/// FCntDown values persisted ahead at a time (see `build_frame`).
+const FCNT_DOWN_RESERVE: u32 = 16;
 
 /// MAC answers that fit FOpts, in order; the rest are dropped (the device asks again).
 fn fit_fopts(answers: Vec<MacCmd>) -> (Vec<MacCmd>, usize) {
@@ -124,15 +146,34 @@ fn micros(d: Duration) -> u32 {
 }
 
 impl Scheduler {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         registry: SharedRegistry,
         store: Store,
         tx: Downlinker,
         plan: RxPlan,
+        policy: Policy,
+        class_c_gateway: Option<Eui64>,
         streams: HashMap<String, StreamLink>,
         metrics: Metrics,
     ) -> Self {
+        // Class C downlinks queued before a restart go out once a gateway can take them.
+        let class_c_waiting = registry
+            .lock()
+            .map(|r| {
+                r.devices()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, d)| d.class == DeviceClass::C)
+                    .map(|(i, _)| (i, false))
+                    .collect()
+            })
+            .unwrap_or_default();
         Scheduler {
+            class_c_waiting,
+            f_cnt_down_saved: HashMap::new(),
+            policy,
+            class_c_gateway,
             registry,
             store,
             tx,
@@ -244,13 +285,32 @@ impl Scheduler {
             .streams
             .get(&r.stream)
             .is_some_and(|l| l.scope.covers(&app, &r.device));
-        let items = match (in_scope, r.items) {
-            (false, _) => Err(Refusal::OutOfScope {
+        let other = r.names.as_ref().and_then(|n| {
+            let mut named = Vec::new();
+            if let Some(d) = n.device_id.as_ref().filter(|d| **d != r.device) {
+                named.push(format!("device_id {d:?}"));
+            }
+            if let Some(a) = n.application_id.as_ref().filter(|a| **a != app) {
+                named.push(format!("application_id {a:?}"));
+            }
+            if let Some(e) = n.dev_eui.filter(|e| *e != dev_eui) {
+                named.push(format!("dev_eui {e}"));
+            }
+            (!named.is_empty()).then(|| Refusal::OtherDevice {
+                named: named.join(", "),
+                device: r.device.clone(),
+                application: app.clone(),
+                dev_eui,
+            })
+        });
+        let items = match (in_scope, other, r.items) {
+            (false, _, _) => Err(Refusal::OutOfScope {
                 device: r.device.clone(),
                 stream: r.stream.clone(),
             }
             .to_string()),
-            (true, items) => items.map_err(|e| e.to_string()),
+            (true, Some(other), _) => Err(other.to_string()),
+            (true, None, items) => items.map_err(|e| e.to_string()),
         };
         let items = match items {
             Ok(items) => items,
@@ -398,43 +458,43 @@ impl Scheduler {
             // below for class A, at once for class C.
         }
 
-        let answers: Vec<MacCmd> = u
-            .mac
-            .iter()
-            .filter_map(|c| match c.cid {
-                mac::LINK_CHECK => Some(mac::link_check_ans(
-                    best.snr,
-                    u.settings.spreading_factor,
-                    u.rx.len(),
-                )),
-                mac::DEVICE_TIME => Some(mac::device_time_ans(best.received_at_us)),
-                other => {
-                    tracing::debug!(device = %device_id, cid = other, "MAC command ignored");
-                    None
-                }
-            })
-            .collect();
+        let mut answers: Vec<MacCmd> = Vec::new();
+        if u.link_check_req {
+            answers.push(mac::link_check_ans(
+                best.snr,
+                u.settings.spreading_factor,
+                u.rx.len(),
+            ));
+        }
+        if u.device_time_req {
+            answers.push(mac::device_time_ans(best.received_at_us));
+        }
         let (answers, fopts) = fit_fopts(answers);
+        // Anything but the device's queue that makes this uplink worth a downlink.
+        let needed = u.confirmed || !answers.is_empty() || u.needs_downlink;
 
-        let rx1 = self.plan.rx1(&u.settings);
-        let rx2 = self.plan.rx2(Some(&u.settings));
+        // The device's own receive windows (what it acknowledged).
+        let (plan, delay1) = self.device_rx(u.device);
+        let delay2 = delay1 + RECEIVE_DELAY2 - RECEIVE_DELAY1;
+        let rx1 = plan.rx1(&u.settings);
+        let rx2 = plan.rx2(Some(&u.settings));
         // The most this device can receive after this uplink: a payload above it is too large
         // for the data rate and fails; below, it waits until a window can carry it.
         let room = |w: &Option<Window>| w.as_ref().map(|w| w.max_payload.saturating_sub(fopts));
         let limit = room(&rx1).max(room(&rx2)).unwrap_or(0);
-        let (item, queued) = if class == DeviceClass::A || u.confirmed || !answers.is_empty() {
+        let (item, queued) = if class == DeviceClass::A || needed {
             self.next_item(u.device, dev_eui, limit).await
         } else {
             (None, 0)
         };
         // Class C devices get their queue immediately; after an uplink only ACKs and MAC
-        // answers need RX1.
-        let item = if class == DeviceClass::C && !u.confirmed && answers.is_empty() {
+        // commands need RX1.
+        let item = if class == DeviceClass::C && !needed {
             None
         } else {
             item
         };
-        if item.is_none() && !u.confirmed && answers.is_empty() {
+        if item.is_none() && !needed {
             if class == DeviceClass::C {
                 self.send_class_c(u.device, dev_eui).await;
             }
@@ -443,8 +503,8 @@ impl Scheduler {
 
         // Which window is still reachable, and can carry the frame?
         let elapsed = u.arrived.elapsed();
-        let rx1_open = elapsed + SCHEDULE_MARGIN < RECEIVE_DELAY1;
-        let rx2_open = elapsed + SCHEDULE_MARGIN < RECEIVE_DELAY2;
+        let rx1_open = elapsed + SCHEDULE_MARGIN < delay1;
+        let rx2_open = elapsed + SCHEDULE_MARGIN < delay2;
         let fits =
             |w: &Option<Window>, n: usize| w.as_ref().is_some_and(|w| n + fopts <= w.max_payload);
         let choose = |n: usize| {
@@ -460,8 +520,8 @@ impl Scheduler {
         let (item, slot) = match choose(len) {
             Some(slot) => (item, Some(slot)),
             // The downlink only fits a window that has passed: it waits; the ACK and MAC
-            // answers go alone.
-            None if item.is_some() && (u.confirmed || !answers.is_empty()) => (None, choose(0)),
+            // commands go alone.
+            None if item.is_some() && needed => (None, choose(0)),
             None => (item, None),
         };
         let Some(slot) = slot else {
@@ -470,6 +530,27 @@ impl Scheduler {
             return;
         };
         let f_pending = queued > usize::from(item.is_some());
+        let len = len * usize::from(item.is_some());
+        let (window, delay, rx2_fallback) = match (slot, &rx1, &rx2) {
+            (Slot::Rx1, Some(w1), _) => (
+                w1.clone(),
+                delay1,
+                rx2.as_ref().filter(|_| fits(&rx2, len)).map(|w2| Fallback {
+                    window: w2.clone(),
+                    tmst: 0,
+                    deadline: u.arrived + delay2 - SCHEDULE_MARGIN,
+                }),
+            ),
+            (_, _, Some(w2)) => (w2.clone(), delay2, None),
+            _ => return,
+        };
+        // Network MAC commands fill what the frame has left, in both windows it may use.
+        let room = rx2_fallback
+            .as_ref()
+            .map_or(window.max_payload, |f| {
+                window.max_payload.min(f.window.max_payload)
+            })
+            .saturating_sub(len + fopts);
         let Some((phy, f_cnt)) = self
             .build_frame(
                 u.device,
@@ -478,24 +559,11 @@ impl Scheduler {
                 u.confirmed,
                 f_pending,
                 &answers,
+                room,
             )
             .await
         else {
             return;
-        };
-        let len = len * usize::from(item.is_some());
-        let (window, delay, rx2_fallback) = match (slot, &rx1, &rx2) {
-            (Slot::Rx1, Some(w1), _) => (
-                w1.clone(),
-                RECEIVE_DELAY1,
-                rx2.as_ref().filter(|_| fits(&rx2, len)).map(|w2| Fallback {
-                    window: w2.clone(),
-                    tmst: 0,
-                    deadline: u.arrived + RECEIVE_DELAY2 - SCHEDULE_MARGIN,
-                }),
-            ),
-            (_, _, Some(w2)) => (w2.clone(), RECEIVE_DELAY2, None),
-            _ => return,
         };
         let tx = Tx {
             device: u.device,
@@ -510,11 +578,27 @@ impl Scheduler {
             rx2: rx2_fallback,
             join_accept: false,
         };
-        self.transmit_via(&u.rx, tx, Some(delay), RECEIVE_DELAY2)
-            .await;
+        self.transmit_via(&u.rx, tx, Some(delay), delay2).await;
     }
 
-    /// Encode a downlink with the next FCntDown, persisting the counter first.
+    /// The receive windows a device acknowledged, and its RX1 delay.
+    fn device_rx(&self, device: usize) -> (RxPlan, Duration) {
+        let Ok(reg) = self.registry.lock() else {
+            return (self.plan, RECEIVE_DELAY1);
+        };
+        let rx = reg.device(device).mac.rx;
+        (
+            RxPlan::for_device(self.plan.region, &rx),
+            Duration::from_secs(u64::from(rx.rx_delay.max(1))),
+        )
+    }
+
+    /// Encode a downlink with the next FCntDown, persisting the counter first. `answers`
+    /// (LinkCheckAns, DeviceTimeAns) go first; the device's waiting network commands fill up
+    /// to `room` more bytes: in FOpts beside an application payload (15 bytes in all), or, in a
+    /// frame without one, in FOpts when everything fits there, else as the FPort 0 payload
+    /// (LoRaWAN 1.0.x §4.3.1.6: never both).
+    #[allow(clippy::too_many_arguments)]
     async fn build_frame(
         &mut self,
         device: usize,
@@ -523,34 +607,88 @@ impl Scheduler {
         ack: bool,
         f_pending: bool,
         answers: &[MacCmd],
+        room: usize,
     ) -> Option<(Vec<u8>, u32)> {
-        let (dev_addr, nwk, app, f_cnt) = {
+        let answered: usize = answers.iter().map(|m| 1 + m.payload.len()).sum();
+        let (dev_addr, nwk, app, f_cnt, commands, events) = {
             let mut reg = self.registry.lock().ok()?;
-            let s = reg.device_mut(device).session.as_mut()?;
+            let d = reg.device_mut(device);
+            let room = if item.is_some() {
+                room.min(MAX_FOPTS.saturating_sub(answered))
+            } else {
+                room
+            };
+            let (commands, events) = if d.session.is_some() {
+                d.mac.take_commands(room, &self.policy)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let s = d.session.as_mut()?;
             let f_cnt = s.state.f_cnt_down;
             s.state.f_cnt_down = f_cnt.wrapping_add(1);
-            (s.dev_addr, s.nwk_s_key, s.app_s_key, f_cnt)
+            (
+                s.dev_addr,
+                s.nwk_s_key,
+                s.app_s_key,
+                f_cnt,
+                commands,
+                events,
+            )
         };
-        if let Err(e) = self
+        for e in &events {
+            if let MacEvent::GaveUp(cid) = e {
+                self.metrics.mac_event("gave_up");
+                tracing::info!(device = %dev_eui, cid = format!("0x{cid:02X}"), attempts = self.policy.max_attempts, "the device did not answer a MAC command; given up");
+            }
+        }
+        if !commands.is_empty() {
+            self.metrics.mac_event("commands_sent");
+        }
+        let mut mac_cmds: Vec<MacCmd> = answers.to_vec();
+        mac_cmds.extend(commands);
+        let mac_len: usize = mac_cmds.iter().map(|m| 1 + m.payload.len()).sum();
+        let port0 = item.is_none() && mac_len > MAX_FOPTS;
+        // FCntDown is persisted ahead, FCNT_DOWN_RESERVE at a time: one fsync per 16
+        // downlinks instead of one each. After a crash the device sees a gap of up to 16,
+        // which LoRaWAN allows (a device takes any FCntDown above its last); reusing a
+        // counter is what must never happen.
+        let next = f_cnt.wrapping_add(1);
+        let covered = self
+            .f_cnt_down_saved
+            .get(&device)
+            .is_some_and(|(a, bound)| *a == dev_addr && next <= *bound);
+        if covered {
+            // Already persisted.
+        } else if let Err(e) = self
             .store
-            .save_f_cnt_down(dev_eui, dev_addr, f_cnt.wrapping_add(1))
+            .save_f_cnt_down(dev_eui, dev_addr, f_cnt.saturating_add(FCNT_DOWN_RESERVE))
             .await
         {
             // Without a persisted counter we must not send: a crash could reuse it.
             tracing::error!(error = %e, "cannot persist FCntDown; downlink not sent");
             return None;
+        } else {
+            self.f_cnt_down_saved
+                .insert(device, (dev_addr, f_cnt.saturating_add(FCNT_DOWN_RESERVE)));
         }
+        let (f_port, payload, fopts) = match item {
+            Some(i) => (Some(i.f_port), i.payload.as_slice(), &mac_cmds[..]),
+            // The encoder puts the commands in the FRMPayload (encrypted with NwkSKey).
+            None if port0 => (Some(0), &[][..], &mac_cmds[..]),
+            None => (None, &[][..], &mac_cmds[..]),
+        };
         let frame = DataFrame {
             uplink: false,
             confirmed: item.is_some_and(|i| i.confirmed),
             dev_addr,
             f_cnt,
             adr: false,
+            adr_ack_req: false,
             ack,
             f_pending,
-            f_port: item.map(|i| i.f_port),
-            payload: item.map(|i| i.payload.as_slice()).unwrap_or(&[]),
-            mac: answers,
+            f_port,
+            payload,
+            mac: fopts,
         };
         match encode(&frame, &nwk, &app) {
             Ok(phy) => Some((phy, f_cnt)),
@@ -621,17 +759,33 @@ impl Scheduler {
         {
             return; // one at a time
         }
-        let Some((rx, settings)) = self.last_heard.get(&device).cloned() else {
-            tracing::info!(%dev_eui, "class C downlink queued until the device is first heard (no gateway known)");
+        let route = self
+            .class_c_route(device)
+            .filter(|(rx, _)| rx.iter().any(|r| self.tx.has_downlink_path(r.gateway)));
+        let Some((rx, settings)) = route else {
+            let reported = self.class_c_waiting.get(&device).copied().unwrap_or(false);
+            if reported {
+                return;
+            }
+            let queued = self.store.downlinks(dev_eui).map_or(0, |q| q.len());
+            if queued == 0 {
+                self.class_c_waiting.remove(&device);
+                return;
+            }
+            self.class_c_waiting.insert(device, true);
+            tracing::info!(%dev_eui, queued, "class C downlink waits for a gateway: none has a downlink path for this device yet (it goes through the gateway that heard the device last, else [gateway] class_c_gateway, else the only connected forwarder)");
+            self.metrics.downlink_event("class_c_no_gateway");
             return;
         };
-        let Some(win) = self.plan.rx2(Some(&settings)) else {
+        self.class_c_waiting.remove(&device);
+        let Some(win) = self.device_rx(device).0.rx2(settings.as_ref()) else {
             return;
         };
         let (item, queued) = self.next_item(device, dev_eui, win.max_payload).await;
         let Some(item) = item else { return };
+        let room = win.max_payload.saturating_sub(item.1.payload.len());
         let Some((phy, f_cnt)) = self
-            .build_frame(device, dev_eui, Some(&item.1), false, queued > 1, &[])
+            .build_frame(device, dev_eui, Some(&item.1), false, queued > 1, &[], room)
             .await
         else {
             return;
@@ -651,6 +805,37 @@ impl Scheduler {
         };
         // At once, without an RX2 fallback.
         self.transmit_via(&rx, tx, None, Duration::ZERO).await;
+    }
+
+    /// Where a class C downlink goes: the gateways of the device's last uplink since start;
+    /// else the gateway that heard it last before a restart (persisted); else
+    /// `[gateway] class_c_gateway`; else the only gateway with a downlink path. The radio
+    /// settings of the last uplink are known only in the first case.
+    fn class_c_route(&self, device: usize) -> Option<(Vec<RxInfo>, Option<TxSettings>)> {
+        if let Some((rx, settings)) = self.last_heard.get(&device) {
+            return Some((rx.clone(), Some(settings.clone())));
+        }
+        let stored = self
+            .registry
+            .lock()
+            .ok()
+            .and_then(|r| r.device(device).mac.last_gateway);
+        let gateway = stored
+            .or(self.class_c_gateway)
+            .or_else(|| self.tx.only_downlink_gateway())?;
+        // `tmst` is not used for an immediate transmission.
+        let rx = RxInfo {
+            gateway,
+            tmst: 0,
+            time: None,
+            rssi: 0,
+            channel_rssi: 0,
+            snr: 0.0,
+            channel: 0,
+            rf_chain: 0,
+            received_at_us: 0,
+        };
+        Some((vec![rx], None))
     }
 
     async fn on_join_accept(&mut self, j: JoinAcceptJob) {
@@ -772,6 +957,11 @@ impl Scheduler {
             self.awaiting_ack.insert(p.device, (key, item));
         } else if let Err(e) = self.store.downlink_remove(&key).await {
             tracing::error!(error = %e, "cannot remove a sent downlink");
+        } else if p.slot == Slot::Immediate {
+            // A class C device takes the next queued downlink at once.
+            if let Some((_, _, dev_eui, _)) = self.device_ids(p.device) {
+                self.send_class_c(p.device, dev_eui).await;
+            }
         }
     }
 
@@ -786,6 +976,12 @@ impl Scheduler {
         for t in old {
             if let Some(p) = self.pending.remove(&t) {
                 self.sent(p.tx).await;
+            }
+        }
+        let waiting: Vec<usize> = self.class_c_waiting.keys().copied().collect();
+        for device in waiting {
+            if let Some((_, _, dev_eui, _)) = self.device_ids(device) {
+                self.send_class_c(device, dev_eui).await;
             }
         }
     }

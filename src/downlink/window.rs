@@ -67,6 +67,16 @@ impl RxPlan {
         }
     }
 
+    /// A device's own settings (what it acknowledged: `lorawan::mac_state::RxSettings`).
+    pub fn for_device(region: Region, rx: &crate::lorawan::mac_state::RxSettings) -> RxPlan {
+        RxPlan {
+            region,
+            rx1_dr_offset: rx.rx1_dr_offset,
+            rx2_dr: rx.rx2_dr,
+            rx2_freq_hz: rx.rx2_freq_hz,
+        }
+    }
+
     /// RX1 for an uplink: the region's frequency mapping and RX1 data rate table.
     pub fn rx1(&self, up: &TxSettings) -> Option<Window> {
         let dwell = downlink_dwell_time(self.region, Some(up));

@@ -62,6 +62,16 @@ impl Gateways {
         self.0.lock().map(|m| m.len()).unwrap_or(0)
     }
 
+    /// The gateway with a downlink path (PULL_DATA seen), when exactly one has one.
+    pub fn only_downlink_gateway(&self) -> Option<Eui64> {
+        let m = self.0.lock().ok()?;
+        let mut with_path = m.iter().filter(|(_, g)| g.pull_addr.is_some());
+        match (with_path.next(), with_path.next()) {
+            (Some((eui, _)), None) => Some(*eui),
+            _ => None,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -141,6 +151,18 @@ impl Downlinker {
             gateways,
             token: Arc::new(std::sync::atomic::AtomicU16::new(rand::random())),
         }
+    }
+
+    /// The gateway with a downlink path, when exactly one has one.
+    pub(crate) fn only_downlink_gateway(&self) -> Option<Eui64> {
+        self.gateways.only_downlink_gateway()
+    }
+
+    /// Whether this gateway's forwarder has sent PULL_DATA (so a PULL_RESP can reach it).
+    pub(crate) fn has_downlink_path(&self, gateway: Eui64) -> bool {
+        self.gateways
+            .get(&gateway)
+            .is_some_and(|g| g.pull_addr.is_some())
     }
 
     /// Send one `txpk` to a gateway; returns the token its TX_ACK will carry.

@@ -206,6 +206,12 @@ impl AdrState {
         *self = Self::default();
     }
 
+    /// Forget the uplink history, keeping the acknowledged parameters (a LinkADRReq the
+    /// device never answered: decide again from new uplinks).
+    pub fn reset_history(&mut self) {
+        self.history.clear();
+    }
+
     /// The recorded uplinks, oldest first.
     pub fn history(&self) -> impl ExactSizeIterator<Item = &UplinkRecord> {
         self.history.iter()

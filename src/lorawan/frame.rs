@@ -79,6 +79,9 @@ pub struct DataUpHeader {
     pub f_cnt16: u16,
     pub confirmed: bool,
     pub adr: bool,
+    /// ADRACKReq (LoRaWAN 1.0.x §4.3.1.1): the device asks for any downlink to know it is
+    /// still heard at its data rate.
+    pub adr_ack_req: bool,
     pub ack: bool,
     pub f_port: Option<u8>,
 }
@@ -107,6 +110,7 @@ pub fn peek_data_up(phy: &[u8]) -> Result<DataUpHeader, FrameError> {
         f_cnt16: fhdr.fcnt(),
         confirmed,
         adr: fctrl.adr(),
+        adr_ack_req: fctrl.adr_ack_req(),
         ack: fctrl.ack(),
         f_port: p.f_port(),
     })
@@ -224,6 +228,8 @@ pub struct DataFrame<'a> {
     pub dev_addr: DevAddr,
     pub f_cnt: u32,
     pub adr: bool,
+    /// Uplinks only: ADRACKReq.
+    pub adr_ack_req: bool,
     pub ack: bool,
     pub f_pending: bool,
     pub f_port: Option<u8>,
@@ -259,6 +265,9 @@ pub fn encode(
     let mut fctrl = lorawan::parser::FCtrl::new(0, f.uplink);
     if f.adr {
         fctrl.set_adr();
+    }
+    if f.adr_ack_req && f.uplink {
+        fctrl.set_adr_ack_req();
     }
     if f.ack {
         fctrl.set_ack();
@@ -330,6 +339,7 @@ mod tests {
             dev_addr: DevAddr(0x2600_0001),
             f_cnt: 0x1_0007,
             adr: true,
+            adr_ack_req: false,
             ack: false,
             f_pending: false,
             f_port: Some(5),
@@ -363,5 +373,76 @@ mod tests {
         assert_eq!(peek_data_up(&[0x40; 5]), Err(FrameError::TooShort(5)));
         assert_eq!(kind(&[0x00, 1, 2]), FrameKind::JoinRequest);
         assert_eq!(kind(&[0xE0]), FrameKind::Other);
+    }
+
+    /// A downlink whose MAC commands ride FPort 0, checked against the specification computed
+    /// here with AES and CMAC directly (LoRaWAN 1.0.x §4.3.3: FRMPayload of FPort 0 encrypted
+    /// with NwkSKey, A_i = 0x01 | 0^4 | Dir | DevAddr | FCnt | 0 | i; §4.4: MIC over
+    /// B0 | MHDR..FRMPayload).
+    #[test]
+    fn fport0_downlink_matches_the_specification() {
+        use aes::cipher::{BlockEncrypt, KeyInit};
+        use cmac::Mac;
+        let nwk = AesKey([0x2B; 16]);
+        let app = AesKey([0x7E; 16]);
+        // Three NewChannelReq (6 bytes each): 18 bytes, more than FOpts holds.
+        let cmd = |i: u8| MacCmd {
+            cid: 0x07,
+            payload: vec![i, 0x18, 0x4F, 0x84, 0x50],
+        };
+        let mac = [cmd(3), cmd(4), cmd(5)];
+        let f = DataFrame {
+            uplink: false,
+            confirmed: false,
+            dev_addr: DevAddr(0x2600_0001),
+            f_cnt: 0x1_0002,
+            adr: true,
+            adr_ack_req: false,
+            ack: false,
+            f_pending: false,
+            f_port: Some(0),
+            payload: &[],
+            mac: &mac,
+        };
+        let phy = encode(&f, &nwk, &app).unwrap();
+        let plain: Vec<u8> = mac.iter().flat_map(|m| m.to_bytes()).collect();
+        // MHDR 0x60 (unconfirmed down), DevAddr LE, FCtrl (ADR, FOptsLen 0), FCnt LE (16 bits),
+        // FPort 0, 18 encrypted bytes, 4 MIC bytes.
+        assert_eq!(phy.len(), 1 + 4 + 1 + 2 + 1 + 18 + 4);
+        assert_eq!(
+            &phy[..9],
+            &[0x60, 0x01, 0x00, 0x00, 0x26, 0x80, 0x02, 0x00, 0x00]
+        );
+        let aes = aes::Aes128::new(&nwk.0.into());
+        let mut expected = Vec::new();
+        for (i, chunk) in plain.chunks(16).enumerate() {
+            let mut a = [0u8; 16];
+            a[0] = 0x01;
+            a[5] = 1; // downlink
+            a[6..10].copy_from_slice(&0x2600_0001u32.to_le_bytes());
+            a[10..14].copy_from_slice(&0x1_0002u32.to_le_bytes());
+            a[15] = i as u8 + 1;
+            let mut block = a.into();
+            aes.encrypt_block(&mut block);
+            expected.extend(chunk.iter().zip(block.iter()).map(|(p, k)| p ^ k));
+        }
+        assert_eq!(&phy[9..27], &expected[..]);
+        let msg = &phy[..27];
+        let mut b0 = [0u8; 16];
+        b0[0] = 0x49;
+        b0[5] = 1;
+        b0[6..10].copy_from_slice(&0x2600_0001u32.to_le_bytes());
+        b0[10..14].copy_from_slice(&0x1_0002u32.to_le_bytes());
+        b0[15] = msg.len() as u8;
+        let mut cmac = <cmac::Cmac<aes::Aes128> as Mac>::new_from_slice(&nwk.0).unwrap();
+        cmac.update(&b0);
+        cmac.update(msg);
+        assert_eq!(&phy[27..], &cmac.finalize().into_bytes()[..4]);
+        // And the device side reads the commands back.
+        let o = decrypt(&phy, &nwk, &app, 0x1_0002).unwrap();
+        assert_eq!(
+            (o.f_port, o.frm_payload, o.f_opts.len()),
+            (Some(0), plain, 0)
+        );
     }
 }

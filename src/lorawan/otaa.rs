@@ -279,8 +279,12 @@ mod tests {
         let cf = ja.cf_list.unwrap();
         assert_eq!(
             &cf[..15],
-            &crate::lorawan::region::join_cf_list(crate::lorawan::region::Region::EU868, None)
-                .unwrap()[..15]
+            &crate::lorawan::region::join_cf_list(
+                crate::lorawan::region::Region::EU868,
+                None,
+                crate::lorawan::region::extra_channels(crate::lorawan::region::Region::EU868),
+            )
+            .unwrap()[..15]
         );
         assert_eq!(
             encode_join_accept(&ja, &key),
@@ -314,7 +318,11 @@ mod tests {
         assert_eq!(ja.cf_list.map(|c| c.to_vec()), Some(cf));
         assert_eq!(
             ja.cf_list,
-            crate::lorawan::region::join_cf_list(crate::lorawan::region::Region::EU868, None),
+            crate::lorawan::region::join_cf_list(
+                crate::lorawan::region::Region::EU868,
+                None,
+                crate::lorawan::region::extra_channels(crate::lorawan::region::Region::EU868),
+            ),
             "867.1..867.9 MHz, type 0"
         );
         // The network side produces TTN's bytes exactly (MIC and encryption over the CFList).

@@ -592,19 +592,33 @@ pub fn channel_mask_cf_list(sub_band: u8) -> Option<[u8; 16]> {
     Some(c)
 }
 
-/// The JoinAccept CFList lorastream sends: type 0 with [`extra_channels`] where the region has
-/// network-defined channels (none for IN865), type 1 for the configured sub-band in US915 and
-/// AU915 (none without one: the device keeps all 72 channels). Devices of LoRaWAN 1.0.0–1.0.2
-/// ignore a type 1 CFList.
-pub fn join_cf_list(region: Region, sub_band: Option<u8>) -> Option<[u8; 16]> {
+/// The JoinAccept CFList lorastream sends: type 0 with the extra channels (`extra`, by default
+/// [`extra_channels`]) where the region has network-defined channels, type 1 for the configured
+/// sub-band in US915 and AU915 (none without one: the device keeps all 72 channels). Devices of
+/// LoRaWAN 1.0.0–1.0.2 ignore a type 1 CFList.
+pub fn join_cf_list(region: Region, sub_band: Option<u8>, extra: &[u32]) -> Option<[u8; 16]> {
     if region.has_fixed_channels() {
         return sub_band.and_then(channel_mask_cf_list);
     }
-    let extra = extra_channels(region);
     if extra.is_empty() {
         return None;
     }
     cf_list_frequencies(extra).ok()
+}
+
+/// The frequencies (Hz) a region's uplink channels may use (RP002-1.0.4 band definitions):
+/// EU868 863–870, US915 902–928, AU915 915–928, AS923 915–928, KR920 920.9–923.3,
+/// IN865 865–867 MHz.
+pub fn uplink_band_hz(region: Region) -> (u32, u32) {
+    match region {
+        Region::EU868 => (863_000_000, 870_000_000),
+        Region::US915 => (902_000_000, 928_000_000),
+        Region::KR920 => (920_900_000, 923_300_000),
+        Region::IN865 => (865_000_000, 867_000_000),
+        Region::AU915 | Region::AS923_1 | Region::AS923_2 | Region::AS923_3 | Region::AS923_4 => {
+            (915_000_000, 928_000_000)
+        }
+    }
 }
 
 /// Default MaxEIRP (dBm) of the end-device, the base of the TXPower table (RP002-1.0.4 "Data
@@ -1390,7 +1404,7 @@ mod tests {
         // 8677000 = 0x846688, 8679000 = 0x846E58 — the CFList TTN sent in the JoinAccept capture
         // that lorastream's otaa.rs tests ("184F84E85684B85E84886684586E8400").
         assert_eq!(
-            join_cf_list(EU868, None),
+            join_cf_list(EU868, None, extra_channels(EU868)),
             Some([
                 0x18, 0x4F, 0x84, 0xE8, 0x56, 0x84, 0xB8, 0x5E, 0x84, 0x88, 0x66, 0x84, 0x58, 0x6E,
                 0x84, 0x00
@@ -1399,7 +1413,7 @@ mod tests {
         // KR920 922.7/922.9/923.1/923.3 MHz: 9227000 = 0x8CCAF8, 9229000 = 0x8CD2C8,
         // 9231000 = 0x8CDA98, 9233000 = 0x8CE268; slot 5 empty.
         assert_eq!(
-            join_cf_list(KR920, None),
+            join_cf_list(KR920, None, extra_channels(KR920)),
             Some([
                 0xF8, 0xCA, 0x8C, 0xC8, 0xD2, 0x8C, 0x98, 0xDA, 0x8C, 0x68, 0xE2, 0x8C, 0, 0, 0, 0
             ])
@@ -1407,7 +1421,7 @@ mod tests {
         // AS923-1 923.6..924.4 MHz: 9236000 = 0x8CEE20, 9238000 = 0x8CF5F0, 9240000 = 0x8CFDC0,
         // 9242000 = 0x8D0590, 9244000 = 0x8D0D60.
         assert_eq!(
-            join_cf_list(AS923_1, None),
+            join_cf_list(AS923_1, None, extra_channels(AS923_1)),
             Some([
                 0x20, 0xEE, 0x8C, 0xF0, 0xF5, 0x8C, 0xC0, 0xFD, 0x8C, 0x90, 0x05, 0x8D, 0x60, 0x0D,
                 0x8D, 0x00
@@ -1416,31 +1430,41 @@ mod tests {
         // AS923-2 first slot 921.8 MHz: 9218000 = 0x8CA7D0; AS923-3 first 917.0 MHz:
         // 9170000 = 0x8BEC50; AS923-4 third 919.3 MHz: 9193000 = 0x8C4628.
         assert_eq!(
-            join_cf_list(AS923_2, None).unwrap()[..3],
+            join_cf_list(AS923_2, None, extra_channels(AS923_2)).unwrap()[..3],
             [0xD0, 0xA7, 0x8C]
         );
         assert_eq!(
-            join_cf_list(AS923_3, None).unwrap()[..3],
+            join_cf_list(AS923_3, None, extra_channels(AS923_3)).unwrap()[..3],
             [0x50, 0xEC, 0x8B]
         );
         assert_eq!(
-            join_cf_list(AS923_4, None).unwrap()[6..9],
+            join_cf_list(AS923_4, None, extra_channels(AS923_4)).unwrap()[6..9],
             [0x28, 0x46, 0x8C]
         );
         // IN865: default channels only.
-        assert_eq!(join_cf_list(IN865, None), None);
+        assert_eq!(join_cf_list(IN865, None, extra_channels(IN865)), None);
         // US915/AU915: type 1 for a sub-band (sub-band 2: channels 8..15 and 65), else none.
         assert_eq!(
-            join_cf_list(US915, Some(2)),
+            join_cf_list(US915, Some(2), extra_channels(US915)),
             Some([0x00, 0xFF, 0, 0, 0, 0, 0, 0, 0x02, 0, 0, 0, 0, 0, 0, 0x01])
         );
         assert_eq!(
-            join_cf_list(AU915, Some(8)),
+            join_cf_list(AU915, Some(8), extra_channels(AU915)),
             Some([0, 0, 0, 0, 0, 0, 0, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0x01])
         );
-        assert_eq!(join_cf_list(US915, None), None);
-        assert_eq!(join_cf_list(US915, Some(9)), None);
-        assert_eq!(join_cf_list(EU868, Some(2)), join_cf_list(EU868, None));
+        assert_eq!(join_cf_list(US915, None, extra_channels(US915)), None);
+        assert_eq!(join_cf_list(US915, Some(9), extra_channels(US915)), None);
+        assert_eq!(
+            join_cf_list(EU868, Some(2), extra_channels(EU868)),
+            join_cf_list(EU868, None, extra_channels(EU868))
+        );
+        // A configured plan replaces the region's; none means no CFList.
+        assert_eq!(join_cf_list(EU868, None, &[]), None);
+        assert_eq!(
+            join_cf_list(EU868, None, &[868_800_000]).unwrap()[..3],
+            // 868.8 MHz = 8688000 × 100 Hz = 0x849180, little-endian
+            [0x80, 0x91, 0x84]
+        );
         // The builder's limits.
         assert_eq!(
             cf_list_frequencies(&[1; 6]),

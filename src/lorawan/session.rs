@@ -58,7 +58,19 @@ pub struct Device {
     /// OTAA: a session from a JoinAccept the device has not used yet. The previous session
     /// stays valid until the first uplink on this one (LoRaWAN 1.0.x §6.2.5).
     pub pending: Option<Session>,
+    /// The network may manage this device's data rate (`adr` of its `[[device]]`).
+    pub adr: bool,
+    /// ABP: a counter that restarts near 0 starts a new counting epoch instead of being
+    /// refused as a replay (`resets_f_cnt`; see [`RESET_WINDOW`]).
+    pub resets_f_cnt: bool,
+    /// The network's MAC state of the device (ADR, pending commands, DevStatus, ...).
+    pub mac: super::mac_state::MacState,
 }
+
+/// With `resets_f_cnt`, an on-air counter below this, lower than the last one, is a restart
+/// of the device's counter. The price: a captured frame with such a counter is accepted again
+/// once (documented in the README, "Devices that reset their frame counter").
+pub const RESET_WINDOW: u16 = 16;
 
 /// Outcome of [`Registry::open_join_request`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +96,8 @@ pub enum Verdict {
         opened: Opened,
         /// First uplink on a session from a JoinAccept: it is now the device's session.
         joined: bool,
+        /// The device restarted its counter (`resets_f_cnt`): a new counting epoch.
+        reset: bool,
     },
     /// Not a data-up frame, or malformed.
     Malformed,
@@ -219,10 +233,29 @@ impl Registry {
                 continue;
             };
             let full = fcnt::extend(s.state.f_cnt_up, header.f_cnt16);
-            if !frame::mic_ok(phy, &s.nwk_s_key, full) {
+            let mic = frame::mic_ok(phy, &s.nwk_s_key, full);
+            // An ABP device that restarted its counter: the frame authenticates with the small
+            // on-air counter itself (the extension assumed it rolled over, or it is "old").
+            let restart = d.resets_f_cnt
+                && d.app_key.is_none()
+                && header.f_cnt16 < RESET_WINDOW
+                && s.state
+                    .f_cnt_up
+                    .is_some_and(|l| u32::from(header.f_cnt16) < l)
+                && !matches!(
+                    fcnt::check(s.state.f_cnt_up, header.f_cnt16),
+                    FCntCheck::Fresh(_)
+                )
+                && frame::mic_ok(phy, &s.nwk_s_key, u32::from(header.f_cnt16));
+            if !mic && !restart {
                 continue;
             }
-            return match fcnt::check(s.state.f_cnt_up, header.f_cnt16) {
+            let verdict = if restart {
+                FCntCheck::Fresh(u32::from(header.f_cnt16))
+            } else {
+                fcnt::check(s.state.f_cnt_up, header.f_cnt16)
+            };
+            return match verdict {
                 FCntCheck::Fresh(f_cnt) => {
                     let opened = match frame::decrypt(phy, &s.nwk_s_key, &s.app_s_key, f_cnt) {
                         Ok(o) => o,
@@ -240,6 +273,7 @@ impl Registry {
                         header,
                         opened,
                         joined: pending,
+                        reset: restart,
                     }
                 }
                 FCntCheck::Repeat(f_cnt) => Verdict::Repeat { device: idx, f_cnt },
@@ -268,6 +302,9 @@ mod tests {
             join_eui: None,
             dev_nonce_counts_up: false,
             pending: None,
+            adr: true,
+            resets_f_cnt: false,
+            mac: crate::lorawan::mac_state::MacState::booted(crate::lorawan::region::Region::EU868),
             session: Some(Session {
                 dev_addr: DevAddr(addr),
                 nwk_s_key: AesKey([seed; 16]),
@@ -289,6 +326,7 @@ mod tests {
                 dev_addr: s.dev_addr,
                 f_cnt,
                 adr: false,
+                adr_ack_req: false,
                 ack: false,
                 f_pending: false,
                 f_port: Some(1),
@@ -379,5 +417,70 @@ mod tests {
         );
         let s = r.device(0).session.as_ref().unwrap();
         assert_eq!(s.state.f_cnt_up, Some(0x1_0000));
+    }
+
+    #[test]
+    fn an_abp_counter_restart_is_accepted_only_with_resets_f_cnt() {
+        let verdict = |resets: bool, otaa: bool| {
+            let mut d = dev("a", 0x2600_0001, 1);
+            d.resets_f_cnt = resets;
+            if otaa {
+                d.app_key = Some(AesKey([7; 16]));
+            }
+            let mut r = Registry::new(vec![d]);
+            for f in [100, 101] {
+                let up = frame_for(r.device(0), f, b"x");
+                assert!(matches!(
+                    r.open_uplink(&up),
+                    Verdict::Accepted { reset: false, .. }
+                ));
+            }
+            // The device lost power and counts from 0 again.
+            let restarted = frame_for(r.device(0), 0, b"again");
+            let v = r.open_uplink(&restarted);
+            let next = frame_for(r.device(0), 1, b"next");
+            (v, r.open_uplink(&next))
+        };
+        let (v, next) = verdict(true, false);
+        assert!(
+            matches!(
+                v,
+                Verdict::Accepted {
+                    f_cnt: 0,
+                    reset: true,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
+        assert!(matches!(
+            next,
+            Verdict::Accepted {
+                f_cnt: 1,
+                reset: false,
+                ..
+            }
+        ));
+        // Without the option, or for a device that joins (a new session resets counters):
+        // a replay.
+        for (resets, otaa) in [(false, false), (true, true)] {
+            let (v, _) = verdict(resets, otaa);
+            assert_eq!(
+                v,
+                Verdict::Replay {
+                    device: 0,
+                    f_cnt16: 0
+                },
+                "{resets} {otaa}"
+            );
+        }
+        // A restart is a counter near 0: 16 and above stays a replay.
+        let mut d = dev("a", 0x2600_0001, 1);
+        d.resets_f_cnt = true;
+        let mut r = Registry::new(vec![d]);
+        let up = frame_for(r.device(0), 100, b"x");
+        r.open_uplink(&up);
+        let old = frame_for(r.device(0), u32::from(RESET_WINDOW), b"x");
+        assert!(matches!(r.open_uplink(&old), Verdict::Replay { .. }));
     }
 }

@@ -50,6 +50,7 @@ pub fn uplink(dev: u64, f_cnt: u32) -> Uplink {
         payload: vec![0xAB; 20],
         settings: settings(),
         rx: vec![rx(Eui64::from_u64(2))],
+        dev_status: None,
     }
 }
 

@@ -6,6 +6,7 @@
 //! everything after the socket is exactly what a Raspberry Pi with a concentrator would cause.
 //! [`fixtures`] has sample records for tests and benchmarks.
 
+pub mod device_mac;
 pub mod fixtures;
 
 use crate::lorawan::frame::{encode, open_downlink, DataFrame, FrameError, MacCmd, OpenedDownlink};
@@ -24,6 +25,22 @@ pub struct SimDevice {
     pub app_s_key: AesKey,
     /// Next FCntUp.
     pub f_cnt: u32,
+    /// Set the ADR bit in uplinks (the network may then manage the data rate).
+    pub adr: bool,
+}
+
+/// Options of one simulated uplink.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UplinkOpts<'a> {
+    pub f_port: Option<u8>,
+    pub payload: &'a [u8],
+    pub confirmed: bool,
+    /// ACK of the last confirmed downlink.
+    pub ack: bool,
+    /// ADRACKReq.
+    pub adr_ack_req: bool,
+    /// MAC commands in FOpts.
+    pub mac: &'a [MacCmd],
 }
 
 impl SimDevice {
@@ -46,18 +63,31 @@ impl SimDevice {
         ack: bool,
         mac: &[MacCmd],
     ) -> Result<Vec<u8>, FrameError> {
+        self.uplink_opts(&UplinkOpts {
+            f_port,
+            payload,
+            confirmed,
+            ack,
+            adr_ack_req: false,
+            mac,
+        })
+    }
+
+    /// Build the next uplink with every header option.
+    pub fn uplink_opts(&mut self, o: &UplinkOpts<'_>) -> Result<Vec<u8>, FrameError> {
         let phy = encode(
             &DataFrame {
                 uplink: true,
-                confirmed,
+                confirmed: o.confirmed,
                 dev_addr: self.dev_addr,
                 f_cnt: self.f_cnt,
-                adr: true,
-                ack,
+                adr: self.adr,
+                adr_ack_req: o.adr_ack_req,
+                ack: o.ack,
                 f_pending: false,
-                f_port,
-                payload,
-                mac,
+                f_port: o.f_port,
+                payload: o.payload,
+                mac: o.mac,
             },
             &self.nwk_s_key,
             &self.app_s_key,
@@ -306,6 +336,7 @@ pub fn demo_devices() -> Vec<(SimDevice, &'static str)> {
         nwk_s_key: AesKey([0x10 + i; 16]),
         app_s_key: AesKey([0x20 + i; 16]),
         f_cnt: 0,
+        adr: false,
     };
     vec![
         (mk(1, "soil-1"), "70B3D57ED0000001"),

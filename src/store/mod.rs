@@ -7,6 +7,7 @@
 //! | `meta`        | `"schema"`           | `lorastream-store-v1`          |
 //! | `devices`     | DevEUI (8 bytes)     | [`SessionState`] (postcard)    |
 //! | `devices`     | DevEUI + `d`         | FCntDown (see `sessions.rs`)   |
+//! | `devices`     | DevEUI + `m`         | MAC state (ADR, pending MAC commands, DevStatus) |
 //! | `otaa`        | DevEUI (+ `p`)       | joined / pending OTAA session  |
 //! | `otaa`        | DevEUI + `n` / + `j` | used DevNonces / last JoinNonce |
 //! | `down`        | DevEUI + sequence    | [`DownlinkItem`](crate::model::DownlinkItem) |
@@ -56,6 +57,7 @@
 //! | `committer.rs` | group commits and checkpoints, retries on a failing disk, [`StoreHealth`] |
 //! | `journal.rs` | the append-only journal of the current window |
 //! | `queue.rs` | one stream's queue (overlay of unsaved records and pending deletes) |
+//! | `records.rs` | the stored form of a record, versioned; older versions still read |
 //! | `backend.rs` | the storage engines (redb, sled) behind seven operations |
 //! | `sessions.rs` | frame counters and OTAA sessions, nonces |
 //! | `downlinks.rs` | per-device downlink queues |
@@ -66,6 +68,7 @@ mod downlinks;
 mod journal;
 mod open;
 mod queue;
+mod records;
 mod sessions;
 
 pub use open::inspect;
@@ -77,7 +80,7 @@ use crate::lorawan::session::SessionState;
 use crate::model::{Eui64, Record};
 use backend::Backend;
 use committer::Health;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -122,8 +125,10 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot encode record: {0}")]
+    #[error("cannot encode: {0}")]
     Encode(#[from] postcard::Error),
+    #[error(transparent)]
+    Record(#[from] records::RecordError),
     #[error("store at {path} was written by something else (schema {found:?}); move it away")]
     Schema { path: PathBuf, found: String },
     #[error("cannot fsync the store file {path}: {source} (is the disk full or failing?)")]
@@ -291,6 +296,15 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// A device's state to save with an append: its counters and, when it changed, its MAC state
+/// (already encoded, see [`crate::lorawan::mac_state::stored`]).
+#[derive(Debug, Clone)]
+pub struct DeviceUpdate {
+    pub dev_eui: Eui64,
+    pub session: SessionState,
+    pub mac: Option<Vec<u8>>,
+}
+
 /// One record to append and the queues it goes to.
 pub struct Entry<'a> {
     pub record: &'a Record,
@@ -351,19 +365,28 @@ impl Store {
     pub async fn append(
         &self,
         entries: &[Entry<'_>],
-        sessions: &[(Eui64, SessionState)],
+        devices: &[DeviceUpdate],
     ) -> Result<Appended, StoreError> {
         let queues = self.queues();
         let mut per_queue: Vec<Vec<(u64, Arc<Vec<u8>>)>> = vec![Vec::new(); queues.len()];
         let mut keys: Vec<Vec<(u64, u64)>> = vec![Vec::new(); queues.len()];
         let mut out = Appended::default();
         for e in entries {
-            let bytes = Arc::new(postcard::to_stdvec(e.record)?);
+            let bytes = Arc::new(records::encode(e.record)?);
             let seq = self.next_seq();
             for &qi in e.queues {
                 let Some(q) = queues.get(qi) else { continue };
                 let size = bytes.len() as u64;
-                match q.make_room(size, &queues)? {
+                let before = per_queue[qi].len();
+                let room = q.make_room(size, &queues, &mut per_queue[qi])?;
+                if per_queue[qi].len() < before {
+                    // Records of this very batch gave way (the queue held nothing older).
+                    let gone = (before - per_queue[qi].len()) as u64;
+                    let kept: HashSet<u64> = per_queue[qi].iter().map(|(s, _)| *s).collect();
+                    keys[qi].retain(|(_, s)| kept.contains(s));
+                    out.written -= gone;
+                }
+                match room {
                     queue::Room::Ok { evicted } => out.evicted += evicted,
                     queue::Room::Rejected => {
                         out.rejected += 1;
@@ -380,9 +403,12 @@ impl Store {
                 out.written += 1;
             }
         }
-        let mut session_puts = Vec::with_capacity(sessions.len());
-        for (eui, st) in sessions {
-            session_puts.push((eui.0.to_vec(), postcard::to_stdvec(st)?));
+        let mut session_puts = Vec::with_capacity(devices.len());
+        for d in devices {
+            session_puts.push((d.dev_eui.0.to_vec(), postcard::to_stdvec(&d.session)?));
+            if let Some(m) = &d.mac {
+                session_puts.push((sessions::mac_key(d.dev_eui).to_vec(), m.clone()));
+            }
         }
         if out.written == 0 && session_puts.is_empty() {
             return Ok(out);

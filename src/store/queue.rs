@@ -127,7 +127,7 @@ impl Queue {
             bytes += v.len() as u64;
             if let Some(seq) = key_seq(k) {
                 last = Some(seq);
-                if let Ok(r) = postcard::from_bytes::<Record>(v) {
+                if let Ok(r) = super::records::decode(v) {
                     last_by_key.insert(r.order_key(), seq);
                 }
             }
@@ -340,7 +340,7 @@ impl Queue {
 
     /// Decode a queued record; one that cannot be decoded is removed and counted as corrupt.
     fn decode(&self, seq: u64, v: &[u8]) -> Result<Option<Record>, StoreError> {
-        match postcard::from_bytes::<Record>(v) {
+        match super::records::decode(v) {
             Ok(r) => Ok(Some(r)),
             Err(e) => {
                 tracing::error!(stream = %self.inner.name, seq, error = %e, "unreadable record removed from the queue");
@@ -535,7 +535,16 @@ impl Queue {
     /// Make room for `size` bytes under `max_bytes`, per this queue's `when_full` policy.
     /// `drop_oldest` evicts the oldest record of the largest queue that also drops oldest, so a
     /// dead stream's backlog gives way to live traffic.
-    pub(super) fn make_room(&self, size: u64, all: &[Queue]) -> Result<Room, StoreError> {
+    ///
+    /// `pending` are this queue's records of the append in progress (reserved in the total but
+    /// not inserted yet): newer than anything queued, so they give way only once the queue
+    /// itself is empty — a batch larger than the cap keeps its newest records.
+    pub(super) fn make_room(
+        &self,
+        size: u64,
+        all: &[Queue],
+        pending: &mut Vec<Raw>,
+    ) -> Result<Room, StoreError> {
         let mut evicted = 0;
         loop {
             let total = self.inner.shared.total_bytes.load(Ordering::Relaxed);
@@ -551,6 +560,18 @@ impl Queue {
                 .filter(|q| q.inner.when_full == WhenFull::DropOldest && !q.is_empty())
                 .max_by_key(|q| q.inner.bytes.load(Ordering::Relaxed));
             let Some(victim) = victim else {
+                if self.inner.when_full == WhenFull::DropOldest && !pending.is_empty() {
+                    let (_, v) = pending.remove(0);
+                    let n = v.len() as u64;
+                    let _ = self.inner.shared.total_bytes.fetch_update(
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                        |t| Some(t.saturating_sub(n)),
+                    );
+                    self.count_drop(DropReason::QueueFullOldest, 1);
+                    evicted += 1;
+                    continue;
+                }
                 self.count_drop(DropReason::QueueFullRejected, 1);
                 return Ok(Room::Rejected);
             };
@@ -574,7 +595,7 @@ impl Queue {
     pub(super) fn expire_before(&self, cutoff_us: i64) -> Result<u64, StoreError> {
         let mut n = 0;
         while let Some((seq, v)) = self.first()? {
-            let old = postcard::from_bytes::<Record>(&v)
+            let old = super::records::decode(&v)
                 .map(|r| r.received_at_us() < cutoff_us)
                 .unwrap_or(true);
             if !old {
@@ -683,7 +704,7 @@ impl Queue {
             .first()
             .ok()
             .flatten()
-            .and_then(|(_, v)| postcard::from_bytes::<Record>(&v).ok())
+            .and_then(|(_, v)| super::records::decode(&v).ok())
             .map(|r| ((now_us() - r.received_at_us()).max(0) as f64) / 1e6)
             .unwrap_or(0.0);
         QueueStats {

@@ -53,6 +53,14 @@ fn down_key(eui: Eui64) -> [u8; 9] {
     k
 }
 
+/// The key of a device's MAC state.
+pub(super) fn mac_key(eui: Eui64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[..8].copy_from_slice(&eui.0);
+    k[8] = b'm';
+    k
+}
+
 fn pending_key(eui: Eui64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[..8].copy_from_slice(&eui.0);
@@ -122,6 +130,30 @@ impl Store {
             }
         }
         Ok(ups)
+    }
+
+    /// Saved MAC states (encoded: [`crate::lorawan::mac_state::stored`]), by device.
+    pub fn load_mac_states(&self) -> Result<Vec<(Eui64, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        self.engine()?.scan(DEVICES, |k, v| {
+            if let (9, Some(b'm')) = (k.len(), k.get(8)) {
+                if let Ok(eui) = <[u8; 8]>::try_from(&k[..8]) {
+                    out.push((Eui64(eui), v.to_vec()));
+                }
+            }
+        })?;
+        // A state appended but not yet checkpointed is newer than the engine's.
+        if let Ok(s) = self.inner.sessions.lock() {
+            for (k, v) in s.iter() {
+                if k.len() == 9 && k[8] == b'm' {
+                    if let Ok(eui) = <[u8; 8]>::try_from(&k[..8]) {
+                        out.retain(|(e, _)| e.0 != eui);
+                        out.push((Eui64(eui), v.clone()));
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Persist the next FCntDown and fsync. Call before the downlink that uses the previous

@@ -86,7 +86,7 @@ async fn append_read_ack_and_reopen() {
 async fn cap_drop_oldest_and_reject_new_count_exactly() {
     for backend in BACKENDS {
         let dir = tempfile::tempdir().unwrap();
-        let size = postcard::to_stdvec(&uplink(0)).unwrap().len() as u64;
+        let size = records::encode(&uplink(0)).unwrap().len() as u64;
         // Room for exactly 10 records (all queues together).
         let c = cfg_for(backend, dir.path(), size * 10, 100);
         let (s, _) = Store::open(
@@ -120,6 +120,36 @@ async fn cap_drop_oldest_and_reject_new_count_exactly() {
         let out = append_to(&s, &r, &[qi_new]).await;
         assert_eq!(out.written, 1);
         assert_eq!(new.len(), 1);
+    }
+}
+
+/// One append carrying more records than the cap (a busy uplink stage batches): a drop_oldest
+/// queue keeps the newest of the batch and counts the rest as dropped oldest, never as
+/// rejected; the bytes stay under the cap.
+#[tokio::test]
+async fn a_batch_larger_than_the_cap_keeps_its_newest_records() {
+    for backend in BACKENDS {
+        let dir = tempfile::tempdir().unwrap();
+        let size = records::encode(&uplink(0)).unwrap().len() as u64;
+        let c = cfg_for(backend, dir.path(), size * 4, 100);
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        append_to(&s, &uplink(0), &[0]).await;
+        let batch: Vec<Record> = (1..10).map(uplink).collect();
+        let entries: Vec<Entry> = batch
+            .iter()
+            .map(|r| Entry {
+                record: r,
+                queues: &[0],
+            })
+            .collect();
+        let out = s.append(&entries, &[]).await.unwrap();
+        assert_eq!((out.written, out.rejected, out.evicted), (4, 0, 6));
+        let a = s.queue("a").unwrap();
+        assert_eq!(fcnts(&a), vec![6, 7, 8, 9]);
+        assert_eq!(a.stats().dropped.get("queue_full_drop_oldest"), Some(&6));
+        assert_eq!(a.stats().dropped.get("queue_full_reject_new"), None);
+        assert_eq!(s.total_bytes(), size * 4);
+        assert_eq!(a.len(), 4);
     }
 }
 
@@ -205,7 +235,11 @@ async fn the_group_commit_window_is_journaled_and_replayed_after_a_kill() {
                         record: &r,
                         queues: &[0],
                     }],
-                    &[(Eui64::from_u64(1), st)],
+                    &[DeviceUpdate {
+                        dev_eui: Eui64::from_u64(1),
+                        session: st,
+                        mac: None,
+                    }],
                 )
                 .await
                 .unwrap();

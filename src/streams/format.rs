@@ -149,6 +149,25 @@ struct UplinkMessage<'a> {
     settings: Settings<'a>,
     confirmed: bool,
     received_at: String,
+    /// The last DevStatusAns, as TTS reports it (`{"f_value": percent, "received_at"}`);
+    /// absent on external power or when the device cannot tell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_battery_percentage: Option<FValue>,
+    /// The link margin (dB) of that DevStatusAns (a lorastream field, TTS-like shape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_margin: Option<Margin>,
+}
+
+#[derive(Serialize)]
+struct FValue {
+    f_value: f32,
+    received_at: String,
+}
+
+#[derive(Serialize)]
+struct Margin {
+    value: i8,
+    received_at: String,
 }
 
 #[derive(Serialize)]
@@ -184,6 +203,17 @@ pub fn uplink_json(u: &Uplink, d: Delivery) -> Vec<u8> {
             settings: settings(&u.settings, tmst),
             confirmed: u.confirmed,
             received_at,
+            last_battery_percentage: u.dev_status.and_then(|st| {
+                st.battery_percentage().map(|p| FValue {
+                    // One decimal, as TTS shows it.
+                    f_value: (p * 10.0).round() / 10.0,
+                    received_at: rfc3339(st.received_at_us),
+                })
+            }),
+            last_margin: u.dev_status.map(|st| Margin {
+                value: st.margin,
+                received_at: rfc3339(st.received_at_us),
+            }),
         },
         lorastream: buffered(u.received_at_us, d),
     };

@@ -11,20 +11,22 @@ use crate::store::OtaaSession;
 use std::time::Instant;
 
 /// What OTAA needs from the config.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct JoinSettings {
     /// Region and the RX settings the JoinAccept gives (DLSettings).
     pub plan: window::RxPlan,
     pub net_id: u32,
     /// US915/AU915: the gateway's sub-band, for a channel-mask CFList.
     pub sub_band: Option<u8>,
+    /// Elsewhere: the extra uplink channels (Hz), for a frequency CFList.
+    pub extra_channels: Vec<u32>,
 }
 
 impl JoinSettings {
-    /// The CFList of a JoinAccept (`lorawan::region::join_cf_list`): the region's extra
-    /// channels, or for US915/AU915 the configured sub-band's channel mask.
+    /// The CFList of a JoinAccept (`lorawan::region::join_cf_list`): the extra channels, or
+    /// for US915/AU915 the configured sub-band's channel mask.
     pub fn cf_list(&self) -> Option<[u8; 16]> {
-        crate::lorawan::region::join_cf_list(self.plan.region, self.sub_band)
+        crate::lorawan::region::join_cf_list(self.plan.region, self.sub_band, &self.extra_channels)
     }
 }
 

@@ -27,12 +27,14 @@ use crate::logs::LogLimiter;
 use crate::lorawan::dedup::Dedup;
 use crate::lorawan::frame::{self, FrameKind};
 use crate::lorawan::mac;
+use crate::lorawan::mac_state::{self, MacEvent, MacState, Policy, UplinkFacts};
 use crate::lorawan::otaa::JoinRequest;
+use crate::lorawan::region;
 use crate::lorawan::session::JoinVerdict;
 use crate::lorawan::session::{Registry, SessionState, Verdict};
 use crate::metrics::Metrics;
 use crate::model::{new_id, Eui64, GatewayFrame, Record, Uplink};
-use crate::store::{Entry, Store};
+use crate::store::{DeviceUpdate, Entry, Store};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -40,7 +42,8 @@ use tokio::sync::mpsc;
 #[derive(Default)]
 struct Outputs {
     records: Vec<Record>,
-    sessions: Vec<(Eui64, SessionState)>,
+    /// Devices' counters and MAC state to save with the records.
+    devices: Vec<DeviceUpdate>,
     /// Class A opportunities for the downlink scheduler (sent after the store append).
     opportunities: Vec<UplinkInfo>,
     /// Valid JoinRequests to answer.
@@ -64,6 +67,18 @@ pub struct UplinkStage {
     dedup: Dedup<Reception>,
     warn: LogLimiter,
     join: JoinSettings,
+    /// What the network wants of devices' MAC layers (ADR, RX settings, DevStatus).
+    mac: Policy,
+}
+
+/// The network settings the stage applies (from `[gateway]`).
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// How long copies of a frame from several gateways are awaited.
+    pub dedup_window: Duration,
+    pub join: JoinSettings,
+    /// What the network wants of devices' MAC layers.
+    pub mac: Policy,
 }
 
 impl UplinkStage {
@@ -73,8 +88,7 @@ impl UplinkStage {
         store: Store,
         routes: Routes,
         metrics: Metrics,
-        dedup_window: Duration,
-        join: JoinSettings,
+        net: Network,
     ) -> Self {
         UplinkStage {
             registry,
@@ -82,9 +96,10 @@ impl UplinkStage {
             store,
             routes,
             metrics,
-            dedup: Dedup::new(dedup_window),
+            dedup: Dedup::new(net.dedup_window),
             warn: LogLimiter::new(),
-            join,
+            join: net.join,
+            mac: net.mac,
         }
     }
 
@@ -119,7 +134,7 @@ impl UplinkStage {
             for (phy, rx) in groups.drain(..) {
                 self.decide(&phy, rx, &mut out);
             }
-            self.store_all(&mut out.records, &mut out.sessions).await;
+            self.store_all(&mut out.records, &mut out.devices).await;
             // Only once stored: the downlink scheduler may answer in RX1/RX2. Before the
             // promotions below: their fsync must not eat into the time left for RX1, and a
             // cloud's downlink queued while it runs must not overtake the opportunity.
@@ -141,7 +156,7 @@ impl UplinkStage {
                 self.answer_join(j, &mut out.records).await;
             }
             // Join events for the streams.
-            self.store_all(&mut out.records, &mut out.sessions).await;
+            self.store_all(&mut out.records, &mut out.devices).await;
             if closed {
                 return;
             }
@@ -212,8 +227,8 @@ impl UplinkStage {
             }
             return;
         }
-        let (records, sessions, opportunities) =
-            (&mut out.records, &mut out.sessions, &mut out.opportunities);
+        let (records, devices, opportunities) =
+            (&mut out.records, &mut out.devices, &mut out.opportunities);
         match registry.open_uplink(phy) {
             Verdict::Accepted {
                 device,
@@ -221,16 +236,8 @@ impl UplinkStage {
                 header,
                 opened,
                 joined,
+                reset,
             } => {
-                if joined {
-                    out.promote.push(registry.device(device).dev_eui);
-                }
-                self.metrics.uplink("accepted");
-                let d = registry.device(device);
-                if let Some(s) = &d.session {
-                    sessions.retain(|(e, _)| *e != d.dev_eui);
-                    sessions.push((d.dev_eui, s.state));
-                }
                 // Best reception first: that gateway is the one to answer through.
                 rx.sort_by(|a, b| {
                     b.rx.snr
@@ -238,20 +245,83 @@ impl UplinkStage {
                         .then(b.rx.rssi.cmp(&a.rx.rssi))
                 });
                 let received_at_us = rx.iter().map(|r| r.rx.received_at_us).min().unwrap_or(0);
-                // MAC commands: FOpts, or the whole payload on FPort 0.
-                let mut mac_bytes = opened.f_opts.clone();
-                if opened.f_port == Some(0) {
-                    mac_bytes.extend_from_slice(&opened.frm_payload);
+                let settings = rx[0].settings.clone();
+                let region = self.mac.region;
+                let d = registry.device_mut(device);
+                if joined {
+                    // A new session (LoRaWAN 1.0.x §6.2.5): the device starts from what its
+                    // JoinAccept told it.
+                    out.promote.push(d.dev_eui);
+                    d.mac = MacState::joined(&self.mac);
                 }
-                let (mac, unknown) = mac::parse_uplink_raw(&mac_bytes);
-                if let Some(cid) = unknown {
-                    tracing::debug!(device = %d.id, cid, "unknown MAC command; the rest of the MAC payload is ignored");
+                if reset {
+                    self.metrics.uplink("f_cnt_reset");
+                    tracing::warn!(device = %d.id, f_cnt, "the device restarted its frame counter (resets_f_cnt): accepted as a new epoch");
                 }
+                // MAC commands: FOpts, or the whole payload on FPort 0 — never both
+                // (LoRaWAN 1.0.x §4.3.1.6: such a frame is discarded).
+                let fport0 = opened.f_port == Some(0);
+                if fport0 && !opened.f_opts.is_empty() {
+                    self.metrics.uplink("fport0_with_fopts");
+                    if self.warn.allow() {
+                        tracing::warn!(device = %d.id, f_cnt, "uplink with MAC commands both in FOpts and on FPort 0 discarded (LoRaWAN 1.0.x 4.3.1.6)");
+                    }
+                    // Its counter is used up all the same: a replay of it stays refused.
+                    if let Some(s) = &d.session {
+                        push_update(devices, d.dev_eui, s.state, None);
+                    }
+                    return;
+                }
+                self.metrics.uplink("accepted");
+                let mac_bytes = if fport0 {
+                    &opened.frm_payload
+                } else {
+                    &opened.f_opts
+                };
+                let parsed = mac::parse_uplink(mac_bytes);
+                if let Some(e) = &parsed.error {
+                    tracing::debug!(device = %d.id, error = %e, "MAC commands cut short; the rest is ignored");
+                }
+                let policy = if d.adr {
+                    std::borrow::Cow::Borrowed(&self.mac)
+                } else {
+                    std::borrow::Cow::Owned(Policy {
+                        adr: false,
+                        ..self.mac.clone()
+                    })
+                };
+                let outcome = d.mac.on_uplink(
+                    &policy,
+                    &UplinkFacts {
+                        f_cnt,
+                        dr: region::uplink_dr(region, &settings),
+                        max_snr: rx.iter().map(|r| r.rx.snr).fold(f32::NAN, f32::max),
+                        adr_bit: header.adr,
+                        adr_ack_req: header.adr_ack_req,
+                        answers: &parsed.commands,
+                        gateway: rx.first().map(|r| r.rx.gateway),
+                        now_us: received_at_us,
+                    },
+                );
+                for e in &outcome.events {
+                    mac_event(&self.metrics, &mut self.warn, &d.id, e);
+                }
+                if let Some(s) = &d.session {
+                    push_update(
+                        devices,
+                        d.dev_eui,
+                        s.state,
+                        mac_state::stored::encode(&d.mac).ok(),
+                    );
+                }
+                let asked = |c: &mac::UplinkMac| parsed.commands.iter().any(|x| x == c);
                 opportunities.push(UplinkInfo {
                     device,
                     confirmed: header.confirmed,
                     ack: header.ack,
-                    mac,
+                    link_check_req: asked(&mac::UplinkMac::LinkCheckReq),
+                    device_time_req: asked(&mac::UplinkMac::DeviceTimeReq),
+                    needs_downlink: outcome.needs_downlink,
                     rx: rx.iter().map(|r| r.rx.clone()).collect(),
                     settings: rx[0].settings.clone(),
                     arrived: rx
@@ -260,7 +330,7 @@ impl UplinkStage {
                         .min()
                         .unwrap_or_else(Instant::now),
                 });
-                let settings = rx[0].settings.clone();
+                let d = registry.device(device);
                 let payload = if opened.f_port.unwrap_or(0) > 0 {
                     opened.frm_payload
                 } else {
@@ -280,6 +350,7 @@ impl UplinkStage {
                     payload,
                     settings,
                     rx: rx.into_iter().map(|r| r.rx).collect(),
+                    dev_status: d.mac.dev_status,
                 }));
             }
             Verdict::Malformed => self.metrics.uplink("malformed"),
@@ -313,12 +384,8 @@ impl UplinkStage {
         }
     }
 
-    async fn store_all(
-        &mut self,
-        records: &mut Vec<Record>,
-        sessions: &mut Vec<(Eui64, SessionState)>,
-    ) {
-        if records.is_empty() && sessions.is_empty() {
+    async fn store_all(&mut self, records: &mut Vec<Record>, devices: &mut Vec<DeviceUpdate>) {
+        if records.is_empty() && devices.is_empty() {
             return;
         }
         let mut routes: Vec<Vec<usize>> = Vec::with_capacity(records.len());
@@ -337,7 +404,7 @@ impl UplinkStage {
             .filter(|(_, q)| !q.is_empty())
             .map(|(record, queues)| Entry { record, queues })
             .collect();
-        match self.store.append(&entries, sessions).await {
+        match self.store.append(&entries, devices).await {
             // Queued in memory only (the store logs the disk error, rate-limited).
             Ok(a) if a.unsaved > 0 => self.metrics.store_error(),
             Ok(_) => {}
@@ -349,7 +416,64 @@ impl UplinkStage {
             }
         }
         records.clear();
-        sessions.clear();
+        devices.clear();
+    }
+}
+
+/// Save a device's latest state with this iteration's append (one entry per device: a later
+/// uplink of the same device in the iteration replaces an earlier one).
+fn push_update(
+    devices: &mut Vec<DeviceUpdate>,
+    dev_eui: Eui64,
+    session: SessionState,
+    mac: Option<Vec<u8>>,
+) {
+    devices.retain(|u| u.dev_eui != dev_eui);
+    devices.push(DeviceUpdate {
+        dev_eui,
+        session,
+        mac,
+    });
+}
+
+/// A log line and a metric for what the MAC layer did.
+fn mac_event(metrics: &Metrics, warn: &mut LogLimiter, device: &str, e: &MacEvent) {
+    {
+        match e {
+            MacEvent::AdrApplied(t) => {
+                metrics.mac_event("adr_applied");
+                tracing::info!(%device, dr = t.dr, tx_power = t.tx_power, nb_trans = t.nb_trans, "ADR: the device acknowledged new transmit settings");
+            }
+            MacEvent::AdrRefused(a) => {
+                metrics.mac_event("adr_refused");
+                if warn.allow() {
+                    tracing::warn!(%device, power_ack = a.power_ack, dr_ack = a.dr_ack, ch_mask_ack = a.ch_mask_ack, "ADR: the device refused the new transmit settings; not asked again with the same ones");
+                }
+            }
+            MacEvent::RxApplied(rx) => {
+                metrics.mac_event("rx_applied");
+                tracing::info!(%device, rx1_dr_offset = rx.rx1_dr_offset, rx2_dr = rx.rx2_dr, rx2_freq_hz = rx.rx2_freq_hz, rx_delay_s = rx.rx_delay, "the device acknowledged new receive windows");
+            }
+            MacEvent::RxRefused => {
+                metrics.mac_event("rx_refused");
+                if warn.allow() {
+                    tracing::warn!(%device, "the device refused new receive windows (RXParamSetupReq); downlinks keep its current ones");
+                }
+            }
+            MacEvent::ChannelAdded(i) => {
+                metrics.mac_event("channel_added");
+                tracing::debug!(%device, channel = i, "the device added a channel");
+            }
+            MacEvent::ChannelRefused(i) => {
+                metrics.mac_event("channel_refused");
+                tracing::debug!(%device, channel = i, "the device refused a channel");
+            }
+            MacEvent::DevStatus(st) => {
+                metrics.mac_event("dev_status");
+                tracing::debug!(%device, battery = st.battery, margin = st.margin, "DevStatusAns");
+            }
+            MacEvent::GaveUp(_) => metrics.mac_event("gave_up"),
+        }
     }
 }
 

@@ -93,7 +93,9 @@ impl DaemonSpec {
 
     pub fn toml(&self) -> String {
         let mut s = format!(
-            "[gateway]\nlisten = \"{}\"\neui = \"AA555A00000000FF\"\n",
+            // No extra channels: the simulated devices get no NewChannelReq (see
+            // support::config), so the faults measured are the store's and the streams'.
+            "[gateway]\nlisten = \"{}\"\neui = \"AA555A00000000FF\"\nextra_channels = []\n",
             self.udp
         );
         if let Some(w) = self.dedup_window_ms {

@@ -359,6 +359,7 @@ pub fn device(n: u8) -> SimDevice {
         nwk_s_key: AesKey([n; 16]),
         app_s_key: AesKey([n.wrapping_add(0x80); 16]),
         f_cnt: 0,
+        adr: false,
     }
 }
 
@@ -375,9 +376,12 @@ pub fn device_toml(d: &SimDevice, app: &str) -> String {
 }
 
 /// A config with loopback UDP on port 0, a store in `dir`, no metrics, and `rest` appended.
+/// The gateway has no extra channels (`extra_channels = []`): the test devices keep the
+/// region's default channels and get no NewChannelReq, so tests about other things see only
+/// the downlinks they cause. tests/mac.rs and tests/otaa.rs use the region's plan.
 pub fn config(dir: &Path, rest: &str) -> Config {
     let src = format!(
-        "[gateway]\nlisten = \"127.0.0.1:0\"\ndedup_window_ms = 100\neui = \"AA555A00000000FF\"\n\n[storage]\npath = {:?}\nflush_every_ms = 0\n\n[metrics]\nlisten = \"\"\n\n{rest}",
+        "[gateway]\nlisten = \"127.0.0.1:0\"\ndedup_window_ms = 100\neui = \"AA555A00000000FF\"\nextra_channels = []\n\n[storage]\npath = {:?}\nflush_every_ms = 0\n\n[metrics]\nlisten = \"\"\n\n{rest}",
         dir.join("db").display().to_string()
     );
     Config::parse(&src, "test.toml").unwrap_or_else(|e| panic!("{e}\n{src}"))

@@ -208,25 +208,22 @@ pub fn downlink_request(
     props: &[(String, String)],
     body: &[u8],
 ) -> Option<DownlinkRequest> {
-    let mut body = body.to_vec();
     let mut target = device.map(|(a, d)| (a.to_string(), d.to_string()));
     if target.is_none() {
         if let (Some(a), Some(d)) = (prop(props, "application"), prop(props, "device")) {
             target = Some((a.to_string(), d.to_string()));
         }
     }
-    if !raw {
-        // TTS-style addressing in the body; removed before the contract parser sees it.
-        if let Ok(serde_json::Value::Object(mut m)) = serde_json::from_slice(&body) {
-            if let Some(ids) = m.remove("end_device_ids") {
-                if target.is_none() {
-                    let d = ids["device_id"].as_str();
-                    let a = ids["application_ids"]["application_id"].as_str();
-                    if let (Some(a), Some(d)) = (a, d) {
-                        target = Some((a.to_string(), d.to_string()));
-                    }
-                }
-                body = serde_json::to_vec(&m).unwrap_or_default();
+    let parsed = (!raw).then(|| downlink_json::parse_body(body, stream));
+    let names = parsed
+        .as_ref()
+        .and_then(|p| p.as_ref().ok())
+        .and_then(|b| b.names.clone());
+    if target.is_none() {
+        // TTS-style addressing in the body.
+        if let Some(n) = &names {
+            if let (Some(a), Some(d)) = (&n.application_id, &n.device_id) {
+                target = Some((a.clone(), d.clone()));
             }
         }
     }
@@ -239,13 +236,13 @@ pub fn downlink_request(
         ))),
     };
     let mid = prop(props, "$.mid").map(|m| format!("azure-iot-hub:message-id:{m}"));
-    let items = op.as_ref().map_err(|e| e.clone()).and_then(|_| {
-        if raw {
-            raw_item(stream, props, body).map(|it| vec![it])
-        } else {
-            downlink_json::parse_request(&body, stream)
-        }
-    });
+    let items = op
+        .as_ref()
+        .map_err(|e| e.clone())
+        .and_then(|_| match parsed {
+            Some(p) => p.map(|b| b.items),
+            None => raw_item(stream, props, body.to_vec()).map(|it| vec![it]),
+        });
     let items = items.map(|mut v| {
         if let Some(m) = &mid {
             for it in &mut v {
@@ -260,6 +257,7 @@ pub fn downlink_request(
         device,
         op: op.unwrap_or(DownlinkOp::Push),
         items,
+        names,
     })
 }
 
@@ -472,18 +470,26 @@ mod tests {
             false,
             None,
             &parse_properties("application=farm&device=d%201"),
-            br#"{"downlinks":[{"f_port":2}]}"#,
+            br#"{"downlinks":[{"f_port":2,"frm_payload":""}]}"#,
         )
         .unwrap();
         assert_eq!((r.application.as_str(), r.device.as_str()), ("farm", "d 1"));
         let r = downlink_request("az", false, None, &[],
-            br#"{"end_device_ids":{"device_id":"d2","application_ids":{"application_id":"farm"}},"downlinks":[{"f_port":3}]}"#).unwrap();
+            br#"{"end_device_ids":{"device_id":"d2","application_ids":{"application_id":"farm"}},"downlinks":[{"f_port":3,"frm_payload":""}]}"#).unwrap();
         assert_eq!((r.application.as_str(), r.device.as_str()), ("farm", "d2"));
-        assert_eq!(
-            r.items.unwrap()[0].f_port,
-            3,
-            "end_device_ids removed before parsing"
-        );
+        assert_eq!(r.items.unwrap()[0].f_port, 3);
+        // A device connection whose message names another device: the names travel to the
+        // scheduler, which refuses the request.
+        let r = downlink_request(
+            "az",
+            false,
+            Some(("farm", "d1")),
+            &[],
+            br#"{"end_device_ids":{"device_id":"d2"},"downlinks":[{"f_port":3,"frm_payload":""}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.device, "d1");
+        assert_eq!(r.names.unwrap().device_id.as_deref(), Some("d2"));
         assert!(
             downlink_request("az", false, None, &parse_properties("device=x"), b"{}").is_none()
         );

@@ -279,6 +279,7 @@ fn parse_downlinks(body: &[u8], stream: &str) -> Result<Option<Vec<DownlinkReque
             device: device.clone(),
             op,
             items,
+            names: None,
         };
         let ops: DeviceOps = match serde_json::from_value::<DeviceOps>(v.clone()) {
             Ok(o) if o.push.is_some() || o.replace.is_some() => o,
@@ -322,7 +323,7 @@ mod tests {
     #[test]
     fn downlink_bodies() {
         let ok = parse_downlinks(
-            br#"{"status":"ok","downlinks":{"b":{"push":[{"f_port":2,"frm_payload":"AQI="}]},"a":{"replace":[{"f_port":1}],"push":[{"f_port":3}]}}}"#,
+            br#"{"status":"ok","downlinks":{"b":{"push":[{"f_port":2,"frm_payload":"AQI="}]},"a":{"replace":[{"f_port":1,"frm_payload":""}],"push":[{"f_port":3,"frm_payload":""}]}}}"#,
             "hook",
         )
         .unwrap()

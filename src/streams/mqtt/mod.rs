@@ -184,12 +184,17 @@ impl MqttStream {
             "replace" => DownlinkOp::Replace,
             _ => return None,
         };
+        let (items, names) = match downlink_json::parse_body(payload, &self.ctx.name) {
+            Ok(b) => (Ok(b.items), b.names),
+            Err(e) => (Err(e), None),
+        };
         Some(DownlinkRequest {
             stream: self.ctx.name.clone(),
             application: application.to_string(),
             device: device.to_string(),
             op,
-            items: downlink_json::parse_request(payload, &self.ctx.name),
+            items,
+            names,
         })
     }
 }
