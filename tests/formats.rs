@@ -311,12 +311,16 @@ fn all_events() -> Vec<(String, &'static str, Vec<u8>)> {
         out.push((
             format!("formatter uplink {region}"),
             "UplinkEvent",
-            f.body(&Record::Uplink(rec::uplink()), d).expect("body"),
+            f.body(&Record::Uplink(rec::uplink()), d)
+                .expect("body")
+                .expect("sent"),
         ));
         out.push((
             format!("formatter join {region}"),
             "JoinEvent",
-            f.body(&Record::Join(rec::join()), d).expect("body"),
+            f.body(&Record::Join(rec::join()), d)
+                .expect("body")
+                .expect("sent"),
         ));
         let sent = serde_json::json!({
             "f_cnt": 7, "gateway_ids": {"gateway_id": "eui-aa555a0000000001", "eui": "AA555A0000000001"},

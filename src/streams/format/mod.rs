@@ -15,7 +15,7 @@
 //!
 //! Downlink events are in the stream's format too (TTS `downlink_*` messages; ChirpStack `ack`,
 //! `txack`, `log`; their XML for `xml`), except for `template` streams, whose templates render
-//! records and whose events stay `tts` JSON. Several bodies in one HTTP request
+//! uplinks (and raw frames) only: their events stay `tts` JSON and joins are not sent. Several bodies in one HTTP request
 //! ([`Formatter::batch`]): a JSON array for JSON, a `<messages>` document for XML, plain
 //! concatenation for other template output; with `batch_max = 1` the one body as it is (TTS
 //! webhook style). Lines (`file`, `stdout`): each body followed by a newline unless it ends with
@@ -283,11 +283,13 @@ impl Formatter {
         }
     }
 
-    /// The body of a record.
-    pub fn body(&self, r: &Record, d: Delivery) -> Result<Vec<u8>, FormatError> {
-        Ok(match &self.variant {
+    /// The body of a record; `None` when the format sends nothing for it: a template renders
+    /// uplinks (and raw frames), not joins, which would only fail an uplink template.
+    pub fn body(&self, r: &Record, d: Delivery) -> Result<Option<Vec<u8>>, FormatError> {
+        Ok(Some(match &self.variant {
             Variant::Tts => self.tts(r, d),
             Variant::Xml => xml::record_xml(r, &self.tts(r, d))?,
+            Variant::Template { .. } if matches!(r, Record::Join(_)) => return Ok(None),
             Variant::Template { template, .. } => {
                 template.render_json(&self.tts(r, d))?.into_bytes()
             }
@@ -303,7 +305,7 @@ impl Formatter {
                 // `chirpstack`); should one come anyway, the TTS layout is better than nothing.
                 Record::GatewayFrame(_) => self.tts(r, d),
             },
-        })
+        }))
     }
 
     /// The MQTT topic of a record.
@@ -468,10 +470,11 @@ fn join(shape: Shape, single: bool, mut bodies: Vec<Vec<u8>>) -> Vec<u8> {
     out
 }
 
-/// The body of a queued record in the stream's format; when it has none (a template that
-/// cannot render it), the record is removed from the queue as a dead letter, counted
-/// (`lorastream_stream_errors_total{reason="format_error"}`) and logged (rate-limited), and
-/// `None` is returned: the stream goes on with the next record.
+/// The body of a queued record in the stream's format. `None` means the record has left the
+/// queue and the stream goes on with the next one: the format sends nothing for it (a join on
+/// a template stream: acknowledged), or it cannot be made (a template that cannot render it:
+/// removed as a dead letter, counted as `lorastream_stream_errors_total{reason="format_error"}`
+/// and logged, rate-limited).
 pub(crate) fn render_or_drop(
     ctx: &StreamContext,
     seq: u64,
@@ -479,7 +482,13 @@ pub(crate) fn render_or_drop(
     d: Delivery,
 ) -> Option<Vec<u8>> {
     match ctx.format.body(r, d) {
-        Ok(b) => Some(b),
+        Ok(Some(b)) => Some(b),
+        Ok(None) => {
+            if let Err(err) = ctx.queue.ack(seq) {
+                tracing::error!(stream = %ctx.name, seq, error = %err, "cannot remove a record the format does not send");
+            }
+            None
+        }
         Err(e) => {
             ctx.metrics.stream_error(&ctx.name, "format_error");
             if let Err(err) = ctx.queue.drop_undeliverable(seq, DropReason::DeadLetter) {

@@ -60,12 +60,12 @@ fn tts_adds_join_eui_and_network_ids_and_keeps_lorastream_topics() {
     assert_eq!(f.format(), Format::Tts);
     assert_eq!(f.content_type(), "application/json");
     let otaa = Record::Uplink(uplink("70b3d57ed0000007"));
-    let v = json(&f.body(&otaa, LIVE).unwrap());
+    let v = json(&f.body(&otaa, LIVE).unwrap().unwrap());
     assert_eq!(v["end_device_ids"]["join_eui"], "70B3D57ED00000DC");
     assert_eq!(v["uplink_message"]["network_ids"]["net_id"], "000013");
     assert_eq!(f.topic(&otaa), "lp/farm/devices/meter-7/up");
     let abp = Record::Uplink(uplink("70b3d57ed0000001"));
-    let v = json(&f.body(&abp, LIVE).unwrap());
+    let v = json(&f.body(&abp, LIVE).unwrap().unwrap());
     assert!(
         v["end_device_ids"].get("join_eui").is_none(),
         "ABP: no JoinEUI"
@@ -101,7 +101,7 @@ fn chirpstack_topics_bodies_and_downlinks() {
         f.topic(&r),
         "application/farm/device/70b3d57ed0000007/event/up"
     );
-    let v = json(&f.body(&r, LIVE).unwrap());
+    let v = json(&f.body(&r, LIVE).unwrap().unwrap());
     assert_eq!(v["deviceInfo"]["deviceName"], "meter-7");
     assert_eq!(v["deviceInfo"]["deviceClassEnabled"], "CLASS_C");
     assert_eq!(v["dr"], 5, "SF7/125 kHz is DR5 in EU868");
@@ -298,7 +298,7 @@ fn xml_documents_events_and_batches() {
     let f = formatter("kind = \"http\"\nurl = \"http://localhost/x\"\nformat = \"xml\"");
     assert_eq!(f.content_type(), "application/xml");
     let r = Record::Uplink(uplink("70b3d57ed0000007"));
-    let doc = f.body(&r, LIVE).unwrap();
+    let doc = f.body(&r, LIVE).unwrap().unwrap();
     let text = String::from_utf8(doc.clone()).unwrap();
     let parsed = roxmltree::Document::parse(&text).unwrap();
     assert_eq!(parsed.root_element().tag_name().name(), "application_up");
@@ -371,12 +371,25 @@ fn templates_render_and_batch_by_content_type() {
     ));
     assert_eq!(f.content_type(), "application/json");
     let r = Record::Uplink(uplink("70b3d57ed0000001"));
-    let body = f.body(&r, LIVE).unwrap();
+    let body = f.body(&r, LIVE).unwrap().unwrap();
     let v = json(&body);
     assert_eq!(v["values"]["f_cnt"], 42);
     assert_eq!(v["values"]["device"], "soil-1");
     assert_eq!(v["ts"], 0, "received_at 1 µs after the epoch");
     let arr = json(&f.batch(vec![body.clone(), body.clone()]));
+    // Joins are not rendered (an uplink template would only fail on them).
+    let join = Record::Join(crate::model::Join {
+        id: 1,
+        received_at_us: 1,
+        application: "farm".into(),
+        device: "soil-1".into(),
+        dev_eui: "70b3d57ed0000001".parse().unwrap(),
+        join_eui: Eui64::default(),
+        dev_addr: crate::model::DevAddr(1),
+        settings: fixtures::settings(),
+        rx: vec![],
+    });
+    assert!(f.body(&join, LIVE).unwrap().is_none());
     assert_eq!(arr.as_array().map(Vec::len), Some(2));
     // Events stay TTS JSON.
     let ev = f
@@ -390,7 +403,7 @@ fn templates_render_and_batch_by_content_type() {
         csv.display().to_string()
     ));
     assert_eq!(f.content_type(), "text/plain; charset=utf-8");
-    let line = f.body(&r, LIVE).unwrap();
+    let line = f.body(&r, LIVE).unwrap().unwrap();
     assert_eq!(line, b"soil-1,42\n");
     assert_eq!(Formatter::line(line.clone()), line, "no second newline");
     assert_eq!(
