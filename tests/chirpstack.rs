@@ -265,6 +265,7 @@ async fn chirpstack_consumer_gets_uplinks_and_its_downlinks_reach_the_device() {
         r.command("nonsense", serde_json::json!({"fPort": 1, "data": ""}))
             .await;
         assert!(wait_until(T, || r.daemon.metrics().downlinks("unknown_device") == 1).await);
+        assert!(wait_until(T, || r.daemon.metrics().downlinks("unroutable") == 1).await);
         r.uplink(&mut d, &[4], false, false, 9_000_000).await;
         r.events("up", 5).await;
 

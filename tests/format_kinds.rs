@@ -39,10 +39,10 @@ async fn xml_template_and_chirpstack_on_mqtt_and_file_streams() {
     let mut d = device(1);
     let streams = format!(
         "[[stream]]\nname = \"mx\"\nserver = \"{url}\"\ntopic_prefix = \"mx\"\nformat = \"xml\"\n\n\
-         [[stream]]\nname = \"mt\"\nserver = \"{url}\"\ntopic_prefix = \"mt\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = \"application/json\"\n\n\
+         [[stream]]\nname = \"mt\"\nserver = \"{url}\"\ntopic_prefix = \"mt\"\nformat = \"template\"\ntemplate_file = {:?}\n\n\
          [[stream]]\nname = \"half\"\nserver = \"{url}\"\ntopic_prefix = \"half\"\nformat = \"template\"\ntemplate_file = {:?}\ninflight = 1\n\n\
          [[stream]]\nname = \"fx\"\nkind = \"file\"\npath = {:?}\nformat = \"xml\"\n\n\
-         [[stream]]\nname = \"ft\"\nkind = \"file\"\npath = {:?}\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = \"text/csv\"\n\n\
+         [[stream]]\nname = \"ft\"\nkind = \"file\"\npath = {:?}\nformat = \"template\"\ntemplate_file = {:?}\n\n\
          [[stream]]\nname = \"fc\"\nkind = \"file\"\npath = {:?}\nformat = \"chirpstack\"\n\n\
          [[stream]]\nname = \"fh\"\nkind = \"file\"\npath = {:?}\nformat = \"template\"\ntemplate_file = {:?}\n",
         path("tb.j2"),

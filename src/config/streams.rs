@@ -539,6 +539,7 @@ pub(super) fn build(
         raw.template_file.take(),
         raw.content_type.take(),
         &scope,
+        kind_name,
     )
     .map_err(err)?;
     let downlinks = raw.downlinks.unwrap_or(true);
@@ -580,6 +581,7 @@ fn format(
     template_file: Option<PathBuf>,
     content_type: Option<String>,
     scope: &Scope,
+    kind: Kind,
 ) -> Result<FormatConfig, KeyError> {
     if f != Format::Template {
         if template_file.is_some() {
@@ -625,6 +627,15 @@ fn format(
                     "format = \"template\" needs template_file = \"/etc/lorastream/<name>.j2\" (a Jinja-style template; see docs/formats.md)".into(),
                 ));
             };
+            if content_type.is_some() && !matches!(kind, Kind::Http | Kind::AzureIotHub) {
+                return Err((
+                    "content_type",
+                    format!(
+                        "has no effect on kind = {:?}: only http (Content-Type) and azure-iot-hub ($.ct) streams send a content type",
+                        kind.name()
+                    ),
+                ));
+            }
             let content_type = match content_type {
                 Some(c) => check_content_type(&c).map(|()| c),
                 None => Ok(defaults::TEMPLATE_CONTENT_TYPE.to_string()),

@@ -391,7 +391,7 @@ mod format_tests {
             assert!(out.contains(want), "{want} missing:\n{out}");
         }
         let c = parse(&format!(
-            "kind = \"file\"\npath = \"/tmp/x\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = \"text/csv\"",
+            "kind = \"http\"\nurl = \"http://x/\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = \"text/csv\"",
             tpl.display().to_string()
         ))
         .unwrap();
@@ -473,9 +473,18 @@ mod format_tests {
 
         let good = dir.path().join("good.j2");
         std::fs::write(&good, "{{ received_at }}").unwrap();
+        let e = parse(&format!(
+            "kind = \"stdout\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = \"text/csv\"",
+            good.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("key `content_type`: has no effect on kind = \"stdout\""),
+            "{e}"
+        );
         for ct in ["json", "text/", "text/plain\nx", "a b/c"] {
             let e = parse(&format!(
-                "kind = \"stdout\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = {ct:?}",
+                "kind = \"http\"\nurl = \"http://x/\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = {ct:?}",
                 good.display().to_string()
             ))
             .unwrap_err();

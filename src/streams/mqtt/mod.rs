@@ -266,6 +266,11 @@ impl Session for MqttStream {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let req = self.ctx.format.downlink_request(&p.topic, &p.payload);
+                    if req.is_none() {
+                        // A downlink topic that names no device (e.g. no DevEUI in a ChirpStack
+                        // command topic): acknowledged, counted, logged at debug by the format.
+                        self.ctx.metrics.downlink_event("unroutable");
+                    }
                     if !intake.push(req, p) {
                         self.ctx.metrics.stream_error(&name, "downlinks_backlog");
                         tracing::warn!(stream = %name, "too many downlinks at once; the broker will deliver the rest again");
