@@ -7,11 +7,11 @@ it on the disk you want to measure, not on a tmpfs), and reads the daemon's /hea
 /proc/<pid>/{stat,status,io} and /proc/net/snmp. Standard library and mosquitto_sub only.
 
   cargo build --release --locked
-  python3 benches/pipeline.py throughput --rate 10000 --seconds 30 --devices 1000
+  python3 benches/pipeline.py throughput --rate 10000 --seconds 30 --devices 1000 [--format xml]
   python3 benches/pipeline.py drain --count 1000000 --backend redb
   python3 benches/pipeline.py writes --flush-ms 100 --rate 1000 --count 20000 --backend redb [--broker-down]
   python3 benches/pipeline.py latency --flush-ms 100 --rate 200 --count 2000 --backend redb
-  python3 benches/pipeline.py callgrind --rate 200 --count 2000
+  python3 benches/pipeline.py callgrind --rate 200 --count 2000 [--format chirpstack]
   python3 benches/pipeline.py soak --rate 500 --seconds 1800 --outage-every 240 --outage 60
 
 Results are printed as one JSON object per run; docs/benchmarks.md records them.
@@ -40,7 +40,17 @@ def free_port(kind=socket.SOCK_STREAM):
     return p
 
 
-def config(work, devices, udp, metrics, mqtt_port, flush_ms, backend="redb", dedup_ms=200):
+def format_lines(work, fmt):
+    """The stream's `format` keys; a template stream renders docs/templates/thingsboard.j2."""
+    if fmt == "template":
+        src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "templates", "thingsboard.j2")
+        dst = os.path.join(work, "thingsboard.j2")
+        shutil.copy(src, dst)
+        return ['format = "template"', f'template_file = "{dst}"', 'content_type = "application/json"']
+    return [f'format = "{fmt}"']
+
+
+def config(work, devices, udp, metrics, mqtt_port, flush_ms, backend="redb", dedup_ms=200, fmt="tts"):
     lines = [
         "[gateway]", f'listen = "127.0.0.1:{udp}"', f"dedup_window_ms = {dedup_ms}", "",
         "[storage]", f'path = "{work}/db"', f"flush_every_ms = {flush_ms}", f'backend = "{backend}"',
@@ -49,7 +59,7 @@ def config(work, devices, udp, metrics, mqtt_port, flush_ms, backend="redb", ded
         "[log]", 'level = "warn"', "",
         "[[application]]", 'id = "bench"', "",
         "[[stream]]", 'name = "cloud"', 'kind = "mqtt"', f'server = "mqtt://127.0.0.1:{mqtt_port}"',
-        "inflight = 200", "",
+        "inflight = 200", *format_lines(work, fmt), "",
     ]
     for i in range(devices):
         n = i + 1
@@ -187,7 +197,7 @@ def mean_json_size(sub):
 def setup(args, flush_ms=100, broker_up=True, dedup_ms=200):
     work = tempfile.mkdtemp(prefix="lorastream-bench-")
     udp, metrics, mqtt = free_port(socket.SOCK_DGRAM), free_port(), free_port()
-    cfg = config(work, args.devices, udp, metrics, mqtt, flush_ms, args.backend, dedup_ms)
+    cfg = config(work, args.devices, udp, metrics, mqtt, flush_ms, args.backend, dedup_ms, args.format)
     m = Mosquitto(work, mqtt)
     if broker_up:
         m.start()
@@ -215,7 +225,7 @@ def throughput(args):
         h = health(metrics)
         accepted, delivered = h["uplinks"]["accepted"], queue(h)["delivered"]
         return {
-            "scenario": "throughput", "rate": args.rate, "seconds": args.seconds, "devices": args.devices,
+            "scenario": "throughput", "format": args.format, "rate": args.rate, "seconds": args.seconds, "devices": args.devices,
             "sent": count, "accepted": accepted, "delivered_to_mosquitto": delivered,
             "lost": count - delivered, "udp_rcvbuf_errors": drops1 - drops0,
             "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / max(accepted, 1) * 1000, 4),
@@ -385,6 +395,7 @@ def callgrind(args):
         shutil.rmtree(work, ignore_errors=True)
     results["instructions_per_uplink"] = round((results["traffic_instructions"] - results["idle_instructions"]) / args.count)
     results["scenario"] = "callgrind"
+    results["format"] = args.format
     return results
 
 
@@ -452,6 +463,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", choices=["throughput", "drain", "writes", "latency", "callgrind", "soak"])
     p.add_argument("--backend", choices=["sled", "redb"], default="redb")
+    p.add_argument("--format", choices=["tts", "chirpstack", "xml", "template"], default="tts",
+                   help="the MQTT stream's format (template: docs/templates/thingsboard.j2)")
     p.add_argument("--rate", type=float, default=10_000)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--devices", type=int, default=1000)

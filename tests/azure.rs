@@ -1183,3 +1183,61 @@ async fn measure_backlog_drain() {
     }
     daemon.stop().await;
 }
+
+/// `format = "xml"` and `format = "template"`: the body in the stream's format, and IoT Hub's
+/// `$.ct` saying what it is (`application/xml`; the template's `content_type`), `$.ce=utf-8`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xml_and_template_bodies_carry_their_content_type() {
+    let r = rig().await;
+    r.hub.add_device("gw-x", &key(1));
+    r.hub.add_device("gw-t", &key(2));
+    let mut d = device(1);
+    let tpl = r.dir.path().join("line.csv.j2");
+    std::fs::write(
+        &tpl,
+        "{{ end_device_ids.device_id | csv }},{{ uplink_message.f_cnt }}\n",
+    )
+    .unwrap();
+    let streams = format!(
+        "{}{}",
+        r.stream(&format!(
+            "identity = \"gateway\"\ndevice_id = \"gw-x\"\ndevice_key = \"{}\"\nformat = \"xml\"\n",
+            key(1)
+        )),
+        r.stream(&format!(
+            "identity = \"gateway\"\ndevice_id = \"gw-t\"\ndevice_key = \"{}\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = \"text/csv\"\n",
+            key(2),
+            tpl.display().to_string()
+        ))
+        .replace("name = \"azure\"", "name = \"azure-t\""),
+    );
+    let cfg = r.config("fmt", &[&d], &streams);
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let mut f = forwarder(&daemon).await;
+    up(&mut f, &mut d, b"x").await;
+    r.wait_d2c("both messages", |_| r.uplinks().len() == 2)
+        .await;
+    let by = |dev: &str| {
+        r.uplinks()
+            .into_iter()
+            .find(|m| m.device == dev)
+            .unwrap_or_else(|| panic!("nothing from {dev}"))
+    };
+    let x = by("gw-x");
+    assert_eq!(x.prop("$.ct"), Some("application/xml"));
+    assert_eq!(x.prop("$.ce"), Some("utf-8"));
+    let text = String::from_utf8(x.body.clone()).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(doc.root_element().tag_name().name(), "application_up");
+    assert!(doc
+        .descendants()
+        .any(|n| n.has_tag_name("frm_payload") && n.text() == Some(&b64(b"x"))));
+    let t = by("gw-t");
+    assert_eq!(t.prop("$.ct"), Some("text/csv"));
+    assert_eq!(t.body, b"dev-1,0\n");
+    for name in ["azure", "azure-t"] {
+        let q = daemon.store().queue(name).unwrap();
+        assert!(wait_until(T, || q.is_empty()).await, "{name}");
+    }
+    daemon.stop().await;
+}

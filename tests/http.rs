@@ -94,8 +94,13 @@ impl Seen {
     fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
+    /// The documents of a body: a JSON array's items, or one object (`batch_max = 1`).
     fn docs(&self) -> Vec<Value> {
-        self.json().as_array().cloned().unwrap_or_default()
+        match self.json() {
+            Value::Array(a) => a,
+            v @ Value::Object(_) => vec![v],
+            _ => Vec::new(),
+        }
     }
     fn ok(&self) -> bool {
         (200..300).contains(&self.status)
@@ -578,6 +583,11 @@ async fn client_errors_are_dead_letters_in_drop_mode_and_the_stream_goes_on() {
     assert!(wait_until(T, || hook.accepted().len() == 3).await);
     assert!(wait_until(T, || q.is_empty()).await);
     assert_eq!(per_device(&hook.accepted())["dev-1"], vec![0, 1, 2]);
+    // batch_max = 1: each POST is one JSON object (TTS webhook style), not an array of one.
+    assert!(hook
+        .posts("uplinks")
+        .iter()
+        .all(|p| p.json().is_object() && p.headers["content-type"] == "application/json"));
     // The refused batch was sent once, not retried.
     let refused: Vec<Seen> = hook
         .posts("uplinks")
@@ -1168,4 +1178,57 @@ async fn drain_rate_after_an_outage() {
     );
     drop(q);
     daemon.stop().await;
+}
+
+/// `format = "xml"` with `batch_max = 1`: one XML document per POST, `Content-Type:
+/// application/xml`, read back by an independent parser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xml_webhook_gets_one_document_per_request() {
+    capture_logs();
+    install_crypto();
+    let hook = Hook::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut d1 = device(1);
+    let c = cfg(
+        dir.path(),
+        &device_toml(&d1, "farm"),
+        &format!(
+            "url = \"{}\"\nformat = \"xml\"\nbatch_max = 1\n",
+            hook.url("/up")
+        ),
+    );
+    let daemon = Daemon::start(&c).await.unwrap();
+    let mut fwd = Forwarder::connect(daemon.udp_addr(), gw()).await.unwrap();
+    for i in 0..3u8 {
+        uplink(&mut fwd, &mut d1, &[i, 0xA5], 1000 + u32::from(i)).await;
+    }
+    let posts = || -> Vec<Seen> { hook.posts("uplinks").into_iter().filter(Seen::ok).collect() };
+    assert!(
+        wait_until(T, || posts().len() == 3).await,
+        "{:?}",
+        hook.seen()
+    );
+    let q = daemon.store().queue("hook").unwrap();
+    assert!(wait_until(T, || q.is_empty()).await);
+    for (i, p) in posts().iter().enumerate() {
+        assert_eq!(p.headers["content-type"], "application/xml");
+        let text = std::str::from_utf8(&p.body).expect("UTF-8");
+        let doc = roxmltree::Document::parse(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let root = doc.root_element();
+        assert_eq!(root.tag_name().name(), "application_up", "{text}");
+        let find = |name: &str| {
+            doc.descendants()
+                .find(|n| n.has_tag_name(name))
+                .and_then(|n| n.text())
+                .map(str::to_string)
+        };
+        assert_eq!(find("device_id").as_deref(), Some("dev-1"));
+        assert_eq!(find("f_cnt"), Some(i.to_string()), "in order");
+        assert_eq!(find("frm_payload"), Some(b64(&[i as u8, 0xA5])));
+        assert!(find("correlation_ids")
+            .unwrap_or_default()
+            .starts_with("lorastream:uplink:"));
+    }
+    daemon.stop().await;
+    assert_secret_never_logged();
 }

@@ -31,8 +31,8 @@ pub use crate::model::Scope;
 pub use devices::{Activation, ApplicationConfig, DeviceConfig, LorawanVersion};
 pub use streams::{
     azure_device_id, AwsConfig, AzureConfig, AzureIdentity, AzureKey, ClientCert, DownlinkFormat,
-    Format, HttpConfig, MqttConfig, OnClientError, PolicyKey, PollConfig, ServerUrl, StreamConfig,
-    StreamKind, TlsFiles, Transport,
+    Format, FormatConfig, HttpConfig, MqttConfig, OnClientError, PolicyKey, PollConfig, ServerUrl,
+    StreamConfig, StreamKind, TemplateConfig, TlsFiles, Transport,
 };
 
 use crate::model::{Eui64, NetId};

@@ -12,10 +12,12 @@
 use super::locate::Source;
 use super::{ConfigError, WhenFull};
 use crate::model::{redact_url, Eui64, Scope, Secret};
+use crate::streams::format::template::{Sample, Template};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Every stream default, in one place (README and config.example.toml show the same values).
@@ -44,6 +46,11 @@ pub mod defaults {
     pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
     /// `poll_url` period.
     pub const HTTP_POLL_INTERVAL: Duration = Duration::from_secs(30);
+    /// `format = "template"`: the type of the rendered bodies when `content_type` is not set
+    /// (HTTP `Content-Type`, IoT Hub `$.ct`). Set `content_type` for JSON or CSV templates.
+    pub const TEMPLATE_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+    /// Largest `template_file` read.
+    pub const TEMPLATE_MAX_BYTES: u64 = 1024 * 1024;
 }
 
 /// The `kind` key.
@@ -72,20 +79,67 @@ impl Kind {
     }
 }
 
-/// Layout of published messages.
+/// The `format` key: the layout of a stream's messages (docs/formats.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
-    /// The Things Stack v3 uplink message layout.
+    /// The Things Stack v3 message layouts.
     #[default]
     Tts,
+    /// ChirpStack v4 integration events (protobuf JSON) and MQTT topics.
+    #[serde(rename = "chirpstack")]
+    ChirpStack,
+    /// The `tts` messages as XML documents.
+    Xml,
+    /// Bodies rendered by a Jinja-style template (`template_file`) from the `tts` JSON.
+    Template,
 }
 
 impl Format {
     pub fn name(self) -> &'static str {
         match self {
             Format::Tts => "tts",
+            Format::ChirpStack => "chirpstack",
+            Format::Xml => "xml",
+            Format::Template => "template",
         }
+    }
+}
+
+/// A stream's format with its settings, checked at load.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FormatConfig {
+    Tts,
+    ChirpStack,
+    Xml,
+    Template(TemplateConfig),
+}
+
+impl FormatConfig {
+    pub fn kind(&self) -> Format {
+        match self {
+            FormatConfig::Tts => Format::Tts,
+            FormatConfig::ChirpStack => Format::ChirpStack,
+            FormatConfig::Xml => Format::Xml,
+            FormatConfig::Template(_) => Format::Template,
+        }
+    }
+}
+
+/// `format = "template"`: the template, compiled and checked when the file is loaded.
+#[derive(Debug, Clone)]
+pub struct TemplateConfig {
+    pub file: PathBuf,
+    /// `content_type`: HTTP `Content-Type` and IoT Hub `$.ct` of the bodies.
+    pub content_type: String,
+    pub template: Arc<Template>,
+}
+
+impl PartialEq for TemplateConfig {
+    fn eq(&self, o: &Self) -> bool {
+        self.file == o.file
+            && self.content_type == o.content_type
+            && self.template.source() == o.template.source()
     }
 }
 
@@ -107,6 +161,9 @@ macro_rules! raw_stream {
             gateway: Option<String>,
             #[serde(default)]
             format: Format,
+            /// `format = "template"`: the template file, and the type of what it renders.
+            template_file: Option<PathBuf>,
+            content_type: Option<String>,
             downlinks: Option<bool>,
             /// Per-stream override of `[storage] when_full`.
             when_full: Option<WhenFull>,
@@ -213,7 +270,7 @@ pub(super) struct Context {
 pub struct StreamConfig {
     pub name: String,
     pub scope: Scope,
-    pub format: Format,
+    pub format: FormatConfig,
     /// Take downlinks from this stream's destination.
     pub downlinks: bool,
     /// `when_full` of this stream's queue (its own, or `[storage] when_full`).
@@ -464,7 +521,7 @@ pub struct HttpConfig {
 
 /// Type one `[[stream]]`.
 pub(super) fn build(
-    raw: RawStream,
+    mut raw: RawStream,
     ctx: &Context,
     span: &Range<usize>,
     src: &Source,
@@ -476,8 +533,15 @@ pub(super) fn build(
         return Err(err(("name", "must be non-empty and contain no '/'".into())));
     }
     let scope = scope(&raw).map_err(err)?;
-    let (kind_name, format, when_full) =
-        (raw.kind, raw.format, raw.when_full.unwrap_or(ctx.when_full));
+    let (kind_name, when_full) = (raw.kind, raw.when_full.unwrap_or(ctx.when_full));
+    let format = format(
+        raw.format,
+        raw.template_file.take(),
+        raw.content_type.take(),
+        &scope,
+        kind_name,
+    )
+    .map_err(err)?;
     let downlinks = raw.downlinks.unwrap_or(true);
     let mut k = Keys {
         raw,
@@ -507,6 +571,131 @@ pub(super) fn build(
         when_full,
         kind,
     })
+}
+
+/// The format and, for templates, the template: read, compiled and checked now, so that a bad
+/// template fails `lorastream check` (and the start) rather than the first uplink. Formats
+/// that make no sense for the stream's scope are refused.
+fn format(
+    f: Format,
+    template_file: Option<PathBuf>,
+    content_type: Option<String>,
+    scope: &Scope,
+    kind: Kind,
+) -> Result<FormatConfig, KeyError> {
+    if f != Format::Template {
+        if template_file.is_some() {
+            return Err((
+                "template_file",
+                format!(
+                    "is only used with format = \"template\" (this stream has format = {:?})",
+                    f.name()
+                ),
+            ));
+        }
+        if content_type.is_some() {
+            return Err((
+                "content_type",
+                format!(
+                    "is only used with format = \"template\"; format = {:?} sends {}",
+                    f.name(),
+                    if f == Format::Xml {
+                        "application/xml"
+                    } else {
+                        "application/json"
+                    }
+                ),
+            ));
+        }
+    }
+    Ok(match f {
+        Format::Tts => FormatConfig::Tts,
+        Format::Xml => FormatConfig::Xml,
+        Format::ChirpStack => {
+            if matches!(scope, Scope::Gateway(_)) {
+                return Err((
+                    "format",
+                    "ChirpStack's integration events are about devices; raw gateway frames have none: use format = \"tts\" or \"xml\" for a gateway-scoped stream".into(),
+                ));
+            }
+            FormatConfig::ChirpStack
+        }
+        Format::Template => {
+            let Some(file) = template_file else {
+                return Err((
+                    "template_file",
+                    "format = \"template\" needs template_file = \"/etc/lorastream/<name>.j2\" (a Jinja-style template; see docs/formats.md)".into(),
+                ));
+            };
+            if content_type.is_some() && !matches!(kind, Kind::Http | Kind::AzureIotHub) {
+                return Err((
+                    "content_type",
+                    format!(
+                        "has no effect on kind = {:?}: only http (Content-Type) and azure-iot-hub ($.ct) streams send a content type",
+                        kind.name()
+                    ),
+                ));
+            }
+            let content_type = match content_type {
+                Some(c) => check_content_type(&c).map(|()| c),
+                None => Ok(defaults::TEMPLATE_CONTENT_TYPE.to_string()),
+            }
+            .map_err(|m| ("content_type", m))?;
+            let source = read_template(&file).map_err(|m| ("template_file", m))?;
+            let sample = match scope {
+                Scope::Gateway(_) => Sample::GatewayFrame,
+                _ => Sample::Uplink,
+            };
+            let template = Template::compile_for(&file.display().to_string(), &source, sample)
+                .map_err(|e| ("template_file", e.to_string()))?;
+            FormatConfig::Template(TemplateConfig {
+                file,
+                content_type,
+                template: Arc::new(template),
+            })
+        }
+    })
+}
+
+/// The template's text, up to [`defaults::TEMPLATE_MAX_BYTES`].
+fn read_template(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let f =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut text = String::new();
+    f.take(defaults::TEMPLATE_MAX_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > defaults::TEMPLATE_MAX_BYTES {
+        return Err(format!(
+            "{} is larger than {} bytes",
+            path.display(),
+            defaults::TEMPLATE_MAX_BYTES
+        ));
+    }
+    Ok(text)
+}
+
+/// A media type as HTTP and IoT Hub take it: `type/subtype` (RFC 9110 §8.3.1 tokens), then
+/// optional `; name=value` parameters, no control characters.
+fn check_content_type(c: &str) -> Result<(), String> {
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let media = c.split(';').next().unwrap_or_default().trim();
+    let ok = c.bytes().all(|b| (0x20..0x7f).contains(&b) || b == b'\t')
+        && media
+            .split_once('/')
+            .is_some_and(|(t, s)| token(t) && token(s));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{c:?} is not a media type like \"application/json\" or \"text/csv; charset=utf-8\""
+        ))
+    }
 }
 
 fn scope(raw: &RawStream) -> Result<Scope, KeyError> {
@@ -1116,8 +1305,12 @@ impl StreamConfig {
                 t.s("gateway", g);
             }
         }
-        t.s("format", self.format.name())
-            .b("downlinks", self.downlinks)
+        t.s("format", self.format.kind().name());
+        if let FormatConfig::Template(tc) = &self.format {
+            t.s("template_file", tc.file.display())
+                .s("content_type", &tc.content_type);
+        }
+        t.b("downlinks", self.downlinks)
             .s("when_full", self.when_full.name());
         match &self.kind {
             StreamKind::Mqtt(m) => {

@@ -398,3 +398,139 @@ mod typed {
         ));
     }
 }
+
+mod format_tests {
+    use super::*;
+
+    /// A config whose only stream (line 5 on) is `stream`.
+    fn parse(stream: &str) -> Result<Config, String> {
+        let src = format!("[[application]]\nid = \"farm\"\n\n[[stream]]\nname = \"s\"\n{stream}\n");
+        Config::parse(&src, "t.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_format_parses_and_check_prints_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let tpl = dir.path().join("tb.j2");
+        std::fs::write(&tpl, "{\"f_cnt\": {{ uplink_message.f_cnt }}}").unwrap();
+        for (stream, want) in [
+            ("server = \"mqtt://x\"", "format = \"tts\""),
+            (
+                "server = \"mqtt://x\"\nformat = \"chirpstack\"",
+                "format = \"chirpstack\"",
+            ),
+            ("kind = \"stdout\"\nformat = \"xml\"", "format = \"xml\""),
+            (
+                &format!(
+                    "kind = \"http\"\nurl = \"http://x/\"\nformat = \"template\"\ntemplate_file = {:?}",
+                    tpl.display().to_string()
+                ),
+                "content_type = \"text/plain; charset=utf-8\"",
+            ),
+        ] {
+            let c = parse(stream).unwrap_or_else(|e| panic!("{stream}: {e}"));
+            let out = c.to_toml_masked();
+            assert!(out.contains(want), "{want} missing:\n{out}");
+        }
+        let c = parse(&format!(
+            "kind = \"http\"\nurl = \"http://x/\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = \"text/csv\"",
+            tpl.display().to_string()
+        ))
+        .unwrap();
+        let FormatConfig::Template(t) = &c.streams[0].format else {
+            panic!("{:?}", c.streams[0].format)
+        };
+        assert_eq!(t.content_type, "text/csv");
+        assert_eq!(t.file, tpl);
+        assert!(c
+            .to_toml_masked()
+            .contains(&format!("template_file = {:?}", tpl.display().to_string())));
+    }
+
+    #[test]
+    fn format_mistakes_name_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let e =
+            parse("server = \"mqtt://x\"\ngateway = \"*\"\nformat = \"chirpstack\"").unwrap_err();
+        assert!(
+            e.starts_with("t.toml:8: [[stream]] \"s\": key `format`: ChirpStack's integration events are about devices"),
+            "{e}"
+        );
+        let e = parse("server = \"mqtt://x\"\nformat = \"json\"").unwrap_err();
+        assert!(e.starts_with("t.toml:7:"), "{e}");
+        assert!(
+            e.contains("expected one of `tts`, `chirpstack`, `xml`, `template`"),
+            "{e}"
+        );
+        let e = parse("server = \"mqtt://x\"\ntemplate_file = \"/x.j2\"").unwrap_err();
+        assert!(
+            e.starts_with("t.toml:7: [[stream]] \"s\": key `template_file`: is only used with format = \"template\""),
+            "{e}"
+        );
+        let e =
+            parse("kind = \"stdout\"\nformat = \"xml\"\ncontent_type = \"text/xml\"").unwrap_err();
+        assert!(
+            e.contains("key `content_type`: is only used with format = \"template\"; format = \"xml\" sends application/xml"),
+            "{e}"
+        );
+        let e = parse("kind = \"stdout\"\nformat = \"template\"").unwrap_err();
+        assert!(
+            e.contains("key `template_file`: format = \"template\" needs"),
+            "{e}"
+        );
+        let missing = dir.path().join("nope.j2");
+        let e = parse(&format!(
+            "kind = \"stdout\"\nformat = \"template\"\ntemplate_file = {:?}",
+            missing.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with("t.toml:8: [[stream]] \"s\": key `template_file`: cannot read"),
+            "{e}"
+        );
+
+        // A template error: the config's file:line:key, then the template's file:line.
+        let bad = dir.path().join("bad.j2");
+        std::fs::write(&bad, "{\"a\": 1,\n \"b\": {{ uplnk_message.f_cnt }}}").unwrap();
+        let e = parse(&format!(
+            "kind = \"stdout\"\nformat = \"template\"\ntemplate_file = {:?}",
+            bad.display().to_string()
+        ))
+        .unwrap_err();
+        let want = format!(
+            "t.toml:8: [[stream]] \"s\": key `template_file`: {}:2: unknown variable \"uplnk_message\"",
+            bad.display()
+        );
+        assert!(e.starts_with(&want), "{e}");
+        std::fs::write(&bad, "ok\n{% for x in uplink_message.rx_metadata %}").unwrap();
+        let e = parse(&format!(
+            "kind = \"stdout\"\nformat = \"template\"\ntemplate_file = {:?}",
+            bad.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains(&format!("{}:2: template syntax error", bad.display())),
+            "{e}"
+        );
+
+        let good = dir.path().join("good.j2");
+        std::fs::write(&good, "{{ received_at }}").unwrap();
+        let e = parse(&format!(
+            "kind = \"stdout\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = \"text/csv\"",
+            good.display().to_string()
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("key `content_type`: has no effect on kind = \"stdout\""),
+            "{e}"
+        );
+        for ct in ["json", "text/", "text/plain\nx", "a b/c"] {
+            let e = parse(&format!(
+                "kind = \"http\"\nurl = \"http://x/\"\nformat = \"template\"\ntemplate_file = {:?}\ncontent_type = {ct:?}",
+                good.display().to_string()
+            ))
+            .unwrap_err();
+            assert!(e.contains("key `content_type`: "), "{ct:?}: {e}");
+        }
+    }
+}

@@ -117,6 +117,7 @@ impl Daemon {
         let routes = Routes::new(&store, &scopes);
         let mut streams = Vec::new();
         let mut links = std::collections::HashMap::new();
+        let facts = Arc::new(crate::streams::format::Facts::new(cfg));
         for s in &cfg.streams {
             let Some(queue) = store.queue(&s.name) else {
                 continue;
@@ -136,6 +137,7 @@ impl Daemon {
                 cancel: streams_cancel.clone(),
                 gateway_eui: cfg.gateway.eui,
                 downlinks: s.downlinks.then(|| downlinks.clone()),
+                format: Arc::new(crate::streams::format::Formatter::new(s, facts.clone())),
             };
             let stream = Stream::build(s, ctx, ev_rx)?;
             streams.push(tokio::spawn(stream.run()));

@@ -1,11 +1,12 @@
-//! Line streams: one JSON document per line to stdout (`kind = "stdout"`, used by the demo) or
-//! appended to a file (`kind = "file"`). A record is acknowledged after the line is written and
-//! flushed (stdout) or fsynced (file), a batch at a time.
+//! Line streams: one message per line, in the stream's format, to stdout (`kind = "stdout"`,
+//! used by the demo) or appended to a file (`kind = "file"`). JSON and XML messages are one
+//! line each; a template's output is written as rendered, with a newline added unless it ends
+//! with one. A record is acknowledged after the line is written and flushed (stdout) or fsynced
+//! (file), a batch at a time.
 
 use super::connect::{self, Retry, Session, SessionEnd};
-use super::format::{record_json, Delivery};
+use super::format::{render_or_drop, Delivery, Formatter};
 use super::StreamContext;
-use crate::downlink::json::event_json;
 use crate::model::{now_us, DownlinkEvent};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,7 +21,7 @@ enum Sink {
 pub(crate) struct LineStream {
     ctx: StreamContext,
     sink: Sink,
-    /// Downlink events are written as lines too (TTS `downlink_*` documents).
+    /// Downlink events are written as lines too (in the stream's format).
     events: mpsc::Receiver<DownlinkEvent>,
 }
 
@@ -72,10 +73,10 @@ impl LineStream {
                 tokio::select! {
                     biased;
                     Some(e) = self.events.recv() => {
-                        let mut line = event_json(&e);
-                        line.push(b'\n');
-                        out.write_all(&line).await?;
-                        out.flush().await?;
+                        if let Some(body) = self.ctx.format.event_body(&e) {
+                            out.write_all(&Formatter::line(body)).await?;
+                            out.flush().await?;
+                        }
                         continue;
                     }
                     _ = self.ctx.queue.appended() => continue,
@@ -84,9 +85,13 @@ impl LineStream {
             }
             let d = Delivery { now_us: now_us() };
             let mut buf = Vec::with_capacity(batch.len() * 512);
-            for (_, r) in &batch {
-                buf.extend_from_slice(&record_json(r, d));
-                buf.push(b'\n');
+            let mut written = Vec::with_capacity(batch.len());
+            for (seq, r) in &batch {
+                // A record the format cannot make is dropped from the queue there.
+                if let Some(body) = render_or_drop(&self.ctx, *seq, r, d) {
+                    buf.extend_from_slice(&Formatter::line(body));
+                    written.push(*seq);
+                }
             }
             out.write_all(&buf).await?;
             out.flush().await?;
@@ -98,8 +103,10 @@ impl LineStream {
                     .await
                     .map_err(std::io::Error::other)??;
             }
-            self.ctx.metrics.stream_published(&name, batch.len() as u64);
-            for (seq, _) in batch {
+            self.ctx
+                .metrics
+                .stream_published(&name, written.len() as u64);
+            for seq in written {
                 self.ctx.queue.ack(seq).map_err(std::io::Error::other)?;
             }
         }

@@ -12,7 +12,8 @@
 //! What every kind shares:
 //! - [`connect`]: the one reconnect loop (sessions, backoff with jitter, readable failure logs);
 //! - [`lanes`]: how a session reads its queue (backlog and live traffic, each device in order);
-//! - [`format`]: the message layouts;
+//! - [`format`]: the message formats (`format = ...`): each record's topic, body and content
+//!   type, downlink events, and how downlinks are read, decided in one place;
 //! - [`tls`]: rustls client configurations;
 //! - [`error`]: typed setup and session errors;
 //! - [`crate::downlink::DownlinkHandle`]: the one way to hand a cloud's downlink to the
@@ -25,7 +26,7 @@ pub mod azure;
 mod backoff;
 pub(crate) mod connect;
 pub(crate) mod error;
-pub(crate) mod format;
+pub mod format;
 pub(crate) mod http;
 pub(crate) mod lanes;
 pub(crate) mod lines;
@@ -62,6 +63,8 @@ pub(crate) struct StreamContext {
     pub gateway_eui: Option<Eui64>,
     /// Where downlink requests go (None when the stream has `downlinks = false`).
     pub downlinks: Option<DownlinkHandle>,
+    /// The stream's format.
+    pub format: std::sync::Arc<format::Formatter>,
 }
 
 /// A configured stream, ready to run.

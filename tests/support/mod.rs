@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod iothub;
 pub mod pki;
+pub mod records;
 
 use lorastream::config::Config;
 use lorastream::model::{AesKey, DevAddr};
@@ -37,8 +38,9 @@ pub fn free_port() -> u16 {
 // ---- skip gates: one rule for every optional part ----
 //
 // A test that needs something this machine may not have (Debian's mosquitto, root for mounts
-// and FUSE) is skipped with a line on stderr, unless the matching variable makes it mandatory
-// (CI sets both): then a missing part is a failure, never a silent pass.
+// and FUSE, Python with ChirpStack's protobuf classes) is skipped with a line on stderr, unless
+// the matching variable makes it mandatory (CI sets all three): then a missing part is a
+// failure, never a silent pass.
 
 /// Skip (false, with a line on stderr) or fail (when `var=1`) because `why`.
 fn skip_or_fail(test: &str, var: &str, why: &str) -> bool {
@@ -73,6 +75,64 @@ pub fn needs_root(test: &str, check: Result<(), String>) -> bool {
         Ok(()) => true,
         Err(why) => skip_or_fail(test, "LORASTREAM_TEST_ROOT", &why),
     }
+}
+
+/// The Python interpreter of the format checks (tests/py/): `LORASTREAM_PYTHON`, or `python3`.
+pub fn python_interpreter() -> String {
+    std::env::var("LORASTREAM_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into())
+}
+
+/// True when the Python interpreter runs and imports `modules`; otherwise skip, or fail with
+/// `LORASTREAM_TEST_PYTHON=1` (CI, which installs tests/py/requirements.txt).
+pub fn needs_python(test: &str, modules: &[&str]) -> bool {
+    let py = python_interpreter();
+    let code = modules
+        .iter()
+        .map(|m| format!("import {m}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let why = match Command::new(&py).arg("-c").arg(&code).output() {
+        Ok(o) if o.status.success() => return true,
+        Ok(o) => format!(
+            "{py} cannot import {} ({}); pip install -r tests/py/requirements.txt, or set LORASTREAM_PYTHON",
+            modules.join(", "),
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("").trim()
+        ),
+        Err(e) => format!("cannot run {py}: {e}; install python3 or set LORASTREAM_PYTHON"),
+    };
+    skip_or_fail(test, "LORASTREAM_TEST_PYTHON", &why)
+}
+
+/// Runs `tests/py/<script> <args>` with `input` on stdin: (exit 0, stdout, stderr).
+pub fn python(script: &str, args: &[&str], input: &[u8]) -> (bool, String, String) {
+    let py = python_interpreter();
+    let path = format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut child = Command::new(&py)
+        .arg(&path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {py} {path}: {e}"));
+    // Written from a thread: a large input must not block on a full pipe while the script
+    // writes its output.
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("python output");
+    let _ = writer.join();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Debian's mosquitto on a port of its own: the one launcher of the test suite. With

@@ -10,12 +10,11 @@
 
 use super::wire::{self, SasKey};
 use super::Shared;
-use crate::downlink::json as downlink_json;
 use crate::model::{correlation_id, now_us, DownlinkEvent, DownlinkRequest, Eui64, Record};
 use crate::store::DropReason;
 use crate::streams::connect::SessionEnd;
 use crate::streams::error::SessionError;
-use crate::streams::format::{record_json, rfc3339, Delivery};
+use crate::streams::format::{render_or_drop, rfc3339, Delivery};
 use crate::streams::mqtt::client::{self, Inflight, Intake};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, Publish, QoS};
 use std::sync::Arc;
@@ -175,8 +174,9 @@ async fn session(
                 }
             }
             Some(e) = events.recv(), if room => {
+                let Some(body) = sh.ctx.format.event_body(&e) else { continue };
                 let mut props = vec![
-                    ("$.ct", "application/json".to_string()),
+                    ("$.ct", sh.ctx.format.events_content_type().to_string()),
                     ("$.ce", "utf-8".to_string()),
                     ("type", format!("downlink_{}", e.kind.as_str())),
                     ("application", e.application.clone()),
@@ -188,7 +188,7 @@ async fn session(
                     props.push(("$.cid", correlation_id("downlink", it.id)));
                 }
                 let topic = topic_of(&who.hub_id, &props);
-                if !inflight.publish(&client, &topic, downlink_json::event_json(&e), false, None) {
+                if !inflight.publish(&client, &topic, body, false, None) {
                     break SessionEnd::failed(SessionError::ClientClosed);
                 }
             }
@@ -218,10 +218,12 @@ fn topic_of(hub_id: &str, props: &[(&str, String)]) -> String {
     wire::events_topic(hub_id, &p)
 }
 
-/// The device-to-cloud message of a record: topic (with its property bag) and body.
-pub(super) fn message(hub_id: &str, r: &Record, now_us: i64) -> (String, Vec<u8>) {
+/// The device-to-cloud topic of a record (with its property bag); `content_type` is the
+/// stream format's (`$.ct`: `application/json`, `application/xml`, or a template's
+/// `content_type`; the body is always UTF-8).
+pub(super) fn message_topic(hub_id: &str, r: &Record, content_type: &str) -> String {
     let mut props = vec![
-        ("$.ct", "application/json".to_string()),
+        ("$.ct", content_type.to_string()),
         ("$.ce", "utf-8".to_string()),
         ("$.mid", r.correlation_id()),
     ];
@@ -247,10 +249,7 @@ pub(super) fn message(hub_id: &str, r: &Record, now_us: i64) -> (String, Vec<u8>
             props.push(("gateway", g.rx.gateway.to_string()));
         }
     }
-    (
-        topic_of(hub_id, &props),
-        record_json(r, Delivery { now_us }),
-    )
+    topic_of(hub_id, &props)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -264,7 +263,12 @@ fn publish_record(
     r: &Record,
     report: &impl Fn(Report),
 ) -> bool {
-    let (topic, body) = message(&who.hub_id, r, now_us());
+    let Some(body) = render_or_drop(&sh.ctx, seq, r, Delivery { now_us: now_us() }) else {
+        // Dropped from the queue: done with it.
+        report(Report::Done(seq));
+        return true;
+    };
+    let topic = message_topic(&who.hub_id, r, sh.ctx.format.content_type());
     let size = topic.len() + body.len();
     if size > wire::MAX_MESSAGE {
         // IoT Hub would refuse it forever: drop it rather than block the queue.
@@ -363,7 +367,7 @@ mod tests {
         (u.id, u.application, u.device, u.f_port) = (1, "farm".into(), "soil 1".into(), None);
         let (settings, rx) = (u.settings.clone(), fixtures::rx(Eui64::from_u64(0xAA55)));
         let up = Record::Uplink(u);
-        let (t, body) = message("d1", &up, 0);
+        let t = message_topic("d1", &up, "application/json");
         assert_eq!(
             t,
             format!(
@@ -373,7 +377,11 @@ mod tests {
             ),
             "no f_port for a frame without FPort"
         );
-        assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+        assert!(
+            message_topic("d1", &up, "application/xml")
+                .starts_with("devices/d1/messages/events/$.ct=application%2Fxml&$.ce=utf-8&"),
+            "the format's content type"
+        );
         let frame = Record::GatewayFrame(GatewayFrame {
             id: 2,
             phy_payload: vec![0x40],
@@ -382,9 +390,7 @@ mod tests {
             rx,
         });
         let props = wire::parse_devicebound(
-            &message("gw", &frame, 0)
-                .0
-                .replace("/events/", "/devicebound/"),
+            &message_topic("gw", &frame, "application/json").replace("/events/", "/devicebound/"),
             "gw",
         )
         .unwrap();

@@ -2,7 +2,7 @@
 //! response bodies (of any POST) and in `poll_url` answers, routed to the scheduler one device
 //! at a time; and this stream's downlink events POSTed back to `url`.
 
-use super::exchange::{json_array, Outcome, Purpose, STOP_GRACE};
+use super::exchange::{Outcome, Purpose, STOP_GRACE};
 use super::{HttpStream, KIND_HEADER};
 use crate::config::PollConfig;
 use crate::downlink::json as downlink_json;
@@ -141,15 +141,17 @@ impl HttpStream {
                 .metrics
                 .stream_error(&self.ctx.name, "events_dropped");
         }
-        buf.push_back(downlink_json::event_json(&e));
+        if let Some(body) = self.ctx.format.event_body(&e) {
+            buf.push_back(body);
+        }
     }
 
     fn events_request(&self, batch: &[Vec<u8>]) -> reqwest::RequestBuilder {
         self.client
             .post(self.url.clone())
-            .header(CONTENT_TYPE, "application/json")
+            .header(CONTENT_TYPE, self.ctx.format.events_content_type())
             .header(KIND_HEADER, "downlink_events")
-            .body(json_array(batch.iter().cloned()))
+            .body(self.ctx.format.batch_events(batch.to_vec()))
     }
 
     // ---- poll_url ----

@@ -170,20 +170,6 @@ async fn read_body(mut resp: reqwest::Response, max: usize) -> (Vec<u8>, bool) {
     }
 }
 
-/// `[doc,doc,...]` from already serialized JSON documents.
-pub(super) fn json_array(docs: impl Iterator<Item = Vec<u8>>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4096);
-    out.push(b'[');
-    for (i, d) in docs.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(&d);
-    }
-    out.push(b']');
-    out
-}
-
 /// `Retry-After` as a delay from `now`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3),
 /// capped at [`RETRY_AFTER_CAP`]. A date in the past means "now".
 fn retry_after(h: &HeaderMap, now: SystemTime) -> Option<Duration> {
@@ -237,14 +223,5 @@ mod tests {
         assert_eq!(h("Sun, 06 Nov 1994 08:49:00 GMT"), Some(Duration::ZERO));
         assert_eq!(h("soon"), None);
         assert_eq!(retry_after(&HeaderMap::new(), now), None);
-    }
-
-    #[test]
-    fn arrays_of_documents() {
-        assert_eq!(json_array(std::iter::empty()), b"[]");
-        assert_eq!(
-            json_array([b"{}".to_vec(), b"{\"a\":1}".to_vec()].into_iter()),
-            b"[{},{\"a\":1}]"
-        );
     }
 }

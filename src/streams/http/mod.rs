@@ -1,6 +1,8 @@
-//! The HTTP webhook stream (`kind = "http"`): uplinks are POSTed as JSON arrays, a record leaves
-//! the queue only when the server answered 2xx, and downlinks come back in response bodies (and
-//! from an optional `poll_url`), so the gateway needs no inbound port.
+//! The HTTP webhook stream (`kind = "http"`): uplinks are POSTed in batches in the stream's
+//! format (a JSON array of `tts` or `chirpstack` messages, one `<messages>` XML document, or
+//! rendered templates; with `batch_max = 1` one message per request, TTS webhook style), a
+//! record leaves the queue only when the server answered 2xx, and downlinks come back in
+//! response bodies (and from an optional `poll_url`), so the gateway needs no inbound port.
 //!
 //! Guarantees (README "Stream to an HTTP webhook", docs/formats.md "HTTP webhook"):
 //! - **At least once, in order.** One batch is in flight at a time. Batches are read from the
@@ -35,13 +37,13 @@
 
 use super::connect::{self, Retry, Session, SessionEnd};
 use super::error::{SessionError, SetupError};
-use super::format::{record_json, Delivery};
+use super::format::{render_or_drop, Delivery};
 use super::lanes::Lanes;
 use super::{tls, StreamContext};
 use crate::config::{HttpConfig, OnClientError, PollConfig};
 use crate::model::{now_us, redact_url, DownlinkEvent, Record, Secret};
 use crate::store::DropReason;
-use exchange::{json_array, Outcome, Purpose};
+use exchange::{Outcome, Purpose};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -186,19 +188,36 @@ impl HttpStream {
                 self.read(&mut lanes, &mut pending, limit);
             }
             let n = pending.len().min(limit);
-            let mut batch: Vec<&(u64, Record)> = pending.iter().take(n).collect();
-            batch.sort_by_key(|(seq, _)| *seq);
-            let body = json_array(
-                batch
-                    .iter()
-                    .map(|(_, r)| record_json(r, Delivery { now_us: now_us() })),
-            );
+            let mut batch: Vec<(u64, usize)> = pending
+                .iter()
+                .take(n)
+                .enumerate()
+                .map(|(i, (seq, _))| (*seq, i))
+                .collect();
+            batch.sort_unstable();
+            let d = Delivery { now_us: now_us() };
+            let mut bodies = Vec::with_capacity(n);
+            let mut unformattable = Vec::new();
+            for (seq, i) in batch {
+                match render_or_drop(&self.ctx, seq, &pending[i].1, d) {
+                    Some(b) => bodies.push(b),
+                    None => unformattable.push(i),
+                }
+            }
+            if !unformattable.is_empty() {
+                // Already removed from the queue: forget them and make the batch again.
+                unformattable.sort_unstable_by(|a, b| b.cmp(a));
+                for i in unformattable {
+                    pending.remove(i);
+                }
+                continue;
+            }
             let req = self
                 .client
                 .post(self.url.clone())
-                .header(CONTENT_TYPE, "application/json")
+                .header(CONTENT_TYPE, self.ctx.format.content_type())
                 .header(KIND_HEADER, "uplinks")
-                .body(body);
+                .body(self.ctx.format.batch(bodies));
             self.ctx.metrics.stream_published(name, n as u64);
             let Some(outcome) = self.exchange_or_stop(Purpose::Uplinks, req).await else {
                 return SessionEnd::Stopped;

@@ -10,8 +10,11 @@
 //! drops silently when the broker has no session) does not matter. The price is that records in
 //! flight during a disconnect are sent again, with the same correlation id.
 //!
-//! Downlinks published on `.../down/push` and `.../down/replace` go through the connection's
-//! [`client::Intake`]: one at a time, in arrival order, each PUBACKed once stored.
+//! Topics, bodies, the downlink topics and how downlinks and their events are read and written
+//! are the stream's format's ([`crate::streams::format::Formatter`]): lorastream's topics
+//! (`.../up`, `.../down/push`, `.../down/replace`) or ChirpStack's (`application/.../event/up`,
+//! `.../command/down`). Downlinks go through the connection's [`client::Intake`]: one at a
+//! time, in arrival order, each PUBACKed once stored.
 //!
 //! AWS IoT Core (`kind = "aws-iot"`) is this stream with its cloud's rules: X.509 client
 //! certificate, Amazon Root CA 1 as the default trust, ALPN `x-amzn-mqtt-ca` on port 443 (SNI is
@@ -23,12 +26,11 @@ pub(crate) mod client;
 
 use super::connect::{self, Retry, Session, SessionEnd};
 use super::error::{SessionError, SetupError};
-use super::format::{record_json, topic, Delivery};
+use super::format::{render_or_drop, Delivery};
 use super::tls;
 use super::StreamContext;
 use crate::config::{AwsConfig, MqttConfig};
-use crate::downlink::json as downlink_json;
-use crate::model::{now_us, DownlinkEvent, DownlinkOp, DownlinkRequest, Record, Secret};
+use crate::model::{now_us, DownlinkEvent, Record, Secret};
 use client::{Inflight, Intake};
 use rumqttc::{
     AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter, Transport,
@@ -171,32 +173,6 @@ impl MqttStream {
         o.set_manual_acks(true);
         o
     }
-
-    /// `{prefix}/{application}/devices/{device}/down/{push|replace}` → request.
-    fn downlink_request(&self, topic: &str, payload: &[u8]) -> Option<DownlinkRequest> {
-        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
-        let parts: Vec<&str> = rest.split('/').collect();
-        let [application, "devices", device, "down", op] = parts.as_slice() else {
-            return None;
-        };
-        let op = match *op {
-            "push" => DownlinkOp::Push,
-            "replace" => DownlinkOp::Replace,
-            _ => return None,
-        };
-        let (items, names) = match downlink_json::parse_body(payload, &self.ctx.name) {
-            Ok(b) => (Ok(b.items), b.names),
-            Err(e) => (Err(e), None),
-        };
-        Some(DownlinkRequest {
-            stream: self.ctx.name.clone(),
-            application: application.to_string(),
-            device: device.to_string(),
-            op,
-            items,
-            names,
-        })
-    }
 }
 
 impl Session for MqttStream {
@@ -230,12 +206,13 @@ impl Session for MqttStream {
         // cannot miss the subscription.
         let mut awaiting_suback = false;
         if self.ctx.downlinks.is_some() {
-            let filters = ["push", "replace"].map(|op| {
-                SubscribeFilter::new(
-                    format!("{}/+/devices/+/down/{op}", self.prefix),
-                    QoS::AtLeastOnce,
-                )
-            });
+            let filters: Vec<_> = self
+                .ctx
+                .format
+                .downlink_filters()
+                .into_iter()
+                .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce))
+                .collect();
             awaiting_suback = client.try_subscribe_many(filters).is_ok();
         }
         if !awaiting_suback {
@@ -249,7 +226,6 @@ impl Session for MqttStream {
             client.clone(),
             state.clone(),
             permits.clone(),
-            self.prefix.clone(),
             self.shadow_topic.clone(),
             feeder_stop.clone(),
         ));
@@ -259,8 +235,9 @@ impl Session for MqttStream {
             let ev = tokio::select! {
                 ev = eventloop.poll() => ev,
                 Some(e) = self.events.recv() => {
-                    let t = format!("{}/{}/devices/{}/down/{}", self.prefix, e.application, e.device, e.kind.as_str());
-                    publish(&client, &state, &t, downlink_json::event_json(&e), false, None);
+                    if let Some((t, body)) = self.ctx.format.event_message(&e) {
+                        publish(&client, &state, &t, body, false, None);
+                    }
                     continue;
                 }
                 _ = self.ctx.cancel.cancelled(), if stopping.is_none() => {
@@ -288,7 +265,12 @@ impl Session for MqttStream {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let req = self.downlink_request(&p.topic, &p.payload);
+                    let req = self.ctx.format.downlink_request(&p.topic, &p.payload);
+                    if req.is_none() {
+                        // A downlink topic that names no device (e.g. no DevEUI in a ChirpStack
+                        // command topic): acknowledged, counted, logged at debug by the format.
+                        self.ctx.metrics.downlink_event("unroutable");
+                    }
                     if !intake.push(req, p) {
                         self.ctx.metrics.stream_error(&name, "downlinks_backlog");
                         tracing::warn!(stream = %name, "too many downlinks at once; the broker will deliver the rest again");
@@ -339,7 +321,6 @@ async fn feed(
     client: AsyncClient,
     state: Arc<Mutex<Inflight>>,
     permits: Arc<Semaphore>,
-    prefix: String,
     shadow_topic: Option<String>,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -375,7 +356,7 @@ async fn feed(
         }
         first.forget();
         let d = Delivery { now_us: now_us() };
-        let n = batch.len();
+        let mut n = 0u64;
         for (i, (seq, r)) in batch.into_iter().enumerate() {
             if i > 0 {
                 // The first slot was taken above; take one per further record.
@@ -384,11 +365,17 @@ async fn feed(
                     Err(_) => break,
                 }
             }
-            let t = topic(&prefix, &r);
-            if !publish(&client, &state, &t, record_json(&r, d), false, Some(seq)) {
+            let Some(body) = render_or_drop(&ctx, seq, &r, d) else {
+                // Dropped: its slot is free again.
+                permits.add_permits(1);
+                continue;
+            };
+            let t = ctx.format.topic(&r);
+            if !publish(&client, &state, &t, body, false, Some(seq)) {
                 // Request channel closed or full: the connection is going away.
                 return;
             }
+            n += 1;
             if let (Some(st), Record::Uplink(u)) = (&shadow_topic, &r) {
                 if last_shadow.is_none_or(|t| t.elapsed() >= SHADOW_EVERY) {
                     last_shadow = Some(std::time::Instant::now());
@@ -411,6 +398,6 @@ async fn feed(
                 }
             }
         }
-        ctx.metrics.stream_published(&ctx.name, n as u64);
+        ctx.metrics.stream_published(&ctx.name, n);
     }
 }

@@ -1,13 +1,26 @@
-//! JSON layouts of published messages.
+//! The Things Stack v3 layouts (`format = "tts"`, the default), and the JSON that the `xml` and
+//! `template` formats are made from.
 //!
-//! Device uplinks use The Things Stack v3 uplink-message layout (`format = "tts"`), so consumers
-//! written for TTS work unchanged. Raw gateway frames (gateway-scoped streams) use the layout of
-//! a TTS gateway uplink: `raw_payload` plus the same `settings` and `rx_metadata` objects.
+//! Device uplinks use the TTS v3 uplink-message layout, so consumers written for TTS work
+//! unchanged. Raw gateway frames (gateway-scoped streams) use the layout of a TTS gateway uplink:
+//! `raw_payload` plus the same `settings` and `rx_metadata` objects. Joins use TTS's
+//! `join_accept` message.
+//!
+//! What a record does not carry comes in [`UplinkExtras`]: the device's JoinEUI (OTAA devices,
+//! `end_device_ids.join_eui`), the network's NetID (`uplink_message.network_ids`), and what a
+//! payload codec made of the payload (`decoded_payload`, `decoded_payload_warnings`,
+//! `lorastream.codec_error`). Absent values leave their fields out.
 //!
 //! Messages delivered after waiting in the queue carry a `lorastream` object saying so (see
 //! [`Delivery`]); live messages do not, so TTS consumers see exactly the TTS layout.
+//!
+//! Guarantees: the output is a pure function of its inputs (ids come from the record), valid
+//! JSON, one line (no raw newline), and building it never fails.
 
-use crate::model::{correlation_id, Eui64, GatewayFrame, Join, Record, RxInfo, TxSettings, Uplink};
+use super::Decoded;
+use crate::model::{
+    correlation_id, Eui64, GatewayFrame, Join, NetId, Record, RxInfo, TxSettings, Uplink,
+};
 use base64::Engine;
 use serde::Serialize;
 use std::time::{Duration, UNIX_EPOCH};
@@ -24,7 +37,7 @@ pub struct Delivery {
 
 /// Unix µs as RFC 3339 with microseconds, UTC (`2026-11-22T10:00:00.123456Z`), as TTS writes
 /// `received_at`.
-pub(crate) fn rfc3339(us: i64) -> String {
+pub fn rfc3339(us: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
     humantime::format_rfc3339_micros(t).to_string()
 }
@@ -135,9 +148,39 @@ struct EndDeviceIds<'a> {
     device_id: &'a str,
     application_ids: ApplicationIds<'a>,
     dev_eui: String,
+    /// OTAA devices (TTS writes it for every device that joins).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    join_eui: Option<String>,
     dev_addr: String,
 }
 
+/// TTS `NetworkIdentifiers`: which network handled the uplink. lorastream knows its NetID
+/// (`[gateway] net_id`); TTS's tenant and cluster fields have no counterpart here.
+#[derive(Serialize)]
+struct NetworkIds {
+    net_id: String,
+}
+
+/// `uplink_message.lorastream`: what TTS has no field for.
+#[derive(Serialize)]
+struct UplinkLorastream<'a> {
+    /// Why the payload codec gave no `decoded_payload` (contract, "Payload codecs").
+    codec_error: &'a str,
+}
+
+/// What the TTS layout of an uplink needs besides the record (see the module docs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UplinkExtras<'a> {
+    /// `end_device_ids.join_eui`: the JoinEUI of an OTAA device.
+    pub join_eui: Option<Eui64>,
+    /// `uplink_message.network_ids.net_id`.
+    pub net_id: Option<NetId>,
+    /// The payload codec's result.
+    pub decoded: Decoded<'a>,
+}
+
+/// Field order as in TTS's `ApplicationUplink` (messages.proto), so the `xml` documents read
+/// the same way.
 #[derive(Serialize)]
 struct UplinkMessage<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -145,6 +188,10 @@ struct UplinkMessage<'a> {
     f_cnt: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     frm_payload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decoded_payload: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    decoded_payload_warnings: &'a [String],
     rx_metadata: Vec<RxMetadata<'a>>,
     settings: Settings<'a>,
     confirmed: bool,
@@ -156,6 +203,10 @@ struct UplinkMessage<'a> {
     /// The link margin (dB) of that DevStatusAns (a lorastream field, TTS-like shape).
     #[serde(skip_serializing_if = "Option::is_none")]
     last_margin: Option<Margin>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    network_ids: Option<NetworkIds>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lorastream: Option<UplinkLorastream<'a>>,
 }
 
 #[derive(Serialize)]
@@ -181,7 +232,7 @@ struct UplinkDoc<'a> {
 }
 
 /// TTS v3 uplink JSON of a device uplink.
-pub fn uplink_json(u: &Uplink, d: Delivery) -> Vec<u8> {
+pub fn uplink_json(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
     let received_at = rfc3339(u.received_at_us);
     let tmst = u.rx.first().map(|r| r.tmst).unwrap_or(0);
     let doc = UplinkDoc {
@@ -191,6 +242,7 @@ pub fn uplink_json(u: &Uplink, d: Delivery) -> Vec<u8> {
                 application_id: &u.application,
             },
             dev_eui: u.dev_eui.to_string(),
+            join_eui: x.join_eui.map(|j| j.to_string()),
             dev_addr: u.dev_addr.to_string(),
         },
         correlation_ids: [correlation_id("uplink", u.id)],
@@ -199,6 +251,8 @@ pub fn uplink_json(u: &Uplink, d: Delivery) -> Vec<u8> {
             f_port: u.f_port,
             f_cnt: u.f_cnt,
             frm_payload: (!u.payload.is_empty()).then(|| b64(&u.payload)),
+            decoded_payload: x.decoded.payload,
+            decoded_payload_warnings: x.decoded.warnings,
             rx_metadata: u.rx.iter().map(rx_metadata).collect(),
             settings: settings(&u.settings, tmst),
             confirmed: u.confirmed,
@@ -214,6 +268,13 @@ pub fn uplink_json(u: &Uplink, d: Delivery) -> Vec<u8> {
                 value: st.margin,
                 received_at: rfc3339(st.received_at_us),
             }),
+            network_ids: x.net_id.map(|n| NetworkIds {
+                net_id: n.to_string(),
+            }),
+            lorastream: x
+                .decoded
+                .error
+                .map(|codec_error| UplinkLorastream { codec_error }),
         },
         lorastream: buffered(u.received_at_us, d),
     };
@@ -296,16 +357,17 @@ pub fn join_json(j: &Join, d: Delivery) -> Vec<u8> {
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
-/// JSON of any record.
-pub fn record_json(r: &Record, d: Delivery) -> Vec<u8> {
+/// JSON of any record (`x` is used for uplinks only).
+pub fn record_json(r: &Record, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
     match r {
-        Record::Uplink(u) => uplink_json(u, d),
+        Record::Uplink(u) => uplink_json(u, x, d),
         Record::GatewayFrame(g) => gateway_json(g, d),
         Record::Join(j) => join_json(j, d),
     }
 }
 
-/// Topic of a record under an MQTT prefix (contract: uplinks and gateway-level frames).
+/// lorastream's topic of a record under an MQTT prefix (contract, "MQTT topics": uplinks,
+/// joins and gateway-level frames), for the `tts`, `xml` and `template` formats.
 pub fn topic(prefix: &str, r: &Record) -> String {
     match r {
         Record::Uplink(u) => format!("{prefix}/{}/devices/{}/up", u.application, u.device),
@@ -341,7 +403,8 @@ mod tests {
         let live = Delivery {
             now_us: u.received_at_us + 1000,
         };
-        let v: serde_json::Value = serde_json::from_slice(&uplink_json(&u, live)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&uplink_json(&u, &UplinkExtras::default(), live)).unwrap();
         assert_eq!(v["end_device_ids"]["device_id"], "soil-1");
         assert_eq!(
             v["end_device_ids"]["application_ids"]["application_id"],
@@ -372,7 +435,8 @@ mod tests {
         assert_eq!(s["timestamp"], 2_000_123);
         assert!(v.get("lorastream").is_none(), "live messages are plain TTS");
         // Same correlation id on every delivery.
-        let again: serde_json::Value = serde_json::from_slice(&uplink_json(&u, live)).unwrap();
+        let again: serde_json::Value =
+            serde_json::from_slice(&uplink_json(&u, &UplinkExtras::default(), live)).unwrap();
         assert_eq!(again["correlation_ids"], v["correlation_ids"]);
     }
 
@@ -382,10 +446,77 @@ mod tests {
         let late = Delivery {
             now_us: u.received_at_us + 90_000_000,
         };
-        let v: serde_json::Value = serde_json::from_slice(&uplink_json(&u, late)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&uplink_json(&u, &UplinkExtras::default(), late)).unwrap();
         assert_eq!(v["lorastream"]["buffered"], true);
         assert_eq!(v["lorastream"]["held_s"], 90.0);
         assert_eq!(v["received_at"], "2026-11-18T11:06:40.123456Z");
+    }
+
+    /// The layout of today's consumers, byte for byte: extras that are absent add nothing.
+    #[test]
+    fn plain_uplink_is_unchanged() {
+        let u = sample();
+        let live = Delivery {
+            now_us: u.received_at_us,
+        };
+        let got = String::from_utf8(uplink_json(&u, &UplinkExtras::default(), live)).unwrap();
+        let want = concat!(
+            r#"{"end_device_ids":{"device_id":"soil-1","application_ids":{"application_id":"farm"},"#,
+            r#""dev_eui":"70B3D57ED0000001","dev_addr":"26000001"},"#,
+            r#""correlation_ids":["lorastream:uplink:01JC0000000000000000000001"],"#,
+            r#""received_at":"2026-11-18T11:06:40.123456Z","uplink_message":{"f_port":1,"f_cnt":70000,"#,
+            r#""frm_payload":"AQIDBA==","rx_metadata":[{"gateway_ids":{"gateway_id":"eui-aa555a0000000000","#,
+            r#""eui":"AA555A0000000000"},"timestamp":2000123,"rssi":-57,"channel_rssi":-57,"snr":9.5,"#,
+            r#""channel_index":2,"rf_chain":0,"received_at":"2026-11-18T11:06:40.123456Z"}],"#,
+            r#""settings":{"data_rate":{"lora":{"bandwidth":125000,"spreading_factor":7,"coding_rate":"4/5"}},"#,
+            r#""frequency":"868100000","timestamp":2000123},"confirmed":false,"#,
+            r#""received_at":"2026-11-18T11:06:40.123456Z"}}"#
+        );
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn extras_fill_their_tts_fields() {
+        let u = sample();
+        let obj = serde_json::json!({"temperature": 21.5, "n": 3});
+        let warnings = vec!["low battery".to_string()];
+        let x = UplinkExtras {
+            join_eui: Some("70B3D57ED00000DC".parse().unwrap()),
+            net_id: Some(NetId(0x13)),
+            decoded: Decoded {
+                payload: obj.as_object(),
+                warnings: &warnings,
+                error: None,
+            },
+        };
+        let d = Delivery { now_us: 0 };
+        let v: serde_json::Value = serde_json::from_slice(&uplink_json(&u, &x, d)).unwrap();
+        assert_eq!(v["end_device_ids"]["join_eui"], "70B3D57ED00000DC");
+        let m = &v["uplink_message"];
+        assert_eq!(m["network_ids"]["net_id"], "000013");
+        assert_eq!(m["decoded_payload"]["temperature"], 21.5);
+        assert_eq!(
+            m["decoded_payload"]["n"], 3,
+            "integers stay integers in TTS JSON"
+        );
+        assert_eq!(m["decoded_payload_warnings"][0], "low battery");
+        assert!(m.get("lorastream").is_none());
+        // A codec error: the uplink still goes out, with the reason and no decoded payload.
+        let x = UplinkExtras {
+            decoded: Decoded {
+                error: Some("decodeUplink threw: boom"),
+                ..Decoded::default()
+            },
+            ..UplinkExtras::default()
+        };
+        let v: serde_json::Value = serde_json::from_slice(&uplink_json(&u, &x, d)).unwrap();
+        assert_eq!(
+            v["uplink_message"]["lorastream"]["codec_error"],
+            "decodeUplink threw: boom"
+        );
+        assert!(v["uplink_message"].get("decoded_payload").is_none());
+        assert_eq!(v["uplink_message"]["frm_payload"], "AQIDBA==");
     }
 
     #[test]
