@@ -435,6 +435,8 @@ pub enum RequestError {
     TooLong { index: usize, len: usize },
     #[error("downlinks[{index}].priority {value:?} is not one of LOWEST, LOW, BELOW_NORMAL, NORMAL, ABOVE_NORMAL, HIGH, HIGHEST")]
     Priority { index: usize, value: String },
+    #[error("the message is {len} bytes; downlink messages are at most {max} bytes")]
+    TooLarge { len: usize, max: usize },
     /// A message property or body field the transport adds (Azure `op`, raw `fPort`, ...).
     #[error("{0}")]
     Transport(String),

@@ -244,14 +244,14 @@ impl Scheduler {
             .streams
             .get(&r.stream)
             .is_some_and(|l| l.scope.covers(&app, &r.device));
-        let items = match (in_scope, r.items) {
-            (false, _) => Err(Refusal::OutOfScope {
-                device: r.device.clone(),
-                stream: r.stream.clone(),
-            }
-            .to_string()),
-            (true, items) => items.map_err(|e| e.to_string()),
-        };
+        if !in_scope {
+            // Answered like an unknown device: an event would publish the device's id and
+            // DevEUI on a stream that must not see them (docs/reliability.md).
+            tracing::info!(stream = %r.stream, device = %r.device, "{}; ignored", Refusal::OutOfScope { device: r.device.clone(), stream: r.stream.clone() });
+            self.metrics.downlink_event("out_of_scope");
+            return;
+        }
+        let items = r.items.map_err(|e| e.to_string());
         let items = match items {
             Ok(items) => items,
             Err(reason) => {

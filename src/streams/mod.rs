@@ -15,6 +15,7 @@
 //! - [`format`]: the message layouts;
 //! - [`tls`]: rustls client configurations;
 //! - [`error`]: typed setup and session errors;
+//! - [`too_large`]: the one way to drop a record a destination can never take;
 //! - [`crate::downlink::DownlinkHandle`]: the one way to hand a cloud's downlink to the
 //!   scheduler (in order; acknowledged to the cloud once stored).
 //!
@@ -31,6 +32,7 @@ pub(crate) mod lanes;
 pub(crate) mod lines;
 pub(crate) mod mqtt;
 pub mod tls;
+pub(crate) mod too_large;
 
 use crate::config::{StreamConfig, StreamKind};
 use crate::downlink::DownlinkHandle;
