@@ -342,6 +342,10 @@ pub struct Snapshot {
     pub store_writable: bool,
     pub store_unsaved_bytes: u64,
     pub store_write_failures: u64,
+    /// Record copies held in memory only (a kill loses them).
+    pub store_memory_only: u64,
+    /// Records the previous run lost (held in memory only when it ended).
+    pub store_lost_at_last_stop: u64,
 }
 
 /// One stream's queue.
@@ -458,6 +462,18 @@ impl Collector for SnapshotCollector {
             "store_write_failures",
             "Failed store writes (commits, journal writes, engine reopens) since start",
             &gauge(s.store_write_failures),
+        )?;
+        put(
+            e,
+            "store_memory_only_records",
+            "Queued record copies held in memory only (disk full and the journal's reserve used up): a kill or crash now loses them",
+            &gauge(s.store_memory_only),
+        )?;
+        put(
+            e,
+            "store_lost_at_last_stop",
+            "Records the previous run lost because it ended holding them in memory only (reported once at start)",
+            &gauge(s.store_lost_at_last_stop),
         )?;
         Ok(())
     }

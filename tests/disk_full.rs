@@ -195,7 +195,10 @@ async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
         assert_eq!(health["store"]["writable"], false);
         let m = daemon.metrics().encode();
         assert!(m.contains("lorastream_store_writable 0"), "{m}");
-        assert!(!m.contains("lorastream_store_errors_total 0"), "{m}");
+        // The journal's reserve took them: durable against a kill, nothing in memory only.
+        assert_eq!(health["store"]["reserve"], "in_use", "{health}");
+        assert_eq!(health["store"]["memory_only"], 0, "{health}");
+        assert!(m.contains("lorastream_store_memory_only_records 0"), "{m}");
 
         // 4. Space comes back: the store writes them by itself (committer retry + reopen).
         std::fs::remove_file(&filler).unwrap();
@@ -353,7 +356,7 @@ async fn sigkill_on_a_full_disk_keeps_what_the_reserve_took_and_reports_the_rest
             "{backend}: never held in memory only: {last}\n{}",
             daemon.log_text()
         );
-        assert_eq!(last["store"]["reserve"], "in_use", "{backend}: {last}");
+        assert_eq!(last["store"]["reserve"], "used_up", "{backend}: {last}");
         load.pause();
         assert!(load.wait_all_acked(Duration::from_secs(5)).await);
         // Every acknowledged datagram through the dedup window and appended.

@@ -146,5 +146,7 @@ pub(crate) fn snapshot(store: &Store, gateways: &Gateways) -> metrics::Snapshot 
         store_writable: h.writable,
         store_unsaved_bytes: h.unsaved_bytes,
         store_write_failures: h.write_failures,
+        store_memory_only: h.memory_only,
+        store_lost_at_last_stop: h.lost_at_last_stop,
     }
 }

@@ -44,6 +44,8 @@ const ACKS_PREFIX: &str = "acks.";
 pub(crate) const RESERVE: &str = "journal.reserve";
 /// Largest frame accepted on replay (a corrupt length must not allocate gigabytes).
 const MAX_FRAME: usize = 64 << 20;
+/// The smallest reserve made when the disk has no room for `reserve_bytes`.
+const MIN_RESERVE: u64 = 64 << 10;
 /// Journal files hold session state and keys' neighbours: owner only, whatever the umask.
 pub(crate) const FILE_MODE: u32 = 0o600;
 
@@ -65,7 +67,9 @@ pub enum ReserveState {
     Ready,
     /// The disk was full: the journal is writing into the reserve.
     InUse,
-    /// No reserve: `reserve_bytes = 0`, no `fallocate` here, or no room to make one (yet).
+    /// The reserve is full too: new records are held in memory only until space returns.
+    UsedUp,
+    /// No reserve: `reserve_bytes = 0`, no `fallocate` here, or no room to make one.
     None,
 }
 
@@ -86,10 +90,18 @@ pub(crate) struct Journal {
     reserve_size: u64,
     /// `journal.reserve`, preallocated and unused.
     reserve: Option<File>,
+    /// Bytes preallocated in `reserve` (less than `reserve_size` when the disk had no more).
+    reserve_have: u64,
     /// The current generation is a former reserve: its preallocated bytes left.
     in_reserve: Option<u64>,
     /// `fallocate` is not supported here: never try again.
     no_fallocate: bool,
+    /// The reserve was taken and is full.
+    used_up: bool,
+    /// A write failed with nowhere else to go: no more files are tried until the next
+    /// [`Journal::rotate`] (the committer's next attempt, backed off), or a full disk would get
+    /// a new empty generation file per append.
+    stalled: bool,
 }
 
 /// What [`Journal::sync_handle`] hands out: fsync it without holding the journal's lock.
@@ -202,8 +214,11 @@ impl Journal {
             to_remove: None,
             reserve_size,
             reserve: None,
+            reserve_have: 0,
             in_reserve: None,
             no_fallocate: false,
+            used_up: false,
+            stalled: false,
         };
         if let Err(e) = j.make_reserve() {
             if reserve_size > 0 {
@@ -214,9 +229,18 @@ impl Journal {
         j
     }
 
-    /// Make the reserve if there is none (no-op when `reserve_size` is 0).
+    /// Make the reserve if there is none, or grow it to `reserve_size` (no-op when
+    /// `reserve_size` is 0). On a nearly full disk a smaller reserve (down to
+    /// [`MIN_RESERVE`]) is better than none: the journal can leave a used reserve only once
+    /// there is a new one.
     pub(crate) fn make_reserve(&mut self) -> io::Result<()> {
-        if self.reserve.is_some() || self.reserve_size == 0 {
+        if self.reserve_size == 0 {
+            return Ok(());
+        }
+        if let Some(f) = &self.reserve {
+            if self.reserve_have < self.reserve_size && preallocate(f, self.reserve_size).is_ok() {
+                self.reserve_have = self.reserve_size;
+            }
             return Ok(());
         }
         if self.no_fallocate {
@@ -231,24 +255,37 @@ impl Journal {
             .write(true)
             .mode(FILE_MODE)
             .open(&p)?;
-        if let Err(e) = preallocate(&f, self.reserve_size) {
-            // What was taken of it is given back.
-            drop(f);
-            let _ = std::fs::remove_file(&p);
-            if e.kind() == io::ErrorKind::Unsupported {
-                self.no_fallocate = true;
+        let mut size = self.reserve_size;
+        loop {
+            match preallocate(&f, size) {
+                Ok(()) => break,
+                Err(e) if e.kind() != io::ErrorKind::Unsupported && size / 2 >= MIN_RESERVE => {
+                    size /= 2;
+                }
+                Err(e) => {
+                    // What was taken of it is given back.
+                    drop(f);
+                    let _ = std::fs::remove_file(&p);
+                    if e.kind() == io::ErrorKind::Unsupported {
+                        self.no_fallocate = true;
+                    }
+                    return Err(e);
+                }
             }
-            return Err(e);
         }
         // Its name must survive a power cut before it is counted on.
         self.dir_unsynced = true;
         self.reserve = Some(f);
+        self.reserve_have = size;
+        self.used_up = false;
         Ok(())
     }
 
     pub(crate) fn reserve_state(&self) -> ReserveState {
         if self.in_reserve.is_some() {
             ReserveState::InUse
+        } else if self.used_up {
+            ReserveState::UsedUp
         } else if self.reserve.is_some() {
             ReserveState::Ready
         } else {
@@ -280,6 +317,12 @@ impl Journal {
     /// Append one frame of puts (not synced). On a full disk the reserve takes it (see the
     /// module docs); an error means the frame is in no file.
     pub(crate) fn write(&mut self, puts: &[PutRef<'_>]) -> io::Result<()> {
+        if self.stalled {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "the journal cannot be written (waiting for the next commit attempt)",
+            ));
+        }
         let frame = frame(puts)?;
         if self.file.is_none() {
             let p = self.dir.join(format!("{PREFIX}{:020}", self.gen));
@@ -305,6 +348,11 @@ impl Journal {
             }
             Err(e) => {
                 // A torn frame ends this file for replay: continue in a new generation.
+                if self.in_reserve.is_some() {
+                    self.used_up = true;
+                    tracing::error!(reserve_bytes = self.reserve_size,
+                        "the journal's reserve is full too: new records are held in memory only (a kill would lose them; see /health store.memory_only)");
+                }
                 self.abandon();
                 self.into_reserve(&frame, e)
             }
@@ -313,16 +361,19 @@ impl Journal {
 
     /// The current file failed: the next frame goes to a new generation.
     fn abandon(&mut self) {
-        self.file = None;
+        let had_puts = self.file.take().is_some();
+        let had_acks = self.acks.take().is_some();
+        if had_puts || had_acks {
+            self.to_remove = Some(self.gen);
+        }
         self.in_reserve = None;
         self.gen += 1;
-        // The acks of the abandoned generation stay with it.
-        self.acks = None;
     }
 
     /// A write failed with `err`: continue in the reserve, if there is one.
     fn into_reserve(&mut self, frame: &[u8], err: io::Error) -> io::Result<()> {
         let Some(mut f) = self.reserve.take() else {
+            self.stalled = true;
             return Err(err);
         };
         if self.file.is_some() {
@@ -334,18 +385,21 @@ impl Journal {
             self.reserve = Some(f);
             return Err(err);
         }
-        tracing::warn!(reserve_bytes = self.reserve_size, first_error = %err,
+        tracing::warn!(reserve_bytes = self.reserve_have, first_error = %err,
             "the disk refuses journal writes: journaling into the reserved space (uplinks still survive a kill)");
         self.dir_unsynced = true;
         self.unsynced = true;
         match f.write_all(frame) {
             Ok(()) => {
-                self.in_reserve = Some(self.reserve_size.saturating_sub(frame.len() as u64));
+                self.in_reserve = Some(self.reserve_have.saturating_sub(frame.len() as u64));
                 self.file = Some(f);
                 Ok(())
             }
             Err(e) => {
+                self.to_remove = Some(self.gen);
                 self.gen += 1;
+                self.used_up = true;
+                self.stalled = true;
                 Err(e)
             }
         }
@@ -384,6 +438,7 @@ impl Journal {
             }
             tracing::info!("the disk takes writes again: a new journal reserve is in place");
         }
+        self.stalled = false;
         let g = self.gen;
         let had_puts = self.file.take().is_some();
         let had_acks = self.acks.take().is_some();

@@ -380,8 +380,9 @@ pub struct Appended {
     /// Copies refused (`reject_new`) and oldest copies evicted (`drop_oldest`).
     pub rejected: u64,
     pub evicted: u64,
-    /// Copies queued in memory only because the disk refused the write (they are delivered
-    /// if the destination is up, and written when the disk takes writes again).
+    /// Copies queued in memory only because the disk refused the write and the journal's
+    /// reserve could not take them either (they are delivered if the destination is up, and
+    /// written when the disk takes writes again; a kill loses them).
     pub unsaved: u64,
 }
 
@@ -488,7 +489,6 @@ impl Store {
                 )
             };
             if !committed {
-                out.unsaved = out.written;
                 if let Some((recs, sessions)) = fallback {
                     // The engine refused it: the journal (or its reserve) keeps it across a kill.
                     let mut j = self.journal();
@@ -508,7 +508,6 @@ impl Store {
             self.inner.shared.memory_only_changed(n, 0);
         }
         if !self.inner.writable.load(Ordering::Relaxed) {
-            out.unsaved = out.written;
             self.shed_memory();
         } else if self.inner.shared.unsaved_bytes.load(Ordering::Relaxed)
             > MEMORY_FALLBACK_BYTES / 2
@@ -557,7 +556,18 @@ impl Store {
         self.inner.journal_dirty.store(true, Ordering::Relaxed);
         self.inner.journal_unsynced.store(true, Ordering::Relaxed);
         match j.write(&frame) {
-            Ok(()) => true,
+            Ok(()) => {
+                if j.reserve_state() == ReserveState::InUse
+                    && self.inner.writable.load(Ordering::Relaxed)
+                {
+                    // Durable against a kill, but the disk is full: say so at once.
+                    self.note_failure(
+                        "the disk is full: the journal writes into its reserve",
+                        false,
+                    );
+                }
+                true
+            }
             Err(e) => {
                 self.note_failure(&format!("journal write: {e}"), false);
                 false
