@@ -21,7 +21,11 @@ use std::time::{Duration, Instant};
 use support::broker::TestBroker;
 
 /// Datagrams between two probes (well within a default 208 KiB socket buffer).
-const BATCH: usize = 200;
+const BATCH: usize = 128;
+/// Batches in flight (each followed by its probe).
+const DEPTH: usize = 2;
+/// Distinct fuzz datagrams built up front.
+const POOL: usize = 20_000;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -93,7 +97,11 @@ fn datagram(rng: &mut StdRng, seeds: &[Vec<u8>]) -> Vec<u8> {
         }
         6 => {
             // A giant stat and odd rxpk fields.
-            let time = "t".repeat(rng.random_range(0..20_000));
+            let time = "t".repeat(if rng.random_bool(0.05) {
+                rng.random_range(0..60_000)
+            } else {
+                rng.random_range(0..64)
+            });
             let body = format!(
                 r#"{{"stat":{{"time":"{time}","rxnb":{},"rxok":1,"rxfw":1,"ackr":null,"dwnb":0,"txnb":0}},"rxpk":[{{"tmst":"x"}},{{}}]}}"#,
                 rng.random::<u32>()
@@ -159,6 +167,10 @@ async fn a_million_bad_datagrams_leave_the_daemon_alive_bounded_and_delivering()
     }
     seeds.push(pull_data(Eui64::from_u64(0xF00D), 1));
 
+    // A pool of fuzz datagrams made once (building them costs more than sending them in a
+    // debug build); each one sent is a pool entry with a few bytes flipped and, for most, a
+    // random gateway EUI, so no two are alike.
+    let pool: Vec<Vec<u8>> = (0..POOL).map(|_| datagram(&mut rng, &seeds)).collect();
     let fuzz = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     probe
@@ -182,30 +194,50 @@ async fn a_million_bad_datagrams_leave_the_daemon_alive_bounded_and_delivering()
     let (mut sent, mut token, mut valid) = (0usize, 0u16, 0usize);
     let mut buf = [0u8; 64];
     let mut first = true;
+    let mut first_done = false;
+    let mut outstanding = std::collections::VecDeque::new();
     while sent < total {
         for _ in 0..if first { 0 } else { BATCH } {
-            let d = datagram(&mut rng, &seeds);
+            let mut d = pool[rng.random_range(0..POOL)].clone();
+            if d.len() >= 12 && rng.random_bool(0.8) {
+                let e: [u8; 8] = rng.random();
+                d[4..12].copy_from_slice(&e);
+            }
+            for _ in 0..rng.random_range(0..3) {
+                if !d.is_empty() {
+                    let i = rng.random_range(0..d.len());
+                    d[i] ^= 1 << rng.random_range(0..8);
+                }
+            }
             let _ = fuzz.send_to(&d, spec.udp);
         }
         if !first {
             sent += BATCH;
         }
         first = false;
-        // The probe: answered only once the daemon has read the batch.
+        // The probe: answered only once the daemon has read the batch. Up to DEPTH batches
+        // are in flight, so the daemon is never idle while the next one is made.
         token = token.wrapping_add(1);
         probe
             .send_to(&pull_data(probe_eui, token), spec.udp)
             .unwrap();
-        loop {
-            match probe.recv_from(&mut buf) {
-                Ok((4, _)) if buf[3] == 4 && u16::from_be_bytes([buf[1], buf[2]]) == token => break,
-                Ok(_) => {}
-                Err(e) => panic!(
-                    "fuzz: the daemon stopped answering after {sent} datagrams ({e})\n{}",
-                    daemon.log_text()
-                ),
+        outstanding.push_back(token);
+        while outstanding.len() > if first_done { DEPTH } else { 0 } {
+            let want = outstanding.pop_front().unwrap();
+            loop {
+                match probe.recv_from(&mut buf) {
+                    Ok((4, _)) if buf[3] == 4 && u16::from_be_bytes([buf[1], buf[2]]) == want => {
+                        break
+                    }
+                    Ok(_) => {}
+                    Err(e) => panic!(
+                        "fuzz: the daemon stopped answering after {sent} datagrams ({e})\n{}",
+                        daemon.log_text()
+                    ),
+                }
             }
         }
+        first_done = true;
         if sent % 50_000 < BATCH {
             rss_max = rss_max.max(rss_kib(pid));
             // Valid traffic still flows end to end.
@@ -224,6 +256,16 @@ async fn a_million_bad_datagrams_leave_the_daemon_alive_bounded_and_delivering()
                 "fuzz: a valid uplink was not delivered after {sent} datagrams\n{}",
                 daemon.log_text()
             );
+        }
+    }
+    // The last probes.
+    while let Some(want) = outstanding.pop_front() {
+        loop {
+            match probe.recv_from(&mut buf) {
+                Ok((4, _)) if buf[3] == 4 && u16::from_be_bytes([buf[1], buf[2]]) == want => break,
+                Ok(_) => {}
+                Err(e) => panic!("fuzz: no answer to the last probes ({e})"),
+            }
         }
     }
     let took = start.elapsed();
