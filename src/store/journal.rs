@@ -331,7 +331,7 @@ impl Journal {
                     self.file = Some(f);
                     self.dir_unsynced = true;
                 }
-                Err(e) => return self.into_reserve(&frame, e),
+                Err(e) => return self.continue_in_reserve(&frame, e),
             }
         }
         self.unsynced = true;
@@ -354,7 +354,7 @@ impl Journal {
                         "the journal's reserve is full too: new records are held in memory only (a kill would lose them; see /health store.memory_only)");
                 }
                 self.abandon();
-                self.into_reserve(&frame, e)
+                self.continue_in_reserve(&frame, e)
             }
         }
     }
@@ -371,7 +371,7 @@ impl Journal {
     }
 
     /// A write failed with `err`: continue in the reserve, if there is one.
-    fn into_reserve(&mut self, frame: &[u8], err: io::Error) -> io::Result<()> {
+    fn continue_in_reserve(&mut self, frame: &[u8], err: io::Error) -> io::Result<()> {
         let Some(mut f) = self.reserve.take() else {
             self.stalled = true;
             return Err(err);
@@ -636,7 +636,8 @@ mod tests {
         write(&mut j, 1);
         // The next write fails as on a full disk: the reserve takes the frame.
         let frame = frame(&[("t", &[2u8][..], &[2u8, 2, 2][..])][..]).unwrap();
-        j.into_reserve(&frame, io::Error::other("ENOSPC")).unwrap();
+        j.continue_in_reserve(&frame, io::Error::other("ENOSPC"))
+            .unwrap();
         assert_eq!(j.reserve_state(), ReserveState::InUse);
         assert!(!dir.path().join(RESERVE).exists());
         write(&mut j, 3);

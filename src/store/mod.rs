@@ -366,6 +366,9 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// A record as appended: its sequence number and its encoding (shared by its queues).
+type Encoded = (u64, Arc<Vec<u8>>);
+
 /// One record to append and the queues it goes to.
 pub struct Entry<'a> {
     pub record: &'a Record,
@@ -532,7 +535,7 @@ impl Store {
         &self,
         j: &mut journal::Journal,
         queues: &[Queue],
-        per_queue: &[Vec<(u64, Arc<Vec<u8>>)>],
+        per_queue: &[Vec<Encoded>],
         session_puts: &[(Vec<u8>, Vec<u8>)],
     ) -> bool {
         // The frame borrows the encoded records: they are not copied again.

@@ -358,6 +358,7 @@ fn publish(
 }
 
 /// Read the queue from its oldest record and publish, never more than the window unacknowledged.
+#[allow(clippy::too_many_arguments)]
 async fn feed(
     ctx: StreamContext,
     client: AsyncClient,
