@@ -256,8 +256,11 @@ impl Store {
             }
             // This window's acknowledgements into the journal (also while the disk fails): a
             // kill redelivers at most the last window's, not everything since the last
-            // checkpoint.
-            self.write_acks();
+            // checkpoint. Without group commits every append commits the pending deletes too
+            // (and the lazy commit the rest within LAZY_COMMIT_EVERY): nothing to journal.
+            if self.inner.group_commit {
+                self.write_acks();
+            }
             let (retry_at, failed) = {
                 let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
                 (h.retry_at, h.failed.is_some())

@@ -36,8 +36,8 @@
 //! [`LAZY_COMMIT_EVERY`]). A record acknowledged before its checkpoint never reaches the
 //! engine. Meanwhile the committer writes each window's acknowledgements to the journal
 //! (`acks.<generation>`, one `write(2)` per window, no fsync), so a SIGKILL redelivers at most
-//! the acknowledgements of the last window (`flush_every_ms`, or 100 ms with 0), not everything
-//! since the last checkpoint; a power cut may still redeliver up to a checkpoint's worth. Losing
+//! the acknowledgements of the last `flush_every_ms` window, not everything since the last
+//! checkpoint (with 0, deletes ride on the next append's commit, at the latest after a second); a power cut may still redeliver up to a checkpoint's worth. Losing
 //! a delete only means an at-least-once redelivery with the same correlation id. Every window in which the
 //! journal was written ends with its fsync, also when the cloud has already acknowledged every
 //! record of it: the devices' new FCntUp is in the same frames, and a power cut must not let a
