@@ -42,6 +42,9 @@ struct Inner {
     stream_errors: Family<Labels, Counter>,
     http_requests: Family<Labels, Counter>,
     stream_connections: Family<Labels, Gauge>,
+    radio_defects: Family<Labels, Counter>,
+    gateway_address_changes: Counter,
+    downlinks_too_large: Family<Labels, Counter>,
     /// Where scrape-time values come from ([`Metrics::set_snapshot`]).
     snapshot: Arc<RwLock<Option<SnapshotFn>>>,
     /// Uplink arrival → PULL_RESP sent, microseconds: last and maximum since start.
@@ -127,6 +130,21 @@ impl Metrics {
                 "Open connections of streams that hold several (Azure IoT Hub, identity = device)",
                 Family::default()
             ),
+            radio_defects: reg!(
+                "radio_defects",
+                "Received radio frames with a defect (crc_bad, too_short, oversized, proprietary, rfu); oversized ones are dropped",
+                Family::default()
+            ),
+            gateway_address_changes: reg!(
+                "gateway_address_changes",
+                "Times a known packet forwarder's source address changed (restart, NAT, or a spoofed datagram)",
+                Counter::default()
+            ),
+            downlinks_too_large: reg!(
+                "downlink_messages_too_large",
+                "Downlink messages from a stream's destination refused because of their size, by stream",
+                Family::default()
+            ),
             snapshot: inner_snapshot.clone(),
             sched_last_us: reg!("downlink_schedule_latency_last_us", "Uplink arrival to PULL_RESP sent (class A), last, microseconds (includes the dedup window)", Gauge::default()),
             sched_max_us: reg!("downlink_schedule_latency_max_us", "Uplink arrival to PULL_RESP sent (class A), maximum since start, microseconds", Gauge::default()),
@@ -151,6 +169,28 @@ impl Metrics {
             .udp_errors
             .get_or_create(&vec![("reason", reason.into())])
             .inc();
+    }
+    pub fn radio_defect(&self, kind: &'static str) {
+        self.inner
+            .radio_defects
+            .get_or_create(&vec![("kind", kind.into())])
+            .inc();
+    }
+    pub fn gateway_address_changed(&self) {
+        self.inner.gateway_address_changes.inc();
+    }
+    pub fn downlink_too_large(&self, stream: &str) {
+        self.inner
+            .downlinks_too_large
+            .get_or_create(&vec![("stream", stream.into())])
+            .inc();
+    }
+    /// Receptions beyond `MAX_RX_METADATA` of one frame, left out of its uplink.
+    pub fn frame_receptions_dropped(&self, n: u64) {
+        self.inner
+            .frames
+            .get_or_create(&vec![("result", "reception_over_cap".into())])
+            .inc_by(n);
     }
     pub fn frame(&self, result: &'static str) {
         self.inner
@@ -320,6 +360,10 @@ pub struct Snapshot {
     pub store_writable: bool,
     pub store_unsaved_bytes: u64,
     pub store_write_failures: u64,
+    /// Record copies held in memory only (a kill loses them).
+    pub store_memory_only: u64,
+    /// Records the previous run lost (held in memory only when it ended).
+    pub store_lost_at_last_stop: u64,
 }
 
 /// One stream's queue.
@@ -436,6 +480,18 @@ impl Collector for SnapshotCollector {
             "store_write_failures",
             "Failed store writes (commits, journal writes, engine reopens) since start",
             &gauge(s.store_write_failures),
+        )?;
+        put(
+            e,
+            "store_memory_only_records",
+            "Queued record copies held in memory only (disk full and the journal's reserve used up): a kill or crash now loses them",
+            &gauge(s.store_memory_only),
+        )?;
+        put(
+            e,
+            "store_lost_at_last_stop",
+            "Records the previous run lost because it ended holding them in memory only (reported once at start)",
+            &gauge(s.store_lost_at_last_stop),
         )?;
         Ok(())
     }

@@ -468,6 +468,8 @@ pub enum RequestError {
     NoEncoder { index: usize },
     #[error("end_device_ids.dev_eui {0:?} is not 16 hex digits")]
     DevEui(String),
+    #[error("the message is {len} bytes; downlink messages are at most {max} bytes")]
+    TooLarge { len: usize, max: usize },
     /// A message property or body field the transport adds (Azure `op`, raw `fPort`, ...).
     #[error("{0}")]
     Transport(String),

@@ -7,6 +7,7 @@
 //! Mounting needs root: without it the test skips with a printed reason, unless
 //! LORASTREAM_TEST_ROOT=1 (CI, which runs as root) makes it mandatory.
 
+mod faultkit;
 mod support;
 
 use lorastream::daemon::Daemon;
@@ -194,7 +195,10 @@ async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
         assert_eq!(health["store"]["writable"], false);
         let m = daemon.metrics().encode();
         assert!(m.contains("lorastream_store_writable 0"), "{m}");
-        assert!(!m.contains("lorastream_store_errors_total 0"), "{m}");
+        // The journal's reserve took them: durable against a kill, nothing in memory only.
+        assert_eq!(health["store"]["reserve"], "in_use", "{health}");
+        assert_eq!(health["store"]["memory_only"], 0, "{health}");
+        assert!(m.contains("lorastream_store_memory_only_records 0"), "{m}");
 
         // 4. Space comes back: the store writes them by itself (committer retry + reopen).
         std::fs::remove_file(&filler).unwrap();
@@ -304,6 +308,101 @@ async fn a_full_disk_at_start_never_moves_the_store_aside() {
         assert!(report.quarantined.is_none());
         assert_eq!(s.queue("cloud").unwrap().len(), 50, "{backend:?}");
         drop(s);
+        drop(fs);
+    }
+}
+
+/// SIGKILL while the disk is full (issue 11, finding 4). The real binary, its store on a full
+/// tmpfs, the broker down, 100 uplinks/s: uplinks keep going into the journal's reserve
+/// (`[storage] reserve_bytes`, 128 KiB here) and survive the kill; once the reserve is used
+/// up, the rest is held in memory only, which `/health` says (`store.memory_only`), and the
+/// restart reports exactly that many as lost (`store.lost_at_last_stop`). Everything else is
+/// delivered once space and the broker are back. Both engines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_on_a_full_disk_keeps_what_the_reserve_took_and_reports_the_rest() {
+    use faultkit::*;
+    for backend in ["redb", "sled"] {
+        let Some(fs) = Tmpfs::mount("32m") else {
+            return;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut broker = support::broker::TestBroker::start().await;
+        let port = broker.port();
+        broker.stop().await;
+        let devs = devices(5);
+        let body = devices_toml(&devs) + &mqtt_stream("cloud", &broker.url(), "lorastream");
+        let mut spec = DaemonSpec::new(tmp.path(), backend, body);
+        spec.store = fs.path().join("db");
+        spec.flush_every_ms = 100;
+        spec.storage_extra = "reserve_bytes = 131072\n".into();
+        let mut daemon = DaemonProc::start(&spec).await;
+        let h = daemon.health().await.unwrap();
+        assert_eq!(h["store"]["reserve"], "ready", "{backend}: {h}");
+        let load = Load::start(spec.udp, devs, 100.0).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let filler = fill(fs.path());
+        // Into the reserve, then beyond it.
+        let mut last = serde_json::Value::Null;
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < end {
+            last = daemon.health().await.unwrap_or_default();
+            if last["store"]["memory_only"].as_u64().unwrap_or(0) >= 50 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            last["store"]["memory_only"].as_u64().unwrap_or(0) >= 50,
+            "{backend}: never held in memory only: {last}\n{}",
+            daemon.log_text()
+        );
+        assert_eq!(last["store"]["reserve"], "used_up", "{backend}: {last}");
+        load.pause();
+        assert!(load.wait_all_acked(Duration::from_secs(5)).await);
+        // Every acknowledged datagram through the dedup window and appended.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let h = daemon.health().await.unwrap();
+        let memory_only = h["store"]["memory_only"].as_u64().unwrap();
+        let queued = h["streams"][0]["depth"].as_u64().unwrap();
+        daemon.kill9();
+        let log = load.stop().await;
+        assert_eq!(queued, log.len() as u64, "{backend}: everything was queued");
+
+        std::fs::remove_file(&filler).unwrap();
+        let _broker = support::broker::TestBroker::start_on(port).await;
+        let mut sink_daemon = DaemonProc::start(&spec).await;
+        let h = sink_daemon.health().await.unwrap();
+        assert_eq!(
+            h["store"]["lost_at_last_stop"].as_u64(),
+            Some(memory_only),
+            "{backend}: the restart reports the records held in memory only: {h}"
+        );
+        let m = sink_daemon
+            .wait_metrics(Duration::from_secs(60), |m| m.depth("cloud") == 0)
+            .await;
+        assert_eq!(m.depth("cloud"), 0, "{backend}");
+        let delivered: std::collections::HashSet<(u8, u32)> = _broker
+            .received()
+            .iter()
+            .filter_map(|(t, p)| parse_uplink(t, p, None))
+            .map(|d| (d.dev, d.f_cnt))
+            .collect();
+        let missing = log
+            .iter()
+            .filter(|s| !delivered.contains(&(s.dev, s.f_cnt)))
+            .count() as u64;
+        println!(
+            "{backend}: {} uplinks queued on a full disk, {} of them in memory only at the kill; after the restart {} delivered, {missing} lost (reported: {memory_only})",
+            log.len(),
+            memory_only,
+            delivered.len()
+        );
+        assert_eq!(
+            missing, memory_only,
+            "{backend}: lost exactly what was reported"
+        );
+        sink_daemon.stop(Duration::from_secs(5)).await;
+        drop(sink_daemon);
         drop(fs);
     }
 }

@@ -29,6 +29,7 @@ mod validate;
 pub use crate::lorawan::region::Region;
 pub use crate::model::Scope;
 pub use devices::{Activation, ApplicationConfig, DeviceConfig, LorawanVersion};
+pub use streams::defaults as stream_defaults;
 pub use streams::{
     azure_device_id, AwsConfig, AzureConfig, AzureIdentity, AzureKey, ClientCert, DownlinkFormat,
     Format, FormatConfig, HttpConfig, MqttConfig, OnClientError, PolicyKey, PollConfig, ServerUrl,
@@ -254,6 +255,30 @@ pub struct GatewayConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub class_c_gateway: Option<Eui64>,
+    /// Packet forwarders remembered at most (docs/reliability.md): a new one beyond this takes
+    /// the place of one silent for a minute, or is refused (counted).
+    pub max_gateways: usize,
+    /// Only these forwarders are served (empty: every one). Datagrams of others are dropped
+    /// before anything else is done with them, counted and logged (rate-limited).
+    #[serde(deserialize_with = "de_eui_list", serialize_with = "ser_eui_list")]
+    pub allowed_gateways: Vec<Eui64>,
+    /// A known forwarder's new source address is taken only once the old one has been silent
+    /// for a minute (a spoofed PULL_DATA cannot redirect its downlinks).
+    pub pin_gateway_address: bool,
+}
+
+fn de_eui_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Eui64>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<Eui64>()
+                .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+        })
+        .collect()
+}
+
+fn ser_eui_list<S: Serializer>(v: &[Eui64], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|e| e.to_string()))
 }
 
 impl Default for GatewayConfig {
@@ -272,6 +297,9 @@ impl Default for GatewayConfig {
             adr_margin_db: 10.0,
             dev_status_interval: Duration::from_secs(24 * 3600),
             class_c_gateway: None,
+            max_gateways: 1000,
+            allowed_gateways: Vec::new(),
+            pin_gateway_address: false,
         }
     }
 }
@@ -356,6 +384,9 @@ pub struct StorageConfig {
         serialize_with = "ser_opt_duration"
     )]
     pub max_age: Option<Duration>,
+    /// Disk space set aside (preallocated) for the journal, so that uplinks still survive a
+    /// kill while the disk is full; 0 = none (docs/reliability.md).
+    pub reserve_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -368,6 +399,7 @@ impl Default for StorageConfig {
             flush_every_ms: 100,
             cache_bytes: 8 * 1024 * 1024,
             max_age: None,
+            reserve_bytes: 8 * 1024 * 1024,
         }
     }
 }

@@ -27,6 +27,8 @@ pub mod defaults {
     /// MQTT (and AWS IoT): unacknowledged QoS 1 publishes.
     pub const MQTT_INFLIGHT: u16 = 100;
     pub const MQTT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+    /// A PUBACK, SUBACK or PINGRESP missing this long means the broker hangs: reconnect.
+    pub const MQTT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
     pub const TOPIC_PREFIX: &str = "lorastream";
     /// Azure IoT Hub: SAS token lifetime (the Azure SDKs use one hour too); renewed at 80 %.
     pub const AZURE_SAS_TTL: Duration = Duration::from_secs(3600);
@@ -193,6 +195,7 @@ raw_stream! {
     topic_prefix: String,
     inflight: u16,
     keep_alive_s: u64,
+    response_timeout_s: u64,
     // file
     path: PathBuf,
     // aws-iot
@@ -412,6 +415,9 @@ pub struct MqttConfig {
     pub topic_prefix: String,
     pub inflight: u16,
     pub keep_alive: Duration,
+    /// A request (publish, subscribe, keep-alive ping) unanswered this long, with nothing else
+    /// heard from the broker meanwhile, ends the connection (a hung broker).
+    pub response_timeout: Duration,
 }
 
 /// `kind = "aws-iot"`: MQTT with AWS IoT Core's rules (thing certificate, Amazon Root CA 1).
@@ -764,6 +770,15 @@ fn keep_alive(s: Option<u64>, default: Duration, max: u64) -> Result<Duration, K
     }
 }
 
+/// `response_timeout_s`: 1 s to an hour.
+fn response_timeout(s: Option<u64>) -> Result<Duration, KeyError> {
+    match s {
+        None => Ok(defaults::MQTT_RESPONSE_TIMEOUT),
+        Some(s) if (1..=3600).contains(&s) => Ok(Duration::from_secs(s)),
+        Some(_) => Err(("response_timeout_s", "must be 1 to 3600 seconds".into())),
+    }
+}
+
 /// `lorastream-{gateway eui or hostname}-{stream}`.
 fn default_client_id(ctx: &Context, stream: &str) -> String {
     let who = ctx
@@ -792,6 +807,7 @@ fn mqtt(k: &mut Keys, ctx: &Context, name: &str) -> Result<MqttConfig, KeyError>
     let prefix = take!(k, topic_prefix);
     let window = take!(k, inflight);
     let keep = take!(k, keep_alive_s);
+    let response = take!(k, response_timeout_s);
     k.no_leftovers()?;
     let server = server.unwrap_or_default();
     let server = ServerUrl::parse(&server).map_err(|e| {
@@ -818,6 +834,7 @@ fn mqtt(k: &mut Keys, ctx: &Context, name: &str) -> Result<MqttConfig, KeyError>
         topic_prefix: topic_prefix(prefix)?,
         inflight: inflight(window, defaults::MQTT_INFLIGHT)?,
         keep_alive: keep_alive(keep, defaults::MQTT_KEEP_ALIVE, 65_535)?,
+        response_timeout: response_timeout(response)?,
     })
 }
 
@@ -831,6 +848,7 @@ fn aws(k: &mut Keys, _name: &str, _ctx: &Context) -> Result<AwsConfig, KeyError>
     let prefix = take!(k, topic_prefix);
     let window = take!(k, inflight);
     let keep = take!(k, keep_alive_s);
+    let response = take!(k, response_timeout_s);
     let shadow = take!(k, shadow);
     k.no_leftovers()?;
     let s = server.unwrap_or_default();
@@ -866,6 +884,7 @@ fn aws(k: &mut Keys, _name: &str, _ctx: &Context) -> Result<AwsConfig, KeyError>
             topic_prefix: topic_prefix(prefix)?,
             inflight: inflight(window, defaults::MQTT_INFLIGHT)?,
             keep_alive: keep_alive(keep, defaults::MQTT_KEEP_ALIVE, 65_535)?,
+            response_timeout: response_timeout(response)?,
         },
         shadow: shadow.unwrap_or(false),
     })
@@ -1277,6 +1296,7 @@ impl Table {
             .s("topic_prefix", &m.topic_prefix)
             .n("inflight", m.inflight.into())
             .n("keep_alive_s", m.keep_alive.as_secs())
+            .n("response_timeout_s", m.response_timeout.as_secs())
     }
 }
 

@@ -60,6 +60,9 @@ pub(super) fn sections(
             "must be at most 2000 ms (RX1 opens 1 s after the uplink)".into(),
         ));
     }
+    if g.max_gateways == 0 {
+        return Err(gw("max_gateways", "must be at least 1".into()));
+    }
     let st = |key, message: &str| src.section_error("[storage]", key, message);
     if s.max_age.is_some_and(|d| d.as_secs() < 60) {
         return Err(st("max_age", "must be at least 1 minute"));

@@ -53,7 +53,10 @@ pub struct Health {
     pub forwarders_online: bool,
     pub version: &'static str,
     pub uptime_s: u64,
+    /// The most recently heard forwarders (at most `ingress::udp::HEALTH_GATEWAYS`).
     pub gateways: Vec<GatewayView>,
+    /// Forwarders known in all (`gateways` may list fewer).
+    pub gateways_total: usize,
     pub streams: Vec<StreamHealth>,
     pub store: StoreHealth,
     pub downlink_schedule_latency_us: Latency,
@@ -86,7 +89,7 @@ impl Sources {
             })
             .collect();
         let store = self.store.health();
-        let gateways = self.gateways.view();
+        let (gateways, gateways_total) = self.gateways.view();
         let streams_down: Vec<String> = streams
             .iter()
             .filter(|s| !s.connected)
@@ -106,6 +109,7 @@ impl Sources {
             version: env!("CARGO_PKG_VERSION"),
             uptime_s: self.started.elapsed().as_secs(),
             gateways,
+            gateways_total,
             streams,
             store,
             downlink_schedule_latency_us: Latency { last, max },
@@ -142,5 +146,7 @@ pub(crate) fn snapshot(store: &Store, gateways: &Gateways) -> metrics::Snapshot 
         store_writable: h.writable,
         store_unsaved_bytes: h.unsaved_bytes,
         store_write_failures: h.write_failures,
+        store_memory_only: h.memory_only,
+        store_lost_at_last_stop: h.lost_at_last_stop,
     }
 }

@@ -12,14 +12,23 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 /// Drop queued records older than `max_age`, once a minute (and once at start, after a long
 /// power-off), until `cancel`.
+///
+/// Records carry the wall-clock time they were received, and the wall clock jumps (NTP's first
+/// sync on a gateway without a battery-backed clock, a hand-set date): a jump forward larger
+/// than `max_age` would expire the whole backlog at once. So the age is measured twice and
+/// the smaller one counts: by the wall clock, and by the monotonic clock since start added to
+/// the wall clock read at start ([`expiry_cutoff`]). A jump in either direction while running
+/// can then only delay an expiry, never cause one; what happened while the daemon was not
+/// running is known only from the wall clock.
 pub(super) async fn expire_old(store: Store, max_age: Duration, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(EXPIRE_EVERY);
+    let started = (crate::model::now_us(), Instant::now());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let cutoff = crate::model::now_us() - max_age.as_micros() as i64;
+        let cutoff = expiry_cutoff(crate::model::now_us(), started, Instant::now(), max_age);
         match store.expire(cutoff) {
             Ok(0) => {}
             Ok(n) => tracing::warn!(
@@ -29,6 +38,21 @@ pub(super) async fn expire_old(store: Store, max_age: Duration, cancel: Cancella
             Err(e) => tracing::error!(error = %e, "cannot expire old messages"),
         }
     }
+}
+
+/// Records received (wall clock, µs) before the returned time are older than `max_age` by both
+/// clocks: the wall clock now, and the wall clock at start (`started`) plus the monotonic time
+/// since.
+pub(super) fn expiry_cutoff(
+    wall_now_us: i64,
+    started: (i64, Instant),
+    mono_now: Instant,
+    max_age: Duration,
+) -> i64 {
+    let age = max_age.as_micros().min(i64::MAX as u128) as i64;
+    let since_start = mono_now.saturating_duration_since(started.1).as_micros() as i64;
+    let steady_now = started.0.saturating_add(since_start);
+    wall_now_us.min(steady_now).saturating_sub(age)
 }
 
 /// Trim the heap every [`TRIM_EVERY`] until `cancel`.
@@ -63,6 +87,35 @@ fn trim_heap() {
             released,
             took_us = t.elapsed().as_micros() as u64,
             "heap trimmed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wall_clock_jump_never_ages_records() {
+        let hour = Duration::from_secs(3600);
+        let t0 = Instant::now();
+        let wall0 = 1_800_000_000_000_000i64;
+        let later = t0 + Duration::from_secs(60);
+        // No jump: one minute after start, records older than an hour before that expire.
+        assert_eq!(
+            expiry_cutoff(wall0 + 60_000_000, (wall0, t0), later, hour),
+            wall0 + 60_000_000 - 3_600_000_000
+        );
+        // The wall clock jumps a day forward: the monotonic clock says one minute passed.
+        let day = 86_400_000_000i64;
+        assert_eq!(
+            expiry_cutoff(wall0 + 60_000_000 + day, (wall0, t0), later, hour),
+            wall0 + 60_000_000 - 3_600_000_000
+        );
+        // Backward: the wall clock counts (later expiry, never an earlier one).
+        assert_eq!(
+            expiry_cutoff(wall0 - day, (wall0, t0), later, hour),
+            wall0 - day - 3_600_000_000
         );
     }
 }

@@ -104,7 +104,7 @@ impl Daemon {
         let ingress_cancel = CancellationToken::new();
         let streams_cancel = CancellationToken::new();
         let misc_cancel = CancellationToken::new();
-        let gateways = Gateways::default();
+        let gateways = Gateways::new(cfg.gateway.max_gateways, cfg.gateway.pin_gateway_address);
         let registry = Arc::new(std::sync::Mutex::new(registry));
         let (downlinks, down_rx) = crate::downlink::channel();
 
@@ -183,6 +183,9 @@ impl Daemon {
             tx,
             ack_tx,
             gateways.clone(),
+            udp::Policy {
+                allowed: cfg.gateway.allowed_gateways.iter().copied().collect(),
+            },
             metrics.clone(),
             ingress_cancel.clone(),
         ));

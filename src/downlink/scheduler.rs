@@ -285,6 +285,13 @@ impl Scheduler {
             .streams
             .get(&r.stream)
             .is_some_and(|l| l.scope.covers(&app, &r.device));
+        if !in_scope {
+            // Answered like an unknown device: an event would publish the device's id and
+            // DevEUI on a stream that must not see them (docs/reliability.md).
+            tracing::info!(stream = %r.stream, device = %r.device, "{}; ignored", Refusal::OutOfScope { device: r.device.clone(), stream: r.stream.clone() });
+            self.metrics.downlink_event("out_of_scope");
+            return;
+        }
         let other = r.names.as_ref().and_then(|n| {
             let mut named = Vec::new();
             if let Some(d) = n.device_id.as_ref().filter(|d| **d != r.device) {
@@ -303,14 +310,9 @@ impl Scheduler {
                 dev_eui,
             })
         });
-        let items = match (in_scope, other, r.items) {
-            (false, _, _) => Err(Refusal::OutOfScope {
-                device: r.device.clone(),
-                stream: r.stream.clone(),
-            }
-            .to_string()),
-            (true, Some(other), _) => Err(other.to_string()),
-            (true, None, items) => items.map_err(|e| e.to_string()),
+        let items = match other {
+            Some(other) => Err(other.to_string()),
+            None => r.items.map_err(|e| e.to_string()),
         };
         let items = match items {
             Ok(items) => items,

@@ -136,12 +136,17 @@ impl Store {
         let queues = self.queues();
         let mut batch = Batch::default();
         let (gen, snaps, sessions) = {
-            let mut j = self
-                .inner
-                .journal
-                .as_ref()
-                .map(|j| j.lock().unwrap_or_else(|p| p.into_inner()));
-            let gen = j.as_mut().map(|j| j.rotate());
+            let mut j = self.journal();
+            let Some(gen) = j.rotate() else {
+                // The journal is writing into its reserve and no new one can be made: the
+                // disk is still full, and the reserve must keep taking the journal.
+                drop(j);
+                self.note_failure(
+                    "the disk is still full (the journal writes into its reserve)",
+                    true,
+                );
+                return Err(StoreError::NoRoom);
+            };
             self.inner.journal_dirty.store(false, Ordering::Relaxed);
             self.inner.journal_unsynced.store(false, Ordering::Relaxed);
             let snaps: Vec<_> = queues.iter().map(|q| q.snapshot(&mut batch)).collect();
@@ -156,16 +161,12 @@ impl Store {
         for (k, v) in &sessions {
             batch.put(DEVICES, k, v);
         }
-        if let (Some(g), false) = (gen, batch.is_empty()) {
-            batch.put(META, JOURNAL_GEN, &g.to_be_bytes());
+        if !batch.is_empty() {
+            batch.put(META, JOURNAL_GEN, &gen.to_be_bytes());
         }
         if batch.is_empty() && !failed_before {
             // Everything journaled up to `gen` was acknowledged before it needed committing.
-            if let (Some(j), Some(g)) = (&self.inner.journal, gen) {
-                if let Ok(j) = j.lock() {
-                    j.remove_upto(g);
-                }
-            }
+            self.journal().committed(gen);
             return Ok(false);
         }
         let t0 = Instant::now();
@@ -188,11 +189,7 @@ impl Store {
                         }
                     }
                 }
-                if let (Some(j), Some(g)) = (&self.inner.journal, gen) {
-                    if let Ok(j) = j.lock() {
-                        j.remove_upto(g);
-                    }
-                }
+                self.journal().committed(gen);
                 self.note_success();
                 Ok(true)
             }
@@ -208,13 +205,10 @@ impl Store {
 
     /// fdatasync what the journal holds (on a blocking thread, without holding its lock).
     async fn sync_journal(&self) -> std::io::Result<()> {
-        let Some(j) = &self.inner.journal else {
-            return Ok(());
-        };
         // Cleared under the journal lock before the fsync: a write after this point sets it again
         // and is synced by the next window.
         let handle = {
-            let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
+            let mut j = self.journal();
             self.inner.journal_unsynced.store(false, Ordering::Relaxed);
             j.sync_handle()
         };
@@ -260,6 +254,13 @@ impl Store {
                 _ = interval.tick() => {}
                 _ = self.inner.kick.notified() => {}
             }
+            // This window's acknowledgements into the journal (also while the disk fails): a
+            // kill redelivers at most the last window's, not everything since the last
+            // checkpoint. Without group commits every append commits the pending deletes too
+            // (and the lazy commit the rest within LAZY_COMMIT_EVERY): nothing to journal.
+            if self.inner.group_commit {
+                self.write_acks();
+            }
             let (retry_at, failed) = {
                 let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
                 (h.retry_at, h.failed.is_some())
@@ -284,15 +285,14 @@ impl Store {
             let journal_dirty = self.inner.journal_dirty.load(Ordering::Relaxed);
             let unsaved = self.inner.shared.unsaved_bytes.load(Ordering::Relaxed);
             let lazy_due = last_lazy.elapsed() >= LAZY_COMMIT_EVERY;
-            let checkpoint = match &self.inner.journal {
-                None => failed || puts > 0 || sessions > 0 || (dels > 0 && lazy_due),
-                Some(_) => {
-                    failed
-                        || dels > MAX_PENDING_DELETES
-                        || unsaved >= CHECKPOINT_BYTES
-                        || ((puts > 0 || dels > 0 || sessions > 0 || journal_dirty)
-                            && last_commit.elapsed() >= CHECKPOINT_EVERY)
-                }
+            let checkpoint = if !self.inner.group_commit {
+                failed || puts > 0 || sessions > 0 || (dels > 0 && lazy_due)
+            } else {
+                failed
+                    || dels > MAX_PENDING_DELETES
+                    || unsaved >= CHECKPOINT_BYTES
+                    || ((puts > 0 || dels > 0 || sessions > 0 || journal_dirty)
+                        && last_commit.elapsed() >= CHECKPOINT_EVERY)
             };
             if checkpoint {
                 match self.commit().await {
@@ -349,13 +349,38 @@ impl Store {
         r
     }
 
-    /// Commit everything and fsync (graceful stop). Records that still cannot be written are
-    /// lost with the process: counted `write_failed`.
+    /// Write this window's acknowledgements to the journal (see the module docs of
+    /// [`crate::store`]).
+    pub(super) fn write_acks(&self) {
+        let mut j = self.journal();
+        let queues = self.queues();
+        let taken: Vec<Vec<[u8; 8]>> = queues
+            .iter()
+            .map(|q| q.take_acked().iter().map(|s| s.to_be_bytes()).collect())
+            .collect();
+        let mut frame: Vec<super::journal::DeleteRef> = Vec::new();
+        for (q, keys) in queues.iter().zip(&taken) {
+            for k in keys {
+                frame.push((q.table(), k.as_slice()));
+            }
+        }
+        if let Err(e) = j.write_acks(&frame) {
+            // Only costs redeliveries after a kill.
+            tracing::debug!(error = %e, "cannot journal acknowledgements");
+        }
+    }
+
+    /// Commit everything and fsync (graceful stop). What cannot be written stays in the
+    /// journal for the next start; records held in memory only are lost with the process:
+    /// counted `write_failed`, and kept in the ledger for the next start to report.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        self.write_acks();
         let r = self.commit().await.map(|_| ());
         if r.is_err() {
-            for q in self.queues() {
-                q.shed_unsaved(0);
+            let lost: u64 = self.queues().iter().map(|q| q.shed_memory_only()).sum();
+            self.inner.shared.write_ledger(lost);
+            if lost > 0 {
+                tracing::error!(records = lost, "stopping with records the full disk never took; they are lost (the next start reports them too)");
             }
         }
         r
@@ -363,6 +388,11 @@ impl Store {
 
     /// Disk-side health, for `/health` and `/metrics`.
     pub fn health(&self) -> StoreHealth {
+        // Read apart (one lock at a time): appends take the journal's lock, then the health's.
+        let (reserve, reserve_left_bytes) = {
+            let j = self.journal();
+            (j.reserve_state(), j.reserve_left())
+        };
         let h = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
         StoreHealth {
             backend: self.inner.cfg.backend.name(),
@@ -373,6 +403,10 @@ impl Store {
             unsaved_bytes: self.inner.shared.unsaved_bytes.load(Ordering::Relaxed),
             queued_bytes: self.total_bytes(),
             size_on_disk: self.size_on_disk(),
+            memory_only: self.inner.shared.memory_only.load(Ordering::Relaxed),
+            reserve,
+            reserve_left_bytes,
+            lost_at_last_stop: self.inner.lost_at_last_stop,
         }
     }
 }

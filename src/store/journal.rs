@@ -1,5 +1,6 @@
 //! The write-ahead journal of the group-commit window: what makes an appended uplink survive a
-//! SIGKILL at once and a power cut after its window, without an engine commit per window.
+//! SIGKILL at once and a power cut after its window, without an engine commit per window; and
+//! what makes acknowledgements survive a SIGKILL without an engine commit.
 //!
 //! With `flush_every_ms > 0` an appended record lives in memory *and* in this journal: one
 //! `write(2)` of a checksummed frame per append, which a killed process cannot lose (the kernel
@@ -8,38 +9,99 @@
 //! about one page; the engine itself is committed only every few seconds (a checkpoint, see
 //! `store/mod.rs`). Open replays every generation newer than the last checkpoint.
 //!
-//! Files: `<path>/journal.<generation>`. A checkpoint starts a new generation, deletes the ones
-//! it covered and records the newest covered one in the engine (`meta`/`journal_gen`), so a
-//! file whose deletion did not survive a power cut is not replayed again. If nothing waits to
-//! be delivered at the end of a window (everything was acknowledged), no fsync is needed and the
-//! short-lived file's pages are usually dropped before the kernel writes them back. A frame is
-//! `len (u32 LE) | crc32 (u32 LE) | postcard payload`; replay stops at the first frame of a file
-//! that is short or fails its checksum (a torn tail), and keeps everything before it. After a
-//! failed write the file is abandoned and the next frame opens a new generation, so a torn
-//! frame can never hide later ones.
+//! Files: `<path>/journal.<generation>` (puts) and `<path>/acks.<generation>` (deletes: the
+//! records acknowledged, written once per window by the committer, never fsynced: they only
+//! spare redeliveries after a kill). A checkpoint starts a new generation, deletes the ones it
+//! covered and records the newest covered one in the engine (`meta`/`journal_gen`), so a file
+//! whose deletion did not survive a power cut is not replayed again. Replay applies every put,
+//! then every delete: sequence numbers are never reused, so a delete can only name a record
+//! put before it. Deletes live in files of their own so that an older lorastream, which does
+//! not know them, ignores them (and only redelivers) instead of stopping at them.
+//!
+//! A frame is `len (u32 LE) | crc32 (u32 LE) | postcard payload`; replay stops at the first
+//! frame of a file that is short or fails its checksum (a torn tail), and keeps everything
+//! before it. After a failed write the file is abandoned and the next frame opens a new
+//! generation, so a torn frame can never hide later ones.
+//!
+//! ## The reserve: a full disk
+//! `<path>/journal.reserve` is a file with `[storage] reserve_bytes` preallocated
+//! (`fallocate(2)`, `FALLOC_FL_KEEP_SIZE`: it looks empty, its blocks are taken). When a journal
+//! write fails (the disk is full), the reserve becomes the next generation (a rename, which
+//! needs no new block) and the frame is written into its preallocated space: uplinks keep
+//! surviving a kill while the disk is full, until the reserve is used up. A checkpoint leaves a
+//! reserve generation only once a new reserve could be made (space is back); until then the
+//! committer does not try, and the reserve keeps taking the journal. Filesystems without
+//! `fallocate` (FAT) get no reserve: records are then held in memory only while the disk is
+//! full, and the store says so (`StoreHealth::memory_only`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 const PREFIX: &str = "journal.";
+const ACKS_PREFIX: &str = "acks.";
+pub(crate) const RESERVE: &str = "journal.reserve";
 /// Largest frame accepted on replay (a corrupt length must not allocate gigabytes).
 const MAX_FRAME: usize = 64 << 20;
+/// The smallest reserve made when the disk has no room for `reserve_bytes`.
+const MIN_RESERVE: u64 = 64 << 10;
+/// Journal files hold session state and keys' neighbours: owner only, whatever the umask.
+pub(crate) const FILE_MODE: u32 = 0o600;
 
 /// One put, as journaled: (table, key, value).
 pub(crate) type Put = (String, Vec<u8>, Vec<u8>);
 /// A [`Put`] borrowed from what the append already holds (the encoded record is not copied
 /// again); postcard encodes both the same way (a string, then two length-prefixed byte runs).
 pub(crate) type PutRef<'a> = (&'a str, &'a [u8], &'a [u8]);
+/// One delete, as journaled: (table, key).
+pub(crate) type Delete = (String, Vec<u8>);
+/// A [`Delete`] borrowed.
+pub(crate) type DeleteRef<'a> = (&'a str, &'a [u8]);
+
+/// The reserve as `/health` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReserveState {
+    /// `reserve_bytes` are set aside, unused.
+    Ready,
+    /// The disk was full: the journal is writing into the reserve.
+    InUse,
+    /// The reserve is full too: new records are held in memory only until space returns.
+    UsedUp,
+    /// No reserve: `reserve_bytes = 0`, no `fallocate` here, or no room to make one.
+    None,
+}
 
 pub(crate) struct Journal {
     dir: PathBuf,
     gen: u64,
     file: Option<File>,
+    acks: Option<File>,
+    /// An ack frame failed in this generation: no more of them until the next one (a torn
+    /// frame must not hide later ones).
+    acks_broken: Option<u64>,
     /// A generation file was created since the directory was last fsynced.
     dir_unsynced: bool,
     /// Frames written since the last [`Journal::sync_handle`].
     unsynced: bool,
+    /// Generations up to this were closed and are not removed yet.
+    to_remove: Option<u64>,
+    reserve_size: u64,
+    /// `journal.reserve`, preallocated and unused.
+    reserve: Option<File>,
+    /// Bytes preallocated in `reserve` (less than `reserve_size` when the disk had no more).
+    reserve_have: u64,
+    /// The current generation is a former reserve: its preallocated bytes left.
+    in_reserve: Option<u64>,
+    /// `fallocate` is not supported here: never try again.
+    no_fallocate: bool,
+    /// The reserve was taken and is full.
+    used_up: bool,
+    /// A write failed with nowhere else to go: no more files are tried until the next
+    /// [`Journal::rotate`] (the committer's next attempt, backed off), or a full disk would get
+    /// a new empty generation file per append.
+    stalled: bool,
 }
 
 /// What [`Journal::sync_handle`] hands out: fsync it without holding the journal's lock.
@@ -62,16 +124,16 @@ impl SyncHandle {
     }
 }
 
-fn gen_of(p: &Path) -> Option<u64> {
-    p.file_name()?.to_str()?.strip_prefix(PREFIX)?.parse().ok()
+fn gen_of(p: &Path, prefix: &str) -> Option<u64> {
+    p.file_name()?.to_str()?.strip_prefix(prefix)?.parse().ok()
 }
 
-/// Journal files under `dir`, oldest generation first.
-fn files(dir: &Path) -> Vec<(u64, PathBuf)> {
+/// Files `{prefix}<generation>` under `dir`, oldest generation first.
+fn files_of(dir: &Path, prefix: &str) -> Vec<(u64, PathBuf)> {
     let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok())
-                .filter_map(|e| gen_of(&e.path()).map(|g| (g, e.path())))
+                .filter_map(|e| gen_of(&e.path(), prefix).map(|g| (g, e.path())))
                 .collect()
         })
         .unwrap_or_default();
@@ -79,17 +141,161 @@ fn files(dir: &Path) -> Vec<(u64, PathBuf)> {
     v
 }
 
+/// Journal (puts) files under `dir`, oldest generation first.
+fn files(dir: &Path) -> Vec<(u64, PathBuf)> {
+    files_of(dir, PREFIX)
+}
+
+fn open_append(p: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(FILE_MODE)
+        .open(p)
+}
+
+/// `len | crc | payload` of `value`.
+fn frame<T: serde::Serialize + ?Sized>(value: &T) -> io::Result<Vec<u8>> {
+    // The payload is encoded behind room for its header, so the frame is built in place.
+    let mut frame = postcard::to_extend(value, vec![0u8; 8]).map_err(io::Error::other)?;
+    let len = (frame.len() - 8) as u32;
+    let crc = crc32fast::hash(&frame[8..]);
+    frame[..4].copy_from_slice(&len.to_le_bytes());
+    frame[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(frame)
+}
+
+/// Take `len` bytes of disk for `f` without changing its size. `Unsupported` where the
+/// filesystem cannot.
+fn preallocate(f: &File, len: u64) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::fd::AsRawFd;
+        let len = libc::off_t::try_from(len).map_err(io::Error::other)?;
+        // SAFETY: fallocate(2) on a file descriptor we own; no pointers.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, e));
+        }
+        Err(e)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = (f, len);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no fallocate on this platform",
+        ))
+    }
+}
+
 impl Journal {
-    /// A journal in `dir`, continuing after the generations already there.
-    pub(crate) fn new(dir: &Path) -> Journal {
-        let gen = files(dir).last().map(|(g, _)| g + 1).unwrap_or(0);
-        Journal {
+    /// A journal in `dir`, continuing after the generations already there, with a reserve of
+    /// `reserve_size` bytes (made now if there is room).
+    pub(crate) fn new(dir: &Path, reserve_size: u64) -> Journal {
+        let gen = files(dir)
+            .into_iter()
+            .chain(files_of(dir, ACKS_PREFIX))
+            .map(|(g, _)| g + 1)
+            .max()
+            .unwrap_or(0);
+        let mut j = Journal {
             dir: dir.to_path_buf(),
             gen,
             file: None,
+            acks: None,
+            acks_broken: None,
             dir_unsynced: false,
             unsynced: false,
+            to_remove: None,
+            reserve_size,
+            reserve: None,
+            reserve_have: 0,
+            in_reserve: None,
+            no_fallocate: false,
+            used_up: false,
+            stalled: false,
+        };
+        if let Err(e) = j.make_reserve() {
+            if reserve_size > 0 {
+                tracing::warn!(dir = %dir.display(), bytes = reserve_size, error = %e,
+                    "cannot set disk space aside for the journal: while the disk is full, new uplinks will be held in memory only");
+            }
         }
+        j
+    }
+
+    /// Make the reserve if there is none, or grow it to `reserve_size` (no-op when
+    /// `reserve_size` is 0). On a nearly full disk a smaller reserve (down to
+    /// [`MIN_RESERVE`]) is better than none: the journal can leave a used reserve only once
+    /// there is a new one.
+    pub(crate) fn make_reserve(&mut self) -> io::Result<()> {
+        if self.reserve_size == 0 {
+            return Ok(());
+        }
+        if let Some(f) = &self.reserve {
+            if self.reserve_have < self.reserve_size && preallocate(f, self.reserve_size).is_ok() {
+                self.reserve_have = self.reserve_size;
+            }
+            return Ok(());
+        }
+        if self.no_fallocate {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the filesystem cannot preallocate (fallocate)",
+            ));
+        }
+        let p = self.dir.join(RESERVE);
+        let f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .mode(FILE_MODE)
+            .open(&p)?;
+        let mut size = self.reserve_size;
+        loop {
+            match preallocate(&f, size) {
+                Ok(()) => break,
+                Err(e) if e.kind() != io::ErrorKind::Unsupported && size / 2 >= MIN_RESERVE => {
+                    size /= 2;
+                }
+                Err(e) => {
+                    // What was taken of it is given back.
+                    drop(f);
+                    let _ = std::fs::remove_file(&p);
+                    if e.kind() == io::ErrorKind::Unsupported {
+                        self.no_fallocate = true;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        // Its name must survive a power cut before it is counted on.
+        self.dir_unsynced = true;
+        self.reserve = Some(f);
+        self.reserve_have = size;
+        self.used_up = false;
+        Ok(())
+    }
+
+    pub(crate) fn reserve_state(&self) -> ReserveState {
+        if self.in_reserve.is_some() {
+            ReserveState::InUse
+        } else if self.used_up {
+            ReserveState::UsedUp
+        } else if self.reserve.is_some() {
+            ReserveState::Ready
+        } else {
+            ReserveState::None
+        }
+    }
+
+    /// Bytes of an active reserve left (0 when none is in use).
+    pub(crate) fn reserve_left(&self) -> u64 {
+        self.in_reserve.unwrap_or(0)
     }
 
     /// Something to fsync so that every frame written so far is durable (None: nothing new).
@@ -108,52 +314,158 @@ impl Journal {
         Ok(Some(SyncHandle { file, dir }))
     }
 
-    /// Append one frame (not synced).
+    /// Append one frame of puts (not synced). On a full disk the reserve takes it (see the
+    /// module docs); an error means the frame is in no file.
     pub(crate) fn write(&mut self, puts: &[PutRef<'_>]) -> io::Result<()> {
-        // The payload is encoded behind room for its header, so the frame is built in place.
-        let mut frame = postcard::to_extend(puts, vec![0u8; 8]).map_err(io::Error::other)?;
-        let len = (frame.len() - 8) as u32;
-        let crc = crc32fast::hash(&frame[8..]);
-        frame[..4].copy_from_slice(&len.to_le_bytes());
-        frame[4..8].copy_from_slice(&crc.to_le_bytes());
+        if self.stalled {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "the journal cannot be written (waiting for the next commit attempt)",
+            ));
+        }
+        let frame = frame(puts)?;
         if self.file.is_none() {
             let p = self.dir.join(format!("{PREFIX}{:020}", self.gen));
-            self.file = Some(OpenOptions::new().create(true).append(true).open(p)?);
-            self.dir_unsynced = true;
+            match open_append(&p) {
+                Ok(f) => {
+                    self.file = Some(f);
+                    self.dir_unsynced = true;
+                }
+                Err(e) => return self.continue_in_reserve(&frame, e),
+            }
         }
         self.unsynced = true;
         let r = match self.file.as_mut() {
             Some(f) => f.write_all(&frame),
             None => Ok(()),
         };
+        match r {
+            Ok(()) => {
+                if let Some(left) = &mut self.in_reserve {
+                    *left = left.saturating_sub(frame.len() as u64);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // A torn frame ends this file for replay: continue in a new generation.
+                if self.in_reserve.is_some() {
+                    self.used_up = true;
+                    tracing::error!(reserve_bytes = self.reserve_size,
+                        "the journal's reserve is full too: new records are held in memory only (a kill would lose them; see /health store.memory_only)");
+                }
+                self.abandon();
+                self.continue_in_reserve(&frame, e)
+            }
+        }
+    }
+
+    /// The current file failed: the next frame goes to a new generation.
+    fn abandon(&mut self) {
+        let had_puts = self.file.take().is_some();
+        let had_acks = self.acks.take().is_some();
+        if had_puts || had_acks {
+            self.to_remove = Some(self.gen);
+        }
+        self.in_reserve = None;
+        self.gen += 1;
+    }
+
+    /// A write failed with `err`: continue in the reserve, if there is one.
+    fn continue_in_reserve(&mut self, frame: &[u8], err: io::Error) -> io::Result<()> {
+        let Some(mut f) = self.reserve.take() else {
+            self.stalled = true;
+            return Err(err);
+        };
+        if self.file.is_some() {
+            self.abandon();
+        }
+        let to = self.dir.join(format!("{PREFIX}{:020}", self.gen));
+        if let Err(e) = std::fs::rename(self.dir.join(RESERVE), &to) {
+            tracing::error!(error = %e, "cannot take the journal's reserve into use");
+            self.reserve = Some(f);
+            return Err(err);
+        }
+        tracing::warn!(reserve_bytes = self.reserve_have, first_error = %err,
+            "the disk refuses journal writes: journaling into the reserved space (uplinks still survive a kill)");
+        self.dir_unsynced = true;
+        self.unsynced = true;
+        match f.write_all(frame) {
+            Ok(()) => {
+                self.in_reserve = Some(self.reserve_have.saturating_sub(frame.len() as u64));
+                self.file = Some(f);
+                Ok(())
+            }
+            Err(e) => {
+                self.to_remove = Some(self.gen);
+                self.gen += 1;
+                self.used_up = true;
+                self.stalled = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Append one frame of deletes (acknowledged records) to this generation's acks file (not
+    /// synced: it only spares redeliveries after a kill). Errors only cost redeliveries.
+    pub(crate) fn write_acks(&mut self, deletes: &[DeleteRef<'_>]) -> io::Result<()> {
+        if deletes.is_empty() || self.acks_broken == Some(self.gen) {
+            return Ok(());
+        }
+        let frame = frame(deletes)?;
+        if self.acks.is_none() {
+            let p = self.dir.join(format!("{ACKS_PREFIX}{:020}", self.gen));
+            self.acks = Some(open_append(&p)?);
+        }
+        let r = match self.acks.as_mut() {
+            Some(f) => f.write_all(&frame),
+            None => Ok(()),
+        };
         if r.is_err() {
-            // A torn frame ends this file for replay: continue in a new generation.
-            self.file = None;
-            self.gen += 1;
+            self.acks = None;
+            self.acks_broken = Some(self.gen);
         }
         r
     }
 
     /// Close the current generation (everything written so far belongs to the snapshot being
-    /// committed); returns it.
-    pub(crate) fn rotate(&mut self) -> u64 {
-        let g = self.gen;
-        if self.file.take().is_some() {
-            self.gen += 1;
+    /// committed); returns it. None while the journal is writing into the reserve and no new
+    /// reserve can be made: the disk is still full, a checkpoint is not worth trying, and the
+    /// reserve must keep taking the journal.
+    pub(crate) fn rotate(&mut self) -> Option<u64> {
+        if self.in_reserve.is_some() {
+            if self.make_reserve().is_err() {
+                return None;
+            }
+            tracing::info!("the disk takes writes again: a new journal reserve is in place");
         }
+        self.stalled = false;
+        let g = self.gen;
+        let had_puts = self.file.take().is_some();
+        let had_acks = self.acks.take().is_some();
+        if had_puts || had_acks || self.acks_broken == Some(g) {
+            self.gen += 1;
+            self.to_remove = Some(g);
+        }
+        self.in_reserve = None;
         // The engine commit that follows makes these frames durable.
         self.unsynced = false;
-        g
+        Some(g)
     }
 
-    /// Remove the generations up to and including `gen` (their content is committed).
-    pub(crate) fn remove_upto(&self, gen: u64) {
-        remove_upto(&self.dir, gen)
+    /// The generations up to and including `gen` are committed: remove their files, and make
+    /// a new reserve if none is there.
+    pub(crate) fn committed(&mut self, gen: u64) {
+        if self.to_remove.is_some_and(|t| t <= gen) {
+            remove_upto(&self.dir, gen);
+            self.to_remove = None;
+        }
+        let _ = self.make_reserve();
     }
 }
 
+/// Remove the journal and acks files of generations up to and including `gen`.
 pub(crate) fn remove_upto(dir: &Path, gen: u64) {
-    for (g, p) in files(dir) {
+    for (g, p) in files(dir).into_iter().chain(files_of(dir, ACKS_PREFIX)) {
         if g <= gen {
             if let Err(e) = std::fs::remove_file(&p) {
                 tracing::warn!(file = %p.display(), error = %e, "cannot remove a committed journal file");
@@ -162,11 +474,25 @@ pub(crate) fn remove_upto(dir: &Path, gen: u64) {
     }
 }
 
-/// Every intact frame of every journal file under `dir`, oldest first, and the newest
-/// generation seen (None when there is no journal).
-pub(crate) fn replay(dir: &Path, committed: Option<u64>) -> (Vec<Put>, Option<u64>) {
-    let mut out = Vec::new();
-    let all = files(dir);
+/// What a killed daemon's journal holds.
+#[derive(Debug, Default)]
+pub(crate) struct Replay {
+    /// Every intact put, oldest first.
+    pub puts: Vec<Put>,
+    /// Every intact delete (acknowledged records), oldest first.
+    pub deletes: Vec<Delete>,
+    /// The newest generation seen (None when there is no journal).
+    pub last: Option<u64>,
+}
+
+/// Every intact frame of the files `{prefix}<gen>` newer than `committed`.
+fn read_frames<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    prefix: &str,
+    committed: Option<u64>,
+    out: &mut Vec<T>,
+) -> Option<u64> {
+    let all = files_of(dir, prefix);
     let last = all.last().map(|(g, _)| *g);
     for (g, p) in all {
         // Already in the engine (a file whose deletion did not survive a power cut): replaying
@@ -190,8 +516,8 @@ pub(crate) fn replay(dir: &Path, committed: Option<u64>) -> (Vec<Put>, Option<u6
             if crc32fast::hash(payload) != crc {
                 break;
             }
-            match postcard::from_bytes::<Vec<Put>>(payload) {
-                Ok(puts) => out.extend(puts),
+            match postcard::from_bytes::<Vec<T>>(payload) {
+                Ok(items) => out.extend(items),
                 Err(_) => break,
             }
             frames += 1;
@@ -202,45 +528,54 @@ pub(crate) fn replay(dir: &Path, committed: Option<u64>) -> (Vec<Put>, Option<u6
                 "journal ends with a torn frame (power cut while writing); the intact frames before it were kept");
         }
     }
-    (out, last)
+    last
+}
+
+/// Every intact frame of every journal and acks file under `dir` newer than `committed`.
+pub(crate) fn replay(dir: &Path, committed: Option<u64>) -> Replay {
+    let mut r = Replay::default();
+    let a = read_frames(dir, PREFIX, committed, &mut r.puts);
+    let b = read_frames(dir, ACKS_PREFIX, committed, &mut r.deletes);
+    r.last = a.max(b);
+    r
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn write(j: &mut Journal, n: u8) {
+        let (k, v) = (vec![n], vec![n; 3]);
+        j.write(&[("t", k.as_slice(), v.as_slice())]).unwrap();
+    }
+
     #[test]
     fn frames_replay_in_order_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::new(dir.path());
-        let put = |n: u8| (vec![n], vec![n; 3]);
-        let write = |j: &mut Journal, n: u8| {
-            let (k, v) = put(n);
-            j.write(&[("t", k.as_slice(), v.as_slice())]).unwrap();
-        };
+        let mut j = Journal::new(dir.path(), 0);
         // Borrowed puts encode exactly as owned ones (the frames earlier versions wrote).
-        let (k, v) = put(1);
+        let (k, v) = (vec![1u8], vec![1u8; 3]);
         assert_eq!(
             postcard::to_stdvec::<[PutRef]>(&[("t", k.as_slice(), v.as_slice())]).unwrap(),
             postcard::to_stdvec(&vec![("t".to_string(), k.clone(), v.clone())]).unwrap()
         );
         write(&mut j, 1);
         write(&mut j, 2);
-        let g = j.rotate();
+        let g = j.rotate().unwrap();
         write(&mut j, 3);
-        let (all, last) = replay(dir.path(), None);
+        let r = replay(dir.path(), None);
         assert_eq!(
-            all.iter().map(|p| p.1[0]).collect::<Vec<_>>(),
+            r.puts.iter().map(|p| p.1[0]).collect::<Vec<_>>(),
             vec![1, 2, 3]
         );
-        assert_eq!(last, Some(g + 1));
+        assert_eq!(r.last, Some(g + 1));
         // A torn frame at the end of the newest file: what is before it stays.
         let newest = files(dir.path()).last().unwrap().1.clone();
         let mut f = OpenOptions::new().append(true).open(&newest).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
-        assert_eq!(replay(dir.path(), None).0.len(), 3);
+        assert_eq!(replay(dir.path(), None).puts.len(), 3);
         assert_eq!(
-            replay(dir.path(), Some(g)).0.len(),
+            replay(dir.path(), Some(g)).puts.len(),
             1,
             "covered generations skipped"
         );
@@ -251,7 +586,7 @@ mod tests {
         std::fs::write(&first, b).unwrap();
         assert_eq!(
             replay(dir.path(), None)
-                .0
+                .puts
                 .iter()
                 .map(|p| p.1[0])
                 .collect::<Vec<_>>(),
@@ -260,6 +595,62 @@ mod tests {
         remove_upto(dir.path(), g);
         assert_eq!(files(dir.path()).len(), 1);
         // A new journal continues after the surviving generation.
-        assert_eq!(Journal::new(dir.path()).gen, g + 2);
+        assert_eq!(Journal::new(dir.path(), 0).gen, g + 2);
+    }
+
+    #[test]
+    fn acks_replay_and_leave_with_their_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::new(dir.path(), 0);
+        write(&mut j, 1);
+        j.write_acks(&[("t", &[1u8][..])]).unwrap();
+        let g = j.rotate().unwrap();
+        j.write_acks(&[("t", &[2u8][..])]).unwrap();
+        let r = replay(dir.path(), None);
+        assert_eq!(r.deletes.len(), 2);
+        assert_eq!(r.last, Some(g + 1), "an acks file alone is a generation");
+        j.committed(g);
+        let r = replay(dir.path(), None);
+        assert_eq!((r.puts.len(), r.deletes.len()), (0, 1));
+        // Files are the owner's only, whatever the umask.
+        use std::os::unix::fs::PermissionsExt;
+        for e in std::fs::read_dir(dir.path()).unwrap() {
+            let m = e.unwrap().metadata().unwrap().permissions().mode();
+            assert_eq!(m & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn the_reserve_is_made_and_taken_when_a_write_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::new(dir.path(), 1 << 20);
+        if j.reserve_state() == ReserveState::None {
+            // This filesystem cannot preallocate: nothing more to test here.
+            return;
+        }
+        assert!(dir.path().join(RESERVE).exists());
+        assert_eq!(
+            std::fs::metadata(dir.path().join(RESERVE)).unwrap().len(),
+            0
+        );
+        write(&mut j, 1);
+        // The next write fails as on a full disk: the reserve takes the frame.
+        let frame = frame(&[("t", &[2u8][..], &[2u8, 2, 2][..])][..]).unwrap();
+        j.continue_in_reserve(&frame, io::Error::other("ENOSPC"))
+            .unwrap();
+        assert_eq!(j.reserve_state(), ReserveState::InUse);
+        assert!(!dir.path().join(RESERVE).exists());
+        write(&mut j, 3);
+        let r = replay(dir.path(), None);
+        assert_eq!(
+            r.puts.iter().map(|p| p.1[0]).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        // Space is back: a new reserve is made before the journal leaves the old one.
+        let g = j.rotate().unwrap();
+        assert!(dir.path().join(RESERVE).exists());
+        j.committed(g);
+        assert_eq!(j.reserve_state(), ReserveState::Ready);
+        assert!(replay(dir.path(), None).puts.is_empty());
     }
 }

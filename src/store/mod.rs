@@ -32,10 +32,14 @@
 //!   pages however little it carries, a journal fsync about one: that is what keeps the bytes
 //!   written per uplink low at low rates (docs/benchmarks.md).
 //!
-//! Acknowledgements are not written at once: they are deletes batched into the next checkpoint
-//! (with `flush_every_ms = 0`: the next commit, at the latest after [`LAZY_COMMIT_EVERY`]). A
-//! record acknowledged before its checkpoint never reaches the engine. Losing a delete only
-//! means an at-least-once redelivery with the same correlation id. Every window in which the
+//! Acknowledgements are not committed at once: they are deletes batched into the next
+//! checkpoint (with `flush_every_ms = 0`: the next commit, at the latest after
+//! [`LAZY_COMMIT_EVERY`]). A record acknowledged before its checkpoint never reaches the
+//! engine. Meanwhile the committer writes each window's acknowledgements to the journal
+//! (`acks.<generation>`, one `write(2)` per window, no fsync), so a SIGKILL redelivers at most
+//! the acknowledgements of the last `flush_every_ms` window, not everything since the last
+//! checkpoint (with 0, deletes ride on the next append's commit, at the latest after a second); a power cut may still redeliver up to a checkpoint's worth. Losing
+//! a delete only means an at-least-once redelivery with the same correlation id. Every window in which the
 //! journal was written ends with its fsync, also when the cloud has already acknowledged every
 //! record of it: the devices' new FCntUp is in the same frames, and a power cut must not let a
 //! replayed frame older than the window through (tests/powercut.rs checks exactly that).
@@ -48,6 +52,17 @@
 //! dropped and counted `write_failed`. A store that cannot be opened is moved aside (never
 //! deleted) and a fresh one is created.
 //!
+//! What survives a kill meanwhile: every append is still journaled (with `flush_every_ms = 0`
+//! too, once the engine refused it), and when the disk refuses the journal as well, the
+//! journal continues in `[storage] reserve_bytes` of space set aside at open (`journal.rs`,
+//! "The reserve"). Only when that is used up (or there is none) are records held in memory
+//! alone: they are counted ([`StoreHealth::memory_only`], `/health`, `/metrics`) and the count
+//! is kept in a ledger file overwritten in place (`ledger.rs`), so that a restart after a kill
+//! reports how many were lost ([`OpenReport::lost_at_last_stop`]).
+//!
+//! Files and directories of the store are created owner-only (0600/0700) whatever the umask:
+//! they hold session keys.
+//!
 //! ## Files
 //!
 //! | file | job |
@@ -55,7 +70,8 @@
 //! | `mod.rs` | the store handle, its types, [`Store::append`] |
 //! | `open.rs` | opening: engine choice and migration, quarantine, journal replay, [`inspect`] |
 //! | `committer.rs` | group commits and checkpoints, retries on a failing disk, [`StoreHealth`] |
-//! | `journal.rs` | the append-only journal of the current window |
+//! | `journal.rs` | the append-only journal of the current window, acknowledgements, the reserve |
+//! | `ledger.rs` | the count of records held in memory only, for the next start |
 //! | `queue.rs` | one stream's queue (overlay of unsaved records and pending deletes) |
 //! | `records.rs` | the stored form of a record, versioned; older versions still read |
 //! | `backend.rs` | the storage engines (redb, sled) behind seven operations |
@@ -66,11 +82,13 @@ mod backend;
 mod committer;
 mod downlinks;
 mod journal;
+mod ledger;
 mod open;
 mod queue;
 mod records;
 mod sessions;
 
+pub use journal::ReserveState;
 pub use open::inspect;
 pub use queue::{Queue, QueueStats};
 pub use sessions::OtaaSession;
@@ -145,6 +163,8 @@ pub enum StoreError {
     Locked { path: PathBuf },
     #[error("the store's disk refuses I/O; it is being reopened (will retry)")]
     Unavailable,
+    #[error("the disk is still full (the journal is writing into its reserve); will retry")]
+    NoRoom,
 }
 
 impl StoreError {
@@ -229,10 +249,15 @@ pub struct OpenReport {
     pub journal_replayed: u64,
     /// A store of the other engine was copied into this one; its files were kept here.
     pub migrated_from: Option<PathBuf>,
+    /// Records the previous run held in memory only when it ended (the disk was full and the
+    /// journal's reserve used up): lost.
+    pub lost_at_last_stop: u64,
+    /// Acknowledgements recovered from the journal (records not sent again).
+    pub acks_replayed: u64,
 }
 
 /// Health of the disk side, for `/health` and `/metrics`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct StoreHealth {
     pub backend: &'static str,
     /// False while commits fail (disk full, I/O error).
@@ -246,6 +271,15 @@ pub struct StoreHealth {
     pub unsaved_bytes: u64,
     pub queued_bytes: u64,
     pub size_on_disk: u64,
+    /// Record copies held in memory only (the disk refused them, the journal's reserve is used
+    /// up or absent): a kill or crash now loses them. 0 normally.
+    pub memory_only: u64,
+    /// The journal's reserve of disk space for a full disk (`[storage] reserve_bytes`).
+    pub reserve: ReserveState,
+    /// Bytes of the reserve left while it is in use.
+    pub reserve_left_bytes: u64,
+    /// Records the previous run lost because it ended while holding them in memory only.
+    pub lost_at_last_stop: u64,
 }
 
 /// State shared by the store and its queues.
@@ -254,9 +288,45 @@ pub(crate) struct Shared {
     pub(crate) max_bytes: u64,
     pub(crate) unsaved_bytes: AtomicU64,
     engine: RwLock<Option<Arc<Backend>>>,
+    /// Record copies in memory only (see [`StoreHealth::memory_only`]).
+    pub(crate) memory_only: AtomicU64,
+    /// Where [`Shared::memory_only`] is kept for the next start (None: could not be made).
+    pub(crate) ledger: Mutex<Option<ledger::Ledger>>,
 }
 
 impl Shared {
+    /// `n` more (or fewer) record copies are in memory only; the ledger follows at once.
+    pub(crate) fn memory_only_changed(&self, added: u64, removed: u64) {
+        if added == removed {
+            return;
+        }
+        let now = if added > removed {
+            self.memory_only
+                .fetch_add(added - removed, Ordering::Relaxed)
+                + (added - removed)
+        } else {
+            let d = removed - added;
+            let old = self
+                .memory_only
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(d))
+                })
+                .unwrap_or(0);
+            old.saturating_sub(d)
+        };
+        self.write_ledger(now);
+    }
+
+    pub(crate) fn write_ledger(&self, count: u64) {
+        if let Ok(l) = self.ledger.lock() {
+            if let Some(l) = l.as_ref() {
+                if let Err(e) = l.set(count) {
+                    tracing::debug!(error = %e, "cannot update the memory-only ledger");
+                }
+            }
+        }
+    }
+
     /// The engine, unless it is being reopened after an I/O error.
     pub(crate) fn engine(&self) -> Option<Arc<Backend>> {
         self.engine.read().ok().and_then(|e| e.clone())
@@ -268,9 +338,14 @@ struct Inner {
     shared: Arc<Shared>,
     queues: BTreeMap<String, Queue>,
     next_seq: AtomicU64,
-    /// `Some` with group commits (`flush_every_ms > 0`). Its lock also orders appends against
-    /// commit snapshots (see `journal.rs`).
-    journal: Option<Mutex<journal::Journal>>,
+    /// The journal. Appends go there with group commits (`flush_every_ms > 0`), and with
+    /// `flush_every_ms = 0` while the engine refuses writes; acknowledgements always. Its lock
+    /// also orders appends and acknowledgements against commit snapshots (see `journal.rs`).
+    journal: Mutex<journal::Journal>,
+    /// `flush_every_ms > 0`.
+    group_commit: bool,
+    /// [`OpenReport::lost_at_last_stop`], for `/health`.
+    lost_at_last_stop: u64,
     /// FCntUp states appended but not committed (devices table key → value).
     sessions: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
     /// One commit at a time.
@@ -305,6 +380,9 @@ pub struct DeviceUpdate {
     pub mac: Option<Vec<u8>>,
 }
 
+/// A record as appended: its sequence number and its encoding (shared by its queues).
+type Encoded = (u64, Arc<Vec<u8>>);
+
 /// One record to append and the queues it goes to.
 pub struct Entry<'a> {
     pub record: &'a Record,
@@ -319,8 +397,9 @@ pub struct Appended {
     /// Copies refused (`reject_new`) and oldest copies evicted (`drop_oldest`).
     pub rejected: u64,
     pub evicted: u64,
-    /// Copies queued in memory only because the disk refused the write (they are delivered
-    /// if the destination is up, and written when the disk takes writes again).
+    /// Copies queued in memory only because the disk refused the write and the journal's
+    /// reserve could not take them either (they are delivered if the destination is up, and
+    /// written when the disk takes writes again; a kill loses them).
     pub unsaved: u64,
 }
 
@@ -415,53 +494,49 @@ impl Store {
         }
 
         let writable = self.inner.writable.load(Ordering::Relaxed);
-        match &self.inner.journal {
-            Some(j) => {
-                // Journal first, then memory, under the journal lock (a commit snapshot is
-                // taken under the same lock, so no record is in neither).
-                let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
-                // While the disk refuses writes, records stay in memory only (no journal file
-                // per failed attempt); the committer writes them once it can.
-                if writable {
-                    // The frame borrows the encoded records: they are not copied again.
-                    let seq_keys: Vec<Vec<[u8; 8]>> = per_queue
-                        .iter()
-                        .map(|recs| recs.iter().map(|(seq, _)| seq.to_be_bytes()).collect())
-                        .collect();
-                    let mut frame: Vec<journal::PutRef> = Vec::new();
-                    for (qi, recs) in per_queue.iter().enumerate() {
-                        let table = queues[qi].table();
-                        for ((_, v), k) in recs.iter().zip(&seq_keys[qi]) {
-                            frame.push((table, k.as_slice(), v.as_slice()));
-                        }
-                    }
-                    for (k, v) in &session_puts {
-                        frame.push((DEVICES, k.as_slice(), v.as_slice()));
-                    }
-                    self.inner.journal_dirty.store(true, Ordering::Relaxed);
-                    self.inner.journal_unsynced.store(true, Ordering::Relaxed);
-                    if let Err(e) = j.write(&frame) {
-                        out.unsaved = out.written;
-                        self.note_failure(&format!("journal write: {e}"), false);
-                    }
-                }
-                self.stage(&queues, per_queue, &keys, session_puts);
+        let group = self.inner.group_commit;
+        // The records of this append, should they have to be journaled after a failed commit
+        // (`flush_every_ms = 0`); cheap: the encoded records are shared.
+        let fallback = (!group && writable).then(|| (per_queue.clone(), session_puts.clone()));
+        // Journaled (group commits, or the engine refuses writes): survives a kill.
+        let mut journaled = false;
+        {
+            // Journal first, then memory, under the journal lock (a commit snapshot is taken
+            // under the same lock, so no record is in neither).
+            let mut j = self.journal();
+            if group || !writable {
+                journaled = self.journal_write(&mut j, &queues, &per_queue, &session_puts);
             }
-            None => {
-                self.stage(&queues, per_queue, &keys, session_puts);
-                if writable {
-                    let s = self.clone();
-                    let r = tokio::task::spawn_blocking(move || s.commit_blocking()).await;
-                    if !matches!(r, Ok(Ok(_))) {
-                        out.unsaved = out.written;
-                    }
-                } else {
-                    out.unsaved = out.written;
+            self.stage(&queues, per_queue, &keys, session_puts);
+        }
+        if !group {
+            let committed = writable && {
+                let s = self.clone();
+                matches!(
+                    tokio::task::spawn_blocking(move || s.commit_blocking()).await,
+                    Ok(Ok(_))
+                )
+            };
+            if !committed {
+                if let Some((recs, sessions)) = fallback {
+                    // The engine refused it: the journal (or its reserve) keeps it across a kill.
+                    let mut j = self.journal();
+                    journaled = self.journal_write(&mut j, &queues, &recs, &sessions);
                 }
+            } else {
+                journaled = true;
             }
         }
-        if !self.inner.writable.load(Ordering::Relaxed) {
+        if !journaled {
             out.unsaved = out.written;
+            // Held in memory only: counted, and kept in the ledger for the next start.
+            let mut n = 0;
+            for (qi, k) in keys.iter().enumerate() {
+                n += queues[qi].mark_memory_only(k.iter().map(|(_, seq)| *seq));
+            }
+            self.inner.shared.memory_only_changed(n, 0);
+        }
+        if !self.inner.writable.load(Ordering::Relaxed) {
             self.shed_memory();
         } else if self.inner.shared.unsaved_bytes.load(Ordering::Relaxed)
             > MEMORY_FALLBACK_BYTES / 2
@@ -474,6 +549,59 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, journal::Journal> {
+        self.inner.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Write one frame of these records (and session counters) to the journal; false when it
+    /// is in no file (the failure is noted).
+    fn journal_write(
+        &self,
+        j: &mut journal::Journal,
+        queues: &[Queue],
+        per_queue: &[Vec<Encoded>],
+        session_puts: &[(Vec<u8>, Vec<u8>)],
+    ) -> bool {
+        // The frame borrows the encoded records: they are not copied again.
+        let seq_keys: Vec<Vec<[u8; 8]>> = per_queue
+            .iter()
+            .map(|recs| recs.iter().map(|(seq, _)| seq.to_be_bytes()).collect())
+            .collect();
+        let mut frame: Vec<journal::PutRef> = Vec::new();
+        for (qi, recs) in per_queue.iter().enumerate() {
+            let table = queues[qi].table();
+            for ((_, v), k) in recs.iter().zip(&seq_keys[qi]) {
+                frame.push((table, k.as_slice(), v.as_slice()));
+            }
+        }
+        for (k, v) in session_puts {
+            frame.push((DEVICES, k.as_slice(), v.as_slice()));
+        }
+        if frame.is_empty() {
+            return true;
+        }
+        self.inner.journal_dirty.store(true, Ordering::Relaxed);
+        self.inner.journal_unsynced.store(true, Ordering::Relaxed);
+        match j.write(&frame) {
+            Ok(()) => {
+                if j.reserve_state() == ReserveState::InUse
+                    && self.inner.writable.load(Ordering::Relaxed)
+                {
+                    // Durable against a kill, but the disk is full: say so at once.
+                    self.note_failure(
+                        "the disk is full: the journal writes into its reserve",
+                        false,
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                self.note_failure(&format!("journal write: {e}"), false);
+                false
+            }
+        }
     }
 
     fn stage(

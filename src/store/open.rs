@@ -157,22 +157,44 @@ impl Store {
             .get(META, JOURNAL_GEN)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map(u64::from_be_bytes);
-        let (puts, last_gen) = journal::replay(&cfg.path, committed_gen);
-        if !puts.is_empty() {
+        let replay = journal::replay(&cfg.path, committed_gen);
+        if !replay.puts.is_empty() || !replay.deletes.is_empty() {
+            // Every put, then every delete: sequence numbers are never reused, so a delete
+            // can only name a record put before it (journal.rs).
             let mut b = Batch::default();
-            for (t, k, v) in &puts {
+            for (t, k, v) in &replay.puts {
                 b.put(t, k, v);
             }
+            for (t, k) in &replay.deletes {
+                if t.starts_with(QUEUE_PREFIX) {
+                    b.delete(t, k);
+                }
+            }
             engine.commit(&b, true)?;
-            report.journal_replayed = puts.len() as u64;
+            report.journal_replayed = replay.puts.len() as u64;
+            report.acks_replayed = replay.deletes.len() as u64;
             tracing::warn!(
-                entries = puts.len(),
+                entries = replay.puts.len(),
+                acknowledged = replay.deletes.len(),
                 "recovered the last group-commit window from the journal"
             );
         }
-        if let Some(g) = last_gen {
+        if let Some(g) = replay.last {
             journal::remove_upto(&cfg.path, g);
         }
+        // Owner-only, whatever the umask: the store holds session keys.
+        secure(&cfg.path);
+        let (ledger, lost) = match super::ledger::Ledger::open(&cfg.path) {
+            Ok((l, lost)) => (Some(l), lost),
+            Err(e) => {
+                tracing::warn!(path = %cfg.path.display(), error = %e, "cannot keep the memory-only ledger: records held in memory on a full disk would be lost by a kill without a count");
+                (None, 0)
+            }
+        };
+        if lost > 0 {
+            tracing::error!(records = lost, "the previous run ended (killed or crashed) while holding records in memory only (the disk was full and the journal's reserve used up): they are lost");
+        }
+        report.lost_at_last_stop = lost;
 
         // Free the backlog of streams that were removed from the config.
         for name in engine.table_names()? {
@@ -193,6 +215,8 @@ impl Store {
             max_bytes: cfg.max_bytes,
             unsaved_bytes: AtomicU64::new(0),
             engine: RwLock::new(None),
+            memory_only: AtomicU64::new(0),
+            ledger: Mutex::new(ledger),
         });
         let mut queues = BTreeMap::new();
         let mut next_seq = 0u64;
@@ -214,8 +238,7 @@ impl Store {
         if let Ok(mut e) = shared.engine.write() {
             *e = Some(Arc::new(engine));
         }
-        let journal =
-            (cfg.flush_every_ms > 0).then(|| Mutex::new(journal::Journal::new(&cfg.path)));
+        let journal = Mutex::new(journal::Journal::new(&cfg.path, cfg.reserve_bytes));
         let store = Store {
             inner: Arc::new(Inner {
                 cfg: cfg.clone(),
@@ -223,6 +246,8 @@ impl Store {
                 queues,
                 next_seq: AtomicU64::new(next_seq),
                 journal,
+                group_commit: cfg.flush_every_ms > 0,
+                lost_at_last_stop: report.lost_at_last_stop,
                 sessions: Mutex::new(BTreeMap::new()),
                 commit_lock: Mutex::new(()),
                 health: Mutex::new(Health::default()),
@@ -266,12 +291,18 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
         max_bytes: u64::MAX,
         unsaved_bytes: AtomicU64::new(0),
         engine: RwLock::new(Some(engine.clone())),
+        memory_only: AtomicU64::new(0),
+        ledger: Mutex::new(None),
     });
     let committed_gen = engine
         .get(META, JOURNAL_GEN)?
         .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
         .map(u64::from_be_bytes);
-    let (puts, _) = journal::replay(&cfg.path, committed_gen);
+    let journal::Replay { puts, deletes, .. } = journal::replay(&cfg.path, committed_gen);
+    let deleted: std::collections::HashSet<(&str, &[u8])> = deletes
+        .iter()
+        .map(|(t, k)| (t.as_str(), k.as_slice()))
+        .collect();
     let mut out = Vec::new();
     let mut names = engine.table_names()?;
     for (t, _, _) in &puts {
@@ -285,18 +316,58 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
             continue;
         };
         let queue = Queue::open(q.to_string(), &engine, WhenFull::DropOldest, shared.clone())?;
-        let (mut n, mut bytes) = (0u64, 0u64);
+        let (mut n, mut bytes) = (0i64, 0i64);
         let mut seen = std::collections::HashSet::new();
         for (t, k, v) in &puts {
-            if *t == name && seen.insert(k.clone()) && engine.get(&name, k)?.is_none() {
+            if *t == name
+                && seen.insert(k.clone())
+                && !deleted.contains(&(t.as_str(), k.as_slice()))
+                && engine.get(&name, k)?.is_none()
+            {
                 n += 1;
-                bytes += v.len() as u64;
+                bytes += v.len() as i64;
+            }
+        }
+        // Acknowledged records still in the engine.
+        let mut gone = std::collections::HashSet::new();
+        for (t, k) in &deletes {
+            if *t == name && gone.insert(k.clone()) {
+                if let Some(v) = engine.get(&name, k)? {
+                    n -= 1;
+                    bytes -= v.len() as i64;
+                }
             }
         }
         queue.count_extra(n, bytes);
         out.push(queue.stats());
     }
     Ok(out)
+}
+
+/// Make the store directory 0700 and everything in it 0600 (directories 0700), whatever the
+/// umask the engines created them under: the store holds session keys. Best effort: a store
+/// on a filesystem without modes (FAT) is logged once.
+fn secure(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    fn walk(p: &Path, depth: u8) -> std::io::Result<()> {
+        let meta = std::fs::symlink_metadata(p)?;
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        if meta.file_type().is_symlink() {
+            return Ok(());
+        }
+        if meta.permissions().mode() & 0o777 != want {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(want))?;
+        }
+        if meta.is_dir() && depth < 4 {
+            for e in std::fs::read_dir(p)? {
+                walk(&e?.path(), depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+    if let Err(e) = walk(dir, 0) {
+        tracing::warn!(path = %dir.display(), error = %e, "cannot make the store owner-only (0700/0600)");
+    }
 }
 
 /// fsync a directory so that its entries are durable. Best effort: some filesystems refuse

@@ -70,12 +70,19 @@ struct Mem {
     ahead: Vec<Raw>,
     ahead_from: Option<u64>,
     ahead_epoch: u64,
+    /// Unsaved records that are in no journal file either (the disk refused them): lost by a
+    /// kill. A subset of `unsaved`'s keys.
+    memory_only: BTreeSet<u64>,
+    /// Removed since the committer last wrote acknowledgements to the journal.
+    acked: Vec<u64>,
 }
 
 /// Disk reads fetch at least this many records (the rest serves the next reads).
 const READ_AHEAD: usize = 256;
 /// Bound of [`Mem::sizes`] (a reader that never acks cannot grow it without limit).
 const MAX_SIZES: usize = 100_000;
+/// Bound of [`Mem::acked`] between two windows; beyond it a kill only redelivers more.
+const MAX_ACKED: usize = 100_000;
 
 /// What a commit took from a queue, to clean up after it succeeded.
 pub(super) struct Snapshot {
@@ -394,16 +401,27 @@ impl Queue {
                 // Its commit may be in flight: make sure the put is undone.
                 m.deleted.insert(seq);
             }
+            let was_memory_only = m.memory_only.remove(&seq);
+            if !was_memory_only && m.acked.len() < MAX_ACKED {
+                // Journaled: its delete is journaled too, or a kill would bring it back.
+                m.acked.push(seq);
+            }
             self.inner
                 .shared
                 .unsaved_bytes
                 .fetch_sub(v.len() as u64, Ordering::Relaxed);
             drop(m);
+            if was_memory_only {
+                self.inner.shared.memory_only_changed(0, 1);
+            }
             self.account_removed(v.len() as u64);
             return Ok(true);
         }
         if m.deleted.contains(&seq) || m.disk_max.is_none_or(|d| seq > d) {
             return Ok(false);
+        }
+        if m.acked.len() < MAX_ACKED {
+            m.acked.push(seq);
         }
         // Handed out from disk since the last commit: its size is known.
         if let Some(size) = m.sizes.remove(&seq) {
@@ -470,6 +488,60 @@ impl Queue {
             .unsaved_bytes
             .fetch_add(b, Ordering::Relaxed);
         self.inner.bytes.fetch_add(b, Ordering::Relaxed);
+    }
+
+    /// These appended records are in no journal file: held in memory only. Returns how many.
+    pub(super) fn mark_memory_only(&self, seqs: impl Iterator<Item = u64>) -> u64 {
+        let mut m = self.mem();
+        let mut n = 0;
+        for seq in seqs {
+            if m.unsaved.contains_key(&seq) && m.memory_only.insert(seq) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Records removed since the last call, for the journal's acknowledgements.
+    pub(super) fn take_acked(&self) -> Vec<u64> {
+        std::mem::take(&mut self.mem().acked)
+    }
+
+    /// Graceful stop with a disk that refuses writes: drop the records held in memory only
+    /// (journaled ones wait in the journal for the next start); counted `write_failed`.
+    /// Returns how many.
+    pub(super) fn shed_memory_only(&self) -> u64 {
+        let mut m = self.mem();
+        let seqs: Vec<u64> = std::mem::take(&mut m.memory_only).into_iter().collect();
+        let mut freed = Vec::new();
+        for seq in &seqs {
+            if let Some(v) = m.unsaved.remove(seq) {
+                if m.disk_max.is_some_and(|d| *seq <= d) {
+                    m.deleted.insert(*seq);
+                }
+                freed.push(v.len() as u64);
+            }
+        }
+        drop(m);
+        let n = seqs.len() as u64;
+        let _ =
+            self.inner
+                .shared
+                .memory_only
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(n))
+                });
+        for b in &freed {
+            self.inner
+                .shared
+                .unsaved_bytes
+                .fetch_sub(*b, Ordering::Relaxed);
+            self.account_removed(*b);
+        }
+        if !freed.is_empty() {
+            self.count_drop(DropReason::WriteFailed, freed.len() as u64);
+        }
+        freed.len() as u64
     }
 
     pub(super) fn note_keys(&self, keys: &[(u64, u64)]) {
@@ -627,7 +699,13 @@ impl Queue {
             if m.disk_max.is_some_and(|d| seq <= d) {
                 m.deleted.insert(seq);
             }
+            // Dropped and counted in this run; one that was journaled may still come back after
+            // a restart (better delivered than lost).
+            let was_memory_only = m.memory_only.remove(&seq);
             drop(m);
+            if was_memory_only {
+                self.inner.shared.memory_only_changed(0, 1);
+            }
             if let Some(v) = v {
                 self.inner
                     .shared
@@ -674,10 +752,14 @@ impl Queue {
     /// The commit of `snap` is on disk: forget what it covered.
     pub(super) fn committed(&self, snap: Snapshot) {
         let mut freed = 0u64;
+        let mut saved_memory_only = 0u64;
         let mut m = self.mem();
         for seq in snap.puts {
             if let Some(v) = m.unsaved.remove(&seq) {
                 freed += v.len() as u64;
+            }
+            if m.memory_only.remove(&seq) {
+                saved_memory_only += 1;
             }
         }
         for seq in snap.deletes {
@@ -690,13 +772,20 @@ impl Queue {
             .shared
             .unsaved_bytes
             .fetch_sub(freed, Ordering::Relaxed);
+        self.inner.shared.memory_only_changed(0, saved_memory_only);
     }
 
     /// Add records found in the journal but not on disk to the counters (`lorastream queue`
     /// on a store whose daemon was killed).
-    pub(super) fn count_extra(&self, n: u64, bytes: u64) {
-        self.inner.len.fetch_add(n, Ordering::Relaxed);
-        self.inner.bytes.fetch_add(bytes, Ordering::Relaxed);
+    /// `n` may be negative: records acknowledged in the journal but still in the engine.
+    pub(super) fn count_extra(&self, n: i64, bytes: i64) {
+        let add = |a: &AtomicU64, d: i64| {
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_add_signed(d))
+            });
+        };
+        add(&self.inner.len, n);
+        add(&self.inner.bytes, bytes);
     }
 
     pub fn stats(&self) -> QueueStats {

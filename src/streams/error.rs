@@ -29,6 +29,8 @@ pub enum SessionError {
     Refused(rumqttc::ConnectReturnCode),
     #[error("no CONNACK within {0:?}")]
     ConnectTimeout(Duration),
+    #[error("the broker answered nothing for {0:?} (hung or unreachable)")]
+    NoResponse(Duration),
     #[error("the MQTT client's request queue closed")]
     ClientClosed,
     /// An HTTP exchange that failed: status and server text, or the transport's error chain.

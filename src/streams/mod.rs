@@ -16,6 +16,7 @@
 //!   type, downlink events, and how downlinks are read, decided in one place;
 //! - [`tls`]: rustls client configurations;
 //! - [`error`]: typed setup and session errors;
+//! - [`too_large`]: the one way to drop a record a destination can never take;
 //! - [`crate::downlink::DownlinkHandle`]: the one way to hand a cloud's downlink to the
 //!   scheduler (in order; acknowledged to the cloud once stored).
 //!
@@ -32,6 +33,7 @@ pub(crate) mod lanes;
 pub(crate) mod lines;
 pub(crate) mod mqtt;
 pub mod tls;
+pub(crate) mod too_large;
 
 use crate::config::{StreamConfig, StreamKind};
 use crate::downlink::DownlinkHandle;

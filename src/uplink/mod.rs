@@ -38,6 +38,9 @@ use crate::store::{DeviceUpdate, Entry, Store};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// Receptions (`rx_metadata`) one uplink or join keeps at most: the best by SNR, then RSSI.
+pub const MAX_RX_METADATA: usize = 32;
+
 /// What one loop iteration produces (stored together, then acted on).
 #[derive(Default)]
 struct Outputs {
@@ -202,6 +205,18 @@ impl UplinkStage {
     }
 
     fn decide(&mut self, phy: &[u8], mut rx: Vec<Reception>, out: &mut Outputs) {
+        // One frame relayed by many (spoofed) gateway EUIs must not become a record no
+        // destination takes (docs/reliability.md): keep the best receptions by signal.
+        if rx.len() > MAX_RX_METADATA {
+            rx.sort_by(|a, b| {
+                b.rx.snr
+                    .total_cmp(&a.rx.snr)
+                    .then(b.rx.rssi.cmp(&a.rx.rssi))
+            });
+            self.metrics
+                .frame_receptions_dropped((rx.len() - MAX_RX_METADATA) as u64);
+            rx.truncate(MAX_RX_METADATA);
+        }
         let Ok(mut registry) = self.registry.lock() else {
             return;
         };

@@ -67,6 +67,8 @@ pub struct DaemonSpec {
     pub dedup_window_ms: Option<u64>,
     pub max_bytes: Option<u64>,
     pub when_full: Option<&'static str>,
+    /// More `[storage]` lines (e.g. `reserve_bytes = 65536\n`).
+    pub storage_extra: String,
     /// `[[application]]`, `[[device]]` and `[[stream]]` tables.
     pub body: String,
 }
@@ -83,6 +85,7 @@ impl DaemonSpec {
             dedup_window_ms: None,
             max_bytes: None,
             when_full: None,
+            storage_extra: String::new(),
             body,
         }
     }
@@ -113,6 +116,7 @@ impl DaemonSpec {
         if let Some(w) = self.when_full {
             s += &format!("when_full = \"{w}\"\n");
         }
+        s += &self.storage_extra;
         s += &format!(
             "\n[metrics]\nlisten = \"127.0.0.1:{}\"\n\n[log]\nlevel = \"info\"\n\n{}",
             self.metrics_port, self.body
@@ -338,6 +342,15 @@ impl Prom {
             })
             .map(|(_, _, v)| *v as u64)
             .unwrap_or(0)
+    }
+
+    /// The sum of every sample of `name` (all label sets).
+    pub fn sum(&self, name: &str) -> u64 {
+        self.samples
+            .iter()
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, _, v)| *v as u64)
+            .sum()
     }
 
     pub fn uplinks(&self, result: &str) -> u64 {

@@ -118,6 +118,11 @@ impl TestBroker {
     }
 
     /// Stop answering QoS 1 publishes with PUBACK (a broker that hangs).
+    /// Connections accepted since start (a client that reconnects counts again).
+    pub fn connections(&self) -> u64 {
+        self.state.next_conn.load(Ordering::SeqCst)
+    }
+
     pub fn hold_acks(&self, hold: bool) {
         self.state.hold_acks.store(hold, Ordering::SeqCst);
     }

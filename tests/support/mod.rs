@@ -235,6 +235,11 @@ impl Mosquitto {
         );
     }
 
+    /// The process id, while it runs (to stop it with SIGSTOP, as a hung broker).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// SIGTERM: mosquitto closes every connection and saves its database (when persistent).
     pub async fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

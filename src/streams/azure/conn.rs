@@ -11,7 +11,6 @@
 use super::wire::{self, SasKey};
 use super::Shared;
 use crate::model::{correlation_id, now_us, DownlinkEvent, DownlinkRequest, Eui64, Record};
-use crate::store::DropReason;
 use crate::streams::connect::SessionEnd;
 use crate::streams::error::SessionError;
 use crate::streams::format::{render_or_drop, rfc3339, Delivery};
@@ -112,7 +111,8 @@ async fn session(
     // the device's queue whatever the session flag.
     o.set_clean_session(true);
     o.set_inflight(u16::try_from(window).unwrap_or(u16::MAX));
-    o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+    // Incoming: high on purpose, as for every MQTT stream (`client::MAX_INCOMING_PACKET`).
+    o.set_max_packet_size(client::MAX_INCOMING_PACKET.max(MAX_PACKET), MAX_PACKET);
     o.set_credentials(wire::username(&sh.hostname, &who.hub_id), token.expose());
     o.set_manual_acks(true);
     let (client, mut eventloop) = AsyncClient::new(o, window + 16);
@@ -139,10 +139,14 @@ async fn session(
     let mut inflight = Inflight::default();
     let mut rid = 0u64;
     let mut draining: Option<(Instant, SessionEnd)> = None;
+    let mut watchdog = client::Watchdog::new(crate::config::stream_defaults::MQTT_RESPONSE_TIMEOUT);
     let end = loop {
         let room = draining.is_none() && inflight.len() < window;
         tokio::select! {
-            ev = eventloop.poll() => match ev {
+            _ = client::hung(watchdog.deadline()) => {
+                break SessionEnd::failed(SessionError::NoResponse(watchdog.timeout()));
+            }
+            ev = eventloop.poll() => match ev.inspect(|e| watchdog.saw(e)) {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => inflight.written(pkid),
                 Ok(Event::Incoming(Packet::PubAck(a))) => {
                     if let Some(seq) = inflight.acked(a.pkid) {
@@ -152,9 +156,16 @@ async fn session(
                         report(Report::Done(seq));
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                Ok(Event::Incoming(Packet::Publish(mut p))) => {
                     report(Report::Activity);
-                    let req = incoming(sh, who, &p);
+                    let req = match client::shed_oversized(&mut p) {
+                        None => incoming(sh, who, &p),
+                        Some(len) => {
+                            sh.ctx.metrics.downlink_too_large(&sh.ctx.name);
+                            tracing::warn!(stream = %sh.ctx.name, device = %who.hub_id, len, max = client::MAX_DOWNLINK_MESSAGE, "cloud-to-device message too large: refused");
+                            incoming(sh, who, &p).map(|r| client::too_large(r, len))
+                        }
+                    };
                     if !intake.push(req, p) {
                         sh.ctx.metrics.stream_error(&sh.ctx.name, "downlinks_backlog");
                         tracing::warn!(stream = %sh.ctx.name, device = %who.hub_id, "too many cloud-to-device messages at once; IoT Hub will redeliver the rest");
@@ -272,10 +283,14 @@ fn publish_record(
     let size = topic.len() + body.len();
     if size > wire::MAX_MESSAGE {
         // IoT Hub would refuse it forever: drop it rather than block the queue.
-        tracing::warn!(stream = %sh.ctx.name, device = %who.hub_id, seq, size, limit = wire::MAX_MESSAGE, "message over IoT Hub's 256 KB limit dropped");
-        if let Err(e) = sh.ctx.queue.drop_undeliverable(seq, DropReason::TooLarge) {
-            tracing::error!(stream = %sh.ctx.name, error = %e, "cannot remove an undeliverable record");
-        }
+        crate::streams::too_large::drop_record(
+            &sh.ctx,
+            seq,
+            r,
+            size,
+            Some(wire::MAX_MESSAGE),
+            "IoT Hub's 256 KB message limit",
+        );
         report(Report::Done(seq));
         return true;
     }

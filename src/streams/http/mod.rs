@@ -16,7 +16,8 @@
 //!   [`crate::streams::connect`] backs off (0.5 s to 60 s, full jitter), at least as long as a
 //!   `Retry-After` asks (delay-seconds or HTTP-date, RFC 9110 §10.2.3, capped at
 //!   [`exchange::RETRY_AFTER_CAP`]), and the next session reads the queue from its oldest
-//!   record again. A 413 halves the batch (down to one record) before it counts as a refusal.
+//!   record again. A 413 halves the batch (down to one record); one record alone refused with
+//!   413 is dropped as `too_large` ([`super::too_large`]): the server will never take it.
 //! - **Downlinks** in a 2xx body (of any POST) or a `poll_url` body —
 //!   `{"downlinks": {"<device_id>": {"push": [...], "replace": [...]}}}` with the contract's
 //!   downlink items — are handed to the scheduler exactly like MQTT `down/push`/`down/replace`
@@ -243,7 +244,30 @@ impl HttpStream {
                     tracing::warn!(stream = %name, records = n, retry_with = limit, %detail, "HTTP server: 413 Payload Too Large; sending smaller batches (lower batch_max to avoid this)");
                     continue;
                 }
-                Outcome::TooLarge(detail) => (413, detail),
+                Outcome::TooLarge(detail) => {
+                    // One record alone is too large for the server: it never will be taken.
+                    if let Some((seq, r)) = pending.pop_front() {
+                        // The size of the body it was sent in (one record, as one batch).
+                        let size = self
+                            .ctx
+                            .format
+                            .body(&r, Delivery { now_us: now_us() })
+                            .ok()
+                            .flatten()
+                            .map(|b| self.ctx.format.batch(vec![b]).len())
+                            .unwrap_or(0);
+                        crate::streams::too_large::drop_record(
+                            &self.ctx,
+                            seq,
+                            &r,
+                            size,
+                            None,
+                            &format!("the webhook (413: {detail})"),
+                        );
+                        self.ctx.metrics.stream_connected(name, true);
+                    }
+                    continue;
+                }
                 Outcome::Refused { status, detail } => (status, detail),
                 Outcome::Retry { why, after } => {
                     return SessionEnd::Failed {

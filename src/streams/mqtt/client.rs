@@ -9,6 +9,12 @@
 //! reports `Outgoing::Publish(pkid)` the FIFO's head is that publish, and `Incoming::PubAck(pkid)`
 //! then names the record to remove from the store. Publishes that are not queue records
 //! (status, events, twin/shadow) carry `None`.
+//!
+//! Limits (docs/reliability.md): rumqttc reads an incoming packet whole and ends the connection
+//! on one above its limit, so the limit is set high on purpose ([`MAX_INCOMING_PACKET`]) and
+//! a message above what a downlink request can need ([`MAX_DOWNLINK_MESSAGE`]) is refused alone
+//! ([`shed_oversized`]): its body is freed at once and its device gets `down/failed`. A broker
+//! that answers nothing ([`Watchdog`]) ends the connection within `response_timeout_s`.
 
 use crate::config::{ServerUrl, Transport as Scheme};
 use crate::downlink::DownlinkHandle;
@@ -22,6 +28,85 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// rumqttc's incoming packet limit: above it rumqttc cannot skip the packet and the connection
+/// ends (the broker may send it again after the reconnect). Brokers should refuse such
+/// messages at publish time (mosquitto: `message_size_limit`); AWS IoT (128 KiB) and IoT Hub
+/// (64 KB to a device) never send one.
+pub(crate) const MAX_INCOMING_PACKET: usize = 1024 * 1024;
+/// Largest downlink message taken: 64 queued downlinks of 242 bytes in the downlink JSON take
+/// about 40 KB. A larger one is refused alone.
+pub(crate) const MAX_DOWNLINK_MESSAGE: usize = 64 * 1024;
+
+/// A message over [`MAX_DOWNLINK_MESSAGE`]: free its body now (up to [`INTAKE_QUEUE`] messages
+/// wait for the scheduler) and return its size; the caller refuses it alone.
+pub(crate) fn shed_oversized(p: &mut Publish) -> Option<usize> {
+    let len = p.payload.len();
+    (len > MAX_DOWNLINK_MESSAGE).then(|| {
+        p.payload = Default::default();
+        len
+    })
+}
+
+/// The request of a message refused for its size (`down/failed` where the device is known).
+pub(crate) fn too_large(mut req: DownlinkRequest, len: usize) -> DownlinkRequest {
+    req.items = Err(crate::model::RequestError::TooLarge {
+        len,
+        max: MAX_DOWNLINK_MESSAGE,
+    });
+    req
+}
+
+/// Notices a hung broker (a process stopped, a link that swallows packets): the first request
+/// written since the broker was last heard (a publish, a subscribe, a keep-alive ping) starts a
+/// timer that anything coming from the broker stops; when it runs out, the connection is over.
+/// rumqttc alone notices only at the second unanswered ping, up to two keep-alives late.
+pub(crate) struct Watchdog {
+    timeout: Duration,
+    waiting_since: Option<tokio::time::Instant>,
+}
+
+impl Watchdog {
+    pub fn new(timeout: Duration) -> Watchdog {
+        Watchdog {
+            timeout,
+            waiting_since: None,
+        }
+    }
+
+    /// Feed every event of the event loop.
+    pub fn saw(&mut self, ev: &Event) {
+        match ev {
+            Event::Incoming(_) => self.waiting_since = None,
+            Event::Outgoing(
+                rumqttc::Outgoing::Publish(_)
+                | rumqttc::Outgoing::Subscribe(_)
+                | rumqttc::Outgoing::PingReq,
+            ) => {
+                self.waiting_since
+                    .get_or_insert_with(tokio::time::Instant::now);
+            }
+            Event::Outgoing(_) => {}
+        }
+    }
+
+    /// When the broker counts as hung, if a request waits.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.waiting_since.map(|t| t + self.timeout)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Sleep until the watchdog's deadline (forever without one).
+pub(crate) async fn hung(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// QoS 1 publishes in flight, in rumqttc's order.
 #[derive(Default)]

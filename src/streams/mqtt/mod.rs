@@ -21,6 +21,12 @@
 //! always sent), the thing name as client id, a persistent session (downlinks published while
 //! the gateway was offline are delivered on reconnect), 128 KiB payloads, and an optional,
 //! rate-limited device-shadow update.
+//!
+//! Sizes (docs/reliability.md): a record whose PUBLISH would be over the destination's limit
+//! (256 KiB here, AWS IoT's 128 KiB) is dropped as `too_large` before it is published
+//! ([`super::too_large`]), since rumqttc would end the connection on it and the next session
+//! would meet it again. Incoming packets are read up to [`client::MAX_INCOMING_PACKET`]; a
+//! downlink message over [`client::MAX_DOWNLINK_MESSAGE`] is refused alone.
 
 pub(crate) mod client;
 
@@ -31,7 +37,7 @@ use super::tls;
 use super::StreamContext;
 use crate::config::{AwsConfig, MqttConfig};
 use crate::model::{now_us, DownlinkEvent, Record, Secret};
-use client::{Inflight, Intake};
+use client::{Inflight, Intake, Watchdog};
 use rumqttc::{
     AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, SubscribeFilter, Transport,
 };
@@ -59,6 +65,7 @@ pub(crate) struct MqttStream {
     prefix: String,
     inflight: u16,
     keep_alive: Duration,
+    response_timeout: Duration,
     /// Downlink events for this stream, published on `.../down/{event}`.
     events: mpsc::Receiver<DownlinkEvent>,
     clean_session: bool,
@@ -137,6 +144,7 @@ impl MqttStream {
             prefix: cfg.topic_prefix.clone(),
             inflight: cfg.inflight,
             keep_alive: cfg.keep_alive,
+            response_timeout: cfg.response_timeout,
             events,
             clean_session,
             max_packet,
@@ -162,7 +170,9 @@ impl MqttStream {
         o.set_keep_alive(self.keep_alive);
         o.set_clean_session(self.clean_session);
         o.set_inflight(self.inflight);
-        o.set_max_packet_size(self.max_packet, self.max_packet);
+        // Incoming: high on purpose (see `client::MAX_INCOMING_PACKET`); outgoing: the
+        // destination's limit, checked before each publish (`feed`).
+        o.set_max_packet_size(client::MAX_INCOMING_PACKET, self.max_packet);
         if let Some((u, p)) = &self.credentials {
             o.set_credentials(u, p.expose());
         }
@@ -227,13 +237,19 @@ impl Session for MqttStream {
             state.clone(),
             permits.clone(),
             self.shadow_topic.clone(),
+            self.max_packet,
             feeder_stop.clone(),
         ));
 
         let mut stopping: Option<Instant> = None;
+        let mut watchdog = Watchdog::new(self.response_timeout);
+        let mut oversized_log = crate::logs::LogLimiter::new();
         let end = loop {
             let ev = tokio::select! {
                 ev = eventloop.poll() => ev,
+                _ = client::hung(watchdog.deadline()) => {
+                    break SessionEnd::failed(SessionError::NoResponse(watchdog.timeout()));
+                }
                 Some(e) = self.events.recv() => {
                     if let Some((t, body)) = self.ctx.format.event_message(&e) {
                         publish(&client, &state, &t, body, false, None);
@@ -258,14 +274,29 @@ impl Session for MqttStream {
                     continue;
                 }
             };
+            if let Ok(ev) = &ev {
+                watchdog.saw(ev);
+            }
             match ev {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     if let Ok(mut s) = state.lock() {
                         s.written(pkid);
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let req = self.ctx.format.downlink_request(&p.topic, &p.payload);
+                Ok(Event::Incoming(Packet::Publish(mut p))) => {
+                    let req = match client::shed_oversized(&mut p) {
+                        None => self.ctx.format.downlink_request(&p.topic, &p.payload),
+                        Some(len) => {
+                            self.ctx.metrics.downlink_too_large(&name);
+                            if oversized_log.allow() {
+                                tracing::warn!(stream = %name, topic = %p.topic, len, max = client::MAX_DOWNLINK_MESSAGE, "downlink message too large: refused");
+                            }
+                            self.ctx
+                                .format
+                                .downlink_request(&p.topic, b"")
+                                .map(|r| client::too_large(r, len))
+                        }
+                    };
                     if req.is_none() {
                         // A downlink topic that names no device (e.g. no DevEUI in a ChirpStack
                         // command topic): acknowledged, counted, logged at debug by the format.
@@ -316,12 +347,14 @@ fn publish(
 }
 
 /// Read the queue from its oldest record and publish, never more than the window unacknowledged.
+#[allow(clippy::too_many_arguments)]
 async fn feed(
     ctx: StreamContext,
     client: AsyncClient,
     state: Arc<Mutex<Inflight>>,
     permits: Arc<Semaphore>,
     shadow_topic: Option<String>,
+    max_packet: usize,
     stop: tokio_util::sync::CancellationToken,
 ) {
     // Backlog and live traffic share the window (see lanes.rs); per-device order is kept.
@@ -371,6 +404,20 @@ async fn feed(
                 continue;
             };
             let t = ctx.format.topic(&r);
+            let size = super::too_large::mqtt_publish_size(&t, &body);
+            if size > max_packet {
+                super::too_large::drop_record(
+                    &ctx,
+                    seq,
+                    &r,
+                    size,
+                    Some(max_packet),
+                    "the MQTT packet limit",
+                );
+                // Its window slot is free again.
+                permits.add_permits(1);
+                continue;
+            }
             if !publish(&client, &state, &t, body, false, Some(seq)) {
                 // Request channel closed or full: the connection is going away.
                 return;
