@@ -123,7 +123,7 @@ async fn send(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
     install_crypto();
-    for backend in ["sled", "redb"] {
+    for backend in support::backends() {
         let Some(fs) = Tmpfs::mount("16m") else {
             return;
         };

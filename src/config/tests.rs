@@ -117,13 +117,19 @@ password = "s3cret"
             e.contains("unknown variant `rocksdb`, expected `sled` or `redb`"),
             "{e}"
         );
-        let c = Config::parse(
-            &GOOD.replace("[storage]", "[storage]\nbackend = \"sled\""),
-            "t.toml",
-        )
-        .unwrap();
-        assert_eq!(c.storage.backend, StorageBackend::Sled);
-        assert!(c.to_toml_masked().contains("backend = \"sled\""));
+        let sled = GOOD.replace("[storage]", "[storage]\nbackend = \"sled\"");
+        #[cfg(feature = "sled")]
+        {
+            let c = Config::parse(&sled, "t.toml").unwrap();
+            assert_eq!(c.storage.backend, StorageBackend::Sled);
+            assert!(c.to_toml_masked().contains("backend = \"sled\""));
+        }
+        #[cfg(not(feature = "sled"))]
+        {
+            let e = err_of(&sled);
+            assert!(e.starts_with("t.toml:6: [storage] key `backend`"), "{e}");
+            assert!(e.contains("cargo feature `sled`"), "{e}");
+        }
     }
 }
 

@@ -203,11 +203,14 @@ pub(crate) async fn run(
     gateways: Gateways,
     metrics: Metrics,
     cancel: CancellationToken,
+    mut heartbeat: crate::liveness::Heartbeat,
 ) {
     let mut buf = vec![0u8; 65_536];
     loop {
+        heartbeat.beat();
         let (n, from) = tokio::select! {
             _ = cancel.cancelled() => return,
+            _ = heartbeat.tick() => continue,
             r = socket.recv_from(&mut buf) => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -299,7 +302,7 @@ pub(crate) async fn run(
                     token,
                     result: tx_ack_result(body),
                 };
-                tracing::debug!(%gateway, token, result = ?ack.result, "TX_ACK");
+                tracing::debug!(%gateway, token, result = ack.result.as_ref().err().map_or("ok", |e| e.as_str()), "TX_ACK");
                 // Never block the socket loop on the scheduler.
                 if tx_acks.try_send(ack).is_err() {
                     metrics.udp_error("tx_ack_dropped");

@@ -3,8 +3,11 @@ use crate::config::WhenFull;
 use crate::model::DevAddr;
 use std::path::Path;
 
-/// Every store test runs against both engines.
+/// Every store test runs against every engine of the build (sled with the `sled` feature).
+#[cfg(feature = "sled")]
 const BACKENDS: [StorageBackend; 2] = [StorageBackend::Sled, StorageBackend::Redb];
+#[cfg(not(feature = "sled"))]
+const BACKENDS: [StorageBackend; 1] = [StorageBackend::Redb];
 
 fn cfg_for(backend: StorageBackend, dir: &Path, max_bytes: u64, flush: u64) -> StorageConfig {
     StorageConfig {
@@ -315,6 +318,7 @@ async fn a_record_acked_within_its_window_never_reaches_the_disk() {
     }
 }
 
+#[cfg(feature = "sled")]
 #[tokio::test]
 async fn switching_the_engine_migrates_the_store_and_keeps_the_old_files() {
     for (from, to) in [
@@ -357,6 +361,32 @@ async fn switching_the_engine_migrates_the_store_and_keeps_the_old_files() {
         assert_eq!(sess[0].1.f_cnt_down, 5);
         assert_eq!(s.backend(), to);
     }
+}
+
+/// A build without sled meets a sled store (an upgrade from a build that had it): it refuses to
+/// start, says what to do, and leaves every file where it is (no empty store beside it, nothing
+/// moved aside).
+#[cfg(not(feature = "sled"))]
+#[tokio::test]
+async fn a_sled_store_without_the_sled_feature_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg_for(StorageBackend::Redb, dir.path(), 1 << 20, 100);
+    std::fs::create_dir_all(&c.path).unwrap();
+    std::fs::write(c.path.join("conf"), b"segment_size: 524288").unwrap();
+    std::fs::write(c.path.join("db"), b"sled data").unwrap();
+    let err = match Store::open(&c, &streams(&["a"])) {
+        Ok(_) => panic!("a sled store must not be opened without sled"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::EngineMissing { .. }), "{err}");
+    assert!(err.to_string().contains("`sled` cargo feature"), "{err}");
+    let mut names: Vec<String> = std::fs::read_dir(&c.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["conf", "db"]);
+    assert_eq!(std::fs::read(c.path.join("db")).unwrap(), b"sled data");
 }
 
 #[tokio::test]

@@ -26,6 +26,16 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
+/// The storage engines of this build, for tests that run against each (`[storage] backend`):
+/// redb always, sled with the `sled` cargo feature (CI runs those tests with it on).
+pub fn backends() -> Vec<&'static str> {
+    let mut b = vec!["redb"];
+    if cfg!(feature = "sled") {
+        b.push("sled");
+    }
+    b
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
