@@ -74,8 +74,7 @@ pub struct Daemon {
     misc: Vec<JoinHandle<()>>,
     downlinks: DownlinkHandle,
     service: ServiceManager,
-    watchdog_cancel: CancellationToken,
-    watchdog: JoinHandle<()>,
+    watchdog: systemd::SupervisorThread,
 }
 
 impl Daemon {
@@ -267,12 +266,7 @@ impl Daemon {
             queued = store.queues().iter().map(|q| q.len()).sum::<u64>(),
             "lorastream started"
         );
-        let watchdog_cancel = CancellationToken::new();
-        let watchdog = tokio::spawn(systemd::supervise(
-            service.clone(),
-            liveness,
-            watchdog_cancel.clone(),
-        ));
+        let watchdog = systemd::Supervisor::new(service.clone(), liveness).spawn();
         service.notify(Notice::Ready(&format!(
             "running: UDP {udp_addr}, {} devices, {} streams",
             cfg.devices.len(),
@@ -292,7 +286,6 @@ impl Daemon {
             misc,
             downlinks,
             service,
-            watchdog_cancel,
             watchdog,
         })
     }
@@ -334,8 +327,7 @@ impl Daemon {
         let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
         // Loops end one by one now: their heartbeats stop on purpose.
         self.service.notify(Notice::Stopping);
-        self.watchdog_cancel.cancel();
-        let _ = self.watchdog.await;
+        self.watchdog.stop().await;
         // A task that overruns the deadline is aborted, so that when `stop` returns nothing
         // holds the store any more (a store reopened in the same process must be alone).
         async fn finish(mut t: JoinHandle<()>, deadline: tokio::time::Instant) {

@@ -17,7 +17,6 @@ use sd_notify::NotifyState;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// What the daemon tells its service manager.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,44 +128,105 @@ impl ServiceManager {
     }
 }
 
-/// Send `WATCHDOG=1` every `W/4` while no loop of `liveness` is stuck (see the module
-/// documentation); log once when one is, and once when all run again. Ends on `cancel`.
-pub(crate) async fn supervise(sm: ServiceManager, liveness: Liveness, cancel: CancellationToken) {
-    let Some(w) = sm.watchdog() else {
-        return;
-    };
-    let period = (w / 4).max(Duration::from_millis(10));
-    let limit = w / 2;
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stuck = false;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+/// The watchdog supervisor: every `W/4` it sends `WATCHDOG=1` if no loop of `liveness` is stuck
+/// (see the module documentation), and logs once when one is, and once when all run again.
+///
+/// It runs on a thread of its own, not as a task: when the loops are stuck because the async
+/// runtime is (every worker blocked behind a frozen disk, as tests/service.rs shows), a task
+/// could not even say which loop stopped.
+pub(crate) struct Supervisor {
+    sm: ServiceManager,
+    liveness: Liveness,
+    limit: Duration,
+    stuck: bool,
+}
+
+/// Stops the supervisor's thread when dropped or [`SupervisorThread::stop`]ped.
+pub(crate) struct SupervisorThread {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Supervisor {
+    pub(crate) fn new(sm: ServiceManager, liveness: Liveness) -> Supervisor {
+        let limit = sm.watchdog().unwrap_or_default() / 2;
+        Supervisor {
+            sm,
+            liveness,
+            limit,
+            stuck: false,
         }
-        let stale = liveness.stale(limit);
+    }
+
+    /// Start the thread (nothing without a watchdog).
+    pub(crate) fn spawn(self) -> SupervisorThread {
+        let Some(w) = self.sm.watchdog() else {
+            return SupervisorThread {
+                stop: None,
+                thread: None,
+            };
+        };
+        let period = (w / 4).max(Duration::from_millis(10));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let mut sup = self;
+        let thread = std::thread::Builder::new()
+            .name("lorastream-watchdog".into())
+            .spawn(move || loop {
+                sup.check();
+                match rx.recv_timeout(period) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            });
+        match thread {
+            Ok(t) => SupervisorThread {
+                stop: Some(tx),
+                thread: Some(t),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the watchdog thread; systemd will restart lorastream when WatchdogSec passes");
+                SupervisorThread {
+                    stop: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    /// One round: keep-alive, or the first complaint about a stuck loop.
+    pub(crate) fn check(&mut self) {
+        let stale = self.liveness.stale(self.limit);
         match stale.first() {
             None => {
-                sm.notify(Notice::Watchdog);
-                if stuck {
-                    stuck = false;
+                self.sm.notify(Notice::Watchdog);
+                if self.stuck {
+                    self.stuck = false;
                     tracing::warn!(
                         "watchdog: every loop runs again; keep-alives to systemd resumed"
                     );
                 }
             }
-            Some((name, age)) if !stuck => {
-                stuck = true;
+            Some((name, age)) if !self.stuck => {
+                self.stuck = true;
                 let others: Vec<&str> = stale.iter().skip(1).map(|(n, _)| *n).collect();
                 tracing::error!(
                     stuck_for = %humantime::format_duration(Duration::from_millis(age.as_millis() as u64)),
                     also_stuck = %if others.is_empty() { "none".to_string() } else { others.join(", ") },
                     "watchdog: the {name} loop is not running; keep-alives to systemd stopped, so systemd restarts lorastream within WatchdogSec={}s unless it recovers",
-                    w.as_secs()
+                    (self.limit * 2).as_secs()
                 );
             }
             Some(_) => {}
+        }
+    }
+}
+
+impl SupervisorThread {
+    /// Stop the thread and wait for it (a stop in progress ends the loops on purpose).
+    pub(crate) async fn stop(mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
     }
 }
@@ -175,46 +235,68 @@ pub(crate) async fn supervise(sm: ServiceManager, liveness: Liveness, cancel: Ca
 mod tests {
     use super::*;
 
-    /// With paused time: keep-alives flow while both loops beat, stop as soon as one stops,
-    /// and resume when it beats again.
+    /// With paused time: keep-alives while both loops beat, none once one stops (one
+    /// complaint), again when it beats again.
     #[tokio::test(start_paused = true)]
     async fn keep_alives_only_while_every_loop_beats() {
         let w = Duration::from_secs(8);
         let (sm, mut rx) = ServiceManager::channel(w);
         let liveness = sm.liveness();
-        let mut busy = liveness.heartbeat("busy loop");
+        let busy = liveness.heartbeat("busy loop");
         let stopped = liveness.heartbeat("stopped loop");
-        let cancel = CancellationToken::new();
-        let sup = tokio::spawn(supervise(sm.clone(), liveness.clone(), cancel.clone()));
-        let beater = tokio::spawn(async move {
-            loop {
-                busy.beat();
-                busy.tick().await;
-            }
-        });
-        let count = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>| {
-            let mut n = 0;
-            while let Ok(m) = rx.try_recv() {
-                assert_eq!(m, "WATCHDOG=1\n");
-                n += 1;
-            }
-            n
-        };
-        // 0..W/2: both fresh; keep-alives every W/4 (at 0 and 2 s, maybe 4 s).
-        tokio::time::sleep(Duration::from_millis(3_900)).await;
-        assert!(count(&mut rx) >= 2);
-        // "stopped loop" never beat after its start: stale from W/2 on, no keep-alive after.
-        tokio::time::sleep(Duration::from_secs(20)).await;
-        let late = count(&mut rx);
-        assert!(late <= 1, "{late} keep-alives after a loop stopped");
+        let mut sup = Supervisor::new(sm.clone(), liveness.clone());
+        fn round(
+            sup: &mut Supervisor,
+            rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+        ) -> Option<String> {
+            sup.check();
+            rx.try_recv().ok()
+        }
+        // Both fresh (W/2 = 4 s is the limit).
+        for _ in 0..2 {
+            assert_eq!(round(&mut sup, &mut rx).as_deref(), Some("WATCHDOG=1\n"));
+            tokio::time::advance(Duration::from_secs(2)).await;
+            busy.beat();
+        }
+        // 4 s since "stopped loop" beat: still within the limit.
+        assert_eq!(round(&mut sup, &mut rx).as_deref(), Some("WATCHDOG=1\n"));
+        for _ in 0..5 {
+            tokio::time::advance(Duration::from_secs(2)).await;
+            busy.beat();
+            assert_eq!(
+                round(&mut sup, &mut rx),
+                None,
+                "a keep-alive while a loop is stuck"
+            );
+        }
+        assert!(sup.stuck);
         assert_eq!(liveness.stale(w / 2)[0].0, "stopped loop");
         // The loop recovers: keep-alives resume.
         stopped.beat();
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(count(&mut rx) >= 1);
-        cancel.cancel();
-        sup.await.unwrap();
-        beater.abort();
+        assert_eq!(round(&mut sup, &mut rx).as_deref(), Some("WATCHDOG=1\n"));
+        assert!(!sup.stuck);
+    }
+
+    /// The thread sends keep-alives on its own and stops when told.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_supervisor_thread_sends_keep_alives_until_stopped() {
+        let (sm, mut rx) = ServiceManager::channel(Duration::from_millis(400));
+        let liveness = sm.liveness();
+        let hb = liveness.heartbeat("loop");
+        let beater = std::thread::spawn(move || {
+            for _ in 0..40 {
+                hb.beat();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let t = Supervisor::new(sm, liveness).spawn();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(first.unwrap().as_deref(), Some("WATCHDOG=1\n"));
+        t.stop().await;
+        while rx.try_recv().is_ok() {}
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "keep-alives after stop");
+        beater.join().unwrap();
     }
 
     #[test]
