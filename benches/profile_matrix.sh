@@ -8,7 +8,8 @@
 #   sudo cross/install-toolchain.sh armv7
 #   bash benches/profile_matrix.sh | tee target/profile-matrix.jsonl
 #
-# A variant is "name opt-level lto codegen-units panic"; VARIANTS overrides the list. Uses
+# A variant is "name opt-level lto codegen-units panic [speed]" (speed: measure instructions per
+# uplink, default yes); VARIANTS overrides the list. Uses
 # CARGO_PROFILE_RELEASE_* variables, so Cargo.toml is not touched; builds go to
 # target/profiles (each variant recompiles every dependency: about 5-10 minutes each on two
 # cores). Needs valgrind and mosquitto for the speed column (SPEED=0 skips it).
@@ -17,15 +18,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/profiles}"
 SPEED="${SPEED:-1}"
 VARIANTS="${VARIANTS:-
-o3-fat-cgu1-unwind 3 fat 1 unwind
-o3-fat-cgu1-abort 3 fat 1 abort
-os-fat-cgu1-unwind s fat 1 unwind
-os-fat-cgu1-abort s fat 1 abort
-oz-fat-cgu1-unwind z fat 1 unwind
-o3-thin-cgu16-unwind 3 thin 16 unwind
-o3-nolto-cgu16-unwind 3 false 16 unwind}"
+o3-fat-cgu1-unwind 3 fat 1 unwind yes
+os-fat-cgu1-unwind s fat 1 unwind yes
+oz-fat-cgu1-unwind z fat 1 unwind yes
+o3-fat-cgu1-abort 3 fat 1 abort no
+os-fat-cgu1-abort s fat 1 abort no}"
 mkdir -p "$CARGO_TARGET_DIR/out"
-while read -r name opt lto cgu panic; do
+while read -r name opt lto cgu panic speed; do
   [ -n "$name" ] || continue
   export CARGO_PROFILE_RELEASE_OPT_LEVEL="$opt" CARGO_PROFILE_RELEASE_LTO="$lto" \
     CARGO_PROFILE_RELEASE_CODEGEN_UNITS="$cgu" CARGO_PROFILE_RELEASE_PANIC="$panic" \
@@ -37,7 +36,7 @@ while read -r name opt lto cgu panic; do
   cp "$arm" "$CARGO_TARGET_DIR/out/lorastream-armv7-$name"
   size=$(stat -c %s "$arm")
   ipu=null; x86_size=null; x86_build_s=null
-  if [ "$SPEED" = 1 ]; then
+  if [ "$SPEED" = 1 ] && [ "${speed:-yes}" = yes ]; then
     t2=$(date +%s)
     cargo build --release --locked >&2
     x86_build_s=$(( $(date +%s) - t2 ))

@@ -231,6 +231,22 @@ mod example_tests {
         );
     }
 
+    /// The Debian package's /etc/lorastream/lorastream.toml (packaging/lorastream.toml): valid,
+    /// the store in the state directory the unit allows, UDP and metrics on loopback only, and
+    /// a stream that needs no broker (the package test starts the service with it).
+    #[test]
+    fn packaged_config_starts_on_a_fresh_gateway() {
+        let src = include_str!("../../packaging/lorastream.toml");
+        let c = Config::parse(src, "lorastream.toml").unwrap();
+        assert_eq!(c.storage.path, std::path::Path::new(STATE_DIR));
+        assert!(c.storage.outside_state_dir_note().is_none());
+        assert!(c.gateway.listen.ip().is_loopback());
+        assert!(c.metrics.listen.is_none_or(|a| a.ip().is_loopback()));
+        assert_eq!(c.streams.len(), 1);
+        assert_eq!(c.streams[0].kind.name(), "stdout");
+        assert_eq!(c.devices.len(), 1);
+    }
+
     mod erased {
         pub trait Ser {
             fn json(&self) -> String;

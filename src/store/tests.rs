@@ -3,11 +3,18 @@ use crate::config::WhenFull;
 use crate::model::DevAddr;
 use std::path::Path;
 
-/// Every store test runs against every engine of the build (sled with the `sled` feature).
-#[cfg(feature = "sled")]
-const BACKENDS: [StorageBackend; 2] = [StorageBackend::Sled, StorageBackend::Redb];
-#[cfg(not(feature = "sled"))]
-const BACKENDS: [StorageBackend; 1] = [StorageBackend::Redb];
+/// Every store test runs against every engine of the build (sled with the `sled` feature);
+/// `LORASTREAM_TEST_BACKENDS=sled` narrows the list (as tests/support::backends()).
+fn backends() -> Vec<StorageBackend> {
+    let mut b = vec![StorageBackend::Redb];
+    if cfg!(feature = "sled") {
+        b.push(StorageBackend::Sled);
+    }
+    if let Ok(only) = std::env::var("LORASTREAM_TEST_BACKENDS") {
+        b.retain(|e| only.split(',').any(|o| o.trim() == e.name()));
+    }
+    b
+}
 
 fn cfg_for(backend: StorageBackend, dir: &Path, max_bytes: u64, flush: u64) -> StorageConfig {
     StorageConfig {
@@ -45,7 +52,7 @@ fn streams(names: &[&str]) -> Vec<(String, WhenFull)> {
 
 #[tokio::test]
 async fn append_read_ack_and_reopen() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 0);
         {
@@ -87,7 +94,7 @@ async fn append_read_ack_and_reopen() {
 
 #[tokio::test]
 async fn cap_drop_oldest_and_reject_new_count_exactly() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let size = postcard::to_stdvec(&uplink(0)).unwrap().len() as u64;
         // Room for exactly 10 records (all queues together).
@@ -128,7 +135,7 @@ async fn cap_drop_oldest_and_reject_new_count_exactly() {
 
 #[tokio::test]
 async fn unreadable_store_is_moved_aside_not_deleted() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         // A regular file where the database directory should be cannot be opened by sled.
@@ -144,7 +151,7 @@ async fn unreadable_store_is_moved_aside_not_deleted() {
 
 #[tokio::test]
 async fn expire_drops_only_old_records_and_counts_them() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Store::open(
             &cfg_for(backend, dir.path(), 1 << 20, 100),
@@ -191,7 +198,7 @@ async fn add(s: &Store, r: &Record) {
 
 #[tokio::test]
 async fn the_group_commit_window_is_journaled_and_replayed_after_a_kill() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         let st = SessionState {
@@ -239,7 +246,7 @@ async fn the_group_commit_window_is_journaled_and_replayed_after_a_kill() {
 
 #[tokio::test]
 async fn a_commit_moves_the_window_to_disk_and_removes_the_journal() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
@@ -264,7 +271,7 @@ async fn a_commit_moves_the_window_to_disk_and_removes_the_journal() {
 
 #[tokio::test]
 async fn acks_are_batched_and_an_uncommitted_ack_only_means_a_redelivery() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 0);
         {
@@ -300,7 +307,7 @@ async fn acks_are_batched_and_an_uncommitted_ack_only_means_a_redelivery() {
 
 #[tokio::test]
 async fn a_record_acked_within_its_window_never_reaches_the_disk() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
@@ -391,7 +398,7 @@ async fn a_sled_store_without_the_sled_feature_is_refused_and_left_alone() {
 
 #[tokio::test]
 async fn a_store_in_use_is_refused_not_moved_aside() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 0);
         let (_s, _) = Store::open(&c, &streams(&["a"])).unwrap();
@@ -440,7 +447,7 @@ async fn a_corrupt_redb_file_is_moved_aside_and_a_fresh_store_starts() {
 
 #[tokio::test]
 async fn inspect_counts_disk_and_journal_without_changing_anything() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         {
@@ -462,7 +469,7 @@ async fn inspect_counts_disk_and_journal_without_changing_anything() {
 
 #[tokio::test]
 async fn a_backlog_read_and_acked_in_small_steps_keeps_order_and_exact_counts() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 24, 100);
         let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
