@@ -226,6 +226,19 @@ check "journal: watchdog timeout" bash -c "nsenter -t $leader -a journalctl -u l
 rm -rf "$R/etc/systemd/system/lorastream.service.d"
 ns systemctl daemon-reload
 
+step "[log] format = \"journald\": native journal entries with fields"
+sed -i 's/^format = "text"/format = "journald"/' "$R/etc/lorastream/lorastream.toml"
+ns systemctl restart lorastream
+check "active with format = journald" wait_active
+for _ in $(seq 1 50); do
+  ns journalctl -u lorastream -o verbose --no-pager 2>/dev/null | grep -q "F_UDP=127.0.0.1:1700" && break
+  sleep 0.2
+done
+check "journal fields (F_UDP=...) and priority" bash -c "nsenter -t $leader -a journalctl -u lorastream -o verbose --no-pager | grep -q 'F_UDP=127.0.0.1:1700'"
+sed -i 's/^format = "journald"/format = "text"/' "$R/etc/lorastream/lorastream.toml"
+ns systemctl restart lorastream
+check "active again with format = text" wait_active
+
 step "systemd-analyze security of the installed unit"
 ns systemd-analyze security --no-pager lorastream.service | tail -n 1 | tee "$work/score"
 score="$(grep -o 'level for lorastream.service: [0-9.]*' "$work/score" | awk '{print $NF}')"

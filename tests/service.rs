@@ -626,3 +626,32 @@ async fn a_stuck_disk_stops_the_watchdog_keepalives() {
     let (status, lines) = d.stop().await;
     assert!(status.success(), "{}", lines.join("\n"));
 }
+
+/// `[log] format = "journald"` where no journal runs (this machine, CI): the daemon still
+/// starts, says why, and logs as text on stderr. (Under systemd, packaging/check.sh checks
+/// the journal fields.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journald_format_without_a_journal_falls_back_to_text() {
+    if Path::new("/run/systemd/journal/socket").exists() {
+        eprintln!("SKIPPED: a journal runs here; the fallback cannot be seen");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &dir.path().join("db"),
+        free_udp(),
+        "level = \"info\"\nformat = \"journald\"",
+        "",
+    );
+    let d = Daemon::spawn(&cfg, &[]);
+    assert!(wait_until(Duration::from_secs(30), || d.logged("lorastream started")).await);
+    assert!(d.logged("[log] format = \"journald\": no systemd journal here"));
+    let (status, lines) = d.stop().await;
+    assert!(status.success());
+    assert!(
+        lines[0].contains(" INFO lorastream::cli: lorastream "),
+        "{}",
+        lines[0]
+    );
+}
