@@ -45,12 +45,12 @@ for deb in "$@"; do
   step "package $(basename "$deb"): $(stat -c %s "$deb") bytes"
   dpkg-deb -f "$deb" Package Version Architecture Depends Installed-Size
   dpkg-deb -c "$deb" | awk '{print $1, $2, $NF}' | tee "$work/contents-$arch"
-  for f in ./usr/bin/lorastream ./etc/lorastream/lorastream.toml ./lib/systemd/system/lorastream.service \
+  for f in ./usr/bin/lorastream ./etc/lorastream/lorastream.toml ./usr/lib/systemd/system/lorastream.service \
            ./usr/share/doc/lorastream/config.example.toml ./usr/share/doc/lorastream/README.md; do
     check "$arch: $f in the package" grep -q " $f\$" "$work/contents-$arch"
   done
-  check "$arch: binary mode 0755" grep -q '^-rwxr-xr-x root/root ./usr/bin/lorastream$' "$work/contents-$arch"
-  check "$arch: config not world-readable (0640)" grep -q '^-rw-r----- root/root ./etc/lorastream/lorastream.toml$' "$work/contents-$arch"
+  check "$arch: binary mode 0755" grep -Eq '^-rwxr-xr-x (root/root|0/0) ./usr/bin/lorastream$' "$work/contents-$arch"
+  check "$arch: config not world-readable (0640)" grep -Eq '^-rw-r----- (root/root|0/0) ./etc/lorastream/lorastream.toml$' "$work/contents-$arch"
   check "$arch: nothing under /var/lib (the store is made by postinst, removed by purge)" \
     bash -c "! grep -q ' ./var/lib' '$work/contents-$arch'"
   mkdir -p "$work/ctl-$arch" "$work/fs-$arch"
@@ -88,16 +88,17 @@ done
 
 # ---- the throw-away root ----------------------------------------------------------------------
 cache="${LORASTREAM_PKG_ROOT_CACHE:-/var/cache/lorastream-ci/bookworm-root}"
-if [ ! -x "$cache/usr/bin/dpkg" ] || [ ! -e "$cache/.complete" ]; then
+include=systemd,systemd-sysv,dbus,adduser,init-system-helpers,procps,ca-certificates
+if [ ! -x "$cache/usr/bin/dpkg" ] || [ "$(cat "$cache/.complete" 2>/dev/null || true)" != "$include" ]; then
   step "debootstrap bookworm (minbase + systemd) into $cache"
   command -v debootstrap >/dev/null || apt-get install -y -q --no-install-recommends debootstrap
   rm -rf "$cache"
   mkdir -p "$(dirname "$cache")"
   debootstrap --variant=minbase \
-    --include=systemd,systemd-sysv,dbus,adduser,init-system-helpers,ca-certificates \
+    --include="$include" \
     bookworm "$cache" http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 ||
     { tail -n 30 "$work/debootstrap.log"; fail "debootstrap"; }
-  touch "$cache/.complete"
+  echo "$include" >"$cache/.complete"
 fi
 fresh_root() { rm -rf "$work/root"; cp -a "$cache" "$work/root"; echo "$work/root"; }
 
@@ -112,7 +113,12 @@ v="$(dpkg-deb -f "$amd64" Version)"
 sed -i "s/^Version: .*/Version: ${v}+bump1/" "$work/bump/pkg/DEBIAN/control"
 dpkg-deb -b --root-owner-group "$work/bump/pkg" "$R/tmp/lorastream-bump.deb" >/dev/null
 in_root() { chroot "$R" "$@"; }
-mode() { stat -c '%a %U:%G' "$R$1"; }
+# Mode and owner as names of the root's own users (the host's may differ).
+mode() {
+  local m u g
+  read -r m u g < <(stat -c '%a %u %g' "$R$1")
+  echo "$m $(chroot "$R" getent passwd "$u" | cut -d: -f1):$(chroot "$R" getent group "$g" | cut -d: -f1)"
+}
 
 in_root dpkg -i /tmp/lorastream.deb
 check "installed" test "$(in_root dpkg-query -W -f='${db:Status-Abbrev}' lorastream)" = "ii "
@@ -137,7 +143,7 @@ check "still enabled" test -L "$R/etc/systemd/system/multi-user.target.wants/lor
 
 in_root dpkg -r lorastream
 check "remove: binary gone" test ! -e "$R/usr/bin/lorastream"
-check "remove: unit gone" test ! -e "$R/lib/systemd/system/lorastream.service"
+check "remove: unit gone" test ! -e "$R/usr/lib/systemd/system/lorastream.service"
 check "remove: config kept" grep -q "edited by the admin" "$R/etc/lorastream/lorastream.toml"
 check "remove: store kept" grep -q "queued data" "$R/var/lib/lorastream/marker"
 check "remove: state rc" test "$(in_root dpkg-query -W -f='${db:Status-Abbrev}' lorastream)" = "rc "
@@ -157,7 +163,8 @@ check "reinstall after purge: enabled" test -L "$R/etc/systemd/system/multi-user
 step "boot the root with systemd-nspawn and install the package under systemd"
 command -v systemd-nspawn >/dev/null || apt-get install -y -q --no-install-recommends systemd-container
 R="$(fresh_root)"
-cp "$amd64" "$R/tmp/lorastream.deb"
+# Not /tmp: systemd mounts a tmpfs over it in the container.
+cp "$amd64" "$R/root/lorastream.deb"
 systemd-nspawn --register=no --keep-unit --quiet --console=pipe -D "$R" -b >"$work/nspawn.log" 2>&1 &
 nspawn_pid=$!
 leader=""
@@ -177,7 +184,7 @@ done
 echo "container systemd: $state"
 case "$state" in running|degraded) ;; *) cat "$work/nspawn.log"; fail "systemd in the container did not come up" ;; esac
 
-ns dpkg -i /tmp/lorastream.deb
+ns dpkg -i /root/lorastream.deb
 active() { [ "$(ns systemctl is-active lorastream 2>/dev/null || true)" = active ]; }
 wait_active() { for _ in $(seq 1 100); do active && return 0; sleep 0.2; done; return 1; }
 journal() { ns journalctl -u lorastream --no-pager -o cat 2>/dev/null || true; }
