@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Load benchmarks of the whole lorastream pipeline (not timed tests).
 
-UDP (simulated packet forwarder) -> MIC/decrypt -> store (sled or redb) -> MQTT (local mosquitto).
+UDP (simulated packet forwarder) -> MIC/decrypt -> store (redb, or sled in a build with
+`--features sled`) -> MQTT (local mosquitto).
 Uses the release binary, its own mosquitto on a free port, a temporary store (under $TMPDIR: put
 it on the disk you want to measure, not on a tmpfs), and reads the daemon's /health plus
 /proc/<pid>/{stat,status,io} and /proc/net/snmp. Standard library and mosquitto_sub only.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The store measurements of docs/benchmarks.md, both engines; one JSON line per run on stdout.
-#   cargo build --release --locked && bash benches/store_matrix.sh | tee target/store-matrix.jsonl
+# (sled is an optional cargo feature, off by default: build with `--features sled` for it.)
+#   cargo build --release --locked --features sled && bash benches/store_matrix.sh | tee target/store-matrix.jsonl
 # Put TMPDIR on the disk you want to measure (not a tmpfs). Takes about 30 minutes.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

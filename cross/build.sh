@@ -20,6 +20,9 @@ case "$1" in
 esac
 shift
 
+# shellcheck source=cross/host.sh
+. "$HERE/host.sh"
+lorastream_check_host || exit 1
 [ -f "$HERE/env.sh" ] || { echo "$HERE/env.sh missing: run cross/install-toolchain.sh first" >&2; exit 1; }
 # shellcheck source=/dev/null
 . "$HERE/env.sh"

@@ -38,6 +38,9 @@ export DEBIAN_FRONTEND=noninteractive
 log() { printf '[install-toolchain] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
+# shellcheck source=cross/host.sh
+. "$HERE/host.sh"
+lorastream_check_host || exit 1
 [ "$(id -u)" -eq 0 ] || die "must run as root (apt-get, dpkg, /usr/lib/rustlib)"
 
 # ---- arguments -------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 //! `anyhow`; everything below returns typed errors.
 
 use crate::config::{Config, DEFAULT_PATH};
+use crate::daemon::systemd::{Notice, ServiceManager};
 use crate::daemon::Daemon;
+use crate::logs::LogHandle;
 use crate::model::{Eui64, HexError};
 use crate::sim::{demo_devices, Forwarder, Radio, SimDevice};
 use anyhow::Context;
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 #[derive(Parser, Debug)]
 #[command(
     name = "lorastream",
-    version,
+    version = crate::VERSION,
     about = "LoRaWAN on the gateway: Semtech UDP in, durable queue, streams to MQTT and clouds",
     propagate_version = true
 )]
@@ -124,12 +126,23 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
-            crate::logs::init(&cfg.log.level);
-            runtime()?.block_on(run(cfg))?;
+            let logging = crate::logs::init(&cfg.log.level, cfg.log.format);
+            // The first line names the exact build (a bug report starts from it).
+            tracing::info!(
+                config = %config.display(),
+                log_format = cfg.log.format.name(),
+                pid = std::process::id(),
+                "lorastream {} starting",
+                crate::VERSION
+            );
+            if let Some(why) = &logging.fallback {
+                tracing::warn!("{why}");
+            }
+            runtime()?.block_on(run(cfg, &config, logging.handle))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { count } => {
-            crate::logs::init("warn");
+            crate::logs::init("warn", crate::config::LogFormat::Text);
             runtime()?.block_on(demo(count))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -143,7 +156,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             payload_size,
         } => {
             let cfg = Config::load(&config)?;
-            crate::logs::init("info");
+            crate::logs::init("info", crate::config::LogFormat::Text);
             runtime()?.block_on(simulate(
                 &cfg,
                 target,
@@ -165,6 +178,9 @@ fn check(path: &Path) -> ExitCode {
                 "# {} is valid. Effective configuration (secrets shown as ***):\n",
                 path.display()
             );
+            if let Some(note) = cfg.storage.outside_state_dir_note() {
+                println!("# note: {note}\n");
+            }
             print!("{}", cfg.to_toml_masked());
             ExitCode::SUCCESS
         }
@@ -279,12 +295,61 @@ async fn stop_signal() {
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    let daemon = Daemon::start(&cfg).await?;
-    stop_signal().await;
+/// The daemon until SIGTERM/SIGINT. SIGHUP (`systemctl reload`) re-reads the file and applies
+/// `[log] level`; the rest of a reload (devices, streams) is issue 14 and needs a restart until
+/// then. SIGHUP never stops the daemon (its default action would).
+async fn run(cfg: Config, path: &Path, logs: Option<LogHandle>) -> anyhow::Result<()> {
+    // Before anything slow: from here on a SIGHUP is ours, not the kernel's default (exit).
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    let daemon = Daemon::start_under(&cfg, ServiceManager::from_env()).await?;
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hup.recv() => reload(&daemon, path, logs.as_ref()),
+        }
+        #[cfg(not(unix))]
+        {
+            (&mut stop).await;
+            break;
+        }
+    }
     tracing::info!("stop requested");
     daemon.stop().await;
     Ok(())
+}
+
+/// SIGHUP: re-read the file; an invalid one is refused and the running configuration kept.
+fn reload(daemon: &Daemon, path: &Path, logs: Option<&LogHandle>) {
+    let service = daemon.service_manager();
+    service.notify(Notice::Reloading);
+    match Config::load(path) {
+        Err(e) => tracing::error!(
+            "SIGHUP: configuration not reloaded, the daemon keeps running with the one it has: {e}"
+        ),
+        Ok(new) => {
+            match logs.map(|h| h.set_level(&new.log.level)) {
+                Some(Ok(true)) => {
+                    tracing::info!(level = %new.log.level, "SIGHUP: [log] level applied")
+                }
+                Some(Ok(false)) => {
+                    tracing::info!(
+                        "SIGHUP: RUST_LOG is set and overrides [log] level; level unchanged"
+                    )
+                }
+                Some(Err(e)) => tracing::error!("SIGHUP: [log] level not applied: {e}"),
+                None => {}
+            }
+            tracing::warn!(
+                "SIGHUP: only [log] level is reloaded so far; other changes (devices, streams, storage, ...) take effect at the next restart (systemctl restart lorastream)"
+            );
+        }
+    }
+    service.notify(Notice::Ready("running (reloaded)"));
 }
 
 /// The demo's configuration: three ABP devices, a stdout stream, a temporary store.
@@ -363,9 +428,10 @@ async fn demo(count: Option<u64>) -> anyhow::Result<()> {
                 if d.mic_ok {
                     next_f_cnt += 1;
                     eprintln!(
-                        "lorastream demo: gateway {gw_a} transmitted at {} MHz {} (tmst {}); {} decrypts FPort {:?}: {:?}",
+                        "lorastream demo: gateway {gw_a} transmitted at {} MHz {} (tmst {}); {} decrypts FPort {}: {}",
                         pr.txpk["freq"], pr.txpk["datr"].as_str().unwrap_or("?"), pr.txpk["tmst"], soil.id,
-                        d.opened.f_port, String::from_utf8_lossy(&d.opened.frm_payload)
+                        d.opened.f_port.map_or("none".to_string(), |p| p.to_string()),
+                        String::from_utf8_lossy(&d.opened.frm_payload)
                     );
                 }
             }

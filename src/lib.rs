@@ -30,7 +30,8 @@
 //! | [`daemon`]   | wiring, task start and ordered stop, `/health`                    |
 //! | [`config`]   | the TOML file, typed once, defaults, errors with file:line:key    |
 //! | [`metrics`]  | Prometheus `/metrics` and the HTTP endpoint                      |
-//! | [`logs`]     | log set-up and rate-limited warnings                              |
+//! | [`logs`]     | log set-up (text, JSON, journald), SIGHUP level reload, rate-limited warnings |
+//! | [`liveness`] | heartbeats of the main loops, for the systemd watchdog           |
 //! | [`model`]    | shared plain types (EUIs, keys that never print, records, scopes) |
 //! | [`sim`]      | simulated forwarder and devices for demo, simulate, tests, benches |
 //! | [`cli`]      | the `lorastream` command                                          |
@@ -68,6 +69,7 @@ pub mod daemon;
 pub(crate) mod devices;
 pub mod downlink;
 pub mod ingress;
+pub mod liveness;
 pub(crate) mod logs;
 pub mod lorawan;
 pub mod metrics;
@@ -76,3 +78,15 @@ pub mod sim;
 pub mod store;
 pub mod streams;
 pub(crate) mod uplink;
+
+/// The package version and the git commit it was built from (`build.rs`; `unknown` when built
+/// outside a git checkout without `LORASTREAM_COMMIT`), as `--version` and the first log line
+/// show them: `0.1.0 (commit 1a0d537c2f4e)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("LORASTREAM_COMMIT"),
+    ")"
+);
+/// The git commit alone (see [`VERSION`]).
+pub const COMMIT: &str = env!("LORASTREAM_COMMIT");

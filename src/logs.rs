@@ -1,17 +1,262 @@
-//! Logging: the subscriber set up once by the binary, and [`LogLimiter`], which keeps a log line
-//! that input can trigger (a forged frame, a misconfigured device) from flooding the journal.
+//! Logging: the subscriber set up once by the binary ([`init`], with [`LogHandle`] to change the
+//! level on SIGHUP), and [`LogLimiter`], which keeps a log line that input can trigger (a forged
+//! frame, a misconfigured device) from flooding the journal.
+//!
+//! `[log] format` ([`LogFormat`]):
+//! - `text` (default): one line per event on stderr, `LEVEL target: message key=value ...`.
+//!   Field values are written as they display (no quotes, no `Some(..)`), control characters
+//!   escaped, so one event is one line and input cannot inject terminal escapes. ANSI colours
+//!   only when stderr is a terminal (and `NO_COLOR` is unset). When stderr is the systemd
+//!   journal (`JOURNAL_STREAM` names it), no timestamp (the journal has one) and a `<N>`
+//!   priority prefix (sd-daemon(3)), so `journalctl -p warning` filters by level.
+//! - `json`: one JSON object per line on stderr, the fields at the top level.
+//! - `journald`: native journal entries, each field a journal field with the `F_` prefix
+//!   (`F_DEV_EUI=...`; the prefix keeps them clear of the journal's own `PRIORITY`, `UNIT`,
+//!   ...). `journalctl -o verbose` shows them. Falls back to `text` where no journal runs.
 
+use crate::config::LogFormat;
+use std::fmt::{self, Write as _};
 use std::time::{Duration, Instant};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
-/// Set up logging to stderr with `level` (a tracing filter); `RUST_LOG` overrides it.
-pub fn init(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+type Base = tracing_subscriber::layer::Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+
+/// Changes the level of the running subscriber (SIGHUP).
+pub struct LogHandle {
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// `RUST_LOG` was set at start: it keeps winning over `[log] level`.
+    from_env: bool,
+}
+
+impl LogHandle {
+    /// Apply `[log] level` again; `Ok(false)` when `RUST_LOG` overrides it (nothing changed).
+    pub fn set_level(&self, level: &str) -> Result<bool, String> {
+        if self.from_env {
+            return Ok(false);
+        }
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        self.filter.reload(f).map_err(|e| e.to_string())?;
+        Ok(true)
+    }
+}
+
+/// What [`init`] set up, for the first log lines.
+pub struct LogInit {
+    pub handle: Option<LogHandle>,
+    /// Why the configured format could not be used, if it could not.
+    pub fallback: Option<String>,
+}
+
+/// Set up logging with `level` (a tracing filter; `RUST_LOG` overrides it) and `format`.
+/// Only the first call in a process installs a subscriber (later ones return no handle).
+pub fn init(level: &str, format: LogFormat) -> LogInit {
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let mut fallback = None;
+    let output: Box<dyn Layer<Base> + Send + Sync> = match format {
+        LogFormat::Text => text_layer(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Journald => match tracing_journald::layer() {
+            Ok(j) => j.with_syslog_identifier("lorastream".into()).boxed(),
+            Err(e) => {
+                fallback = Some(format!(
+                    "[log] format = \"journald\": no systemd journal here ({e}); logging as text on stderr"
+                ));
+                text_layer()
+            }
+        },
+    };
+    let ok = tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()
+        .is_ok();
+    LogInit {
+        handle: ok.then_some(LogHandle {
+            filter: handle,
+            from_env,
+        }),
+        fallback,
+    }
+}
+
+/// Where stderr goes, for the `text` format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stderr {
+    Terminal,
+    /// systemd connected stderr to the journal (`JOURNAL_STREAM` is its device:inode).
+    Journal,
+    Other,
+}
+
+fn stderr_kind() -> Stderr {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        return Stderr::Terminal;
+    }
+    if let Some(js) = std::env::var_os("JOURNAL_STREAM") {
+        if let Some(id) = stderr_dev_ino() {
+            if js.to_string_lossy() == id {
+                return Stderr::Journal;
+            }
+        }
+    }
+    Stderr::Other
+}
+
+/// `device:inode` of fd 2, as systemd writes it into `JOURNAL_STREAM` (systemd.exec(5)).
+fn stderr_dev_ino() -> Option<String> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let fd = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
+    let m = std::fs::File::from(fd).metadata().ok()?;
+    Some(format!("{}:{}", m.dev(), m.ino()))
+}
+
+fn text_layer() -> Box<dyn Layer<Base> + Send + Sync> {
+    let kind = stderr_kind();
+    let colour =
+        kind == Stderr::Terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(colour)
+        .fmt_fields(PlainFields);
+    if kind == Stderr::Journal {
+        layer
+            .event_format(SyslogPrefix(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_ansi(false),
+            ))
+            .boxed()
+    } else {
+        layer.boxed()
+    }
+}
+
+/// sd-daemon(3) priority prefix: the journal files the line under this level.
+struct SyslogPrefix<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for SyslogPrefix<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> fmt::Result {
+        let prio = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{prio}>")?;
+        self.0.format_event(ctx, writer.by_ref(), event)
+    }
+}
+
+/// Field formatting of the `text` format: `message key=value ...`, every value as it displays.
+/// (tracing-subscriber's default writes strings with quotes, as `Debug` does.)
+struct PlainFields;
+
+impl<'w> MakeVisitor<Writer<'w>> for PlainFields {
+    type Visitor = PlainVisitor<'w>;
+    fn make_visitor(&self, writer: Writer<'w>) -> PlainVisitor<'w> {
+        PlainVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        }
+    }
+}
+
+struct PlainVisitor<'w> {
+    writer: Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl PlainVisitor<'_> {
+    fn put(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        let name = field.name();
+        // Metadata of events from the `log` crate (tracing-log); the format shows it already.
+        if self.result.is_err() || name.starts_with("log.") {
+            return;
+        }
+        let sep = if self.first { "" } else { " " };
+        self.first = false;
+        let mut out = Escaped(&mut self.writer);
+        self.result = if name == "message" {
+            write!(out.0, "{sep}").and_then(|_| out.write_fmt(value))
+        } else {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            write!(out.0, "{sep}{name}=").and_then(|_| out.write_fmt(value))
+        };
+    }
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, format_args!("{value}"));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.put(field, format_args!("{value:?}"));
+    }
+}
+
+impl VisitOutput<fmt::Result> for PlainVisitor<'_> {
+    fn finish(self) -> fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for PlainVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn fmt::Write {
+        &mut self.writer
+    }
+}
+
+/// Writes control characters (newlines, ESC, ...) as `\n`, `\u{1b}`: one event stays one line
+/// and a value from the network cannot carry terminal escape sequences.
+struct Escaped<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for Escaped<'_, '_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if !s.chars().any(char::is_control) {
+            return self.0.write_str(s);
+        }
+        for c in s.chars() {
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                c if c.is_control() => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+                c => self.0.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Warn at most `burst` times per `period` per kind, then count silently.

@@ -124,7 +124,7 @@ async fn send(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
     install_crypto();
-    for backend in ["sled", "redb"] {
+    for backend in support::backends() {
         let Some(fs) = Tmpfs::mount("16m") else {
             return;
         };
@@ -251,10 +251,11 @@ impl ParseBackend for &str {
 /// uplinks are all there once space returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_at_start_never_moves_the_store_aside() {
-    use lorastream::config::{StorageBackend, StorageConfig, WhenFull};
+    use lorastream::config::{StorageConfig, WhenFull};
     use lorastream::model::Record;
     use lorastream::store::{Entry, Store};
-    for backend in [StorageBackend::Sled, StorageBackend::Redb] {
+    for backend in support::backends() {
+        let backend = backend.parse_backend();
         let Some(fs) = Tmpfs::mount("16m") else {
             return;
         };
@@ -321,7 +322,7 @@ async fn a_full_disk_at_start_never_moves_the_store_aside() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_on_a_full_disk_keeps_what_the_reserve_took_and_reports_the_rest() {
     use faultkit::*;
-    for backend in ["redb", "sled"] {
+    for backend in support::backends() {
         let Some(fs) = Tmpfs::mount("32m") else {
             return;
         };

@@ -15,7 +15,11 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_stream_when_full_decides_what_a_full_store_drops() {
     install_crypto();
-    for backend in [StorageBackend::Sled, StorageBackend::Redb] {
+    for backend in support::backends() {
+        let backend = match backend {
+            "sled" => StorageBackend::Sled,
+            _ => StorageBackend::Redb,
+        };
         let mut broker = support::broker::TestBroker::start().await;
         broker.stop().await;
         let dir = tempfile::tempdir().unwrap();

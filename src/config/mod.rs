@@ -46,6 +46,9 @@ use toml::Spanned;
 
 /// Where the daemon looks when `-c` is not given.
 pub const DEFAULT_PATH: &str = "/etc/lorastream/lorastream.toml";
+/// The default `[storage] path`: the service's state directory (`StateDirectory=lorastream` in
+/// systemd/lorastream.service), the only place the hardened unit lets the daemon write.
+pub const STATE_DIR: &str = "/var/lib/lorastream";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -389,10 +392,25 @@ pub struct StorageConfig {
     pub reserve_bytes: u64,
 }
 
+impl StorageConfig {
+    /// For a store outside [`STATE_DIR`]: what the packaged systemd unit needs to let the
+    /// daemon write there (`ProtectSystem=strict` makes every other path read-only).
+    pub fn outside_state_dir_note(&self) -> Option<String> {
+        if self.path.starts_with(STATE_DIR) {
+            return None;
+        }
+        Some(format!(
+            "[storage] path = {} is outside {STATE_DIR}: under the packaged systemd unit (ProtectSystem=strict) lorastream can write only to {STATE_DIR}; allow this path with `sudo systemctl edit lorastream` and the lines `[Service]` and `ReadWritePaths={}`, and make it writable for the user lorastream",
+            self.path.display(),
+            self.path.display()
+        ))
+    }
+}
+
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
-            path: PathBuf::from("/var/lib/lorastream"),
+            path: PathBuf::from(STATE_DIR),
             backend: StorageBackend::default(),
             max_bytes: 256 * 1024 * 1024,
             when_full: WhenFull::DropOldest,
@@ -424,14 +442,43 @@ impl Default for MetricsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter (`lorastream=debug`).
-    /// `RUST_LOG` overrides it.
+    /// `RUST_LOG` overrides it. SIGHUP re-reads it (see `logs`).
     pub level: String,
+    /// How log lines are written (see [`LogFormat`]).
+    pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[log] format`: where and how the daemon's log lines go (src/logs.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One line per event on stderr: `LEVEL target: message key=value ...`. Colours only when
+    /// stderr is a terminal; under systemd (stderr connected to the journal) without the
+    /// timestamp and with the priority as a `<N>` prefix, so `journalctl -p warning` works.
+    #[default]
+    Text,
+    /// One JSON object per line on stderr (`timestamp`, `level`, `target`, `fields`).
+    Json,
+    /// Straight to the systemd journal, every field a journal field (`DEV_EUI=...`); falls back
+    /// to `text` on stderr where no journal runs.
+    Journald,
+}
+
+impl LogFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+            LogFormat::Journald => "journald",
         }
     }
 }

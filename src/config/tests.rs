@@ -117,13 +117,19 @@ password = "s3cret"
             e.contains("unknown variant `rocksdb`, expected `sled` or `redb`"),
             "{e}"
         );
-        let c = Config::parse(
-            &GOOD.replace("[storage]", "[storage]\nbackend = \"sled\""),
-            "t.toml",
-        )
-        .unwrap();
-        assert_eq!(c.storage.backend, StorageBackend::Sled);
-        assert!(c.to_toml_masked().contains("backend = \"sled\""));
+        let sled = GOOD.replace("[storage]", "[storage]\nbackend = \"sled\"");
+        #[cfg(feature = "sled")]
+        {
+            let c = Config::parse(&sled, "t.toml").unwrap();
+            assert_eq!(c.storage.backend, StorageBackend::Sled);
+            assert!(c.to_toml_masked().contains("backend = \"sled\""));
+        }
+        #[cfg(not(feature = "sled"))]
+        {
+            let e = err_of(&sled);
+            assert!(e.starts_with("t.toml:6: [storage] key `backend`"), "{e}");
+            assert!(e.contains("cargo feature `sled`"), "{e}");
+        }
     }
 }
 
@@ -223,6 +229,22 @@ mod example_tests {
             same(&c.log, &d.log),
             "[log] defaults differ from the example"
         );
+    }
+
+    /// The Debian package's /etc/lorastream/lorastream.toml (packaging/lorastream.toml): valid,
+    /// the store in the state directory the unit allows, UDP and metrics on loopback only, and
+    /// a stream that needs no broker (the package test starts the service with it).
+    #[test]
+    fn packaged_config_starts_on_a_fresh_gateway() {
+        let src = include_str!("../../packaging/lorastream.toml");
+        let c = Config::parse(src, "lorastream.toml").unwrap();
+        assert_eq!(c.storage.path, std::path::Path::new(STATE_DIR));
+        assert!(c.storage.outside_state_dir_note().is_none());
+        assert!(c.gateway.listen.ip().is_loopback());
+        assert!(c.metrics.listen.is_none_or(|a| a.ip().is_loopback()));
+        assert_eq!(c.streams.len(), 1);
+        assert_eq!(c.streams[0].kind.name(), "stdout");
+        assert_eq!(c.devices.len(), 1);
     }
 
     mod erased {

@@ -70,6 +70,13 @@ pub(super) fn sections(
     if s.max_bytes < 64 * 1024 {
         return Err(st("max_bytes", "must be at least 65536"));
     }
+    #[cfg(not(feature = "sled"))]
+    if s.backend == super::StorageBackend::Sled {
+        return Err(st(
+            "backend",
+            "\"sled\" is not in this build of lorastream (cargo feature `sled`, off by default); use \"redb\"",
+        ));
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
         return Err(src.section_error(
             "[log]",

@@ -14,10 +14,13 @@
 //! the store is flushed. The whole stop is bounded by [`STOP_DEADLINE`].
 //!
 //! - [`health`]: the `/health` document and the scrape-time values of `/metrics`;
-//! - [`housekeeping`]: expiry of old records, heap trimming.
+//! - [`housekeeping`]: expiry of old records, heap trimming;
+//! - [`systemd`]: readiness, stop and reload notices, watchdog keep-alives while the main
+//!   loops (ingress, uplink stage, downlink scheduler, store committer) beat.
 
 pub mod health;
 mod housekeeping;
+pub mod systemd;
 
 use crate::config::Config;
 use crate::downlink::{DownlinkHandle, Scheduler, StreamLink};
@@ -30,6 +33,7 @@ use health::{Health, Sources};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use systemd::{Notice, ServiceManager};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -38,8 +42,13 @@ pub const STOP_DEADLINE: Duration = Duration::from_millis(4_500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("cannot open the store at {path}: {source}")]
-    Store { path: String, source: StoreError },
+    /// `hint`: empty, or what to change (a store outside the unit's writable paths).
+    #[error("cannot open the store at {path}: {source}{hint}")]
+    Store {
+        path: String,
+        source: StoreError,
+        hint: String,
+    },
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
         what: &'static str,
@@ -64,15 +73,35 @@ pub struct Daemon {
     scheduler: JoinHandle<()>,
     misc: Vec<JoinHandle<()>>,
     downlinks: DownlinkHandle,
+    service: ServiceManager,
+    watchdog: systemd::SupervisorThread,
 }
 
 impl Daemon {
     /// Open the store, bind the sockets and start every task.
     pub async fn start(cfg: &Config) -> Result<Daemon, DaemonError> {
+        Daemon::start_under(cfg, ServiceManager::none()).await
+    }
+
+    /// [`Daemon::start`] under a service manager: `READY=1` once everything runs, watchdog
+    /// keep-alives while the main loops beat (see [`systemd`]).
+    pub async fn start_under(cfg: &Config, service: ServiceManager) -> Result<Daemon, DaemonError> {
         let metrics = Metrics::new();
-        let store_err = |source| DaemonError::Store {
-            path: cfg.storage.path.display().to_string(),
-            source,
+        let liveness = service.liveness();
+        let store_err = |source: StoreError| {
+            let denied = matches!(
+                source.io_error_kind(),
+                Some(std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem)
+            );
+            let hint = match cfg.storage.outside_state_dir_note() {
+                Some(note) if denied => format!(". {note}"),
+                _ => String::new(),
+            };
+            DaemonError::Store {
+                path: cfg.storage.path.display().to_string(),
+                source,
+                hint,
+            }
         };
         let queue_specs: Vec<_> = cfg
             .streams
@@ -157,7 +186,8 @@ impl Daemon {
         );
         // TX_ACKs go from ingress straight to the scheduler.
         let (ack_tx, ack_rx) = tokio::sync::mpsc::channel(256);
-        let scheduler = tokio::spawn(scheduler.run(down_rx, ack_rx));
+        let scheduler =
+            tokio::spawn(scheduler.run(down_rx, ack_rx, liveness.heartbeat("downlink scheduler")));
 
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
         let stage = UplinkStage::new(
@@ -177,25 +207,29 @@ impl Daemon {
                 mac: mac_policy,
             },
         );
-        let uplink = tokio::spawn(stage.run(rx));
+        let uplink = tokio::spawn(stage.run(rx, liveness.heartbeat("uplink stage")));
         let ingress = tokio::spawn(udp::run(
             socket,
-            tx,
-            ack_tx,
+            udp::Outlets {
+                uplinks: tx,
+                tx_acks: ack_tx,
+            },
             gateways.clone(),
             udp::Policy {
                 allowed: cfg.gateway.allowed_gateways.iter().copied().collect(),
             },
             metrics.clone(),
             ingress_cancel.clone(),
+            liveness.heartbeat("ingress (UDP)"),
         ));
 
         // Helper tasks that hold the store: awaited on stop.
         let mut misc: Vec<JoinHandle<()>> = Vec::new();
         // Group commits, batched acknowledgements, retries while the disk refuses writes.
-        misc.push(tokio::spawn(
-            store.clone().run_committer(misc_cancel.clone()),
-        ));
+        misc.push(tokio::spawn(store.clone().run_committer(
+            misc_cancel.clone(),
+            liveness.heartbeat("store committer"),
+        )));
         if let Some(max_age) = cfg.storage.max_age {
             misc.push(tokio::spawn(housekeeping::expire_old(
                 store.clone(),
@@ -246,6 +280,13 @@ impl Daemon {
             queued = store.queues().iter().map(|q| q.len()).sum::<u64>(),
             "lorastream started"
         );
+        service.notify(Notice::Ready(&format!(
+            "running: UDP {udp_addr}, {} devices, {} streams",
+            cfg.devices.len(),
+            cfg.streams.len()
+        )));
+        // After READY=1, so that the first keep-alive never overtakes it.
+        let watchdog = systemd::Supervisor::new(service.clone(), liveness).spawn();
         Ok(Daemon {
             udp_addr,
             metrics_addr,
@@ -259,7 +300,14 @@ impl Daemon {
             scheduler,
             misc,
             downlinks,
+            service,
+            watchdog,
         })
+    }
+
+    /// The service manager the daemon reports to (the command line sends reload notices).
+    pub fn service_manager(&self) -> &ServiceManager {
+        &self.service
     }
 
     pub fn udp_addr(&self) -> SocketAddr {
@@ -292,6 +340,9 @@ impl Daemon {
     /// Graceful stop, in data-path order, within [`STOP_DEADLINE`].
     pub async fn stop(self) {
         let deadline = tokio::time::Instant::now() + STOP_DEADLINE;
+        // Loops end one by one now: their heartbeats stop on purpose.
+        self.service.notify(Notice::Stopping);
+        self.watchdog.stop().await;
         // A task that overruns the deadline is aborted, so that when `stop` returns nothing
         // holds the store any more (a store reopened in the same process must be alone).
         async fn finish(mut t: JoinHandle<()>, deadline: tokio::time::Instant) {

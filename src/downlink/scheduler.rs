@@ -189,14 +189,18 @@ impl Scheduler {
     }
 
     /// Run until every [`super::DownlinkHandle`] is gone. `tx_acks` come from ingress.
+    /// Beats `heartbeat` every time round (the systemd watchdog, `crate::liveness`); the
+    /// 500 ms sweep keeps an idle scheduler going round.
     pub(crate) async fn run(
         mut self,
         mut rx: mpsc::Receiver<Input>,
         mut tx_acks: mpsc::Receiver<TxAck>,
+        heartbeat: crate::liveness::Heartbeat,
     ) {
         let mut sweep = tokio::time::interval(Duration::from_millis(500));
         let mut acks_open = true;
         loop {
+            heartbeat.beat();
             tokio::select! {
                 i = rx.recv() => match i {
                     Some(Input::Uplink(u)) => self.on_uplink(*u).await,

@@ -471,15 +471,22 @@ pub(crate) fn bind(addr: SocketAddr, recv_buffer: usize) -> std::io::Result<UdpS
     UdpSocket::from_std(s.into())
 }
 
+/// Where the socket loop hands what it receives: uplinks to the uplink stage, TX_ACKs to the
+/// downlink scheduler.
+pub(crate) struct Outlets {
+    pub uplinks: mpsc::Sender<Batch>,
+    pub tx_acks: mpsc::Sender<TxAck>,
+}
+
 /// Run the socket loop until `cancel` or until the uplink stage goes away.
 pub(crate) async fn run(
     socket: Arc<UdpSocket>,
-    uplinks: mpsc::Sender<Batch>,
-    tx_acks: mpsc::Sender<TxAck>,
+    Outlets { uplinks, tx_acks }: Outlets,
     gateways: Gateways,
     policy: Policy,
     metrics: Metrics,
     cancel: CancellationToken,
+    mut heartbeat: crate::liveness::Heartbeat,
 ) {
     let mut buf = vec![0u8; 65_536];
     // One limiter per kind of line, so that a flood of one kind cannot hide another.
@@ -488,8 +495,10 @@ pub(crate) async fn run(
     let mut log_refused = LogLimiter::new();
     let mut log_radio = LogLimiter::new();
     loop {
+        heartbeat.beat();
         let (n, from) = tokio::select! {
             _ = cancel.cancelled() => return,
+            _ = heartbeat.tick() => continue,
             r = socket.recv_from(&mut buf) => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -637,7 +646,7 @@ pub(crate) async fn run(
                     token,
                     result: tx_ack_result(body),
                 };
-                tracing::debug!(%gateway, token, result = ?ack.result, "TX_ACK");
+                tracing::debug!(%gateway, token, result = ack.result.as_ref().err().map_or("ok", |e| e.as_str()), "TX_ACK");
                 // Never block the socket loop on the scheduler.
                 if tx_acks.try_send(ack).is_err() {
                     metrics.udp_error("tx_ack_dropped");

@@ -36,7 +36,8 @@ use std::path::{Path, PathBuf};
 
 /// File name of the redb database inside `[storage] path`.
 pub(crate) const REDB_FILE: &str = "lorastream.redb";
-/// sled's data file under `[storage] path`.
+/// sled's data file under `[storage] path` (also without the `sled` feature: a sled store is
+/// still recognised, to say what it is instead of starting an empty store beside it).
 const SLED_DATA_FILE: &str = "db";
 
 /// A key and its value, as stored.
@@ -76,11 +77,13 @@ impl Batch {
 
 pub(crate) enum Backend {
     /// sled and its data file (`<path>/db`), kept open to fdatasync it: see [`sled_sync`].
+    #[cfg(feature = "sled")]
     Sled(sled::Db, SledData),
     Redb(redb::Database),
 }
 
 /// sled's data file, opened a second time.
+#[cfg(feature = "sled")]
 pub(crate) struct SledData {
     path: PathBuf,
     file: std::fs::File,
@@ -91,6 +94,7 @@ pub(crate) struct SledData {
 /// metadata, no disk cache; see its man page). The `fdatasync` of the data file that follows is
 /// what makes the data survive one. Found by tests/powercut.rs (docs/powercut.md): without it
 /// `flush_every_ms = 0` lost up to ~1 s of uplinks and frame counters.
+#[cfg(feature = "sled")]
 fn sled_sync(db: &sled::Db, data: &SledData) -> Result<(), StoreError> {
     db.flush()?;
     data.file.sync_data().map_err(|source| StoreError::Sync {
@@ -122,6 +126,11 @@ impl Backend {
     /// Open (or create) the engine's files under `cfg.path`.
     pub(crate) fn open(kind: StorageBackend, cfg: &StorageConfig) -> Result<Backend, StoreError> {
         match kind {
+            #[cfg(not(feature = "sled"))]
+            StorageBackend::Sled => Err(StoreError::EngineMissing {
+                path: cfg.path.clone(),
+            }),
+            #[cfg(feature = "sled")]
             StorageBackend::Sled => {
                 let db = sled::Config::new()
                     .path(&cfg.path)
@@ -194,6 +203,7 @@ impl Backend {
 
     pub(crate) fn table_names(&self) -> Result<Vec<String>, StoreError> {
         match self {
+            #[cfg(feature = "sled")]
             Backend::Sled(db, _) => Ok(db
                 .tree_names()
                 .into_iter()
@@ -211,6 +221,7 @@ impl Backend {
 
     pub(crate) fn drop_table(&self, name: &str) -> Result<(), StoreError> {
         match self {
+            #[cfg(feature = "sled")]
             Backend::Sled(db, data) => {
                 db.drop_tree(name)?;
                 sled_sync(db, data)?;
@@ -226,6 +237,7 @@ impl Backend {
 
     pub(crate) fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
+            #[cfg(feature = "sled")]
             Backend::Sled(db, _) => Ok(db.open_tree(table)?.get(key)?.map(|v| v.to_vec())),
             Backend::Redb(db) => {
                 let r = db.begin_read().map_err(redb_err)?;
@@ -247,6 +259,7 @@ impl Backend {
             return Ok(out);
         }
         match self {
+            #[cfg(feature = "sled")]
             Backend::Sled(db, _) => {
                 let t = db.open_tree(table)?;
                 for kv in t.range::<&[u8], _>((start, Bound::Unbounded)) {
@@ -308,6 +321,7 @@ impl Backend {
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), StoreError> {
         match self {
+            #[cfg(feature = "sled")]
             Backend::Sled(db, _) => {
                 for kv in db.open_tree(table)?.range(from..) {
                     let (k, v) = kv?;
@@ -333,6 +347,7 @@ impl Backend {
     /// The entry with the largest key.
     pub(crate) fn last(&self, table: &str) -> Result<Option<Kv>, StoreError> {
         match self {
+            #[cfg(feature = "sled")]
             Backend::Sled(db, _) => Ok(db
                 .open_tree(table)?
                 .last()?
@@ -353,6 +368,7 @@ impl Backend {
     /// Apply `batch` atomically; with `durable`, fsync before returning.
     pub(crate) fn commit(&self, batch: &Batch, durable: bool) -> Result<(), StoreError> {
         match self {
+            #[cfg(feature = "sled")]
             Backend::Sled(db, data) => {
                 if !batch.is_empty() {
                     let names = batch.tables();
@@ -424,6 +440,7 @@ impl Backend {
     /// Bytes the engine occupies on disk.
     pub(crate) fn size_on_disk(&self, path: &Path) -> u64 {
         match self {
+            #[cfg(feature = "sled")]
             Backend::Sled(db, _) => db.size_on_disk().unwrap_or(0),
             Backend::Redb(_) => std::fs::metadata(path.join(REDB_FILE))
                 .map(|m| m.len())

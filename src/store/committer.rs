@@ -238,7 +238,14 @@ impl Store {
     /// checkpoints into the engine every [`CHECKPOINT_EVERY`] or [`CHECKPOINT_BYTES`], and retries
     /// (with a backoff) while the disk refuses writes. Runs until `cancel`; the daemon then calls
     /// [`Store::flush`].
-    pub async fn run_committer(self, cancel: tokio_util::sync::CancellationToken) {
+    ///
+    /// Beats `heartbeat` every time round (the systemd watchdog, `crate::liveness`): a commit
+    /// that hangs on a blocked disk stops the beats, and systemd restarts the daemon.
+    pub async fn run_committer(
+        self,
+        cancel: tokio_util::sync::CancellationToken,
+        mut heartbeat: crate::liveness::Heartbeat,
+    ) {
         let tick = Duration::from_millis(match self.inner.cfg.flush_every_ms {
             0 => 100,
             n => n,
@@ -249,8 +256,11 @@ impl Store {
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            heartbeat.beat();
             tokio::select! {
                 _ = cancel.cancelled() => return,
+                // A long `flush_every_ms` must not look like a stuck loop.
+                _ = heartbeat.tick() => continue,
                 _ = interval.tick() => {}
                 _ = self.inner.kick.notified() => {}
             }

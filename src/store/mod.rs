@@ -133,8 +133,12 @@ pub(crate) fn queue_table(stream: &str) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[cfg(feature = "sled")]
     #[error("store I/O error (sled): {0}")]
     Sled(#[from] sled::Error),
+    /// A sled store (or `backend = "sled"`) met a build without the `sled` feature.
+    #[error("the store at {path} was written by the sled engine, which this build of lorastream does not include: start a build with the `sled` cargo feature once (it migrates the store to redb), or move {path} away to start an empty store")]
+    EngineMissing { path: PathBuf },
     /// Boxed: redb's error type is large and this one travels through every store call.
     #[error("store I/O error (redb): {0}")]
     Redb(Box<redb::Error>),
@@ -173,6 +177,7 @@ impl StoreError {
         match self {
             StoreError::Redb(e) => matches!(**e, redb::Error::DatabaseAlreadyOpen),
             // sled 0.34 reports its failed `try_lock_exclusive` as a plain I/O error.
+            #[cfg(feature = "sled")]
             StoreError::Sled(sled::Error::Io(e)) => {
                 e.to_string().contains("could not acquire lock")
             }
@@ -184,8 +189,23 @@ impl StoreError {
     /// healthy store aside would only lose its queue. Returned as an error instead (systemd
     /// restarts the daemon; see systemd/lorastream.service).
     fn is_environment(&self) -> bool {
+        self.io_error_kind().is_some_and(|k| {
+            matches!(
+                k,
+                std::io::ErrorKind::StorageFull
+                    | std::io::ErrorKind::PermissionDenied
+                    | std::io::ErrorKind::ReadOnlyFilesystem
+                    | std::io::ErrorKind::QuotaExceeded
+            )
+        })
+    }
+
+    /// The kind of the operating-system error underneath, if there is one (the daemon explains
+    /// a read-only or forbidden store path, e.g. under systemd's `ProtectSystem=strict`).
+    pub fn io_error_kind(&self) -> Option<std::io::ErrorKind> {
         let io = match self {
             StoreError::Io { source, .. } => Some(source),
+            #[cfg(feature = "sled")]
             StoreError::Sled(sled::Error::Io(e)) => Some(e),
             StoreError::Redb(e) => match &**e {
                 redb::Error::Io(e) => Some(e),
@@ -193,15 +213,7 @@ impl StoreError {
             },
             _ => None,
         };
-        io.is_some_and(|e| {
-            matches!(
-                e.kind(),
-                std::io::ErrorKind::StorageFull
-                    | std::io::ErrorKind::PermissionDenied
-                    | std::io::ErrorKind::ReadOnlyFilesystem
-                    | std::io::ErrorKind::QuotaExceeded
-            )
-        })
+        io.map(|e| e.kind())
     }
 }
 

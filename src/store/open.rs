@@ -106,6 +106,9 @@ impl Store {
                     path: cfg.path.clone(),
                 })
             }
+            // A sled store met a build without sled: nothing is wrong with it, so it is left
+            // exactly as it is (never moved aside), and the error says what to do.
+            Err(e @ StoreError::EngineMissing { .. }) => return Err(e),
             Err(e) if e.is_environment() => {
                 tracing::error!(path = %cfg.path.display(), error = %e,
                     "cannot open the store because of its disk (full, read-only or no permission); it is left as it is");

@@ -3,8 +3,18 @@ use crate::config::WhenFull;
 use crate::model::DevAddr;
 use std::path::Path;
 
-/// Every store test runs against both engines.
-const BACKENDS: [StorageBackend; 2] = [StorageBackend::Sled, StorageBackend::Redb];
+/// Every store test runs against every engine of the build (sled with the `sled` feature);
+/// `LORASTREAM_TEST_BACKENDS=sled` narrows the list (as tests/support::backends()).
+fn backends() -> Vec<StorageBackend> {
+    let mut b = vec![StorageBackend::Redb];
+    if cfg!(feature = "sled") {
+        b.push(StorageBackend::Sled);
+    }
+    if let Ok(only) = std::env::var("LORASTREAM_TEST_BACKENDS") {
+        b.retain(|e| only.split(',').any(|o| o.trim() == e.name()));
+    }
+    b
+}
 
 fn cfg_for(backend: StorageBackend, dir: &Path, max_bytes: u64, flush: u64) -> StorageConfig {
     StorageConfig {
@@ -42,7 +52,7 @@ fn streams(names: &[&str]) -> Vec<(String, WhenFull)> {
 
 #[tokio::test]
 async fn append_read_ack_and_reopen() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 0);
         {
@@ -84,7 +94,7 @@ async fn append_read_ack_and_reopen() {
 
 #[tokio::test]
 async fn cap_drop_oldest_and_reject_new_count_exactly() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let size = records::encode(&uplink(0)).unwrap().len() as u64;
         // Room for exactly 10 records (all queues together).
@@ -128,7 +138,7 @@ async fn cap_drop_oldest_and_reject_new_count_exactly() {
 /// rejected; the bytes stay under the cap.
 #[tokio::test]
 async fn a_batch_larger_than_the_cap_keeps_its_newest_records() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let size = records::encode(&uplink(0)).unwrap().len() as u64;
         let c = cfg_for(backend, dir.path(), size * 4, 100);
@@ -155,7 +165,7 @@ async fn a_batch_larger_than_the_cap_keeps_its_newest_records() {
 
 #[tokio::test]
 async fn unreadable_store_is_moved_aside_not_deleted() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         // A regular file where the database directory should be cannot be opened by sled.
@@ -171,7 +181,7 @@ async fn unreadable_store_is_moved_aside_not_deleted() {
 
 #[tokio::test]
 async fn expire_drops_only_old_records_and_counts_them() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let (s, _) = Store::open(
             &cfg_for(backend, dir.path(), 1 << 20, 100),
@@ -221,7 +231,7 @@ async fn add(s: &Store, r: &Record) {
 
 #[tokio::test]
 async fn the_group_commit_window_is_journaled_and_replayed_after_a_kill() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         let st = SessionState {
@@ -275,7 +285,7 @@ async fn the_group_commit_window_is_journaled_and_replayed_after_a_kill() {
 /// redelivers none of them, for records journaled and for records already in the engine.
 #[tokio::test]
 async fn acknowledgements_are_journaled_and_survive_a_kill() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         {
@@ -308,7 +318,7 @@ async fn acknowledgements_are_journaled_and_survive_a_kill() {
 
 #[tokio::test]
 async fn a_commit_moves_the_window_to_disk_and_removes_the_journal() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
@@ -333,7 +343,7 @@ async fn a_commit_moves_the_window_to_disk_and_removes_the_journal() {
 
 #[tokio::test]
 async fn acks_are_batched_and_an_uncommitted_ack_only_means_a_redelivery() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 0);
         {
@@ -369,7 +379,7 @@ async fn acks_are_batched_and_an_uncommitted_ack_only_means_a_redelivery() {
 
 #[tokio::test]
 async fn a_record_acked_within_its_window_never_reaches_the_disk() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
@@ -387,6 +397,7 @@ async fn a_record_acked_within_its_window_never_reaches_the_disk() {
     }
 }
 
+#[cfg(feature = "sled")]
 #[tokio::test]
 async fn switching_the_engine_migrates_the_store_and_keeps_the_old_files() {
     for (from, to) in [
@@ -431,9 +442,35 @@ async fn switching_the_engine_migrates_the_store_and_keeps_the_old_files() {
     }
 }
 
+/// A build without sled meets a sled store (an upgrade from a build that had it): it refuses to
+/// start, says what to do, and leaves every file where it is (no empty store beside it, nothing
+/// moved aside).
+#[cfg(not(feature = "sled"))]
+#[tokio::test]
+async fn a_sled_store_without_the_sled_feature_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cfg_for(StorageBackend::Redb, dir.path(), 1 << 20, 100);
+    std::fs::create_dir_all(&c.path).unwrap();
+    std::fs::write(c.path.join("conf"), b"segment_size: 524288").unwrap();
+    std::fs::write(c.path.join("db"), b"sled data").unwrap();
+    let err = match Store::open(&c, &streams(&["a"])) {
+        Ok(_) => panic!("a sled store must not be opened without sled"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::EngineMissing { .. }), "{err}");
+    assert!(err.to_string().contains("`sled` cargo feature"), "{err}");
+    let mut names: Vec<String> = std::fs::read_dir(&c.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["conf", "db"]);
+    assert_eq!(std::fs::read(c.path.join("db")).unwrap(), b"sled data");
+}
+
 #[tokio::test]
 async fn a_store_in_use_is_refused_not_moved_aside() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 0);
         let (_s, _) = Store::open(&c, &streams(&["a"])).unwrap();
@@ -482,7 +519,7 @@ async fn a_corrupt_redb_file_is_moved_aside_and_a_fresh_store_starts() {
 
 #[tokio::test]
 async fn inspect_counts_disk_and_journal_without_changing_anything() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 20, 100);
         {
@@ -504,7 +541,7 @@ async fn inspect_counts_disk_and_journal_without_changing_anything() {
 
 #[tokio::test]
 async fn a_backlog_read_and_acked_in_small_steps_keeps_order_and_exact_counts() {
-    for backend in BACKENDS {
+    for backend in backends() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 1 << 24, 100);
         let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();

@@ -130,7 +130,7 @@ pub(crate) async fn run<S: Session>(s: &mut S, ctx: &StreamContext, mut retry: R
                         stream = %ctx.name,
                         server = %s.server(),
                         error = %error,
-                        hint = s.hint(&error).unwrap_or(""),
+                        hint = s.hint(&error),
                         retry_in_ms = f.delay.as_millis() as u64,
                         failures = f.count,
                         "{} failed", S::WHAT

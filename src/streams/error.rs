@@ -23,11 +23,11 @@ pub enum SetupError {
 /// How a session ended badly.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("{0}")]
+    #[error("{}", mqtt_text(.0))]
     Mqtt(#[from] rumqttc::ConnectionError),
-    #[error("the server refused the connection ({0:?})")]
+    #[error("the server refused the connection ({})", refused_text(*.0))]
     Refused(rumqttc::ConnectReturnCode),
-    #[error("no CONNACK within {0:?}")]
+    #[error("no CONNACK within {} s", .0.as_secs_f32())]
     ConnectTimeout(Duration),
     #[error("the broker answered nothing for {0:?} (hung or unreachable)")]
     NoResponse(Duration),
@@ -43,6 +43,30 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
     #[error("the queue cannot be read: {0}")]
     Store(#[from] StoreError),
+}
+
+/// rumqttc's text, without the `Debug` of an I/O error it embeds (`Io error: Custom { kind:
+/// ConnectionAborted, .. }` in 0.25): log lines show what the OS said.
+fn mqtt_text(e: &rumqttc::ConnectionError) -> String {
+    match e {
+        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Io(io)) => {
+            format!("connection lost: {io}")
+        }
+        e => e.to_string(),
+    }
+}
+
+/// The CONNACK return code in words (MQTT 3.1.1 §3.2.2.3).
+fn refused_text(code: rumqttc::ConnectReturnCode) -> &'static str {
+    use rumqttc::ConnectReturnCode as C;
+    match code {
+        C::Success => "accepted",
+        C::RefusedProtocolVersion => "unacceptable protocol version",
+        C::BadClientId => "client identifier rejected",
+        C::ServiceUnavailable => "server unavailable",
+        C::BadUserNamePassword => "bad user name or password",
+        C::NotAuthorized => "not authorized",
+    }
 }
 
 impl SessionError {

@@ -23,6 +23,7 @@ pub use routes::Routes;
 use crate::downlink::{DownlinkHandle, SharedRegistry, UplinkInfo};
 use crate::ingress::gwmp::Reception;
 use crate::ingress::udp::Batch;
+use crate::liveness::Heartbeat;
 use crate::logs::LogLimiter;
 use crate::lorawan::dedup::Dedup;
 use crate::lorawan::frame::{self, FrameKind};
@@ -106,13 +107,16 @@ impl UplinkStage {
         }
     }
 
-    /// Run until `rx` is closed, then store whatever is still in the dedup window.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Batch>) {
+    /// Run until `rx` is closed, then store whatever is still in the dedup window. Beats
+    /// `heartbeat` every time round (the systemd watchdog, `crate::liveness`).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Batch>, mut heartbeat: Heartbeat) {
         let mut out = Outputs::default();
         let mut groups = Vec::new();
         loop {
+            heartbeat.beat();
             let deadline = self.dedup.next_deadline();
             let closed = tokio::select! {
+                _ = heartbeat.tick() => continue,
                 b = rx.recv() => match b {
                     Some(b) => {
                         self.receive(b, &mut out.records);
@@ -391,7 +395,8 @@ impl UplinkStage {
                     tracing::warn!(
                         device = %d.id,
                         f_cnt16,
-                        last_f_cnt = ?d.session.as_ref().and_then(|s| s.state.f_cnt_up),
+                        // An Option field is left out when None (no `Some(..)` in the line).
+                        last_f_cnt = d.session.as_ref().and_then(|s| s.state.f_cnt_up),
                         "uplink with an old frame counter dropped (replay, or the device reset its counter)"
                     );
                 }

@@ -31,10 +31,9 @@ use tokio_util::sync::CancellationToken;
 // ---------------------------------------------------------------------------------------------
 // Store backends
 
-/// The backend a config gets when it names none.
-/// Store backends every fault test runs against (`[storage] backend`).
+/// Store backends every fault test runs against (`[storage] backend`): those of the build.
 pub fn backends() -> Vec<&'static str> {
-    vec!["redb", "sled"]
+    crate::support::backends()
 }
 
 /// The `[storage]` line selecting `backend`.

@@ -27,6 +27,24 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
+/// The storage engines of this build, for tests that run against each (`[storage] backend`):
+/// redb always, sled with the `sled` cargo feature. `LORASTREAM_TEST_BACKENDS=sled` narrows
+/// the list (CI's second run, with the feature, tests only what the first did not).
+pub fn backends() -> Vec<&'static str> {
+    let mut b = vec!["redb"];
+    if cfg!(feature = "sled") {
+        b.push("sled");
+    }
+    if let Ok(only) = std::env::var("LORASTREAM_TEST_BACKENDS") {
+        b.retain(|e| only.split(',').any(|o| o.trim() == *e));
+        assert!(
+            !b.is_empty(),
+            "LORASTREAM_TEST_BACKENDS={only}: no such engine in this build"
+        );
+    }
+    b
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

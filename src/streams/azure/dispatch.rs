@@ -537,7 +537,7 @@ impl Dispatcher {
                                 device = %slot.hub_id,
                                 server = %self.sh.shown,
                                 error = %error,
-                                hint = hint(&error).unwrap_or(""),
+                                hint = hint(&error),
                                 retry_in_ms = f.delay.as_millis() as u64,
                                 failures = f.count,
                                 "IoT Hub connection failed"
