@@ -34,6 +34,7 @@ pub use streams::{
     Format, HttpConfig, MqttConfig, OnClientError, PolicyKey, PollConfig, ServerUrl, StreamConfig,
     StreamKind, TlsFiles, Transport,
 };
+pub use streams::{SmtpConfig, SmtpTls, WebSocketConfig, WsAck};
 
 use crate::model::{Eui64, NetId};
 use locate::Source;
