@@ -42,6 +42,9 @@ struct Inner {
     stream_errors: Family<Labels, Counter>,
     http_requests: Family<Labels, Counter>,
     stream_connections: Family<Labels, Gauge>,
+    /// Operator alerts (`[[alert]]`): open now, and messages made, by kind (and state).
+    alerts_open: Family<Labels, Gauge>,
+    alerts: Family<Labels, Counter>,
     /// Where scrape-time values come from ([`Metrics::set_snapshot`]).
     snapshot: Arc<RwLock<Option<SnapshotFn>>>,
     /// Uplink arrival → PULL_RESP sent, microseconds: last and maximum since start.
@@ -127,6 +130,16 @@ impl Metrics {
                 "Open connections of streams that hold several (Azure IoT Hub, identity = device)",
                 Family::default()
             ),
+            alerts_open: reg!(
+                "alerts_open",
+                "Alerts firing now, by kind",
+                Family::default()
+            ),
+            alerts: reg!(
+                "alerts",
+                "Alert messages made (fired or resolved), by kind and state",
+                Family::default()
+            ),
             snapshot: inner_snapshot.clone(),
             sched_last_us: reg!("downlink_schedule_latency_last_us", "Uplink arrival to PULL_RESP sent (class A), last, microseconds (includes the dedup window)", Gauge::default()),
             sched_max_us: reg!("downlink_schedule_latency_max_us", "Uplink arrival to PULL_RESP sent (class A), maximum since start, microseconds", Gauge::default()),
@@ -210,6 +223,32 @@ impl Metrics {
             .get_or_create(&vec![("stream", stream.into())])
             .get()
             == 1
+    }
+    /// `n` alerts of `kind` are open now.
+    pub fn set_alerts_open(&self, kind: &str, n: usize) {
+        self.inner
+            .alerts_open
+            .get_or_create(&vec![("kind", kind.into())])
+            .set(n as i64);
+    }
+    pub fn alerts_open(&self, kind: &str) -> i64 {
+        self.inner
+            .alerts_open
+            .get_or_create(&vec![("kind", kind.into())])
+            .get()
+    }
+    /// An alert message was made (`state`: firing or resolved).
+    pub fn alert(&self, kind: &str, state: &'static str) {
+        self.inner
+            .alerts
+            .get_or_create(&vec![("kind", kind.into()), ("state", state.into())])
+            .inc();
+    }
+    pub fn alerts(&self, kind: &str, state: &'static str) -> u64 {
+        self.inner
+            .alerts
+            .get_or_create(&vec![("kind", kind.into()), ("state", state.into())])
+            .get()
     }
     pub fn stream_published(&self, stream: &str, n: u64) {
         self.inner

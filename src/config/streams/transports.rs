@@ -8,6 +8,14 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+impl super::StreamConfig {
+    /// False for a stream that carries alerts only (`kind = "smtp"` with `alerts_only`): the
+    /// uplink stage queues no device records for it.
+    pub fn takes_records(&self) -> bool {
+        !matches!(&self.kind, super::StreamKind::Smtp(m) if m.alerts_only)
+    }
+}
+
 /// Defaults of the WebSocket and SMTP kinds (README and config.example.toml show the same).
 pub mod ws_smtp_defaults {
     use std::time::Duration;

@@ -246,6 +246,11 @@ pub(super) fn message(hub_id: &str, r: &Record, now_us: i64) -> (String, Vec<u8>
             props.push(("type", "frame".into()));
             props.push(("gateway", g.rx.gateway.to_string()));
         }
+        // Refused by the config check for IoT Hub streams; sent as JSON should one come.
+        Record::Alert(a) => {
+            props.push(("type", "alert".into()));
+            props.push(("kind", a.kind.clone()));
+        }
     }
     (
         topic_of(hub_id, &props),
