@@ -116,6 +116,7 @@ async fn silent_device_offline_gateway_and_a_down_stream_fire_and_resolve_once_a
     );
     let mut fwd = Forwarder::connect(daemon.udp_addr(), gw()).await.unwrap();
     fwd.pull().await.unwrap();
+    let heard_at = std::time::SystemTime::now();
     uplink(&mut fwd, &mut d1, 2000).await;
     // The device and the gateway are heard: resolved, with the same alert ids.
     assert!(
@@ -130,6 +131,12 @@ async fn silent_device_offline_gateway_and_a_down_stream_fire_and_resolve_once_a
     let resolved = of(&all, "device_silent", "resolved").remove(0);
     assert_eq!(resolved["alert"]["id"], fired["alert"]["id"]);
     assert_eq!(resolved["alert"]["since"], fired["alert"]["since"]);
+    // Resolved by the uplink, not by the restart.
+    let at = humantime::parse_rfc3339(resolved["received_at"].as_str().unwrap()).unwrap();
+    assert!(
+        at >= heard_at,
+        "resolved before the device was heard: {all:?}"
+    );
     assert!(resolved["alert"]["message"]
         .as_str()
         .unwrap()
@@ -139,9 +146,18 @@ async fn silent_device_offline_gateway_and_a_down_stream_fire_and_resolve_once_a
         gw_fired["alert"]["id"]
     );
     assert!(wait_until(T, || m.alerts_open("device_silent") == 0).await);
-    // Exactly one firing of each, across the restart.
+    // One firing and one resolved message per alert, across the restart (the device and the
+    // gateway stay quiet afterwards, so new alerts with new ids may follow).
+    assert_one_message_per_alert_and_state(&all);
     for k in ["device_silent", "gateway_offline", "stream_down"] {
-        assert_eq!(of(&all, k, "firing").len(), 1, "{k}: {all:?}");
+        assert_eq!(
+            of(&all, k, "firing")[0]["alert"]["id"],
+            match k {
+                "device_silent" => fired["alert"]["id"].clone(),
+                "gateway_offline" => gw_fired["alert"]["id"].clone(),
+                _ => of(&all, k, "firing")[0]["alert"]["id"].clone(),
+            }
+        );
     }
 
     // The dead stream comes alive (a broker on its port): resolved after `hold`.
@@ -154,9 +170,26 @@ async fn silent_device_offline_gateway_and_a_down_stream_fire_and_resolve_once_a
         alerts(&file)
     );
     assert_eq!(of(&alerts(&file), "stream_down", "firing").len(), 1);
+    assert_one_message_per_alert_and_state(&alerts(&file));
     assert_eq!(m.alerts("stream_down", "resolved"), 1);
     daemon.stop().await;
     drop(broker);
+}
+
+/// No alert id has two `firing` or two `resolved` messages, and none resolves before it fires.
+fn assert_one_message_per_alert_and_state(all: &[Value]) {
+    let mut seen = std::collections::HashMap::new();
+    for v in all {
+        let id = v["alert"]["id"].as_str().unwrap().to_string();
+        let state = v["alert"]["state"].as_str().unwrap().to_string();
+        let e: &mut Vec<String> = seen.entry(id.clone()).or_default();
+        assert!(!e.contains(&state), "{id}: a second {state}: {all:?}");
+        assert!(
+            state == "firing" || e.contains(&"firing".to_string()),
+            "{id}: resolved first"
+        );
+        e.push(state);
+    }
 }
 
 /// The embedded test broker listening on `port` (the "dead" stream's port).

@@ -254,6 +254,16 @@ impl AlertEngine {
         let r = &self.rules[rule];
         let after = r.after.as_micros() as i64;
         let mut out = Vec::new();
+        // Not heard since the start, with an alert open from before it: still silent (an
+        // uplink or a datagram resolves it, a restart does not).
+        let silent = |subject: &str, last: i64| {
+            now - last >= after
+                || (last <= self.started_us
+                    && self
+                        .tracks
+                        .get(&(rule, subject.to_string()))
+                        .is_some_and(|t| t.open.is_some()))
+        };
         match r.kind {
             AlertKind::DeviceSilent | AlertKind::BatteryLow => {
                 let Ok(reg) = self.registry.lock() else {
@@ -276,7 +286,7 @@ impl AlertEngine {
                             .unwrap_or(self.started_us);
                         out.push(Obs {
                             subject: d.id.clone(),
-                            holds: now - last >= after,
+                            holds: silent(&d.id, last),
                             since: Some(last),
                             facts: format!("application {}", d.application),
                         });
@@ -306,8 +316,8 @@ impl AlertEngine {
                 }
                 for (eui, last) in seen {
                     out.push(Obs {
+                        holds: silent(&eui, last),
                         subject: eui,
-                        holds: now - last >= after,
                         since: Some(last),
                         facts: String::new(),
                     });

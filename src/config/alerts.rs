@@ -285,3 +285,58 @@ pub(super) fn build(
         streams: raw.streams,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{AlertKind, AlertScope, Config};
+    use std::time::Duration;
+
+    const BASE: &str =
+        "[[application]]\nid = \"farm\"\n\n[[stream]]\nname = \"out\"\nkind = \"stdout\"\n\n";
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        Config::parse(&format!("{BASE}{extra}"), "a.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_scopes_and_errors_with_lines() {
+        let c = parse(
+            "[[alert]]\nkind = \"device_silent\"\napplication = \"farm\"\nstreams = [\"out\"]\n",
+        )
+        .unwrap();
+        let a = &c.alerts[0];
+        assert_eq!(a.kind, AlertKind::DeviceSilent);
+        assert_eq!(a.after, Duration::from_secs(7200));
+        assert_eq!(a.hold, Duration::ZERO);
+        assert_eq!(a.scope, AlertScope::Application("farm".into()));
+        assert_eq!(a.key(), "device_silent/application=farm");
+        let c = parse("[[alert]]\nkind = \"battery_low\"\nstreams = [\"out\"]\n").unwrap();
+        assert_eq!(c.alerts[0].threshold, 20);
+        assert!(c.to_toml_masked().contains("[[alert]]"));
+
+        let e = parse("[[alert]]\nkind = \"stream_down\"\nstreams = [\"nope\"]\n").unwrap_err();
+        assert!(
+            e.starts_with("a.toml:10:") && e.contains("`streams`") && e.contains("nope"),
+            "{e}"
+        );
+        let e =
+            parse("[[alert]]\nkind = \"gateway_offline\"\ndevice = \"x\"\nstreams = [\"out\"]\n")
+                .unwrap_err();
+        assert!(e.contains("takes gateway"), "{e}");
+        let e = parse("[[alert]]\nkind = \"stream_down\"\nthreshold = 5\nstreams = [\"out\"]\n")
+            .unwrap_err();
+        assert!(e.contains("`threshold`"), "{e}");
+        let e =
+            parse("[[alert]]\nkind = \"queue_filling\"\nthreshold = 101\nstreams = [\"out\"]\n")
+                .unwrap_err();
+        assert!(e.contains("1..=100"), "{e}");
+        let e =
+            parse("[[alert]]\nkind = \"device_silent\"\nafter = \"soon\"\nstreams = [\"out\"]\n")
+                .unwrap_err();
+        assert!(e.contains("`after`"), "{e}");
+        let e = parse("[[alert]]\nkind = \"store_unwritable\"\n").unwrap_err();
+        assert!(e.contains("`streams`"), "{e}");
+        let e = parse("[[alert]]\nkind = \"nonsense\"\nstreams = [\"out\"]\n").unwrap_err();
+        assert!(e.contains("nonsense"), "{e}");
+    }
+}

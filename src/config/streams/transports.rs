@@ -381,3 +381,57 @@ pub(super) fn print_smtp(t: &mut Table, m: &SmtpConfig) {
         .b("alerts_only", m.alerts_only)
         .n("timeout_s", m.timeout.as_secs());
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, StreamKind, WsAck};
+    use std::time::Duration;
+
+    fn parse(stream: &str) -> Result<Config, String> {
+        Config::parse(&format!("[[stream]]\nname = \"s\"\n{stream}"), "t.toml")
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn websocket_keys_defaults_and_errors() {
+        let c = parse("kind = \"websocket\"\nurl = \"wss://h.example/x?token=abc\"\nheaders = { \"Authorization\" = \"Bearer s3cret\" }\n").unwrap();
+        let StreamKind::WebSocket(w) = &c.streams[0].kind else {
+            panic!("not websocket")
+        };
+        assert_eq!(w.ack, WsAck::Server);
+        assert_eq!(
+            (w.inflight, w.keep_alive, w.timeout),
+            (100, Duration::from_secs(30), Duration::from_secs(30))
+        );
+        let shown = c.to_toml_masked();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("token=abc"),
+            "{shown}"
+        );
+        assert!(shown.contains("ack = \"server\""), "{shown}");
+        let e = parse("kind = \"websocket\"\nurl = \"https://h.example/\"\n").unwrap_err();
+        assert!(
+            e.starts_with("t.toml:") && e.contains("ws:// or wss://"),
+            "{e}"
+        );
+        let e =
+            parse("kind = \"websocket\"\nurl = \"ws://h/\"\nheaders = { \"Upgrade\" = \"x\" }\n")
+                .unwrap_err();
+        assert!(e.contains("set by lorastream"), "{e}");
+        let e = parse("kind = \"websocket\"\nurl = \"ws://h/\"\nack = \"never\"\n").unwrap_err();
+        assert!(e.contains("never"), "{e}");
+        let e =
+            parse("kind = \"websocket\"\nurl = \"ws://h/\"\ntopic_prefix = \"x\"\n").unwrap_err();
+        assert!(e.contains("not used by kind = \"websocket\""), "{e}");
+    }
+
+    #[test]
+    fn smtp_keys_are_checked_but_the_kind_is_not_available_yet() {
+        let e = parse("kind = \"smtp\"\nserver = \"smtp://mail.example:587\"\nfrom = \"gw@example.com\"\nto = [\"ops@example.com\"]\n").unwrap_err();
+        assert!(e.contains("not available in this version"), "{e}");
+        let e = parse("kind = \"smtp\"\nserver = \"smtp://mail.example\"\ntls = \"none\"\nusername = \"u\"\npassword = \"p\"\nfrom = \"gw@example.com\"\nto = [\"ops@example.com\"]\n").unwrap_err();
+        assert!(e.contains("never sent in the clear"), "{e}");
+        let e = parse("kind = \"smtp\"\nserver = \"smtp://mail.example\"\nfrom = \"gw@example.com\"\nto = [\"not an address\"]\n").unwrap_err();
+        assert!(e.contains("`to`"), "{e}");
+    }
+}
