@@ -27,6 +27,7 @@
 //! | [`streams`]  | destinations: MQTT (TLS, WebSocket), AWS IoT, Azure IoT Hub, HTTP, stdout, file |
 //! | [`downlink`] | the scheduler: device downlink queues, RX1/RX2/class C, events    |
 //! | [`devices`]  | the device registry from the config and the store                 |
+//! | [`alerts`]   | operator alerts (`[[alert]]`): fired and resolved once, persisted   |
 //! | [`daemon`]   | wiring, task start and ordered stop, `/health`                    |
 //! | [`config`]   | the TOML file, typed once, defaults, errors with file:line:key    |
 //! | [`metrics`]  | Prometheus `/metrics` and the HTTP endpoint                      |
@@ -63,6 +64,7 @@
 //! assert!(err.starts_with("gw.toml:2: [gateway] key `listen`"), "{err}");
 //! ```
 
+pub mod alerts;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -45,6 +45,9 @@ struct Inner {
     radio_defects: Family<Labels, Counter>,
     gateway_address_changes: Counter,
     downlinks_too_large: Family<Labels, Counter>,
+    /// Operator alerts (`[[alert]]`): open now, and messages made, by kind (and state).
+    alerts_open: Family<Labels, Gauge>,
+    alerts: Family<Labels, Counter>,
     /// Where scrape-time values come from ([`Metrics::set_snapshot`]).
     snapshot: Arc<RwLock<Option<SnapshotFn>>>,
     /// Uplink arrival → PULL_RESP sent, microseconds: last and maximum since start.
@@ -143,6 +146,16 @@ impl Metrics {
             downlinks_too_large: reg!(
                 "downlink_messages_too_large",
                 "Downlink messages from a stream's destination refused because of their size, by stream",
+                Family::default()
+            ),
+            alerts_open: reg!(
+                "alerts_open",
+                "Alerts firing now, by kind",
+                Family::default()
+            ),
+            alerts: reg!(
+                "alerts",
+                "Alert messages made (fired or resolved), by kind and state",
                 Family::default()
             ),
             snapshot: inner_snapshot.clone(),
@@ -250,6 +263,32 @@ impl Metrics {
             .get_or_create(&vec![("stream", stream.into())])
             .get()
             == 1
+    }
+    /// `n` alerts of `kind` are open now.
+    pub fn set_alerts_open(&self, kind: &str, n: usize) {
+        self.inner
+            .alerts_open
+            .get_or_create(&vec![("kind", kind.into())])
+            .set(n as i64);
+    }
+    pub fn alerts_open(&self, kind: &str) -> i64 {
+        self.inner
+            .alerts_open
+            .get_or_create(&vec![("kind", kind.into())])
+            .get()
+    }
+    /// An alert message was made (`state`: firing or resolved).
+    pub fn alert(&self, kind: &str, state: &'static str) {
+        self.inner
+            .alerts
+            .get_or_create(&vec![("kind", kind.into()), ("state", state.into())])
+            .inc();
+    }
+    pub fn alerts(&self, kind: &str, state: &'static str) -> u64 {
+        self.inner
+            .alerts
+            .get_or_create(&vec![("kind", kind.into()), ("state", state.into())])
+            .get()
     }
     pub fn stream_published(&self, stream: &str, n: u64) {
         self.inner

@@ -333,6 +333,31 @@ pub enum Record {
     Uplink(Uplink),
     GatewayFrame(GatewayFrame),
     Join(Join),
+    /// An operator alert fired or resolved (`[[alert]]`, see `crate::alerts`).
+    Alert(AlertMsg),
+}
+
+/// One message of an alert: its condition started (`firing`) or ended (`resolved`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertMsg {
+    /// ULID of this message (`lorastream:alert:<ulid>`): stable across redeliveries.
+    pub id: u128,
+    /// The alert's id, shared by its `firing` and `resolved` messages.
+    pub alert_id: String,
+    /// `device_silent`, `battery_low`, ...
+    pub kind: String,
+    pub firing: bool,
+    /// What it is about: a device id, a gateway EUI, a stream name, the store.
+    pub subject: String,
+    /// When the condition started (Unix µs).
+    pub since_us: i64,
+    /// When this message was made (Unix µs).
+    pub at_us: i64,
+    /// A sentence for people.
+    pub message: String,
+    /// This gateway (`[gateway] eui` in lower-case hex, or the host name): the MQTT topic's
+    /// `{prefix}/gateways/{origin}/alerts`.
+    pub origin: String,
 }
 
 impl Record {
@@ -343,6 +368,8 @@ impl Record {
             Record::Uplink(u) => u.dev_eui.to_u64() & !(1 << 63),
             Record::Join(j) => j.dev_eui.to_u64() & !(1 << 63),
             Record::GatewayFrame(g) => g.rx.gateway.to_u64() | (1 << 63),
+            // All alerts in one order: a `resolved` never overtakes its `firing`.
+            Record::Alert(_) => u64::MAX,
         }
     }
 
@@ -351,6 +378,7 @@ impl Record {
             Record::Uplink(u) => u.received_at_us,
             Record::Join(j) => j.received_at_us,
             Record::GatewayFrame(g) => g.rx.received_at_us,
+            Record::Alert(a) => a.at_us,
         }
     }
 
@@ -360,6 +388,7 @@ impl Record {
             Record::Uplink(u) => correlation_id("uplink", u.id),
             Record::Join(j) => correlation_id("join", j.id),
             Record::GatewayFrame(g) => correlation_id("frame", g.id),
+            Record::Alert(a) => correlation_id("alert", a.id),
         }
     }
 }

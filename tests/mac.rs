@@ -513,3 +513,76 @@ async fn an_abp_counter_restart_is_accepted_only_with_resets_f_cnt() {
     );
     net.daemon.stop().await;
 }
+
+/// `[[alert]] kind = "battery_low"` against the real daemon: a DevStatusAns below the threshold
+/// fires the alert once (MQTT `{prefix}/gateways/{eui}/alerts`), a full battery resolves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn battery_low_fires_on_a_low_dev_status_and_resolves_on_a_full_one() {
+    use lorastream::config::{AlertConfig, AlertKind, AlertScope};
+    let mut d = Dev::new(1);
+    d.mac.battery = 128; // 50 %
+    let mut net = Net::start(&device_toml(&d.sim, "farm"), |c| {
+        c.gateway.dev_status_interval = Duration::from_secs(1);
+        c.alerts.push(AlertConfig {
+            kind: AlertKind::BatteryLow,
+            after: Duration::ZERO,
+            hold: Duration::ZERO,
+            scope: AlertScope::Device("dev-1".into()),
+            threshold: 60,
+            streams: vec!["cloud".into()],
+        });
+    })
+    .await;
+    let topic = "lorastream/gateways/aa555a00000000ff/alerts";
+    let is = |state: &'static str| {
+        move |t: &str, v: &serde_json::Value| t == topic && v["alert"]["state"] == state
+    };
+    let mut fired = Vec::new();
+    for _ in 0..20 {
+        net.exchange(&mut d, 5.0, false).await;
+        fired = net
+            .sub
+            .wait_for(1, Duration::from_millis(1500), is("firing"))
+            .await;
+        if !fired.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(fired.len(), 1, "no battery_low alert");
+    let a = &fired[0]["alert"];
+    assert_eq!(a["kind"], "battery_low");
+    assert_eq!(a["subject"], "dev-1");
+    assert!(
+        a["message"]
+            .as_str()
+            .unwrap()
+            .contains("50% battery, below 60%"),
+        "{a}"
+    );
+    // The gauge is counted after the tick that queued the message: wait for it.
+    let m = net.daemon.metrics().clone();
+    assert!(wait_until(T, || m.alerts_open("battery_low") == 1).await);
+
+    d.mac.battery = 254; // full
+    let mut resolved = Vec::new();
+    for _ in 0..20 {
+        net.exchange(&mut d, 5.0, false).await;
+        resolved = net
+            .sub
+            .wait_for(1, Duration::from_millis(1500), is("resolved"))
+            .await;
+        if !resolved.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(resolved.len(), 1, "not resolved");
+    assert_eq!(resolved[0]["alert"]["id"], a["id"]);
+    assert_eq!(
+        net.sub
+            .wait_for(2, Duration::ZERO, is("firing"))
+            .await
+            .len(),
+        1
+    );
+    net.daemon.stop().await;
+}

@@ -21,6 +21,7 @@
 //! | `validate.rs` | checks across sections and entries |
 //! | `locate.rs` | lines, sections and keys for error messages |
 
+pub mod alerts;
 mod devices;
 pub(crate) mod locate;
 mod streams;
@@ -28,6 +29,7 @@ mod validate;
 
 pub use crate::lorawan::region::Region;
 pub use crate::model::Scope;
+pub use alerts::{AlertConfig, AlertKind, AlertScope};
 pub use devices::{Activation, ApplicationConfig, DeviceConfig, LorawanVersion};
 pub use streams::defaults as stream_defaults;
 pub use streams::{
@@ -35,6 +37,7 @@ pub use streams::{
     Format, FormatConfig, HttpConfig, MqttConfig, OnClientError, PolicyKey, PollConfig, ServerUrl,
     StreamConfig, StreamKind, TemplateConfig, TlsFiles, Transport,
 };
+pub use streams::{SmtpConfig, SmtpTls, WebSocketConfig, WsAck};
 
 use crate::model::{Eui64, NetId};
 use locate::Source;
@@ -184,6 +187,7 @@ pub struct Config {
     pub applications: Vec<ApplicationConfig>,
     pub devices: Vec<DeviceConfig>,
     pub streams: Vec<StreamConfig>,
+    pub alerts: Vec<AlertConfig>,
 }
 
 /// The file as written: the plain sections are already typed; entries keep their spans (for
@@ -201,6 +205,8 @@ struct RawFile {
     devices: Vec<Spanned<devices::RawDevice>>,
     #[serde(rename = "stream")]
     streams: Vec<Spanned<streams::RawStream>>,
+    #[serde(rename = "alert")]
+    alerts: Vec<Spanned<alerts::RawAlert>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -515,6 +521,21 @@ impl Config {
             streams.push((streams::build(s.into_inner(), &ctx, &span, &source)?, span));
         }
         validate::streams(&streams, &devices, &applications, &source)?;
+        let streams: Vec<StreamConfig> = streams.into_iter().map(|(s, _)| s).collect();
+        let app_ids: Vec<String> = raw.applications.iter().map(|a| a.id.clone()).collect();
+        let device_list: Vec<DeviceConfig> = devices.iter().map(|(d, _)| d.clone()).collect();
+        let mut alerts = Vec::with_capacity(raw.alerts.len());
+        for a in raw.alerts {
+            let span = a.span();
+            alerts.push(alerts::build(
+                a.into_inner(),
+                &span,
+                &source,
+                &streams,
+                &device_list,
+                &app_ids,
+            )?);
+        }
         Ok(Config {
             gateway: raw.gateway,
             storage: raw.storage,
@@ -522,7 +543,8 @@ impl Config {
             log: raw.log,
             applications: raw.applications,
             devices: devices.into_iter().map(|(d, _)| d).collect(),
-            streams: streams.into_iter().map(|(s, _)| s).collect(),
+            streams,
+            alerts,
         })
     }
 
@@ -553,6 +575,12 @@ impl Config {
             "stream".into(),
             array(self.streams.iter().map(|s| s.effective()).collect()),
         );
+        if !self.alerts.is_empty() {
+            doc.insert(
+                "alert".into(),
+                array(self.alerts.iter().map(|a| a.effective()).collect()),
+            );
+        }
         toml::to_string_pretty(&doc).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
     }
 }

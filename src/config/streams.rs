@@ -66,6 +66,8 @@ pub(super) enum Kind {
     Http,
     File,
     Stdout,
+    Websocket,
+    Smtp,
 }
 
 impl Kind {
@@ -77,6 +79,8 @@ impl Kind {
             Kind::Http => "http",
             Kind::File => "file",
             Kind::Stdout => "stdout",
+            Kind::Websocket => "websocket",
+            Kind::Smtp => "smtp",
         }
     }
 }
@@ -222,6 +226,16 @@ raw_stream! {
     max_connections: usize,
     downlink_format: DownlinkFormat,
     twin: bool,
+    // websocket, smtp: see transports.rs
+    ack: transports::WsAck,
+    from: String,
+    to: Vec<String>,
+    subject: String,
+    body: String,
+    tls: transports::SmtpTls,
+    max_per_hour: u32,
+    batch_wait: String,
+    alerts_only: bool,
 }
 
 /// A kind builder's error: the key and what is wrong with it.
@@ -240,6 +254,10 @@ macro_rules! take {
         $k.raw.$f.take()
     }};
 }
+
+/// The WebSocket and SMTP kinds (their settings, builders and printing).
+mod transports;
+pub use transports::{SmtpConfig, SmtpTls, WebSocketConfig, WsAck};
 
 impl Keys {
     /// After a builder took its keys: any other kind-specific key set is misplaced.
@@ -290,6 +308,8 @@ pub enum StreamKind {
     Http(Box<HttpConfig>),
     File { path: PathBuf },
     Stdout,
+    WebSocket(Box<WebSocketConfig>),
+    Smtp(Box<SmtpConfig>),
 }
 
 impl StreamKind {
@@ -301,6 +321,8 @@ impl StreamKind {
             StreamKind::Http(_) => "http",
             StreamKind::File { .. } => "file",
             StreamKind::Stdout => "stdout",
+            StreamKind::WebSocket(_) => "websocket",
+            StreamKind::Smtp(_) => "smtp",
         }
     }
 }
@@ -567,6 +589,18 @@ pub(super) fn build(
         Kind::Stdout => {
             k.no_leftovers().map_err(err)?;
             StreamKind::Stdout
+        }
+        Kind::Websocket => {
+            StreamKind::WebSocket(Box::new(transports::websocket(&mut k).map_err(err)?))
+        }
+        Kind::Smtp => {
+            // The keys are checked, but the e-mail stream itself is not in this version yet:
+            // refused here so that `lorastream check` says so, not only `run`.
+            transports::smtp(&mut k).map_err(err)?;
+            return Err(err((
+                "kind",
+                "kind = \"smtp\" is not available in this version yet (issue 17); use an mqtt, http or websocket stream for alerts".into(),
+            )));
         }
     };
     Ok(StreamConfig {
@@ -1116,6 +1150,38 @@ const SET_BY_LORASTREAM: [&str; 5] = [
     "x-lorastream-kind",
 ];
 
+/// Custom `headers`: valid HTTP (RFC 9110 §5.1 field names are tokens; §5.5 values have no CR,
+/// LF or NUL), none of those lorastream sets itself (`reserved`, lower case). The value is a
+/// secret: an error names the header, never its value.
+fn check_headers(headers: &BTreeMap<String, Secret>, reserved: &[&str]) -> Result<(), KeyError> {
+    for (name, value) in headers {
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            return Err((
+                "headers",
+                format!("{name:?} is not a valid HTTP header name"),
+            ));
+        }
+        if reserved.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(("headers", format!("{name:?} is set by lorastream itself")));
+        }
+        if value
+            .expose()
+            .bytes()
+            .any(|b| b == b'\r' || b == b'\n' || b == 0)
+        {
+            return Err((
+                "headers",
+                format!("the value of {name:?} contains a line break or NUL"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// HTTP webhook: http(s) URLs, sane batch and timing values, headers that are valid HTTP and
 /// leave the ones lorastream sets alone (RFC 9110 §5.1 field names are tokens; §5.5 values have
 /// no CR, LF or NUL).
@@ -1200,32 +1266,7 @@ fn http(k: &mut Keys, downlinks: bool) -> Result<HttpConfig, KeyError> {
         None => defaults::HTTP_TIMEOUT,
     };
     let headers = headers.unwrap_or_default();
-    for (name, value) in &headers {
-        let token = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !token {
-            return Err((
-                "headers",
-                format!("{name:?} is not a valid HTTP header name"),
-            ));
-        }
-        if SET_BY_LORASTREAM.contains(&name.to_ascii_lowercase().as_str()) {
-            return Err(("headers", format!("{name:?} is set by lorastream itself")));
-        }
-        // The value is a secret: say which header is wrong, never what it holds.
-        if value
-            .expose()
-            .bytes()
-            .any(|b| b == b'\r' || b == b'\n' || b == 0)
-        {
-            return Err((
-                "headers",
-                format!("the value of {name:?} contains a line break or NUL"),
-            ));
-        }
-    }
+    check_headers(&headers, &SET_BY_LORASTREAM)?;
     Ok(HttpConfig {
         url,
         headers,
@@ -1406,6 +1447,8 @@ impl StreamConfig {
                 t.s("path", path.display());
             }
             StreamKind::Stdout => {}
+            StreamKind::WebSocket(w) => transports::print_websocket(&mut t, w),
+            StreamKind::Smtp(m) => transports::print_smtp(&mut t, m),
         }
         t.0
     }

@@ -141,6 +141,7 @@ impl Daemon {
         let scopes: Vec<_> = cfg
             .streams
             .iter()
+            .filter(|s| s.takes_records())
             .map(|s| (s.name.clone(), s.scope.clone()))
             .collect();
         let routes = Routes::new(&store, &scopes);
@@ -190,6 +191,7 @@ impl Daemon {
             tokio::spawn(scheduler.run(down_rx, ack_rx, liveness.heartbeat("downlink scheduler")));
 
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        let registry_for_alerts = registry.clone();
         let stage = UplinkStage::new(
             registry,
             Some(downlinks.clone()),
@@ -240,6 +242,18 @@ impl Daemon {
         misc.push(tokio::spawn(housekeeping::trim_heap_regularly(
             misc_cancel.clone(),
         )));
+
+        // Alerts stop with ingress: nothing is queued after the final flush.
+        misc.push(tokio::spawn(
+            crate::alerts::AlertEngine::new(
+                cfg,
+                store.clone(),
+                metrics.clone(),
+                registry_for_alerts,
+                gateways.clone(),
+            )
+            .run(ingress_cancel.clone()),
+        ));
 
         let sources = Sources {
             metrics: metrics.clone(),

@@ -78,6 +78,7 @@
 //! | `sessions.rs` | frame counters and OTAA sessions, nonces |
 //! | `downlinks.rs` | per-device downlink queues |
 
+mod alerts;
 mod backend;
 mod committer;
 mod downlinks;

@@ -43,6 +43,13 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
     #[error("the queue cannot be read: {0}")]
     Store(#[from] StoreError),
+    /// A WebSocket connection that failed or ended (handshake, protocol, a dead peer).
+    #[error("{0}")]
+    WebSocket(String),
+    #[error("TLS: {0}")]
+    WebSocketTls(String),
+    #[error("the server answered the WebSocket handshake with HTTP {status}")]
+    WebSocketRefused { status: u16 },
 }
 
 /// rumqttc's text, without the `Debug` of an I/O error it embeds (`Io error: Custom { kind:

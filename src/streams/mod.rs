@@ -8,6 +8,8 @@
 //! | `http`            | [`http`]    | a 2xx answer to the POST of the batch                 |
 //! | `stdout`          | [`lines`]   | the line written and stdout flushed                   |
 //! | `file`            | [`lines`]   | the line written and the file fsynced                 |
+//! | `websocket`       | [`websocket`] | `{"ack": "<correlation id>"}` from the server (or, with `ack = "write"`, written) |
+//! | `smtp`            | [`smtp`]    | the SMTP server's 2xx for the e-mail (a 5xx: dead letter) |
 //!
 //! What every kind shares:
 //! - [`connect`]: the one reconnect loop (sessions, backoff with jitter, readable failure logs);
@@ -32,8 +34,10 @@ pub(crate) mod http;
 pub(crate) mod lanes;
 pub(crate) mod lines;
 pub(crate) mod mqtt;
+pub(crate) mod smtp;
 pub mod tls;
 pub(crate) mod too_large;
+pub(crate) mod websocket;
 
 use crate::config::{StreamConfig, StreamKind};
 use crate::downlink::DownlinkHandle;
@@ -75,6 +79,7 @@ pub(crate) enum Stream {
     Http(Box<http::HttpStream>),
     Azure(Box<azure::AzureStream>),
     Lines(lines::LineStream),
+    WebSocket(Box<websocket::WsStream>),
 }
 
 impl Stream {
@@ -105,6 +110,15 @@ impl Stream {
             StreamKind::File { path } => {
                 Stream::Lines(lines::LineStream::file(ctx, path.clone(), events))
             }
+            StreamKind::WebSocket(w) => Stream::WebSocket(Box::new(
+                websocket::WsStream::new(w, ctx, events).map_err(setup)?,
+            )),
+            StreamKind::Smtp(_) => {
+                return Err(setup(SetupError::Key {
+                    what: "kind",
+                    reason: "smtp streams are not built yet".into(),
+                }))
+            }
         })
     }
 
@@ -114,6 +128,7 @@ impl Stream {
             Stream::Http(s) => s.run().await,
             Stream::Azure(s) => s.run().await,
             Stream::Lines(s) => s.run().await,
+            Stream::WebSocket(s) => s.run().await,
         }
     }
 }

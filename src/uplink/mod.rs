@@ -415,6 +415,8 @@ impl UplinkStage {
                 Record::Uplink(u) => self.routes.for_device(&u.application, &u.device, &mut tmp),
                 Record::Join(j) => self.routes.for_device(&j.application, &j.device, &mut tmp),
                 Record::GatewayFrame(g) => self.routes.for_gateway(g.rx.gateway, &mut tmp),
+                // Alerts are appended by the alert engine, never by this stage.
+                Record::Alert(_) => tmp.clear(),
             }
             routes.push(tmp.clone());
         }

@@ -259,6 +259,11 @@ pub(super) fn message_topic(hub_id: &str, r: &Record, content_type: &str) -> Str
             props.push(("type", "frame".into()));
             props.push(("gateway", g.rx.gateway.to_string()));
         }
+        // Refused by the config check for IoT Hub streams; sent as JSON should one come.
+        Record::Alert(a) => {
+            props.push(("type", "alert".into()));
+            props.push(("kind", a.kind.clone()));
+        }
     }
     topic_of(hub_id, &props)
 }

@@ -235,8 +235,9 @@ impl Dispatcher {
                         device: j.device.clone(),
                         dev_eui: j.dev_eui,
                     },
-                    // The config check refuses gateway scopes with identity = "device".
-                    Record::GatewayFrame(_) => continue,
+                    // The config check refuses gateway scopes with identity = "device", and
+                    // alerts on IoT Hub streams.
+                    Record::GatewayFrame(_) | Record::Alert(_) => continue,
                 };
                 let slot = self.slot(dev);
                 if slot.overflow.is_some() || slot.waiting.len() >= PER_DEVICE_CAP {
@@ -282,7 +283,7 @@ impl Dispatcher {
                 let dev_eui = match &r {
                     Record::Uplink(u) => u.dev_eui,
                     Record::Join(j) => j.dev_eui,
-                    Record::GatewayFrame(_) => continue,
+                    Record::GatewayFrame(_) | Record::Alert(_) => continue,
                 };
                 if device_key(dev_eui) != key {
                     continue;

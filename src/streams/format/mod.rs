@@ -290,6 +290,9 @@ impl Formatter {
             Variant::Tts => self.tts(r, d),
             Variant::Xml => xml::record_xml(r, &self.tts(r, d))?,
             Variant::Template { .. } if matches!(r, Record::Join(_)) => return Ok(None),
+            // A template renders uplinks; an alert goes as its own JSON (the rule named this
+            // stream, so the operator wants it here).
+            Variant::Template { .. } if matches!(r, Record::Alert(_)) => self.tts(r, d),
             Variant::Template { template, .. } => {
                 template.render_json(&self.tts(r, d))?.into_bytes()
             }
@@ -304,6 +307,8 @@ impl Formatter {
                 // Refused at load time (config: a gateway-scoped stream cannot be
                 // `chirpstack`); should one come anyway, the TTS layout is better than nothing.
                 Record::GatewayFrame(_) => self.tts(r, d),
+                // ChirpStack has no alert event: the alert's own JSON.
+                Record::Alert(_) => self.tts(r, d),
             },
         }))
     }

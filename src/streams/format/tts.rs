@@ -363,7 +363,27 @@ pub fn record_json(r: &Record, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
         Record::Uplink(u) => uplink_json(u, x, d),
         Record::GatewayFrame(g) => gateway_json(g, d),
         Record::Join(j) => join_json(j, d),
+        Record::Alert(a) => alert_json(a),
     }
+}
+
+/// An alert message (contract, "WebSocket and e-mail streams, alerts"):
+/// `{"alert": {"id", "kind", "state", "subject", "since", "message"}}`, plus the message's
+/// `correlation_ids` (stable across redeliveries, as for uplinks) and `received_at`.
+pub fn alert_json(a: &crate::model::AlertMsg) -> Vec<u8> {
+    let doc = serde_json::json!({
+        "alert": {
+            "id": a.alert_id,
+            "kind": a.kind,
+            "state": if a.firing { "firing" } else { "resolved" },
+            "subject": a.subject,
+            "since": rfc3339(a.since_us),
+            "message": a.message,
+        },
+        "correlation_ids": [crate::model::correlation_id("alert", a.id)],
+        "received_at": rfc3339(a.at_us),
+    });
+    serde_json::to_vec(&doc).unwrap_or_default()
 }
 
 /// lorastream's topic of a record under an MQTT prefix (contract, "MQTT topics": uplinks,
@@ -373,6 +393,7 @@ pub fn topic(prefix: &str, r: &Record) -> String {
         Record::Uplink(u) => format!("{prefix}/{}/devices/{}/up", u.application, u.device),
         Record::Join(j) => format!("{prefix}/{}/devices/{}/join", j.application, j.device),
         Record::GatewayFrame(g) => format!("{prefix}/gateways/{}/up", g.rx.gateway.to_lower_hex()),
+        Record::Alert(a) => format!("{prefix}/gateways/{}/alerts", a.origin),
     }
 }
 

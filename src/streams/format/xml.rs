@@ -51,6 +51,9 @@ pub const APPLICATION_UP: &str = "application_up";
 /// Root element of raw gateway frames.
 pub const GATEWAY_UP: &str = "gateway_up";
 
+/// Root element of an operator alert.
+pub const ALERT: &str = "alert_message";
+
 /// The XML Schema instance namespace, for `xsi:nil`.
 const XSI: &str = "http://www.w3.org/2001/XMLSchema-instance";
 
@@ -73,6 +76,7 @@ pub fn root_element(r: &Record) -> &'static str {
     match r {
         Record::Uplink(_) | Record::Join(_) => APPLICATION_UP,
         Record::GatewayFrame(_) => GATEWAY_UP,
+        Record::Alert(_) => ALERT,
     }
 }
 

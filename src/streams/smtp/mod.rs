@@ -1,0 +1,3 @@
+//! The e-mail stream (`kind = "smtp"`).
+
+pub(crate) mod template;
