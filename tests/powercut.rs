@@ -305,16 +305,31 @@ print(ok, db.execute("SELECT count(*), coalesce(max(id), 0) FROM t").fetchone() 
                 .spawn()
                 .unwrap();
             let stdout = child.stdout.take().unwrap();
-            // Reads to EOF: every commit printed before the kill counts.
+            // Reads to EOF: every commit printed before the kill counts; each one is also
+            // passed on, so the cut comes only once this writer has made progress (on a busy
+            // machine python may take a second just to start).
+            let (seen_tx, seen_rx) = std::sync::mpsc::channel::<u64>();
             let reader = std::thread::spawn(move || {
                 use std::io::BufRead;
                 std::io::BufReader::new(stdout)
                     .lines()
                     .map_while(Result::ok)
                     .filter_map(|l| l.trim().parse::<u64>().ok())
+                    .inspect(|n| {
+                        let _ = seen_tx.send(*n);
+                    })
                     .max()
             });
-            std::thread::sleep(Duration::from_millis(rng.random_range(200..900)));
+            let want = committed + 8;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+                match seen_rx.recv_timeout(left) {
+                    Ok(n) if n >= want => break,
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..300)));
             child.kill().unwrap();
             child.wait().unwrap();
             if let Some(n) = reader.join().unwrap() {
