@@ -194,13 +194,20 @@ fn preallocate(f: &File, len: u64) -> io::Result<()> {
 }
 
 impl Journal {
-    /// A journal in `dir`, continuing after the generations already there, with a reserve of
-    /// `reserve_size` bytes (made now if there is room).
-    pub(crate) fn new(dir: &Path, reserve_size: u64) -> Journal {
+    /// A journal in `dir`, continuing after the generations already there and after
+    /// `committed` (the newest generation the engine records as covered, `meta`/`journal_gen`),
+    /// with a reserve of `reserve_size` bytes (made now if there is room).
+    ///
+    /// Both bounds matter: replay skips every generation up to `committed`, and after a replay
+    /// the directory holds no generation file at all. A journal that started from 0 again would
+    /// write frames that the next replay (after a second kill before a checkpoint) skips as
+    /// already committed: lost.
+    pub(crate) fn new(dir: &Path, committed: Option<u64>, reserve_size: u64) -> Journal {
         let gen = files(dir)
             .into_iter()
             .chain(files_of(dir, ACKS_PREFIX))
             .map(|(g, _)| g + 1)
+            .chain(committed.map(|c| c + 1))
             .max()
             .unwrap_or(0);
         let mut j = Journal {
@@ -431,6 +438,10 @@ impl Journal {
     /// committed); returns it. None while the journal is writing into the reserve and no new
     /// reserve can be made: the disk is still full, a checkpoint is not worth trying, and the
     /// reserve must keep taking the journal.
+    ///
+    /// The next frame always goes to a newer generation, also when this one has no file: the
+    /// commit records the returned generation as covered (`meta`/`journal_gen`), and replay
+    /// skips every frame of a covered generation.
     pub(crate) fn rotate(&mut self) -> Option<u64> {
         if self.in_reserve.is_some() {
             if self.make_reserve().is_err() {
@@ -443,9 +454,9 @@ impl Journal {
         let had_puts = self.file.take().is_some();
         let had_acks = self.acks.take().is_some();
         if had_puts || had_acks || self.acks_broken == Some(g) {
-            self.gen += 1;
             self.to_remove = Some(g);
         }
+        self.gen += 1;
         self.in_reserve = None;
         // The engine commit that follows makes these frames durable.
         self.unsynced = false;
@@ -552,7 +563,7 @@ mod tests {
     #[test]
     fn frames_replay_in_order_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::new(dir.path(), 0);
+        let mut j = Journal::new(dir.path(), None, 0);
         // Borrowed puts encode exactly as owned ones (the frames earlier versions wrote).
         let (k, v) = (vec![1u8], vec![1u8; 3]);
         assert_eq!(
@@ -595,13 +606,40 @@ mod tests {
         remove_upto(dir.path(), g);
         assert_eq!(files(dir.path()).len(), 1);
         // A new journal continues after the surviving generation.
-        assert_eq!(Journal::new(dir.path(), 0).gen, g + 2);
+        assert_eq!(Journal::new(dir.path(), None, 0).gen, g + 2);
+    }
+
+    /// Frames written after a commit are never in a generation that commit covered: replay
+    /// skips those (`committed`), so such a frame would be lost by a kill.
+    #[test]
+    fn frames_after_a_commit_are_replayed_after_a_kill() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::new(dir.path(), None, 0);
+        // A commit with nothing journaled in its generation (`flush_every_ms = 0`: appends go
+        // to the engine; the journal takes them only once a commit fails).
+        let g = j.rotate().unwrap();
+        write(&mut j, 1);
+        assert_eq!(replay(dir.path(), Some(g)).puts.len(), 1);
+        // After a restart whose replay removed every file: the journal continues after the
+        // generation the engine recorded, not from 0.
+        let g = j.rotate().unwrap();
+        remove_upto(dir.path(), g);
+        let mut j = Journal::new(dir.path(), Some(g), 0);
+        write(&mut j, 2);
+        assert_eq!(
+            replay(dir.path(), Some(g))
+                .puts
+                .iter()
+                .map(|p| p.1[0])
+                .collect::<Vec<_>>(),
+            vec![2]
+        );
     }
 
     #[test]
     fn acks_replay_and_leave_with_their_generation() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::new(dir.path(), 0);
+        let mut j = Journal::new(dir.path(), None, 0);
         write(&mut j, 1);
         j.write_acks(&[("t", &[1u8][..])]).unwrap();
         let g = j.rotate().unwrap();
@@ -623,7 +661,7 @@ mod tests {
     #[test]
     fn the_reserve_is_made_and_taken_when_a_write_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::new(dir.path(), 1 << 20);
+        let mut j = Journal::new(dir.path(), None, 1 << 20);
         if j.reserve_state() == ReserveState::None {
             // This filesystem cannot preallocate: nothing more to test here.
             return;

@@ -241,7 +241,11 @@ impl Store {
         if let Ok(mut e) = shared.engine.write() {
             *e = Some(Arc::new(engine));
         }
-        let journal = Mutex::new(journal::Journal::new(&cfg.path, cfg.reserve_bytes));
+        let journal = Mutex::new(journal::Journal::new(
+            &cfg.path,
+            committed_gen,
+            cfg.reserve_bytes,
+        ));
         let store = Store {
             inner: Arc::new(Inner {
                 cfg: cfg.clone(),
