@@ -44,6 +44,7 @@ struct Inner {
     stream_connections: Family<Labels, Gauge>,
     radio_defects: Family<Labels, Counter>,
     gateway_address_changes: Counter,
+    metrics_connections_refused: Counter,
     downlinks_too_large: Family<Labels, Counter>,
     /// Operator alerts (`[[alert]]`): open now, and messages made, by kind (and state).
     alerts_open: Family<Labels, Gauge>,
@@ -143,6 +144,11 @@ impl Metrics {
                 "Times a known packet forwarder's source address changed (restart, NAT, or a spoofed datagram)",
                 Counter::default()
             ),
+            metrics_connections_refused: reg!(
+                "metrics_connections_refused",
+                "Connections to the /metrics and /health listener closed at once because MAX_CONNECTIONS were open",
+                Counter::default()
+            ),
             downlinks_too_large: reg!(
                 "downlink_messages_too_large",
                 "Downlink messages from a stream's destination refused because of their size, by stream",
@@ -191,6 +197,12 @@ impl Metrics {
     }
     pub fn gateway_address_changed(&self) {
         self.inner.gateway_address_changes.inc();
+    }
+    pub fn metrics_connection_refused(&self) {
+        self.inner.metrics_connections_refused.inc();
+    }
+    pub fn metrics_connections_refused(&self) -> u64 {
+        self.inner.metrics_connections_refused.get()
     }
     pub fn downlink_too_large(&self, stream: &str) {
         self.inner
@@ -536,6 +548,14 @@ impl Collector for SnapshotCollector {
     }
 }
 
+/// Connections the `/metrics` and `/health` listener serves at once. More are closed at once
+/// (and counted): idle or slow clients cannot take the file descriptors the store and the
+/// streams need. A scraper or a health check needs one.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// How long one connection may take to send its request head, and to take the answer.
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serve `/metrics` and `/health` until `cancel`. `health` returns the `/health` document.
 pub(crate) async fn serve<F>(
     listener: TcpListener,
@@ -546,6 +566,8 @@ pub(crate) async fn serve<F>(
     F: Fn() -> String + Send + Sync + 'static,
 {
     let snapshot = Arc::new(health);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused_log = crate::logs::LogLimiter::new();
     loop {
         let (mut sock, _) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -558,13 +580,25 @@ pub(crate) async fn serve<F>(
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics.metrics_connection_refused();
+            if refused_log.allow() {
+                tracing::warn!(
+                    max = MAX_CONNECTIONS,
+                    "metrics endpoint: too many open connections; closing new ones until some end"
+                );
+            }
+            drop(sock);
+            continue;
+        };
         let metrics = metrics.clone();
         let snapshot = snapshot.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = vec![0u8; 4096];
             let mut n = 0;
             // Read the request head (bounded in size and time); the body, if any, is ignored.
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let read = tokio::time::timeout(CONNECTION_TIMEOUT, async {
                 while n < buf.len() {
                     match sock.read(&mut buf[n..]).await {
                         Ok(0) | Err(_) => break,
@@ -598,8 +632,12 @@ pub(crate) async fn serve<F>(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            // A client that does not read its answer is dropped after the timeout too.
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            })
+            .await;
         });
     }
 }

@@ -702,3 +702,70 @@ async fn store_files_are_owner_only_whatever_the_umask() {
         assert!(bad.is_empty(), "{backend:?}: readable by others: {bad:?}");
     }
 }
+
+/// Idle connections to the metrics listener used to be unbounded: each held a file descriptor
+/// (and a task) for as long as the client kept it open, so a flood of them could take the
+/// descriptors the store and the streams need. At most `MAX_CONNECTIONS` are served at once;
+/// the rest are closed at once and counted, and a scrape works again once the idle ones time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_to_the_metrics_listener_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "");
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let addr = daemon.metrics_addr().expect("metrics listener");
+    const FLOOD: usize = 300;
+    let mut idle = Vec::new();
+    for _ in 0..FLOOD {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Every connection over the cap is closed by the daemon at once (EOF), none of the others
+    // (within a second: well inside the daemon's 5 s request timeout).
+    let checks: Vec<_> = idle
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1];
+                let r = tokio::time::timeout(Duration::from_secs(1), s.read(&mut b)).await;
+                (s, matches!(r, Ok(Ok(0))))
+            })
+        })
+        .collect();
+    let mut idle = Vec::new();
+    let mut closed = 0;
+    for c in checks {
+        let (s, eof) = c.await.unwrap();
+        closed += usize::from(eof);
+        idle.push(s);
+    }
+    let max = lorastream::metrics::MAX_CONNECTIONS;
+    assert_eq!(closed, FLOOD - max, "connections closed at once");
+    assert_eq!(
+        daemon.metrics().metrics_connections_refused(),
+        (FLOOD - max) as u64
+    );
+    // The idle ones that were let in are dropped after the request timeout; then a scrape
+    // is answered while the test still holds its ends open.
+    let started = Instant::now();
+    let body = loop {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut out)).await;
+        if out.starts_with("HTTP/1.1 200") {
+            break out;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no scrape answered while idle connections were held"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(body.contains("lorastream_metrics_connections_refused_total"));
+    drop(idle);
+    daemon.stop().await;
+}

@@ -429,7 +429,18 @@ impl UplinkStage {
         match self.store.append(&entries, devices).await {
             // Queued in memory only (the store logs the disk error, rate-limited).
             Ok(a) if a.unsaved > 0 => self.metrics.store_error(),
-            Ok(_) => {}
+            Ok(_) => {
+                // One line per uplink the store has taken (durable on disk when
+                // `flush_every_ms = 0`), for tracing a single uplink's path and for the
+                // crash tests; off unless the `lorastream::stored` target is at trace level.
+                if tracing::enabled!(target: "lorastream::stored", tracing::Level::TRACE) {
+                    for e in &entries {
+                        if let Record::Uplink(u) = e.record {
+                            tracing::trace!(target: "lorastream::stored", device = %u.device, f_cnt = u.f_cnt, "uplink stored");
+                        }
+                    }
+                }
+            }
             Err(e) => {
                 self.metrics.store_error();
                 if self.warn.allow() {

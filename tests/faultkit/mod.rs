@@ -70,6 +70,8 @@ pub struct DaemonSpec {
     pub storage_extra: String,
     /// `[[application]]`, `[[device]]` and `[[stream]]` tables.
     pub body: String,
+    /// `RUST_LOG` for the daemon (None: inherited, else the config's level).
+    pub log_filter: Option<String>,
 }
 
 impl DaemonSpec {
@@ -86,6 +88,7 @@ impl DaemonSpec {
             when_full: None,
             storage_extra: String::new(),
             body,
+            log_filter: None,
         }
     }
 
@@ -164,14 +167,16 @@ impl DaemonProc {
         std::fs::write(&cfg, spec.toml()).unwrap();
         let n = STARTS.fetch_add(1, Ordering::SeqCst);
         let log = spec.dir.join(format!("daemon-{n}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_lorastream"))
-            .args(["run", "-c"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lorastream"));
+        cmd.args(["run", "-c"])
             .arg(&cfg)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(f) = &spec.log_filter {
+            cmd.env("RUST_LOG", f);
+        }
+        let child = cmd.spawn().unwrap();
         let mut d = DaemonProc {
             child: Some(child),
             spec: spec.clone(),
@@ -232,6 +237,26 @@ impl DaemonProc {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The uplinks this daemon logged as stored (the `lorastream::stored` trace lines, written
+    /// after the store's append returned: with `flush_every_ms = 0`, after the fsync). Needs
+    /// `log_filter` with `lorastream::stored=trace`; works after a kill (the log stays).
+    pub fn stored_uplinks(&self) -> HashSet<(u8, u32)> {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        s.lines()
+            .filter(|l| l.contains("uplink stored"))
+            .filter_map(|l| {
+                let field = |name: &str| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name))
+                        .map(|v| v.trim_matches('"').to_string())
+                };
+                let dev = field("device=")?.strip_prefix("dev-")?.parse().ok()?;
+                let f_cnt = field("f_cnt=")?.parse().ok()?;
+                Some((dev, f_cnt))
+            })
+            .collect()
     }
 
     pub fn log_text(&self) -> String {
