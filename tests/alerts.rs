@@ -2,7 +2,8 @@
 //! and a real MQTT broker as destinations): device_silent, gateway_offline, stream_down and
 //! queue_filling fire once and resolve once; an open alert survives a restart without a second
 //! `firing`. (battery_low is in tests/mac.rs, which has the DevStatus exchange; store_unwritable
-//! in tests/disk_full.rs, which has a disk to fill.)
+//! in tests/disk_full.rs, `a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself`, which
+//! has a disk to fill.)
 
 mod support;
 

@@ -1,8 +1,8 @@
 //! A full disk, for real: the store lives on a small tmpfs (`mount -t tmpfs -o size=…`), a
 //! file fills it to ENOSPC, and the daemon keeps receiving uplinks over real UDP and delivering
 //! them to a real MQTT broker. It must stay up, count the failed writes, keep live traffic
-//! flowing, hold what it cannot write in memory, and write it by itself once space returns.
-//! Both storage engines.
+//! flowing, hold what it cannot write in memory, and write it by itself once space returns;
+//! a `store_unwritable` alert fires once and resolves once. Both storage engines.
 //!
 //! Mounting needs root: without it the test skips with a printed reason, unless
 //! LORASTREAM_TEST_ROOT=1 (CI, which runs as root) makes it mandatory.
@@ -130,14 +130,30 @@ async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
         };
         let mut broker = support::broker::TestBroker::start().await;
         let mut d = device(1);
+        // The store_unwritable alert goes to a file stream on another (roomy) file system.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let alerts_file = elsewhere.path().join("alerts.jsonl");
         let mut cfg = config(
             fs.path(),
             &format!(
-                "[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"cloud\"\nserver = \"{}\"\n",
+                "[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"cloud\"\nserver = \"{}\"\n\n\
+                 [[stream]]\nname = \"alerts\"\nkind = \"file\"\npath = {:?}\n\n\
+                 [[alert]]\nkind = \"store_unwritable\"\nstreams = [\"alerts\"]\n",
                 device_toml(&d, "farm"),
-                broker.url()
+                broker.url(),
+                alerts_file.display().to_string()
             ),
         );
+        let store_alerts = |state: &str| {
+            std::fs::read_to_string(&alerts_file)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| {
+                    v["alert"]["kind"] == "store_unwritable" && v["alert"]["state"] == state
+                })
+                .count()
+        };
         cfg.storage.backend = backend.parse_backend();
         cfg.storage.flush_every_ms = 100;
         let daemon = Daemon::start(&cfg).await.unwrap();
@@ -199,6 +215,13 @@ async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
         assert_eq!(health["store"]["reserve"], "in_use", "{health}");
         assert_eq!(health["store"]["memory_only"], 0, "{health}");
         assert!(m.contains("lorastream_store_memory_only_records 0"), "{m}");
+        // The operator is told, once.
+        assert!(
+            wait_until(T, || store_alerts("firing") == 1).await,
+            "{backend}: no store_unwritable alert in {}",
+            std::fs::read_to_string(&alerts_file).unwrap_or_default()
+        );
+        assert_eq!(store_alerts("resolved"), 0);
 
         // 4. Space comes back: the store writes them by itself (committer retry + reopen).
         std::fs::remove_file(&filler).unwrap();
@@ -210,6 +233,13 @@ async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
             daemon.store().health()
         );
         assert_eq!(q.len(), HELD);
+        // ... and told once more that it is over.
+        assert!(
+            wait_until(T, || store_alerts("resolved") == 1).await,
+            "{backend}: store_unwritable not resolved: {}",
+            std::fs::read_to_string(&alerts_file).unwrap_or_default()
+        );
+        assert_eq!(store_alerts("firing"), 1, "{backend}: fired once");
 
         // 5. The broker is back: the backlog is delivered, nothing was lost.
         broker.restart().await;
