@@ -122,6 +122,7 @@ async fn session(
         Ok(false) => return SessionEnd::Stopped,
         Err(e) => return SessionEnd::failed(e),
     }
+    let mut driver = client::Driver::start(eventloop);
     report(Report::Connected);
     if sh.ctx.downlinks.is_some() {
         let _ = client.try_subscribe(wire::devicebound_filter(&who.hub_id), QoS::AtLeastOnce);
@@ -146,7 +147,7 @@ async fn session(
             _ = client::hung(watchdog.deadline()) => {
                 break SessionEnd::failed(SessionError::NoResponse(watchdog.timeout()));
             }
-            ev = eventloop.poll() => match ev.inspect(|e| watchdog.saw(e)) {
+            ev = driver.next() => match ev.inspect(|e| watchdog.saw(e)) {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => inflight.written(pkid),
                 Ok(Event::Incoming(Packet::PubAck(a))) => {
                     if let Some(seq) = inflight.acked(a.pkid) {
@@ -177,7 +178,7 @@ async fn session(
                     }
                 }
                 Ok(_) => {}
-                Err(e) => break SessionEnd::failed(SessionError::from_mqtt(e)),
+                Err(e) => break SessionEnd::failed(e),
             },
             Some((seq, r)) = records.recv(), if room => {
                 if !publish_record(sh, who, &client, &mut inflight, &mut rid, seq, &r, report) {
@@ -213,7 +214,7 @@ async fn session(
                 if let Some((since, _)) = &draining {
                     let idle = inflight.is_empty() && intake.settled();
                     if idle || since.elapsed() > DRAIN_GRACE {
-                        client::disconnect(&client, &mut eventloop).await;
+                        driver.disconnect(&client).await;
                         break draining.take().map(|(_, e)| e).unwrap_or(SessionEnd::Stopped);
                     }
                 }

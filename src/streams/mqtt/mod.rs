@@ -207,6 +207,7 @@ impl Session for MqttStream {
             Ok(false) => return SessionEnd::Stopped,
             Err(e) => return SessionEnd::failed(e),
         }
+        let mut driver = client::Driver::start(eventloop);
         tracing::info!(stream = %name, server = %self.shown, backlog = self.ctx.queue.len(), "MQTT connected");
         if let Some(t) = self.status_topic() {
             publish(&client, &state, &t, b"online".to_vec(), true, None);
@@ -246,7 +247,7 @@ impl Session for MqttStream {
         let mut oversized_log = crate::logs::LogLimiter::new();
         let end = loop {
             let ev = tokio::select! {
-                ev = eventloop.poll() => ev,
+                ev = driver.next() => ev,
                 _ = client::hung(watchdog.deadline()) => {
                     break SessionEnd::failed(SessionError::NoResponse(watchdog.timeout()));
                 }
@@ -268,7 +269,7 @@ impl Session for MqttStream {
                         if let Some(t) = self.status_topic() {
                             publish(&client, &state, &t, b"offline".to_vec(), true, None);
                         }
-                        client::disconnect(&client, &mut eventloop).await;
+                        driver.disconnect(&client).await;
                         break SessionEnd::Stopped;
                     }
                     continue;
@@ -321,7 +322,7 @@ impl Session for MqttStream {
                     }
                 }
                 Ok(_) => {}
-                Err(e) => break SessionEnd::failed(SessionError::from_mqtt(e)),
+                Err(e) => break SessionEnd::failed(e),
             }
         };
         feeder_stop.cancel();
