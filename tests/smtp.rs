@@ -78,6 +78,11 @@ impl Smtpd {
     /// aiosmtpd on 127.0.0.1 (port 0) with a certificate for 127.0.0.1, requiring AUTH as
     /// [`USER`]/[`PASSWORD`]; STARTTLS, or TLS from the first byte with `implicit`.
     fn start(dir: &Path, implicit: bool) -> Smtpd {
+        Smtpd::start_with(dir, if implicit { "--implicit" } else { "" })
+    }
+
+    /// With `flag` = "--implicit", "--plain" (no TLS offered) or "".
+    fn start_with(dir: &Path, flag: &str) -> Smtpd {
         let ca = pki::Ca::new(dir, "smtp");
         let cert = ca.issue(dir, "smtp-server", &["127.0.0.1"]);
         let script = format!("{}/tests/py/smtpd.py", env!("CARGO_MANIFEST_DIR"));
@@ -91,8 +96,8 @@ impl Smtpd {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
-        if implicit {
-            cmd.arg("--implicit");
+        if !flag.is_empty() {
+            cmd.arg(flag);
         }
         let mut child = cmd.spawn().expect("start tests/py/smtpd.py");
         let stdin = child.stdin.take().expect("stdin");
@@ -478,6 +483,117 @@ async fn a_4xx_is_retried_after_the_backoff_and_then_delivered() {
             "lorastream_queue_dropped{stream=\"mail\",reason=\"dead_letter\"}"
         )
         .unwrap_or(0.0),
+        0.0
+    );
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_starttls_or_an_untrusted_certificate_sends_nothing_and_no_password() {
+    if !gate("smtp tls required") {
+        return;
+    }
+    // A server that offers no STARTTLS (but AUTH in the clear): smtp:// refuses to go on.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Smtpd::start_with(dir.path(), "--plain");
+    let c = daemon_config(
+        dir.path(),
+        1,
+        &smtp_stream(&s, "smtp", PASSWORD, "batch_wait = \"0s\"\n"),
+    );
+    let d = Daemon::start(&c).await.unwrap();
+    let m = d.metrics().clone();
+    assert!(
+        wait_until(T, || m.stream_errors("mail", "smtp_connect") >= 1
+            && m.alerts("device_silent", "firing") == 1
+            && queue_depth(&d) == 1.0)
+        .await
+    );
+    assert!(logs().contains("does not offer STARTTLS, which smtp:// requires"));
+    assert!(
+        s.of("auth").is_empty(),
+        "the password went out in the clear"
+    );
+    assert!(s.mails().is_empty());
+    d.stop().await;
+
+    // A STARTTLS server whose certificate is not trusted (no ca_file): nothing is sent.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Smtpd::start(dir.path(), false);
+    let stream = smtp_stream(&s, "smtp", PASSWORD, "batch_wait = \"0s\"\n");
+    let stream: String = stream
+        .lines()
+        .filter(|l| !l.starts_with("ca_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let d = Daemon::start(&daemon_config(dir.path(), 1, &stream))
+        .await
+        .unwrap();
+    let m = d.metrics().clone();
+    assert!(
+        wait_until(T, || m.stream_errors("mail", "smtp_connect") >= 1
+            && m.alerts("device_silent", "firing") == 1
+            && queue_depth(&d) == 1.0)
+        .await
+    );
+    let l = logs();
+    assert!(
+        l.contains("TLS: STARTTLS: ") && l.contains("invalid peer certificate"),
+        "no TLS error logged: {l}"
+    );
+    assert!(s.of("auth").is_empty() && s.mails().is_empty());
+    d.stop().await;
+    assert_no_password_logged();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplinks_are_mailed_only_with_alerts_only_false() {
+    use lorastream::model::Eui64;
+    use lorastream::sim::{Forwarder, Radio};
+    if !gate("smtp uplinks") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let s = Smtpd::start(dir.path(), false);
+    let mut d1 = device(1);
+    let text = format!(
+        "[[application]]\nid = \"farm\"\n\n{}\
+         [[stream]]\nname = \"mail\"\nkind = \"smtp\"\napplication = \"farm\"\n{}\n\
+         [[stream]]\nname = \"alerts\"\nkind = \"smtp\"\napplication = \"farm\"\n{}\n",
+        device_toml(&d1, "farm"),
+        smtp_stream(
+            &s,
+            "smtp",
+            PASSWORD,
+            "alerts_only = false\nbatch_wait = \"0s\"\nsubject = \"uplink {{ uplink_message.f_cnt }} from {{ end_device_ids.device_id }}\"\n"
+        ),
+        smtp_stream(&s, "smtp", PASSWORD, "batch_wait = \"0s\"\n"),
+    );
+    let d = Daemon::start(&config(dir.path(), &text)).await.unwrap();
+    let mut fwd = Forwarder::connect(d.udp_addr(), Eui64::from_u64(0xAA55_5A00_0000_0001))
+        .await
+        .unwrap();
+    fwd.pull().await.unwrap();
+    let p = d1.uplink(1, b"hello", false).unwrap();
+    fwd.send(&[(&p, Radio::default())]).await.unwrap();
+    assert!(
+        wait_until(T, || s.accepted().len() == 1).await,
+        "{:?}",
+        s.mails()
+    );
+    let m = s.accepted().remove(0);
+    assert_eq!(m["subject"], "uplink 0 from dev-1");
+    // Without a body template: the stream's format (TTS JSON), indented.
+    let body = m["body"].as_str().unwrap();
+    assert!(body.contains("\"device_id\": \"dev-1\""), "{body}");
+    assert!(body.contains("\"frm_payload\": \"aGVsbG8=\""), "{body}");
+    // The alerts-only stream queued nothing.
+    assert_eq!(
+        metric(&d, "lorastream_queue_depth{stream=\"alerts\"}"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&d, "lorastream_queue_delivered{stream=\"alerts\"}").unwrap_or(0.0),
         0.0
     );
     d.stop().await;

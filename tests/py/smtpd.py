@@ -10,7 +10,8 @@ Listens on 127.0.0.1, port 0, and prints one JSON line per event on stdout:
   {"event": "control", "queued": N}                          (after each stdin line)
 
 STARTTLS is offered and required before anything else (--implicit: TLS from the first
-byte instead), AUTH is required (when --user is given) and only offered over TLS.
+byte instead; --plain: no TLS at all, AUTH offered in the clear, to show that the client
+refuses), AUTH is required (when --user is given) and only offered over TLS.
 
 Each stdin line "reply <code> <text>" queues an answer for the next e-mail's DATA instead of
 250 (e.g. "reply 451 4.3.0 try later", "reply 554 5.6.0 refused"); the answer is printed as the
@@ -80,6 +81,7 @@ def main():
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
     ap.add_argument("--implicit", action="store_true")
+    ap.add_argument("--plain", action="store_true", help="no TLS at all (no STARTTLS offered)")
     ap.add_argument("--user")
     ap.add_argument("--password")
     a = ap.parse_args()
@@ -102,10 +104,14 @@ def main():
         kw = dict(hostname="smtp.test", ident="lorastream test SMTP")
         if a.user:
             # With implicit TLS aiosmtpd does not know the socket is TLS: it is, from the start.
-            kw.update(authenticator=authenticator, auth_required=True, auth_require_tls=not a.implicit)
+            kw.update(
+                authenticator=authenticator,
+                auth_required=True,
+                auth_require_tls=not (a.implicit or a.plain),
+            )
         else:
             kw.update(auth_require_tls=False)
-        if not a.implicit:
+        if not (a.implicit or a.plain):
             kw.update(tls_context=ctx, require_starttls=True)
         return SMTP(Handler(), **kw)
 

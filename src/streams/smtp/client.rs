@@ -195,10 +195,19 @@ impl Client {
 
 /// A lettre error as what the stream does next.
 fn classify(what: &str, e: &lettre::transport::smtp::Error) -> Failure {
-    let text = match std::error::Error::source(e) {
-        Some(s) => s.to_string(),
-        None => e.to_string(),
-    };
+    // The server's text for an answer; otherwise the root cause (lettre nests "Connection
+    // error: Connection error: <cause>").
+    let mut root: &dyn std::error::Error = e;
+    let mut tls = e.is_tls();
+    while let Some(s) = root.source() {
+        root = s;
+        tls |= root.downcast_ref::<rustls::Error>().is_some()
+            || root
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some());
+    }
+    let text = root.to_string();
     match e.status().map(u16::from) {
         // 421: the server is closing the channel (RFC 5321 §3.8): not about this e-mail.
         Some(421) => Failure::Connection(SessionError::SmtpAnswer { code: 421, text }),
@@ -206,7 +215,9 @@ fn classify(what: &str, e: &lettre::transport::smtp::Error) -> Failure {
         Some(530) => Failure::Connection(SessionError::SmtpAuth { code: 530, text }),
         Some(code) if e.is_transient() => Failure::Deferred { code, text },
         Some(code) if e.is_permanent() => Failure::Refused { code, text },
-        _ if e.is_tls() => Failure::Connection(SessionError::SmtpTls(format!("{what}: {text}"))),
-        _ => Failure::Connection(SessionError::Smtp(format!("{what}: {e}"))),
+        _ if tls || text.contains("certificate") => {
+            Failure::Connection(SessionError::SmtpTls(format!("{what}: {text}")))
+        }
+        _ => Failure::Connection(SessionError::Smtp(format!("{what}: {text}"))),
     }
 }
