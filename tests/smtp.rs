@@ -598,3 +598,44 @@ async fn uplinks_are_mailed_only_with_alerts_only_false() {
     );
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_552_halves_the_batch_and_one_record_alone_is_dropped_as_too_large() {
+    if !gate("smtp 552") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Smtpd::start(dir.path(), false);
+    // Two alerts in one e-mail: too large; then the first alone: too large (dropped); then the
+    // second alone goes out.
+    s.reply_next("552 5.3.4 message size exceeds fixed limit")
+        .await;
+    s.reply_next("552 5.3.4 message size exceeds fixed limit")
+        .await;
+    let c = daemon_config(
+        dir.path(),
+        2,
+        &smtp_stream(&s, "smtp", PASSWORD, "batch_wait = \"1s\"\n"),
+    );
+    let d = Daemon::start(&c).await.unwrap();
+    assert!(
+        wait_until(T, || s.accepted().len() == 1 && queue_depth(&d) == 0.0).await,
+        "{:?}",
+        s.mails()
+    );
+    let mails = s.mails();
+    let codes: Vec<_> = mails.iter().map(|m| m["code"].clone()).collect();
+    assert_eq!(codes, vec![552, 552, 250]);
+    assert!(mails[0]["subject"].as_str().unwrap().ends_with("(+1 more)"));
+    assert!(!mails[1]["subject"].as_str().unwrap().contains("more"));
+    assert_ne!(mails[1]["subject"], mails[2]["subject"]);
+    assert_eq!(
+        metric(
+            &d,
+            "lorastream_queue_dropped{stream=\"mail\",reason=\"too_large\"}"
+        ),
+        Some(1.0)
+    );
+    assert!(logs().contains("refused the e-mail as too large (552)"));
+    d.stop().await;
+}

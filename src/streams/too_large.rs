@@ -1,5 +1,5 @@
 //! Records a destination can never take because of their size (over an MQTT packet limit,
-//! IoT Hub's 256 KB, a webhook's 413 for one record alone): removed from the queue as
+//! IoT Hub's 256 KB, a webhook's 413 or a mail server's 552 for one record alone): removed from the queue as
 //! `too_large` (`lorastream_queue_dropped{reason="too_large"}`) with a log line, so that one
 //! record never blocks the ones behind it or is retried forever (docs/reliability.md). The one
 //! way every stream kind drops such a record.

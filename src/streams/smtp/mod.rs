@@ -21,7 +21,8 @@
 //!   reads the queue from its oldest record. A 5xx for the e-mail (`smtp_refused`) removes its
 //!   records as dead letters (`lorastream_queue_dropped{reason="dead_letter"}`) with a warning,
 //!   and the records behind them go on. 421 and 530 are about the connection or the login, not
-//!   the e-mail: retried.
+//!   the e-mail: retried. A 552 (too large) halves the records per e-mail; one record alone
+//!   refused with 552 is dropped as `too_large` ([`super::too_large`]).
 //! - **Reachability.** A session starting without a known-good server connects and logs in
 //!   once (then QUIT) before it waits for records, so `lorastream_stream_connected` (and a
 //!   `stream_down` alert) tells a broken mail server or password from a quiet stream.
@@ -213,12 +214,17 @@ impl SmtpStream {
         let mut lanes = Lanes::new(&self.ctx.queue);
         let mut pending: VecDeque<(u64, Record)> = VecDeque::new();
         let mut limited = false;
+        // Records per e-mail: batch_max, halved after a 552 (too large) until one is sent.
+        let mut limit = self.batch_max;
         loop {
             if self.ctx.cancel.is_cancelled() {
                 return SessionEnd::Stopped;
             }
-            if pending.is_empty() && !self.fill(&mut lanes, &mut pending).await {
-                return SessionEnd::Stopped;
+            if pending.is_empty() {
+                limit = self.batch_max;
+                if !self.fill(&mut lanes, &mut pending).await {
+                    return SessionEnd::Stopped;
+                }
             }
             if let Some(until) = self.rate.blocked_until(Instant::now()) {
                 if !limited {
@@ -238,7 +244,7 @@ impl SmtpStream {
             limited = false;
             // What arrived meanwhile (a rate-limit wait, a dead-lettered e-mail) joins this one.
             self.read(&mut lanes, &mut pending);
-            let n = pending.len().min(self.batch_max);
+            let n = pending.len().min(limit);
             let Some(parts) = self.parts(&mut pending, n) else {
                 continue;
             };
@@ -270,6 +276,27 @@ impl SmtpStream {
                     }
                     self.ctx.metrics.stream_connected(&name, true);
                     tracing::info!(stream = %name, records = n, to = self.to.len(), "e-mail sent");
+                }
+                // 552: too large for the server (RFC 5321 §4.2.3; with SIZE, RFC 1870 §6).
+                Err(Failure::Refused { code: 552, text }) if n > 1 => {
+                    limit = n.div_ceil(2);
+                    self.ctx.metrics.stream_connected(&name, true);
+                    tracing::warn!(stream = %name, records = n, retry_with = limit, server_said = %text,
+                        "the SMTP server refused the e-mail as too large (552); sending fewer records per e-mail (lower batch_max to avoid this)");
+                }
+                Err(Failure::Refused { code: 552, text }) => {
+                    // One record alone is too large for the server: it never will be taken.
+                    self.ctx.metrics.stream_connected(&name, true);
+                    if let Some((seq, r)) = pending.pop_front() {
+                        super::too_large::drop_record(
+                            &self.ctx,
+                            seq,
+                            &r,
+                            bytes.len(),
+                            None,
+                            &format!("the SMTP server (552: {text})"),
+                        );
+                    }
                 }
                 Err(Failure::Refused { code, text }) => {
                     self.dead_letter(&mut pending, n, code, &text)
