@@ -40,6 +40,7 @@ struct Inner {
     stream_connected: Family<Labels, Gauge>,
     stream_published: Family<Labels, Counter>,
     stream_errors: Family<Labels, Counter>,
+    stream_rate_limited: Family<Labels, Counter>,
     http_requests: Family<Labels, Counter>,
     stream_connections: Family<Labels, Gauge>,
     radio_defects: Family<Labels, Counter>,
@@ -122,6 +123,11 @@ impl Metrics {
             stream_errors: reg!(
                 "stream_errors",
                 "Problems a stream met and went on from, by stream and reason",
+                Family::default()
+            ),
+            stream_rate_limited: reg!(
+                "stream_rate_limited",
+                "Times a stream reached its rate limit (smtp max_per_hour) and left records waiting in its queue",
                 Family::default()
             ),
             http_requests: reg!(
@@ -313,6 +319,19 @@ impl Metrics {
             .stream_errors
             .get_or_create(&vec![("stream", stream.into()), ("reason", reason.into())])
             .inc();
+    }
+    /// The stream reached its rate limit: records wait in its queue.
+    pub fn stream_rate_limited(&self, stream: &str) {
+        self.inner
+            .stream_rate_limited
+            .get_or_create(&vec![("stream", stream.into())])
+            .inc();
+    }
+    pub fn stream_rate_limits(&self, stream: &str) -> u64 {
+        self.inner
+            .stream_rate_limited
+            .get_or_create(&vec![("stream", stream.into())])
+            .get()
     }
     pub fn stream_errors(&self, stream: &str, reason: &'static str) -> u64 {
         self.inner

@@ -593,15 +593,7 @@ pub(super) fn build(
         Kind::Websocket => {
             StreamKind::WebSocket(Box::new(transports::websocket(&mut k).map_err(err)?))
         }
-        Kind::Smtp => {
-            // The keys are checked, but the e-mail stream itself is not in this version yet:
-            // refused here so that `lorastream check` says so, not only `run`.
-            transports::smtp(&mut k).map_err(err)?;
-            return Err(err((
-                "kind",
-                "kind = \"smtp\" is not available in this version yet (issue 17); use an mqtt, http or websocket stream for alerts".into(),
-            )));
-        }
+        Kind::Smtp => StreamKind::Smtp(Box::new(transports::smtp(&mut k).map_err(err)?)),
     };
     Ok(StreamConfig {
         name,

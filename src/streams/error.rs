@@ -50,6 +50,22 @@ pub enum SessionError {
     WebSocketTls(String),
     #[error("the server answered the WebSocket handshake with HTTP {status}")]
     WebSocketRefused { status: u16 },
+    /// An SMTP connection that failed (TCP, a broken or silent server).
+    #[error("{0}")]
+    Smtp(String),
+    #[error("TLS: {0}")]
+    SmtpTls(String),
+    #[error("the SMTP server does not offer STARTTLS, which smtp:// requires")]
+    SmtpNoStarttls,
+    /// The login was refused (535, or 530 "authentication required").
+    #[error("the SMTP server refused the login ({code}): {text}")]
+    SmtpAuth { code: u16, text: String },
+    /// A negative answer outside an e-mail's transaction (the greeting, EHLO, STARTTLS, 421).
+    #[error("the SMTP server answered {code}: {text}")]
+    SmtpAnswer { code: u16, text: String },
+    /// A 4xx for an e-mail: it is sent again after the backoff.
+    #[error("the SMTP server deferred the e-mail ({code}): {text}")]
+    SmtpDeferred { code: u16, text: String },
 }
 
 /// rumqttc's text, without the `Debug` of an I/O error it embeds (`Io error: Custom { kind:
@@ -104,6 +120,15 @@ impl SessionError {
             SessionError::HttpRefused { status: 401 | 403, .. } => {
                 Some("the server refuses the credentials: check headers (API key, token)")
             }
+            SessionError::SmtpAuth { .. } => Some(
+                "check username and password (and that the account may submit mail over SMTP)",
+            ),
+            SessionError::SmtpNoStarttls => Some(
+                "use smtps:// (implicit TLS, usually port 465), or tls = \"none\" for a relay on a trusted network only",
+            ),
+            SessionError::SmtpTls(_) => Some(
+                "TLS failed: is the port right for smtp:// (STARTTLS, 587) or smtps:// (465), is the server's certificate trusted (ca_file), is the clock right?",
+            ),
             SessionError::HttpRefused { .. } => Some(
                 "fix the server or its credentials, or set on_client_error = \"drop\"",
             ),

@@ -80,6 +80,7 @@ pub(crate) enum Stream {
     Azure(Box<azure::AzureStream>),
     Lines(lines::LineStream),
     WebSocket(Box<websocket::WsStream>),
+    Smtp(Box<smtp::SmtpStream>),
 }
 
 impl Stream {
@@ -113,12 +114,9 @@ impl Stream {
             StreamKind::WebSocket(w) => Stream::WebSocket(Box::new(
                 websocket::WsStream::new(w, ctx, events).map_err(setup)?,
             )),
-            StreamKind::Smtp(_) => {
-                return Err(setup(SetupError::Key {
-                    what: "kind",
-                    reason: "smtp streams are not built yet".into(),
-                }))
-            }
+            StreamKind::Smtp(m) => Stream::Smtp(Box::new(
+                smtp::SmtpStream::new(m, ctx, events).map_err(setup)?,
+            )),
         })
     }
 
@@ -129,6 +127,7 @@ impl Stream {
             Stream::Azure(s) => s.run().await,
             Stream::Lines(s) => s.run().await,
             Stream::WebSocket(s) => s.run().await,
+            Stream::Smtp(s) => s.run().await,
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Records a destination can never take because of their size (over an MQTT packet limit,
-//! IoT Hub's 256 KB, a webhook's 413 for one record alone): removed from the queue as
-//! `too_large` (`lorastream_queue_dropped{reason="too_large"}`) with a log line, so that one
-//! record never blocks the ones behind it or is retried forever (docs/reliability.md). The one
-//! way every stream kind drops such a record.
+//! IoT Hub's 256 KB, a webhook's 413 or a mail server's 552 for one record alone): removed
+//! from the queue as `too_large` (`lorastream_queue_dropped{reason="too_large"}`) with a log
+//! line, so that one record never blocks the ones behind it or is retried forever
+//! (docs/reliability.md). The one way every stream kind drops such a record.
 //!
 //! Uplinks rarely get near a limit: the uplink stage keeps at most 32 receptions per uplink
 //! (`uplink::MAX_RX_METADATA`), so an uplink's JSON stays within a few tens of kilobytes.

@@ -426,12 +426,56 @@ mod tests {
     }
 
     #[test]
-    fn smtp_keys_are_checked_but_the_kind_is_not_available_yet() {
-        let e = parse("kind = \"smtp\"\nserver = \"smtp://mail.example:587\"\nfrom = \"gw@example.com\"\nto = [\"ops@example.com\"]\n").unwrap_err();
-        assert!(e.contains("not available in this version"), "{e}");
+    fn smtp_keys_defaults_and_errors() {
+        let c = parse("kind = \"smtp\"\nserver = \"smtp://mail.example\"\nusername = \"gw\"\npassword = \"pa55-never-shown\"\nfrom = \"gw@example.com\"\nto = [\"ops@example.com\"]\n").unwrap();
+        let StreamKind::Smtp(m) = &c.streams[0].kind else {
+            panic!("not smtp")
+        };
+        assert_eq!((m.port, m.tls), (587, crate::config::SmtpTls::Starttls));
+        assert_eq!(
+            (m.batch_max, m.batch_wait, m.max_per_hour, m.alerts_only),
+            (50, Duration::from_secs(5), 20, true)
+        );
+        assert!(!c.streams[0].takes_records());
+        let shown = c.to_toml_masked();
+        assert!(!shown.contains("pa55-never-shown"), "{shown}");
+        let c = parse("kind = \"smtp\"\nserver = \"smtps://mail.example\"\nfrom = \"gw@example.com\"\nto = [\"ops@example.com\"]\nalerts_only = false\n").unwrap();
+        let StreamKind::Smtp(m) = &c.streams[0].kind else {
+            panic!("not smtp")
+        };
+        assert_eq!((m.port, m.tls), (465, crate::config::SmtpTls::Implicit));
+        assert!(c.streams[0].takes_records());
         let e = parse("kind = \"smtp\"\nserver = \"smtp://mail.example\"\ntls = \"none\"\nusername = \"u\"\npassword = \"p\"\nfrom = \"gw@example.com\"\nto = [\"ops@example.com\"]\n").unwrap_err();
         assert!(e.contains("never sent in the clear"), "{e}");
         let e = parse("kind = \"smtp\"\nserver = \"smtp://mail.example\"\nfrom = \"gw@example.com\"\nto = [\"not an address\"]\n").unwrap_err();
         assert!(e.contains("`to`"), "{e}");
+    }
+
+    /// The commented-out e-mail stream of config.example.toml, uncommented, is valid and shows
+    /// the defaults.
+    #[test]
+    fn example_smtp_block_parses_with_the_defaults() {
+        let src = include_str!("../../../config.example.toml");
+        let start = src
+            .find("# [[stream]]                              # e-mail")
+            .expect("the e-mail block");
+        let block: String = src[start..]
+            .lines()
+            .take_while(|l| !l.is_empty())
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let block = block.replace("[[stream]]", "");
+        let c = Config::parse(&format!("[[stream]]\n{block}"), "t.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{block}"));
+        let StreamKind::Smtp(m) = &c.streams[0].kind else {
+            panic!("not smtp")
+        };
+        use super::ws_smtp_defaults as d;
+        assert_eq!(m.batch_max, d::SMTP_BATCH_MAX);
+        assert_eq!(m.batch_wait, d::SMTP_BATCH_WAIT);
+        assert_eq!(m.max_per_hour, d::SMTP_MAX_PER_HOUR);
+        assert_eq!(m.subject, d::SMTP_SUBJECT);
+        assert_eq!(m.timeout, d::SMTP_TIMEOUT);
+        assert!(m.alerts_only);
     }
 }

@@ -283,6 +283,12 @@ impl Formatter {
         }
     }
 
+    /// The record's TTS JSON whatever the format: the context of the e-mail stream's subject
+    /// and body templates.
+    pub(crate) fn tts_json(&self, r: &Record, d: Delivery) -> Vec<u8> {
+        self.tts(r, d)
+    }
+
     /// The body of a record; `None` when the format sends nothing for it: a template renders
     /// uplinks (and raw frames), not joins, which would only fail an uplink template.
     pub fn body(&self, r: &Record, d: Delivery) -> Result<Option<Vec<u8>>, FormatError> {

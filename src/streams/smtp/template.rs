@@ -35,7 +35,6 @@ pub fn check(t: &str) -> Result<(), String> {
 
 /// `t` with every placeholder replaced from `ctx` (a checked template; an unchecked one renders
 /// what it can and keeps the rest as written).
-#[allow(dead_code)] // used by the smtp stream (next commit)
 pub fn render(t: &str, ctx: &Value) -> String {
     let mut out = String::with_capacity(t.len() + 64);
     let mut rest = t;
