@@ -197,33 +197,57 @@ pub fn parse_push_data(body: &[u8], gateway: Eui64) -> Result<PushData, GwmpErro
     }
     let received_at_us = now_us();
     let mut out = PushData::default();
-    // Fast path: the whole body parses with the crate's types (the normal case).
-    if let Ok(d) = serde_json::from_slice::<semtech_udp::push_data::Data>(body) {
-        out.receptions = d
-            .rxpk
-            .unwrap_or_default()
-            .iter()
-            .map(|pk| reception(pk, gateway, received_at_us))
-            .collect();
-        out.stat = d.stat;
-        return Ok(out);
+    // Fast path: the whole body parses with the crate's types (the normal case). Only for an
+    // all-ASCII body, which every rxpk is (see `guarded`).
+    if body.is_ascii() {
+        if let Some(Ok(d)) =
+            guarded(|| serde_json::from_slice::<semtech_udp::push_data::Data>(body))
+        {
+            out.receptions = d
+                .rxpk
+                .unwrap_or_default()
+                .iter()
+                .map(|pk| reception(pk, gateway, received_at_us))
+                .collect();
+            out.stat = d.stat;
+            return Ok(out);
+        }
     }
     // Slow path: entry by entry, so one bad entry costs only itself.
     let raw: Raw = serde_json::from_slice(body).map_err(|e| GwmpError::Json(e.to_string()))?;
     for v in raw.rxpk {
+        if !v.get().is_ascii() {
+            out.bad_rxpk
+                .push("an rxpk with non-ASCII characters (every rxpk field is ASCII)".into());
+            continue;
+        }
         // From the raw text, not a `Value`: the crate's types borrow strings while parsing.
-        match serde_json::from_str::<RxPk>(v.get()) {
-            Ok(pk) => out.receptions.push(reception(&pk, gateway, received_at_us)),
-            Err(e) => out.bad_rxpk.push(e.to_string()),
+        match guarded(|| serde_json::from_str::<RxPk>(v.get())) {
+            Some(Ok(pk)) => out.receptions.push(reception(&pk, gateway, received_at_us)),
+            Some(Err(e)) => out.bad_rxpk.push(e.to_string()),
+            None => out.bad_rxpk.push(PARSER_PANICKED.into()),
         }
     }
     if let Some(s) = raw.stat {
-        match serde_json::from_str::<Stat>(s.get()) {
-            Ok(s) => out.stat = Some(s),
-            Err(e) => out.bad_rxpk.push(format!("stat: {e}")),
+        match guarded(|| serde_json::from_str::<Stat>(s.get())) {
+            Some(Ok(s)) => out.stat = Some(s),
+            Some(Err(e)) => out.bad_rxpk.push(format!("stat: {e}")),
+            None => out.bad_rxpk.push(format!("stat: {PARSER_PANICKED}")),
         }
     }
     Ok(out)
+}
+
+const PARSER_PANICKED: &str = "the semtech-udp parser failed on this entry";
+
+/// Run one of `semtech-udp`'s parsers, which can panic on input they do not expect: 0.12's
+/// `DataRate::from_str` slices `datr` at byte offsets, so a multi-byte character there panicked
+/// and ended the ingress task (found by tests/fuzz_udp.rs). No rxpk field is anything but ASCII,
+/// so entries with other bytes never reach the crate; and a panic in its parsing for any other
+/// reason is caught here and counted like bad JSON: a datagram never ends the ingress task.
+/// (The panic hook still prints the panic once per occurrence, which is how it gets reported.)
+fn guarded<T>(parse: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).ok()
 }
 
 fn coding_rate(c: Option<CodingRate>) -> &'static str {
@@ -298,6 +322,31 @@ mod tests {
             d => panic!("{d:?}"),
         }
         assert_eq!(ack(2, 0xABCD, PUSH_ACK), [2, 0xAB, 0xCD, 1]);
+    }
+
+    /// The datagram tests/fuzz_udp.rs found: a `datr` with a multi-byte character made
+    /// semtech-udp 0.12 panic (`&s[..4]` inside a character) and ended the ingress task.
+    #[test]
+    fn a_non_ascii_datr_is_one_bad_rxpk_not_a_panic() {
+        let bad = RXPK.replace("SF7BW125", "SF7\u{93}W125");
+        let body = format!(r#"{{"rxpk":[{bad},{RXPK}]}}"#);
+        assert!(body.contains('\u{93}'), "{body}");
+        let d = parse_push_data(body.as_bytes(), Eui64::from_u64(1)).unwrap();
+        assert_eq!(d.receptions.len(), 1);
+        assert_eq!(d.bad_rxpk.len(), 1, "{:?}", d.bad_rxpk);
+        // Whatever the characters and where they sit in the string: never a panic.
+        for datr in [
+            "\u{e9}",
+            "S\u{e9}",
+            "SF\u{e9}",
+            "SF12\u{1F600}BW125",
+            "\u{1F600}\u{1F600}\u{1F600}",
+        ] {
+            let pk = RXPK.replace("SF7BW125", datr);
+            let body = format!(r#"{{"rxpk":[{pk}]}}"#);
+            let d = parse_push_data(body.as_bytes(), Eui64::from_u64(1)).unwrap();
+            assert!(d.receptions.is_empty() && d.bad_rxpk.len() == 1, "{datr}");
+        }
     }
 
     #[test]

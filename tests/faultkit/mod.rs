@@ -259,10 +259,15 @@ impl DaemonProc {
             .collect()
     }
 
+    /// The daemon's log: the last 40 lines, or the last `LORASTREAM_TEST_LOG_LINES`.
     pub fn log_text(&self) -> String {
         let s = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = s.lines().collect();
-        let from = lines.len().saturating_sub(40);
+        let keep = std::env::var("LORASTREAM_TEST_LOG_LINES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(40);
+        let from = lines.len().saturating_sub(keep);
         lines[from..].join("\n")
     }
 
