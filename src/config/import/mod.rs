@@ -647,6 +647,15 @@ fn write_secret_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     let result = (|| {
         let mut f = opts.open(&tmp)?;
+        // The directory's group (root:lorastream under the Debian package): the daemon's user
+        // reads the file through it. Best effort: only root or a member may set it.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = std::fs::metadata(dir) {
+                let _ = std::os::unix::fs::fchown(&f, None, Some(m.gid()));
+            }
+        }
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
