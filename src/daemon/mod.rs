@@ -294,7 +294,7 @@ impl Daemon {
             queued = store.queues().iter().map(|q| q.len()).sum::<u64>(),
             "lorastream started"
         );
-        if cfg.device_sources.len() > 1 {
+        if cfg.gateway.devices_dir.is_some() {
             tracing::info!("devices: {}", cfg.device_sources_summary());
         }
         service.notify(Notice::Ready(&format!(
