@@ -328,3 +328,49 @@ fn a_devices_file_with_an_error_is_refused_naming_file_line_and_key() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn the_daemon_logs_how_many_devices_came_from_which_file() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let config = setup(dir.path(), &["farm"]);
+    let out = import(&config, &sample("tts-end-devices.csv"), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut child = bin()
+        .arg("run")
+        .arg("-c")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + T;
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("devices: 0 devices from") => break Some(line),
+            Ok(line) => seen.push(line),
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| panic!("no devices line in:\n{}", seen.join("\n")));
+    assert!(
+        line.contains("2 from") && line.contains("tts-end-devices.toml"),
+        "{line}"
+    );
+}
