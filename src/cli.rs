@@ -1,5 +1,5 @@
-//! Command line: `run`, `check`, `demo`, `simulate`. The only place (with `main.rs`) that uses
-//! `anyhow`; everything below returns typed errors.
+//! Command line: `run`, `check`, `queue`, `devices import`, `demo`, `simulate`. The only
+//! place (with `main.rs`) that uses `anyhow`; everything below returns typed errors.
 
 use crate::config::{Config, DEFAULT_PATH};
 use crate::daemon::systemd::{Notice, ServiceManager};
@@ -48,6 +48,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Manage devices: `lorastream devices import FILE -c CONFIG`.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
     /// Try lorastream without hardware or broker: simulated forwarders and devices, uplinks
     /// printed as JSON lines on stdout.
     Demo {
@@ -79,6 +84,36 @@ enum Command {
         #[arg(long, default_value_t = 12)]
         payload_size: usize,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DevicesCommand {
+    /// Convert a device export of The Things Stack (ttn-lw-cli JSON, console CSV) or
+    /// ChirpStack v4 (JSON) into a file of `[gateway] devices_dir`. Devices that lack a key
+    /// lorastream needs are reported on stderr and left out.
+    Import {
+        /// The export file.
+        file: PathBuf,
+        #[arg(short, long, default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// The application of every imported device (default: the export's own, or the
+        /// configuration's only application).
+        #[arg(long)]
+        application: Option<String>,
+        /// File name in devices_dir (default: the export's name with .toml).
+        #[arg(long)]
+        output: Option<String>,
+        /// tts-json, tts-csv or chirpstack (default: detected from the content).
+        #[arg(long, value_parser = parse_import_format)]
+        format: Option<crate::config::import::Format>,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_import_format(s: &str) -> Result<crate::config::import::Format, String> {
+    s.parse()
 }
 
 fn parse_eui(s: &str) -> Result<Eui64, HexError> {
@@ -141,6 +176,24 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(run(cfg, &config, logging.handle))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Devices {
+            command:
+                DevicesCommand::Import {
+                    file,
+                    config,
+                    application,
+                    output,
+                    format,
+                    force,
+                },
+        } => Ok(import(crate::config::import::Options {
+            input: file,
+            config,
+            application,
+            output,
+            format,
+            force,
+        })),
         Command::Demo { count } => {
             crate::logs::init("warn", crate::config::LogFormat::Text);
             runtime()?.block_on(demo(count))?;
@@ -178,6 +231,7 @@ fn check(path: &Path) -> ExitCode {
                 "# {} is valid. Effective configuration (secrets shown as ***):\n",
                 path.display()
             );
+            println!("# {}\n", cfg.device_sources_summary());
             if let Some(note) = cfg.storage.outside_state_dir_note() {
                 println!("# note: {note}\n");
             }
@@ -186,6 +240,33 @@ fn check(path: &Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("lorastream: invalid configuration: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `devices import`: one line per device on stderr (never a key), the file on stdout.
+fn import(opts: crate::config::import::Options) -> ExitCode {
+    match crate::config::import::run(&opts) {
+        Ok(out) => {
+            for r in &out.reports {
+                eprintln!("lorastream: {r}");
+            }
+            let skipped = out.reports.len() - out.imported;
+            println!(
+                "wrote {} ({}): {} devices imported, {skipped} skipped; `lorastream check -c {}` shows them",
+                out.path.display(),
+                out.format.name(),
+                out.imported,
+                opts.config.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err((e, reports)) => {
+            for r in &reports {
+                eprintln!("lorastream: {r}");
+            }
+            eprintln!("lorastream: error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -11,7 +11,7 @@ fn version_and_help_on_every_command() {
     let out = bin().arg("--version").output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("lorastream "));
-    for cmd in ["run", "check", "demo", "simulate", "queue"] {
+    for cmd in ["run", "check", "demo", "simulate", "queue", "devices"] {
         let out = bin().args([cmd, "--help"]).output().unwrap();
         assert!(out.status.success(), "{cmd} --help");
         let out = bin().args([cmd, "--version"]).output().unwrap();

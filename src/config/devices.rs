@@ -234,3 +234,72 @@ pub(super) fn build(
         resets_f_cnt: d.resets_f_cnt,
     })
 }
+
+/// A file of `[gateway] devices_dir`: `[[device]]` tables and nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevicesFile {
+    #[serde(default, rename = "device")]
+    devices: Vec<toml::Spanned<RawDevice>>,
+}
+
+/// Most files read from `devices_dir`: a bound on what one start reads (each file is also
+/// read whole, so a stray huge file is refused by size first).
+const MAX_DIR_FILES: usize = 10_000;
+const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The `*.toml` files of `dir`, sorted by name, each as (path for messages, text). Other
+/// files (editor backups, `.tmp` files of `lorastream devices import`) are ignored.
+pub(super) fn read_dir(dir: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        format!(
+            "cannot read directory {}: {e} (create it, or remove the key)",
+            dir.display()
+        )
+    })?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot read directory {}: {e}", dir.display()))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || !name.ends_with(".toml") || !path.is_file() {
+            continue;
+        }
+        paths.push(path);
+        if paths.len() > MAX_DIR_FILES {
+            return Err(format!(
+                "{} holds more than {MAX_DIR_FILES} .toml files",
+                dir.display()
+            ));
+        }
+    }
+    paths.sort();
+    let mut files = Vec::with_capacity(paths.len());
+    for path in paths {
+        let shown = path.display().to_string();
+        let size = std::fs::metadata(&path)
+            .map_err(|e| format!("cannot read {shown}: {e}"))?
+            .len();
+        if size > MAX_FILE_BYTES {
+            return Err(format!(
+                "{shown} is {size} bytes; a devices file may hold at most {MAX_FILE_BYTES}"
+            ));
+        }
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+        files.push((shown, text));
+    }
+    Ok(files)
+}
+
+/// The `[[device]]` tables of one devices_dir file, typed, with their spans in it.
+pub(super) fn parse_file(src: &Source) -> Result<Vec<(DeviceConfig, Range<usize>)>, ConfigError> {
+    let raw: RawDevicesFile = toml::from_str(src.text).map_err(|e| src.toml_error(&e))?;
+    let mut out = Vec::with_capacity(raw.devices.len());
+    for d in raw.devices {
+        let span = d.span();
+        out.push((build(d.into_inner(), &span, src)?, span));
+    }
+    Ok(out)
+}

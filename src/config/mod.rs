@@ -16,13 +16,15 @@
 //! | file | what |
 //! |---|---|
 //! | `mod.rs` | the file, the four plain sections, loading, printing |
-//! | `devices.rs` | `[[application]]`, `[[device]]`: ABP or OTAA |
+//! | `devices.rs` | `[[application]]`, `[[device]]`: ABP or OTAA; the files of `devices_dir` |
+//! | `import/` | `lorastream devices import`: TTS and ChirpStack exports into `devices_dir` |
 //! | `streams.rs` | `[[stream]]`: one typed settings struct per kind, with its defaults |
 //! | `validate.rs` | checks across sections and entries |
 //! | `locate.rs` | lines, sections and keys for error messages |
 
 pub mod alerts;
 mod devices;
+pub mod import;
 pub(crate) mod locate;
 mod streams;
 mod validate;
@@ -31,6 +33,7 @@ pub use crate::lorawan::region::Region;
 pub use crate::model::Scope;
 pub use alerts::{AlertConfig, AlertKind, AlertScope};
 pub use devices::{Activation, ApplicationConfig, DeviceConfig, LorawanVersion};
+pub use import::ImportError;
 pub use streams::defaults as stream_defaults;
 pub use streams::{
     azure_device_id, AwsConfig, AzureConfig, AzureIdentity, AzureKey, ClientCert, DownlinkFormat,
@@ -188,6 +191,16 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     pub streams: Vec<StreamConfig>,
     pub alerts: Vec<AlertConfig>,
+    /// Where the devices came from, in the order of `devices`: the main file first, then each
+    /// file of `[gateway] devices_dir` (sorted by name), with how many devices each holds.
+    pub device_sources: Vec<DeviceSource>,
+}
+
+/// One file that contributed `[[device]]` tables (logged at start, printed by `check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSource {
+    pub path: PathBuf,
+    pub devices: usize,
 }
 
 /// The file as written: the plain sections are already typed; entries keep their spans (for
@@ -274,6 +287,11 @@ pub struct GatewayConfig {
     /// A known forwarder's new source address is taken only once the old one has been silent
     /// for a minute (a spoofed PULL_DATA cannot redirect its downlinks).
     pub pin_gateway_address: bool,
+    /// A directory of `*.toml` files holding more `[[device]]` tables (same keys as in this
+    /// file), read at start and by `lorastream check`, sorted by name; other files are ignored.
+    /// A relative path is relative to the directory of this file. Absent: no directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices_dir: Option<PathBuf>,
 }
 
 fn de_eui_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Eui64>, D::Error> {
@@ -309,11 +327,19 @@ impl Default for GatewayConfig {
             max_gateways: 1000,
             allowed_gateways: Vec::new(),
             pin_gateway_address: false,
+            devices_dir: None,
         }
     }
 }
 
 impl GatewayConfig {
+    /// `devices_dir` as a path: a relative one is taken from the config file's directory.
+    pub fn devices_dir_at(&self, config_path: &Path) -> Option<PathBuf> {
+        self.devices_dir
+            .as_deref()
+            .map(|d| resolve_dir(&config_path.display().to_string(), d))
+    }
+
     pub fn dedup_window(&self) -> Duration {
         Duration::from_millis(self.dedup_window_ms)
     }
@@ -324,6 +350,14 @@ impl GatewayConfig {
             Some(mhz) => mhz.iter().map(|f| mhz_to_hz(*f)).collect(),
             None => crate::lorawan::region::extra_channels(self.region).to_vec(),
         }
+    }
+}
+
+/// `[gateway] devices_dir` as written, relative to the config file's directory.
+fn resolve_dir(config_path: &str, dir: &Path) -> PathBuf {
+    match Path::new(config_path).parent() {
+        Some(base) if dir.is_relative() => base.join(dir),
+        _ => dir.to_path_buf(),
     }
 }
 
@@ -499,18 +533,42 @@ impl Config {
         Config::parse(&src, &path.display().to_string())
     }
 
-    /// Parse and validate config text; `path` is only used in messages.
+    /// Parse and validate config text; `path` names it in messages, and a relative
+    /// `[gateway] devices_dir` is taken relative to its directory.
     pub fn parse(src: &str, path: &str) -> Result<Config, ConfigError> {
         let source = Source::new(path, src);
         let raw: RawFile = toml::from_str(src).map_err(|e| source.toml_error(&e))?;
         validate::sections(&raw.gateway, &raw.storage, &raw.log, &source)?;
         let applications = validate::applications(&raw.applications, &source)?;
-        let mut devices = Vec::with_capacity(raw.devices.len());
+        // The devices_dir files, read whole before any is parsed: their sources must outlive
+        // the checks across files (a duplicate names the file it is in).
+        let dir_files = match &raw.gateway.devices_dir {
+            Some(dir) => devices::read_dir(&resolve_dir(path, dir))
+                .map_err(|m| source.section_error("[gateway]", "devices_dir", m))?,
+            None => Vec::new(),
+        };
+        let mut sources = vec![source];
+        sources.extend(dir_files.iter().map(|(p, text)| Source::new(p, text)));
+        let mut device_sources = vec![DeviceSource {
+            path: PathBuf::from(path),
+            devices: raw.devices.len(),
+        }];
+        // (device, its span, the index of its source in `sources`)
+        let mut located = Vec::with_capacity(raw.devices.len());
         for d in raw.devices {
             let span = d.span();
-            devices.push((devices::build(d.into_inner(), &span, &source)?, span));
+            located.push((devices::build(d.into_inner(), &span, &source)?, span, 0));
         }
-        validate::devices(&devices, &applications, &source)?;
+        for (i, file) in sources.iter().enumerate().skip(1) {
+            let found = devices::parse_file(file)?;
+            device_sources.push(DeviceSource {
+                path: PathBuf::from(file.path),
+                devices: found.len(),
+            });
+            located.extend(found.into_iter().map(|(d, span)| (d, span, i)));
+        }
+        validate::devices(&located, &applications, &sources)?;
+        let devices: Vec<DeviceConfig> = located.into_iter().map(|(d, _, _)| d).collect();
         let ctx = streams::Context {
             gateway_eui: raw.gateway.eui,
             when_full: raw.storage.when_full,
@@ -523,7 +581,6 @@ impl Config {
         validate::streams(&streams, &devices, &applications, &source)?;
         let streams: Vec<StreamConfig> = streams.into_iter().map(|(s, _)| s).collect();
         let app_ids: Vec<String> = raw.applications.iter().map(|a| a.id.clone()).collect();
-        let device_list: Vec<DeviceConfig> = devices.iter().map(|(d, _)| d.clone()).collect();
         let mut alerts = Vec::with_capacity(raw.alerts.len());
         for a in raw.alerts {
             let span = a.span();
@@ -532,7 +589,7 @@ impl Config {
                 &span,
                 &source,
                 &streams,
-                &device_list,
+                &devices,
                 &app_ids,
             )?);
         }
@@ -542,10 +599,25 @@ impl Config {
             metrics: raw.metrics,
             log: raw.log,
             applications: raw.applications,
-            devices: devices.into_iter().map(|(d, _)| d).collect(),
+            devices,
             streams,
             alerts,
+            device_sources,
         })
+    }
+
+    /// `12 devices from lorastream.toml, 300 from devices.d/farm.toml` (logs, `check`).
+    pub fn device_sources_summary(&self) -> String {
+        let parts: Vec<String> = self
+            .device_sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let what = if i == 0 { " devices" } else { "" };
+                format!("{}{what} from {}", s.devices, s.path.display())
+            })
+            .collect();
+        parts.join(", ")
     }
 
     /// The effective configuration as TOML: every default filled in, secrets as `***`.

@@ -556,3 +556,124 @@ mod format_tests {
         }
     }
 }
+
+mod devices_dir {
+    use super::*;
+
+    const MAIN: &str = r#"
+[gateway]
+devices_dir = "devices.d"
+
+[[application]]
+id = "farm"
+
+[[device]]
+application = "farm"
+id = "soil-1"
+dev_eui = "70b3d57ed0000001"
+app_key = "000102030405060708090a0b0c0d0e0f"
+"#;
+
+    fn device(id: &str, eui: &str) -> String {
+        format!(
+            "[[device]]\napplication = \"farm\"\nid = \"{id}\"\ndev_eui = \"{eui}\"\ndev_addr = \"26000002\"\nnwk_s_key = \"000102030405060708090a0b0c0d0e0f\"\napp_s_key = \"000102030405060708090a0b0c0d0e0f\"\n\n"
+        )
+    }
+
+    /// A config file with MAIN in a temp dir, and `files` in its devices.d.
+    fn setup(files: &[(&str, String)]) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("devices.d")).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join("devices.d").join(name), text).unwrap();
+        }
+        let main = dir.path().join("lorastream.toml");
+        std::fs::write(&main, MAIN).unwrap();
+        (dir, main)
+    }
+
+    #[test]
+    fn files_are_merged_sorted_and_other_files_ignored() {
+        let (_d, main) = setup(&[
+            ("b.toml", device("b-1", "70b3d57ed00000b1")),
+            (
+                "a.toml",
+                device("a-1", "70b3d57ed00000a1") + &device("a-2", "70b3d57ed00000a2"),
+            ),
+            ("notes.txt", "not toml at all [[".into()),
+            ("a.toml~", "backup [[".into()),
+            (".x.toml.tmp", "partial [[".into()),
+        ]);
+        let c = Config::load(&main).unwrap();
+        let ids: Vec<&str> = c.devices.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["soil-1", "a-1", "a-2", "b-1"]);
+        let counts: Vec<usize> = c.device_sources.iter().map(|s| s.devices).collect();
+        assert_eq!(counts, [1, 2, 1]);
+        let summary = c.device_sources_summary();
+        assert!(summary.starts_with("1 devices from "), "{summary}");
+        assert!(
+            summary.contains("2 from ") && summary.contains("a.toml"),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_devices_file_line_and_key() {
+        let bad = device("a-1", "70b3d57ed00000a1").replace("26000002", "2600002");
+        let (_d, main) = setup(&[("a.toml", bad)]);
+        let e = Config::load(&main).unwrap_err().to_string();
+        assert!(
+            e.contains("a.toml:5:") && e.contains("key `dev_addr`"),
+            "{e}"
+        );
+
+        let unknown = device("a-1", "70b3d57ed00000a1").replace("dev_eui", "deveui");
+        let (_d, main) = setup(&[("a.toml", unknown)]);
+        let e = Config::load(&main).unwrap_err().to_string();
+        assert!(e.contains("a.toml:") && e.contains("deveui"), "{e}");
+
+        let app = device("a-1", "70b3d57ed00000a1").replace("\"farm\"", "\"barn\"");
+        let (_d, main) = setup(&[("a.toml", app)]);
+        let e = Config::load(&main).unwrap_err().to_string();
+        assert!(
+            e.contains("a.toml:2:") && e.contains("key `application`") && e.contains("barn"),
+            "{e}"
+        );
+
+        // Only [[device]] tables belong in a devices file.
+        let (_d, main) = setup(&[("a.toml", "[[application]]\nid = \"x\"\n".into())]);
+        let e = Config::load(&main).unwrap_err().to_string();
+        assert!(e.contains("a.toml:1") && e.contains("application"), "{e}");
+    }
+
+    #[test]
+    fn duplicates_across_files_are_refused_where_written_second() {
+        let (_d, main) = setup(&[
+            ("a.toml", device("x", "70b3d57ed00000a1")),
+            ("b.toml", device("y", "70b3d57ed00000a1")),
+        ]);
+        let e = Config::load(&main).unwrap_err().to_string();
+        assert!(
+            e.contains("b.toml:4:") && e.contains("key `dev_eui`") && e.contains("a.toml"),
+            "{e}"
+        );
+        let (_d, main) = setup(&[("b.toml", device("soil-1", "70b3d57ed00000b1"))]);
+        let e = Config::load(&main).unwrap_err().to_string();
+        assert!(
+            e.contains("b.toml:3:") && e.contains("key `id`") && e.contains("lorastream.toml"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_directory_names_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("lorastream.toml");
+        std::fs::write(&main, MAIN).unwrap();
+        let e = Config::load(&main).unwrap_err().to_string();
+        assert!(
+            e.contains("lorastream.toml:3: [gateway] key `devices_dir`") && e.contains("devices.d"),
+            "{e}"
+        );
+    }
+}

@@ -165,25 +165,38 @@ pub(super) fn applications<'a>(
     Ok(seen)
 }
 
-/// Device ids and DevEUIs unique, applications known.
+/// Device ids and DevEUIs unique over the main file and every devices_dir file, applications
+/// known. Each device comes with its span and the index of its file in `sources`; a duplicate
+/// is reported where it is written second, naming the file of the first.
 pub(super) fn devices(
-    devices: &[(DeviceConfig, Range<usize>)],
+    devices: &[(DeviceConfig, Range<usize>, usize)],
     apps: &HashSet<&str>,
-    src: &Source,
+    sources: &[Source],
 ) -> Result<(), ConfigError> {
-    let mut ids = HashSet::new();
-    let mut euis = HashSet::new();
-    for (d, span) in devices {
+    let mut ids = std::collections::HashMap::new();
+    let mut euis = std::collections::HashMap::new();
+    for (d, span, file) in devices {
+        let src = &sources[*file];
         let err = |key: &str, message: String| src.entry_error(span, d.label(), key, message);
-        if !ids.insert(d.id.as_str()) {
-            return Err(err("id", "another device has the same id".into()));
-        }
-        if !euis.insert(d.dev_eui) {
+        let first_in = |i: usize| sources.get(i).map_or("", |s| s.path);
+        if let Some(&other) = ids.get(d.id.as_str()) {
             return Err(err(
-                "dev_eui",
-                format!("{} is used by another device", d.dev_eui),
+                "id",
+                format!("another device has the same id (in {})", first_in(other)),
             ));
         }
+        ids.insert(d.id.as_str(), *file);
+        if let Some(&other) = euis.get(&d.dev_eui) {
+            return Err(err(
+                "dev_eui",
+                format!(
+                    "{} is used by another device (in {})",
+                    d.dev_eui,
+                    first_in(other)
+                ),
+            ));
+        }
+        euis.insert(d.dev_eui, *file);
         if !apps.contains(d.application.as_str()) {
             return Err(err(
                 "application",
@@ -201,7 +214,7 @@ pub(super) fn devices(
 /// the stream carries.
 pub(super) fn streams(
     streams: &[(StreamConfig, Range<usize>)],
-    devices: &[(DeviceConfig, Range<usize>)],
+    devices: &[DeviceConfig],
     apps: &HashSet<&str>,
     src: &Source,
 ) -> Result<(), ConfigError> {
@@ -215,7 +228,7 @@ pub(super) fn streams(
             Scope::Application(a) if !apps.contains(a.as_str()) => {
                 return Err(err("application", format!("unknown application {a:?}")))
             }
-            Scope::Device(d) if !devices.iter().any(|(x, _)| x.id == *d) => {
+            Scope::Device(d) if !devices.iter().any(|x| x.id == *d) => {
                 return Err(err("device", format!("unknown device {d:?}")))
             }
             _ => {}
@@ -223,7 +236,6 @@ pub(super) fn streams(
         let in_scope = || {
             devices
                 .iter()
-                .map(|(d, _)| d)
                 .filter(|d| st.scope.covers(&d.application, &d.id))
         };
         match &st.kind {

@@ -294,6 +294,9 @@ impl Daemon {
             queued = store.queues().iter().map(|q| q.len()).sum::<u64>(),
             "lorastream started"
         );
+        if cfg.gateway.devices_dir.is_some() {
+            tracing::info!("devices: {}", cfg.device_sources_summary());
+        }
         service.notify(Notice::Ready(&format!(
             "running: UDP {udp_addr}, {} devices, {} streams",
             cfg.devices.len(),
