@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 BIN = os.environ.get("LORASTREAM_BIN", "target/release/lorastream")
@@ -106,8 +107,17 @@ def wait_tcp(port, timeout=20):
 
 
 def health(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-        return json.load(r)
+    # 200 when ok, 503 when degraded (e.g. no forwarder yet): the same JSON document either way.
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        if e.code != 503:
+            raise
+        try:
+            return json.loads(e.read())
+        finally:
+            e.close()
 
 
 def proc_stats(pid):

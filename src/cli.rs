@@ -272,7 +272,7 @@ fn import(opts: crate::config::import::Options) -> ExitCode {
     }
 }
 
-/// `GET /health` of a running daemon (plain HTTP/1.1 on loopback, 2 s timeout).
+/// `GET /health` of a running daemon (plain HTTP/1.1 on loopback, 2 s timeout; 200 or 503).
 fn fetch_health(mut addr: SocketAddr) -> Option<serde_json::Value> {
     use std::io::{Read, Write};
     if addr.ip().is_unspecified() {
@@ -282,9 +282,15 @@ fn fetch_health(mut addr: SocketAddr) -> Option<serde_json::Value> {
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    let json = body.split("\r\n\r\n").nth(1)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    // 200 when healthy, 503 when degraded: the same document either way (a degraded daemon is
+    // running and its queues are what `queue` shows).
+    let (head, json) = answer.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?;
+    if status != "200" && status != "503" {
+        return None;
+    }
     serde_json::from_str(json).ok()
 }
 

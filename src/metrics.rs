@@ -6,6 +6,8 @@
 //! table, the store's disk) are read at scrape time: the daemon gives [`Metrics::set_snapshot`]
 //! a function returning a [`Snapshot`], and a collector encodes it. A scrape changes nothing.
 
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -15,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -572,29 +574,42 @@ impl Collector for SnapshotCollector {
 /// streams need. A scraper or a health check needs one.
 pub const MAX_CONNECTIONS: usize = 32;
 
-/// How long one connection may take to send its request head, and to take the answer.
-const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a connection may take to send its request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serve `/metrics` and `/health` until `cancel`. `health` returns the `/health` document.
+/// How long one connection may last in all (request head, and taking the answer): a client that
+/// does not read its answer cannot keep a slot.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `/health` answer: HTTP 200 when `healthy`, 503 otherwise (load balancers and probes go by
+/// the status), with the same JSON document either way.
+#[derive(Debug, Clone)]
+pub struct HealthAnswer {
+    pub healthy: bool,
+    pub json: String,
+}
+
+/// Serve `/metrics` and `/health` until `cancel` (HTTP/1.1 with hyper, one request per
+/// connection). `health` makes the `/health` answer.
 pub(crate) async fn serve<F>(
     listener: TcpListener,
     metrics: Metrics,
     health: F,
     cancel: CancellationToken,
 ) where
-    F: Fn() -> String + Send + Sync + 'static,
+    F: Fn() -> HealthAnswer + Send + Sync + 'static,
 {
-    let snapshot = Arc::new(health);
+    let health = Arc::new(health);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut refused_log = crate::logs::LogLimiter::new();
     loop {
-        let (mut sock, _) = tokio::select! {
+        let (sock, _) = tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -611,54 +626,74 @@ pub(crate) async fn serve<F>(
             continue;
         };
         let metrics = metrics.clone();
-        let snapshot = snapshot.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (bounded in size and time); the body, if any, is ignored.
-            let read = tokio::time::timeout(CONNECTION_TIMEOUT, async {
-                while n < buf.len() {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (status, ctype, body) = match path {
-                "/metrics" => (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    metrics.encode(),
-                ),
-                "/health" => ("200 OK", "application/json", snapshot()),
-                _ => (
-                    "404 Not Found",
-                    "text/plain",
-                    "try /metrics or /health\n".to_string(),
-                ),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            // A client that does not read its answer is dropped after the timeout too.
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            })
-            .await;
+            let service = hyper::service::service_fn(move |req| {
+                let resp = respond(&req, &metrics, &*health);
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            // One request per connection (`Connection: close` on every answer): a scrape every
+            // few seconds gains nothing from keep-alive, and no idle connection keeps a slot.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(sock), service);
+            // Dropping the connection closes the socket: slow or silent clients end here.
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
         });
     }
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+fn answer(status: StatusCode, ctype: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Body::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// The answer to one request (HEAD gets the same head; hyper leaves the body out).
+fn respond<B>(
+    req: &Request<B>,
+    metrics: &Metrics,
+    health: &dyn Fn() -> HealthAnswer,
+) -> Response<Body> {
+    let path = req.uri().path();
+    if !matches!(path, "/metrics" | "/health") {
+        return answer(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "try /metrics or /health\n".into(),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = answer(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "GET or HEAD\n".into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    if path == "/metrics" {
+        return answer(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        );
+    }
+    let h = health();
+    let status = if h.healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    answer(status, "application/json", h.json)
 }
 
 #[cfg(test)]

@@ -440,6 +440,85 @@ async fn health_and_metrics_endpoint() {
     daemon.stop().await;
 }
 
+/// `/health` answers 503 while the daemon is degraded (here: no packet forwarder has talked to
+/// it yet) and 200 once it is ok (a forwarder sent PULL_DATA and the MQTT stream is connected),
+/// with the same JSON document either way, so that load balancers and probes can go by the
+/// status. Only GET and HEAD are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_503_while_degraded_and_200_when_ok() {
+    install_crypto();
+    let broker = support::broker::TestBroker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        dir.path(),
+        &format!(
+            "[[stream]]\nname = \"cloud\"\nserver = \"{}\"\n",
+            broker.url()
+        ),
+    );
+    cfg.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let addr = daemon.metrics_addr().unwrap();
+    // (status code, body) of one request.
+    let request = |method: &'static str, path: &'static str| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut r = String::new();
+        tokio::time::timeout(T, s.read_to_string(&mut r))
+            .await
+            .expect("the answer ends with the connection")
+            .unwrap();
+        let (head, body) = r.split_once("\r\n\r\n").unwrap_or((&r, ""));
+        let code: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (code, head.to_ascii_lowercase(), body.to_string())
+    };
+
+    // No forwarder: degraded, 503, and the whole document.
+    let (code, head, body) = request("GET", "/health").await;
+    assert_eq!(code, 503, "{head}{body}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["forwarders_online"], false, "{h}");
+    assert_eq!(h["streams"][0]["stream"], "cloud", "{h}");
+
+    // A forwarder comes online and the stream connects: ok, 200.
+    let mut f = Forwarder::connect(daemon.udp_addr(), gw(1)).await.unwrap();
+    f.pull().await.unwrap();
+    let end = std::time::Instant::now() + T;
+    let (code, body) = loop {
+        let (code, _, body) = request("GET", "/health").await;
+        if code == 200 || std::time::Instant::now() > end {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, 200, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["forwarders_online"], true, "{h}");
+    assert_eq!(h["streams"][0]["connected"], true, "{h}");
+
+    // HEAD: the same status and head, no body. Other methods: 405; other paths: 404.
+    let (code, head, body) = request("HEAD", "/health").await;
+    assert_eq!((code, body.as_str()), (200, ""), "{head}");
+    assert!(head.contains("content-length:"), "{head}");
+    let (code, head, _) = request("POST", "/health").await;
+    assert_eq!(code, 405, "{head}");
+    assert!(head.contains("allow: get, head"), "{head}");
+    assert_eq!(request("DELETE", "/metrics").await.0, 405);
+    assert_eq!(request("GET", "/nope").await.0, 404);
+    assert_eq!(request("GET", "/metrics").await.0, 200);
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_withholds_puback_keeps_records_queued() {
     install_crypto();

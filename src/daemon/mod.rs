@@ -277,7 +277,13 @@ impl Daemon {
                 })?;
             metrics_addr = l.local_addr().ok();
             let s = sources.clone();
-            let health = move || serde_json::to_string(&s.health()).unwrap_or_default();
+            let health = move || {
+                let h = s.health();
+                metrics::HealthAnswer {
+                    healthy: h.status == health::Status::Ok,
+                    json: serde_json::to_string(&h).unwrap_or_default(),
+                }
+            };
             misc.push(tokio::spawn(metrics::serve(
                 l,
                 metrics.clone(),

@@ -282,7 +282,9 @@ impl DaemonProc {
                 .ok()?;
             let mut r = String::new();
             s.read_to_string(&mut r).await.ok()?;
-            r.starts_with("HTTP/1.1 200")
+            // `/health` answers 503 while degraded (no forwarder, a stream down): the daemon is
+            // up and answering all the same, with the same document.
+            (r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.1 503"))
                 .then(|| r.split("\r\n\r\n").nth(1).map(String::from))
                 .flatten()
         };
