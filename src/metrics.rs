@@ -76,6 +76,19 @@ impl Metrics {
                 m
             }};
         }
+        // A constant 1 whose labels say which build runs (`lorastream --version`).
+        let build_info = Family::<Labels, Gauge>::default();
+        build_info
+            .get_or_create(&vec![
+                ("version", env!("CARGO_PKG_VERSION").into()),
+                ("commit", crate::COMMIT.into()),
+            ])
+            .set(1);
+        r.register(
+            "build_info",
+            "The running build: crate version and git commit (always 1)",
+            build_info,
+        );
         let inner = Inner {
             udp_datagrams: reg!(
                 "udp_datagrams",
@@ -716,5 +729,18 @@ mod tests {
             "{t}"
         );
         assert_eq!(m.uplinks("replay"), 2);
+    }
+
+    #[test]
+    fn build_info_names_the_version_and_commit() {
+        let t = Metrics::new().encode();
+        let line = format!(
+            "lorastream_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION"),
+            crate::COMMIT
+        );
+        assert!(t.contains(&line), "{line} not in\n{t}");
+        assert!(t.contains("# TYPE lorastream_build_info gauge"), "{t}");
+        assert!(!crate::COMMIT.is_empty());
     }
 }

@@ -515,7 +515,9 @@ async fn health_answers_503_while_degraded_and_200_when_ok() {
     assert!(head.contains("allow: get, head"), "{head}");
     assert_eq!(request("DELETE", "/metrics").await.0, 405);
     assert_eq!(request("GET", "/nope").await.0, 404);
-    assert_eq!(request("GET", "/metrics").await.0, 200);
+    let (code, _, body) = request("GET", "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("lorastream_build_info{"), "{body}");
     daemon.stop().await;
 }
 
