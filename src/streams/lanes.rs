@@ -26,6 +26,8 @@ pub struct Lanes {
     /// Live records already taken, not yet passed by the backlog lane.
     taken_live: BTreeSet<u64>,
     merged: bool,
+    /// "cannot read the queue" (a disk error) at most this often.
+    read_errors: crate::logs::LogLimiter,
 }
 
 impl Lanes {
@@ -42,6 +44,31 @@ impl Lanes {
             skipped: HashSet::new(),
             taken_live: BTreeSet::new(),
             merged: boundary.is_none(),
+            read_errors: crate::logs::LogLimiter::new(),
+        }
+    }
+
+    /// Top `pending` up to `limit` records (the batching streams: HTTP, e-mail). A queue that
+    /// cannot be read (an I/O error; corrupt records are removed by the queue itself) is
+    /// counted and logged, rate-limited; the next wake-up (an append, a retry) reads again.
+    pub(crate) fn top_up(
+        &mut self,
+        ctx: &super::StreamContext,
+        pending: &mut std::collections::VecDeque<(u64, Record)>,
+        limit: usize,
+    ) {
+        let room = limit.saturating_sub(pending.len());
+        if room == 0 {
+            return;
+        }
+        match self.next(&ctx.queue, room) {
+            Ok(v) => pending.extend(v),
+            Err(e) => {
+                ctx.metrics.stream_error(&ctx.name, "queue_read");
+                if self.read_errors.allow() {
+                    tracing::error!(stream = %ctx.name, error = %e, "cannot read the queue");
+                }
+            }
         }
     }
 

@@ -375,19 +375,7 @@ impl HttpStream {
 
     /// Read up to `limit - pending.len()` more records.
     fn read(&self, lanes: &mut Lanes, pending: &mut VecDeque<(u64, Record)>, limit: usize) {
-        let room = limit.saturating_sub(pending.len());
-        if room == 0 {
-            return;
-        }
-        match lanes.next(&self.ctx.queue, room) {
-            Ok(v) => pending.extend(v),
-            Err(e) => {
-                // Corrupt records are removed by the queue itself; this is an I/O error. The
-                // next wake-up (append, retry) reads again.
-                self.ctx.metrics.stream_error(&self.ctx.name, "queue_read");
-                tracing::error!(stream = %self.ctx.name, error = %e, "cannot read the queue");
-            }
-        }
+        lanes.top_up(&self.ctx, pending, limit);
     }
 }
 

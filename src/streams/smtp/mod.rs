@@ -42,7 +42,6 @@ use super::format::{render_or_drop, Delivery};
 use super::lanes::Lanes;
 use super::StreamContext;
 use crate::config::SmtpConfig;
-use crate::logs::LogLimiter;
 use crate::model::{now_us, DownlinkEvent, Record};
 use crate::store::DropReason;
 use client::{Client, Failure};
@@ -126,7 +125,6 @@ pub(crate) struct SmtpStream {
     batch_wait: Duration,
     max_per_hour: u32,
     rate: Rate,
-    warn: LogLimiter,
     /// An e-mail stream takes no downlinks, so it has no downlink events; kept open so the
     /// scheduler's sender stays valid.
     _events: mpsc::Receiver<DownlinkEvent>,
@@ -167,7 +165,6 @@ impl SmtpStream {
             batch_wait: cfg.batch_wait,
             max_per_hour: cfg.max_per_hour,
             rate: Rate::new(cfg.max_per_hour),
-            warn: LogLimiter::new(),
             _events: events,
             ctx,
         })
@@ -423,21 +420,7 @@ impl SmtpStream {
 
     /// Read up to `batch_max - pending.len()` more records.
     fn read(&mut self, lanes: &mut Lanes, pending: &mut VecDeque<(u64, Record)>) {
-        let room = self.batch_max.saturating_sub(pending.len());
-        if room == 0 {
-            return;
-        }
-        match lanes.next(&self.ctx.queue, room) {
-            Ok(v) => pending.extend(v),
-            Err(e) => {
-                // An I/O error (corrupt records are removed by the queue itself): the next
-                // wake-up reads again.
-                self.ctx.metrics.stream_error(&self.ctx.name, "queue_read");
-                if self.warn.allow() {
-                    tracing::error!(stream = %self.ctx.name, error = %e, "cannot read the queue");
-                }
-            }
-        }
+        lanes.top_up(&self.ctx, pending, self.batch_max);
     }
 }
 
