@@ -33,35 +33,12 @@ fn b64(b: &[u8]) -> String {
 
 // ---- log capture: every test of this binary logs here, and none may log the secret ----
 
-static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct LogWriter;
-impl std::io::Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn capture_logs() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let sub = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "lorastream=trace,reqwest=trace,hyper_util=trace",
-            ))
-            .with_writer(|| LogWriter)
-            .with_ansi(false)
-            .finish();
-        let _ = tracing::subscriber::set_global_default(sub);
-    });
+    support::logs::capture("lorastream=trace,reqwest=trace,hyper_util=trace");
 }
 
 fn logs() -> String {
-    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+    support::logs::text()
 }
 
 fn assert_secret_never_logged() {

@@ -26,33 +26,12 @@ const WRONG: &str = "wr0ng-9f2c44-never-logged";
 
 // ---- log capture: every test of this binary logs here, and none may log a password ----
 
-static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct LogWriter;
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 fn capture_logs() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let sub = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("lorastream=trace"))
-            .with_writer(|| LogWriter)
-            .with_ansi(false)
-            .finish();
-        let _ = tracing::subscriber::set_global_default(sub);
-    });
+    support::logs::capture("lorastream=trace");
 }
 
 fn logs() -> String {
-    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+    support::logs::text()
 }
 
 fn assert_no_password_logged() {

@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod iothub;
+pub mod logs;
 pub mod pki;
 pub mod records;
 
