@@ -449,9 +449,22 @@ pub struct Mounted {
 impl Mounted {
     pub fn unmount(mut self) -> std::io::Result<()> {
         match self.session.take() {
-            Some(s) => s.umount_and_join(),
+            Some(s) => session_ended(s.umount_and_join()),
             None => Ok(()),
         }
+    }
+}
+
+/// How the session thread ended once the filesystem was unmounted. Unmounting aborts the
+/// kernel's FUSE connection; the thread's next read of /dev/fuse then fails with ENODEV (which
+/// fuser takes as the normal end) or, on some kernels, with ECONNABORTED (which fuser passes on:
+/// one CI run saw it). Both are the end of a session whose every request was answered, and the
+/// disk's state lives in [`Disk`], not in the session, so both count as a clean unmount; what
+/// the tests check afterwards (the bytes read back through a new mount) is unchanged.
+fn session_ended(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+        r => r,
     }
 }
 
