@@ -36,9 +36,9 @@ pub use devices::{Activation, ApplicationConfig, DeviceConfig, LorawanVersion};
 pub use import::ImportError;
 pub use streams::defaults as stream_defaults;
 pub use streams::{
-    azure_device_id, AwsConfig, AzureConfig, AzureIdentity, AzureKey, ClientCert, DownlinkFormat,
-    Format, FormatConfig, HttpConfig, MqttConfig, OnClientError, PolicyKey, PollConfig, ServerUrl,
-    StreamConfig, StreamKind, TemplateConfig, TlsFiles, Transport,
+    azure_device_id, AwsConfig, AzureConfig, AzureIdentity, AzureKey, ClientCert, ClientId,
+    DownlinkFormat, Format, FormatConfig, HttpConfig, MqttConfig, OnClientError, PolicyKey,
+    PollConfig, ServerUrl, StreamConfig, StreamKind, TemplateConfig, TlsFiles, Transport,
 };
 pub use streams::{SmtpConfig, SmtpTls, WebSocketConfig, WsAck};
 

@@ -196,6 +196,9 @@ raw_stream! {
     username: String,
     password: Secret,
     client_id: String,
+    /// MQTT clean session: false (default) keeps the broker's session (subscriptions and the
+    /// QoS 1 downlinks published while lorastream was away) across reconnects and restarts.
+    clean_session: bool,
     topic_prefix: String,
     inflight: u16,
     keep_alive_s: u64,
@@ -432,14 +435,38 @@ pub struct MqttConfig {
     pub tls: TlsFiles,
     /// `username` and `password`.
     pub credentials: Option<(String, Secret)>,
-    /// Effective: `client_id`, or `lorastream-{gateway eui or hostname}-{stream name}`.
-    pub client_id: String,
+    pub client_id: ClientId,
+    /// MQTT clean session (false: a persistent session, the default).
+    pub clean_session: bool,
     pub topic_prefix: String,
     pub inflight: u16,
     pub keep_alive: Duration,
     /// A request (publish, subscribe, keep-alive ping) unanswered this long, with nothing else
     /// heard from the broker meanwhile, ends the connection (a hung broker).
     pub response_timeout: Duration,
+}
+
+/// An MQTT client id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientId {
+    /// `client_id` as configured.
+    Set(String),
+    /// Not configured: `lorastream-{gateway eui or hostname}-{stream}` (this field), followed
+    /// at start by `-` and the instance id kept in the store directory
+    /// ([`crate::daemon::instance`]), so two gateways never share one even when they share a
+    /// host name and a copied EUI, and one gateway keeps its id (and broker session) across
+    /// restarts.
+    Derived(String),
+}
+
+impl ClientId {
+    /// The id to connect with, given this installation's instance id.
+    pub fn resolve(&self, instance: &str) -> String {
+        match self {
+            ClientId::Set(id) => id.clone(),
+            ClientId::Derived(base) => format!("{base}-{instance}"),
+        }
+    }
 }
 
 /// `kind = "aws-iot"`: MQTT with AWS IoT Core's rules (thing certificate, Amazon Root CA 1).
@@ -805,7 +832,7 @@ fn response_timeout(s: Option<u64>) -> Result<Duration, KeyError> {
     }
 }
 
-/// `lorastream-{gateway eui or hostname}-{stream}`.
+/// `lorastream-{gateway eui or hostname}-{stream}` (the instance id is added at start).
 fn default_client_id(ctx: &Context, stream: &str) -> String {
     let who = ctx
         .gateway_eui
@@ -830,6 +857,7 @@ fn mqtt(k: &mut Keys, ctx: &Context, name: &str) -> Result<MqttConfig, KeyError>
     let username = take!(k, username);
     let password = take!(k, password);
     let client_id = take!(k, client_id);
+    let clean_session = take!(k, clean_session);
     let prefix = take!(k, topic_prefix);
     let window = take!(k, inflight);
     let keep = take!(k, keep_alive_s);
@@ -854,9 +882,11 @@ fn mqtt(k: &mut Keys, ctx: &Context, name: &str) -> Result<MqttConfig, KeyError>
             client_cert: client_cert(cert_file, key_file)?,
         },
         credentials,
-        client_id: client_id
-            .filter(|c| !c.is_empty())
-            .unwrap_or_else(|| default_client_id(ctx, name)),
+        client_id: match client_id.filter(|c| !c.is_empty()) {
+            Some(id) => ClientId::Set(id),
+            None => ClientId::Derived(default_client_id(ctx, name)),
+        },
+        clean_session: clean_session.unwrap_or(false),
         topic_prefix: topic_prefix(prefix)?,
         inflight: inflight(window, defaults::MQTT_INFLIGHT)?,
         keep_alive: keep_alive(keep, defaults::MQTT_KEEP_ALIVE, 65_535)?,
@@ -871,6 +901,7 @@ fn aws(k: &mut Keys, _name: &str, _ctx: &Context) -> Result<AwsConfig, KeyError>
     let cert_file = take!(k, cert_file);
     let key_file = take!(k, key_file);
     let client_id = take!(k, client_id);
+    let clean_session = take!(k, clean_session);
     let prefix = take!(k, topic_prefix);
     let window = take!(k, inflight);
     let keep = take!(k, keep_alive_s);
@@ -906,7 +937,8 @@ fn aws(k: &mut Keys, _name: &str, _ctx: &Context) -> Result<AwsConfig, KeyError>
                 client_cert: Some(client_cert),
             },
             credentials: None,
-            client_id,
+            client_id: ClientId::Set(client_id),
+            clean_session: clean_session.unwrap_or(false),
             topic_prefix: topic_prefix(prefix)?,
             inflight: inflight(window, defaults::MQTT_INFLIGHT)?,
             keep_alive: keep_alive(keep, defaults::MQTT_KEEP_ALIVE, 65_535)?,
@@ -1325,7 +1357,12 @@ impl Table {
         if let Some((user, _)) = &m.credentials {
             self.s("username", user).secret("password");
         }
-        self.s("client_id", &m.client_id)
+        let id = match &m.client_id {
+            ClientId::Set(id) => id.clone(),
+            ClientId::Derived(base) => format!("{base}-<instance id>"),
+        };
+        self.s("client_id", &id)
+            .b("clean_session", m.clean_session)
             .s("topic_prefix", &m.topic_prefix)
             .n("inflight", m.inflight.into())
             .n("keep_alive_s", m.keep_alive.as_secs())

@@ -359,7 +359,8 @@ mod typed {
         }
         // Defaults that used to live in stream code are printed.
         for want in [
-            "client_id = \"lorastream-aa555a0000000000-cloud\"",
+            "client_id = \"lorastream-aa555a0000000000-cloud-<instance id>\"",
+            "clean_session = false",
             "topic_prefix = \"lorastream\"",
             "inflight = 100",
             "keep_alive_s = 30",

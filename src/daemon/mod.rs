@@ -20,6 +20,7 @@
 
 pub mod health;
 mod housekeeping;
+pub mod instance;
 pub mod systemd;
 
 use crate::config::Config;
@@ -57,6 +58,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Stream(#[from] StreamError),
+    #[error(transparent)]
+    Instance(#[from] instance::InstanceError),
 }
 
 /// A running daemon.
@@ -119,6 +122,7 @@ impl Daemon {
             "store opened"
         );
         let registry = crate::devices::registry(cfg, &store).map_err(store_err)?;
+        let instance_id: Arc<str> = instance::load_or_create(&cfg.storage.path)?.into();
 
         let listen = cfg.gateway.listen;
         let bind_err = |source| DaemonError::Bind {
@@ -166,6 +170,7 @@ impl Daemon {
                 metrics: metrics.clone(),
                 cancel: streams_cancel.clone(),
                 gateway_eui: cfg.gateway.eui,
+                instance_id: instance_id.clone(),
                 downlinks: s.downlinks.then(|| downlinks.clone()),
                 format: Arc::new(crate::streams::format::Formatter::new(s, facts.clone())),
             };

@@ -101,6 +101,40 @@ impl SessionError {
         }
     }
 
+    /// The size of an incoming MQTT packet above the client's limit, when that ended the
+    /// connection (rumqttc reads packets whole and gives up on one above its limit).
+    pub fn oversized_incoming(&self) -> Option<usize> {
+        match self {
+            SessionError::Mqtt(rumqttc::ConnectionError::MqttState(
+                rumqttc::StateError::Deserialization(
+                    rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+                ),
+            )) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// The server closed (or reset) the connection: what a broker does to the older of two
+    /// clients with one client id.
+    pub fn closed_by_peer(&self) -> bool {
+        use std::io::ErrorKind as K;
+        let io = match self {
+            SessionError::Mqtt(rumqttc::ConnectionError::MqttState(
+                rumqttc::StateError::ConnectionAborted,
+            )) => return true,
+            SessionError::Mqtt(rumqttc::ConnectionError::MqttState(rumqttc::StateError::Io(
+                io,
+            )))
+            | SessionError::Mqtt(rumqttc::ConnectionError::Io(io)) => io,
+            SessionError::Io(io) => io,
+            _ => return false,
+        };
+        matches!(
+            io.kind(),
+            K::ConnectionAborted | K::ConnectionReset | K::UnexpectedEof | K::BrokenPipe
+        )
+    }
+
     /// What to check, where the cause is usually the same.
     pub fn hint(&self) -> Option<&'static str> {
         use rumqttc::ConnectReturnCode as C;
@@ -113,6 +147,9 @@ impl SessionError {
             }
             SessionError::Mqtt(rumqttc::ConnectionError::Tls(_)) => Some(
                 "TLS failed: is this a TLS port, is the server's certificate trusted (ca_file), is the clock right?",
+            ),
+            SessionError::Mqtt(_) if self.oversized_incoming().is_some() => Some(
+                "a message above the client's packet limit arrived on a downlink topic; the next connection starts a clean session so the broker cannot send it again (limit the broker's message size, e.g. mosquitto's message_size_limit)",
             ),
             SessionError::Mqtt(rumqttc::ConnectionError::MqttState(
                 rumqttc::StateError::Deserialization(_),

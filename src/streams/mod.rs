@@ -67,6 +67,8 @@ pub(crate) struct StreamContext {
     pub cancel: CancellationToken,
     /// `[gateway] eui`, for the status topic.
     pub gateway_eui: Option<Eui64>,
+    /// This installation's instance id (derived MQTT client ids end with it).
+    pub instance_id: std::sync::Arc<str>,
     /// Where downlink requests go (None when the stream has `downlinks = false`).
     pub downlinks: Option<DownlinkHandle>,
     /// The stream's format.

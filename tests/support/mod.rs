@@ -254,6 +254,12 @@ impl Mosquitto {
         );
     }
 
+    /// What mosquitto logged so far (its connection lines name each client's id and session:
+    /// `New client connected from ... as ID (p2, c0, k30)`, c0 = a persistent session).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.conf.with_extension("log")).unwrap_or_default()
+    }
+
     /// The process id, while it runs (to stop it with SIGSTOP, as a hung broker).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())

@@ -68,7 +68,12 @@ pub(crate) struct MqttStream {
     response_timeout: Duration,
     /// Downlink events for this stream, published on `.../down/{event}`.
     events: mpsc::Receiver<DownlinkEvent>,
+    /// `clean_session` as configured (false: a persistent session).
     clean_session: bool,
+    /// Start the next connection with a clean session once (see [`MqttStream::after_failure`]).
+    clean_once: bool,
+    /// Consecutive connections the broker closed within [`TAKEN_OVER_WITHIN`] of CONNACK.
+    quick_closes: u64,
     max_packet: usize,
     /// AWS: `$aws/things/{thing}/shadow/update` topic, when `shadow = true`.
     shadow_topic: Option<String>,
@@ -90,7 +95,7 @@ impl MqttStream {
             tls::client_config(cfg.tls.ca_file.as_deref(), client_cert, true, &[])
         })?;
         // Azure allows 256 KiB, AWS 128 KiB; rumqttc's default is 10 KiB each way.
-        Ok(Self::new(cfg, ctx, events, ep, true, 256 * 1024, None))
+        Ok(Self::new(cfg, ctx, events, ep, 256 * 1024, None))
     }
 
     /// An AWS IoT Core stream.
@@ -119,10 +124,13 @@ impl MqttStream {
                 alpn,
             )
         })?;
-        let shadow = cfg
-            .shadow
-            .then(|| format!("$aws/things/{}/shadow/update", m.client_id));
-        Ok(Self::new(m, ctx, events, ep, false, 128 * 1024, shadow))
+        let shadow = cfg.shadow.then(|| {
+            format!(
+                "$aws/things/{}/shadow/update",
+                m.client_id.resolve(&ctx.instance_id)
+            )
+        });
+        Ok(Self::new(m, ctx, events, ep, 128 * 1024, shadow))
     }
 
     fn new(
@@ -130,7 +138,6 @@ impl MqttStream {
         ctx: StreamContext,
         events: mpsc::Receiver<DownlinkEvent>,
         ep: client::Endpoint,
-        clean_session: bool,
         max_packet: usize,
         shadow_topic: Option<String>,
     ) -> Self {
@@ -139,14 +146,16 @@ impl MqttStream {
             host: ep.host,
             port: ep.port,
             transport: ep.transport,
-            client_id: cfg.client_id.clone(),
+            client_id: cfg.client_id.resolve(&ctx.instance_id),
             credentials: cfg.credentials.clone(),
             prefix: cfg.topic_prefix.clone(),
             inflight: cfg.inflight,
             keep_alive: cfg.keep_alive,
             response_timeout: cfg.response_timeout,
             events,
-            clean_session,
+            clean_session: cfg.clean_session,
+            clean_once: false,
+            quick_closes: 0,
             max_packet,
             shadow_topic,
             ctx,
@@ -168,7 +177,7 @@ impl MqttStream {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_transport(self.transport.clone());
         o.set_keep_alive(self.keep_alive);
-        o.set_clean_session(self.clean_session);
+        o.set_clean_session(self.clean_session || self.clean_once);
         o.set_inflight(self.inflight);
         // Incoming: high on purpose (see `client::MAX_INCOMING_PACKET`); outgoing: the
         // destination's limit, checked before each publish (`feed`).
@@ -207,8 +216,10 @@ impl Session for MqttStream {
             Ok(false) => return SessionEnd::Stopped,
             Err(e) => return SessionEnd::failed(e),
         }
+        let connected_at = Instant::now();
+        let clean = self.clean_session || std::mem::take(&mut self.clean_once);
         let mut driver = client::Driver::start(eventloop);
-        tracing::info!(stream = %name, server = %self.shown, backlog = self.ctx.queue.len(), "MQTT connected");
+        tracing::info!(stream = %name, server = %self.shown, client_id = %self.client_id, clean_session = clean, backlog = self.ctx.queue.len(), "MQTT connected");
         if let Some(t) = self.status_topic() {
             publish(&client, &state, &t, b"online".to_vec(), true, None);
         }
@@ -328,7 +339,44 @@ impl Session for MqttStream {
         feeder_stop.cancel();
         feeder.abort();
         let _ = feeder.await;
+        if let SessionEnd::Failed { error, .. } = &end {
+            self.after_failure(error, connected_at.elapsed());
+        }
         end
+    }
+}
+
+/// A connection the broker closes this soon after CONNACK, again and again, was most likely
+/// taken over by another client with the same client id (MQTT 3.1.1 §3.1.4: the server
+/// disconnects the existing client).
+const TAKEN_OVER_WITHIN: Duration = Duration::from_secs(5);
+
+impl MqttStream {
+    /// After a connection that had its CONNACK failed: the two failures a reconnect alone
+    /// cannot cure.
+    fn after_failure(&mut self, e: &SessionError, lived: Duration) {
+        let name = &self.ctx.name;
+        // A message above the packet limit ends every connection, and with a persistent
+        // session the broker sends it again after each reconnect: start one clean session,
+        // which makes the broker forget it (and whatever else it held for this client).
+        if let Some(len) = e.oversized_incoming() {
+            if !self.clean_session {
+                self.clean_once = true;
+            }
+            self.ctx.metrics.downlink_too_large(name);
+            tracing::warn!(stream = %name, len, max = client::MAX_INCOMING_PACKET, clean_session_next = true, "a message above the MQTT packet limit ended the connection; the next connection starts a clean session so the broker drops it (and any other message it held for this client)");
+        }
+        if e.closed_by_peer() && lived < TAKEN_OVER_WITHIN {
+            self.quick_closes += 1;
+            if self.quick_closes >= 3 {
+                self.ctx.metrics.stream_error(name, "session_taken_over");
+                if self.quick_closes == 3 || self.quick_closes % 10 == 0 {
+                    tracing::warn!(stream = %name, client_id = %self.client_id, times = self.quick_closes, "the broker closed the connection right after connecting {} times in a row: another client is probably connected with the same client id; give each gateway its own client_id (or remove client_id: the derived one is unique per installation)", self.quick_closes);
+                }
+            }
+        } else {
+            self.quick_closes = 0;
+        }
     }
 }
 
