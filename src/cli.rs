@@ -38,6 +38,10 @@ enum Command {
     Check {
         #[arg(short, long, default_value = DEFAULT_PATH)]
         config: PathBuf,
+        /// Also try it on this machine: the store directory is writable, the ports are free,
+        /// and each stream connects with its TLS settings and credentials (nothing is sent).
+        #[arg(long)]
+        online: bool,
     },
     /// Show each stream's queue: depth, bytes, age of the oldest message, delivered, drops.
     /// Asks the running daemon ([metrics] listen); reads the store when no daemon runs.
@@ -83,6 +87,10 @@ enum Command {
         /// Application payload size in bytes.
         #[arg(long, default_value_t = 12)]
         payload_size: usize,
+        /// Simulate only this device (its `id`; repeat for several). Without it every ABP
+        /// device of the config is simulated, which moves their frame counters on the daemon.
+        #[arg(long = "device", value_name = "ID")]
+        devices: Vec<String>,
     },
 }
 
@@ -153,7 +161,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
-        Command::Check { config } => Ok(check(&config)),
+        Command::Check { config, online } => Ok(check(&config, online)),
         Command::Queue { config, json } => {
             let cfg = Config::load(&config)?;
             queue(&cfg, json)?;
@@ -207,35 +215,57 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             fcnt_start,
             gateway_eui,
             payload_size,
+            devices,
         } => {
             let cfg = Config::load(&config)?;
             crate::logs::init("info", crate::config::LogFormat::Text);
             runtime()?.block_on(simulate(
                 &cfg,
-                target,
-                rate,
-                count,
-                fcnt_start,
-                gateway_eui,
-                payload_size,
+                SimulateOptions {
+                    target,
+                    rate,
+                    count,
+                    fcnt_start,
+                    gateway: gateway_eui,
+                    payload_size,
+                    devices,
+                },
             ))?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn check(path: &Path) -> ExitCode {
+fn check(path: &Path, online: bool) -> ExitCode {
     match Config::load(path) {
-        Ok(cfg) => {
-            println!(
-                "# {} is valid. Effective configuration (secrets shown as ***):\n",
-                path.display()
-            );
-            println!("# {}\n", cfg.device_sources_summary());
-            if let Some(note) = cfg.storage.outside_state_dir_note() {
-                println!("# note: {note}\n");
+        Ok(cfg) if online => {
+            print_check(path, &cfg);
+            let running = cfg.metrics.listen.and_then(fetch_health).is_some();
+            let findings = match runtime() {
+                Ok(rt) => rt.block_on(crate::daemon::preflight::run(&cfg, running)),
+                Err(e) => {
+                    eprintln!("lorastream: error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            println!("\n# online checks");
+            let mut failed = 0;
+            for f in &findings {
+                println!("{f}");
+                failed += usize::from(!f.ok);
             }
-            print!("{}", cfg.to_toml_masked());
+            if failed > 0 {
+                eprintln!(
+                    "lorastream: {failed} of {} online checks failed",
+                    findings.len()
+                );
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Ok(cfg) => {
+            print_check(path, &cfg);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -243,6 +273,36 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The effective configuration, with notes and warnings.
+fn print_check(path: &Path, cfg: &Config) {
+    println!(
+        "# {} is valid. Effective configuration (secrets shown as ***):\n",
+        path.display()
+    );
+    println!("# {}\n", cfg.device_sources_summary());
+    if let Some(note) = cfg.storage.outside_state_dir_note() {
+        println!("# note: {note}\n");
+    }
+    let lost = cfg.devices_without_stream();
+    if !lost.is_empty() {
+        let names: Vec<&str> = lost.iter().take(20).map(|d| d.id.as_str()).collect();
+        let more = lost.len().saturating_sub(names.len());
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        let msg = format!(
+                    "{} device(s) whose uplinks no stream takes (no [[stream]] has their application or device in scope, or none takes records): {}{more}; their uplinks are accepted but not stored (counted in lorastream_uplinks_without_stream_total)",
+                    lost.len(),
+                    names.join(", ")
+                );
+        eprintln!("lorastream: warning: {msg}");
+        println!("# warning: {msg}\n");
+    }
+    print!("{}", cfg.to_toml_masked());
 }
 
 /// `devices import`: one line per device on stderr (never a key), the file on stdout.
@@ -325,10 +385,15 @@ fn queue(cfg: &Config, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("# queues, from the {source}");
-    println!(
-        "{:<20} {:>10} {:>12} {:>12} {:>10} {:>9}  dropped",
-        "stream", "depth", "bytes", "oldest", "delivered", "connected"
-    );
+    let mut rows: Vec<[String; 7]> = vec![[
+        "stream".into(),
+        "depth".into(),
+        "bytes".into(),
+        "oldest".into(),
+        "delivered".into(),
+        "connected".into(),
+        "dropped".into(),
+    ]];
     for q in streams.as_array().into_iter().flatten() {
         let dropped: Vec<String> = q["dropped"]
             .as_object()
@@ -337,26 +402,56 @@ fn queue(cfg: &Config, json: bool) -> anyhow::Result<()> {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         let age = Duration::from_secs(q["oldest_age_s"].as_f64().unwrap_or(0.0) as u64);
-        println!(
-            "{:<20} {:>10} {:>12} {:>12} {:>10} {:>9}  {}",
-            q["stream"].as_str().unwrap_or("?"),
-            q["depth"],
-            q["bytes"],
+        rows.push([
+            q["stream"].as_str().unwrap_or("?").to_string(),
+            q["depth"].to_string(),
+            q["bytes"].to_string(),
             humantime::format_duration(age).to_string(),
-            q["delivered"],
+            q["delivered"].to_string(),
             match q.get("connected").and_then(|c| c.as_bool()) {
                 Some(true) => "yes",
                 Some(false) => "no",
                 None => "-",
-            },
+            }
+            .to_string(),
             if dropped.is_empty() {
                 "-".to_string()
             } else {
                 dropped.join(" ")
-            }
-        );
+            },
+        ]);
     }
+    print!("{}", table(&rows));
     Ok(())
+}
+
+/// Aligned columns: the first (a name) and the last (free text) left-aligned, numbers right.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            let pad = widths[c].saturating_sub(cell.chars().count());
+            if c > 0 {
+                line.push_str("  ");
+            }
+            if c == 0 || c == N - 1 {
+                line.push_str(cell);
+                if c < N - 1 {
+                    line.push_str(&" ".repeat(pad));
+                }
+            } else {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 /// SIGTERM or SIGINT.
@@ -593,22 +688,30 @@ async fn demo(count: Option<u64>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn simulate(
-    cfg: &Config,
+struct SimulateOptions {
     target: Option<SocketAddr>,
     rate: f64,
     count: Option<u64>,
     fcnt_start: u32,
     gateway: Eui64,
     payload_size: usize,
-) -> anyhow::Result<()> {
-    let mut target = target.unwrap_or(cfg.gateway.listen);
-    if target.ip().is_unspecified() {
-        target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    /// `--device`: the ids to simulate (empty: every ABP device).
+    devices: Vec<String>,
+}
+
+/// The ABP devices `simulate` acts as: those named with `--device`, or all of them (with a
+/// warning: their frame counters on the daemon move on).
+fn simulated_devices(cfg: &Config, o: &SimulateOptions) -> anyhow::Result<Vec<SimDevice>> {
+    for id in &o.devices {
+        anyhow::ensure!(
+            cfg.devices.iter().any(|d| &d.id == id),
+            "--device {id}: no device with this id in the config"
+        );
     }
-    let mut devices: Vec<SimDevice> = cfg
+    let devices: Vec<SimDevice> = cfg
         .devices
         .iter()
+        .filter(|d| o.devices.is_empty() || o.devices.contains(&d.id))
         .filter_map(|d| match &d.activation {
             crate::config::Activation::Abp {
                 dev_addr,
@@ -619,7 +722,7 @@ async fn simulate(
                 dev_addr: *dev_addr,
                 nwk_s_key: *nwk_s_key,
                 app_s_key: *app_s_key,
-                f_cnt: fcnt_start,
+                f_cnt: o.fcnt_start,
                 adr: false,
             }),
             crate::config::Activation::Otaa { .. } => None,
@@ -627,20 +730,97 @@ async fn simulate(
         .collect();
     anyhow::ensure!(
         !devices.is_empty(),
-        "the config has no ABP devices to simulate"
+        "{}",
+        if o.devices.is_empty() {
+            "the config has no ABP devices to simulate"
+        } else {
+            "the devices named with --device are not ABP devices (simulate acts as ABP devices only)"
+        }
     );
+    if o.devices.is_empty() {
+        eprintln!(
+            "lorastream simulate: WARNING: acting as ALL {} ABP devices of the config. The daemon will record their frame counters; a real device of the same DevAddr with a lower counter is then refused as a replay. Use --device ID with test devices on a production gateway.",
+            devices.len()
+        );
+    }
+    Ok(devices)
+}
+
+/// A PULL_RESP the simulated forwarder got: one line on stdout (decrypted with the device's
+/// keys when it is one of ours).
+fn print_downlink(pr: &crate::sim::PullResp, devices: &[SimDevice]) {
+    let t = &pr.txpk;
+    let radio = format!(
+        "{} MHz {} tmst {}",
+        t["freq"],
+        t["datr"].as_str().unwrap_or("?"),
+        t.get("tmst")
+            .map_or_else(|| "immediate".to_string(), |v| v.to_string())
+    );
+    let dev_addr = (pr.phy.len() >= 8).then(|| {
+        crate::model::DevAddr(u32::from_le_bytes([
+            pr.phy[1], pr.phy[2], pr.phy[3], pr.phy[4],
+        ]))
+    });
+    let fcnt16 = (pr.phy.len() >= 8).then(|| u16::from_le_bytes([pr.phy[6], pr.phy[7]]));
+    let who = dev_addr.and_then(|a| devices.iter().find(|d| d.dev_addr == a));
+    match (who, fcnt16) {
+        (Some(d), Some(f)) => match d.open(&pr.phy, u32::from(f)) {
+            Ok(dl) => println!(
+                "downlink for {} via {radio}: FCnt {} FPort {} payload {} FOpts {}{}{}{}",
+                d.id,
+                dl.f_cnt16,
+                dl.opened.f_port.map_or("-".into(), |p| p.to_string()),
+                hex::encode(&dl.opened.frm_payload),
+                hex::encode(&dl.opened.f_opts),
+                if dl.ack { " ACK" } else { "" },
+                if dl.f_pending { " FPending" } else { "" },
+                if dl.mic_ok { "" } else { " (MIC does not verify)" }
+            ),
+            Err(e) => println!("downlink for {} via {radio}: cannot open: {e}", d.id),
+        },
+        _ => println!(
+            "downlink via {radio}: {} bytes, not for a simulated device (a join accept or another DevAddr)",
+            pr.phy.len()
+        ),
+    }
+}
+
+async fn simulate(cfg: &Config, o: SimulateOptions) -> anyhow::Result<()> {
+    let SimulateOptions {
+        target,
+        rate,
+        count,
+        gateway,
+        payload_size,
+        ..
+    } = o;
+    let mut target = target.unwrap_or(cfg.gateway.listen);
+    if target.ip().is_unspecified() {
+        target.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let mut devices = simulated_devices(cfg, &o)?;
     anyhow::ensure!(rate > 0.0, "--rate must be positive");
     let mut fwd = Forwarder::connect(target, gateway).await?;
     fwd.pull().await?;
-    // Count PUSH_ACKs on the side: they tell whether the daemon keeps up.
+    // Count PUSH_ACKs on the side (they tell whether the daemon is there and keeps up), and
+    // print and acknowledge the downlinks the daemon sends.
     let acks = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let reader = {
         let (acks, sock) = (acks.clone(), fwd.socket.clone());
+        let keys = devices.clone();
         tokio::spawn(async move {
-            let mut b = [0u8; 64];
+            let mut b = vec![0u8; 65_536];
             while let Ok(n) = sock.recv(&mut b).await {
                 if n >= 4 && b[3] == crate::ingress::gwmp::PUSH_ACK {
                     acks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else if let Some(pr) = crate::sim::parse_pull_resp(&b[..n]) {
+                    print_downlink(&pr, &keys);
+                    // TX_ACK without JSON: sent (GWMP v2).
+                    let t = pr.token.to_be_bytes();
+                    let mut ack = vec![2, t[0], t[1], 5];
+                    ack.extend_from_slice(&gateway.0);
+                    let _ = sock.send_to(&ack, target).await;
                 }
             }
         })
@@ -682,5 +862,37 @@ async fn simulate(
         sent as f64 / elapsed.max(1e-9),
         devices.iter().map(|d| d.f_cnt).max().unwrap_or(0)
     );
+    anyhow::ensure!(
+        sent == 0 || acked > 0,
+        "no PUSH_ACK came back from {target}: is lorastream running, and is this its [gateway] listen address (and no firewall between)?"
+    );
+    if acked < sent {
+        eprintln!(
+            "lorastream simulate: warning: {} of {sent} uplinks got no PUSH_ACK (lost on the way, or the daemon could not keep up)",
+            sent - acked
+        );
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn table_columns_line_up_whatever_the_name_length() {
+        let rows = [
+            ["stream".to_string(), "depth".into(), "dropped".into()],
+            [
+                "a-very-long-stream-name-indeed".into(),
+                "5".into(),
+                "-".into(),
+            ],
+            ["s".into(), "12345".into(), "full=2".into()],
+        ];
+        let t = super::table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        let end = |l: &str, w: &str| l.find(w).map(|i| i + w.len());
+        // The depth column ends at the same place on every line.
+        assert_eq!(end(lines[0], "depth"), end(lines[1], " 5"));
+        assert_eq!(end(lines[0], "depth"), end(lines[2], "12345"));
+    }
 }

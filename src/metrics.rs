@@ -48,6 +48,7 @@ struct Inner {
     radio_defects: Family<Labels, Counter>,
     gateway_address_changes: Counter,
     metrics_connections_refused: Counter,
+    uplinks_without_stream: Counter,
     downlinks_too_large: Family<Labels, Counter>,
     /// Operator alerts (`[[alert]]`): open now, and messages made, by kind (and state).
     alerts_open: Family<Labels, Gauge>,
@@ -170,6 +171,11 @@ impl Metrics {
                 "Connections to the /metrics and /health listener closed at once because MAX_CONNECTIONS were open",
                 Counter::default()
             ),
+            uplinks_without_stream: reg!(
+                "uplinks_without_stream",
+                "Accepted uplinks (and joins) that no stream takes: their device is outside every stream's scope",
+                Counter::default()
+            ),
             downlinks_too_large: reg!(
                 "downlink_messages_too_large",
                 "Downlink messages from a stream's destination refused because of their size, by stream",
@@ -224,6 +230,12 @@ impl Metrics {
     }
     pub fn metrics_connections_refused(&self) -> u64 {
         self.inner.metrics_connections_refused.get()
+    }
+    pub fn uplink_without_stream(&self) {
+        self.inner.uplinks_without_stream.inc();
+    }
+    pub fn uplinks_without_stream(&self) -> u64 {
+        self.inner.uplinks_without_stream.get()
     }
     pub fn downlink_too_large(&self, stream: &str) {
         self.inner

@@ -18,10 +18,16 @@ pub enum HexError {
 }
 
 fn parse_hex<const N: usize>(s: &str) -> Result<[u8; N], HexError> {
-    // People paste EUIs as "70-B3-D5-..." or "70:b3:..." too: accept those separators.
+    // People paste EUIs as "70-B3-D5-..." or "70:b3:..." too, a DevAddr from a vendor sheet as
+    // "0x26011BDA", and keys from The Things Stack console's C view as
+    // "{ 0x2B, 0x7E, ... }": accept the separators, the braces and a 0x before each group.
     let clean: String = s
-        .chars()
-        .filter(|c| !matches!(c, ':' | '-' | ' '))
+        .split([':', '-', ' ', ',', '{', '}'])
+        .map(|g| {
+            g.strip_prefix("0x")
+                .or_else(|| g.strip_prefix("0X"))
+                .unwrap_or(g)
+        })
         .collect();
     if clean.len() != N * 2 {
         return Err(HexError::Length {
@@ -441,6 +447,18 @@ mod tests {
             })
         );
         assert_eq!("zz000000".parse::<DevAddr>(), Err(HexError::Digit));
+        // Vendor sheets and the TTS console's C view.
+        assert_eq!("0x26000001".parse::<DevAddr>().unwrap().0, 0x2600_0001);
+        assert_eq!("0X26000001".parse::<DevAddr>().unwrap().0, 0x2600_0001);
+        let k: AesKey = "{ 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F }"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            k.0,
+            *b"\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f"
+        );
+        // A 0x inside a group is still no hex digit.
+        assert_eq!("260x0001".parse::<DevAddr>(), Err(HexError::Digit));
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub const STATE_DIR: &str = "/var/lib/lorastream";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {source}{}", read_hint(source))]
     Read {
         path: String,
         source: std::io::Error,
@@ -523,6 +523,20 @@ impl LogFormat {
     }
 }
 
+/// What to do about a config file that cannot be read, where the cause is the usual one.
+fn read_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        // The package installs it root:lorastream 0640.
+        std::io::ErrorKind::PermissionDenied => {
+            " (run the command with sudo, or add yourself to the group lorastream: `sudo usermod -aG lorastream $USER`, then log in again)"
+        }
+        std::io::ErrorKind::NotFound => {
+            " (give the file with -c/--config; the package installs /etc/lorastream/lorastream.toml, and config.example.toml lists every key)"
+        }
+        _ => "",
+    }
+}
+
 impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -607,6 +621,20 @@ impl Config {
     }
 
     /// `12 devices from lorastream.toml, 300 from devices.d/farm.toml` (logs, `check`).
+    /// Devices whose uplinks no stream takes (no record-taking stream's scope covers them):
+    /// `check` warns about them, and the daemon counts such uplinks.
+    pub fn devices_without_stream(&self) -> Vec<&DeviceConfig> {
+        self.devices
+            .iter()
+            .filter(|d| {
+                !self
+                    .streams
+                    .iter()
+                    .any(|s| s.takes_records() && s.scope.covers(&d.application, &d.id))
+            })
+            .collect()
+    }
+
     pub fn device_sources_summary(&self) -> String {
         let parts: Vec<String> = self
             .device_sources

@@ -21,6 +21,7 @@
 pub mod health;
 mod housekeeping;
 pub mod instance;
+pub mod preflight;
 pub mod systemd;
 
 use crate::config::Config;

@@ -26,6 +26,23 @@ pub(crate) struct LineStream {
 }
 
 impl LineStream {
+    /// `check --online`: the file can be opened for appending (created if missing, as the
+    /// daemon would).
+    pub fn probe(&self) -> std::io::Result<String> {
+        match &self.sink {
+            Sink::Stdout => Ok("stdout (nothing to connect)".into()),
+            Sink::File(p) => {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(p)?;
+                Ok(format!("{} can be appended to", p.display()))
+            }
+        }
+    }
+}
+
+impl LineStream {
     pub fn stdout(ctx: StreamContext, events: mpsc::Receiver<DownlinkEvent>) -> Self {
         LineStream {
             ctx,

@@ -122,6 +122,19 @@ impl Stream {
         })
     }
 
+    /// `lorastream check --online`: connect once as the stream would (server, TLS,
+    /// credentials), deliver nothing, and say what was verified.
+    pub async fn probe(&self) -> Result<String, error::SessionError> {
+        match self {
+            Stream::Mqtt(s) => s.probe().await,
+            Stream::Http(s) => s.probe().await,
+            Stream::Azure(s) => s.probe().await,
+            Stream::Lines(s) => s.probe().map_err(error::SessionError::Io),
+            Stream::WebSocket(s) => s.probe().await,
+            Stream::Smtp(s) => s.probe().await,
+        }
+    }
+
     pub async fn run(self) {
         match self {
             Stream::Mqtt(s) => s.run().await,

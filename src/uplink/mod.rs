@@ -70,6 +70,7 @@ pub struct UplinkStage {
     metrics: Metrics,
     dedup: Dedup<Reception>,
     warn: LogLimiter,
+    unrouted_log: LogLimiter,
     join: JoinSettings,
     /// What the network wants of devices' MAC layers (ADR, RX settings, DevStatus).
     mac: Policy,
@@ -102,6 +103,7 @@ impl UplinkStage {
             metrics,
             dedup: Dedup::new(net.dedup_window),
             warn: LogLimiter::new(),
+            unrouted_log: LogLimiter::new(),
             join: net.join,
             mac: net.mac,
         }
@@ -418,6 +420,13 @@ impl UplinkStage {
                 // Alerts are appended by the alert engine, never by this stage.
                 Record::Alert(_) => tmp.clear(),
             }
+            if tmp.is_empty() {
+                if let Record::Uplink(u) = r {
+                    self.unrouted(&u.device);
+                } else if let Record::Join(j) = r {
+                    self.unrouted(&j.device);
+                }
+            }
             routes.push(tmp.clone());
         }
         let entries: Vec<Entry<'_>> = records
@@ -450,6 +459,17 @@ impl UplinkStage {
         }
         records.clear();
         devices.clear();
+    }
+}
+
+impl UplinkStage {
+    /// An accepted uplink or join that no stream takes (`lorastream check` warns about such
+    /// devices): counted, and logged rate-limited.
+    fn unrouted(&mut self, device: &str) {
+        self.metrics.uplink_without_stream();
+        if self.unrouted_log.allow() {
+            tracing::warn!(device, "uplink accepted but no stream takes this device (no stream's application/device scope covers it); it is not stored");
+        }
     }
 }
 

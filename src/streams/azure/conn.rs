@@ -89,14 +89,8 @@ pub(super) async fn run(
     report(Report::Closed(end));
 }
 
-async fn session(
-    sh: &Shared,
-    who: &Identity,
-    records: &mut mpsc::Receiver<(u64, Record)>,
-    events: &mut mpsc::Receiver<DownlinkEvent>,
-    report: &impl Fn(Report),
-    close: &CancellationToken,
-) -> SessionEnd {
+/// The MQTT options of a connection as `who`, with a fresh SAS token.
+pub(super) fn options(sh: &Shared, who: &Identity) -> MqttOptions {
     let ttl = sh.sas_ttl;
     let token = wire::token(
         &wire::resource(&sh.hostname, &who.hub_id),
@@ -115,6 +109,20 @@ async fn session(
     o.set_max_packet_size(client::MAX_INCOMING_PACKET.max(MAX_PACKET), MAX_PACKET);
     o.set_credentials(wire::username(&sh.hostname, &who.hub_id), token.expose());
     o.set_manual_acks(true);
+    o
+}
+
+async fn session(
+    sh: &Shared,
+    who: &Identity,
+    records: &mut mpsc::Receiver<(u64, Record)>,
+    events: &mut mpsc::Receiver<DownlinkEvent>,
+    report: &impl Fn(Report),
+    close: &CancellationToken,
+) -> SessionEnd {
+    let ttl = sh.sas_ttl;
+    let window = sh.inflight + EXTRA;
+    let o = options(sh, who);
     let (client, mut eventloop) = AsyncClient::new(o, window + 16);
 
     match client::until_connack(&mut eventloop, close, CONNECT_TIMEOUT).await {

@@ -269,3 +269,26 @@ impl Session for GatewaySession {
 fn device_key(dev_eui: Eui64) -> u64 {
     dev_eui.to_u64() & !(1 << 63)
 }
+
+impl AzureStream {
+    /// `check --online`: with a gateway identity, one CONNECT as that device with a fresh SAS
+    /// token (IoT Hub allows one connection per device: a running daemon's connection is
+    /// replaced once, and it reconnects). Device identities are checked per device when the
+    /// daemon connects them; here only the hub's TLS is.
+    pub async fn probe(&self) -> Result<String, SessionError> {
+        match &self.mode {
+            Mode::Gateway(who) => {
+                let o = conn::options(&self.shared, who);
+                client::probe(o, std::time::Duration::from_secs(10)).await?;
+                Ok(format!(
+                    "CONNACK from {} as device {}",
+                    self.shared.shown, who.hub_id
+                ))
+            }
+            Mode::Device(_) => Ok(format!(
+                "{}: identity = \"device\": each device's key is checked when the daemon connects it (not probed)",
+                self.shared.shown
+            )),
+        }
+    }
+}

@@ -71,70 +71,103 @@ pub(crate) struct HttpStream {
     events: Option<mpsc::Receiver<DownlinkEvent>>,
 }
 
+/// The HTTP client of a stream: its TLS settings, headers (marked sensitive), timeouts, no
+/// redirects. Also the values of the headers, to keep them out of logged server answers.
+pub(crate) fn client(cfg: &HttpConfig) -> Result<(reqwest::Client, Vec<Secret>), SetupError> {
+    let mut headers = HeaderMap::new();
+    let mut secrets = Vec::new();
+    for (k, v) in &cfg.headers {
+        let name =
+            HeaderName::from_bytes(k.as_bytes()).map_err(|_| SetupError::Header(k.clone()))?;
+        let mut value =
+            HeaderValue::from_str(v.expose()).map_err(|_| SetupError::Header(k.clone()))?;
+        // Keeps the value out of reqwest's and hyper's Debug output.
+        value.set_sensitive(true);
+        headers.insert(name, value);
+        if v.expose().len() >= 4 {
+            secrets.push(v.clone());
+        }
+    }
+
+    let https =
+        cfg.url.scheme() == "https" || cfg.poll.as_ref().is_some_and(|p| p.url.scheme() == "https");
+    let client_cert = cfg
+        .tls
+        .client_cert
+        .as_ref()
+        .map(|c| (c.cert_file.as_path(), c.key_file.as_path()));
+    let mut tls_cfg = if https || cfg.tls.ca_file.is_some() || client_cert.is_some() {
+        Arc::unwrap_or_clone(tls::client_config(
+            cfg.tls.ca_file.as_deref(),
+            client_cert,
+            true,
+            &[],
+        )?)
+    } else {
+        // Plain http:// only. reqwest still wants a TLS backend, and without one it would
+        // ask for a process-wide rustls provider (crate-notes, "Toolchain": it panics when
+        // none is installed); an empty trust store is enough for a client that never uses it.
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|source| tls::TlsError::Rustls {
+            what: "TLS setup",
+            source,
+        })?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
+    };
+    tls_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_cfg)
+        .default_headers(headers)
+        .user_agent(concat!("lorastream/", env!("CARGO_PKG_VERSION")))
+        .timeout(cfg.timeout)
+        .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
+        // A redirected POST turns into a GET on most servers: report it instead.
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| SetupError::HttpClient(exchange::error_chain(&e.without_url())))?;
+
+    Ok((client, secrets))
+}
+
+impl HttpStream {
+    /// `check --online`: a HEAD request to the URL with the stream's headers and TLS (a HEAD
+    /// delivers nothing). Any answer shows the server is reachable and TLS works; 401/403 are
+    /// refused credentials.
+    pub async fn probe(&self) -> Result<String, SessionError> {
+        let shown = redact_url(&self.url);
+        let resp = self
+            .client
+            .head(self.url.clone())
+            .send()
+            .await
+            .map_err(|e| SessionError::Http(exchange::error_chain(&e.without_url())))?;
+        let status = resp.status().as_u16();
+        match status {
+            401 | 403 => Err(SessionError::HttpRefused {
+                status,
+                detail: "the HEAD request of check --online".into(),
+            }),
+            _ => Ok(format!(
+                "{shown} answered HTTP {status} to HEAD (reachable{}; a webhook may answer only POST)",
+                if self.url.scheme() == "https" { ", TLS ok" } else { "" }
+            )),
+        }
+    }
+}
+
 impl HttpStream {
     pub fn new(
         cfg: &HttpConfig,
         ctx: StreamContext,
         events: mpsc::Receiver<DownlinkEvent>,
     ) -> Result<Self, SetupError> {
-        let mut headers = HeaderMap::new();
-        let mut secrets = Vec::new();
-        for (k, v) in &cfg.headers {
-            let name =
-                HeaderName::from_bytes(k.as_bytes()).map_err(|_| SetupError::Header(k.clone()))?;
-            let mut value =
-                HeaderValue::from_str(v.expose()).map_err(|_| SetupError::Header(k.clone()))?;
-            // Keeps the value out of reqwest's and hyper's Debug output.
-            value.set_sensitive(true);
-            headers.insert(name, value);
-            if v.expose().len() >= 4 {
-                secrets.push(v.clone());
-            }
-        }
-
-        let https = cfg.url.scheme() == "https"
-            || cfg.poll.as_ref().is_some_and(|p| p.url.scheme() == "https");
-        let client_cert = cfg
-            .tls
-            .client_cert
-            .as_ref()
-            .map(|c| (c.cert_file.as_path(), c.key_file.as_path()));
-        let mut tls_cfg = if https || cfg.tls.ca_file.is_some() || client_cert.is_some() {
-            Arc::unwrap_or_clone(tls::client_config(
-                cfg.tls.ca_file.as_deref(),
-                client_cert,
-                true,
-                &[],
-            )?)
-        } else {
-            // Plain http:// only. reqwest still wants a TLS backend, and without one it would
-            // ask for a process-wide rustls provider (crate-notes, "Toolchain": it panics when
-            // none is installed); an empty trust store is enough for a client that never uses it.
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|source| tls::TlsError::Rustls {
-                what: "TLS setup",
-                source,
-            })?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
-        };
-        tls_cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls_cfg)
-            .default_headers(headers)
-            .user_agent(concat!("lorastream/", env!("CARGO_PKG_VERSION")))
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
-            // A redirected POST turns into a GET on most servers: report it instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| SetupError::HttpClient(exchange::error_chain(&e.without_url())))?;
-
+        let (client, secrets) = client(cfg)?;
         Ok(HttpStream {
             client,
             url: cfg.url.clone(),

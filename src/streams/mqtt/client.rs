@@ -223,6 +223,19 @@ pub(crate) async fn until_connack(
         .unwrap_or(Err(SessionError::ConnectTimeout(timeout)))
 }
 
+/// `check --online`: CONNECT with `o`, wait for the CONNACK (at most `timeout`), disconnect.
+pub(crate) async fn probe(o: rumqttc::MqttOptions, timeout: Duration) -> Result<(), SessionError> {
+    let (client, mut eventloop) = AsyncClient::new(o, 4);
+    until_connack(&mut eventloop, &CancellationToken::new(), timeout).await?;
+    let _ = client.try_disconnect();
+    // Let the DISCONNECT go out (bounded).
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+    Ok(())
+}
+
 /// Events a [`Driver`] reads ahead of the session loop: enough to keep the socket busy, few
 /// enough that a slow session loop soon stops the reads (backpressure to the broker).
 const DRIVER_QUEUE: usize = 64;

@@ -77,6 +77,10 @@ pub(crate) struct MqttStream {
     max_packet: usize,
     /// AWS: `$aws/things/{thing}/shadow/update` topic, when `shadow = true`.
     shadow_topic: Option<String>,
+    /// AWS IoT: policies usually allow the thing name only, so `check --online` connects with
+    /// it (and the configured session flag); elsewhere with `{client_id}-check` and a clean
+    /// session, which leaves a running daemon's connection and session alone.
+    aws: bool,
 }
 
 impl MqttStream {
@@ -95,7 +99,7 @@ impl MqttStream {
             tls::client_config(cfg.tls.ca_file.as_deref(), client_cert, true, &[])
         })?;
         // Azure allows 256 KiB, AWS 128 KiB; rumqttc's default is 10 KiB each way.
-        Ok(Self::new(cfg, ctx, events, ep, 256 * 1024, None))
+        Ok(Self::new(cfg, ctx, events, ep, 256 * 1024, None, false))
     }
 
     /// An AWS IoT Core stream.
@@ -130,7 +134,7 @@ impl MqttStream {
                 m.client_id.resolve(&ctx.instance_id)
             )
         });
-        Ok(Self::new(m, ctx, events, ep, 128 * 1024, shadow))
+        Ok(Self::new(m, ctx, events, ep, 128 * 1024, shadow, true))
     }
 
     fn new(
@@ -140,6 +144,7 @@ impl MqttStream {
         ep: client::Endpoint,
         max_packet: usize,
         shadow_topic: Option<String>,
+        aws: bool,
     ) -> Self {
         MqttStream {
             shown: cfg.server.to_string(),
@@ -158,8 +163,21 @@ impl MqttStream {
             quick_closes: 0,
             max_packet,
             shadow_topic,
+            aws,
             ctx,
         }
+    }
+
+    /// `check --online`: one CONNECT with this stream's server, TLS and credentials.
+    pub async fn probe(&self) -> Result<String, SessionError> {
+        let mut o = self.base_options();
+        if !self.aws {
+            o.set_client_id(format!("{}-check", self.client_id));
+            o.set_clean_session(true);
+        }
+        let id = o.client_id();
+        client::probe(o, Duration::from_secs(10)).await?;
+        Ok(format!("CONNACK from {} as {id}", self.shown))
     }
 
     pub async fn run(mut self) {
@@ -174,6 +192,15 @@ impl MqttStream {
     }
 
     fn options(&self) -> MqttOptions {
+        let mut o = self.base_options();
+        if let Some(t) = self.status_topic() {
+            o.set_last_will(LastWill::new(t, "offline", QoS::AtLeastOnce, true));
+        }
+        o
+    }
+
+    /// The options without the last will (`check --online` must not publish "offline").
+    fn base_options(&self) -> MqttOptions {
         let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
         o.set_transport(self.transport.clone());
         o.set_keep_alive(self.keep_alive);
@@ -184,9 +211,6 @@ impl MqttStream {
         o.set_max_packet_size(client::MAX_INCOMING_PACKET, self.max_packet);
         if let Some((u, p)) = &self.credentials {
             o.set_credentials(u, p.expose());
-        }
-        if let Some(t) = self.status_topic() {
-            o.set_last_will(LastWill::new(t, "offline", QoS::AtLeastOnce, true));
         }
         // Downlinks are acknowledged to the broker only once they are in the store.
         o.set_manual_acks(true);

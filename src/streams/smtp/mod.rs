@@ -131,6 +131,14 @@ pub(crate) struct SmtpStream {
 }
 
 impl SmtpStream {
+    /// `check --online`: the connection, TLS and login the stream uses; nothing is sent.
+    pub async fn probe(&self) -> Result<String, SessionError> {
+        self.client.probe().await?;
+        Ok("the SMTP server accepted the connection, TLS and login (no e-mail sent)".into())
+    }
+}
+
+impl SmtpStream {
     pub fn new(
         cfg: &SmtpConfig,
         ctx: StreamContext,

@@ -161,6 +161,25 @@ impl WsStream {
     }
 
     /// TCP, TLS (for `wss://`) and the WebSocket handshake with the configured headers.
+    /// `check --online`: the TCP connection, TLS and the WebSocket handshake with the
+    /// stream's headers, then a clean close.
+    pub async fn probe(&self) -> Result<String, SessionError> {
+        let mut ws = tokio::time::timeout(self.timeout, self.connect())
+            .await
+            .map_err(|_| {
+                SessionError::WebSocket(format!("no WebSocket handshake within {:?}", self.timeout))
+            })??;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            ws.close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "lorastream check --online".into(),
+            })),
+        )
+        .await;
+        Ok(format!("WebSocket handshake with {} accepted", self.shown))
+    }
+
     async fn connect(&self) -> Result<Ws, SessionError> {
         let err = |e: String| SessionError::WebSocket(e);
         let host = self.url.host_str().unwrap_or_default().to_string();
