@@ -678,3 +678,56 @@ app_key = "000102030405060708090a0b0c0d0e0f"
         );
     }
 }
+
+mod example_keys {
+    /// The keys a section accepts, as serde lists them for an unknown one (every section
+    /// denies unknown fields).
+    fn accepted(section: &str) -> Vec<String> {
+        let src = format!("{section}\nzz_not_a_key = 1\n");
+        let e = match toml::from_str::<super::super::RawFile>(&src) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{section}: an unknown key was accepted"),
+        };
+        let list = e
+            .split("expected one of ")
+            .nth(1)
+            .or_else(|| e.split("expected ").nth(1))
+            .unwrap_or_else(|| panic!("{section}: {e}"));
+        list.split(',')
+            .map(|k| k.trim().trim_matches('`').trim().to_string())
+            .filter(|k| !k.is_empty() && !k.contains(' '))
+            .collect()
+    }
+
+    /// config.example.toml shows every key of every section (set, or commented out with its
+    /// default), so an operator finds them all in one file.
+    #[test]
+    fn the_example_lists_every_key() {
+        let example = include_str!("../../config.example.toml");
+        let shown = |k: &str| {
+            example.lines().any(|l| {
+                let l = l.trim_start().trim_start_matches('#').trim_start();
+                l.strip_prefix(k)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+        };
+        let mut missing = Vec::new();
+        for section in [
+            "[gateway]",
+            "[storage]",
+            "[metrics]",
+            "[log]",
+            "[[application]]",
+            "[[device]]",
+            "[[stream]]",
+            "[[alert]]",
+        ] {
+            for k in accepted(section) {
+                if !shown(&k) {
+                    missing.push(format!("{section} {k}"));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "not in config.example.toml: {missing:?}");
+    }
+}
