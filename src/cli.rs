@@ -51,6 +51,10 @@ enum Command {
         /// Print the JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Delete the queue of a stream that is no longer in the configuration (its records
+        /// were never delivered). The daemon must be stopped.
+        #[arg(long, value_name = "STREAM")]
+        drop: Option<String>,
     },
     /// Manage devices: `lorastream devices import FILE -c CONFIG`.
     Devices {
@@ -162,9 +166,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
     match cmd {
         Command::Check { config, online } => Ok(check(&config, online)),
-        Command::Queue { config, json } => {
+        Command::Queue { config, json, drop } => {
             let cfg = Config::load(&config)?;
-            queue(&cfg, json)?;
+            match drop {
+                Some(name) => drop_queue(&cfg, &name)?,
+                None => queue(&cfg, json)?,
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { config } => {
@@ -422,6 +429,19 @@ fn queue(cfg: &Config, json: bool) -> anyhow::Result<()> {
         ]);
     }
     print!("{}", table(&rows));
+    Ok(())
+}
+
+/// `queue --drop NAME`: delete a removed stream's queue from a stopped daemon's store.
+fn drop_queue(cfg: &Config, name: &str) -> anyhow::Result<()> {
+    let configured: Vec<String> = cfg.streams.iter().map(|s| s.name.clone()).collect();
+    let n = crate::store::drop_queue(&cfg.storage, name, &configured).map_err(|e| match e {
+        crate::store::StoreError::Locked { .. } => anyhow::anyhow!(
+            "{e}: stop it first (`sudo systemctl stop lorastream`), drop the queue, start it again"
+        ),
+        e => e.into(),
+    })?;
+    println!("queue {name:?} deleted: {n} undelivered records");
     Ok(())
 }
 

@@ -306,3 +306,113 @@ fn hex_with_0x_is_accepted_and_an_unreadable_config_says_what_to_do() {
         "{e}"
     );
 }
+
+/// Removing a stream from the configuration no longer deletes its undelivered records: they
+/// stay on disk (`lorastream queue` lists them) until `lorastream queue --drop` is asked to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_streams_queue_is_kept_until_dropped() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = device(1);
+    let app = format!(
+        "[[application]]\nid = \"farm\"\n\n{}",
+        device_toml(&d, "farm")
+    );
+    // A broker that is never there: the records wait in the queue.
+    let dead = free_port();
+    let with_cloud = format!(
+        "{app}[[stream]]\nname = \"cloud\"\nserver = \"mqtt://127.0.0.1:{dead}\"\n\n[[stream]]\nname = \"out\"\nkind = \"file\"\npath = {:?}\n",
+        dir.path().join("out.jsonl").display().to_string()
+    );
+    let daemon = Daemon::start(&config(dir.path(), &with_cloud))
+        .await
+        .unwrap();
+    let mut f = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(1))
+        .await
+        .unwrap();
+    for n in 0..3u32 {
+        let p = d.uplink(1, b"x", false).unwrap();
+        f.send(&[(
+            &p,
+            Radio {
+                tmst: n * 1_000_000,
+                ..Radio::default()
+            },
+        )])
+        .await
+        .unwrap();
+        assert!(
+            wait_until(T, || daemon.metrics().uplinks("accepted")
+                == u64::from(n) + 1)
+            .await
+        );
+    }
+    daemon.stop().await;
+
+    let without = write_config(
+        dir.path(),
+        "127.0.0.1:0",
+        &format!(
+            "{app}[[stream]]\nname = \"out\"\nkind = \"file\"\npath = {:?}\n",
+            dir.path().join("out.jsonl").display().to_string()
+        ),
+    );
+    // The daemon starts without the stream and keeps its queue.
+    let daemon = Daemon::start(&config(
+        dir.path(),
+        &format!(
+            "{app}[[stream]]\nname = \"out\"\nkind = \"file\"\npath = {:?}\n",
+            dir.path().join("out.jsonl").display().to_string()
+        ),
+    ))
+    .await
+    .unwrap();
+    daemon.stop().await;
+    let out = bin().args(["queue", "-c"]).arg(&without).output().unwrap();
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{so}{}", text(&out.stderr));
+    let cloud = so
+        .lines()
+        .find(|l| l.starts_with("cloud "))
+        .unwrap_or_else(|| panic!("{so}"));
+    assert_eq!(cloud.split_whitespace().nth(1), Some("3"), "{so}");
+
+    let out = bin()
+        .args(["queue", "--drop", "out", "-c"])
+        .arg(&without)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("still in the configuration"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = bin()
+        .args(["queue", "--drop", "cloud", "-c"])
+        .arg(&without)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("3 undelivered records"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = bin().args(["queue", "-c"]).arg(&without).output().unwrap();
+    assert!(
+        !text(&out.stdout).contains("cloud"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = bin()
+        .args(["queue", "--drop", "cloud", "-c"])
+        .arg(&without)
+        .output()
+        .unwrap();
+    assert!(
+        text(&out.stderr).contains("no queue named"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -728,6 +728,9 @@ mod example_keys {
                 }
             }
         }
-        assert!(missing.is_empty(), "not in config.example.toml: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "not in config.example.toml: {missing:?}"
+        );
     }
 }

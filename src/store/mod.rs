@@ -68,7 +68,7 @@
 //! | file | job |
 //! |---|---|
 //! | `mod.rs` | the store handle, its types, [`Store::append`] |
-//! | `open.rs` | opening: engine choice and migration, quarantine, journal replay, [`inspect`] |
+//! | `open.rs` | opening: engine choice and migration, quarantine, journal replay, [`inspect`], [`drop_queue`] |
 //! | `committer.rs` | group commits and checkpoints, retries on a failing disk, [`StoreHealth`] |
 //! | `journal.rs` | the append-only journal of the current window, acknowledgements, the reserve |
 //! | `ledger.rs` | the count of records held in memory only, for the next start |
@@ -90,7 +90,7 @@ mod records;
 mod sessions;
 
 pub use journal::ReserveState;
-pub use open::inspect;
+pub use open::{drop_queue, inspect};
 pub use queue::{Queue, QueueStats};
 pub use sessions::OtaaSession;
 
@@ -170,6 +170,10 @@ pub enum StoreError {
     Unavailable,
     #[error("the disk is still full (the journal is writing into its reserve); will retry")]
     NoRoom,
+    #[error("the store holds no queue named {0:?} (`lorastream queue` lists them)")]
+    NoSuchQueue(String),
+    #[error("stream {0:?} is still in the configuration: remove its [[stream]] first (its queue is what it delivers from)")]
+    QueueInUse(String),
 }
 
 impl StoreError {
@@ -256,8 +260,9 @@ impl DropReason {
 pub struct OpenReport {
     /// Where an unreadable store was moved.
     pub quarantined: Option<PathBuf>,
-    /// Queues of streams no longer in the config, freed: (name, records).
-    pub removed_queues: Vec<(String, u64)>,
+    /// Queues of streams no longer in the config, kept on disk until `lorastream queue --drop`
+    /// (or the stream comes back): (name, records).
+    pub kept_queues: Vec<(String, u64)>,
     /// Records and session updates recovered from the journal (a killed daemon's last window).
     pub journal_replayed: u64,
     /// A store of the other engine was copied into this one; its files were kept here.

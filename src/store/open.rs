@@ -79,8 +79,8 @@ fn open_engine(cfg: &StorageConfig, report: &mut OpenReport) -> Result<Backend, 
 
 impl Store {
     /// Open (or create) the store and the queues named in `streams` (name, when_full).
-    /// Queues of streams that are no longer configured are removed; the journal of a killed
-    /// daemon is replayed.
+    /// Queues of streams that are no longer configured are kept (and reported); the journal of
+    /// a killed daemon is replayed.
     pub fn open(
         cfg: &StorageConfig,
         streams: &[(String, WhenFull)],
@@ -199,7 +199,10 @@ impl Store {
         }
         report.lost_at_last_stop = lost;
 
-        // Free the backlog of streams that were removed from the config.
+        // The backlog of a stream removed from the config stays on disk (a config edit must
+        // not delete undelivered data): it is delivered if the stream comes back, and
+        // `lorastream queue --drop` frees it. Its sequence numbers are never reused.
+        let mut next_seq = 0u64;
         for name in engine.table_names()? {
             let Some(q) = name.strip_prefix(QUEUE_PREFIX) else {
                 continue;
@@ -207,9 +210,13 @@ impl Store {
             if !streams.iter().any(|(n, _)| n == q) {
                 let mut n = 0u64;
                 engine.scan(&name, |_, _| n += 1)?;
-                engine.drop_table(&name)?;
-                tracing::warn!(stream = %q, records = n, "stream no longer configured: its queue was removed");
-                report.removed_queues.push((q.to_string(), n));
+                if let Some((k, _)) = engine.last(&name)? {
+                    if let Ok(b) = <[u8; 8]>::try_from(k.as_slice()) {
+                        next_seq = next_seq.max(u64::from_be_bytes(b) + 1);
+                    }
+                }
+                tracing::warn!(stream = %q, records = n, "stream no longer configured: its queue is kept on disk (not counted in [storage] max_bytes); add the stream back to deliver it, or stop the daemon and run `lorastream queue --drop {q}` to delete it");
+                report.kept_queues.push((q.to_string(), n));
             }
         }
 
@@ -222,7 +229,6 @@ impl Store {
             ledger: Mutex::new(ledger),
         });
         let mut queues = BTreeMap::new();
-        let mut next_seq = 0u64;
         for (name, when_full) in streams {
             let q = Queue::open(name.clone(), &engine, *when_full, shared.clone())?;
             queues.insert(name.clone(), q);
@@ -349,6 +355,46 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
         out.push(queue.stats());
     }
     Ok(out)
+}
+
+/// `lorastream queue --drop NAME`: delete the queue of a stream that is no longer configured
+/// (`configured`: the streams of the configuration), from a store no daemon is using. Returns
+/// the records deleted.
+pub fn drop_queue(
+    cfg: &StorageConfig,
+    name: &str,
+    configured: &[String],
+) -> Result<u64, StoreError> {
+    if configured.iter().any(|c| c == name) {
+        return Err(StoreError::QueueInUse(name.to_string()));
+    }
+    let kind = if Backend::present(cfg.backend, &cfg.path)
+        || !Backend::present(other(cfg.backend), &cfg.path)
+    {
+        cfg.backend
+    } else {
+        other(cfg.backend)
+    };
+    if !Backend::present(kind, &cfg.path) {
+        return Err(StoreError::NoSuchQueue(name.to_string()));
+    }
+    let engine = Backend::open(kind, cfg).map_err(|e| {
+        if e.is_locked() {
+            StoreError::Locked {
+                path: cfg.path.clone(),
+            }
+        } else {
+            e
+        }
+    })?;
+    let table = queue_table(name);
+    if !engine.table_names()?.contains(&table) {
+        return Err(StoreError::NoSuchQueue(name.to_string()));
+    }
+    let mut n = 0u64;
+    engine.scan(&table, |_, _| n += 1)?;
+    engine.drop_table(&table)?;
+    Ok(n)
 }
 
 /// Make the store directory 0700 and everything in it 0600 (directories 0700), whatever the

@@ -77,9 +77,11 @@ async fn append_read_ack_and_reopen() {
             // Acks are batched into the next commit; a graceful stop commits them.
             s.flush().await.unwrap();
         }
-        // Reopen: queues and sessions are still there; stream "b" removed from config is freed.
+        // Reopen: queues and sessions are still there; the queue of stream "b", removed from
+        // the config, is kept on disk (and reported), not deleted.
         let (s, report) = Store::open(&c, &streams(&["a"])).unwrap();
-        assert_eq!(report.removed_queues, vec![("b".to_string(), 5)]);
+        assert_eq!(report.kept_queues, vec![("b".to_string(), 5)]);
+        assert!(s.queue("b").is_none());
         let a = s.queue("a").unwrap();
         assert_eq!(fcnts(&a), vec![1, 2, 3, 4]);
         assert_eq!(a.len(), 4);
@@ -89,6 +91,31 @@ async fn append_read_ack_and_reopen() {
         let r = uplink(5);
         append_to(&s, &r, &[0]).await;
         assert_eq!(fcnts(&a), vec![1, 2, 3, 4, 5]);
+        s.flush().await.unwrap();
+        drop((a, s));
+        // "b" comes back: its records are all there, in order, and new ones go after them.
+        let (s, report) = Store::open(&c, &streams(&["a", "b"])).unwrap();
+        assert!(report.kept_queues.is_empty());
+        let b = s.queue("b").unwrap();
+        assert_eq!(fcnts(&b), vec![0, 1, 2, 3, 4]);
+        append_to(&s, &uplink(9), &[1]).await;
+        assert_eq!(fcnts(&b), vec![0, 1, 2, 3, 4, 9]);
+        s.flush().await.unwrap();
+        drop((b, s));
+        // Dropped on request, only when no longer configured, only when it exists.
+        let names = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert!(matches!(
+            super::drop_queue(&c, "b", &names(&["a", "b"])),
+            Err(StoreError::QueueInUse(_))
+        ));
+        assert_eq!(super::drop_queue(&c, "b", &names(&["a"])).unwrap(), 6);
+        assert!(matches!(
+            super::drop_queue(&c, "b", &names(&["a"])),
+            Err(StoreError::NoSuchQueue(_))
+        ));
+        let (s, report) = Store::open(&c, &streams(&["a"])).unwrap();
+        assert!(report.kept_queues.is_empty());
+        assert_eq!(fcnts(&s.queue("a").unwrap()), vec![1, 2, 3, 4, 5]);
     }
 }
 
