@@ -314,39 +314,60 @@ fn ago_us(now_us: i64, at_us: i64) -> String {
     ago((now_us - at_us) as f64 / 1e6)
 }
 
-/// An inline SVG line chart of `series` (each scaled to its own range), `w`×`h`.
-pub fn sparkline(series: &[(&[f64], &str)], w: u32, h: u32, label: &str) -> String {
+/// The chart ranges: RSSI from the sensitivity floor to a device next to the gateway, SNR
+/// from SF12's demodulation floor to a clean channel (fixed, so charts compare across devices).
+pub const RSSI_RANGE: (f64, f64) = (-130.0, -30.0);
+pub const SNR_RANGE: (f64, f64) = (-20.0, 15.0);
+
+/// One line of a chart: values, their range (values outside are clamped), colour.
+pub struct Series<'a> {
+    pub values: &'a [f64],
+    pub range: (f64, f64),
+    pub colour: &'static str,
+}
+
+/// An inline SVG line chart of `series`, `w`×`h`.
+pub fn sparkline(series: &[Series<'_>], w: u32, h: u32, label: &str) -> String {
     let mut s = format!(
         "<svg class=\"chart\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"{}\">",
         esc(label)
     );
-    for (values, colour) in series {
+    for l in series {
         let _ = write!(
             s,
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>",
-            points(values, w, h)
+            "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>",
+            l.colour,
+            points(l.values, l.range, w, h)
         );
     }
     s.push_str("</svg>");
     s
 }
 
-/// Polyline points of `v` scaled into `w`×`h` (2 px margin); the same as the script's.
-fn points(v: &[f64], w: u32, h: u32) -> String {
+/// Polyline points of `v` in `range` scaled into `w`×`h` (2 px margin); one value is a flat
+/// line across. The same as the script's `points`.
+fn points(v: &[f64], range: (f64, f64), w: u32, h: u32) -> String {
     let (w, h) = (f64::from(w), f64::from(h));
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (min, max) = range;
     let span = if max > min { max - min } else { 1.0 };
+    let y = |v: f64| h - 2.0 - (v.clamp(min, max) - min) / span * (h - 4.0);
+    if let [only] = v {
+        return format!("2.0,{y:.1} {:.1},{y:.1}", w - 2.0, y = y(*only));
+    }
     let step = if v.len() > 1 {
         (w - 4.0) / (v.len() - 1) as f64
     } else {
         0.0
     };
     let mut out = String::new();
-    for (i, y) in v.iter().enumerate() {
+    for (i, value) in v.iter().enumerate() {
         let x = 2.0 + step * i as f64;
-        let y = h - 2.0 - (y - min) / span * (h - 4.0);
-        let _ = write!(out, "{}{x:.1},{y:.1}", if i > 0 { " " } else { "" });
+        let _ = write!(
+            out,
+            "{}{x:.1},{:.1}",
+            if i > 0 { " " } else { "" },
+            y(*value)
+        );
     }
     out
 }
@@ -358,7 +379,18 @@ fn signal_chart(d: &DeviceRow) -> String {
     let rssi: Vec<f64> = d.signal.iter().map(|p| f64::from(p.1)).collect();
     let snr: Vec<f64> = d.signal.iter().map(|p| f64::from(p.2)).collect();
     sparkline(
-        &[(&rssi, "#1f6fd1"), (&snr, "#d1741f")],
+        &[
+            Series {
+                values: &rssi,
+                range: RSSI_RANGE,
+                colour: "#1f6fd1",
+            },
+            Series {
+                values: &snr,
+                range: SNR_RANGE,
+                colour: "#d1741f",
+            },
+        ],
         120,
         28,
         &format!("RSSI and SNR of the last {} uplinks", d.signal.len()),
@@ -370,7 +402,17 @@ fn depth_chart(s: &StreamRow) -> String {
         return String::new();
     }
     let v: Vec<f64> = s.depth_history.iter().map(|d| *d as f64).collect();
-    sparkline(&[(&v, "#6a3fb5")], 100, 24, "queue depth over time")
+    let max = v.iter().copied().fold(1.0, f64::max);
+    sparkline(
+        &[Series {
+            values: &v,
+            range: (0.0, max),
+            colour: "#6a3fb5",
+        }],
+        100,
+        24,
+        "queue depth over time",
+    )
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {

@@ -11,12 +11,14 @@
   }
   function agoUs(now, at) { return ago((now - at) / 1e6); }
   function dash(v) { return v === undefined || v === null ? "\u2013" : String(v); }
-  function points(v, w, h) {
-    var min = Math.min.apply(null, v), max = Math.max.apply(null, v);
-    var span = max > min ? max - min : 1, step = v.length > 1 ? (w - 4) / (v.length - 1) : 0;
-    return v.map(function (y, i) {
-      return (2 + step * i).toFixed(1) + "," + (h - 2 - (y - min) / span * (h - 4)).toFixed(1);
-    }).join(" ");
+  // The same as the server's: values clamped to range, one value is a flat line across.
+  var RSSI = [-130, -30], SNR = [-20, 15];
+  function points(v, range, w, h) {
+    var min = range[0], max = range[1], span = max > min ? max - min : 1;
+    function y(x) { return (h - 2 - (Math.min(Math.max(x, min), max) - min) / span * (h - 4)).toFixed(1); }
+    if (v.length === 1) return "2.0," + y(v[0]) + " " + (w - 2).toFixed(1) + "," + y(v[0]);
+    var step = v.length > 1 ? (w - 4) / (v.length - 1) : 0;
+    return v.map(function (x, i) { return (2 + step * i).toFixed(1) + "," + y(x); }).join(" ");
   }
   function chart(series, w, h, label) {
     var s = document.createElementNS(SVG, "svg");
@@ -27,7 +29,7 @@
     series.forEach(function (p) {
       var l = document.createElementNS(SVG, "polyline");
       l.setAttribute("fill", "none"); l.setAttribute("stroke", p[1]);
-      l.setAttribute("stroke-width", "1.5"); l.setAttribute("points", points(p[0], w, h));
+      l.setAttribute("stroke-width", "1.5"); l.setAttribute("points", points(p[0], p[2], w, h));
       s.appendChild(l);
     });
     return s;
@@ -78,8 +80,8 @@
     }));
     fill("devices", d.devices.map(function (v) {
       var last = v.signal.length ? v.signal[v.signal.length - 1] : null;
-      var c = v.signal.length ? chart([[v.signal.map(function (p) { return p[1]; }), "#1f6fd1"],
-        [v.signal.map(function (p) { return p[2]; }), "#d1741f"]], 120, 28,
+      var c = v.signal.length ? chart([[v.signal.map(function (p) { return p[1]; }), "#1f6fd1", RSSI],
+        [v.signal.map(function (p) { return p[2]; }), "#d1741f", SNR]], 120, 28,
         "RSSI and SNR of the last " + v.signal.length + " uplinks") : "";
       return row([v.id, v.application, [v.dev_eui, "mono"],
         v.last_seen_us ? agoUs(now, v.last_seen_us) + " ago" : "not since start",
@@ -87,7 +89,8 @@
         c, dash(v.battery)]);
     }));
     fill("streams", d.streams.map(function (s) {
-      var c = s.depth_history.length > 1 ? chart([[s.depth_history, "#6a3fb5"]], 100, 24,
+      var c = s.depth_history.length > 1 ? chart([[s.depth_history, "#6a3fb5",
+        [0, Math.max.apply(null, [1].concat(s.depth_history))]]], 100, 24,
         "queue depth over time") : "";
       return row([s.name, s.kind, [s.target, "mono"], [s.connected ? "yes" : "no", s.connected ? "ok" : "bad"],
         s.depth + " (" + s.bytes + " B)", s.depth > 0 ? ago(s.oldest_age_s) : "\u2013", c,

@@ -25,9 +25,21 @@ fn origin_drops_credentials_path_and_query() {
 
 #[test]
 fn sparkline_scales_into_the_box() {
-    assert_eq!(points(&[0.0, 10.0], 24, 14), "2.0,12.0 22.0,2.0");
-    // A flat line does not divide by zero.
-    assert_eq!(points(&[5.0, 5.0], 24, 14), "2.0,12.0 22.0,12.0");
+    assert_eq!(
+        points(&[0.0, 10.0], (0.0, 10.0), 24, 14),
+        "2.0,12.0 22.0,2.0"
+    );
+    // Out of range: clamped to the edge.
+    assert_eq!(
+        points(&[-5.0, 50.0], (0.0, 10.0), 24, 14),
+        "2.0,12.0 22.0,2.0"
+    );
+    // One value: a flat line across; an empty range does not divide by zero.
+    assert_eq!(points(&[5.0], (0.0, 10.0), 24, 14), "2.0,7.0 22.0,7.0");
+    assert_eq!(
+        points(&[5.0, 5.0], (5.0, 5.0), 24, 14),
+        "2.0,12.0 22.0,12.0"
+    );
 }
 
 /// Secrets of every kind a config can hold; none may show on the page or in the JSON.
