@@ -119,6 +119,76 @@ fn tbody<'a>(dom: &'a str, id: &str) -> (&'a str, &'a str) {
     (&dom[start..open_end], &dom[open_end..close])
 }
 
+/// A TCP relay in front of the daemon's listener, for the browser. It keeps each answer to `/`
+/// it passed on, and holds the page's first `/api/status` request until the test has answered
+/// on `first_poll` (the test sends an uplink then): so the DOM can only show that uplink if the
+/// script fetched and drew it after the page was served.
+struct Relay {
+    port: u16,
+    pages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    first_poll: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(daemon_port: u16) -> Relay {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let pages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, first_poll) = tokio::sync::mpsc::channel(1);
+        let keep = pages.clone();
+        let task = tokio::spawn(async move {
+            let mut tx = Some(tx);
+            loop {
+                let Ok((mut browser, _)) = l.accept().await else {
+                    return;
+                };
+                // The request head (a GET has no body).
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match browser.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&req).to_string();
+                let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                if path == "/api/status" {
+                    if let Some(tx) = tx.take() {
+                        let (go, wait) = tokio::sync::oneshot::channel();
+                        let _ = tx.send(go).await;
+                        let _ = wait.await;
+                    }
+                }
+                let Ok(mut daemon) =
+                    tokio::net::TcpStream::connect(("127.0.0.1", daemon_port)).await
+                else {
+                    continue;
+                };
+                let _ = daemon.write_all(&req).await;
+                // The daemon answers once and closes (`Connection: close`).
+                let mut answer = Vec::new();
+                let _ = daemon.read_to_end(&mut answer).await;
+                if path == "/" {
+                    keep.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&answer).to_string());
+                }
+                let _ = browser.write_all(&answer).await;
+                let _ = browser.shutdown().await;
+            }
+        });
+        Relay {
+            port,
+            pages,
+            first_poll,
+            task,
+        }
+    }
+}
+
 /// A GWMP PUSH_DATA with a `stat` object whose `time` is markup.
 fn stat_datagram(eui: Eui64, time: &str) -> Vec<u8> {
     let mut d = vec![2, 0x12, 0x34, 0];
@@ -247,12 +317,32 @@ async fn the_status_page_shows_gateways_devices_streams_and_frames_live_in_a_rea
     assert!(st.contains(" 200 ") && b.is_empty(), "{st} {b}");
 
     // The browser: the DOM after the script has fetched /api/status and redrawn every table.
+    // Between the page and the script's first poll, dev-1 sends FCnt 5.
+    let mut relay = Relay::start(port).await;
     let profile = tempfile::tempdir().unwrap();
-    let dom = chromium(
-        &browser,
-        profile.path(),
-        &["--dump-dom", "--virtual-time-budget=10000"],
-        &format!("http://127.0.0.1:{port}/"),
+    let url = format!("http://127.0.0.1:{}/", relay.port);
+    let (b, p) = (browser.clone(), profile.path().to_path_buf());
+    let run = tokio::task::spawn_blocking(move || {
+        chromium(&b, &p, &["--dump-dom", "--virtual-time-budget=10000"], &url)
+    });
+    let go = tokio::time::timeout(T, relay.first_poll.recv())
+        .await
+        .expect("the page's script never polled /api/status")
+        .unwrap();
+    uplink(&mut fwd, &mut d1, -95, 12.5).await;
+    wait_status(port, |v| {
+        v["frames"].as_array().is_some_and(|f| f.len() == 7)
+    })
+    .await;
+    go.send(()).unwrap();
+    let dom = run.await.unwrap();
+    relay.task.abort();
+    let served = relay.pages.lock().unwrap().clone();
+    assert_eq!(served.len(), 1, "one page load");
+    assert_eq!(
+        tbody(&served[0], "frames").1.matches("<tr>").count(),
+        6,
+        "the page as served has the first six frames only"
     );
     assert!(
         dom.contains("<span id=\"live\" class=\"ok\">live, updated "),
@@ -283,21 +373,27 @@ async fn the_status_page_shows_gateways_devices_streams_and_frames_live_in_a_rea
         .find(|r| r.contains("<td>dev-1</td>"))
         .unwrap_or_else(|| panic!("no dev-1 row in {devices}"));
     assert!(row.contains("70B3D57ED0000001"), "{row}");
-    assert!(row.contains("<td>4</td>"), "FCnt 4 not shown: {row}");
+    // FCnt 5: sent after the page was served, drawn by the script.
+    assert!(row.contains("<td>5</td>"), "FCnt 5 not shown: {row}");
     assert!(row.contains("<td>DR5 (SF7BW125)</td>"), "{row}");
-    assert!(row.contains("<td>-90 dBm / 10.5 dB</td>"), "{row}");
+    assert!(row.contains("<td>-95 dBm / 12.5 dB</td>"), "{row}");
     // The signal chart: an inline SVG with an RSSI and an SNR line of five points each.
     assert!(row.contains("<svg class=\"chart\""), "{row}");
     assert_eq!(row.matches("<polyline").count(), 2, "{row}");
     let pts = row.split("points=\"").nth(1).unwrap();
-    assert_eq!(pts[..pts.find('"').unwrap()].split(' ').count(), 5, "{row}");
+    assert_eq!(pts[..pts.find('"').unwrap()].split(' ').count(), 6, "{row}");
     assert!(devices.contains(EVIL_ID_ESCAPED), "{devices}");
     let (_, streams) = tbody(&dom, "streams");
     assert!(streams.contains("<td>archive</td>"), "{streams}");
     assert!(streams.contains("<td>file</td>"), "{streams}");
     assert!(streams.contains("<td class=\"bad\">no</td>"), "{streams}");
     let (_, frames) = tbody(&dom, "frames");
-    assert_eq!(frames.matches("<tr>").count(), 6, "{frames}");
+    assert_eq!(frames.matches("<tr>").count(), 7, "{frames}");
+    let newest = frames.split("<tr>").nth(1).unwrap();
+    assert!(
+        newest.contains("<td class=\"ok\">accepted</td><td>dev-1</td><td class=\"mono\">26000001</td><td>5</td>"),
+        "the late frame first: {frames}"
+    );
     assert!(
         frames.contains("<td class=\"ok\">accepted</td>"),
         "{frames}"
