@@ -116,13 +116,22 @@ to = ["ops@example.com"]
 
 /// A document from a real store and registry of `cfg`, with one uplink of its device.
 fn live_doc(cfg: &Config, dir: &std::path::Path) -> StatusDoc {
+    live_doc_with(cfg, dir, None)
+}
+
+fn live_doc_with(
+    cfg: &Config,
+    dir: &std::path::Path,
+    dev_status: Option<crate::model::DevStatus>,
+) -> StatusDoc {
     let specs: Vec<_> = cfg
         .streams
         .iter()
         .map(|s| (s.name.clone(), s.when_full))
         .collect();
     let (store, _) = Store::open(&cfg.storage, &specs).unwrap();
-    let registry = crate::devices::registry(cfg, &store).unwrap();
+    let mut registry = crate::devices::registry(cfg, &store).unwrap();
+    registry.device_mut(0).mac.dev_status = dev_status;
     let activity = Activity::new();
     let dev_eui = Eui64::from_u64(0x70B3_D57E_D000_0001);
     for f_cnt in 0..3 {
@@ -283,4 +292,28 @@ fn the_json_stays_bounded_with_many_devices() {
     d.devices = vec![row; MAX_PAGE_DEVICES];
     let n = json(&d).len();
     assert!(n < 512 * 1024, "{n} bytes");
+}
+
+#[test]
+fn battery_shows_as_percent_external_power_or_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = secret_config(dir.path(), "soil-1");
+    for (battery, shown) in [
+        (128u8, Some("50%")),
+        (254, Some("100%")),
+        (0, Some("external power")),
+        (255, Some("unknown")),
+    ] {
+        let st = crate::model::DevStatus {
+            battery,
+            margin: 5,
+            received_at_us: 1,
+        };
+        let d = live_doc_with(&cfg, dir.path(), Some(st));
+        assert_eq!(d.devices[0].battery.as_deref(), shown, "battery {battery}");
+        assert!(html(&d).contains(&format!("<td>{}</td>", shown.unwrap())));
+    }
+    let d = live_doc_with(&cfg, dir.path(), None);
+    assert_eq!(d.devices[0].battery, None);
+    assert!(!json(&d).contains("battery"));
 }
