@@ -23,8 +23,9 @@ use crate::daemon::health::{Health, Sources};
 use crate::downlink::SharedRegistry;
 use crate::ingress::udp::GatewayView;
 use crate::lorawan::session::Registry;
+use crate::lorawan::session::SessionState;
 use crate::metrics::{Page, StatusPages};
-use crate::model::now_us;
+use crate::model::{now_us, DevStatus, Eui64};
 use crate::store::Store;
 use serde::Serialize;
 use std::fmt::Write;
@@ -138,24 +139,49 @@ pub struct StatusDoc {
     pub frames: Vec<FrameView>,
 }
 
+/// What the page shows of a registry device (copied out while the registry is locked, so the
+/// lock is held for the copy only; no key is copied).
+#[derive(Debug, Clone)]
+pub struct DeviceFacts {
+    pub id: String,
+    pub application: String,
+    pub dev_eui: Eui64,
+    pub session: Option<SessionState>,
+    pub dev_status: Option<DevStatus>,
+}
+
+/// The registry's devices, as the page needs them.
+pub fn device_facts(registry: &Registry) -> Vec<DeviceFacts> {
+    registry
+        .devices()
+        .iter()
+        .map(|d| DeviceFacts {
+            id: d.id.clone(),
+            application: d.application.clone(),
+            dev_eui: d.dev_eui,
+            session: d.session.as_ref().map(|s| s.state),
+            dev_status: d.mac.dev_status,
+        })
+        .collect()
+}
+
 /// Build the page's document from the live state (reads only).
 pub fn doc(
     health: Health,
-    registry: &Registry,
+    registry: Vec<DeviceFacts>,
     activity: &Activity,
     streams: &[StreamInfo],
     now_us: i64,
 ) -> StatusDoc {
     let mut devices: Vec<DeviceRow> = registry
-        .devices()
-        .iter()
+        .into_iter()
         .map(|d| {
             let a = activity.device(d.dev_eui);
-            let session = d.session.as_ref().map(|s| s.state);
-            let status = d.mac.dev_status.or(a.as_ref().and_then(|a| a.dev_status));
+            let session = d.session;
+            let status = d.dev_status.or(a.as_ref().and_then(|a| a.dev_status));
             DeviceRow {
-                id: d.id.clone(),
-                application: d.application.clone(),
+                id: d.id,
+                application: d.application,
                 dev_eui: d.dev_eui.to_string(),
                 dev_addr: session.map(|s| s.dev_addr.to_string()),
                 last_seen_us: a.as_ref().map(|a| a.last_seen_us),
@@ -247,11 +273,12 @@ pub(crate) fn pages(
 ) -> StatusPages {
     let render = move |page: Page| {
         let health = sources.health();
-        let d = {
+        let facts = {
             // A poisoned lock still holds the devices: show them.
             let reg = registry.lock().unwrap_or_else(|p| p.into_inner());
-            doc(health, &reg, &activity, &streams, now_us())
+            device_facts(&reg)
         };
+        let d = doc(health, facts, &activity, &streams, now_us());
         match page {
             Page::Html => html(&d),
             Page::Json => json(&d),

@@ -157,7 +157,7 @@ fn live_doc_with(
     let _ = dir;
     doc(
         sources.health(),
-        &registry,
+        device_facts(&registry),
         &activity,
         &stream_infos(cfg),
         now_us(),
