@@ -214,6 +214,10 @@ impl UplinkStage {
         for r in batch {
             if !r.crc_ok {
                 self.metrics.frame("crc_bad");
+                let mut view = self.frame_view(&r.phy_payload, "unknown", std::slice::from_ref(&r));
+                // Its header is noise.
+                (view.result, view.dev_addr, view.f_cnt) = ("crc_bad", None, None);
+                self.activity.frame(view);
                 continue;
             }
             if self.routes.has_gateway_streams() {
