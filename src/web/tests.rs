@@ -148,6 +148,8 @@ fn live_doc_with(
             dev_status: None,
         });
     }
+    activity.sample_queues(1, [("cloud".to_string(), 3)]);
+    activity.sample_queues(2, [("cloud".to_string(), 5)]);
     let sources = Sources {
         metrics: crate::metrics::Metrics::new(),
         store,
@@ -191,6 +193,13 @@ fn page_and_json_hold_no_secret() {
     assert_eq!(v["devices"][0]["signal"].as_array().unwrap().len(), 3);
     assert_eq!(v["streams"].as_array().unwrap().len(), 4);
     assert!(page.contains("<polyline"), "{page}");
+    // The queue depth samples, and their chart.
+    let cloud = d.streams.iter().find(|s| s.name == "cloud").unwrap();
+    assert_eq!(cloud.depth_history, vec![3, 5]);
+    assert!(
+        page.contains("aria-label=\"queue depth over time\""),
+        "{page}"
+    );
 }
 
 #[test]
