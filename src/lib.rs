@@ -27,10 +27,12 @@
 //! | [`streams`]  | destinations: MQTT (TLS, WebSocket), AWS IoT, Azure IoT Hub, HTTP, stdout, file |
 //! | [`downlink`] | the scheduler: device downlink queues, RX1/RX2/class C, events    |
 //! | [`devices`]  | the device registry from the config and the store                 |
+//! | [`activity`] | recent activity for the status page (bounded rings, no payloads)  |
 //! | [`alerts`]   | operator alerts (`[[alert]]`): fired and resolved once, persisted   |
 //! | [`daemon`]   | wiring, task start and ordered stop, `/health`                    |
 //! | [`config`]   | the TOML file, typed once, defaults, errors with file:line:key    |
 //! | [`metrics`]  | Prometheus `/metrics` and the HTTP endpoint                      |
+//! | [`web`]      | the status page (`/`, `/api/status`) on the metrics listener     |
 //! | [`logs`]     | log set-up (text, JSON, journald), SIGHUP level reload, rate-limited warnings |
 //! | [`liveness`] | heartbeats of the main loops, for the systemd watchdog           |
 //! | [`model`]    | shared plain types (EUIs, keys that never print, records, scopes) |
@@ -64,6 +66,7 @@
 //! assert!(err.starts_with("gw.toml:2: [gateway] key `listen`"), "{err}");
 //! ```
 
+pub mod activity;
 pub mod alerts;
 pub mod cli;
 pub mod config;
@@ -80,6 +83,7 @@ pub mod sim;
 pub mod store;
 pub mod streams;
 pub(crate) mod uplink;
+pub mod web;
 
 /// The package version and the git commit it was built from (`build.rs`; `unknown` when built
 /// outside a git checkout without `LORASTREAM_COMMIT`), as `--version` and the first log line

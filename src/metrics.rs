@@ -1,4 +1,5 @@
-//! Counters and the `/metrics` (Prometheus text) and `/health` (JSON) endpoint.
+//! Counters and the `/metrics` (Prometheus text) and `/health` (JSON) endpoint, which also
+//! serves the status page (`/` and `/api/status`, made by `crate::web`).
 //!
 //! Every stage gets a clone of [`Metrics`] and counts what it does, in particular everything it
 //! refuses (bad datagrams, MIC failures, replays, drops), so an operator can tell "nothing came
@@ -614,17 +615,35 @@ pub struct HealthAnswer {
     pub json: String,
 }
 
-/// Serve `/metrics` and `/health` until `cancel` (HTTP/1.1 with hyper, one request per
-/// connection). `health` makes the `/health` answer.
+/// The status page's answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    /// `/`: the HTML page.
+    Html,
+    /// `/api/status`: the JSON it polls.
+    Json,
+}
+
+/// What makes the status page: `render` gives the body of each [`Page`], `csp` the page's
+/// `Content-Security-Policy`.
+pub struct StatusPages {
+    pub render: Box<dyn Fn(Page) -> String + Send + Sync>,
+    pub csp: String,
+}
+
+/// Serve `/metrics`, `/health` and the status page until `cancel` (HTTP/1.1 with hyper, one
+/// request per connection). `health` makes the `/health` answer.
 pub(crate) async fn serve<F>(
     listener: TcpListener,
     metrics: Metrics,
     health: F,
+    status: StatusPages,
     cancel: CancellationToken,
 ) where
     F: Fn() -> HealthAnswer + Send + Sync + 'static,
 {
     let health = Arc::new(health);
+    let status = Arc::new(status);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut refused_log = crate::logs::LogLimiter::new();
     loop {
@@ -652,10 +671,11 @@ pub(crate) async fn serve<F>(
         };
         let metrics = metrics.clone();
         let health = health.clone();
+        let status = status.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
-                let resp = respond(&req, &metrics, &*health);
+                let resp = respond(&req, &metrics, &*health, &status);
                 async move { Ok::<_, std::convert::Infallible>(resp) }
             });
             // One request per connection (`Connection: close` on every answer): a scrape every
@@ -686,13 +706,14 @@ fn respond<B>(
     req: &Request<B>,
     metrics: &Metrics,
     health: &dyn Fn() -> HealthAnswer,
+    status: &StatusPages,
 ) -> Response<Body> {
     let path = req.uri().path();
-    if !matches!(path, "/metrics" | "/health") {
+    if !matches!(path, "/metrics" | "/health" | "/" | "/api/status") {
         return answer(
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "try /metrics or /health\n".into(),
+            "try /, /metrics or /health\n".into(),
         );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -703,6 +724,32 @@ fn respond<B>(
         );
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    if path == "/" || path == "/api/status" {
+        let (page, ctype) = if path == "/" {
+            (Page::Html, "text/html; charset=utf-8")
+        } else {
+            (Page::Json, "application/json")
+        };
+        let mut r = answer(StatusCode::OK, ctype, (status.render)(page));
+        let h = r.headers_mut();
+        // Live data: never cached; the page is never framed, sniffed or given a referrer.
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
+        h.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        if page == Page::Html {
+            if let Ok(v) = HeaderValue::from_str(&status.csp) {
+                h.insert(header::CONTENT_SECURITY_POLICY, v);
+            }
+        }
         return r;
     }
     if path == "/metrics" {

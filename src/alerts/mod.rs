@@ -27,6 +27,7 @@
 //! silent before the start (silence is counted from the start), and when a `stream_down` or
 //! similar condition began.
 
+use crate::activity::{Activity, AlertView};
 use crate::config::{AlertConfig, AlertKind, AlertScope, Config};
 use crate::ingress::udp::Gateways;
 use crate::lorawan::session::Registry;
@@ -87,6 +88,8 @@ pub struct AlertEngine {
     /// Per device: its counters last tick, and when they last changed (an uplink).
     heard: HashMap<Eui64, ((DevAddr, Option<u32>), i64)>,
     started_us: i64,
+    /// Where the open alerts are shown (the status page).
+    activity: Activity,
 }
 
 fn store_key(rule: &AlertConfig, subject: &str) -> Vec<u8> {
@@ -141,7 +144,14 @@ impl AlertEngine {
             tracks: BTreeMap::new(),
             heard: HashMap::new(),
             started_us: now_us(),
+            activity: Activity::new(),
         }
+    }
+
+    /// Show the open alerts on `activity` (the status page).
+    pub fn with_activity(mut self, activity: Activity) -> Self {
+        self.activity = activity;
+        self
     }
 
     /// Evaluate the rules every [`TICK`] until `cancel`.
@@ -468,6 +478,21 @@ impl AlertEngine {
                 .count();
             self.metrics.set_alerts_open(k.name(), n);
         }
+        let mut open: Vec<AlertView> = self
+            .tracks
+            .iter()
+            .filter_map(|((r, subject), t)| {
+                let o = t.open.as_ref()?;
+                Some(AlertView {
+                    id: o.alert_id.clone(),
+                    kind: self.rules[*r].kind.name(),
+                    subject: subject.clone(),
+                    since_us: o.since_us,
+                })
+            })
+            .collect();
+        open.sort_by_key(|a| a.since_us);
+        self.activity.set_alerts(open);
     }
 
     /// The sentence of a message.

@@ -140,6 +140,7 @@ impl Daemon {
         let misc_cancel = CancellationToken::new();
         let gateways = Gateways::new(cfg.gateway.max_gateways, cfg.gateway.pin_gateway_address);
         let registry = Arc::new(std::sync::Mutex::new(registry));
+        let activity = crate::activity::Activity::new();
         let (downlinks, down_rx) = crate::downlink::channel();
 
         // Streams first, so nothing appended is missed.
@@ -198,6 +199,7 @@ impl Daemon {
 
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
         let registry_for_alerts = registry.clone();
+        let registry_for_page = registry.clone();
         let stage = UplinkStage::new(
             registry,
             Some(downlinks.clone()),
@@ -215,6 +217,7 @@ impl Daemon {
                 mac: mac_policy,
             },
         );
+        let stage = stage.with_activity(activity.clone());
         let uplink = tokio::spawn(stage.run(rx, liveness.heartbeat("uplink stage")));
         let ingress = tokio::spawn(udp::run(
             socket,
@@ -258,6 +261,7 @@ impl Daemon {
                 registry_for_alerts,
                 gateways.clone(),
             )
+            .with_activity(activity.clone())
             .run(ingress_cancel.clone()),
         ));
 
@@ -290,10 +294,23 @@ impl Daemon {
                     json: serde_json::to_string(&h).unwrap_or_default(),
                 }
             };
+            let status = crate::web::pages(
+                sources.clone(),
+                registry_for_page,
+                activity.clone(),
+                crate::web::stream_infos(cfg),
+            );
             misc.push(tokio::spawn(metrics::serve(
                 l,
                 metrics.clone(),
                 health,
+                status,
+                misc_cancel.clone(),
+            )));
+            // Queue depth over time, for the page.
+            misc.push(tokio::spawn(crate::web::sample_queues(
+                store.clone(),
+                activity.clone(),
                 misc_cancel.clone(),
             )));
         }

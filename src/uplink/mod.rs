@@ -20,6 +20,7 @@ mod routes;
 pub use join::JoinSettings;
 pub use routes::Routes;
 
+use crate::activity::{Activity, FrameView, SignalPoint, UplinkNote};
 use crate::downlink::{DownlinkHandle, SharedRegistry, UplinkInfo};
 use crate::ingress::gwmp::Reception;
 use crate::ingress::udp::Batch;
@@ -34,7 +35,7 @@ use crate::lorawan::region;
 use crate::lorawan::session::JoinVerdict;
 use crate::lorawan::session::{Registry, SessionState, Verdict};
 use crate::metrics::Metrics;
-use crate::model::{new_id, Eui64, GatewayFrame, Record, Uplink};
+use crate::model::{new_id, now_us, Eui64, GatewayFrame, Record, TxSettings, Uplink};
 use crate::store::{DeviceUpdate, Entry, Store};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -74,6 +75,8 @@ pub struct UplinkStage {
     join: JoinSettings,
     /// What the network wants of devices' MAC layers (ADR, RX settings, DevStatus).
     mac: Policy,
+    /// The status page's recent activity (signal history, last frames).
+    activity: Activity,
 }
 
 /// The network settings the stage applies (from `[gateway]`).
@@ -106,6 +109,40 @@ impl UplinkStage {
             unrouted_log: LogLimiter::new(),
             join: net.join,
             mac: net.mac,
+            activity: Activity::new(),
+        }
+    }
+
+    /// Record devices' uplinks and the received frames on `activity` (the status page).
+    pub fn with_activity(mut self, activity: Activity) -> Self {
+        self.activity = activity;
+        self
+    }
+
+    /// The status page's line for a frame: its best reception, no payload.
+    fn frame_view(&self, phy: &[u8], kind: &'static str, rx: &[Reception]) -> FrameView {
+        let best = rx.iter().max_by(|a, b| {
+            a.rx.snr
+                .total_cmp(&b.rx.snr)
+                .then(a.rx.rssi.cmp(&b.rx.rssi))
+        });
+        let header = frame::peek_data_up(phy).ok();
+        FrameView {
+            at_us: now_us(),
+            kind,
+            result: "",
+            device: None,
+            dev_addr: header.as_ref().map(|h| h.dev_addr.to_string()),
+            f_cnt: header.as_ref().map(|h| u32::from(h.f_cnt16)),
+            gateway: best.map(|r| r.rx.gateway.to_string()).unwrap_or_default(),
+            gateways: rx.len(),
+            rssi: best.map_or(0, |r| r.rx.rssi),
+            snr: best.map_or(0.0, |r| r.rx.snr),
+            frequency_hz: best.map_or(0, |r| r.settings.frequency_hz),
+            data_rate: best.map_or_else(String::new, |r| {
+                data_rate_label(self.mac.region, &r.settings)
+            }),
+            size: phy.len(),
         }
     }
 
@@ -177,6 +214,10 @@ impl UplinkStage {
         for r in batch {
             if !r.crc_ok {
                 self.metrics.frame("crc_bad");
+                let mut view = self.frame_view(&r.phy_payload, "unknown", std::slice::from_ref(&r));
+                // Its header is noise.
+                (view.result, view.dev_addr, view.f_cnt) = ("crc_bad", None, None);
+                self.activity.frame(view);
                 continue;
             }
             if self.routes.has_gateway_streams() {
@@ -228,7 +269,19 @@ impl UplinkStage {
         };
         let registry: &mut Registry = &mut registry;
         if frame::kind(phy) == FrameKind::JoinRequest {
-            match registry.open_join_request(phy) {
+            let verdict = registry.open_join_request(phy);
+            let mut view = self.frame_view(phy, "join_request", &rx);
+            view.result = match &verdict {
+                JoinVerdict::Valid { device, .. } => {
+                    view.device = Some(registry.device(*device).id.clone());
+                    "valid"
+                }
+                JoinVerdict::Malformed => "malformed",
+                JoinVerdict::UnknownDevEui(_) => "unknown_dev_eui",
+                JoinVerdict::MicFailed(_) => "mic_failed",
+            };
+            self.activity.frame(view);
+            match verdict {
                 JoinVerdict::Valid { device, request } => out.joins.push(JoinCandidate {
                     device,
                     request,
@@ -250,6 +303,7 @@ impl UplinkStage {
         }
         let (records, devices, opportunities) =
             (&mut out.records, &mut out.devices, &mut out.opportunities);
+        let mut view = self.frame_view(phy, "data_up", &rx);
         match registry.open_uplink(phy) {
             Verdict::Accepted {
                 device,
@@ -291,6 +345,9 @@ impl UplinkStage {
                     if let Some(s) = &d.session {
                         push_update(devices, d.dev_eui, s.state, None);
                     }
+                    view.result = "fport0_with_fopts";
+                    view.device = Some(d.id.clone());
+                    self.activity.frame(view);
                     return;
                 }
                 self.metrics.uplink("accepted");
@@ -352,6 +409,21 @@ impl UplinkStage {
                         .unwrap_or_else(Instant::now),
                 });
                 let d = registry.device(device);
+                view.result = "accepted";
+                view.device = Some(d.id.clone());
+                view.f_cnt = Some(f_cnt);
+                self.activity.uplink(UplinkNote {
+                    dev_eui: d.dev_eui,
+                    at_us: view.at_us,
+                    f_cnt,
+                    data_rate: view.data_rate.clone(),
+                    signal: SignalPoint {
+                        f_cnt,
+                        rssi: view.rssi,
+                        snr: view.snr,
+                    },
+                    dev_status: d.mac.dev_status,
+                });
                 let payload = if opened.f_port.unwrap_or(0) > 0 {
                     opened.frm_payload
                 } else {
@@ -374,23 +446,33 @@ impl UplinkStage {
                     dev_status: d.mac.dev_status,
                 }));
             }
-            Verdict::Malformed => self.metrics.uplink("malformed"),
+            Verdict::Malformed => {
+                view.result = "malformed";
+                self.metrics.uplink("malformed");
+            }
             Verdict::UnknownDevAddr(a) => {
+                view.result = "unknown_dev_addr";
                 // Neighbouring networks' devices are heard all the time: debug, not warn.
                 self.metrics.uplink("unknown_dev_addr");
                 tracing::debug!(dev_addr = %a, "uplink from an unknown DevAddr ignored");
             }
             Verdict::MicFailed(a) => {
+                view.result = "mic_failed";
                 self.metrics.uplink("mic_failed");
                 if self.warn.allow() {
                     tracing::warn!(dev_addr = %a, "uplink with an invalid MIC dropped (wrong NwkSKey in the config, or a forged frame)");
                 }
             }
             Verdict::Repeat { device, f_cnt } => {
+                view.result = "repeat";
+                view.device = Some(registry.device(device).id.clone());
+                view.f_cnt = Some(f_cnt);
                 self.metrics.uplink("repeat");
                 tracing::debug!(device = %registry.device(device).id, f_cnt, "repeated frame (late copy or retransmission) ignored");
             }
             Verdict::Replay { device, f_cnt16 } => {
+                view.result = "replay";
+                view.device = Some(registry.device(device).id.clone());
                 self.metrics.uplink("replay");
                 if self.warn.allow() {
                     let d = registry.device(device);
@@ -404,6 +486,7 @@ impl UplinkStage {
                 }
             }
         }
+        self.activity.frame(view);
     }
 
     async fn store_all(&mut self, records: &mut Vec<Record>, devices: &mut Vec<DeviceUpdate>) {
@@ -527,6 +610,15 @@ fn mac_event(metrics: &Metrics, warn: &mut LogLimiter, device: &str, e: &MacEven
             }
             MacEvent::GaveUp(_) => metrics.mac_event("gave_up"),
         }
+    }
+}
+
+/// "DR5 (SF7BW125)": the region's data rate and the radio settings it stands for.
+fn data_rate_label(region: region::Region, s: &TxSettings) -> String {
+    let sf_bw = format!("SF{}BW{}", s.spreading_factor, s.bandwidth_hz / 1000);
+    match region::uplink_dr(region, s) {
+        Some(dr) => format!("DR{dr} ({sf_bw})"),
+        None => sf_bw,
     }
 }
 

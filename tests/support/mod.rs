@@ -57,9 +57,9 @@ pub fn free_port() -> u16 {
 // ---- skip gates: one rule for every optional part ----
 //
 // A test that needs something this machine may not have (Debian's mosquitto, root for mounts
-// and FUSE, Python with ChirpStack's protobuf classes) is skipped with a line on stderr, unless
-// the matching variable makes it mandatory (CI sets all three): then a missing part is a
-// failure, never a silent pass.
+// and FUSE, Python with ChirpStack's protobuf classes, Debian's chromium) is skipped with a
+// line on stderr, unless the matching variable makes it mandatory (CI sets them all): then a
+// missing part is a failure, never a silent pass.
 
 /// Skip (false, with a line on stderr) or fail (when `var=1`) because `why`.
 fn skip_or_fail(test: &str, var: &str, why: &str) -> bool {
@@ -85,6 +85,30 @@ pub fn needs_mosquitto(test: &str) -> bool {
             "LORASTREAM_TEST_MOSQUITTO",
             "the mosquitto binary is not installed",
         )
+}
+
+/// Debian's `chromium` (or `LORASTREAM_CHROMIUM`) for the status page tests, when installed;
+/// otherwise skip, or fail with `LORASTREAM_TEST_BROWSER=1`.
+pub fn needs_browser(test: &str) -> Option<std::path::PathBuf> {
+    let candidates = std::env::var_os("LORASTREAM_CHROMIUM")
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain(
+            ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+                .iter()
+                .map(std::path::PathBuf::from),
+        );
+    for c in candidates {
+        if c.is_file() {
+            return Some(c);
+        }
+    }
+    skip_or_fail(
+        test,
+        "LORASTREAM_TEST_BROWSER",
+        "Debian's chromium is not installed (apt install chromium)",
+    );
+    None
 }
 
 /// True when `check` says the root-only part is there (Ok); otherwise skip, or fail with
