@@ -416,3 +416,33 @@ async fn a_removed_streams_queue_is_kept_until_dropped() {
         text(&out.stderr)
     );
 }
+
+/// A metrics port another program holds (node_exporter's 9100, typically) costs the metrics
+/// listener, not the uplinks: the daemon starts, says what to change, and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_port_does_not_stop_the_daemon() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut d = device(1);
+    let mut cfg = config(
+        dir.path(),
+        &format!(
+            "[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"out\"\nkind = \"file\"\npath = {:?}\n",
+            device_toml(&d, "farm"),
+            dir.path().join("out.jsonl").display().to_string()
+        ),
+    );
+    cfg.metrics.listen = Some(held.local_addr().unwrap());
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    assert_eq!(daemon.metrics_addr(), None);
+    let mut f = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(1))
+        .await
+        .unwrap();
+    f.send(&[(&d.uplink(1, b"x", false).unwrap(), Radio::default())])
+        .await
+        .unwrap();
+    assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 1).await);
+    daemon.stop().await;
+    drop(held);
+}

@@ -277,14 +277,25 @@ impl Daemon {
             metrics.set_snapshot(move || health::snapshot(&store, &gateways));
         }
         let mut metrics_addr = None;
-        if let Some(addr) = cfg.metrics.listen {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| DaemonError::Bind {
-                    what: "[metrics] listen",
-                    addr,
-                    source,
-                })?;
+        // A metrics port that is taken (node_exporter's 9100 is the usual one) costs the
+        // metrics, /health and the status page, not the uplinks: the daemon runs on and says
+        // loudly what to change.
+        let listener = match cfg.metrics.listen {
+            None => None,
+            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                        "; another program has this port (node_exporter listens on 9100): set [metrics] listen = \"127.0.0.1:9101\" (or \"\" to turn the listener off) and restart"
+                    } else {
+                        ""
+                    };
+                    tracing::error!(addr = %addr, error = %e, "cannot listen for /metrics, /health and the status page; running without them{hint}");
+                    None
+                }
+            },
+        };
+        if let Some(l) = listener {
             metrics_addr = l.local_addr().ok();
             let s = sources.clone();
             let health = move || {
