@@ -78,6 +78,7 @@ pub mod liveness;
 pub(crate) mod logs;
 pub mod lorawan;
 pub mod metrics;
+mod metrics_process;
 pub mod model;
 pub mod sim;
 pub mod store;

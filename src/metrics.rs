@@ -15,6 +15,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
@@ -23,6 +24,15 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 type Labels = Vec<(&'static str, String)>;
+
+/// Buckets of the class A scheduling latency, seconds: RX1 opens 1 s after the uplink (the
+/// dedup window is in it), so what matters is well below and near 1 s.
+const SCHEDULE_BUCKETS: [f64; 11] = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 0.9, 1.0, 2.0, 5.0];
+
+/// Buckets of a store commit (fsync included), seconds: an SD card takes 5-500 ms.
+pub const COMMIT_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 
 /// All counters of one daemon instance (no globals: two daemons in one test process each have
 /// their own).
@@ -56,9 +66,11 @@ struct Inner {
     alerts: Family<Labels, Counter>,
     /// Where scrape-time values come from ([`Metrics::set_snapshot`]).
     snapshot: Arc<RwLock<Option<SnapshotFn>>>,
-    /// Uplink arrival → PULL_RESP sent, microseconds: last and maximum since start.
-    sched_last_us: Gauge,
-    sched_max_us: Gauge,
+    /// Uplink arrival → PULL_RESP sent (class A), seconds.
+    sched_latency: Histogram,
+    /// The same, last and maximum since start, microseconds (for `/health`; not exported).
+    sched_last_us: Arc<std::sync::atomic::AtomicI64>,
+    sched_max_us: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Default for Metrics {
@@ -193,8 +205,9 @@ impl Metrics {
                 Family::default()
             ),
             snapshot: inner_snapshot.clone(),
-            sched_last_us: reg!("downlink_schedule_latency_last_us", "Uplink arrival to PULL_RESP sent (class A), last, microseconds (includes the dedup window)", Gauge::default()),
-            sched_max_us: reg!("downlink_schedule_latency_max_us", "Uplink arrival to PULL_RESP sent (class A), maximum since start, microseconds", Gauge::default()),
+            sched_latency: reg!("downlink_schedule_latency_seconds", "Uplink arrival to PULL_RESP sent (class A; includes the dedup window)", Histogram::new(SCHEDULE_BUCKETS)),
+            sched_last_us: Arc::default(),
+            sched_max_us: Arc::default(),
             registry: {
                 r.register_collector(Box::new(SnapshotCollector(inner_snapshot.clone())));
                 r
@@ -422,18 +435,19 @@ impl Metrics {
 
     /// Record the time from an uplink's arrival to its answer's PULL_RESP.
     pub fn observe_schedule_latency(&self, d: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.sched_latency.observe(d.as_secs_f64());
         let us = d.as_micros().min(i64::MAX as u128) as i64;
-        self.inner.sched_last_us.set(us);
-        if us > self.inner.sched_max_us.get() {
-            self.inner.sched_max_us.set(us);
-        }
+        self.inner.sched_last_us.store(us, Relaxed);
+        self.inner.sched_max_us.fetch_max(us, Relaxed);
     }
 
     /// (last, max) scheduling latency in microseconds.
     pub fn schedule_latency_us(&self) -> (i64, i64) {
+        use std::sync::atomic::Ordering::Relaxed;
         (
-            self.inner.sched_last_us.get(),
-            self.inner.sched_max_us.get(),
+            self.inner.sched_last_us.load(Relaxed),
+            self.inner.sched_max_us.load(Relaxed),
         )
     }
 
@@ -442,6 +456,13 @@ impl Metrics {
         let mut s = String::new();
         if encode(&mut s, &self.inner.registry).is_err() {
             s.clear();
+        }
+        // The standard process metrics (their usual names, without our prefix), before the
+        // OpenMetrics end marker.
+        let process = crate::metrics_process::encode();
+        match s.rfind("# EOF") {
+            Some(i) => s.insert_str(i, &process),
+            None => s.push_str(&process),
         }
         s
     }
@@ -462,6 +483,8 @@ pub struct Snapshot {
     pub store_memory_only: u64,
     /// Records the previous run lost (held in memory only when it ended).
     pub store_lost_at_last_stop: u64,
+    /// Durations of the store's commits (the store's own histogram).
+    pub store_commit_seconds: Option<Histogram>,
 }
 
 /// One stream's queue.
@@ -482,6 +505,12 @@ impl std::fmt::Debug for SnapshotCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SnapshotCollector")
     }
+}
+
+fn counter(v: u64) -> Counter {
+    let c = Counter::default();
+    c.inc_by(v);
+    c
 }
 
 fn gauge(v: u64) -> Gauge {
@@ -512,21 +541,21 @@ impl Collector for SnapshotCollector {
         let depth = Family::<Labels, Gauge>::default();
         let bytes = Family::<Labels, Gauge>::default();
         let oldest = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-        let delivered = Family::<Labels, Gauge>::default();
-        let dropped = Family::<Labels, Gauge>::default();
+        let delivered = Family::<Labels, Counter>::default();
+        let dropped = Family::<Labels, Counter>::default();
         for q in &s.queues {
             let l = vec![("stream", q.stream.clone())];
             depth.get_or_create(&l).set(q.depth as i64);
             bytes.get_or_create(&l).set(q.bytes as i64);
             oldest.get_or_create(&l).set(q.oldest_age_s);
-            delivered.get_or_create(&l).set(q.delivered as i64);
+            delivered.get_or_create(&l).inc_by(q.delivered);
             for (reason, n) in &q.dropped {
                 dropped
                     .get_or_create(&vec![
                         ("stream", q.stream.clone()),
                         ("reason", (*reason).into()),
                     ])
-                    .set(*n as i64);
+                    .inc_by(*n);
             }
         }
         let e = &mut enc;
@@ -577,8 +606,16 @@ impl Collector for SnapshotCollector {
             e,
             "store_write_failures",
             "Failed store writes (commits, journal writes, engine reopens) since start",
-            &gauge(s.store_write_failures),
+            &counter(s.store_write_failures),
         )?;
+        if let Some(h) = &s.store_commit_seconds {
+            put(
+                e,
+                "store_commit_seconds",
+                "Store commits (a checkpoint of the journal into the engine, fsync included)",
+                h,
+            )?;
+        }
         put(
             e,
             "store_memory_only_records",
@@ -788,6 +825,47 @@ mod tests {
             "{t}"
         );
         assert_eq!(m.uplinks("replay"), 2);
+    }
+
+    /// Prometheus conventions: counters end in `_total`, durations are histograms in
+    /// seconds, the standard process metrics are there, and the text still ends with the
+    /// OpenMetrics end marker.
+    #[test]
+    fn counters_total_durations_in_seconds_and_process_metrics() {
+        let m = Metrics::new();
+        let h = Histogram::new(COMMIT_BUCKETS);
+        h.observe(0.003);
+        m.set_snapshot(move || Snapshot {
+            queues: vec![QueueGauges {
+                stream: "cloud".into(),
+                depth: 2,
+                delivered: 7,
+                dropped: [("too_large", 1)].into_iter().collect(),
+                ..Default::default()
+            }],
+            store_write_failures: 3,
+            store_commit_seconds: Some(h.clone()),
+            ..Default::default()
+        });
+        m.observe_schedule_latency(Duration::from_millis(180));
+        let t = m.encode();
+        for want in [
+            "lorastream_queue_delivered_total{stream=\"cloud\"} 7",
+            "lorastream_queue_dropped_total{stream=\"cloud\",reason=\"too_large\"} 1",
+            "lorastream_store_write_failures_total 3",
+            "# TYPE lorastream_store_commit_seconds histogram",
+            "lorastream_store_commit_seconds_bucket{le=\"0.005\"} 1",
+            "# TYPE lorastream_downlink_schedule_latency_seconds histogram",
+            "lorastream_downlink_schedule_latency_seconds_bucket{le=\"0.2\"} 1",
+            "lorastream_downlink_schedule_latency_seconds_bucket{le=\"0.15\"} 0",
+            "\nprocess_cpu_seconds_total ",
+            "\nprocess_resident_memory_bytes ",
+        ] {
+            assert!(t.contains(want), "{want} not in\n{t}");
+        }
+        assert!(!t.contains("_us"), "microsecond metrics left:\n{t}");
+        assert!(t.ends_with("# EOF\n"), "{t}");
+        assert_eq!(m.schedule_latency_us().0, 180_000);
     }
 
     #[test]

@@ -914,7 +914,7 @@ async fn oversize_records_are_dropped_with_a_counter_not_wedging_the_queue() {
     assert_eq!(q.stats().dropped.get("too_large"), Some(&1));
     let text = daemon.metrics().encode();
     assert!(
-        text.contains("lorastream_queue_dropped{stream=\"azure\",reason=\"too_large\"} 1"),
+        text.contains("lorastream_queue_dropped_total{stream=\"azure\",reason=\"too_large\"} 1"),
         "{text}"
     );
     assert!(r.hub.log(|l| l

@@ -582,7 +582,7 @@ async fn client_errors_are_dead_letters_in_drop_mode_and_the_stream_goes_on() {
     assert!(daemon
         .metrics()
         .encode()
-        .contains("lorastream_queue_dropped{stream=\"hook\",reason=\"dead_letter\"} 1"));
+        .contains("lorastream_queue_dropped_total{stream=\"hook\",reason=\"dead_letter\"} 1"));
     let l = logs();
     assert!(l.contains("dropped as dead letters"), "{l}");
     // The server's text is logged with the header value blanked.

@@ -330,7 +330,7 @@ async fn max_per_hour_keeps_the_rest_queued_not_dropped() {
     assert_eq!(
         metric(
             &d,
-            "lorastream_queue_dropped{stream=\"mail\",reason=\"dead_letter\"}"
+            "lorastream_queue_dropped_total{stream=\"mail\",reason=\"dead_letter\"}"
         )
         .unwrap_or(0.0),
         0.0
@@ -419,7 +419,7 @@ async fn a_5xx_dead_letters_the_mail_and_the_next_one_still_goes_out() {
     assert_eq!(
         metric(
             &d,
-            "lorastream_queue_dropped{stream=\"mail\",reason=\"dead_letter\"}"
+            "lorastream_queue_dropped_total{stream=\"mail\",reason=\"dead_letter\"}"
         ),
         Some(1.0)
     );
@@ -459,7 +459,7 @@ async fn a_4xx_is_retried_after_the_backoff_and_then_delivered() {
     assert_eq!(
         metric(
             &d,
-            "lorastream_queue_dropped{stream=\"mail\",reason=\"dead_letter\"}"
+            "lorastream_queue_dropped_total{stream=\"mail\",reason=\"dead_letter\"}"
         )
         .unwrap_or(0.0),
         0.0
@@ -572,7 +572,7 @@ async fn uplinks_are_mailed_only_with_alerts_only_false() {
         Some(0.0)
     );
     assert_eq!(
-        metric(&d, "lorastream_queue_delivered{stream=\"alerts\"}").unwrap_or(0.0),
+        metric(&d, "lorastream_queue_delivered_total{stream=\"alerts\"}").unwrap_or(0.0),
         0.0
     );
     d.stop().await;
@@ -611,7 +611,7 @@ async fn a_552_halves_the_batch_and_one_record_alone_is_dropped_as_too_large() {
     assert_eq!(
         metric(
             &d,
-            "lorastream_queue_dropped{stream=\"mail\",reason=\"too_large\"}"
+            "lorastream_queue_dropped_total{stream=\"mail\",reason=\"too_large\"}"
         ),
         Some(1.0)
     );

@@ -110,13 +110,13 @@ async fn per_stream_when_full_decides_what_a_full_store_drops() {
         let text = m.encode();
         assert!(
             text.contains(&format!(
-                "lorastream_queue_dropped{{stream=\"keep-newest\",reason=\"queue_full_drop_oldest\"}} {evicted}"
+                "lorastream_queue_dropped_total{{stream=\"keep-newest\",reason=\"queue_full_drop_oldest\"}} {evicted}"
             )),
             "{text}"
         );
         assert!(
             text.contains(&format!(
-                "lorastream_queue_dropped{{stream=\"keep-oldest\",reason=\"queue_full_reject_new\"}} {rejected}"
+                "lorastream_queue_dropped_total{{stream=\"keep-oldest\",reason=\"queue_full_reject_new\"}} {rejected}"
             )),
             "{text}"
         );

@@ -433,7 +433,7 @@ async fn health_and_metrics_endpoint() {
     assert_eq!(body["uplinks"]["accepted"], 1);
     let mtext = get("/metrics").await;
     assert!(
-        mtext.contains("lorastream_queue_delivered{stream=\"out\"} 1"),
+        mtext.contains("lorastream_queue_delivered_total{stream=\"out\"} 1"),
         "{mtext}"
     );
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));

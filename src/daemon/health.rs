@@ -148,5 +148,6 @@ pub(crate) fn snapshot(store: &Store, gateways: &Gateways) -> metrics::Snapshot 
         store_write_failures: h.write_failures,
         store_memory_only: h.memory_only,
         store_lost_at_last_stop: h.lost_at_last_stop,
+        store_commit_seconds: Some(store.commit_seconds()),
     }
 }

@@ -171,6 +171,9 @@ impl Store {
         }
         let t0 = Instant::now();
         let r = engine.commit(&batch, true);
+        self.inner
+            .commit_seconds
+            .observe(t0.elapsed().as_secs_f64());
         tracing::debug!(
             ops = batch.len(),
             ms = t0.elapsed().as_secs_f64() * 1e3,

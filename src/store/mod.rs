@@ -381,12 +381,21 @@ struct Inner {
     last_state_log: Mutex<Option<Instant>>,
     /// Asks the committer to commit now (memory filling up).
     kick: Notify,
+    /// How long the commits take (`lorastream_store_commit_seconds`).
+    commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+}
+
+impl Store {
+    /// The durations of this store's commits, for `/metrics` (a handle to the same histogram).
+    pub fn commit_seconds(&self) -> prometheus_client::metrics::histogram::Histogram {
+        self.inner.commit_seconds.clone()
+    }
 }
 
 /// A device's state to save with an append: its counters and, when it changed, its MAC state

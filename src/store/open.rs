@@ -270,6 +270,9 @@ impl Store {
                 journal_unsynced: AtomicBool::new(false),
                 last_state_log: Mutex::new(None),
                 kick: Notify::new(),
+                commit_seconds: prometheus_client::metrics::histogram::Histogram::new(
+                    crate::metrics::COMMIT_BUCKETS,
+                ),
             }),
         };
         Ok((store, report))

@@ -598,7 +598,7 @@ impl Queue {
         *since += n;
         if now.duration_since(*last) >= DROP_LOG_EVERY {
             tracing::warn!(stream = %self.inner.name, reason = reason.as_str(), dropped = *since, total_dropped = total,
-                "queue dropped records (see lorastream_queue_dropped)");
+                "queue dropped records (see lorastream_queue_dropped_total)");
             *last = now;
             *since = 0;
         }

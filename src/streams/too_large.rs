@@ -1,6 +1,6 @@
 //! Records a destination can never take because of their size (over an MQTT packet limit,
 //! IoT Hub's 256 KB, a webhook's 413 or a mail server's 552 for one record alone): removed
-//! from the queue as `too_large` (`lorastream_queue_dropped{reason="too_large"}`) with a log
+//! from the queue as `too_large` (`lorastream_queue_dropped_total{reason="too_large"}`) with a log
 //! line, so that one record never blocks the ones behind it or is retried forever
 //! (docs/reliability.md). The one way every stream kind drops such a record.
 //!
@@ -23,7 +23,7 @@ pub(crate) fn drop_record(
 ) {
     // Data leaves the gateway here: every record gets its own line (they are rare: see above).
     tracing::warn!(stream = %ctx.name, seq, correlation_id = %r.correlation_id(), size, limit = ?limit,
-        "record too large for {what}: dropped (lorastream_queue_dropped{{reason=\"too_large\"}})");
+        "record too large for {what}: dropped (lorastream_queue_dropped_total{{reason=\"too_large\"}})");
     if let Err(e) = ctx.queue.drop_undeliverable(seq, DropReason::TooLarge) {
         ctx.metrics.stream_error(&ctx.name, "queue_ack");
         tracing::error!(stream = %ctx.name, seq, error = %e, "cannot remove an undeliverable record");

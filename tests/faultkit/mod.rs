@@ -391,11 +391,11 @@ impl Prom {
         self.get("lorastream_queue_depth", &[("stream", stream)])
     }
     pub fn delivered(&self, stream: &str) -> u64 {
-        self.get("lorastream_queue_delivered", &[("stream", stream)])
+        self.get("lorastream_queue_delivered_total", &[("stream", stream)])
     }
     pub fn dropped(&self, stream: &str, reason: &str) -> u64 {
         self.get(
-            "lorastream_queue_dropped",
+            "lorastream_queue_dropped_total",
             &[("stream", stream), ("reason", reason)],
         )
     }

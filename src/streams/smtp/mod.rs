@@ -19,7 +19,7 @@
 //!   connect, secure or log in (`smtp_connect`, `smtp_auth`) ends the session: the one
 //!   reconnect loop ([`super::connect`]) backs off (1 s to 60 s, jitter) and the next session
 //!   reads the queue from its oldest record. A 5xx for the e-mail (`smtp_refused`) removes its
-//!   records as dead letters (`lorastream_queue_dropped{reason="dead_letter"}`) with a warning,
+//!   records as dead letters (`lorastream_queue_dropped_total{reason="dead_letter"}`) with a warning,
 //!   and the records behind them go on. 421 and 530 are about the connection or the login, not
 //!   the e-mail: retried. A 552 (too large) halves the records per e-mail; one record alone
 //!   refused with 552 is dropped as `too_large` ([`super::too_large`]).
@@ -397,7 +397,7 @@ impl SmtpStream {
         // Data leaves the gateway here: every refused e-mail gets its own line.
         tracing::warn!(stream = %name, code, server_said = %text, records = n,
             first = %cid(dropped.first()), last = %cid(dropped.last()),
-            "the SMTP server refused the e-mail for good (5xx); its records are dropped as dead letters (lorastream_queue_dropped{{reason=\"dead_letter\"}})");
+            "the SMTP server refused the e-mail for good (5xx); its records are dropped as dead letters (lorastream_queue_dropped_total{{reason=\"dead_letter\"}})");
     }
 
     /// Wait for records, then up to `batch_wait` for the e-mail to fill. False when stopped.
