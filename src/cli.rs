@@ -497,9 +497,10 @@ async fn stop_signal() {
     }
 }
 
-/// The daemon until SIGTERM/SIGINT. SIGHUP (`systemctl reload`) re-reads the file and applies
-/// `[log] level`; the rest of a reload (devices, streams) is issue 14 and needs a restart until
-/// then. SIGHUP never stops the daemon (its default action would).
+/// The daemon until SIGTERM/SIGINT. SIGHUP (`systemctl reload`) re-reads the file (and
+/// `devices_dir`) and applies `[log] level`, the devices and the applications; changed streams
+/// and other sections are reported as needing a restart. SIGHUP never stops the daemon (its
+/// default action would).
 async fn run(cfg: Config, path: &Path, logs: Option<LogHandle>) -> anyhow::Result<()> {
     // Before anything slow: from here on a SIGHUP is ours, not the kernel's default (exit).
     #[cfg(unix)]
@@ -546,9 +547,27 @@ fn reload(daemon: &Daemon, path: &Path, logs: Option<&LogHandle>) {
                 Some(Err(e)) => tracing::error!("SIGHUP: [log] level not applied: {e}"),
                 None => {}
             }
-            tracing::warn!(
-                "SIGHUP: only [log] level is reloaded so far; other changes (devices, streams, storage, ...) take effect at the next restart (systemctl restart lorastream)"
-            );
+            match daemon.reload(&new) {
+                Ok(r) => {
+                    let d = r.devices;
+                    tracing::info!(
+                        added = d.added,
+                        changed = d.changed,
+                        rekeyed = d.rekeyed,
+                        removed = d.removed,
+                        unchanged = d.unchanged,
+                        "SIGHUP: devices reloaded ({})",
+                        new.device_sources_summary()
+                    );
+                    if !r.needs_restart.is_empty() {
+                        tracing::warn!(
+                            sections = %r.needs_restart.join(", "),
+                            "SIGHUP: these sections changed and take effect only at the next restart (systemctl restart lorastream); the daemon runs on with the ones it has"
+                        );
+                    }
+                }
+                Err(e) => tracing::error!("SIGHUP: devices not reloaded: {e}"),
+            }
         }
     }
     service.notify(Notice::Ready("running (reloaded)"));

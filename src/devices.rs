@@ -114,6 +114,7 @@ pub fn from_config(cfg: &Config) -> Registry {
                 adr: d.adr,
                 resets_f_cnt: d.resets_f_cnt,
                 mac: MacState::abp(&policy),
+                removed: false,
             }
         })
         .collect();

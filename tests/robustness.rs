@@ -51,6 +51,7 @@ fn registry(d: &SimDevice) -> Registry {
         pending: None,
         adr: true,
         resets_f_cnt: false,
+        removed: false,
         mac: lorastream::lorawan::mac_state::MacState::booted(lorastream::config::Region::EU868),
         session: Some(Session {
             dev_addr: d.dev_addr,

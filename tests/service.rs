@@ -365,7 +365,7 @@ async fn log_lines_are_plain_and_free_of_debug_formatting() {
     d.signal(libc::SIGHUP);
     assert!(
         wait_until(Duration::from_secs(5), || d
-            .logged("SIGHUP: only [log] level"))
+            .logged("SIGHUP: devices reloaded"))
         .await
     );
     std::fs::write(&cfg, "[storage]\nmax_bytes = 1\n").unwrap();

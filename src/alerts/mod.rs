@@ -241,7 +241,7 @@ impl AlertEngine {
         let Ok(reg) = self.registry.lock() else {
             return;
         };
-        for d in reg.devices() {
+        for d in reg.devices().iter().filter(|d| !d.removed) {
             let counters = d
                 .session
                 .as_ref()
@@ -279,7 +279,7 @@ impl AlertEngine {
                 let Ok(reg) = self.registry.lock() else {
                     return out;
                 };
-                for d in reg.devices() {
+                for d in reg.devices().iter().filter(|d| !d.removed) {
                     let covered = match &r.scope {
                         AlertScope::Application(a) => &d.application == a,
                         AlertScope::Device(x) => &d.id == x,

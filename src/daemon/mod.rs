@@ -79,6 +79,20 @@ pub struct Daemon {
     downlinks: DownlinkHandle,
     service: ServiceManager,
     watchdog: systemd::SupervisorThread,
+    /// What a reload changes: the devices (in the registry and the formats' facts), and the
+    /// configuration in effect, to tell which other changes need a restart.
+    registry: crate::downlink::SharedRegistry,
+    facts: Arc<crate::streams::format::Facts>,
+    running: std::sync::Mutex<Config>,
+}
+
+/// What a reload did ([`Daemon::reload`]).
+#[derive(Debug, Clone, Default)]
+pub struct ReloadReport {
+    pub devices: crate::lorawan::session::ReloadSummary,
+    /// Sections that changed but need a restart to take effect (`[[stream]]`, `[gateway]`,
+    /// ...): the daemon runs on with the ones it has.
+    pub needs_restart: Vec<&'static str>,
 }
 
 impl Daemon {
@@ -154,6 +168,7 @@ impl Daemon {
         let mut streams = Vec::new();
         let mut links = std::collections::HashMap::new();
         let facts = Arc::new(crate::streams::format::Facts::new(cfg));
+        let registry_for_reload = registry.clone();
         for s in &cfg.streams {
             let Some(queue) = store.queue(&s.name) else {
                 continue;
@@ -359,6 +374,56 @@ impl Daemon {
             downlinks,
             service,
             watchdog,
+            registry: registry_for_reload,
+            facts,
+            running: std::sync::Mutex::new(cfg.clone()),
+        })
+    }
+
+    /// Take a new configuration's devices and applications (`SIGHUP`): added, changed and
+    /// removed devices apply at once, kept devices keep their counters, sessions and MAC
+    /// state ([`crate::lorawan::session::Registry::reload`]). Other changed sections are
+    /// reported in [`ReloadReport::needs_restart`] and not applied.
+    pub fn reload(&self, new: &Config) -> Result<ReloadReport, DaemonError> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let json = |v: &dyn erased_json::Json| v.json();
+        let mut needs_restart = Vec::new();
+        if json(&running.gateway) != json(&new.gateway) {
+            needs_restart.push("[gateway]");
+        }
+        if json(&running.storage) != json(&new.storage) {
+            needs_restart.push("[storage]");
+        }
+        if json(&running.metrics) != json(&new.metrics) {
+            needs_restart.push("[metrics]");
+        }
+        if running.streams != new.streams {
+            needs_restart.push("[[stream]]");
+        }
+        if running.alerts != new.alerts {
+            needs_restart.push("[[alert]]");
+        }
+        // The devices as the running [gateway] section makes them (its MAC policy).
+        let mut merged = running.clone();
+        merged.applications = new.applications.clone();
+        merged.devices = new.devices.clone();
+        merged.device_sources = new.device_sources.clone();
+        let store = &self.sources.store;
+        let fresh =
+            crate::devices::registry(&merged, store).map_err(|source| DaemonError::Store {
+                path: merged.storage.path.display().to_string(),
+                source,
+                hint: String::new(),
+            })?;
+        let devices = {
+            let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            reg.reload(fresh)
+        };
+        self.facts.set_devices(&merged);
+        *running = merged;
+        Ok(ReloadReport {
+            devices,
+            needs_restart,
         })
     }
 
@@ -428,5 +493,18 @@ impl Daemon {
             finish(t, deadline + Duration::from_millis(300)).await;
         }
         tracing::info!("lorastream stopped");
+    }
+}
+
+/// Compare configuration sections by their serialized form (they hold no secret and derive
+/// `Serialize`, not `PartialEq`).
+mod erased_json {
+    pub trait Json {
+        fn json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_default()
+        }
     }
 }

@@ -65,6 +65,9 @@ pub struct Device {
     pub resets_f_cnt: bool,
     /// The network's MAC state of the device (ADR, pending commands, DevStatus, ...).
     pub mac: super::mac_state::MacState,
+    /// Removed from the configuration by a reload: its index stays (work in flight names
+    /// devices by index), nothing finds it any more ([`Registry::reload`]).
+    pub removed: bool,
 }
 
 /// With `resets_f_cnt`, an on-air counter below this, lower than the last one, is a restart
@@ -111,6 +114,34 @@ pub enum Verdict {
     Replay { device: usize, f_cnt16: u16 },
 }
 
+/// What [`Registry::reload`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: usize,
+    /// Same keys, other settings (class, application, ADR, ...): run-time state kept.
+    pub changed: usize,
+    /// Other keys (or activation): starts over as at a restart.
+    pub rekeyed: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+/// The same device as far as the network is concerned: the same keys and addresses.
+fn same_identity(a: &Device, b: &Device) -> bool {
+    let abp = |d: &Device| {
+        d.app_key.is_none().then(|| {
+            d.session
+                .as_ref()
+                .map(|s| (s.dev_addr, s.nwk_s_key, s.app_s_key))
+        })
+    };
+    match (a.app_key, b.app_key) {
+        (Some(ka), Some(kb)) => ka == kb && a.join_eui == b.join_eui,
+        (None, None) => abp(a) == abp(b),
+        _ => false,
+    }
+}
+
 #[derive(Default)]
 pub struct Registry {
     devices: Vec<Device>,
@@ -135,6 +166,9 @@ impl Registry {
         self.by_id.clear();
         self.by_eui.clear();
         for (i, d) in self.devices.iter().enumerate() {
+            if d.removed {
+                continue;
+            }
             self.by_id.insert(d.id.clone(), i);
             self.by_eui.insert(d.dev_eui, i);
             if let Some(s) = &d.pending {
@@ -182,8 +216,80 @@ impl Registry {
         self.reindex();
     }
 
+    /// Every device, removed ones included (check [`Device::removed`]): indexes are stable.
     pub fn devices(&self) -> &[Device] {
         &self.devices
+    }
+
+    /// Take the devices of a new configuration (`fresh`: built from it and the store, as at
+    /// start) without disturbing the others. A device found by its DevEUI with the same
+    /// identity (ABP: DevAddr and session keys; OTAA: AppKey and JoinEUI) keeps its index and
+    /// everything it learned at run time (frame counters, OTAA session, MAC state) and takes
+    /// the new settings (id, application, class, ADR, counter resets); one whose identity
+    /// changed starts as a restart would start it; a new one is added; a device no longer
+    /// configured is removed (its index kept as a tombstone; a later reload may bring it back
+    /// there).
+    pub fn reload(&mut self, fresh: Registry) -> ReloadSummary {
+        let mut sum = ReloadSummary::default();
+        let mut seen = vec![false; self.devices.len()];
+        // Tombstones included: a device that comes back takes its old index.
+        let mut index: HashMap<Eui64, usize> = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.dev_eui, i))
+            .collect();
+        for new in fresh.devices {
+            match index.get(&new.dev_eui).copied() {
+                None => {
+                    index.insert(new.dev_eui, self.devices.len());
+                    seen.push(true);
+                    self.devices.push(new);
+                    sum.added += 1;
+                }
+                Some(i) => {
+                    seen[i] = true;
+                    let d = &mut self.devices[i];
+                    if d.removed {
+                        *d = new;
+                        sum.added += 1;
+                    } else if same_identity(d, &new) {
+                        let settings_changed = d.id != new.id
+                            || d.application != new.application
+                            || d.class != new.class
+                            || d.adr != new.adr
+                            || d.resets_f_cnt != new.resets_f_cnt
+                            || d.dev_nonce_counts_up != new.dev_nonce_counts_up;
+                        d.id = new.id;
+                        d.application = new.application;
+                        d.class = new.class;
+                        d.adr = new.adr;
+                        d.resets_f_cnt = new.resets_f_cnt;
+                        d.dev_nonce_counts_up = new.dev_nonce_counts_up;
+                        if settings_changed {
+                            sum.changed += 1;
+                        } else {
+                            sum.unchanged += 1;
+                        }
+                    } else {
+                        *d = new;
+                        sum.rekeyed += 1;
+                    }
+                }
+            }
+        }
+        for (i, was) in seen.into_iter().enumerate() {
+            let d = &mut self.devices[i];
+            if !was && !d.removed {
+                d.removed = true;
+                d.session = None;
+                d.pending = None;
+                d.app_key = None;
+                sum.removed += 1;
+            }
+        }
+        self.reindex();
+        sum
     }
 
     pub fn device(&self, idx: usize) -> &Device {
@@ -304,6 +410,7 @@ mod tests {
             pending: None,
             adr: true,
             resets_f_cnt: false,
+            removed: false,
             mac: crate::lorawan::mac_state::MacState::booted(crate::lorawan::region::Region::EU868),
             session: Some(Session {
                 dev_addr: DevAddr(addr),

@@ -155,6 +155,7 @@ pub fn device_facts(registry: &Registry) -> Vec<DeviceFacts> {
     registry
         .devices()
         .iter()
+        .filter(|d| !d.removed)
         .map(|d| DeviceFacts {
             id: d.id.clone(),
             application: d.application.clone(),

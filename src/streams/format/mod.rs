@@ -67,6 +67,27 @@ pub fn decoded(_u: &Uplink) -> Decoded<'_> {
     Decoded::default()
 }
 
+/// The devices of `cfg` as the formats see them, by DevEUI.
+fn device_facts(cfg: &Config) -> HashMap<Eui64, DeviceFacts> {
+    use crate::config::Activation;
+    cfg.devices
+        .iter()
+        .map(|d| {
+            let join_eui = match &d.activation {
+                Activation::Otaa { join_eui, .. } => *join_eui,
+                Activation::Abp { .. } => None,
+            };
+            let f = DeviceFacts {
+                id: d.id.clone(),
+                application: d.application.clone(),
+                class: d.class,
+                join_eui,
+            };
+            (d.dev_eui, f)
+        })
+        .collect()
+}
+
 /// What a device is, for the formats (from its `[[device]]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceFacts {
@@ -78,51 +99,51 @@ pub struct DeviceFacts {
 }
 
 /// What the formats need from the configuration besides the stream's own settings: the
-/// region, the NetID and the devices. Built once and shared by every stream.
-#[derive(Debug, Clone, Default)]
+/// region, the NetID and the devices. Built once and shared by every stream; the devices are
+/// replaced when the configuration is reloaded ([`Facts::set_devices`]).
+#[derive(Debug, Default)]
 pub struct Facts {
     pub region: Region,
     /// `[gateway] sub_band` (US915/AU915): ChirpStack's region configuration id names it.
     pub sub_band: Option<u8>,
     pub net_id: NetId,
-    devices: HashMap<Eui64, DeviceFacts>,
+    devices: std::sync::RwLock<HashMap<Eui64, DeviceFacts>>,
 }
 
 impl Facts {
     pub fn new(cfg: &Config) -> Facts {
-        use crate::config::Activation;
         Facts {
             region: cfg.gateway.region,
             sub_band: cfg.gateway.sub_band,
             net_id: cfg.gateway.net_id,
-            devices: cfg
-                .devices
-                .iter()
-                .map(|d| {
-                    let join_eui = match &d.activation {
-                        Activation::Otaa { join_eui, .. } => *join_eui,
-                        Activation::Abp { .. } => None,
-                    };
-                    let f = DeviceFacts {
-                        id: d.id.clone(),
-                        application: d.application.clone(),
-                        class: d.class,
-                        join_eui,
-                    };
-                    (d.dev_eui, f)
-                })
-                .collect(),
+            devices: std::sync::RwLock::new(device_facts(cfg)),
         }
     }
 
-    /// The device with this DevEUI.
-    pub fn device(&self, dev_eui: Eui64) -> Option<&DeviceFacts> {
-        self.devices.get(&dev_eui)
+    /// The devices of a reloaded configuration.
+    pub fn set_devices(&self, cfg: &Config) {
+        let new = device_facts(cfg);
+        if let Ok(mut d) = self.devices.write() {
+            *d = new;
+        }
+    }
+
+    /// The device with this DevEUI (a copy).
+    pub fn device(&self, dev_eui: Eui64) -> Option<DeviceFacts> {
+        self.devices.read().ok()?.get(&dev_eui).cloned()
+    }
+
+    fn join_eui(&self, dev_eui: Eui64) -> Option<Eui64> {
+        self.devices.read().ok()?.get(&dev_eui)?.join_eui
+    }
+
+    fn class(&self, dev_eui: Eui64) -> Option<DeviceClass> {
+        Some(self.devices.read().ok()?.get(&dev_eui)?.class)
     }
 
     fn extras<'a>(&self, u: &'a Uplink) -> UplinkExtras<'a> {
         UplinkExtras {
-            join_eui: self.device(u.dev_eui).and_then(|d| d.join_eui),
+            join_eui: self.join_eui(u.dev_eui),
             net_id: Some(self.net_id),
             decoded: decoded(u),
         }
@@ -132,7 +153,7 @@ impl Facts {
     fn meta(&self, dev_eui: Eui64) -> chirpstack::EventMeta {
         let (common, config) = chirpstack::region_names(self.region, self.sub_band);
         chirpstack::EventMeta {
-            device_class: match self.device(dev_eui).map(|d| d.class) {
+            device_class: match self.class(dev_eui) {
                 Some(DeviceClass::C) => chirpstack::DeviceClass::C,
                 _ => chirpstack::DeviceClass::A,
             },
@@ -388,7 +409,7 @@ impl Formatter {
         match &self.variant {
             Variant::ChirpStack => {
                 chirpstack::downlink_request(&self.stream, topic, payload, |eui| {
-                    self.facts.device(eui).map(|d| d.id.clone())
+                    self.facts.device(eui).map(|d| d.id)
                 })
             }
             _ => self.lorastream_downlink(topic, payload),

@@ -1,0 +1,246 @@
+//! Reloading the devices without a restart (issue 14, part 1; `SIGHUP`): devices added,
+//! changed and removed apply at once; kept devices keep their frame counters; a removed device
+//! that comes back keeps the counters the store holds; other changed sections are reported as
+//! needing a restart. Through the real daemon (in-process) and, for `SIGHUP` and
+//! `devices_dir`, through the binary.
+
+mod support;
+
+use lorastream::daemon::Daemon;
+use lorastream::model::{DownlinkItem, DownlinkOp, DownlinkRequest, Eui64};
+use lorastream::sim::{Forwarder, Radio, SimDevice};
+use std::io::BufRead;
+use std::time::Duration;
+use support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+fn class_c(d: &SimDevice) -> String {
+    device_toml(d, "farm").replace("[[device]]\n", "[[device]]\nclass = \"C\"\n")
+}
+
+async fn up(f: &mut Forwarder, d: &mut SimDevice, f_cnt: u32, tmst: u32) {
+    d.f_cnt = f_cnt;
+    let p = d.uplink(1, b"r", false).unwrap();
+    f.send(&[(
+        &p,
+        Radio {
+            tmst,
+            ..Radio::default()
+        },
+    )])
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_are_added_changed_and_removed_without_a_restart() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d1, mut d2, mut d3) = (device(1), device(2), device(3));
+    let out = dir.path().join("out.jsonl");
+    let stream = format!(
+        "[[stream]]\nname = \"out\"\nkind = \"file\"\npath = {:?}\n",
+        out.display().to_string()
+    );
+    let app = "[[application]]\nid = \"farm\"\n\n";
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "{app}{}{}{stream}",
+            device_toml(&d1, "farm"),
+            device_toml(&d3, "farm")
+        ),
+    );
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let m = daemon.metrics().clone();
+    let mut f = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(1))
+        .await
+        .unwrap();
+    f.pull().await.unwrap();
+    up(&mut f, &mut d1, 0, 1_000_000).await;
+    up(&mut f, &mut d1, 1, 3_000_000).await;
+    up(&mut f, &mut d3, 0, 5_000_000).await;
+    assert!(wait_until(T, || m.uplinks("accepted") == 3).await);
+
+    // dev-1 becomes class C, dev-2 arrives, dev-3 goes; a stream is added too.
+    let new = config(
+        dir.path(),
+        &format!(
+            "{app}{}{}{stream}\n[[stream]]\nname = \"more\"\nkind = \"stdout\"\n",
+            class_c(&d1),
+            device_toml(&d2, "farm")
+        ),
+    );
+    let r = daemon.reload(&new).unwrap();
+    assert_eq!(
+        (
+            r.devices.added,
+            r.devices.changed,
+            r.devices.removed,
+            r.devices.unchanged
+        ),
+        (1, 1, 1, 0),
+        "{r:?}"
+    );
+    assert_eq!(r.needs_restart, vec!["[[stream]]"]);
+
+    // dev-1 kept its counter (1): FCnt 0 is a replay, 2 is new.
+    up(&mut f, &mut d1, 0, 7_000_000).await;
+    assert!(wait_until(T, || m.uplinks("replay") == 1).await);
+    up(&mut f, &mut d1, 2, 9_000_000).await;
+    assert!(wait_until(T, || m.uplinks("accepted") == 4).await);
+    // dev-2 is known at once, and the formats name it.
+    up(&mut f, &mut d2, 0, 11_000_000).await;
+    assert!(wait_until(T, || m.uplinks("accepted") == 5).await);
+    assert!(
+        wait_until(T, || std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("\"device_id\":\"dev-2\""))
+        .await
+    );
+    // dev-3 is gone: its DevAddr is unknown now.
+    up(&mut f, &mut d3, 1, 13_000_000).await;
+    assert!(wait_until(T, || m.uplinks("unknown_dev_addr") == 1).await);
+
+    // dev-1 is class C now: a downlink goes out at once, without waiting for an uplink.
+    while f.pull_resp(Duration::from_millis(300)).await.is_some() {}
+    daemon
+        .request_downlink(DownlinkRequest {
+            stream: "out".into(),
+            application: "farm".into(),
+            device: "dev-1".into(),
+            op: DownlinkOp::Push,
+            items: Ok(vec![DownlinkItem {
+                id: lorastream::model::new_id(),
+                f_port: 5,
+                payload: b"now".to_vec(),
+                confirmed: false,
+                priority: "NORMAL".into(),
+                correlation_ids: vec![],
+                stream: "out".into(),
+            }]),
+            names: None,
+        })
+        .await;
+    let pr = f.pull_resp(T).await.expect("a class C downlink at once");
+    assert_eq!(pr.txpk["imme"], true, "{}", pr.json);
+    let dl = d1.open(&pr.phy, 0).unwrap();
+    assert!(dl.mic_ok);
+    assert_eq!(dl.opened.frm_payload, b"now");
+
+    // dev-3 comes back with the same keys: the counters the store kept still hold.
+    let back = config(
+        dir.path(),
+        &format!(
+            "{app}{}{}{}{stream}",
+            class_c(&d1),
+            device_toml(&d2, "farm"),
+            device_toml(&d3, "farm")
+        ),
+    );
+    let r = daemon.reload(&back).unwrap();
+    assert_eq!((r.devices.added, r.devices.unchanged), (1, 2), "{r:?}");
+    assert!(r.needs_restart.is_empty(), "{r:?}");
+    up(&mut f, &mut d3, 0, 15_000_000).await;
+    assert!(wait_until(T, || m.uplinks("repeat") == 1).await);
+    up(&mut f, &mut d3, 2, 17_000_000).await;
+    assert!(wait_until(T, || m.uplinks("accepted") == 6).await);
+    daemon.stop().await;
+}
+
+/// `systemctl reload` as the package runs it: a new file in `devices_dir` and SIGHUP; the
+/// device's uplinks are taken without a restart, and a broken file is refused with the old
+/// devices kept.
+#[test]
+fn sighup_reads_devices_dir_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let devices = dir.path().join("devices.d");
+    std::fs::create_dir(&devices).unwrap();
+    let (d1, mut d2) = (device(1), device(2));
+    let udp = format!("127.0.0.1:{}", free_port());
+    let path = dir.path().join("lorastream.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[gateway]\nlisten = \"{udp}\"\ndevices_dir = {:?}\n\n[storage]\npath = {:?}\n\n[metrics]\nlisten = \"\"\n\n[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"out\"\nkind = \"stdout\"\n",
+            devices.display().to_string(),
+            dir.path().join("db").display().to_string(),
+            device_toml(&d1, "farm")
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorastream"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(l);
+        }
+    });
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx2.send(l);
+        }
+    });
+    let wait_for = |want: &dyn Fn(&str) -> bool, what: &str| {
+        let end = std::time::Instant::now() + T;
+        let mut seen = Vec::new();
+        while std::time::Instant::now() < end {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                if want(&l) {
+                    return l;
+                }
+                seen.push(l);
+            }
+        }
+        panic!("{what} not seen in:\n{}", seen.join("\n"));
+    };
+    wait_for(&|l| l.contains("lorastream started"), "start");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let send = |d: &mut SimDevice| {
+        let p = d.uplink(1, b"s", false).unwrap();
+        rt.block_on(async {
+            let mut f = Forwarder::connect(udp.parse().unwrap(), Eui64::from_u64(1))
+                .await
+                .unwrap();
+            f.send(&[(&p, Radio::default())]).await.unwrap();
+        });
+    };
+    // A broken file: refused, the old devices kept.
+    std::fs::write(devices.join("bad.toml"), "[[device]]\nid = 3\n").unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_for(
+        &|l| l.contains("configuration not reloaded") && l.contains("bad.toml"),
+        "the refusal",
+    );
+    std::fs::remove_file(devices.join("bad.toml")).unwrap();
+
+    std::fs::write(devices.join("more.toml"), device_toml(&d2, "farm")).unwrap();
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_for(
+        &|l| l.contains("devices reloaded") && l.contains("added=1"),
+        "the reload",
+    );
+    send(&mut d2);
+    wait_for(&|l| l.contains("\"device_id\":\"dev-2\""), "dev-2's uplink");
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
