@@ -2,6 +2,7 @@
 //! place (with `main.rs`) that uses `anyhow`; everything below returns typed errors.
 
 use crate::config::{Config, DEFAULT_PATH};
+use crate::daemon::commands::Control;
 use crate::daemon::systemd::{Notice, ServiceManager};
 use crate::daemon::Daemon;
 use crate::logs::LogHandle;
@@ -507,13 +508,22 @@ async fn run(cfg: Config, path: &Path, logs: Option<LogHandle>) -> anyhow::Resul
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
     let daemon = Daemon::start_under(&cfg, ServiceManager::from_env()).await?;
+    let mut controls = daemon.take_control();
     let stop = stop_signal();
     tokio::pin!(stop);
     loop {
         #[cfg(unix)]
         tokio::select! {
             _ = &mut stop => break,
-            _ = hup.recv() => reload(&daemon, path, logs.as_ref()),
+            _ = hup.recv() => {
+                let _ = reload(&daemon, path, logs.as_ref());
+            }
+            Some(c) = async {
+                match controls.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => control(&daemon, path, logs.as_ref(), c),
         }
         #[cfg(not(unix))]
         {
@@ -526,14 +536,22 @@ async fn run(cfg: Config, path: &Path, logs: Option<LogHandle>) -> anyhow::Resul
     Ok(())
 }
 
-/// SIGHUP: re-read the file; an invalid one is refused and the running configuration kept.
-fn reload(daemon: &Daemon, path: &Path, logs: Option<&LogHandle>) {
+/// SIGHUP (and the `reload` remote command): re-read the file; an invalid one is refused and
+/// the running configuration kept. The result says what changed, for the command's reply.
+fn reload(
+    daemon: &Daemon,
+    path: &Path,
+    logs: Option<&LogHandle>,
+) -> Result<serde_json::Value, String> {
     let service = daemon.service_manager();
     service.notify(Notice::Reloading);
-    match Config::load(path) {
-        Err(e) => tracing::error!(
-            "SIGHUP: configuration not reloaded, the daemon keeps running with the one it has: {e}"
-        ),
+    let r = match Config::load(path) {
+        Err(e) => {
+            tracing::error!(
+                "SIGHUP: configuration not reloaded, the daemon keeps running with the one it has: {e}"
+            );
+            Err(format!("configuration not reloaded: {e}"))
+        }
         Ok(new) => {
             match logs.map(|h| h.set_level(&new.log.level)) {
                 Some(Ok(true)) => {
@@ -565,12 +583,47 @@ fn reload(daemon: &Daemon, path: &Path, logs: Option<&LogHandle>) {
                             "SIGHUP: these sections changed and take effect only at the next restart (systemctl restart lorastream); the daemon runs on with the ones it has"
                         );
                     }
+                    Ok(serde_json::json!({
+                        "devices": {
+                            "added": d.added,
+                            "changed": d.changed,
+                            "rekeyed": d.rekeyed,
+                            "removed": d.removed,
+                            "unchanged": d.unchanged,
+                        },
+                        "needs_restart": r.needs_restart,
+                    }))
                 }
-                Err(e) => tracing::error!("SIGHUP: devices not reloaded: {e}"),
+                Err(e) => {
+                    tracing::error!("SIGHUP: devices not reloaded: {e}");
+                    Err(format!("devices not reloaded: {e}"))
+                }
             }
         }
-    }
+    };
     service.notify(Notice::Ready("running (reloaded)"));
+    r
+}
+
+/// A remote command only the run loop can carry out.
+fn control(daemon: &Daemon, path: &Path, logs: Option<&LogHandle>, c: Control) {
+    match c {
+        Control::Reload(reply) => {
+            let _ = reply.send(reload(daemon, path, logs));
+        }
+        Control::LogLevel(level, reply) => {
+            let r = match logs.map(|h| h.set_level(&level)) {
+                Some(Ok(true)) => {
+                    tracing::info!(level = %level, "log level changed by a remote command (until the next reload or restart)");
+                    Ok(serde_json::json!({ "level": level }))
+                }
+                Some(Ok(false)) => Err("RUST_LOG is set and overrides the level".to_string()),
+                Some(Err(e)) => Err(format!("not a log filter: {e}")),
+                None => Err("no log handle in this process".to_string()),
+            };
+            let _ = reply.send(r);
+        }
+    }
 }
 
 /// The demo's configuration: three ABP devices, a stdout stream, a temporary store.

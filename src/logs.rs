@@ -82,9 +82,15 @@ pub fn init(level: &str, format: LogFormat) -> LogInit {
             }
         },
     };
+    // The last lines, for the `logs` remote command (plain text, no colours).
+    let ring = tracing_subscriber::fmt::layer()
+        .with_writer(RingWriter)
+        .with_ansi(false)
+        .fmt_fields(PlainFields);
     let ok = tracing_subscriber::registry()
         .with(filter)
         .with(output)
+        .with(ring)
         .try_init()
         .is_ok();
     LogInit {
@@ -93,6 +99,61 @@ pub fn init(level: &str, format: LogFormat) -> LogInit {
             from_env,
         }),
         fallback,
+    }
+}
+
+/// Lines the ring keeps (each at most [`RING_LINE_MAX`] bytes): about 1 MB at most.
+pub const RING_LINES: usize = 1000;
+const RING_LINE_MAX: usize = 1000;
+
+fn ring() -> &'static std::sync::Mutex<std::collections::VecDeque<String>> {
+    static RING: std::sync::OnceLock<std::sync::Mutex<std::collections::VecDeque<String>>> =
+        std::sync::OnceLock::new();
+    RING.get_or_init(Default::default)
+}
+
+/// The last `n` log lines (oldest first), as the text format writes them; empty when the
+/// binary's subscriber is not installed (tests that run the daemon in-process).
+pub fn recent(n: usize) -> Vec<String> {
+    let Ok(r) = ring().lock() else {
+        return Vec::new();
+    };
+    r.iter().skip(r.len().saturating_sub(n)).cloned().collect()
+}
+
+/// Writes each formatted event into the ring.
+struct RingWriter;
+
+impl std::io::Write for RingWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(b);
+        if let Ok(mut r) = ring().lock() {
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                let mut l = line.to_string();
+                if l.len() > RING_LINE_MAX {
+                    let mut cut = RING_LINE_MAX;
+                    while !l.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    l.truncate(cut);
+                }
+                if r.len() == RING_LINES {
+                    r.pop_front();
+                }
+                r.push_back(l);
+            }
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RingWriter {
+    type Writer = RingWriter;
+    fn make_writer(&'a self) -> RingWriter {
+        RingWriter
     }
 }
 

@@ -244,3 +244,161 @@ fn sighup_reads_devices_dir_again() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// Remote commands over the MQTT stream's own connection (`commands = true`), against
+/// mosquitto and the real binary: status, devices (no key), logs, log_level, reload (which
+/// reads devices_dir again), an unknown command and a request that is not JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_commands_over_mqtt() {
+    if !needs_mosquitto("remote_commands_over_mqtt") {
+        return;
+    }
+    let m = Mosquitto::start("").await;
+    let dir = tempfile::tempdir().unwrap();
+    let devices = dir.path().join("devices.d");
+    std::fs::create_dir(&devices).unwrap();
+    let d1 = device(1);
+    let path = dir.path().join("lorastream.toml");
+    let body = |eui: &str| {
+        format!(
+            "[gateway]\nlisten = \"127.0.0.1:{}\"\n{eui}devices_dir = {:?}\n\n[storage]\npath = {:?}\n\n[metrics]\nlisten = \"\"\n\n[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"cloud\"\nserver = \"mqtt://127.0.0.1:{}\"\ncommands = true\n",
+            free_port(),
+            devices.display().to_string(),
+            dir.path().join("db").display().to_string(),
+            device_toml(&d1, "farm"),
+            m.port
+        )
+    };
+    // Without the gateway's EUI the command topics cannot be named: refused.
+    std::fs::write(&path, body("")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorastream"))
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs [gateway] eui"));
+
+    std::fs::write(&path, body("eui = \"AA555A00000000FF\"\n")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorastream"))
+        .args(["run", "-c"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = "lorastream/gateways/aa555a00000000ff/command";
+    let mut replies = Subscriber::connect(m.port, &format!("{base}/+/reply")).await;
+    let (client, mut el) = rumqttc::AsyncClient::new(
+        rumqttc::MqttOptions::new("operator", "127.0.0.1", m.port),
+        10,
+    );
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    let mut n = 0u64;
+    let mut ask = |name: &'static str, req: serde_json::Value| {
+        n += 1;
+        let mut req = req;
+        req["id"] = serde_json::json!(format!("r{n}"));
+        let id = format!("r{n}");
+        let client = client.clone();
+        async move {
+            client
+                .publish(
+                    format!("{base}/{name}"),
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    req.to_string(),
+                )
+                .await
+                .unwrap();
+            id
+        }
+    };
+    // The daemon subscribes right after connecting: ask until it answers.
+    let mut status = Vec::new();
+    for _ in 0..40 {
+        let id = ask("status", serde_json::json!({})).await;
+        status = replies
+            .wait_for(1, Duration::from_millis(500), |_, v| v["id"] == id.as_str())
+            .await;
+        if !status.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(status.len(), 1, "no reply to status");
+    assert_eq!(status[0]["ok"], true, "{}", status[0]);
+    assert!(status[0]["result"]["version"].is_string(), "{}", status[0]);
+    assert!(status[0]["result"]["streams"].is_array(), "{}", status[0]);
+
+    let reply = |id: String| {
+        let id = id.clone();
+        move |_: &str, v: &serde_json::Value| v["id"] == id.as_str()
+    };
+    let id = ask("devices", serde_json::json!({})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["result"][0]["id"], "dev-1", "{}", r[0]);
+    assert_eq!(r[0]["result"][0]["dev_addr"], "26000001", "{}", r[0]);
+    let text = r[0].to_string();
+    assert!(
+        !text.contains("key") && !text.contains("0101010101"),
+        "{text}"
+    );
+
+    let id = ask("logs", serde_json::json!({"lines": 1000})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    let lines = r[0]["result"]["lines"].as_array().unwrap();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.as_str().unwrap_or("").contains("lorastream started")),
+        "{}",
+        r[0]
+    );
+    let id = ask("logs", serde_json::json!({"lines": 2})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["result"]["lines"].as_array().unwrap().len(), 2);
+
+    let id = ask("log_level", serde_json::json!({"level": "debug"})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["ok"], true, "{}", r[0]);
+    let id = ask("log_level", serde_json::json!({"level": "[[["})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["ok"], false, "{}", r[0]);
+
+    std::fs::write(devices.join("more.toml"), device_toml(&device(2), "farm")).unwrap();
+    let id = ask("reload", serde_json::json!({})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["ok"], true, "{}", r[0]);
+    assert_eq!(r[0]["result"]["devices"]["added"], 1, "{}", r[0]);
+    let id = ask("devices", serde_json::json!({})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["result"].as_array().unwrap().len(), 2, "{}", r[0]);
+
+    let id = ask("frobnicate", serde_json::json!({})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["ok"], false);
+    assert!(
+        r[0]["error"].as_str().unwrap().contains("status, reload"),
+        "{}",
+        r[0]
+    );
+    client
+        .publish(
+            format!("{base}/status"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "not json",
+        )
+        .await
+        .unwrap();
+    let r = replies
+        .wait_for(1, T, |_, v| {
+            v["ok"] == false && v["error"].as_str().unwrap_or("").contains("not JSON")
+        })
+        .await;
+    assert_eq!(r.len(), 1);
+
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}

@@ -199,6 +199,8 @@ raw_stream! {
     /// MQTT clean session: false (default) keeps the broker's session (subscriptions and the
     /// QoS 1 downlinks published while lorastream was away) across reconnects and restarts.
     clean_session: bool,
+    /// Take remote commands on `{prefix}/gateways/{eui}/command/{name}` (default false).
+    commands: bool,
     topic_prefix: String,
     inflight: u16,
     keep_alive_s: u64,
@@ -438,6 +440,8 @@ pub struct MqttConfig {
     pub client_id: ClientId,
     /// MQTT clean session (false: a persistent session, the default).
     pub clean_session: bool,
+    /// Remote commands on `{prefix}/gateways/{eui}/command/{name}` (`commands = true`).
+    pub commands: bool,
     pub topic_prefix: String,
     pub inflight: u16,
     pub keep_alive: Duration,
@@ -832,6 +836,17 @@ fn response_timeout(s: Option<u64>) -> Result<Duration, KeyError> {
     }
 }
 
+/// `commands = true` needs the gateway's EUI: the command topics name it.
+fn commands_need_eui(commands: Option<bool>, ctx: &Context) -> Result<bool, KeyError> {
+    match commands {
+        Some(true) if ctx.gateway_eui.is_none() => Err((
+            "commands",
+            "needs [gateway] eui: the command topics are {topic_prefix}/gateways/{eui}/command/{name}".into(),
+        )),
+        c => Ok(c.unwrap_or(false)),
+    }
+}
+
 /// `lorastream-{gateway eui or hostname}-{stream}` (the instance id is added at start).
 fn default_client_id(ctx: &Context, stream: &str) -> String {
     let who = ctx
@@ -858,6 +873,7 @@ fn mqtt(k: &mut Keys, ctx: &Context, name: &str) -> Result<MqttConfig, KeyError>
     let password = take!(k, password);
     let client_id = take!(k, client_id);
     let clean_session = take!(k, clean_session);
+    let commands = take!(k, commands);
     let prefix = take!(k, topic_prefix);
     let window = take!(k, inflight);
     let keep = take!(k, keep_alive_s);
@@ -887,6 +903,7 @@ fn mqtt(k: &mut Keys, ctx: &Context, name: &str) -> Result<MqttConfig, KeyError>
             None => ClientId::Derived(default_client_id(ctx, name)),
         },
         clean_session: clean_session.unwrap_or(false),
+        commands: commands_need_eui(commands, ctx)?,
         topic_prefix: topic_prefix(prefix)?,
         inflight: inflight(window, defaults::MQTT_INFLIGHT)?,
         keep_alive: keep_alive(keep, defaults::MQTT_KEEP_ALIVE, 65_535)?,
@@ -895,13 +912,14 @@ fn mqtt(k: &mut Keys, ctx: &Context, name: &str) -> Result<MqttConfig, KeyError>
 }
 
 /// AWS IoT Core: TLS with a client certificate, a thing name as client id.
-fn aws(k: &mut Keys, _name: &str, _ctx: &Context) -> Result<AwsConfig, KeyError> {
+fn aws(k: &mut Keys, _name: &str, ctx: &Context) -> Result<AwsConfig, KeyError> {
     let server = take!(k, server);
     let ca_file = take!(k, ca_file);
     let cert_file = take!(k, cert_file);
     let key_file = take!(k, key_file);
     let client_id = take!(k, client_id);
     let clean_session = take!(k, clean_session);
+    let commands = take!(k, commands);
     let prefix = take!(k, topic_prefix);
     let window = take!(k, inflight);
     let keep = take!(k, keep_alive_s);
@@ -939,6 +957,7 @@ fn aws(k: &mut Keys, _name: &str, _ctx: &Context) -> Result<AwsConfig, KeyError>
             credentials: None,
             client_id: ClientId::Set(client_id),
             clean_session: clean_session.unwrap_or(false),
+            commands: commands_need_eui(commands, ctx)?,
             topic_prefix: topic_prefix(prefix)?,
             inflight: inflight(window, defaults::MQTT_INFLIGHT)?,
             keep_alive: keep_alive(keep, defaults::MQTT_KEEP_ALIVE, 65_535)?,
@@ -1363,6 +1382,7 @@ impl Table {
         };
         self.s("client_id", &id)
             .b("clean_session", m.clean_session)
+            .b("commands", m.commands)
             .s("topic_prefix", &m.topic_prefix)
             .n("inflight", m.inflight.into())
             .n("keep_alive_s", m.keep_alive.as_secs())

@@ -18,6 +18,7 @@
 //! - [`systemd`]: readiness, stop and reload notices, watchdog keep-alives while the main
 //!   loops (ingress, uplink stage, downlink scheduler, store committer) beat.
 
+pub mod commands;
 pub mod health;
 mod housekeeping;
 pub mod instance;
@@ -84,6 +85,7 @@ pub struct Daemon {
     registry: crate::downlink::SharedRegistry,
     facts: Arc<crate::streams::format::Facts>,
     running: std::sync::Mutex<Config>,
+    control: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<commands::Control>>>,
 }
 
 /// What a reload did ([`Daemon::reload`]).
@@ -169,6 +171,16 @@ impl Daemon {
         let mut links = std::collections::HashMap::new();
         let facts = Arc::new(crate::streams::format::Facts::new(cfg));
         let registry_for_reload = registry.clone();
+        let sources = Sources {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            gateways: gateways.clone(),
+            started: Instant::now(),
+        };
+        // Remote commands (streams with `commands = true`); `reload` and `log_level` go to
+        // the run loop that takes `control_rx` ([`Daemon::take_control`]).
+        let (control_tx, control_rx) = tokio::sync::mpsc::channel(4);
+        let commands = commands::Commands::new(sources.clone(), registry.clone(), control_tx);
         for s in &cfg.streams {
             let Some(queue) = store.queue(&s.name) else {
                 continue;
@@ -188,6 +200,7 @@ impl Daemon {
                 cancel: streams_cancel.clone(),
                 gateway_eui: cfg.gateway.eui,
                 instance_id: instance_id.clone(),
+                commands: s.commands().then(|| commands.clone()),
                 downlinks: s.downlinks.then(|| downlinks.clone()),
                 format: Arc::new(crate::streams::format::Formatter::new(s, facts.clone())),
             };
@@ -280,12 +293,6 @@ impl Daemon {
             .run(ingress_cancel.clone()),
         ));
 
-        let sources = Sources {
-            metrics: metrics.clone(),
-            store: store.clone(),
-            gateways,
-            started: Instant::now(),
-        };
         {
             // Not `sources` itself: it holds the `Metrics`, which would then hold itself.
             let (store, gateways) = (store.clone(), sources.gateways.clone());
@@ -377,7 +384,14 @@ impl Daemon {
             registry: registry_for_reload,
             facts,
             running: std::sync::Mutex::new(cfg.clone()),
+            control: std::sync::Mutex::new(Some(control_rx)),
         })
+    }
+
+    /// The requests of remote commands only the run loop can carry out (`reload`,
+    /// `log_level`); the first call gets them.
+    pub fn take_control(&self) -> Option<tokio::sync::mpsc::Receiver<commands::Control>> {
+        self.control.lock().ok()?.take()
     }
 
     /// Take a new configuration's devices and applications (`SIGHUP`): added, changed and

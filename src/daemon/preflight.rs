@@ -195,6 +195,7 @@ async fn streams(cfg: &Config) -> Vec<Finding> {
             cancel: CancellationToken::new(),
             gateway_eui: cfg.gateway.eui,
             instance_id: instance.clone(),
+            commands: None,
             downlinks: None,
             format: Arc::new(format::Formatter::new(s, facts.clone())),
         };

@@ -69,6 +69,8 @@ pub(crate) struct StreamContext {
     pub gateway_eui: Option<Eui64>,
     /// This installation's instance id (derived MQTT client ids end with it).
     pub instance_id: std::sync::Arc<str>,
+    /// Remote commands, when the stream takes them (`commands = true`).
+    pub commands: Option<crate::daemon::commands::Commands>,
     /// Where downlink requests go (None when the stream has `downlinks = false`).
     pub downlinks: Option<DownlinkHandle>,
     /// The stream's format.

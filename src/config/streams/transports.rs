@@ -14,6 +14,15 @@ impl super::StreamConfig {
     pub fn takes_records(&self) -> bool {
         !matches!(&self.kind, super::StreamKind::Smtp(m) if m.alerts_only)
     }
+
+    /// Takes remote commands (`commands = true` on an mqtt or aws-iot stream).
+    pub fn commands(&self) -> bool {
+        match &self.kind {
+            super::StreamKind::Mqtt(m) => m.commands,
+            super::StreamKind::AwsIot(a) => a.mqtt.commands,
+            _ => false,
+        }
+    }
 }
 
 /// Defaults of the WebSocket and SMTP kinds (README and config.example.toml show the same).

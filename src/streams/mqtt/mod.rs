@@ -185,6 +185,40 @@ impl MqttStream {
         connect::run(&mut self, &ctx, Retry::connection()).await;
     }
 
+    /// `{prefix}/gateways/{eui}/command/` when this stream takes remote commands.
+    fn command_prefix(&self) -> Option<String> {
+        self.ctx.commands.as_ref()?;
+        let eui = self.ctx.gateway_eui?;
+        Some(format!(
+            "{}/gateways/{}/command/",
+            self.prefix,
+            eui.to_lower_hex()
+        ))
+    }
+
+    /// A remote command: acknowledged to the broker at once (a command is not queued), run
+    /// off the session loop, answered on `.../command/{name}/reply`.
+    fn command(
+        &self,
+        client: &AsyncClient,
+        state: &Arc<Mutex<Inflight>>,
+        name: String,
+        p: rumqttc::Publish,
+    ) {
+        let Some(commands) = self.ctx.commands.clone() else {
+            return;
+        };
+        let reply_topic = format!("{}/reply", p.topic);
+        let _ = client.try_ack(&p);
+        let (client, state, stream) = (client.clone(), state.clone(), self.ctx.name.clone());
+        tokio::spawn(async move {
+            tracing::info!(stream = %stream, command = %name, "remote command");
+            let reply = commands.run(&name, &p.payload).await;
+            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            publish(&client, &state, &reply_topic, body, false, None);
+        });
+    }
+
     fn status_topic(&self) -> Option<String> {
         self.ctx
             .gateway_eui
@@ -251,14 +285,18 @@ impl Session for MqttStream {
         // after the SUBACK of its downlink topics, so a downlink published after that point
         // cannot miss the subscription.
         let mut awaiting_suback = false;
+        let mut filters: Vec<_> = Vec::new();
         if self.ctx.downlinks.is_some() {
-            let filters: Vec<_> = self
-                .ctx
-                .format
-                .downlink_filters()
+            filters.extend(self.ctx.format.downlink_filters());
+        }
+        let commands = self.command_prefix();
+        if let Some(c) = &commands {
+            filters.push(format!("{c}+"));
+        }
+        if !filters.is_empty() {
+            let filters = filters
                 .into_iter()
-                .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce))
-                .collect();
+                .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
             awaiting_suback = client.try_subscribe_many(filters).is_ok();
         }
         if !awaiting_suback {
@@ -320,6 +358,17 @@ impl Session for MqttStream {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(mut p))) => {
+                    if let Some(name) = commands
+                        .as_deref()
+                        .and_then(|c| p.topic.strip_prefix(c))
+                        .filter(|n| !n.is_empty() && !n.contains('/'))
+                        .map(str::to_string)
+                    {
+                        // An oversized request is answered as not JSON.
+                        client::shed_oversized(&mut p);
+                        self.command(&client, &state, name, p);
+                        continue;
+                    }
                     let req = match client::shed_oversized(&mut p) {
                         None => self.ctx.format.downlink_request(&p.topic, &p.payload),
                         Some(len) => {
