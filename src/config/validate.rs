@@ -63,6 +63,15 @@ pub(super) fn sections(
     if g.max_gateways == 0 {
         return Err(gw("max_gateways", "must be at least 1".into()));
     }
+    if !(1..=10_000).contains(&g.codec_timeout_ms) {
+        return Err(gw(
+            "codec_timeout_ms",
+            format!(
+                "{} ms is not within 1..10000 (a codec runs in the uplink's path)",
+                g.codec_timeout_ms
+            ),
+        ));
+    }
     let st = |key, message: &str| src.section_error("[storage]", key, message);
     if s.max_age.is_some_and(|d| d.as_secs() < 60) {
         return Err(st("max_age", "must be at least 1 minute"));

@@ -135,7 +135,9 @@ impl Daemon {
         let misc_cancel = CancellationToken::new();
         let gateways = Gateways::new(cfg.gateway.max_gateways, cfg.gateway.pin_gateway_address);
         let registry = Arc::new(std::sync::Mutex::new(registry));
-        let (downlinks, down_rx) = crate::downlink::channel();
+        // Payload codecs: decoding in the uplink stage, encoding on the way to the scheduler.
+        let codecs = Arc::new(crate::codec::Codecs::from_config(cfg));
+        let (downlinks, down_rx) = crate::downlink::channel(codecs.clone());
 
         // Streams first, so nothing appended is missed.
         let scopes: Vec<_> = cfg
@@ -198,6 +200,7 @@ impl Daemon {
             store.clone(),
             routes,
             metrics.clone(),
+            codecs,
             Network {
                 dedup_window: cfg.gateway.dedup_window(),
                 join: JoinSettings {

@@ -1,4 +1,5 @@
-//! The uplink stage: receptions → dedup window → session lookup, MIC, FCnt, decrypt → store.
+//! The uplink stage: receptions → dedup window → session lookup, MIC, FCnt, decrypt → payload
+//! codec → store.
 //!
 //! One task runs the uplink decisions in arrival order; the device [`Registry`] it updates is
 //! shared with the downlink scheduler (FCntDown, keys) behind a `std::sync::Mutex` held for
@@ -7,6 +8,10 @@
 //! one [`Store::append`], which is also where the `flush_every_ms = 0` fsync happens, so its
 //! cost is shared by a whole burst. Only then is the scheduler told (class A opportunities),
 //! and only then are JoinRequests answered ([`join`]).
+//!
+//! The payload codec of each accepted uplink runs after the registry lock is released and before
+//! the append ([`crate::codec`]): its result (or its error: the uplink is stored all the same)
+//! is part of the stored record.
 //!
 //! The stage stops when the ingress task drops its sender: it then releases every pending dedup
 //! group at once and stores it, so a graceful stop loses nothing that was received.
@@ -20,6 +25,7 @@ mod routes;
 pub use join::JoinSettings;
 pub use routes::Routes;
 
+use crate::codec::Codecs;
 use crate::downlink::{DownlinkHandle, SharedRegistry, UplinkInfo};
 use crate::ingress::gwmp::Reception;
 use crate::ingress::udp::Batch;
@@ -36,6 +42,7 @@ use crate::lorawan::session::{Registry, SessionState, Verdict};
 use crate::metrics::Metrics;
 use crate::model::{new_id, Eui64, GatewayFrame, Record, Uplink};
 use crate::store::{DeviceUpdate, Entry, Store};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -68,8 +75,12 @@ pub struct UplinkStage {
     store: Store,
     routes: Routes,
     metrics: Metrics,
+    codecs: Arc<Codecs>,
     dedup: Dedup<Reception>,
     warn: LogLimiter,
+    /// Codec errors are input-driven (any device can send any bytes): their own limit, so
+    /// they cannot crowd out the stage's other warnings.
+    codec_warn: LogLimiter,
     join: JoinSettings,
     /// What the network wants of devices' MAC layers (ADR, RX settings, DevStatus).
     mac: Policy,
@@ -92,6 +103,7 @@ impl UplinkStage {
         store: Store,
         routes: Routes,
         metrics: Metrics,
+        codecs: Arc<Codecs>,
         net: Network,
     ) -> Self {
         UplinkStage {
@@ -100,8 +112,10 @@ impl UplinkStage {
             store,
             routes,
             metrics,
+            codecs,
             dedup: Dedup::new(net.dedup_window),
             warn: LogLimiter::new(),
+            codec_warn: LogLimiter::new(),
             join: net.join,
             mac: net.mac,
         }
@@ -141,6 +155,7 @@ impl UplinkStage {
             for (phy, rx) in groups.drain(..) {
                 self.decide(&phy, rx, &mut out);
             }
+            self.decode_payloads(&mut out.records).await;
             self.store_all(&mut out.records, &mut out.devices).await;
             // Only once stored: the downlink scheduler may answer in RX1/RX2. Before the
             // promotions below: their fsync must not eat into the time left for RX1, and a
@@ -370,6 +385,7 @@ impl UplinkStage {
                     settings,
                     rx: rx.into_iter().map(|r| r.rx).collect(),
                     dev_status: d.mac.dev_status,
+                    codec: None,
                 }));
             }
             Verdict::Malformed => self.metrics.uplink("malformed"),
@@ -401,6 +417,28 @@ impl UplinkStage {
                     );
                 }
             }
+        }
+    }
+
+    /// Run each new uplink's payload codec; the result goes into the record. An error is
+    /// counted (`lorastream_codec_errors_total{codec}`) and logged (rate-limited), and the
+    /// uplink is stored with it.
+    async fn decode_payloads(&mut self, records: &mut [Record]) {
+        if self.codecs.is_empty() {
+            return;
+        }
+        for r in records.iter_mut() {
+            let Record::Uplink(u) = r else { continue };
+            let Some((out, failed)) = self.codecs.decode(u).await else {
+                continue;
+            };
+            if let (Some(codec), crate::model::CodecOutput::Error(e)) = (failed, &out) {
+                self.metrics.codec_error(codec);
+                if self.codec_warn.allow() {
+                    tracing::warn!(device = %u.device, f_cnt = u.f_cnt, f_port = u.f_port, codec, error = %e, "payload codec failed; the uplink is delivered without decoded_payload");
+                }
+            }
+            u.codec = Some(out);
         }
     }
 
