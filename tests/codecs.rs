@@ -194,3 +194,85 @@ async fn decoded_payload_downlinks_are_encoded_or_fail_with_the_reason() {
     );
     daemon.stop().await;
 }
+
+/// JavaScript codecs through the daemon: a device-repository-style script decodes, a script
+/// that loops forever costs only its own uplink (delivered with the error, counted), and
+/// `encodeDownlink` turns a `decoded_payload` into bytes on the port the codec chose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn javascript_codecs_decode_and_a_looping_script_costs_only_its_uplink() {
+    install_crypto();
+    let broker = Broker::start(BrokerKind::Embedded).await;
+    let dir = tempfile::tempdir().unwrap();
+    let th = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/codecs/th-sensor.js"
+    );
+    let hostile = dir.path().join("hostile.js");
+    std::fs::write(
+        &hostile,
+        "function decodeUplink(input) {\n  if (input.bytes[0] === 0xFF) { while (true) {} }\n  return { data: { first: input.bytes[0] } };\n}\n",
+    )
+    .unwrap();
+    let (mut d1, mut d2) = (device(1), device(2));
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "[[application]]\nid = \"farm\"\ncodec = \"javascript\"\ncodec_script = {th:?}\n\n{}{}\ncodec = \"javascript\"\ncodec_script = {:?}\n\n[[stream]]\nname = \"cloud\"\nserver = \"{}\"\n",
+            device_toml(&d1, "farm"),
+            device_toml(&d2, "farm").trim_end(),
+            hostile.display().to_string(),
+            broker.url()
+        ),
+    );
+    let mut sub = Subscriber::connect(broker.port(), "lorastream/#").await;
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    assert!(wait_until(T, || daemon.metrics().is_stream_connected("cloud")).await);
+    let mut fwd = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(0xAA55_5A00_0000_0001))
+        .await
+        .unwrap();
+    let th_payload = hex::decode("CBF809C40258010A28002A").unwrap();
+    let sends: [(u8, u8, &[u8]); 3] = [(2, 2, &[0xFF, 1]), (2, 2, &[7]), (1, 2, &th_payload)];
+    let up = |t: &str, _: &serde_json::Value| t.ends_with("/up");
+    for (i, (dev, f_port, payload)) in sends.into_iter().enumerate() {
+        let d = if dev == 1 { &mut d1 } else { &mut d2 };
+        let phy = d.uplink(f_port, payload, false).unwrap();
+        fwd.send(&[(&phy, Radio::default())]).await.unwrap();
+        let n = sub.wait_for(i + 1, T, up).await.len();
+        assert_eq!(n, i + 1, "{:?}", sub.seen);
+    }
+    let got = sub.wait_for(3, T, up).await;
+    let m: Vec<_> = got.iter().map(|v| &v["uplink_message"]).collect();
+    let err = m[0]["lorastream"]["codec_error"].as_str().unwrap_or("");
+    assert!(err.contains("stopped after 100ms"), "{}", m[0]);
+    assert_eq!(m[0]["frm_payload"], b64(&[0xFF, 1]));
+    assert_eq!(m[1]["decoded_payload"], serde_json::json!({"first": 7}));
+    assert_eq!(m[2]["decoded_payload"]["temperature"], 25);
+    assert_eq!(m[2]["decoded_payload"]["sequence"], 42);
+    assert_eq!(daemon.metrics().codec_errors("javascript"), 1);
+
+    // encodeDownlink: {interval_s: 600} → 01 00 02 58 on FPort 3 (the codec's choice).
+    let (client, mut el) = rumqttc::AsyncClient::new(
+        rumqttc::MqttOptions::new("codec-js-pub", "127.0.0.1", broker.port()),
+        10,
+    );
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    client
+        .publish(
+            "lorastream/farm/devices/dev-1/down/push",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"downlinks":[{"f_port":1,"decoded_payload":{"interval_s":600}}]}"#,
+        )
+        .await
+        .unwrap();
+    let q = sub
+        .wait_for(1, T, |t, _| t.ends_with("dev-1/down/queued"))
+        .await;
+    assert_eq!(q.len(), 1, "{:?}", sub.seen);
+    assert_eq!(
+        q[0]["downlink_queued"]["frm_payload"],
+        b64(&[1, 0, 2, 0x58])
+    );
+    assert_eq!(q[0]["downlink_queued"]["f_port"], 3);
+    daemon.stop().await;
+}

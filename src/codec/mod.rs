@@ -7,12 +7,14 @@
 //! and logs it. Downlinks that carry a `decoded_payload` instead of bytes are encoded on their
 //! way into the scheduler ([`Codecs::encode_request`]); a refusal becomes `down/failed`.
 //!
-//! - [`cayenne`]: CayenneLPP, shaped as The Things Stack's decoder.
+//! - [`cayenne`]: CayenneLPP, shaped as The Things Stack's decoder;
+//! - [`js`]: TS013 JavaScript codecs on QuickJS, one thread per script, every call bounded.
 //!
 //! [`Codecs`] is built once from the configuration: one codec per distinct configuration (a
 //! script shared by a hundred devices is loaded once), looked up by device id.
 
 pub mod cayenne;
+pub mod js;
 
 use crate::config::{CodecConfig, Config};
 use crate::model::{CodecOutput, DownlinkRequest, JsonObject, RequestError, Uplink, MAX_PAYLOAD};
@@ -26,8 +28,23 @@ use std::sync::Arc;
 pub enum CodecError {
     #[error(transparent)]
     Lpp(#[from] cayenne::LppError),
-    #[error("JavaScript codecs are not available in this build")]
-    NoEngine,
+    /// The script threw, or returned `errors`.
+    #[error("JavaScript: {0}")]
+    Script(String),
+    /// The script returned something else than TS013 says.
+    #[error("JavaScript: {0}")]
+    Output(String),
+    #[error("JavaScript: stopped after {0:?} (codec_timeout_ms)")]
+    Timeout(std::time::Duration),
+    #[error("JavaScript: the script used more than its {} MiB of memory", .0 / (1024 * 1024))]
+    Memory(usize),
+    #[error("JavaScript: too many calls waiting for the script")]
+    Busy,
+    #[error("JavaScript: the codec is not running")]
+    Stopped,
+    /// The script could not be loaded (at start).
+    #[error("cannot load the codec script: {0}")]
+    Load(String),
 }
 
 /// The `decodeUplink` input (TS013 §5.1): the FRMPayload, its port, when it was received.
@@ -57,8 +74,7 @@ pub struct Encoded {
 #[derive(Debug)]
 pub enum Codec {
     CayenneLpp,
-    /// Stage 2: the TS013 engine (not yet built in).
-    JavaScript,
+    JavaScript(js::Script),
 }
 
 impl Codec {
@@ -66,7 +82,7 @@ impl Codec {
     pub fn name(&self) -> &'static str {
         match self {
             Codec::CayenneLpp => "cayennelpp",
-            Codec::JavaScript => "javascript",
+            Codec::JavaScript(_) => "javascript",
         }
     }
 
@@ -77,7 +93,7 @@ impl Codec {
                 data: cayenne::decode_uplink(input.bytes)?,
                 warnings: Vec::new(),
             }),
-            Codec::JavaScript => Err(CodecError::NoEngine),
+            Codec::JavaScript(s) => s.decode_uplink(input).await,
         }
     }
 
@@ -87,13 +103,12 @@ impl Codec {
         f_port: u8,
         data: &Map<String, Value>,
     ) -> Result<Encoded, CodecError> {
-        let _ = f_port;
         match self {
             Codec::CayenneLpp => Ok(Encoded {
                 bytes: cayenne::encode_downlink(data)?,
                 f_port: None,
             }),
-            Codec::JavaScript => Err(CodecError::NoEngine),
+            Codec::JavaScript(s) => s.encode_downlink(f_port, data).await,
         }
     }
 }
@@ -110,21 +125,31 @@ impl Codecs {
         Codecs::default()
     }
 
-    /// The codec of every device of `cfg` that has one.
-    pub fn from_config(cfg: &Config) -> Codecs {
+    /// The codec of every device of `cfg` that has one: each script is loaded once (on its
+    /// own thread), however many devices use it. Fails when a script cannot be loaded.
+    pub fn from_config(cfg: &Config) -> Result<Codecs, CodecError> {
         let mut built: HashMap<CodecConfig, Arc<Codec>> = HashMap::new();
         let mut by_device = HashMap::new();
         for d in &cfg.devices {
             let c = cfg.codec_of(d);
-            let codec = match &c {
-                CodecConfig::None => continue,
-                CodecConfig::CayenneLpp => Codec::CayenneLpp,
-                CodecConfig::JavaScript { .. } => Codec::JavaScript,
+            let codec = match built.get(&c) {
+                Some(codec) => codec.clone(),
+                None => {
+                    let codec = Arc::new(match &c {
+                        CodecConfig::None => continue,
+                        CodecConfig::CayenneLpp => Codec::CayenneLpp,
+                        CodecConfig::JavaScript { script } => Codec::JavaScript(js::Script::start(
+                            script,
+                            cfg.gateway.codec_timeout(),
+                        )?),
+                    });
+                    built.insert(c, codec.clone());
+                    codec
+                }
             };
-            let codec = built.entry(c).or_insert_with(|| Arc::new(codec)).clone();
             by_device.insert(d.id.clone(), codec);
         }
-        Codecs { by_device }
+        Ok(Codecs { by_device })
     }
 
     /// The codec of a device (by its id), if it has one.

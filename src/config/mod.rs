@@ -550,11 +550,15 @@ impl Config {
         let source = Source::new(path, src);
         let raw: RawFile = toml::from_str(src).map_err(|e| source.toml_error(&e))?;
         validate::sections(&raw.gateway, &raw.storage, &raw.log, &source)?;
-        let mut apps = Vec::with_capacity(raw.applications.len());
+        let mut app_spans = Vec::with_capacity(raw.applications.len());
         for a in raw.applications {
             let span = a.span();
-            apps.push(devices::build_application(a.into_inner(), &span, &source)?);
+            app_spans.push((
+                devices::build_application(a.into_inner(), &span, &source)?,
+                span,
+            ));
         }
+        let apps: Vec<ApplicationConfig> = app_spans.iter().map(|(a, _)| a.clone()).collect();
         let applications = validate::applications(&apps, &source)?;
         // The devices_dir files, read whole before any is parsed: their sources must outlive
         // the checks across files (a duplicate names the file it is in).
@@ -584,6 +588,7 @@ impl Config {
             located.extend(found.into_iter().map(|(d, span)| (d, span, i)));
         }
         validate::devices(&located, &applications, &sources)?;
+        validate::codec_scripts(&app_spans, &located, &sources)?;
         let devices: Vec<DeviceConfig> = located.into_iter().map(|(d, _, _)| d).collect();
         let ctx = streams::Context {
             gateway_eui: raw.gateway.eui,

@@ -219,6 +219,45 @@ pub(super) fn devices(
     Ok(())
 }
 
+/// Every JavaScript codec loads as the daemon will load it (syntax, top-level code, a
+/// `decodeUplink` function), each file once however many entries name it; an error points at
+/// the first entry's `codec_script`. Applications are in `sources[0]`.
+pub(super) fn codec_scripts(
+    apps: &[(ApplicationConfig, Range<usize>)],
+    devices: &[(DeviceConfig, Range<usize>, usize)],
+    sources: &[Source],
+) -> Result<(), ConfigError> {
+    use super::CodecConfig;
+    let mut checked = HashSet::new();
+    let entries = apps
+        .iter()
+        .map(|(a, span)| {
+            (
+                Some(&a.codec),
+                span,
+                0,
+                format!("[[application]] {:?}: ", a.id),
+            )
+        })
+        .chain(
+            devices
+                .iter()
+                .map(|(d, span, file)| (d.codec.as_ref(), span, *file, d.label())),
+        );
+    for (codec, span, file, label) in entries {
+        let Some(CodecConfig::JavaScript { script }) = codec else {
+            continue;
+        };
+        if !checked.insert(script.clone()) {
+            continue;
+        }
+        if let Err(m) = crate::codec::js::check_file(script) {
+            return Err(sources[file].entry_error(span, label, "codec_script", m));
+        }
+    }
+    Ok(())
+}
+
 /// Stream names unique, scopes naming what exists, and each cloud's rules for every device
 /// the stream carries.
 pub(super) fn streams(

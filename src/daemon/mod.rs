@@ -57,6 +57,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Stream(#[from] StreamError),
+    #[error("payload codec: {0}")]
+    Codec(#[from] crate::codec::CodecError),
 }
 
 /// A running daemon.
@@ -136,7 +138,7 @@ impl Daemon {
         let gateways = Gateways::new(cfg.gateway.max_gateways, cfg.gateway.pin_gateway_address);
         let registry = Arc::new(std::sync::Mutex::new(registry));
         // Payload codecs: decoding in the uplink stage, encoding on the way to the scheduler.
-        let codecs = Arc::new(crate::codec::Codecs::from_config(cfg));
+        let codecs = Arc::new(crate::codec::Codecs::from_config(cfg)?);
         let (downlinks, down_rx) = crate::downlink::channel(codecs.clone());
 
         // Streams first, so nothing appended is missed.
