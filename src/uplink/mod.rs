@@ -427,9 +427,21 @@ impl UplinkStage {
         if self.codecs.is_empty() {
             return;
         }
-        for r in records.iter_mut() {
-            let Record::Uplink(u) = r else { continue };
-            let Some((out, failed)) = self.codecs.decode(u).await else {
+        // All of this iteration's uplinks at once: scripts run on their own threads, so the
+        // iteration waits for the slowest script, not for the sum of every call.
+        let codecs = self.codecs.clone();
+        let results = futures_util::future::join_all(records.iter().map(|r| {
+            let codecs = &codecs;
+            async move {
+                match r {
+                    Record::Uplink(u) => codecs.decode(u).await,
+                    _ => None,
+                }
+            }
+        }))
+        .await;
+        for (r, result) in records.iter_mut().zip(results) {
+            let (Record::Uplink(u), Some((out, failed))) = (r, result) else {
                 continue;
             };
             if let (Some(codec), crate::model::CodecOutput::Error(e)) = (failed, &out) {
