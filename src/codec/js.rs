@@ -34,7 +34,7 @@ use tokio::sync::oneshot;
 /// Memory one script's runtime may hold (QuickJS `JS_SetMemoryLimit`). TTN device-repository
 /// codecs use a few hundred KiB.
 pub const MEMORY_LIMIT: usize = 16 * 1024 * 1024;
-/// JavaScript stack (QuickJS `JS_SetMaxStackSize`); the thread has [`THREAD_STACK`].
+/// JavaScript stack (QuickJS `JS_SetMaxStackSize`); the script's thread has 4 MiB.
 pub const STACK_LIMIT: usize = 512 * 1024;
 const THREAD_STACK: usize = 4 * 1024 * 1024;
 /// Largest script file read.
