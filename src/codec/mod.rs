@@ -234,3 +234,122 @@ impl Codecs {
         req
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DownlinkItem, DownlinkOp};
+    use serde_json::json;
+
+    fn codecs() -> Codecs {
+        let src = r#"
+[[application]]
+id = "app"
+codec = "cayennelpp"
+
+[[device]]
+application = "app"
+id = "d1"
+dev_eui = "0000000000000001"
+dev_addr = "00000001"
+nwk_s_key = "000102030405060708090a0b0c0d0e0f"
+app_s_key = "000102030405060708090a0b0c0d0e0f"
+
+[[device]]
+application = "app"
+id = "d2"
+dev_eui = "0000000000000002"
+dev_addr = "00000002"
+nwk_s_key = "000102030405060708090a0b0c0d0e0f"
+app_s_key = "000102030405060708090a0b0c0d0e0f"
+codec = "none"
+"#;
+        Codecs::from_config(&Config::parse(src, "t.toml").unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn uplinks_are_decoded_only_on_application_ports_of_devices_with_a_codec() {
+        let c = codecs();
+        let mut u = crate::sim::fixtures::uplink(1, 1);
+        u.payload = vec![3, 0x67, 1, 0x10];
+        let (out, failed) = c.decode(&u).await.unwrap();
+        assert_eq!(failed, None);
+        let CodecOutput::Decoded { data, warnings } = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(data.0["temperature_3"], json!(27.2));
+        assert!(warnings.is_empty());
+        u.payload = vec![3, 0x67, 1];
+        let (out, failed) = c.decode(&u).await.unwrap();
+        assert_eq!(failed, Some("cayennelpp"));
+        assert!(matches!(out, CodecOutput::Error(e) if e.contains("payload ends inside")));
+        // MAC-only frames (FPort 0, no FPort) and devices without a codec: nothing to decode.
+        u.f_port = Some(0);
+        assert!(c.decode(&u).await.is_none());
+        u.f_port = None;
+        assert!(c.decode(&u).await.is_none());
+        u.f_port = Some(1);
+        u.device = "d2".into();
+        assert!(c.decode(&u).await.is_none());
+    }
+
+    fn item(decoded: Option<Json>) -> DownlinkItem {
+        DownlinkItem {
+            id: 1,
+            f_port: 2,
+            payload: vec![9],
+            confirmed: false,
+            priority: "NORMAL".into(),
+            correlation_ids: vec![],
+            stream: "s".into(),
+            decoded_payload: decoded.map(|v| v.as_object().cloned().unwrap()),
+        }
+    }
+
+    fn request(device: &str, items: Vec<DownlinkItem>) -> DownlinkRequest {
+        DownlinkRequest {
+            stream: "s".into(),
+            application: String::new(),
+            device: device.into(),
+            op: DownlinkOp::Push,
+            items: Ok(items),
+            names: None,
+        }
+    }
+
+    type Json = serde_json::Value;
+
+    #[tokio::test]
+    async fn downlink_requests_are_encoded_or_refused_whole() {
+        let c = codecs();
+        let r = c
+            .encode_request(request(
+                "d1",
+                vec![item(None), item(Some(json!({"value_4": -1})))],
+            ))
+            .await;
+        let items = r.items.unwrap();
+        assert_eq!(items[0].payload, vec![9], "bytes given: untouched");
+        assert_eq!(items[1].payload, vec![4, 0xFF, 0x9C]);
+        assert!(items.iter().all(|i| i.decoded_payload.is_none()));
+        // One item the codec refuses refuses the request, naming the item.
+        let r = c
+            .encode_request(request(
+                "d1",
+                vec![
+                    item(Some(json!({"value_1": 1}))),
+                    item(Some(json!({"x": 1}))),
+                ],
+            ))
+            .await;
+        let e = r.items.unwrap_err().to_string();
+        assert!(
+            e.starts_with("downlinks[1].decoded_payload: the device's codec (cayennelpp)"),
+            "{e}"
+        );
+        let r = c
+            .encode_request(request("d2", vec![item(Some(json!({"value_1": 1})))]))
+            .await;
+        assert_eq!(r.items.unwrap_err(), RequestError::NoEncoder { index: 0 });
+    }
+}
