@@ -59,6 +59,9 @@ triple()    { case "$1" in aarch64) echo aarch64-unknown-linux-gnu ;; armv7) ech
 cross_gcc() { case "$1" in aarch64) echo gcc-aarch64-linux-gnu ;; armv7) echo gcc-arm-linux-gnueabihf ;; esac; }
 cross_libc() { case "$1" in aarch64) echo libc6-dev-arm64-cross ;; armv7) echo libc6-dev-armhf-cross ;; esac; }
 gcc_bin()   { case "$1" in aarch64) echo aarch64-linux-gnu-gcc ;; armv7) echo arm-linux-gnueabihf-gcc ;; esac; }
+# Build-host tools a target needs beyond its C compiler: rquickjs has no pregenerated bindings
+# for 32-bit ARM, so they are generated at build time by bindgen, which loads libclang.
+host_extra() { case "$1" in armv7) echo libclang-dev ;; esac; }
 
 # ---- apt helpers -----------------------------------------------------------------------------
 updated=0
@@ -141,7 +144,8 @@ all_done=1
 installed rustc-web "$RUST_DEB_VERSION" && installed libstd-rust-web-dev "$RUST_DEB_VERSION" || all_done=0
 for t in "${targets[@]}"; do
   stamp_ok "$t" || all_done=0
-  pkg_ok "$(cross_gcc "$t")" "$(cross_libc "$t")" || all_done=0
+  # shellcheck disable=SC2046  # host_extra prints zero or more package names
+  pkg_ok "$(cross_gcc "$t")" "$(cross_libc "$t")" $(host_extra "$t") || all_done=0
 done
 [ "${need_update:-0}" = 1 ] && all_done=0
 
@@ -173,10 +177,12 @@ else
   # -- per target: C cross compiler + libc, and the matching Rust std ------------------------
   for t in "${targets[@]}"; do
     arch="$(deb_arch "$t")"; tr="$(triple "$t")"
-    if pkg_ok "$(cross_gcc "$t")" "$(cross_libc "$t")"; then
+    # shellcheck disable=SC2046  # host_extra prints zero or more package names
+    if pkg_ok "$(cross_gcc "$t")" "$(cross_libc "$t")" $(host_extra "$t"); then
       log "$(cross_gcc "$t") already installed"
     else
-      retry apt-get install -y -q --no-install-recommends "$(cross_gcc "$t")" "$(cross_libc "$t")"
+      # shellcheck disable=SC2046
+      retry apt-get install -y -q --no-install-recommends "$(cross_gcc "$t")" "$(cross_libc "$t")" $(host_extra "$t")
     fi
 
     if stamp_ok "$t"; then

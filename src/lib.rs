@@ -22,6 +22,7 @@
 //! |--------------|-------------------------------------------------------------------|
 //! | [`ingress`]  | Semtech UDP server: ACKs, parsing, forwarder table                |
 //! | [`lorawan`]  | pure LoRaWAN 1.0.x: frames, MIC, crypto, FCnt, dedup, sessions, regions |
+//! | [`codec`]    | payload codecs: CayenneLPP, TS013 JavaScript; decoded once, before the store |
 //! | [`uplink`]   | the stage joining them: dedup window → verdict → store; OTAA answers |
 //! | [`store`]    | durable per-stream queues, session counters, downlink queues      |
 //! | [`streams`]  | destinations: MQTT (TLS, WebSocket), AWS IoT, Azure IoT Hub, HTTP, stdout, file |
@@ -69,6 +70,7 @@
 pub mod activity;
 pub mod alerts;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod daemon;
 pub(crate) mod devices;

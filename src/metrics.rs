@@ -61,6 +61,8 @@ struct Inner {
     metrics_connections_refused: Counter,
     uplinks_without_stream: Counter,
     downlinks_too_large: Family<Labels, Counter>,
+    /// Payload codec calls that gave no decoded payload, by codec.
+    codec_errors: Family<Labels, Counter>,
     /// Operator alerts (`[[alert]]`): open now, and messages made, by kind (and state).
     alerts_open: Family<Labels, Gauge>,
     alerts: Family<Labels, Counter>,
@@ -194,6 +196,11 @@ impl Metrics {
                 "Downlink messages from a stream's destination refused because of their size, by stream",
                 Family::default()
             ),
+            codec_errors: reg!(
+                "codec_errors",
+                "Uplinks whose payload codec failed (error, timeout, memory limit, bad output), by codec; they are delivered without decoded_payload",
+                Family::default()
+            ),
             alerts_open: reg!(
                 "alerts_open",
                 "Alerts firing now, by kind",
@@ -305,6 +312,19 @@ impl Metrics {
         self.inner
             .downlinks
             .get_or_create(&vec![("kind", kind.into())])
+            .get()
+    }
+    pub fn codec_error(&self, codec: &'static str) {
+        self.inner
+            .codec_errors
+            .get_or_create(&vec![("codec", codec.into())])
+            .inc();
+    }
+    /// Codec errors so far (tests, `/health`).
+    pub fn codec_errors(&self, codec: &'static str) -> u64 {
+        self.inner
+            .codec_errors
+            .get_or_create(&vec![("codec", codec.into())])
             .get()
     }
     pub fn store_error(&self) {

@@ -281,6 +281,43 @@ pub struct Uplink {
     pub rx: Vec<RxInfo>,
     /// The device's last answer to DevStatusReq (battery, link margin), if it ever gave one.
     pub dev_status: Option<DevStatus>,
+    /// What the device's payload codec made of `payload` (`None`: no codec, or no FRMPayload
+    /// on an application port). Decoded once, before the uplink is stored, so every stream
+    /// shows the same result.
+    pub codec: Option<CodecOutput>,
+}
+
+/// The result of a payload codec's `decodeUplink` (contract, "Payload codecs").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CodecOutput {
+    /// TTS `uplink_message.decoded_payload` and `decoded_payload_warnings`.
+    Decoded {
+        data: JsonObject,
+        warnings: Vec<String>,
+    },
+    /// Why there is no decoded payload (`uplink_message.lorastream.codec_error`).
+    Error(String),
+}
+
+/// A JSON object that is stored as its JSON text: the store's encoding (postcard) is not
+/// self-describing, so a free-form value cannot be written field by field.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct JsonObject(pub serde_json::Map<String, serde_json::Value>);
+
+impl Serialize for JsonObject {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = serde_json::to_string(&self.0).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        serde_json::from_str(&text)
+            .map(JsonObject)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// A DevStatusAns (LoRaWAN 1.0.x §5.5) and when it came.
@@ -484,6 +521,11 @@ pub struct DownlinkItem {
     pub correlation_ids: Vec<String>,
     /// The stream that sent it: events go back there.
     pub stream: String,
+    /// A payload for the device's codec (TTS `decoded_payload`, ChirpStack `object`) in place
+    /// of `payload`: the scheduler encodes it (`encodeDownlink`) before the item is queued, so
+    /// a stored item never has one (not written to the store).
+    #[serde(skip)]
+    pub decoded_payload: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Largest FRMPayload any LoRaWAN data rate can carry.
@@ -513,6 +555,16 @@ pub enum RequestError {
     NoPayload { index: usize },
     #[error("downlinks[{index}] has only decoded_payload, and the device has no codec that encodes downlinks; send frm_payload (base64)")]
     NoEncoder { index: usize },
+    #[error("downlinks[{index}].decoded_payload is not a JSON object")]
+    NotObject { index: usize },
+    #[error(
+        "downlinks[{index}].decoded_payload: the device's codec ({codec}) refused it: {reason}"
+    )]
+    Encode {
+        index: usize,
+        codec: &'static str,
+        reason: String,
+    },
     #[error("end_device_ids.dev_eui {0:?} is not 16 hex digits")]
     DevEui(String),
     #[error("the message is {len} bytes; downlink messages are at most {max} bytes")]

@@ -308,6 +308,7 @@ fn class_c_request(payload: &[u8]) -> DownlinkRequest {
             priority: "NORMAL".into(),
             correlation_ids: vec![],
             stream: "cloud".into(),
+            decoded_payload: None,
         }]),
         names: None,
     }

@@ -178,6 +178,7 @@ fn downlink(payload: &[u8]) -> DownlinkRequest {
             priority: "NORMAL".into(),
             correlation_ids: vec![],
             stream: "out".into(),
+            decoded_payload: None,
         }]),
         names: None,
     }

@@ -180,6 +180,7 @@ fn downlink_event(kind: DownlinkEventKind, detail: serde_json::Value) -> Downlin
             priority: "NORMAL".into(),
             correlation_ids: Vec::new(),
             stream: "cs".into(),
+            decoded_payload: None,
         }),
         detail,
     }

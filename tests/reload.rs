@@ -63,13 +63,15 @@ async fn devices_are_added_changed_and_removed_without_a_restart() {
     up(&mut f, &mut d3, 0, 5_000_000).await;
     assert!(wait_until(T, || m.uplinks("accepted") == 3).await);
 
-    // dev-1 becomes class C, dev-2 arrives, dev-3 goes; a stream is added too.
+    // dev-1 becomes class C, dev-2 arrives in a new application with a payload codec, dev-3
+    // goes; a stream is added too.
+    let lab = "[[application]]\nid = \"lab\"\ncodec = \"cayennelpp\"\n\n";
     let new = config(
         dir.path(),
         &format!(
-            "{app}{}{}{stream}\n[[stream]]\nname = \"more\"\nkind = \"stdout\"\n",
+            "{app}{lab}{}{}{stream}\n[[stream]]\nname = \"more\"\nkind = \"stdout\"\n",
             class_c(&d1),
-            device_toml(&d2, "farm")
+            device_toml(&d2, "lab")
         ),
     );
     let r = daemon.reload(&new).unwrap();
@@ -90,14 +92,27 @@ async fn devices_are_added_changed_and_removed_without_a_restart() {
     assert!(wait_until(T, || m.uplinks("replay") == 1).await);
     up(&mut f, &mut d1, 2, 9_000_000).await;
     assert!(wait_until(T, || m.uplinks("accepted") == 4).await);
-    // dev-2 is known at once, and the formats name it.
-    up(&mut f, &mut d2, 0, 11_000_000).await;
+    // dev-2 is known at once, the formats name it, and its application's codec decodes it
+    // (CayenneLPP: channel 3, temperature 27.2 °C).
+    let p = d2.uplink(1, &[0x03, 0x67, 0x01, 0x10], false).unwrap();
+    f.send(&[(
+        &p,
+        Radio {
+            tmst: 11_000_000,
+            ..Radio::default()
+        },
+    )])
+    .await
+    .unwrap();
     assert!(wait_until(T, || m.uplinks("accepted") == 5).await);
     assert!(
-        wait_until(T, || std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .contains("\"device_id\":\"dev-2\""))
-        .await
+        wait_until(T, || {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            text.contains("\"device_id\":\"dev-2\"") && text.contains("\"temperature_3\":27.2")
+        })
+        .await,
+        "{}",
+        std::fs::read_to_string(&out).unwrap_or_default()
     );
     // dev-3 is gone: its DevAddr is unknown now.
     up(&mut f, &mut d3, 1, 13_000_000).await;
@@ -119,6 +134,7 @@ async fn devices_are_added_changed_and_removed_without_a_restart() {
                 priority: "NORMAL".into(),
                 correlation_ids: vec![],
                 stream: "out".into(),
+                decoded_payload: None,
             }]),
             names: None,
         })
@@ -133,9 +149,9 @@ async fn devices_are_added_changed_and_removed_without_a_restart() {
     let back = config(
         dir.path(),
         &format!(
-            "{app}{}{}{}{stream}",
+            "{app}{lab}{}{}{}{stream}",
             class_c(&d1),
-            device_toml(&d2, "farm"),
+            device_toml(&d2, "lab"),
             device_toml(&d3, "farm")
         ),
     );

@@ -10,19 +10,139 @@ use crate::lorawan::session::DeviceClass;
 use crate::model::{AesKey, DevAddr, Eui64};
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+/// `codec` of an `[[application]]` or a `[[device]]` (contract, "Payload codecs").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CodecKind {
+    /// Uplinks carry `frm_payload` only.
+    #[default]
+    None,
+    /// CayenneLPP, built in (`crate::codec::cayenne`).
+    Cayennelpp,
+    /// A TS013 JavaScript codec (`codec_script`).
+    Javascript,
+}
+
+impl CodecKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CodecKind::None => "none",
+            CodecKind::Cayennelpp => "cayennelpp",
+            CodecKind::Javascript => "javascript",
+        }
+    }
+}
+
+/// The payload codec of a device: its own `codec`, else its application's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum CodecConfig {
+    #[default]
+    None,
+    CayenneLpp,
+    /// The script's path (a relative `codec_script` is taken from the directory of the file
+    /// that names it).
+    JavaScript {
+        script: PathBuf,
+    },
+}
+
+impl CodecConfig {
+    pub fn kind(&self) -> CodecKind {
+        match self {
+            CodecConfig::None => CodecKind::None,
+            CodecConfig::CayenneLpp => CodecKind::Cayennelpp,
+            CodecConfig::JavaScript { .. } => CodecKind::Javascript,
+        }
+    }
+
+    /// `codec` and `codec_script` as written in an entry, checked: a script for "javascript"
+    /// and only for it, and a script file that can be read. `Err((key, message))`.
+    fn from_keys(
+        kind: CodecKind,
+        script: Option<&Path>,
+        file: &str,
+    ) -> Result<CodecConfig, (&'static str, String)> {
+        match (kind, script) {
+            (CodecKind::Javascript, None) => Err((
+                "codec",
+                "codec = \"javascript\" needs codec_script = \"/etc/lorastream/codecs/<name>.js\" (a TS013 script with decodeUplink)".into(),
+            )),
+            (CodecKind::Javascript, Some(p)) => {
+                let script = match Path::new(file).parent() {
+                    Some(base) if p.is_relative() => base.join(p),
+                    _ => p.to_path_buf(),
+                };
+                match std::fs::metadata(&script) {
+                    Ok(m) if m.is_file() => Ok(CodecConfig::JavaScript { script }),
+                    Ok(_) => Err((
+                        "codec_script",
+                        format!("{} is not a file", script.display()),
+                    )),
+                    Err(e) => Err((
+                        "codec_script",
+                        format!("cannot read {}: {e}", script.display()),
+                    )),
+                }
+            }
+            (other, Some(_)) => Err((
+                "codec_script",
+                format!(
+                    "is only used with codec = \"javascript\" (here codec = {:?})",
+                    other.name()
+                ),
+            )),
+            (CodecKind::None, None) => Ok(CodecConfig::None),
+            (CodecKind::Cayennelpp, None) => Ok(CodecConfig::CayenneLpp),
+        }
+    }
+
+    fn put(&self, t: &mut toml::Table) {
+        t.insert("codec".into(), self.kind().name().into());
+        if let CodecConfig::JavaScript { script } = self {
+            t.insert("codec_script".into(), script.display().to_string().into());
+        }
+    }
+}
+
+/// One `[[application]]` as written.
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
+pub(super) struct RawApplication {
+    id: String,
+    codec: CodecKind,
+    codec_script: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplicationConfig {
     pub id: String,
+    /// The payload codec of its devices (each may set its own).
+    pub codec: CodecConfig,
 }
 
 impl ApplicationConfig {
     pub(super) fn effective(&self) -> toml::Table {
         let mut t = toml::Table::new();
         t.insert("id".into(), self.id.clone().into());
+        self.codec.put(&mut t);
         t
     }
+}
+
+/// Type one `[[application]]` (its id is checked with the others in `validate`).
+pub(super) fn build_application(
+    a: RawApplication,
+    span: &Range<usize>,
+    src: &Source,
+) -> Result<ApplicationConfig, ConfigError> {
+    let codec = CodecConfig::from_keys(a.codec, a.codec_script.as_deref(), src.path).map_err(
+        |(key, message)| {
+            src.entry_error(span, format!("[[application]] {:?}: ", a.id), key, message)
+        },
+    )?;
+    Ok(ApplicationConfig { id: a.id, codec })
 }
 
 /// LoRaWAN version of a device (1.0.x; what lorastream implements).
@@ -93,6 +213,8 @@ pub struct DeviceConfig {
     /// ABP only: accept a frame counter that restarts near 0 as a new epoch (a device that
     /// loses its counter with its battery). Weakens replay protection (README).
     pub resets_f_cnt: bool,
+    /// Its own payload codec; `None`: its application's.
+    pub codec: Option<CodecConfig>,
 }
 
 impl DeviceConfig {
@@ -129,6 +251,9 @@ impl DeviceConfig {
             "resets_f_cnt".into(),
             toml::Value::Boolean(self.resets_f_cnt),
         );
+        if let Some(c) = &self.codec {
+            c.put(&mut t);
+        }
         t
     }
 }
@@ -159,6 +284,10 @@ pub(super) struct RawDevice {
     adr: bool,
     #[serde(default)]
     resets_f_cnt: bool,
+    #[serde(default)]
+    codec: Option<CodecKind>,
+    #[serde(default)]
+    codec_script: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -223,6 +352,19 @@ pub(super) fn build(
             "is for ABP devices; an OTAA device starts a new session (and counters) by joining",
         ));
     }
+    let codec = match (d.codec, &d.codec_script) {
+        (None, None) => None,
+        (None, Some(_)) => {
+            return Err(err(
+                "codec_script",
+                "is only used with codec = \"javascript\"; add that line to this device",
+            ))
+        }
+        (Some(kind), script) => Some(
+            CodecConfig::from_keys(kind, script.as_deref(), src.path)
+                .map_err(|(key, message)| err(key, &message))?,
+        ),
+    };
     Ok(DeviceConfig {
         application: d.application,
         id: d.id,
@@ -232,6 +374,7 @@ pub(super) fn build(
         activation,
         adr: d.adr,
         resets_f_cnt: d.resets_f_cnt,
+        codec,
     })
 }
 

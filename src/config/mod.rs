@@ -32,7 +32,9 @@ mod validate;
 pub use crate::lorawan::region::Region;
 pub use crate::model::Scope;
 pub use alerts::{AlertConfig, AlertKind, AlertScope};
-pub use devices::{Activation, ApplicationConfig, DeviceConfig, LorawanVersion};
+pub use devices::{
+    Activation, ApplicationConfig, CodecConfig, CodecKind, DeviceConfig, LorawanVersion,
+};
 pub use import::ImportError;
 pub use streams::defaults as stream_defaults;
 pub use streams::{
@@ -213,7 +215,7 @@ struct RawFile {
     metrics: MetricsConfig,
     log: LogConfig,
     #[serde(rename = "application")]
-    applications: Vec<ApplicationConfig>,
+    applications: Vec<Spanned<devices::RawApplication>>,
     #[serde(rename = "device")]
     devices: Vec<Spanned<devices::RawDevice>>,
     #[serde(rename = "stream")]
@@ -292,6 +294,10 @@ pub struct GatewayConfig {
     /// A relative path is relative to the directory of this file. Absent: no directory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub devices_dir: Option<PathBuf>,
+    /// Longest a payload codec may run for one uplink or downlink (JavaScript codecs): a
+    /// script still running then is interrupted, and the uplink is delivered without
+    /// `decoded_payload`, with the error.
+    pub codec_timeout_ms: u64,
 }
 
 fn de_eui_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Eui64>, D::Error> {
@@ -328,6 +334,7 @@ impl Default for GatewayConfig {
             allowed_gateways: Vec::new(),
             pin_gateway_address: false,
             devices_dir: None,
+            codec_timeout_ms: 100,
         }
     }
 }
@@ -342,6 +349,10 @@ impl GatewayConfig {
 
     pub fn dedup_window(&self) -> Duration {
         Duration::from_millis(self.dedup_window_ms)
+    }
+
+    pub fn codec_timeout(&self) -> Duration {
+        Duration::from_millis(self.codec_timeout_ms)
     }
 
     /// The extra uplink channels in Hz: the configured ones, else the region's plan.
@@ -553,7 +564,16 @@ impl Config {
         let source = Source::new(path, src);
         let raw: RawFile = toml::from_str(src).map_err(|e| source.toml_error(&e))?;
         validate::sections(&raw.gateway, &raw.storage, &raw.log, &source)?;
-        let applications = validate::applications(&raw.applications, &source)?;
+        let mut app_spans = Vec::with_capacity(raw.applications.len());
+        for a in raw.applications {
+            let span = a.span();
+            app_spans.push((
+                devices::build_application(a.into_inner(), &span, &source)?,
+                span,
+            ));
+        }
+        let apps: Vec<ApplicationConfig> = app_spans.iter().map(|(a, _)| a.clone()).collect();
+        let applications = validate::applications(&apps, &source)?;
         // The devices_dir files, read whole before any is parsed: their sources must outlive
         // the checks across files (a duplicate names the file it is in).
         let dir_files = match &raw.gateway.devices_dir {
@@ -582,6 +602,7 @@ impl Config {
             located.extend(found.into_iter().map(|(d, span)| (d, span, i)));
         }
         validate::devices(&located, &applications, &sources)?;
+        validate::codec_scripts(&app_spans, &located, &sources)?;
         let devices: Vec<DeviceConfig> = located.into_iter().map(|(d, _, _)| d).collect();
         let ctx = streams::Context {
             gateway_eui: raw.gateway.eui,
@@ -594,7 +615,7 @@ impl Config {
         }
         validate::streams(&streams, &devices, &applications, &source)?;
         let streams: Vec<StreamConfig> = streams.into_iter().map(|(s, _)| s).collect();
-        let app_ids: Vec<String> = raw.applications.iter().map(|a| a.id.clone()).collect();
+        let app_ids: Vec<String> = apps.iter().map(|a| a.id.clone()).collect();
         let mut alerts = Vec::with_capacity(raw.alerts.len());
         for a in raw.alerts {
             let span = a.span();
@@ -612,12 +633,25 @@ impl Config {
             storage: raw.storage,
             metrics: raw.metrics,
             log: raw.log,
-            applications: raw.applications,
+            applications: apps,
             devices,
             streams,
             alerts,
             device_sources,
         })
+    }
+
+    /// The payload codec of a device: its own, else its application's.
+    pub fn codec_of(&self, d: &DeviceConfig) -> CodecConfig {
+        match &d.codec {
+            Some(c) => c.clone(),
+            None => self
+                .applications
+                .iter()
+                .find(|a| a.id == d.application)
+                .map(|a| a.codec.clone())
+                .unwrap_or_default(),
+        }
     }
 
     /// `12 devices from lorastream.toml, 300 from devices.d/farm.toml` (logs, `check`).

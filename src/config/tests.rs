@@ -734,3 +734,107 @@ mod example_keys {
         );
     }
 }
+
+mod codecs {
+    use super::*;
+
+    const BASE: &str = r#"[gateway]
+listen = "127.0.0.1:1700"
+
+[[application]]
+id = "farm"
+codec = "cayennelpp"
+
+[[device]]
+application = "farm"
+id = "soil-1"
+dev_eui = "70b3d57ed0000001"
+dev_addr = "26000001"
+nwk_s_key = "000102030405060708090A0B0C0D0E0F"
+app_s_key = "000102030405060708090a0b0c0d0e0f"
+"#;
+
+    fn err_of(src: &str, path: &str) -> String {
+        Config::parse(src, path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn devices_take_their_applications_codec_unless_they_set_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lht65.js"), "function decodeUplink(i){}").unwrap();
+        let path = dir.path().join("l.toml");
+        let path = path.to_str().unwrap();
+        let c = Config::parse(BASE, path).unwrap();
+        assert_eq!(c.codec_of(&c.devices[0]), CodecConfig::CayenneLpp);
+        assert_eq!(c.gateway.codec_timeout_ms, 100);
+        // A device's own codec; a relative script is taken from the file's directory.
+        let src = format!("{BASE}codec = \"javascript\"\ncodec_script = \"lht65.js\"\n");
+        let c = Config::parse(&src, path).unwrap();
+        assert_eq!(
+            c.codec_of(&c.devices[0]),
+            CodecConfig::JavaScript {
+                script: dir.path().join("lht65.js")
+            }
+        );
+        let printed = c.to_toml_masked();
+        assert!(printed.contains("codec = \"javascript\""), "{printed}");
+        assert!(printed.contains("codec = \"cayennelpp\""), "{printed}");
+        let src = format!("{BASE}codec = \"none\"\n");
+        let c = Config::parse(&src, path).unwrap();
+        assert_eq!(c.codec_of(&c.devices[0]), CodecConfig::None);
+        // No codec anywhere: none.
+        let c = Config::parse(&BASE.replace("codec = \"cayennelpp\"\n", ""), path).unwrap();
+        assert_eq!(c.codec_of(&c.devices[0]), CodecConfig::None);
+    }
+
+    #[test]
+    fn codec_mistakes_are_refused_with_file_line_and_key() {
+        let e = err_of(&BASE.replace("\"cayennelpp\"", "\"cayenne\""), "t.toml");
+        assert!(
+            e.starts_with("t.toml:6: [[application]] \"farm\": key `codec`"),
+            "{e}"
+        );
+        assert!(e.contains("cayennelpp"), "{e}");
+        let e = err_of(&BASE.replace("\"cayennelpp\"", "\"javascript\""), "t.toml");
+        assert!(
+            e.starts_with("t.toml:6: [[application]] \"farm\": key `codec`"),
+            "{e}"
+        );
+        assert!(e.contains("needs codec_script"), "{e}");
+        let e = err_of(
+            &BASE.replace(
+                "\"cayennelpp\"",
+                "\"javascript\"\ncodec_script = \"/nonexistent/x.js\"",
+            ),
+            "t.toml",
+        );
+        assert!(
+            e.starts_with("t.toml:7: [[application]] \"farm\": key `codec_script`"),
+            "{e}"
+        );
+        assert!(e.contains("cannot read /nonexistent/x.js"), "{e}");
+        let e = err_of(&format!("{BASE}codec_script = \"x.js\"\n"), "t.toml");
+        assert!(
+            e.starts_with("t.toml:15: [[device]] \"soil-1\": key `codec_script`"),
+            "{e}"
+        );
+        let e = err_of(
+            &format!("{BASE}codec = \"cayennelpp\"\ncodec_script = \"x.js\"\n"),
+            "t.toml",
+        );
+        assert!(e.contains("only used with codec = \"javascript\""), "{e}");
+        let e = err_of(&format!("{BASE}codec = \"lua\"\n"), "t.toml");
+        assert!(
+            e.starts_with("t.toml:15: [[device]] \"soil-1\": key `codec`"),
+            "{e}"
+        );
+        let e = err_of(
+            &BASE.replace("[gateway]\n", "[gateway]\ncodec_timeout_ms = 0\n"),
+            "t.toml",
+        );
+        assert!(
+            e.starts_with("t.toml:2: [gateway] key `codec_timeout_ms`"),
+            "{e}"
+        );
+    }
+}

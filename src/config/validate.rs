@@ -63,6 +63,15 @@ pub(super) fn sections(
     if g.max_gateways == 0 {
         return Err(gw("max_gateways", "must be at least 1".into()));
     }
+    if !(1..=10_000).contains(&g.codec_timeout_ms) {
+        return Err(gw(
+            "codec_timeout_ms",
+            format!(
+                "{} ms is not within 1..10000 (a codec runs in the uplink's path)",
+                g.codec_timeout_ms
+            ),
+        ));
+    }
     let st = |key, message: &str| src.section_error("[storage]", key, message);
     if s.max_age.is_some_and(|d| d.as_secs() < 60) {
         return Err(st("max_age", "must be at least 1 minute"));
@@ -205,6 +214,45 @@ pub(super) fn devices(
                     d.application, d.application
                 ),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Every JavaScript codec loads as the daemon will load it (syntax, top-level code, a
+/// `decodeUplink` function), each file once however many entries name it; an error points at
+/// the first entry's `codec_script`. Applications are in `sources[0]`.
+pub(super) fn codec_scripts(
+    apps: &[(ApplicationConfig, Range<usize>)],
+    devices: &[(DeviceConfig, Range<usize>, usize)],
+    sources: &[Source],
+) -> Result<(), ConfigError> {
+    use super::CodecConfig;
+    let mut checked = HashSet::new();
+    let entries = apps
+        .iter()
+        .map(|(a, span)| {
+            (
+                Some(&a.codec),
+                span,
+                0,
+                format!("[[application]] {:?}: ", a.id),
+            )
+        })
+        .chain(
+            devices
+                .iter()
+                .map(|(d, span, file)| (d.codec.as_ref(), span, *file, d.label())),
+        );
+    for (codec, span, file, label) in entries {
+        let Some(CodecConfig::JavaScript { script }) = codec else {
+            continue;
+        };
+        if !checked.insert(script.clone()) {
+            continue;
+        }
+        if let Err(m) = crate::codec::js::check_file(script) {
+            return Err(sources[file].entry_error(span, label, "codec_script", m));
         }
     }
     Ok(())

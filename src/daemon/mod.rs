@@ -62,6 +62,8 @@ pub enum DaemonError {
     Stream(#[from] StreamError),
     #[error(transparent)]
     Instance(#[from] instance::InstanceError),
+    #[error("payload codec: {0}")]
+    Codec(#[from] crate::codec::CodecError),
 }
 
 /// A running daemon.
@@ -84,6 +86,7 @@ pub struct Daemon {
     /// configuration in effect, to tell which other changes need a restart.
     registry: crate::downlink::SharedRegistry,
     facts: Arc<crate::streams::format::Facts>,
+    codecs: Arc<crate::codec::Codecs>,
     running: std::sync::Mutex<Config>,
     control: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<commands::Control>>>,
 }
@@ -157,7 +160,9 @@ impl Daemon {
         let gateways = Gateways::new(cfg.gateway.max_gateways, cfg.gateway.pin_gateway_address);
         let registry = Arc::new(std::sync::Mutex::new(registry));
         let activity = crate::activity::Activity::new();
-        let (downlinks, down_rx) = crate::downlink::channel();
+        // Payload codecs: decoding in the uplink stage, encoding on the way to the scheduler.
+        let codecs = Arc::new(crate::codec::Codecs::from_config(cfg)?);
+        let (downlinks, down_rx) = crate::downlink::channel(codecs.clone());
 
         // Streams first, so nothing appended is missed.
         let scopes: Vec<_> = cfg
@@ -171,6 +176,7 @@ impl Daemon {
         let mut links = std::collections::HashMap::new();
         let facts = Arc::new(crate::streams::format::Facts::new(cfg));
         let registry_for_reload = registry.clone();
+        let codecs_for_reload = codecs.clone();
         let sources = Sources {
             metrics: metrics.clone(),
             store: store.clone(),
@@ -234,6 +240,7 @@ impl Daemon {
             store.clone(),
             routes,
             metrics.clone(),
+            codecs,
             Network {
                 dedup_window: cfg.gateway.dedup_window(),
                 join: JoinSettings {
@@ -383,6 +390,7 @@ impl Daemon {
             watchdog,
             registry: registry_for_reload,
             facts,
+            codecs: codecs_for_reload,
             running: std::sync::Mutex::new(cfg.clone()),
             control: std::sync::Mutex::new(Some(control_rx)),
         })
@@ -394,8 +402,8 @@ impl Daemon {
         self.control.lock().ok()?.take()
     }
 
-    /// Take a new configuration's devices and applications (`SIGHUP`): added, changed and
-    /// removed devices apply at once, kept devices keep their counters, sessions and MAC
+    /// Take a new configuration's devices, applications and their payload codecs (`SIGHUP`):
+    /// added, changed and removed devices apply at once, kept devices keep their counters, sessions and MAC
     /// state ([`crate::lorawan::session::Registry::reload`]). Other changed sections are
     /// reported in [`ReloadReport::needs_restart`] and not applied.
     pub fn reload(&self, new: &Config) -> Result<ReloadReport, DaemonError> {
@@ -422,6 +430,9 @@ impl Daemon {
         merged.applications = new.applications.clone();
         merged.devices = new.devices.clone();
         merged.device_sources = new.device_sources.clone();
+        // The codecs first: a script that no longer loads refuses the reload before anything
+        // changed.
+        self.codecs.reload(&merged)?;
         let store = &self.sources.store;
         let fresh =
             crate::devices::registry(&merged, store).map_err(|source| DaemonError::Store {

@@ -9,10 +9,13 @@
 //!   [`DownlinkHandle::opportunity`] and [`DownlinkHandle::join_accept`], which never wait: an
 //!   uplink is never held up by the downlink side (a full channel is counted by the caller).
 //!
-//! The reply channel (a oneshot) lives only here.
+//! The reply channel (a oneshot) lives only here, and so does the encoding of downlinks given
+//! as a `decoded_payload` (the device's payload codec, `crate::codec`).
 
 use super::{Input, JoinAcceptJob, UplinkInfo};
+use crate::codec::Codecs;
 use crate::model::DownlinkRequest;
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// The scheduler stopped (the daemon is stopping): the request was not stored.
@@ -24,6 +27,9 @@ pub struct Stopped;
 #[derive(Clone)]
 pub struct DownlinkHandle {
     tx: mpsc::Sender<Input>,
+    /// Encodes the `decoded_payload` of requests, on the stream's task: a slow codec holds
+    /// up that stream, never the scheduler's timing of other devices.
+    codecs: Arc<Codecs>,
 }
 
 /// Inputs waiting for the scheduler at most (requests wait for room; opportunities and
@@ -31,14 +37,17 @@ pub struct DownlinkHandle {
 pub(crate) const CAPACITY: usize = 1024;
 
 /// The handle and the scheduler's end of the channel.
-pub(crate) fn channel() -> (DownlinkHandle, mpsc::Receiver<Input>) {
+pub(crate) fn channel(codecs: Arc<Codecs>) -> (DownlinkHandle, mpsc::Receiver<Input>) {
     let (tx, rx) = mpsc::channel(CAPACITY);
-    (DownlinkHandle { tx }, rx)
+    (DownlinkHandle { tx, codecs }, rx)
 }
 
 impl DownlinkHandle {
     /// Hand a stream's request to the scheduler and wait until it is stored or refused.
+    /// Items with a `decoded_payload` are encoded first by the device's codec; one that cannot
+    /// be encoded refuses the request (`down/failed`).
     pub async fn submit(&self, req: DownlinkRequest) -> Result<(), Stopped> {
+        let req = self.codecs.encode_request(req).await;
         let (done, stored) = oneshot::channel();
         self.tx
             .send(Input::Request(req, done))

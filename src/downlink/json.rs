@@ -2,7 +2,9 @@
 //!
 //! In: `{"downlinks":[{"f_port":1,"frm_payload":"<base64>","confirmed":false,"priority":"NORMAL"}]}`,
 //! optionally with TTS's `"end_device_ids"` naming the device (checked by the scheduler against
-//! the device the topic names). An item needs `frm_payload` (`""` for an empty frame).
+//! the device the topic names). An item needs `frm_payload` (`""` for an empty frame) or, for a
+//! device with a payload codec, `decoded_payload` (an object its `encodeDownlink` turns into
+//! bytes; `frm_payload` wins when both are given).
 //! Out: `{"end_device_ids":{…},"correlation_ids":[…],"received_at":…,"downlink_queued":{…}}` and
 //! likewise `downlink_sent`, `downlink_ack`, `downlink_nack`, `downlink_failed` (with `error`).
 
@@ -112,14 +114,19 @@ fn item(index: usize, it: Item, stream: &str) -> Result<DownlinkItem, RequestErr
         Some(port) => return Err(RequestError::Port { index, port }),
         None => return Err(RequestError::NoPort { index }),
     };
-    let payload = match (&it.frm_payload, &it.decoded_payload) {
-        (Some(s), _) => base64::engine::general_purpose::STANDARD
-            .decode(s)
-            .map_err(|e| RequestError::Base64 {
-                index,
-                reason: e.to_string(),
-            })?,
-        (None, Some(_)) => return Err(RequestError::NoEncoder { index }),
+    let (payload, decoded_payload) = match (it.frm_payload, it.decoded_payload) {
+        (Some(s), _) => (
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| RequestError::Base64 {
+                    index,
+                    reason: e.to_string(),
+                })?,
+            None,
+        ),
+        // Encoded by the device's codec on the way to the scheduler (`crate::codec`).
+        (None, Some(serde_json::Value::Object(o))) => (Vec::new(), Some(o)),
+        (None, Some(_)) => return Err(RequestError::NotObject { index }),
         (None, None) => return Err(RequestError::NoPayload { index }),
     };
     if payload.len() > MAX_PAYLOAD {
@@ -146,6 +153,7 @@ fn item(index: usize, it: Item, stream: &str) -> Result<DownlinkItem, RequestErr
         priority,
         correlation_ids: it.correlation_ids,
         stream: stream.to_string(),
+        decoded_payload,
     })
 }
 
@@ -239,14 +247,31 @@ mod tests {
                 .contains("priority")
         );
         assert!(e(br#"{"downlinks":[{"f_port":1}]}"#).contains("neither frm_payload"));
-        assert!(
-            e(br#"{"downlinks":[{"f_port":1,"decoded_payload":{"on":true}}]}"#)
-                .contains("no codec")
-        );
+        assert!(e(br#"{"downlinks":[{"f_port":1,"decoded_payload":[1]}]}"#)
+            .contains("decoded_payload is not a JSON object"));
         assert!(e(
             br#"{"end_device_ids":{"dev_eui":"xyz"},"downlinks":[{"f_port":1,"frm_payload":""}]}"#
         )
         .contains("16 hex digits"));
+    }
+
+    #[test]
+    fn decoded_payloads_wait_for_the_codec() {
+        let v = parse_request(
+            br#"{"downlinks":[{"f_port":2,"decoded_payload":{"value_1":1.5}},{"f_port":3,"frm_payload":"AQ==","decoded_payload":{"x":1}}]}"#,
+            "s",
+        )
+        .unwrap();
+        assert!(v[0].payload.is_empty());
+        assert_eq!(
+            v[0].decoded_payload.as_ref().unwrap()["value_1"],
+            serde_json::json!(1.5)
+        );
+        // frm_payload wins over decoded_payload.
+        assert_eq!(
+            (v[1].payload.as_slice(), &v[1].decoded_payload),
+            (&[1u8][..], &None)
+        );
     }
 
     #[test]

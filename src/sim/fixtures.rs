@@ -51,6 +51,7 @@ pub fn uplink(dev: u64, f_cnt: u32) -> Uplink {
         settings: settings(),
         rx: vec![rx(Eui64::from_u64(2))],
         dev_status: None,
+        codec: None,
     }
 }
 

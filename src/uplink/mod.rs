@@ -1,4 +1,5 @@
-//! The uplink stage: receptions → dedup window → session lookup, MIC, FCnt, decrypt → store.
+//! The uplink stage: receptions → dedup window → session lookup, MIC, FCnt, decrypt → payload
+//! codec → store.
 //!
 //! One task runs the uplink decisions in arrival order; the device [`Registry`] it updates is
 //! shared with the downlink scheduler (FCntDown, keys) behind a `std::sync::Mutex` held for
@@ -7,6 +8,10 @@
 //! one [`Store::append`], which is also where the `flush_every_ms = 0` fsync happens, so its
 //! cost is shared by a whole burst. Only then is the scheduler told (class A opportunities),
 //! and only then are JoinRequests answered ([`join`]).
+//!
+//! The payload codec of each accepted uplink runs after the registry lock is released and before
+//! the append ([`crate::codec`]): its result (or its error: the uplink is stored all the same)
+//! is part of the stored record.
 //!
 //! The stage stops when the ingress task drops its sender: it then releases every pending dedup
 //! group at once and stores it, so a graceful stop loses nothing that was received.
@@ -21,6 +26,7 @@ pub use join::JoinSettings;
 pub use routes::Routes;
 
 use crate::activity::{Activity, FrameView, SignalPoint, UplinkNote};
+use crate::codec::Codecs;
 use crate::downlink::{DownlinkHandle, SharedRegistry, UplinkInfo};
 use crate::ingress::gwmp::Reception;
 use crate::ingress::udp::Batch;
@@ -37,6 +43,7 @@ use crate::lorawan::session::{Registry, SessionState, Verdict};
 use crate::metrics::Metrics;
 use crate::model::{new_id, now_us, Eui64, GatewayFrame, Record, TxSettings, Uplink};
 use crate::store::{DeviceUpdate, Entry, Store};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -69,9 +76,13 @@ pub struct UplinkStage {
     store: Store,
     routes: Routes,
     metrics: Metrics,
+    codecs: Arc<Codecs>,
     dedup: Dedup<Reception>,
     warn: LogLimiter,
     unrouted_log: LogLimiter,
+    /// Codec errors are input-driven (any device can send any bytes): their own limit, so
+    /// they cannot crowd out the stage's other warnings.
+    codec_warn: LogLimiter,
     join: JoinSettings,
     /// What the network wants of devices' MAC layers (ADR, RX settings, DevStatus).
     mac: Policy,
@@ -96,6 +107,7 @@ impl UplinkStage {
         store: Store,
         routes: Routes,
         metrics: Metrics,
+        codecs: Arc<Codecs>,
         net: Network,
     ) -> Self {
         UplinkStage {
@@ -104,9 +116,11 @@ impl UplinkStage {
             store,
             routes,
             metrics,
+            codecs,
             dedup: Dedup::new(net.dedup_window),
             warn: LogLimiter::new(),
             unrouted_log: LogLimiter::new(),
+            codec_warn: LogLimiter::new(),
             join: net.join,
             mac: net.mac,
             activity: Activity::new(),
@@ -180,6 +194,7 @@ impl UplinkStage {
             for (phy, rx) in groups.drain(..) {
                 self.decide(&phy, rx, &mut out);
             }
+            self.decode_payloads(&mut out.records).await;
             self.store_all(&mut out.records, &mut out.devices).await;
             // Only once stored: the downlink scheduler may answer in RX1/RX2. Before the
             // promotions below: their fsync must not eat into the time left for RX1, and a
@@ -444,6 +459,7 @@ impl UplinkStage {
                     settings,
                     rx: rx.into_iter().map(|r| r.rx).collect(),
                     dev_status: d.mac.dev_status,
+                    codec: None,
                 }));
             }
             Verdict::Malformed => {
@@ -487,6 +503,40 @@ impl UplinkStage {
             }
         }
         self.activity.frame(view);
+    }
+
+    /// Run each new uplink's payload codec; the result goes into the record. An error is
+    /// counted (`lorastream_codec_errors_total{codec}`) and logged (rate-limited), and the
+    /// uplink is stored with it.
+    async fn decode_payloads(&mut self, records: &mut [Record]) {
+        if self.codecs.is_empty() {
+            return;
+        }
+        // All of this iteration's uplinks at once: scripts run on their own threads, so the
+        // iteration waits for the slowest script, not for the sum of every call.
+        let codecs = self.codecs.clone();
+        let results = futures_util::future::join_all(records.iter().map(|r| {
+            let codecs = &codecs;
+            async move {
+                match r {
+                    Record::Uplink(u) => codecs.decode(u).await,
+                    _ => None,
+                }
+            }
+        }))
+        .await;
+        for (r, result) in records.iter_mut().zip(results) {
+            let (Record::Uplink(u), Some((out, failed))) = (r, result) else {
+                continue;
+            };
+            if let (Some(codec), crate::model::CodecOutput::Error(e)) = (failed, &out) {
+                self.metrics.codec_error(codec);
+                if self.codec_warn.allow() {
+                    tracing::warn!(device = %u.device, f_cnt = u.f_cnt, f_port = u.f_port, codec, error = %e, "payload codec failed; the uplink is delivered without decoded_payload");
+                }
+            }
+            u.codec = Some(out);
+        }
     }
 
     async fn store_all(&mut self, records: &mut Vec<Record>, devices: &mut Vec<DeviceUpdate>) {

@@ -49,6 +49,7 @@ pub fn uplink() -> Uplink {
         settings: settings(),
         rx: vec![rx("aa555a0000000000", -57, 9.5, 2, 0, None)],
         dev_status: None,
+        codec: None,
     }
 }
 
@@ -94,6 +95,7 @@ pub fn tricky_uplink() -> Uplink {
             margin: -32,
             received_at_us: 1_795_000_000_000_000,
         }),
+        codec: None,
     }
 }
 

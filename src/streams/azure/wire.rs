@@ -298,6 +298,7 @@ fn raw_item(
         priority,
         correlation_ids: Vec::new(),
         stream: stream.to_string(),
+        decoded_payload: None,
     })
 }
 

@@ -1247,7 +1247,8 @@ pub fn parse_downlink_command(
 /// and counts it as an unknown device. A topic that names no device gives `None`. Refused
 /// commands (see [`parse_downlink_command`], and these) reach the stream as `down/failed`
 /// (ChirpStack `log` event):
-/// - `object` (a payload for the device's codec): no codec encodes downlinks yet;
+/// - `object` for a device without a payload codec (refused when it is encoded, see
+///   `crate::codec::Codecs::encode_request`);
 /// - `expiresAt`: lorastream keeps a queued downlink until it is sent and cannot honour it;
 /// - `data` longer than any LoRaWAN data rate carries (242 bytes).
 pub fn downlink_request(
@@ -1291,13 +1292,10 @@ fn item(c: DownlinkCommand, stream: &str) -> Result<DownlinkItem, RequestError> 
             "expiresAt is not supported (lorastream keeps a queued downlink until it is sent); leave it out".into(),
         ));
     }
-    let payload = match c.payload {
-        DownlinkPayload::Data(d) => d,
-        DownlinkPayload::Object(_) => {
-            return Err(RequestError::Transport(
-                "\"object\" needs the device's payload codec (encodeDownlink), and none is configured; send \"data\" (base64)".into(),
-            ))
-        }
+    // An `object` is encoded by the device's codec on the way to the scheduler (`crate::codec`).
+    let (payload, decoded_payload) = match c.payload {
+        DownlinkPayload::Data(d) => (d, None),
+        DownlinkPayload::Object(o) => (Vec::new(), Some(o)),
     };
     if payload.len() > MAX_PAYLOAD {
         return Err(RequestError::Transport(format!(
@@ -1313,6 +1311,7 @@ fn item(c: DownlinkCommand, stream: &str) -> Result<DownlinkItem, RequestError> 
         priority: "NORMAL".into(),
         correlation_ids: Vec::new(),
         stream: stream.to_string(),
+        decoded_payload,
     })
 }
 

@@ -41,7 +41,9 @@ use crate::config::{Config, Format, FormatConfig, Region, StreamConfig, StreamKi
 use crate::downlink::json as downlink_json;
 use crate::logs::LogLimiter;
 use crate::lorawan::session::DeviceClass;
-use crate::model::{DownlinkEvent, DownlinkOp, DownlinkRequest, Eui64, NetId, Record, Uplink};
+use crate::model::{
+    CodecOutput, DownlinkEvent, DownlinkOp, DownlinkRequest, Eui64, NetId, Record, Uplink,
+};
 use crate::store::DropReason;
 use crate::streams::StreamContext;
 use std::collections::HashMap;
@@ -60,11 +62,22 @@ pub struct Decoded<'a> {
     pub error: Option<&'a str>,
 }
 
-/// The codec's result for an uplink, as the record carries it. Records carry none yet: the
-/// payload codecs (issue 13, "Payload codecs") store their result in the record and read it
-/// here, and every format shows it without further change.
-pub fn decoded(_u: &Uplink) -> Decoded<'_> {
-    Decoded::default()
+/// The codec's result for an uplink, as the record carries it (`crate::codec` decodes it
+/// before the uplink is stored).
+pub fn decoded(u: &Uplink) -> Decoded<'_> {
+    match &u.codec {
+        None => Decoded::default(),
+        Some(CodecOutput::Decoded { data, warnings }) => Decoded {
+            payload: Some(&data.0),
+            warnings,
+            error: None,
+        },
+        Some(CodecOutput::Error(e)) => Decoded {
+            payload: None,
+            warnings: &[],
+            error: Some(e),
+        },
+    }
 }
 
 /// The devices of `cfg` as the formats see them, by DevEUI.

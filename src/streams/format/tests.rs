@@ -137,9 +137,20 @@ fn chirpstack_topics_bodies_and_downlinks() {
         )
         .unwrap();
     assert_eq!(req.device, "0000000000000009");
+    // An object waits for the device's codec (encoded on the way to the scheduler).
+    let req = f
+        .downlink_request(
+            "application/farm/device/70b3d57ed0000007/command/down",
+            br#"{"fPort":1,"object":{"a":1}}"#,
+        )
+        .unwrap();
+    let items = req.items.unwrap();
+    assert_eq!(
+        items[0].decoded_payload.as_ref().unwrap()["a"],
+        serde_json::json!(1)
+    );
     // Refusals become down/failed (a ChirpStack log event), with the reason.
     for (body, why) in [
-        (r#"{"fPort":1,"object":{"a":1}}"#, "encodeDownlink"),
         (
             r#"{"fPort":1,"data":"","expiresAt":"2030-01-01T00:00:00Z"}"#,
             "expiresAt",
@@ -200,6 +211,7 @@ fn event(kind: DownlinkEventKind, detail: serde_json::Value) -> DownlinkEvent {
             priority: "NORMAL".into(),
             correlation_ids: vec![],
             stream: "s".into(),
+            decoded_payload: None,
         }),
         detail,
     }
@@ -420,4 +432,71 @@ fn json_media_types() {
     assert!(is_json("application/vnd.thingsboard+json"));
     assert!(!is_json("text/csv"));
     assert!(!is_json("application/jsonl"));
+}
+
+/// A codec's result as every format shows it: TTS `decoded_payload` (+ warnings) or
+/// `lorastream.codec_error`, ChirpStack `object`, the same in XML and in a template's context.
+#[test]
+fn decoded_payloads_in_every_format() {
+    use crate::model::{CodecOutput, JsonObject};
+    let mut u = uplink("70b3d57ed0000001");
+    let data = serde_json::json!({"temperature_3": 27.2, "gps_1": {"latitude": 52.3655}});
+    u.codec = Some(CodecOutput::Decoded {
+        data: JsonObject(data.as_object().unwrap().clone()),
+        warnings: vec!["battery low".into()],
+    });
+    let decoded = Record::Uplink(u.clone());
+    u.codec = Some(CodecOutput::Error(
+        "CayenneLPP: unknown data type 255".into(),
+    ));
+    let failed = Record::Uplink(u);
+
+    let f = formatter("server = \"mqtt://localhost\"");
+    let v = json(&f.body(&decoded, LIVE).unwrap().unwrap());
+    assert_eq!(v["uplink_message"]["decoded_payload"], data);
+    assert_eq!(
+        v["uplink_message"]["decoded_payload_warnings"],
+        serde_json::json!(["battery low"])
+    );
+    assert!(v["uplink_message"].get("lorastream").is_none());
+    let v = json(&f.body(&failed, LIVE).unwrap().unwrap());
+    assert!(v["uplink_message"].get("decoded_payload").is_none());
+    assert_eq!(
+        v["uplink_message"]["lorastream"]["codec_error"],
+        "CayenneLPP: unknown data type 255"
+    );
+    assert_eq!(
+        v["uplink_message"]["frm_payload"],
+        "q6urq6urq6urq6urq6urq6urq6s="
+    );
+
+    let f = formatter("server = \"mqtt://localhost\"\nformat = \"chirpstack\"");
+    let v = json(&f.body(&decoded, LIVE).unwrap().unwrap());
+    assert_eq!(v["object"]["temperature_3"], 27.2);
+    assert_eq!(v["object"]["gps_1"]["latitude"], 52.3655);
+    let v = json(&f.body(&failed, LIVE).unwrap().unwrap());
+    assert!(v.get("object").is_none());
+
+    let f = formatter("kind = \"http\"\nurl = \"http://localhost/x\"\nformat = \"xml\"");
+    let text = String::from_utf8(f.body(&decoded, LIVE).unwrap().unwrap()).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap();
+    let t = doc
+        .descendants()
+        .find(|n| n.has_tag_name("temperature_3"))
+        .and_then(|n| n.text());
+    assert_eq!(t, Some("27.2"), "{text}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let tb = dir.path().join("tb.j2");
+    std::fs::write(
+        &tb,
+        r#"{"t": {{ uplink_message.decoded_payload.temperature_3 }}, "e": {{ (uplink_message.lorastream or {}).codec_error | default("") | tojson }}}"#,
+    )
+    .unwrap();
+    let f = formatter(&format!(
+        "kind = \"http\"\nurl = \"http://localhost/x\"\nformat = \"template\"\ntemplate_file = {:?}",
+        tb.display().to_string()
+    ));
+    let v = json(&f.body(&decoded, LIVE).unwrap().unwrap());
+    assert_eq!(v, serde_json::json!({"t": 27.2, "e": ""}));
 }
