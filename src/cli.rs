@@ -623,6 +623,50 @@ fn control(daemon: &Daemon, path: &Path, logs: Option<&LogHandle>, c: Control) {
             };
             let _ = reply.send(r);
         }
+        Control::DeviceUpsert(device, reply) => {
+            let _ = reply.send(edit_devices(daemon, path, logs, |dir| {
+                crate::config::remote_devices::upsert(dir, &device)
+            }));
+        }
+        Control::DeviceDelete(id, reply) => {
+            let _ = reply.send(edit_devices(daemon, path, logs, |dir| {
+                crate::config::remote_devices::delete(dir, &id)
+            }));
+        }
+    }
+}
+
+/// `device_upsert` / `device_delete`: edit the remotely managed devices file, then reload; a
+/// configuration that does not load with the edit gets the file back as it was.
+fn edit_devices(
+    daemon: &Daemon,
+    path: &Path,
+    logs: Option<&LogHandle>,
+    edit: impl FnOnce(
+        &Path,
+    ) -> Result<
+        crate::config::remote_devices::Edit,
+        crate::config::remote_devices::EditError,
+    >,
+) -> Result<serde_json::Value, String> {
+    let cfg = Config::load(path).map_err(|e| format!("the configuration does not load: {e}"))?;
+    let dir = cfg.gateway.devices_dir_at(path).ok_or(
+        "remote device management needs [gateway] devices_dir (the devices it adds are written there)",
+    )?;
+    let done = edit(&dir).map_err(|e| e.to_string())?;
+    match reload(daemon, path, logs) {
+        Ok(r) => {
+            tracing::info!(file = %dir.join(crate::config::remote_devices::FILE).display(), "devices file changed by a remote command");
+            Ok(r)
+        }
+        Err(e) => {
+            if let Err(u) = done.undo() {
+                tracing::error!(error = %u, "cannot put the remotely managed devices file back");
+            }
+            // The file is back as it was; so are the devices (the refused reload changed
+            // nothing).
+            Err(e)
+        }
     }
 }
 

@@ -390,6 +390,45 @@ async fn remote_commands_over_mqtt() {
     let r = replies.wait_for(1, T, reply(id)).await;
     assert_eq!(r[0]["result"].as_array().unwrap().len(), 2, "{}", r[0]);
 
+    // device_upsert / device_delete: a file of devices_dir, then a reload.
+    let d3 = device(3);
+    let dev3 = serde_json::json!({
+        "application": "farm",
+        "id": "dev-3",
+        "dev_eui": "70B3D57ED0000003",
+        "dev_addr": d3.dev_addr.to_string(),
+        "nwk_s_key": hex::encode(d3.nwk_s_key.0),
+        "app_s_key": hex::encode(d3.app_s_key.0),
+    });
+    let id = ask("device_upsert", serde_json::json!({ "device": dev3 })).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["ok"], true, "{}", r[0]);
+    assert_eq!(r[0]["result"]["devices"]["added"], 1, "{}", r[0]);
+    let file = devices.join("remote-commands.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    assert!(good.contains("dev-3"), "{good}");
+    // A device the configuration refuses: nothing changes, the file is put back.
+    let mut bad = dev3.clone();
+    bad["dev_addr"] = serde_json::json!("XYZ");
+    let id = ask("device_upsert", serde_json::json!({ "device": bad })).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["ok"], false, "{}", r[0]);
+    assert!(
+        r[0]["error"].as_str().unwrap().contains("remote-commands.toml"),
+        "{}",
+        r[0]
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), good);
+    let id = ask("devices", serde_json::json!({})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["result"].as_array().unwrap().len(), 3, "{}", r[0]);
+    let id = ask("device_delete", serde_json::json!({"device": "dev-1"})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["ok"], false, "{}", r[0]);
+    let id = ask("device_delete", serde_json::json!({"device": "dev-3"})).await;
+    let r = replies.wait_for(1, T, reply(id)).await;
+    assert_eq!(r[0]["result"]["devices"]["removed"], 1, "{}", r[0]);
+
     let id = ask("frobnicate", serde_json::json!({})).await;
     let r = replies.wait_for(1, T, reply(id)).await;
     assert_eq!(r[0]["ok"], false);

@@ -18,6 +18,7 @@
 //! | `mod.rs` | the file, the four plain sections, loading, printing |
 //! | `devices.rs` | `[[application]]`, `[[device]]`: ABP or OTAA; the files of `devices_dir` |
 //! | `import/` | `lorastream devices import`: TTS and ChirpStack exports into `devices_dir` |
+//! | `remote_devices.rs` | the file of `devices_dir` the `device_upsert`/`device_delete` remote commands edit |
 //! | `streams.rs` | `[[stream]]`: one typed settings struct per kind, with its defaults |
 //! | `validate.rs` | checks across sections and entries |
 //! | `locate.rs` | lines, sections and keys for error messages |
@@ -26,6 +27,7 @@ pub mod alerts;
 mod devices;
 pub mod import;
 pub(crate) mod locate;
+pub mod remote_devices;
 mod streams;
 mod validate;
 

@@ -5,9 +5,11 @@
 //!
 //! Commands: `status` (the `/health` document), `devices` (id, application, DevEUI, class,
 //! DevAddr and counters; never a key), `logs` (`{"lines": N}`: the last lines of the log, at
-//! most [`crate::logs::RING_LINES`]), `log_level` (`{"level": "debug"}`) and `reload` (as
-//! SIGHUP). The last two are carried out by the command line's run loop, which holds the
-//! configuration path and the log handle ([`Control`]).
+//! most [`crate::logs::RING_LINES`]), `log_level` (`{"level": "debug"}`), `reload` (as SIGHUP),
+//! `device_upsert` (`{"device": {...}}`) and `device_delete` (`{"device": "<id>"}`), which edit
+//! one file of `devices_dir` ([`crate::config::remote_devices`]) and reload. All but the first
+//! three are carried out by the command line's run loop, which holds the configuration path and
+//! the log handle ([`Control`]).
 
 use super::health::Sources;
 use crate::downlink::SharedRegistry;
@@ -16,7 +18,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// The commands, for error messages.
-pub const NAMES: &str = "status, reload, devices, logs, log_level";
+pub const NAMES: &str = "status, reload, devices, device_upsert, device_delete, logs, log_level";
 
 /// What only the run loop can do; it answers on the channel.
 #[derive(Debug)]
@@ -25,6 +27,10 @@ pub enum Control {
     Reload(oneshot::Sender<Result<Value, String>>),
     /// Change the log filter until the next reload or restart.
     LogLevel(String, oneshot::Sender<Result<Value, String>>),
+    /// Add or replace a device in `devices_dir` (its `[[device]]` keys), then reload.
+    DeviceUpsert(Value, oneshot::Sender<Result<Value, String>>),
+    /// Remove a device added by `DeviceUpsert`, then reload.
+    DeviceDelete(String, oneshot::Sender<Result<Value, String>>),
 }
 
 /// The command service every commanding stream shares.
@@ -91,6 +97,22 @@ impl Commands {
                     .await
             }
             "reload" => self.ask(Control::Reload).await,
+            "device_upsert" => {
+                let device = req
+                    .get("device")
+                    .filter(|d| d.is_object())
+                    .ok_or("give the device as \"device\": {<the keys of a [[device]] table>}")?;
+                self.ask(|tx| Control::DeviceUpsert(device.clone(), tx))
+                    .await
+            }
+            "device_delete" => {
+                let id = req
+                    .get("device")
+                    .and_then(Value::as_str)
+                    .ok_or("give the device's id as \"device\": \"<id>\"")?;
+                self.ask(|tx| Control::DeviceDelete(id.to_string(), tx))
+                    .await
+            }
             other => Err(format!("unknown command {other:?}; commands: {NAMES}")),
         }
     }

@@ -629,7 +629,7 @@ fn read_input(path: &Path) -> Result<String, ImportError> {
 /// Write `path` through a temporary file in the same directory (named so that the config
 /// loader ignores it), mode 0640, synced, then renamed over: a reader sees the old file or
 /// the new one, never half of one.
-fn write_secret_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_secret_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
