@@ -60,6 +60,7 @@ struct Inner {
     gateway_address_changes: Counter,
     metrics_connections_refused: Counter,
     uplinks_without_stream: Counter,
+    remote_commands: Family<Labels, Counter>,
     downlinks_too_large: Family<Labels, Counter>,
     /// Payload codec calls that gave no decoded payload, by codec.
     codec_errors: Family<Labels, Counter>,
@@ -186,6 +187,11 @@ impl Metrics {
                 "Connections to the /metrics and /health listener closed at once because MAX_CONNECTIONS were open",
                 Counter::default()
             ),
+            remote_commands: reg!(
+                "remote_commands",
+                "Remote commands received over the streams, by command and result (ok, error, busy)",
+                Family::default()
+            ),
             uplinks_without_stream: reg!(
                 "uplinks_without_stream",
                 "Accepted uplinks (and joins) that no stream takes: their device is outside every stream's scope",
@@ -251,6 +257,15 @@ impl Metrics {
     }
     pub fn metrics_connections_refused(&self) -> u64 {
         self.inner.metrics_connections_refused.get()
+    }
+    pub fn remote_command(&self, command: &'static str, result: &'static str) {
+        self.inner
+            .remote_commands
+            .get_or_create(&vec![
+                ("command", command.into()),
+                ("result", result.into()),
+            ])
+            .inc();
     }
     pub fn uplink_without_stream(&self) {
         self.inner.uplinks_without_stream.inc();

@@ -414,7 +414,10 @@ async fn remote_commands_over_mqtt() {
     let r = replies.wait_for(1, T, reply(id)).await;
     assert_eq!(r[0]["ok"], false, "{}", r[0]);
     assert!(
-        r[0]["error"].as_str().unwrap().contains("remote-commands.toml"),
+        r[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("remote-commands.toml"),
         "{}",
         r[0]
     );
@@ -428,6 +431,20 @@ async fn remote_commands_over_mqtt() {
     let id = ask("device_delete", serde_json::json!({"device": "dev-3"})).await;
     let r = replies.wait_for(1, T, reply(id)).await;
     assert_eq!(r[0]["result"]["devices"]["removed"], 1, "{}", r[0]);
+
+    // A burst: every request is answered (run, or "busy" beyond the commands running at
+    // once), none is lost or left without an answer.
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(ask("devices", serde_json::json!({})).await);
+    }
+    let answered = replies
+        .wait_for(40, T, |_, v| {
+            ids.iter().any(|id| v["id"] == id.as_str())
+                && (v["ok"] == true || v["error"].as_str().unwrap_or("").starts_with("busy"))
+        })
+        .await;
+    assert_eq!(answered.len(), 40);
 
     let id = ask("frobnicate", serde_json::json!({})).await;
     let r = replies.wait_for(1, T, reply(id)).await;

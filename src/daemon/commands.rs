@@ -14,8 +14,9 @@
 use super::health::Sources;
 use crate::downlink::SharedRegistry;
 use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 /// The commands, for error messages.
 pub const NAMES: &str = "status, reload, devices, device_upsert, device_delete, logs, log_level";
@@ -33,12 +34,19 @@ pub enum Control {
     DeviceDelete(String, oneshot::Sender<Result<Value, String>>),
 }
 
+/// Commands running at once, over all streams; more are answered "busy" at once (a flood of
+/// requests cannot pile up tasks).
+pub const MAX_RUNNING: usize = 8;
+
 /// The command service every commanding stream shares.
 #[derive(Clone)]
 pub(crate) struct Commands {
     sources: Sources,
     registry: SharedRegistry,
     control: mpsc::Sender<Control>,
+    running: Arc<Semaphore>,
+    /// Each command is logged (an audit trail of what the cloud asked), rate-limited.
+    log: Arc<Mutex<crate::logs::LogLimiter>>,
 }
 
 impl Commands {
@@ -47,11 +55,38 @@ impl Commands {
             sources,
             registry,
             control,
+            running: Arc::new(Semaphore::new(MAX_RUNNING)),
+            log: Arc::new(Mutex::new(crate::logs::LogLimiter::new())),
         }
     }
 
-    /// Run the command `name` with the request `body`; the reply document.
-    pub async fn run(&self, name: &str, body: &[u8]) -> Value {
+    /// A slot to run one command, or None when [`MAX_RUNNING`] run already.
+    pub fn try_start(&self) -> Option<OwnedSemaphorePermit> {
+        self.running.clone().try_acquire_owned().ok()
+    }
+
+    /// The answer to a command that found no slot.
+    pub fn busy(&self, stream: &str, name: &str, body: &[u8]) -> Value {
+        self.note(stream, name, "busy");
+        let id = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|r| r.get("id").cloned())
+            .unwrap_or(Value::Null);
+        json!({"id": id, "ok": false, "error": format!("busy: {MAX_RUNNING} commands are running; try again")})
+    }
+
+    /// Count the command and log it (rate-limited).
+    fn note(&self, stream: &str, name: &str, result: &'static str) {
+        let known = NAMES.split(", ").find(|n| *n == name).unwrap_or("unknown");
+        self.sources.metrics.remote_command(known, result);
+        if self.log.lock().map(|mut l| l.allow()).unwrap_or(false) {
+            tracing::info!(stream, command = known, result, "remote command");
+        }
+    }
+
+    /// Run the command `name` (received on `stream`) with the request `body`; the reply
+    /// document.
+    pub async fn run(&self, stream: &str, name: &str, body: &[u8]) -> Value {
         let req: Result<Value, _> = if body.iter().all(u8::is_ascii_whitespace) {
             Ok(json!({}))
         } else {
@@ -66,6 +101,7 @@ impl Commands {
             Err(e) => Err(format!("the request is not JSON: {e}")),
             Ok(req) => self.dispatch(name, &req).await,
         };
+        self.note(stream, name, if r.is_ok() { "ok" } else { "error" });
         match r {
             Ok(result) => json!({"id": id, "ok": true, "result": result}),
             Err(error) => json!({"id": id, "ok": false, "error": error}),

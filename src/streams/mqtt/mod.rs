@@ -210,12 +210,18 @@ impl MqttStream {
         };
         let reply_topic = format!("{}/reply", p.topic);
         let _ = client.try_ack(&p);
+        let Some(slot) = commands.try_start() else {
+            let reply = commands.busy(&self.ctx.name, &name, &p.payload);
+            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            publish(client, state, &reply_topic, body, false, None);
+            return;
+        };
         let (client, state, stream) = (client.clone(), state.clone(), self.ctx.name.clone());
         tokio::spawn(async move {
-            tracing::info!(stream = %stream, command = %name, "remote command");
-            let reply = commands.run(&name, &p.payload).await;
+            let reply = commands.run(&stream, &name, &p.payload).await;
             let body = serde_json::to_vec(&reply).unwrap_or_default();
             publish(&client, &state, &reply_topic, body, false, None);
+            drop(slot);
         });
     }
 
