@@ -9,6 +9,8 @@ it on the disk you want to measure, not on a tmpfs), and reads the daemon's /hea
 
   cargo build --release --locked
   python3 benches/pipeline.py throughput --rate 10000 --seconds 30 --devices 1000 [--format xml]
+      [--codec cayennelpp|javascript]   (the application's payload codec; the uplinks then
+                                         carry a frame that codec decodes)
   python3 benches/pipeline.py drain --count 1000000 --backend redb
   python3 benches/pipeline.py writes --flush-ms 100 --rate 1000 --count 20000 --backend redb [--broker-down]
   python3 benches/pipeline.py latency --flush-ms 100 --rate 200 --count 2000 --backend redb
@@ -42,6 +44,30 @@ def free_port(kind=socket.SOCK_STREAM):
     return p
 
 
+# `--codec`: the application's codec lines, and the payload and FPort the simulated devices send
+# (a CayenneLPP frame of two temperatures and a humidity; an 11-byte frame of
+# tests/data/codecs/th-sensor.js on FPort 2).
+CODEC = "none"
+CODEC_PAYLOAD = {"cayennelpp": ("03670110056700ff066850", 1), "javascript": ("cbb8086601c70107530001", 2)}
+
+
+def codec_lines():
+    if CODEC == "none":
+        return []
+    lines = [f'codec = "{CODEC}"']
+    if CODEC == "javascript":
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "codecs", "th-sensor.js")
+        lines.append(f'codec_script = "{os.path.abspath(script)}"')
+    return lines
+
+
+def sim_payload_args():
+    if CODEC == "none":
+        return []
+    payload, port = CODEC_PAYLOAD[CODEC]
+    return ["--payload", payload, "--f-port", str(port)]
+
+
 def format_lines(work, fmt):
     """The stream's `format` keys; a template stream renders docs/templates/thingsboard.j2."""
     if fmt == "template":
@@ -59,7 +85,7 @@ def config(work, devices, udp, metrics, mqtt_port, flush_ms, backend="redb", ded
         "max_bytes = 2147483648", "",
         "[metrics]", f'listen = "127.0.0.1:{metrics}"', "",
         "[log]", 'level = "warn"', "",
-        "[[application]]", 'id = "bench"', "",
+        "[[application]]", 'id = "bench"', *codec_lines(), "",
         "[[stream]]", 'name = "cloud"', 'kind = "mqtt"', f'server = "mqtt://127.0.0.1:{mqtt_port}"',
         "inflight = 200", *format_lines(work, fmt), "",
     ]
@@ -171,7 +197,7 @@ class Daemon:
 
 def simulate(cfg, rate, count, udp):
     out = subprocess.run([BIN, "simulate", "-c", cfg, "--target", f"127.0.0.1:{udp}", "--rate", str(rate),
-                          "--count", str(count)], capture_output=True, text=True, check=True)
+                          "--count", str(count), *sim_payload_args()], capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
 
@@ -236,7 +262,7 @@ def throughput(args):
         h = health(metrics)
         accepted, delivered = h["uplinks"]["accepted"], queue(h)["delivered"]
         return {
-            "scenario": "throughput", "format": args.format, "rate": args.rate, "seconds": args.seconds, "devices": args.devices,
+            "scenario": "throughput", "format": args.format, "codec": CODEC, "rate": args.rate, "seconds": args.seconds, "devices": args.devices,
             "sent": count, "accepted": accepted, "delivered_to_mosquitto": delivered,
             "lost": count - delivered, "udp_rcvbuf_errors": drops1 - drops0,
             "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / max(accepted, 1) * 1000, 4),
@@ -258,7 +284,7 @@ def drain(args):
         while sent < args.count:
             n = min(chunk, args.count - sent)
             subprocess.run([BIN, "simulate", "-c", cfg, "--target", f"127.0.0.1:{udp}", "--rate", str(args.rate),
-                            "--count", str(n), "--fcnt-start", str(sent // args.devices)],
+                            "--count", str(n), "--fcnt-start", str(sent // args.devices), *sim_payload_args()],
                            capture_output=True, check=True)
             sent += n
         # Until the queue stops growing (UDP can drop datagrams if the daemon falls behind the
@@ -419,7 +445,7 @@ def soak(args):
     d = Daemon(cfg, metrics)
     count = int(args.rate * args.seconds)
     sim = subprocess.Popen([BIN, "simulate", "-c", cfg, "--target", f"127.0.0.1:{udp}", "--rate", str(args.rate),
-                            "--count", str(count)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            "--count", str(count), *sim_payload_args()], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     fds = lambda: len(os.listdir(f"/proc/{d.proc.pid}/fd"))
     samples, outages, t0 = [], 0, time.time()
     cpu0 = d.stats()["cpu_s"]
@@ -476,6 +502,8 @@ def main():
     p.add_argument("--backend", choices=["sled", "redb"], default="redb")
     p.add_argument("--format", choices=["tts", "chirpstack", "xml", "template"], default="tts",
                    help="the MQTT stream's format (template: docs/templates/thingsboard.j2)")
+    p.add_argument("--codec", choices=["none", "cayennelpp", "javascript"], default="none",
+                   help="the application's payload codec (and a payload it decodes)")
     p.add_argument("--rate", type=float, default=10_000)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--devices", type=int, default=1000)
@@ -486,6 +514,8 @@ def main():
     p.add_argument("--outage", type=float, default=60, help="soak: seconds each outage lasts")
     p.add_argument("--sample-every", type=float, default=10, help="soak: seconds between samples")
     a = p.parse_args()
+    global CODEC
+    CODEC = a.codec
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release --locked")
     r = {"throughput": throughput, "drain": drain, "writes": writes, "latency": latency,

@@ -89,9 +89,15 @@ enum Command {
         /// Gateway EUI the simulated forwarder reports.
         #[arg(long, default_value = "AA555A0000000001", value_parser = parse_eui)]
         gateway_eui: Eui64,
-        /// Application payload size in bytes.
+        /// Application payload size in bytes (bytes 00 01 02 ...), unless --payload gives them.
         #[arg(long, default_value_t = 12)]
         payload_size: usize,
+        /// The application payload, in hex (e.g. a CayenneLPP frame `03670110`).
+        #[arg(long, value_parser = parse_payload)]
+        payload: Option<HexBytes>,
+        /// The FPort of the uplinks (1..=223).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=223))]
+        f_port: u8,
         /// Simulate only this device (its `id`; repeat for several). Without it every ABP
         /// device of the config is simulated, which moves their frame counters on the daemon.
         #[arg(long = "device", value_name = "ID")]
@@ -127,6 +133,16 @@ enum DevicesCommand {
 
 fn parse_import_format(s: &str) -> Result<crate::config::import::Format, String> {
     s.parse()
+}
+
+/// Bytes given in hex on the command line (a newtype: clap would take a `Vec<u8>` for a list).
+#[derive(Debug, Clone)]
+struct HexBytes(Vec<u8>);
+
+fn parse_payload(s: &str) -> Result<HexBytes, String> {
+    hex::decode(s.trim_start_matches("0x"))
+        .map(HexBytes)
+        .map_err(|e| format!("not hex: {e}"))
 }
 
 fn parse_eui(s: &str) -> Result<Eui64, HexError> {
@@ -223,6 +239,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             fcnt_start,
             gateway_eui,
             payload_size,
+            payload,
+            f_port,
             devices,
         } => {
             let cfg = Config::load(&config)?;
@@ -235,7 +253,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                     count,
                     fcnt_start,
                     gateway: gateway_eui,
-                    payload_size,
+                    payload: payload
+                        .map_or_else(|| (0..payload_size).map(|i| i as u8).collect(), |p| p.0),
+                    f_port,
                     devices,
                 },
             ))?;
@@ -830,7 +850,8 @@ struct SimulateOptions {
     count: Option<u64>,
     fcnt_start: u32,
     gateway: Eui64,
-    payload_size: usize,
+    payload: Vec<u8>,
+    f_port: u8,
     /// `--device`: the ids to simulate (empty: every ABP device).
     devices: Vec<String>,
 }
@@ -928,7 +949,8 @@ async fn simulate(cfg: &Config, o: SimulateOptions) -> anyhow::Result<()> {
         rate,
         count,
         gateway,
-        payload_size,
+        ref payload,
+        f_port,
         ..
     } = o;
     let mut target = target.unwrap_or(cfg.gateway.listen);
@@ -961,7 +983,6 @@ async fn simulate(cfg: &Config, o: SimulateOptions) -> anyhow::Result<()> {
             }
         })
     };
-    let payload: Vec<u8> = (0..payload_size).map(|i| i as u8).collect();
     let start = Instant::now();
     let mut sent = 0u64;
     let stop = stop_signal();
@@ -980,7 +1001,7 @@ async fn simulate(cfg: &Config, o: SimulateOptions) -> anyhow::Result<()> {
                 break 'outer;
             }
             let i = (sent % devices.len() as u64) as usize;
-            let phy = devices[i].uplink(1, &payload, false)?;
+            let phy = devices[i].uplink(f_port, payload, false)?;
             let radio = Radio {
                 tmst: (start.elapsed().as_micros() as u32),
                 ..Radio::default()

@@ -189,10 +189,12 @@ async fn simulate_picks_devices_prints_downlinks_and_fails_without_push_ack() {
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let (d1, d2) = (device(1), device(2));
+    let out_file = dir.path().join("out.jsonl");
     let rest = format!(
-        "[[application]]\nid = \"farm\"\n\n{}{}[[stream]]\nname = \"out\"\nkind = \"stdout\"\n",
+        "[[application]]\nid = \"farm\"\n\n{}{}[[stream]]\nname = \"out\"\nkind = \"file\"\npath = {:?}\n",
         device_toml(&d1, "farm"),
-        device_toml(&d2, "farm")
+        device_toml(&d2, "farm"),
+        out_file.display().to_string()
     );
     let cfg = config(dir.path(), &rest);
     let daemon = Daemon::start(&cfg).await.unwrap();
@@ -237,6 +239,32 @@ async fn simulate_picks_devices_prints_downlinks_and_fails_without_push_ack() {
         .await
         .unwrap();
     assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 3).await);
+
+    // A payload and FPort of the caller's (e.g. a codec's test frame).
+    let out_text = || std::fs::read_to_string(&out_file).unwrap_or_default();
+    let o = sim(
+        &[
+            "--device",
+            "dev-1",
+            "--fcnt-start",
+            "5",
+            "--payload",
+            "0a0b",
+            "--f-port",
+            "7",
+        ],
+        target.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        wait_until(T, || out_text()
+            .contains("\"f_port\":7,\"f_cnt\":5,\"frm_payload\":\"Cgs=\""))
+        .await,
+        "{}",
+        out_text()
+    );
 
     // No --device: every ABP device, with a warning. An unknown id is refused.
     let out = sim(&["--fcnt-start", "10"], target.clone()).await.unwrap();
