@@ -1241,3 +1241,82 @@ async fn xml_and_template_bodies_carry_their_content_type() {
     }
     daemon.stop().await;
 }
+
+/// Remote commands as IoT Hub direct methods of the gateway's device (`commands = true`,
+/// identity = "gateway"): the hub-like broker invokes them as the service API would and the
+/// daemon answers on `$iothub/methods/res/{status}/?$rid=`; never a key in an answer; an
+/// unknown method gets 400; commands are refused with identity = "device".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_commands_are_direct_methods_of_the_gateway_device() {
+    let r = rig().await;
+    r.hub.add_device("gw-m", &key(5));
+    let d = device(1);
+    let cfg = r.config(
+        "methods",
+        &[&d],
+        &r.stream(&format!(
+            "identity = \"gateway\"\ndevice_id = \"gw-m\"\ndevice_key = \"{}\"\ncommands = true\n",
+            key(5)
+        )),
+    );
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    assert!(wait_until(T, || daemon.metrics().is_stream_connected("azure")).await);
+    // The subscription follows the connection: call until the device answers.
+    let mut status = None;
+    for _ in 0..20 {
+        status = r
+            .hub
+            .invoke_method(
+                "gw-m",
+                "status",
+                &serde_json::json!({"id": "s1"}),
+                Duration::from_millis(500),
+            )
+            .await;
+        if status.is_some() {
+            break;
+        }
+    }
+    let (code, body) = status.expect("the status method was answered");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["id"], "s1");
+    assert_eq!(body["ok"], true);
+    assert!(body["result"]["version"].is_string(), "{body}");
+
+    let (code, body) = r
+        .hub
+        .invoke_method("gw-m", "devices", &serde_json::json!({}), T)
+        .await
+        .expect("devices answered");
+    assert_eq!(code, 200);
+    assert_eq!(body["result"][0]["id"], "dev-1", "{body}");
+    assert!(!body.to_string().contains("key"), "{body}");
+
+    let (code, body) = r
+        .hub
+        .invoke_method("gw-m", "frobnicate", &serde_json::json!({}), T)
+        .await
+        .expect("an unknown method is answered");
+    assert_eq!(code, 400);
+    assert_eq!(body["ok"], false);
+    assert!(r.hub.log(|l| l
+        .closed
+        .iter()
+        .all(|(_, _, w)| !matches!(w, Close::Violation(_)))));
+    daemon.stop().await;
+
+    // Device identities have no gateway device to call.
+    let bad = lorastream::config::Config::parse(
+        &format!(
+            "[[application]]\nid = \"farm\"\n\n{}",
+            r.stream("identity = \"device\"\npolicy_name = \"p\"\npolicy_key = \"c2VjcmV0\"\ncommands = true\n")
+        ),
+        "t.toml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        bad.contains("key `commands`") && bad.contains("use identity = \"gateway\""),
+        "{bad}"
+    );
+}

@@ -545,6 +545,8 @@ pub struct AzureConfig {
     pub sas_ttl: Duration,
     pub downlink_format: DownlinkFormat,
     pub twin: bool,
+    /// Remote commands as direct methods of the gateway's device (`commands = true`).
+    pub commands: bool,
 }
 
 /// What an HTTP stream does with a 4xx (other than 408/413/429).
@@ -1023,6 +1025,7 @@ fn azure(k: &mut Keys, scope: &Scope) -> Result<AzureConfig, KeyError> {
     let max_connections = take!(k, max_connections);
     let downlink_format = take!(k, downlink_format);
     let twin = take!(k, twin);
+    let commands = take!(k, commands);
     k.no_leftovers()?;
 
     let host = hostname.unwrap_or_default();
@@ -1112,6 +1115,12 @@ fn azure(k: &mut Keys, scope: &Scope) -> Result<AzureConfig, KeyError> {
             AzureIdentity::Gateway { device_id: id, key }
         }
         IdentityKind::Device => {
+            if commands == Some(true) {
+                return Err((
+                    "commands",
+                    "remote commands are IoT Hub direct methods of the gateway's own device: use identity = \"gateway\"".into(),
+                ));
+            }
             if matches!(scope, Scope::Gateway(_)) {
                 return Err((
                     "identity",
@@ -1181,6 +1190,7 @@ fn azure(k: &mut Keys, scope: &Scope) -> Result<AzureConfig, KeyError> {
         sas_ttl,
         downlink_format: downlink_format.unwrap_or_default(),
         twin: twin.unwrap_or(false),
+        commands: commands.unwrap_or(false),
     })
 }
 
@@ -1469,7 +1479,8 @@ impl StreamConfig {
                             DownlinkFormat::Raw => "raw",
                         },
                     )
-                    .b("twin", a.twin);
+                    .b("twin", a.twin)
+                    .b("commands", a.commands);
             }
             StreamKind::Http(h) => {
                 t.s("url", redact_url(&h.url));

@@ -122,6 +122,9 @@ struct Handle {
     poke: mpsc::UnboundedSender<()>,
 }
 
+/// A direct method call: (rid, method, payload).
+type MethodCall = (String, String, Vec<u8>);
+
 struct State {
     hostname: String,
     devices: Mutex<HashMap<String, Vec<u8>>>,
@@ -132,6 +135,10 @@ struct State {
     next_mid: AtomicU64,
     conns: Mutex<HashMap<String, Handle>>,
     c2d: Mutex<HashMap<String, VecDeque<C2d>>>,
+    /// Direct method calls waiting for the device's connection.
+    methods: Mutex<HashMap<String, VecDeque<MethodCall>>>,
+    /// Direct method answers by rid: (status, payload).
+    method_answers: Mutex<HashMap<String, (u16, Vec<u8>)>>,
     log: Mutex<Log>,
 }
 
@@ -201,6 +208,8 @@ impl IotHub {
                 next_mid: AtomicU64::new(1),
                 conns: Mutex::default(),
                 c2d: Mutex::default(),
+                methods: Mutex::default(),
+                method_answers: Mutex::default(),
                 log: Mutex::default(),
             }),
             tls: Arc::new(tls),
@@ -298,6 +307,44 @@ impl IotHub {
             let _ = h.poke.send(());
         }
         mid
+    }
+
+    /// Invoke a direct method on a device, as the service API does, and wait for the device's
+    /// answer: (status, payload as JSON), or None after `timeout` (the device did not answer,
+    /// or is not connected and subscribed to the methods).
+    pub async fn invoke_method(
+        &self,
+        device: &str,
+        method: &str,
+        payload: &serde_json::Value,
+        timeout: Duration,
+    ) -> Option<(u16, serde_json::Value)> {
+        let rid = format!("{}", self.state.next_mid.fetch_add(1, Ordering::SeqCst));
+        self.state
+            .methods
+            .lock()
+            .unwrap()
+            .entry(device.to_string())
+            .or_default()
+            .push_back((
+                rid.clone(),
+                method.to_string(),
+                payload.to_string().into_bytes(),
+            ));
+        if let Some(h) = self.state.conns.lock().unwrap().get(device) {
+            let _ = h.poke.send(());
+        }
+        let end = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < end {
+            if let Some((status, body)) = self.state.method_answers.lock().unwrap().remove(&rid) {
+                return Some((
+                    status,
+                    serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
     }
 
     /// Cloud-to-device messages still queued for a device.
@@ -663,6 +710,7 @@ async fn serve(
     tokio::pin!(expired);
     let mut subscribed_c2d = false;
     let mut subscribed_twin = false;
+    let mut subscribed_methods = false;
     let mut next_pkid: u16 = 0;
     let mut twin_version = 1u64;
     let events_prefix = format!("devices/{device}/messages/events/");
@@ -681,6 +729,25 @@ async fn serve(
             }
             for p in out {
                 if !io.write(&Packet::Publish(p)).await {
+                    return Close::Dropped;
+                }
+            }
+        }
+        // Deliver direct method calls (QoS 0, as IoT Hub sends them).
+        if subscribed_methods {
+            let calls: Vec<_> = state
+                .methods
+                .lock()
+                .unwrap()
+                .get_mut(device)
+                .map(|q| q.drain(..).collect())
+                .unwrap_or_default();
+            for (rid, method, body) in calls {
+                let t = format!("$iothub/methods/POST/{method}/?$rid={rid}");
+                if !io
+                    .write(&Packet::Publish(Publish::new(t, QoS::AtMostOnce, body)))
+                    .await
+                {
                     return Close::Dropped;
                 }
             }
@@ -754,6 +821,21 @@ async fn serve(
                                 return Close::Dropped;
                             }
                         }
+                    } else if let Some(rest) = p.topic.strip_prefix("$iothub/methods/res/") {
+                        // `{status}/?$rid={rid}`
+                        let (status, query) = rest.split_once("/?").unwrap_or((rest, ""));
+                        let rid = query
+                            .split('&')
+                            .find_map(|kv| kv.strip_prefix("$rid="))
+                            .unwrap_or("");
+                        let Ok(status) = status.parse::<u16>() else {
+                            return Close::Violation(format!("method answer on {:?}", p.topic));
+                        };
+                        state
+                            .method_answers
+                            .lock()
+                            .unwrap()
+                            .insert(rid.to_string(), (status, p.payload.to_vec()));
                     } else if p.topic.starts_with("$iothub/twin/GET/?") {
                         // Not used by lorastream; allowed by IoT Hub.
                     } else {
@@ -775,6 +857,9 @@ async fn serve(
                             }
                             if f.path == "$iothub/twin/res/#" {
                                 subscribed_twin = true;
+                            }
+                            if f.path == "$iothub/methods/POST/#" {
+                                subscribed_methods = true;
                             }
                             SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce {
                                 QoS::AtMostOnce

@@ -20,6 +20,7 @@ impl super::StreamConfig {
         match &self.kind {
             super::StreamKind::Mqtt(m) => m.commands,
             super::StreamKind::AwsIot(a) => a.mqtt.commands,
+            super::StreamKind::AzureIotHub(a) => a.commands,
             _ => false,
         }
     }

@@ -139,6 +139,15 @@ async fn session(
         // Twin responses come only to subscribers (IoT Hub MQTT docs, "Device twins").
         let _ = client.try_subscribe("$iothub/twin/res/#", QoS::AtMostOnce);
     }
+    // Remote commands as direct methods of the gateway's own device (IoT Hub MQTT docs,
+    // "Respond to a direct method"): requests on `$iothub/methods/POST/{name}/?$rid={rid}`,
+    // answers on `$iothub/methods/res/{status}/?$rid={rid}`, published by this loop.
+    let commands = sh.ctx.commands.clone().filter(|_| who.device.is_none());
+    if commands.is_some() {
+        let _ = client.try_subscribe(METHODS_FILTER, QoS::AtMostOnce);
+    }
+    let (method_tx, mut method_rx) =
+        tokio::sync::mpsc::channel::<(String, Vec<u8>)>(crate::daemon::commands::MAX_RUNNING + 1);
     // Cloud-to-device messages are handled one at a time, in order, off the polling task. A
     // renewal or stop waits until they are acknowledged too, so a stored downlink is not
     // redelivered (and queued twice) after the reconnect.
@@ -167,6 +176,15 @@ async fn session(
                 }
                 Ok(Event::Incoming(Packet::Publish(mut p))) => {
                     report(Report::Activity);
+                    if let (Some(c), Some((name, rid))) = (
+                        &commands,
+                        method_request(&p.topic).map(|(n, r)| (n.to_string(), r.to_string())),
+                    ) {
+                        // An oversized request is answered as not JSON.
+                        client::shed_oversized(&mut p);
+                        direct_method(c, &sh.ctx.name, &name, &rid, p.payload.to_vec(), &method_tx);
+                        continue;
+                    }
                     let req = match client::shed_oversized(&mut p) {
                         None => incoming(sh, who, &p),
                         Some(len) => {
@@ -190,6 +208,11 @@ async fn session(
             },
             Some((seq, r)) = records.recv(), if room => {
                 if !publish_record(sh, who, &client, &mut inflight, &mut rid, seq, &r, report) {
+                    break SessionEnd::failed(SessionError::ClientClosed);
+                }
+            }
+            Some((topic, body)) = method_rx.recv(), if room => {
+                if !inflight.publish(&client, &topic, body, false, None) {
                     break SessionEnd::failed(SessionError::ClientClosed);
                 }
             }
@@ -231,6 +254,57 @@ async fn session(
     };
     drop(intake);
     end
+}
+
+/// The direct methods' subscription.
+const METHODS_FILTER: &str = "$iothub/methods/POST/#";
+
+/// `$iothub/methods/POST/{name}/?$rid={rid}` → (name, rid).
+fn method_request(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix("$iothub/methods/POST/")?;
+    let (name, query) = rest.split_once("/?")?;
+    let rid = query.split('&').find_map(|kv| kv.strip_prefix("$rid="))?;
+    (!name.is_empty()).then_some((name, rid))
+}
+
+/// Run a direct method as a remote command off the loop; its answer (status 200 when the
+/// command succeeded, 400 otherwise, the reply document as the payload) comes back on `out`.
+fn direct_method(
+    commands: &crate::daemon::commands::Commands,
+    stream: &str,
+    name: &str,
+    rid: &str,
+    body: Vec<u8>,
+    out: &tokio::sync::mpsc::Sender<(String, Vec<u8>)>,
+) {
+    let topic = |ok: bool| {
+        format!(
+            "$iothub/methods/res/{}/?$rid={rid}",
+            if ok { 200 } else { 400 }
+        )
+    };
+    let Some(slot) = commands.try_start() else {
+        let reply = commands.busy(stream, name, &body);
+        let _ = out.try_send((topic(false), serde_json::to_vec(&reply).unwrap_or_default()));
+        return;
+    };
+    let (commands, stream, name, out) = (
+        commands.clone(),
+        stream.to_string(),
+        name.to_string(),
+        out.clone(),
+    );
+    let topic_ok = topic(true);
+    let topic_err = topic(false);
+    tokio::spawn(async move {
+        let reply = commands.run(&stream, &name, &body).await;
+        let ok = reply["ok"] == true;
+        let bytes = serde_json::to_vec(&reply).unwrap_or_default();
+        let _ = out
+            .send((if ok { topic_ok } else { topic_err }, bytes))
+            .await;
+        drop(slot);
+    });
 }
 
 fn topic_of(hub_id: &str, props: &[(&str, String)]) -> String {
