@@ -47,7 +47,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> EditError + '_ {
         let hint = if source.kind() == std::io::ErrorKind::PermissionDenied
             || source.raw_os_error() == Some(libc::EROFS)
         {
-            " (the packaged service may write only below /var/lib/lorastream: give remotely managed devices a devices_dir there, e.g. devices_dir = \"/var/lib/lorastream/devices.d\" owned by lorastream, or allow the directory with ReadWritePaths= in `systemctl edit lorastream`)"
+            " (the packaged service may write only its state directory: allow devices_dir with ReadWritePaths= in `sudo systemctl edit lorastream` and make it writable for the group lorastream; README, \"Remote commands\")"
         } else {
             ""
         };
