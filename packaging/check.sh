@@ -197,7 +197,7 @@ check "journal: no colour codes" bash -c "! nsenter -t $leader -a journalctl -u 
 check "journal: priorities from the <N> prefixes (info lines at priority 6)" \
   bash -c "nsenter -t $leader -a journalctl -u lorastream -p 6..6 -o cat --no-pager | grep -q 'lorastream started'"
 
-ns lorastream simulate --device soil-1 --count 3
+ns lorastream simulate --device example-1 --count 3
 got=0
 for _ in $(seq 1 50); do
   got="$(journal | grep -c '"uplink_message"' || true)"
