@@ -198,7 +198,9 @@ class Daemon:
 def simulate(cfg, rate, count, udp):
     out = subprocess.run([BIN, "simulate", "-c", cfg, "--target", f"127.0.0.1:{udp}", "--rate", str(rate),
                           "--count", str(count), *sim_payload_args()], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    # The last line is the summary; the lines before it are the downlinks it got.
+    lines = out.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def queue(h):
