@@ -167,20 +167,26 @@ R="$(fresh_root)"
 cp "$amd64" "$R/root/lorastream.deb"
 systemd-nspawn --register=no --keep-unit --quiet --console=pipe -D "$R" -b >"$work/nspawn.log" 2>&1 &
 nspawn_pid=$!
+# The container's PID 1: nspawn's child that runs systemd. Looked up again on every try: right
+# after the start, nspawn's child can still be a short-lived helper that is not PID 1 yet (one
+# CI run entered that one and saw no systemd for the whole wait).
+find_leader() {
+  pgrep -P "$nspawn_pid" -x systemd 2>/dev/null | head -n 1 ||
+    true
+}
 leader=""
-for _ in $(seq 1 100); do
-  leader="$(pgrep -P "$nspawn_pid" 2>/dev/null | head -n 1 || true)"
-  [ -n "$leader" ] && break
-  sleep 0.1
-done
-[ -n "$leader" ] || { cat "$work/nspawn.log"; fail "systemd-nspawn did not start"; }
 ns() { nsenter -t "$leader" -a "$@"; }
 state=""
-for _ in $(seq 1 150); do
-  state="$(ns systemctl is-system-running 2>/dev/null || true)"
-  case "$state" in running|degraded) break ;; esac
+for _ in $(seq 1 300); do
+  leader="$(find_leader)"
+  if [ -n "$leader" ]; then
+    state="$(ns systemctl is-system-running 2>/dev/null || true)"
+    case "$state" in running|degraded) break ;; esac
+  fi
+  kill -0 "$nspawn_pid" 2>/dev/null || break
   sleep 0.2
 done
+[ -n "$leader" ] || { cat "$work/nspawn.log"; pgrep -a -P "$nspawn_pid" || true; fail "systemd-nspawn did not start systemd"; }
 echo "container systemd: $state"
 case "$state" in running|degraded) ;; *) cat "$work/nspawn.log"; fail "systemd in the container did not come up" ;; esac
 
