@@ -536,14 +536,14 @@ async fn run(cfg: Config, path: &Path, logs: Option<LogHandle>) -> anyhow::Resul
         tokio::select! {
             _ = &mut stop => break,
             _ = hup.recv() => {
-                let _ = reload(&daemon, path, logs.as_ref());
+                let _ = reload(&daemon, path, logs.as_ref()).await;
             }
             Some(c) = async {
                 match controls.as_mut() {
                     Some(rx) => rx.recv().await,
                     None => std::future::pending().await,
                 }
-            } => control(&daemon, path, logs.as_ref(), c),
+            } => control(&daemon, path, logs.as_ref(), c).await,
         }
         #[cfg(not(unix))]
         {
@@ -558,7 +558,7 @@ async fn run(cfg: Config, path: &Path, logs: Option<LogHandle>) -> anyhow::Resul
 
 /// SIGHUP (and the `reload` remote command): re-read the file; an invalid one is refused and
 /// the running configuration kept. The result says what changed, for the command's reply.
-fn reload(
+async fn reload(
     daemon: &Daemon,
     path: &Path,
     logs: Option<&LogHandle>,
@@ -585,7 +585,7 @@ fn reload(
                 Some(Err(e)) => tracing::error!("SIGHUP: [log] level not applied: {e}"),
                 None => {}
             }
-            match daemon.reload(&new) {
+            match daemon.reload(&new).await {
                 Ok(r) => {
                     let d = r.devices;
                     tracing::info!(
@@ -597,6 +597,16 @@ fn reload(
                         "SIGHUP: devices reloaded ({})",
                         new.device_sources_summary()
                     );
+                    let s = &r.streams;
+                    if !s.is_empty() {
+                        tracing::info!(
+                            added = %s.added.join(", "),
+                            changed = %s.changed.join(", "),
+                            removed = %s.removed.join(", "),
+                            unchanged = s.unchanged,
+                            "SIGHUP: streams reloaded"
+                        );
+                    }
                     if !r.needs_restart.is_empty() {
                         tracing::warn!(
                             sections = %r.needs_restart.join(", "),
@@ -611,12 +621,13 @@ fn reload(
                             "removed": d.removed,
                             "unchanged": d.unchanged,
                         },
+                        "streams": r.streams,
                         "needs_restart": r.needs_restart,
                     }))
                 }
                 Err(e) => {
-                    tracing::error!("SIGHUP: devices not reloaded: {e}");
-                    Err(format!("devices not reloaded: {e}"))
+                    tracing::error!("SIGHUP: configuration not reloaded, the daemon keeps running with the one it has: {e}");
+                    Err(format!("configuration not reloaded: {e}"))
                 }
             }
         }
@@ -626,10 +637,10 @@ fn reload(
 }
 
 /// A remote command only the run loop can carry out.
-fn control(daemon: &Daemon, path: &Path, logs: Option<&LogHandle>, c: Control) {
+async fn control(daemon: &Daemon, path: &Path, logs: Option<&LogHandle>, c: Control) {
     match c {
         Control::Reload(reply) => {
-            let _ = reply.send(reload(daemon, path, logs));
+            let _ = reply.send(reload(daemon, path, logs).await);
         }
         Control::LogLevel(level, reply) => {
             let r = match logs.map(|h| h.set_level(&level)) {
@@ -644,21 +655,27 @@ fn control(daemon: &Daemon, path: &Path, logs: Option<&LogHandle>, c: Control) {
             let _ = reply.send(r);
         }
         Control::DeviceUpsert(device, reply) => {
-            let _ = reply.send(edit_devices(daemon, path, logs, |dir| {
-                crate::config::remote_devices::upsert(dir, &device)
-            }));
+            let _ = reply.send(
+                edit_devices(daemon, path, logs, |dir| {
+                    crate::config::remote_devices::upsert(dir, &device)
+                })
+                .await,
+            );
         }
         Control::DeviceDelete(id, reply) => {
-            let _ = reply.send(edit_devices(daemon, path, logs, |dir| {
-                crate::config::remote_devices::delete(dir, &id)
-            }));
+            let _ = reply.send(
+                edit_devices(daemon, path, logs, |dir| {
+                    crate::config::remote_devices::delete(dir, &id)
+                })
+                .await,
+            );
         }
     }
 }
 
 /// `device_upsert` / `device_delete`: edit the remotely managed devices file, then reload; a
 /// configuration that does not load with the edit gets the file back as it was.
-fn edit_devices(
+async fn edit_devices(
     daemon: &Daemon,
     path: &Path,
     logs: Option<&LogHandle>,
@@ -674,7 +691,7 @@ fn edit_devices(
         "remote device management needs [gateway] devices_dir (the devices it adds are written there)",
     )?;
     let done = edit(&dir).map_err(|e| e.to_string())?;
-    match reload(daemon, path, logs) {
+    match reload(daemon, path, logs).await {
         Ok(r) => {
             tracing::info!(file = %dir.join(crate::config::remote_devices::FILE).display(), "devices file changed by a remote command");
             Ok(r)

@@ -74,7 +74,7 @@ async fn devices_are_added_changed_and_removed_without_a_restart() {
             device_toml(&d2, "lab")
         ),
     );
-    let r = daemon.reload(&new).unwrap();
+    let r = daemon.reload(&new).await.unwrap();
     assert_eq!(
         (
             r.devices.added,
@@ -85,7 +85,10 @@ async fn devices_are_added_changed_and_removed_without_a_restart() {
         (1, 1, 1, 0),
         "{r:?}"
     );
-    assert_eq!(r.needs_restart, vec!["[[stream]]"]);
+    // The stream is added at once; "out" (unchanged) keeps running.
+    assert!(r.needs_restart.is_empty(), "{r:?}");
+    assert_eq!(r.streams.added, vec!["more".to_string()], "{r:?}");
+    assert_eq!((r.streams.unchanged, r.streams.removed.len()), (1, 0));
 
     // dev-1 kept its counter (1): FCnt 0 is a replay, 2 is new.
     up(&mut f, &mut d1, 0, 7_000_000).await;
@@ -155,7 +158,7 @@ async fn devices_are_added_changed_and_removed_without_a_restart() {
             device_toml(&d3, "farm")
         ),
     );
-    let r = daemon.reload(&back).unwrap();
+    let r = daemon.reload(&back).await.unwrap();
     assert_eq!((r.devices.added, r.devices.unchanged), (1, 2), "{r:?}");
     assert!(r.needs_restart.is_empty(), "{r:?}");
     up(&mut f, &mut d3, 0, 15_000_000).await;
@@ -475,20 +478,34 @@ async fn remote_commands_over_mqtt() {
     assert!(child.wait().unwrap().success());
 }
 
+/// Frame counters of the uplinks in a file stream's output (TTS JSON lines).
+fn f_cnts(path: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["uplink_message"]["f_cnt"].as_u64())
+        .collect()
+}
+
 /// Reloads under load: one device sends 1,000 uplinks at 200/s while ten reloads add, change
-/// and remove other devices (and change the sender's own class): every uplink is accepted and
-/// delivered, none is refused as a replay or lost.
+/// and remove other devices (and change the sender's own class) and streams: a stream that
+/// stays unchanged delivers every uplink exactly once (its connection and queue are kept), a
+/// stream changed by every reload (its file alternates) loses none, a stream added and removed
+/// by turns comes and goes; every uplink is accepted, none refused as a replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_reloads_under_200_uplinks_per_second_lose_nothing() {
     install_crypto();
     let dir = tempfile::tempdir().unwrap();
     let d1 = device(1);
     let others: Vec<SimDevice> = (2..=5).map(device).collect();
-    let out = dir.path().join("out.jsonl");
-    let stream = format!(
-        "[[stream]]\nname = \"out\"\nkind = \"file\"\npath = {:?}\n",
-        out.display().to_string()
-    );
+    let file = |name: &str| dir.path().join(format!("{name}.jsonl"));
+    let stream = |name: &str, file: &std::path::Path| {
+        format!(
+            "[[stream]]\nname = \"{name}\"\nkind = \"file\"\npath = {:?}\n\n",
+            file.display().to_string()
+        )
+    };
     let app = "[[application]]\nid = \"farm\"\n\n";
     let cfg_for = |round: usize| {
         // The sender switches class A/C; others come and go.
@@ -503,7 +520,12 @@ async fn ten_reloads_under_200_uplinks_per_second_lose_nothing() {
             .filter(|(i, _)| (i + round) % 2 == 0)
             .map(|(_, d)| device_toml(d, "farm"))
             .collect();
-        config(dir.path(), &format!("{app}{me}{rest}{stream}"))
+        let mut streams = stream("out", &file("out"));
+        streams += &stream("mirror", &file(&format!("mirror-{}", round % 2)));
+        if round % 2 == 0 {
+            streams += &stream("extra", &file("extra"));
+        }
+        config(dir.path(), &format!("{app}{me}{rest}{streams}"))
     };
     let daemon = Daemon::start(&cfg_for(0)).await.unwrap();
     let m = daemon.metrics().clone();
@@ -533,7 +555,7 @@ async fn ten_reloads_under_200_uplinks_per_second_lose_nothing() {
     let mut summaries = Vec::new();
     for round in 1..=10 {
         tokio::time::sleep(Duration::from_millis(400)).await;
-        summaries.push(daemon.reload(&cfg_for(round)).unwrap().devices);
+        summaries.push(daemon.reload(&cfg_for(round)).await.unwrap());
     }
     sender.await.unwrap();
     assert!(
@@ -543,21 +565,175 @@ async fn ten_reloads_under_200_uplinks_per_second_lose_nothing() {
         m.uplinks("replay"),
         m.uplinks("unknown_dev_addr")
     );
+    let all: std::collections::BTreeSet<u64> = (0..u64::from(N)).collect();
     assert!(
-        wait_until(T, || std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .lines()
-            .count()
-            == N as usize)
-        .await
+        wait_until(T, || {
+            let mut seen: std::collections::BTreeSet<u64> =
+                f_cnts(&file("mirror-0")).into_iter().collect();
+            seen.extend(f_cnts(&file("mirror-1")));
+            f_cnts(&file("out")).len() == N as usize && seen == all
+        })
+        .await,
+        "out {} lines; mirror-0 {}, mirror-1 {}",
+        f_cnts(&file("out")).len(),
+        f_cnts(&file("mirror-0")).len(),
+        f_cnts(&file("mirror-1")).len()
+    );
+    // The unchanged stream was never restarted: each uplink exactly once, in order.
+    assert_eq!(
+        f_cnts(&file("out")),
+        all.iter().copied().collect::<Vec<_>>()
     );
     assert_eq!(m.uplinks("replay"), 0);
-    // Every reload changed the sender (its class) and added/removed the others.
+    // Every reload changed the sender (its class) and added/removed the others; "mirror"
+    // changed, "extra" came and went, "out" stayed.
+    for (i, r) in summaries.iter().enumerate() {
+        let round = i + 1;
+        let (d, s) = (&r.devices, &r.streams);
+        assert!(
+            d.changed == 1 && d.added == 2 && d.removed == 2,
+            "{summaries:?}"
+        );
+        assert_eq!(
+            s.changed,
+            vec!["mirror".to_string()],
+            "round {round}: {s:?}"
+        );
+        assert_eq!(s.unchanged, 1, "round {round}: {s:?}");
+        let extra = vec!["extra".to_string()];
+        if round % 2 == 0 {
+            assert_eq!(
+                (&s.added, s.removed.len()),
+                (&extra, 0),
+                "round {round}: {s:?}"
+            );
+        } else {
+            assert_eq!(
+                (s.added.len(), &s.removed),
+                (0, &extra),
+                "round {round}: {s:?}"
+            );
+        }
+        assert!(r.needs_restart.is_empty(), "round {round}: {r:?}");
+    }
+    daemon.stop().await;
+}
+
+/// A stream removed by a reload keeps its backlog (detached: not shown, not delivered, not
+/// evicted); a reload that brings a stream of that name back (here as another kind) delivers
+/// it. A reload with a stream that cannot be set up (a CA file that holds no certificate) is
+/// refused whole: the devices and streams stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_streams_backlog_waits_for_it_and_a_bad_stream_refuses_the_reload() {
+    install_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let mut d1 = device(1);
+    let d2 = device(2);
+    let app = "[[application]]\nid = \"farm\"\n\n";
+    // Nothing listens on this port: the stream queues.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let cloud = format!("[[stream]]\nname = \"cloud\"\nserver = \"mqtt://127.0.0.1:{port}\"\n\n");
+    let out = dir.path().join("cloud.jsonl");
+    let cloud_as_file = format!(
+        "[[stream]]\nname = \"cloud\"\nkind = \"file\"\npath = {:?}\n\n",
+        out.display().to_string()
+    );
+    let keep = dir.path().join("keep.jsonl");
+    let keep_stream = format!(
+        "[[stream]]\nname = \"keep\"\nkind = \"file\"\npath = {:?}\n\n",
+        keep.display().to_string()
+    );
+    let me = device_toml(&d1, "farm");
+    let daemon = Daemon::start(&config(
+        dir.path(),
+        &format!("{app}{me}{cloud}{keep_stream}"),
+    ))
+    .await
+    .unwrap();
+    let m = daemon.metrics().clone();
+    let mut f = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(1))
+        .await
+        .unwrap();
+    for i in 0..5u32 {
+        up(&mut f, &mut d1, i, i * 2_000_000).await;
+    }
+    assert!(wait_until(T, || m.uplinks("accepted") == 5).await);
     assert!(
-        summaries
-            .iter()
-            .all(|s| s.changed == 1 && s.added == 2 && s.removed == 2),
-        "{summaries:?}"
+        wait_until(T, || daemon
+            .store()
+            .queue("cloud")
+            .is_some_and(|q| q.len() == 5))
+        .await
+    );
+
+    // Removed: its five records stay, detached (no longer in /health's streams).
+    let r = daemon
+        .reload(&config(dir.path(), &format!("{app}{me}{keep_stream}")))
+        .await
+        .unwrap();
+    assert_eq!(r.streams.removed, vec!["cloud".to_string()], "{r:?}");
+    assert!(daemon.store().queue("cloud").is_none());
+    assert!(daemon
+        .health()
+        .streams
+        .iter()
+        .all(|s| s.queue.stream != "cloud"));
+    up(&mut f, &mut d1, 5, 12_000_000).await;
+    assert!(wait_until(T, || f_cnts(&keep).len() == 6).await);
+
+    // A stream that cannot be set up: refused whole, d2 not added, "cloud" not back.
+    let bad_ca = dir.path().join("bad-ca.pem");
+    std::fs::write(&bad_ca, "not a certificate\n").unwrap();
+    let bad = format!(
+        "[[stream]]\nname = \"broken\"\nserver = \"mqtts://127.0.0.1:{port}\"\nca_file = {:?}\n\n",
+        bad_ca.display().to_string()
+    );
+    let two = device_toml(&d2, "farm");
+    let refused = daemon
+        .reload(&config(
+            dir.path(),
+            &format!("{app}{me}{two}{keep_stream}{cloud_as_file}{bad}"),
+        ))
+        .await;
+    let e = refused
+        .expect_err("a stream that cannot be set up")
+        .to_string();
+    assert!(e.contains("broken") && e.contains("certificate"), "{e}");
+    assert!(daemon.store().queue("broken").is_none());
+    assert!(daemon.store().queue("cloud").is_none());
+    let names: Vec<String> = daemon
+        .health()
+        .streams
+        .iter()
+        .map(|s| s.queue.stream.clone())
+        .collect();
+    assert_eq!(names, vec!["keep".to_string()]);
+
+    // Back as a file stream: the backlog of five (the sixth uplink came while it was away) is
+    // delivered.
+    let r = daemon
+        .reload(&config(
+            dir.path(),
+            &format!("{app}{me}{keep_stream}{cloud_as_file}"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(r.streams.added, vec!["cloud".to_string()], "{r:?}");
+    assert!(
+        wait_until(T, || f_cnts(&out) == vec![0, 1, 2, 3, 4]).await,
+        "{:?}",
+        f_cnts(&out)
+    );
+    up(&mut f, &mut d1, 6, 14_000_000).await;
+    assert!(wait_until(T, || f_cnts(&out) == vec![0, 1, 2, 3, 4, 6]).await);
+    assert!(
+        wait_until(T, || daemon
+            .store()
+            .queue("cloud")
+            .is_some_and(|q| q.is_empty()))
+        .await
     );
     daemon.stop().await;
 }

@@ -113,6 +113,9 @@ impl Codec {
     }
 }
 
+/// Codecs loaded for a reload, not in effect yet ([`Codecs::prepare`]).
+pub struct Prepared(HashMap<String, Arc<Codec>>);
+
 /// Every device's codec, built from the configuration (again on a reload: [`Codecs::reload`]).
 #[derive(Debug, Default)]
 pub struct Codecs {
@@ -136,11 +139,20 @@ impl Codecs {
     /// Take the codecs of a reloaded configuration (scripts are loaded again: a changed file
     /// takes effect). On an error nothing changes.
     pub fn reload(&self, cfg: &Config) -> Result<(), CodecError> {
-        let new = Self::build(cfg)?;
-        if let Ok(mut m) = self.by_device.write() {
-            *m = new;
-        }
+        self.install(Self::prepare(cfg)?);
         Ok(())
+    }
+
+    /// A reload in two steps: load the codecs of `cfg` (this can fail) ...
+    pub fn prepare(cfg: &Config) -> Result<Prepared, CodecError> {
+        Ok(Prepared(Self::build(cfg)?))
+    }
+
+    /// ... and put them in effect.
+    pub fn install(&self, p: Prepared) {
+        if let Ok(mut m) = self.by_device.write() {
+            *m = p.0;
+        }
     }
 
     fn build(cfg: &Config) -> Result<HashMap<String, Arc<Codec>>, CodecError> {

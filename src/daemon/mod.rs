@@ -23,19 +23,22 @@ pub mod health;
 mod housekeeping;
 pub mod instance;
 pub mod preflight;
+mod streams;
 pub mod systemd;
 
 use crate::config::Config;
-use crate::downlink::{DownlinkHandle, Scheduler, StreamLink};
+use crate::downlink::{DownlinkHandle, Scheduler};
 use crate::ingress::udp::{self, Downlinker, Gateways};
 use crate::metrics::{self, Metrics};
 use crate::store::{Store, StoreError};
-use crate::streams::{Stream, StreamContext, StreamError};
-use crate::uplink::{JoinSettings, Network, Routes, UplinkStage};
+use crate::streams::StreamError;
+use crate::uplink::{JoinSettings, Network, SharedRoutes, UplinkStage};
 use health::{Health, Sources};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+pub use streams::StreamChanges;
+use streams::StreamSet;
 use systemd::{Notice, ServiceManager};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -76,7 +79,8 @@ pub struct Daemon {
     misc_cancel: CancellationToken,
     ingress: JoinHandle<()>,
     uplink: JoinHandle<()>,
-    streams: Vec<JoinHandle<()>>,
+    /// The running streams; a reload changes them (one reload at a time).
+    streams: tokio::sync::Mutex<StreamSet>,
     scheduler: JoinHandle<()>,
     misc: Vec<JoinHandle<()>>,
     downlinks: DownlinkHandle,
@@ -95,7 +99,8 @@ pub struct Daemon {
 #[derive(Debug, Clone, Default)]
 pub struct ReloadReport {
     pub devices: crate::lorawan::session::ReloadSummary,
-    /// Sections that changed but need a restart to take effect (`[[stream]]`, `[gateway]`,
+    pub streams: StreamChanges,
+    /// Sections that changed but need a restart to take effect (`[gateway]`, `[[alert]]`,
     /// ...): the daemon runs on with the ones it has.
     pub needs_restart: Vec<&'static str>,
 }
@@ -164,16 +169,6 @@ impl Daemon {
         let codecs = Arc::new(crate::codec::Codecs::from_config(cfg)?);
         let (downlinks, down_rx) = crate::downlink::channel(codecs.clone());
 
-        // Streams first, so nothing appended is missed.
-        let scopes: Vec<_> = cfg
-            .streams
-            .iter()
-            .filter(|s| s.takes_records())
-            .map(|s| (s.name.clone(), s.scope.clone()))
-            .collect();
-        let routes = Routes::new(&store, &scopes);
-        let mut streams = Vec::new();
-        let mut links = std::collections::HashMap::new();
         let facts = Arc::new(crate::streams::format::Facts::new(cfg));
         let registry_for_reload = registry.clone();
         let codecs_for_reload = codecs.clone();
@@ -187,32 +182,24 @@ impl Daemon {
         // the run loop that takes `control_rx` ([`Daemon::take_control`]).
         let (control_tx, control_rx) = tokio::sync::mpsc::channel(4);
         let commands = commands::Commands::new(sources.clone(), registry.clone(), control_tx);
-        for s in &cfg.streams {
-            let Some(queue) = store.queue(&s.name) else {
-                continue;
-            };
-            let (ev_tx, ev_rx) = tokio::sync::mpsc::channel(256);
-            links.insert(
-                s.name.clone(),
-                StreamLink {
-                    scope: s.scope.clone(),
-                    events: ev_tx,
-                },
-            );
-            let ctx = StreamContext {
-                name: s.name.clone(),
-                queue,
+        // Streams first, so nothing appended is missed.
+        let routes = SharedRoutes::default();
+        let stream_infos = Arc::new(std::sync::RwLock::new(Vec::new()));
+        let (streams, links) = StreamSet::start(
+            streams::Shared {
+                store: store.clone(),
                 metrics: metrics.clone(),
                 cancel: streams_cancel.clone(),
                 gateway_eui: cfg.gateway.eui,
                 instance_id: instance_id.clone(),
-                commands: s.commands().then(|| commands.clone()),
-                downlinks: s.downlinks.then(|| downlinks.clone()),
-                format: Arc::new(crate::streams::format::Formatter::new(s, facts.clone())),
-            };
-            let stream = Stream::build(s, ctx, ev_rx)?;
-            streams.push(tokio::spawn(stream.run()));
-        }
+                commands,
+                downlinks: downlinks.clone(),
+                facts: facts.clone(),
+                routes: routes.clone(),
+                infos: stream_infos.clone(),
+            },
+            &cfg.streams,
+        )?;
 
         let plan = crate::downlink::window::RxPlan::new(cfg.gateway.region, cfg.gateway.rx2_dr);
         let mac_policy = crate::devices::mac_policy(cfg);
@@ -338,7 +325,7 @@ impl Daemon {
                 sources.clone(),
                 registry_for_page,
                 activity.clone(),
-                crate::web::stream_infos(cfg),
+                stream_infos,
             );
             misc.push(tokio::spawn(metrics::serve(
                 l,
@@ -382,7 +369,7 @@ impl Daemon {
             misc_cancel,
             ingress,
             uplink,
-            streams,
+            streams: tokio::sync::Mutex::new(streams),
             scheduler,
             misc,
             downlinks,
@@ -402,12 +389,20 @@ impl Daemon {
         self.control.lock().ok()?.take()
     }
 
-    /// Take a new configuration's devices, applications and their payload codecs (`SIGHUP`):
-    /// added, changed and removed devices apply at once, kept devices keep their counters, sessions and MAC
-    /// state ([`crate::lorawan::session::Registry::reload`]). Other changed sections are
-    /// reported in [`ReloadReport::needs_restart`] and not applied.
-    pub fn reload(&self, new: &Config) -> Result<ReloadReport, DaemonError> {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+    /// Take a new configuration (`SIGHUP`): devices, applications and their payload codecs
+    /// apply at once, kept devices keep their counters, sessions and MAC state
+    /// ([`crate::lorawan::session::Registry::reload`]); streams are added, changed and removed
+    /// (see [`streams`]: unchanged ones keep their connection, every queue is kept). Other
+    /// changed sections are reported in [`ReloadReport::needs_restart`] and not applied. A
+    /// stream or codec that cannot be set up refuses the reload before anything changed.
+    pub async fn reload(&self, new: &Config) -> Result<ReloadReport, DaemonError> {
+        // One reload at a time: the stream set's lock is held throughout.
+        let mut streams = self.streams.lock().await;
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let json = |v: &dyn erased_json::Json| v.json();
         let mut needs_restart = Vec::new();
         if json(&running.gateway) != json(&new.gateway) {
@@ -419,20 +414,19 @@ impl Daemon {
         if json(&running.metrics) != json(&new.metrics) {
             needs_restart.push("[metrics]");
         }
-        if running.streams != new.streams {
-            needs_restart.push("[[stream]]");
-        }
         if running.alerts != new.alerts {
             needs_restart.push("[[alert]]");
         }
-        // The devices as the running [gateway] section makes them (its MAC policy).
+        // The new sections as the running [gateway] and [storage] sections make them (the MAC
+        // policy; a stream's default when_full).
         let mut merged = running.clone();
         merged.applications = new.applications.clone();
         merged.devices = new.devices.clone();
         merged.device_sources = new.device_sources.clone();
-        // The codecs first: a script that no longer loads refuses the reload before anything
-        // changed.
-        self.codecs.reload(&merged)?;
+        merged.streams = new.streams.clone();
+        // What can fail first: a script that no longer loads, a device table that cannot be
+        // read, refuse the reload before anything changed.
+        let codecs = crate::codec::Codecs::prepare(&merged)?;
         let store = &self.sources.store;
         let fresh =
             crate::devices::registry(&merged, store).map_err(|source| DaemonError::Store {
@@ -440,14 +434,18 @@ impl Daemon {
                 source,
                 hint: String::new(),
             })?;
+        // Streams next: one that cannot be built refuses the reload, the others unchanged.
+        let stream_changes = streams.apply(&merged.streams, STOP_DEADLINE).await?;
+        self.codecs.install(codecs);
         let devices = {
             let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
             reg.reload(fresh)
         };
         self.facts.set_devices(&merged);
-        *running = merged;
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = merged;
         Ok(ReloadReport {
             devices,
+            streams: stream_changes,
             needs_restart,
         })
     }
@@ -492,21 +490,14 @@ impl Daemon {
         self.watchdog.stop().await;
         // A task that overruns the deadline is aborted, so that when `stop` returns nothing
         // holds the store any more (a store reopened in the same process must be alone).
-        async fn finish(mut t: JoinHandle<()>, deadline: tokio::time::Instant) {
-            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
-                t.abort();
-                let _ = t.await;
-            }
-        }
+        use streams::finish;
         drop(self.downlinks);
         self.ingress_cancel.cancel();
         finish(self.ingress, deadline).await;
         // The uplink stage ends when the ingress sender is gone, after storing its window.
         finish(self.uplink, deadline).await;
         self.streams_cancel.cancel();
-        for s in self.streams {
-            finish(s, deadline).await;
-        }
+        self.streams.into_inner().stop_all(deadline).await;
         // The scheduler ends when its last handle (uplink stage, streams) is gone.
         finish(self.scheduler, deadline).await;
         if let Err(e) = self.sources.store.flush().await {

@@ -62,6 +62,19 @@ impl DownlinkHandle {
         self.tx.try_send(Input::Uplink(Box::new(u))).is_ok()
     }
 
+    /// A reload added, changed (`Some`) or removed (`None`) a stream: downlink requests and
+    /// events follow the new scope and channel from the next input on.
+    pub(crate) async fn set_stream_link(
+        &self,
+        stream: String,
+        link: Option<super::StreamLink>,
+    ) -> Result<(), Stopped> {
+        self.tx
+            .send(Input::Link(stream, link))
+            .await
+            .map_err(|_| Stopped)
+    }
+
     /// A JoinAccept to send. False when the scheduler cannot take it now.
     pub(crate) fn join_accept(&self, j: JoinAcceptJob) -> bool {
         self.tx.try_send(Input::JoinAccept(Box::new(j))).is_ok()

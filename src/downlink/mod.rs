@@ -83,9 +83,13 @@ pub(crate) enum Input {
     /// acknowledge the cloud's message only then ([`DownlinkHandle::submit`]).
     Request(DownlinkRequest, tokio::sync::oneshot::Sender<()>),
     JoinAccept(Box<JoinAcceptJob>),
+    /// A reload added or changed a stream (`Some`: its scope and event channel) or removed
+    /// it (`None`).
+    Link(String, Option<StreamLink>),
 }
 
 /// Per-stream scope and event channel.
+#[derive(Debug)]
 pub(crate) struct StreamLink {
     pub scope: Scope,
     pub events: mpsc::Sender<DownlinkEvent>,

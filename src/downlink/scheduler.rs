@@ -209,6 +209,14 @@ impl Scheduler {
                         let _ = done.send(());
                     }
                     Some(Input::JoinAccept(j)) => self.on_join_accept(*j).await,
+                    Some(Input::Link(name, link)) => match link {
+                        Some(l) => {
+                            self.streams.insert(name, l);
+                        }
+                        None => {
+                            self.streams.remove(&name);
+                        }
+                    },
                     None => return,
                 },
                 a = tx_acks.recv(), if acks_open => match a {

@@ -26,7 +26,7 @@ pub(super) struct Health {
 impl Store {
     /// Over the memory bound while the disk refuses writes: drop the oldest unsaved records.
     pub(super) fn shed_memory(&self) {
-        let mut queues = self.queues();
+        let mut queues = self.all_queues().to_vec();
         queues.sort_by_key(|q| std::cmp::Reverse(q.unsaved_bytes()));
         for q in queues {
             if self.inner.shared.unsaved_bytes.load(Ordering::Relaxed) <= MEMORY_FALLBACK_BYTES {
@@ -133,7 +133,7 @@ impl Store {
             }
         }
         let engine = self.engine()?;
-        let queues = self.queues();
+        let queues = self.all_queues();
         let mut batch = Batch::default();
         let (gen, snaps, sessions) = {
             let mut j = self.journal();
@@ -282,7 +282,7 @@ impl Store {
                 continue;
             }
             let (mut puts, mut dels) = (0usize, 0usize);
-            for q in self.queues() {
+            for q in self.all_queues().iter() {
                 let (p, d) = q.pending();
                 puts += p;
                 dels += d;
@@ -366,7 +366,7 @@ impl Store {
     /// [`crate::store`]).
     pub(super) fn write_acks(&self) {
         let mut j = self.journal();
-        let queues = self.queues();
+        let queues = self.all_queues();
         let taken: Vec<Vec<[u8; 8]>> = queues
             .iter()
             .map(|q| q.take_acked().iter().map(|s| s.to_be_bytes()).collect())
@@ -390,7 +390,7 @@ impl Store {
         self.write_acks();
         let r = self.commit().await.map(|_| ());
         if r.is_err() {
-            let lost: u64 = self.queues().iter().map(|q| q.shed_memory_only()).sum();
+            let lost: u64 = self.all_queues().iter().map(|q| q.shed_memory_only()).sum();
             self.inner.shared.write_ledger(lost);
             if lost > 0 {
                 tracing::error!(records = lost, "stopping with records the full disk never took; they are lost (the next start reports them too)");

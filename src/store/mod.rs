@@ -94,7 +94,7 @@ pub use open::{drop_queue, inspect};
 pub use queue::{Queue, QueueStats};
 pub use sessions::OtaaSession;
 
-use crate::config::{StorageBackend, StorageConfig};
+use crate::config::{StorageBackend, StorageConfig, WhenFull};
 use crate::lorawan::session::SessionState;
 use crate::model::{Eui64, Record};
 use backend::Backend;
@@ -354,7 +354,10 @@ impl Shared {
 struct Inner {
     cfg: StorageConfig,
     shared: Arc<Shared>,
-    queues: BTreeMap<String, Queue>,
+    /// Every queue loaded, in the order they were opened (name order at start, then added by
+    /// reloads): positions never change, so [`Entry::queues`] indexes stay valid across
+    /// reloads; a removed stream's queue stays in place, detached ([`Queue::is_attached`]).
+    queues: RwLock<Arc<[Queue]>>,
     next_seq: AtomicU64,
     /// The journal. Appends go there with group commits (`flush_every_ms > 0`), and with
     /// `flush_every_ms = 0` while the engine refuses writes; acknowledgements always. Its lock
@@ -436,19 +439,70 @@ impl Store {
         self.inner.cfg.backend
     }
 
-    /// The queue of a stream.
+    /// The queue of a configured stream.
     pub fn queue(&self, name: &str) -> Option<Queue> {
-        self.inner.queues.get(name).cloned()
+        self.all_queues()
+            .iter()
+            .find(|q| q.name() == name && q.is_attached())
+            .cloned()
     }
 
-    /// Position of a stream's queue in [`Store::queues`] (the index [`Entry::queues`] takes).
+    /// Position of a stream's queue among all loaded queues (the index [`Entry::queues`]
+    /// takes); stable for the life of the store.
     pub fn queue_index(&self, name: &str) -> Option<usize> {
-        self.inner.queues.keys().position(|k| k == name)
+        self.all_queues().iter().position(|q| q.name() == name)
     }
 
-    /// All queues, in name order.
+    /// The queues of configured streams, in name order.
     pub fn queues(&self) -> Vec<Queue> {
-        self.inner.queues.values().cloned().collect()
+        let mut v: Vec<Queue> = self
+            .all_queues()
+            .iter()
+            .filter(|q| q.is_attached())
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
+    }
+
+    /// Every loaded queue, detached ones included, by [`Store::queue_index`].
+    pub(crate) fn all_queues(&self) -> Arc<[Queue]> {
+        self.inner
+            .queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A stream added (or changed) by a reload: its queue, loaded from disk if a removed
+    /// stream of that name left one there, attached and with this `when_full`. Returns its
+    /// index ([`Store::queue_index`]).
+    pub fn attach_queue(&self, name: &str, when_full: WhenFull) -> Result<usize, StoreError> {
+        let mut list = self.inner.queues.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = list.iter().position(|q| q.name() == name) {
+            list[i].set_when_full(when_full);
+            list[i].set_attached(true);
+            return Ok(i);
+        }
+        let engine = self.engine()?;
+        let q = Queue::open(
+            name.to_string(),
+            &engine,
+            when_full,
+            self.inner.shared.clone(),
+        )?;
+        let mut v: Vec<Queue> = list.iter().cloned().collect();
+        v.push(q);
+        *list = v.into();
+        Ok(list.len() - 1)
+    }
+
+    /// A stream removed by a reload: its queue keeps its backlog (committed as usual) and
+    /// takes no new records ([`Queue::is_attached`]).
+    pub fn detach_queue(&self, name: &str) {
+        if let Some(q) = self.all_queues().iter().find(|q| q.name() == name) {
+            q.set_attached(false);
+        }
     }
 
     /// Queued bytes over all streams.
@@ -473,7 +527,7 @@ impl Store {
         entries: &[Entry<'_>],
         devices: &[DeviceUpdate],
     ) -> Result<Appended, StoreError> {
-        let queues = self.queues();
+        let queues = self.all_queues();
         let mut per_queue: Vec<Vec<(u64, Arc<Vec<u8>>)>> = vec![Vec::new(); queues.len()];
         let mut keys: Vec<Vec<(u64, u64)>> = vec![Vec::new(); queues.len()];
         let mut out = Appended::default();
@@ -660,7 +714,7 @@ impl Store {
     /// many. Queues are in arrival order, so only their heads are looked at.
     pub fn expire(&self, cutoff_us: i64) -> Result<u64, StoreError> {
         let mut n = 0;
-        for q in self.queues() {
+        for q in self.all_queues().iter() {
             n += q.expire_before(cutoff_us)?;
         }
         Ok(n)

@@ -256,7 +256,7 @@ impl Store {
             inner: Arc::new(Inner {
                 cfg: cfg.clone(),
                 shared,
-                queues,
+                queues: RwLock::new(queues.into_values().collect::<Vec<_>>().into()),
                 next_seq: AtomicU64::new(next_seq),
                 journal,
                 group_commit: cfg.flush_every_ms > 0,

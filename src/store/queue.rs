@@ -20,7 +20,7 @@ use crate::config::WhenFull;
 use crate::model::{now_us, Record};
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -37,7 +37,12 @@ pub struct Queue {
 struct Inner {
     name: String,
     table: String,
-    when_full: WhenFull,
+    /// `true`: reject_new; `false`: drop_oldest ([`WhenFull`]); a reload may change it.
+    reject_new: AtomicBool,
+    /// A configured stream reads this queue. A stream removed by a reload leaves its queue
+    /// detached: kept (and committed) with its backlog, taking no new records, evicted by no
+    /// other queue's `drop_oldest`, shown nowhere, until the stream comes back.
+    attached: AtomicBool,
     shared: Arc<Shared>,
     len: AtomicU64,
     bytes: AtomicU64,
@@ -144,7 +149,8 @@ impl Queue {
             inner: Arc::new(Inner {
                 name,
                 table,
-                when_full,
+                reject_new: AtomicBool::new(when_full == WhenFull::RejectNew),
+                attached: AtomicBool::new(true),
                 shared,
                 len: AtomicU64::new(len),
                 bytes: AtomicU64::new(bytes),
@@ -163,6 +169,30 @@ impl Queue {
 
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    fn when_full(&self) -> WhenFull {
+        if self.inner.reject_new.load(Ordering::Relaxed) {
+            WhenFull::RejectNew
+        } else {
+            WhenFull::DropOldest
+        }
+    }
+
+    /// A reload changed the stream's `when_full`.
+    pub(super) fn set_when_full(&self, when_full: WhenFull) {
+        self.inner
+            .reject_new
+            .store(when_full == WhenFull::RejectNew, Ordering::Relaxed);
+    }
+
+    /// Whether a configured stream reads this queue (see [`Inner::attached`]).
+    pub fn is_attached(&self) -> bool {
+        self.inner.attached.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set_attached(&self, attached: bool) {
+        self.inner.attached.store(attached, Ordering::Relaxed);
     }
 
     /// The engine table that holds this queue (`q:{name}`).
@@ -623,16 +653,18 @@ impl Queue {
             if total + size <= self.inner.shared.max_bytes {
                 return Ok(Room::Ok { evicted });
             }
-            if self.inner.when_full == WhenFull::RejectNew {
+            if self.when_full() == WhenFull::RejectNew {
                 self.count_drop(DropReason::QueueFullRejected, 1);
                 return Ok(Room::Rejected);
             }
             let victim = all
                 .iter()
-                .filter(|q| q.inner.when_full == WhenFull::DropOldest && !q.is_empty())
+                .filter(|q| {
+                    q.is_attached() && q.when_full() == WhenFull::DropOldest && !q.is_empty()
+                })
                 .max_by_key(|q| q.inner.bytes.load(Ordering::Relaxed));
             let Some(victim) = victim else {
-                if self.inner.when_full == WhenFull::DropOldest && !pending.is_empty() {
+                if self.when_full() == WhenFull::DropOldest && !pending.is_empty() {
                     let (_, v) = pending.remove(0);
                     let n = v.len() as u64;
                     let _ = self.inner.shared.total_bytes.fetch_update(

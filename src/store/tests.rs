@@ -651,3 +651,44 @@ async fn a_backlog_read_and_acked_in_small_steps_keeps_order_and_exact_counts() 
         );
     }
 }
+
+/// Streams added and removed by a reload: an attached queue takes records at once and keeps
+/// them across a reopen; a detached one keeps its backlog, leaves `queues()` and is never
+/// evicted for another queue's `drop_oldest`; indexes never move; attaching it again brings
+/// the backlog back, with a new `when_full`.
+#[tokio::test]
+async fn queues_attached_and_detached_at_run_time_keep_their_records() {
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = records::encode(&uplink(0)).unwrap().len() as u64;
+        let c = cfg_for(backend, dir.path(), size * 6, 100);
+        {
+            let (s, _) = Store::open(&c, &streams(&["b"])).unwrap();
+            let a = s.attach_queue("a", WhenFull::DropOldest).unwrap();
+            // Added after "b": a new index, "b" keeps 0.
+            assert_eq!((a, s.queue_index("b")), (1, Some(0)));
+            for n in 0..3 {
+                append_to(&s, &uplink(n), &[a]).await;
+            }
+            s.detach_queue("a");
+            assert!(s.queue("a").is_none());
+            let names: Vec<String> = s.queues().iter().map(|q| q.name().to_string()).collect();
+            assert_eq!(names, vec!["b".to_string()]);
+            // "b" fills the cap: it evicts its own oldest, never the detached backlog.
+            for n in 10..16 {
+                append_to(&s, &uplink(n), &[0]).await;
+            }
+            let b = s.queue("b").unwrap();
+            assert_eq!(fcnts(&b), vec![13, 14, 15]);
+            assert_eq!(s.attach_queue("a", WhenFull::RejectNew).unwrap(), 1);
+            let a_q = s.queue("a").unwrap();
+            assert_eq!(fcnts(&a_q), vec![0, 1, 2]);
+            // reject_new now: the cap is reached, the record is refused.
+            assert_eq!(append_to(&s, &uplink(3), &[1]).await.rejected, 1);
+            s.flush().await.unwrap();
+        }
+        // Reopened with "a" configured: its records were committed like any other.
+        let (s, _) = Store::open(&c, &streams(&["a", "b"])).unwrap();
+        assert_eq!(fcnts(&s.queue("a").unwrap()), vec![0, 1, 2]);
+    }
+}

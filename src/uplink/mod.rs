@@ -23,7 +23,7 @@ mod join;
 mod routes;
 
 pub use join::JoinSettings;
-pub use routes::Routes;
+pub use routes::{Routes, SharedRoutes};
 
 use crate::activity::{Activity, FrameView, SignalPoint, UplinkNote};
 use crate::codec::Codecs;
@@ -74,7 +74,7 @@ pub struct UplinkStage {
     registry: SharedRegistry,
     downlinks: Option<DownlinkHandle>,
     store: Store,
-    routes: Routes,
+    routes: SharedRoutes,
     metrics: Metrics,
     codecs: Arc<Codecs>,
     dedup: Dedup<Reception>,
@@ -105,7 +105,7 @@ impl UplinkStage {
         registry: SharedRegistry,
         downlinks: Option<DownlinkHandle>,
         store: Store,
-        routes: Routes,
+        routes: SharedRoutes,
         metrics: Metrics,
         codecs: Arc<Codecs>,
         net: Network,
@@ -226,6 +226,7 @@ impl UplinkStage {
 
     fn receive(&mut self, batch: Batch, records: &mut Vec<Record>) {
         let now = Instant::now();
+        let gateway_streams = self.routes.get().has_gateway_streams();
         for r in batch {
             if !r.crc_ok {
                 self.metrics.frame("crc_bad");
@@ -235,7 +236,7 @@ impl UplinkStage {
                 self.activity.frame(view);
                 continue;
             }
-            if self.routes.has_gateway_streams() {
+            if gateway_streams {
                 records.push(Record::GatewayFrame(GatewayFrame {
                     id: new_id(),
                     phy_payload: r.phy_payload.clone(),
@@ -545,11 +546,12 @@ impl UplinkStage {
         }
         let mut routes: Vec<Vec<usize>> = Vec::with_capacity(records.len());
         let mut tmp = Vec::new();
+        let now = self.routes.get();
         for r in records.iter() {
             match r {
-                Record::Uplink(u) => self.routes.for_device(&u.application, &u.device, &mut tmp),
-                Record::Join(j) => self.routes.for_device(&j.application, &j.device, &mut tmp),
-                Record::GatewayFrame(g) => self.routes.for_gateway(g.rx.gateway, &mut tmp),
+                Record::Uplink(u) => now.for_device(&u.application, &u.device, &mut tmp),
+                Record::Join(j) => now.for_device(&j.application, &j.device, &mut tmp),
+                Record::GatewayFrame(g) => now.for_gateway(g.rx.gateway, &mut tmp),
                 // Alerts are appended by the alert engine, never by this stage.
                 Record::Alert(_) => tmp.clear(),
             }

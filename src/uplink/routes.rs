@@ -3,6 +3,7 @@
 
 use crate::model::{Eui64, Scope};
 use crate::store::Store;
+use std::sync::{Arc, RwLock};
 
 /// Which queues take which records.
 #[derive(Debug, Clone, Default)]
@@ -12,17 +13,12 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// `streams`: (name, scope) of every stream; indexes follow the store's queue order.
+    /// `streams`: (name, scope) of every stream that takes records; indexes are the store's
+    /// ([`Store::queue_index`]).
     pub fn new(store: &Store, streams: &[(String, Scope)]) -> Routes {
-        let queues = store.queues();
         let routes = streams
             .iter()
-            .filter_map(|(name, scope)| {
-                queues
-                    .iter()
-                    .position(|q| q.name() == name)
-                    .map(|i| (scope.clone(), i))
-            })
+            .filter_map(|(name, scope)| store.queue_index(name).map(|i| (scope.clone(), i)))
             .collect();
         Routes { routes }
     }
@@ -51,5 +47,21 @@ impl Routes {
         self.routes
             .iter()
             .any(|(s, _)| matches!(s, Scope::Gateway(_)))
+    }
+}
+
+/// The routes in effect, shared by the uplink stage and the daemon: a reload that adds,
+/// changes or removes streams swaps them whole ([`SharedRoutes::set`]); the stage reads them
+/// once per batch.
+#[derive(Debug, Clone, Default)]
+pub struct SharedRoutes(Arc<RwLock<Arc<Routes>>>);
+
+impl SharedRoutes {
+    pub fn get(&self) -> Arc<Routes> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, routes: Routes) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
     }
 }

@@ -29,6 +29,7 @@ use crate::model::{now_us, DevStatus, Eui64};
 use crate::store::Store;
 use serde::Serialize;
 use std::fmt::Write;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Devices listed at most (the rest are counted in `devices_total`).
@@ -50,7 +51,12 @@ pub struct StreamInfo {
 
 /// The streams of `cfg`, as the page shows them.
 pub fn stream_infos(cfg: &Config) -> Vec<StreamInfo> {
-    cfg.streams
+    stream_infos_of(&cfg.streams)
+}
+
+/// These streams, as the page shows them.
+pub fn stream_infos_of(streams: &[crate::config::StreamConfig]) -> Vec<StreamInfo> {
+    streams
         .iter()
         .map(|s| StreamInfo {
             name: s.name.clone(),
@@ -270,7 +276,7 @@ pub(crate) fn pages(
     sources: Sources,
     registry: SharedRegistry,
     activity: Activity,
-    streams: Vec<StreamInfo>,
+    streams: Arc<std::sync::RwLock<Vec<StreamInfo>>>,
 ) -> StatusPages {
     let render = move |page: Page| {
         let health = sources.health();
@@ -279,7 +285,10 @@ pub(crate) fn pages(
             let reg = registry.lock().unwrap_or_else(|p| p.into_inner());
             device_facts(&reg)
         };
-        let d = doc(health, facts, &activity, &streams, now_us());
+        let d = {
+            let streams = streams.read().unwrap_or_else(|p| p.into_inner());
+            doc(health, facts, &activity, &streams, now_us())
+        };
         match page {
             Page::Html => html(&d),
             Page::Json => json(&d),
