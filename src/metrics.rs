@@ -61,6 +61,9 @@ struct Inner {
     metrics_connections_refused: Counter,
     uplinks_without_stream: Counter,
     remote_commands: Family<Labels, Counter>,
+    /// IoT Hub device-stream tunnels: requests by result, and open now.
+    tunnels: Family<Labels, Counter>,
+    tunnels_open: Family<Labels, Gauge>,
     downlinks_too_large: Family<Labels, Counter>,
     /// Payload codec calls that gave no decoded payload, by codec.
     codec_errors: Family<Labels, Counter>,
@@ -192,6 +195,16 @@ impl Metrics {
                 "Remote commands received over the streams, by command and result (ok, error, busy)",
                 Family::default()
             ),
+            tunnels: reg!(
+                "tunnels",
+                "IoT Hub device-stream requests (remote access tunnels), by stream and result: refused (port not in tunnel_ports), busy (tunnel_max open), malformed, endpoint_error, local_error (nothing listens on the port), closed_local, closed_remote, idle_timeout, stopped",
+                Family::default()
+            ),
+            tunnels_open: reg!(
+                "tunnels_open",
+                "Remote access tunnels open now, by stream",
+                Family::default()
+            ),
             uplinks_without_stream: reg!(
                 "uplinks_without_stream",
                 "Accepted uplinks (and joins) that no stream takes: their device is outside every stream's scope",
@@ -266,6 +279,32 @@ impl Metrics {
                 ("result", result.into()),
             ])
             .inc();
+    }
+    /// One device-stream request ended with `result` (see the metric's help).
+    pub fn tunnel(&self, stream: &str, result: &'static str) {
+        self.inner
+            .tunnels
+            .get_or_create(&vec![("stream", stream.into()), ("result", result.into())])
+            .inc();
+    }
+    pub fn tunnels(&self, stream: &str, result: &'static str) -> u64 {
+        self.inner
+            .tunnels
+            .get(&vec![("stream", stream.into()), ("result", result.into())])
+            .map_or(0, |c| c.get())
+    }
+    /// A tunnel opened (+1) or closed (-1).
+    pub fn tunnels_open_add(&self, stream: &str, delta: i64) {
+        self.inner
+            .tunnels_open
+            .get_or_create(&vec![("stream", stream.into())])
+            .inc_by(delta);
+    }
+    pub fn tunnels_open(&self, stream: &str) -> i64 {
+        self.inner
+            .tunnels_open
+            .get(&vec![("stream", stream.into())])
+            .map_or(0, |g| g.get())
     }
     pub fn uplink_without_stream(&self) {
         self.inner.uplinks_without_stream.inc();

@@ -43,6 +43,7 @@ pub use streams::{
     azure_device_id, AwsConfig, AzureConfig, AzureIdentity, AzureKey, ClientCert, ClientId,
     DownlinkFormat, Format, FormatConfig, HttpConfig, MqttConfig, OnClientError, PolicyKey,
     PollConfig, ServerUrl, StreamConfig, StreamKind, TemplateConfig, TlsFiles, Transport,
+    TunnelConfig,
 };
 pub use streams::{SmtpConfig, SmtpTls, WebSocketConfig, WsAck};
 

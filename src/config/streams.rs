@@ -40,6 +40,11 @@ pub mod defaults {
     /// IoT Hub allows keep-alives up to 1767 s; shorter detects a dead link sooner.
     pub const AZURE_KEEP_ALIVE: Duration = Duration::from_secs(60);
     pub const AZURE_DEVICE_ID: &str = "{device}";
+    /// IoT Hub device-stream tunnels (`tunnel_ports`): closed after this long without a byte
+    /// either way.
+    pub const AZURE_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Tunnels open at once; a request beyond it is refused.
+    pub const AZURE_TUNNEL_MAX: usize = 4;
     /// HTTP: uplinks per POST (contract).
     pub const HTTP_BATCH_MAX: usize = 100;
     /// How long a short batch waits to fill.
@@ -231,6 +236,10 @@ raw_stream! {
     max_connections: usize,
     downlink_format: DownlinkFormat,
     twin: bool,
+    /// Local TCP ports reachable through IoT Hub device streams (identity = "gateway").
+    tunnel_ports: Vec<u32>,
+    tunnel_idle_timeout_s: u64,
+    tunnel_max: usize,
     // websocket, smtp: see transports.rs
     ack: transports::WsAck,
     from: String,
@@ -547,6 +556,28 @@ pub struct AzureConfig {
     pub twin: bool,
     /// Remote commands as direct methods of the gateway's device (`commands = true`).
     pub commands: bool,
+    /// Remote access through IoT Hub device streams (`tunnel_ports`; empty = off).
+    pub tunnel: TunnelConfig,
+}
+
+/// `tunnel_ports` and its limits: device streams of the gateway's IoT Hub device proxied to
+/// `127.0.0.1:<port>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TunnelConfig {
+    /// Allowed local ports, sorted, no duplicates; empty: no device streams accepted.
+    pub ports: Vec<u16>,
+    pub idle_timeout: Duration,
+    pub max: usize,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        TunnelConfig {
+            ports: Vec::new(),
+            idle_timeout: defaults::AZURE_TUNNEL_IDLE_TIMEOUT,
+            max: defaults::AZURE_TUNNEL_MAX,
+        }
+    }
 }
 
 /// What an HTTP stream does with a 4xx (other than 408/413/429).
@@ -1026,7 +1057,11 @@ fn azure(k: &mut Keys, scope: &Scope) -> Result<AzureConfig, KeyError> {
     let downlink_format = take!(k, downlink_format);
     let twin = take!(k, twin);
     let commands = take!(k, commands);
+    let tunnel_ports = take!(k, tunnel_ports);
+    let tunnel_idle = take!(k, tunnel_idle_timeout_s);
+    let tunnel_max = take!(k, tunnel_max);
     k.no_leftovers()?;
+    let tunnel = tunnel_config(tunnel_ports, tunnel_idle, tunnel_max)?;
 
     let host = hostname.unwrap_or_default();
     if host.is_empty() || host.contains(['/', ':', ' ']) {
@@ -1121,6 +1156,12 @@ fn azure(k: &mut Keys, scope: &Scope) -> Result<AzureConfig, KeyError> {
                     "remote commands are IoT Hub direct methods of the gateway's own device: use identity = \"gateway\"".into(),
                 ));
             }
+            if !tunnel.ports.is_empty() {
+                return Err((
+                    "tunnel_ports",
+                    "device streams go to the IoT Hub device that asks for them, the gateway's own: use identity = \"gateway\"".into(),
+                ));
+            }
             if matches!(scope, Scope::Gateway(_)) {
                 return Err((
                     "identity",
@@ -1191,6 +1232,54 @@ fn azure(k: &mut Keys, scope: &Scope) -> Result<AzureConfig, KeyError> {
         downlink_format: downlink_format.unwrap_or_default(),
         twin: twin.unwrap_or(false),
         commands: commands.unwrap_or(false),
+        tunnel,
+    })
+}
+
+/// `tunnel_ports` (1-65535 each), `tunnel_idle_timeout_s` (>= 1), `tunnel_max` (1-64).
+fn tunnel_config(
+    ports: Option<Vec<u32>>,
+    idle: Option<u64>,
+    max: Option<usize>,
+) -> Result<TunnelConfig, KeyError> {
+    let mut out = Vec::new();
+    for p in ports.unwrap_or_default() {
+        match u16::try_from(p) {
+            Ok(p) if p >= 1 => out.push(p),
+            _ => {
+                return Err((
+                    "tunnel_ports",
+                    format!("{p} is not a TCP port (1-65535), e.g. tunnel_ports = [22]"),
+                ))
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    let idle_timeout = match idle {
+        Some(0) => {
+            return Err((
+                "tunnel_idle_timeout_s",
+                "must be at least 1 (seconds)".into(),
+            ))
+        }
+        Some(s) => Duration::from_secs(s),
+        None => defaults::AZURE_TUNNEL_IDLE_TIMEOUT,
+    };
+    let max = match max {
+        Some(n @ 1..=64) => n,
+        Some(_) => {
+            return Err((
+                "tunnel_max",
+                "must be 1 to 64 (tunnels open at once)".into(),
+            ))
+        }
+        None => defaults::AZURE_TUNNEL_MAX,
+    };
+    Ok(TunnelConfig {
+        ports: out,
+        idle_timeout,
+        max,
     })
 }
 
@@ -1481,6 +1570,18 @@ impl StreamConfig {
                     )
                     .b("twin", a.twin)
                     .b("commands", a.commands);
+                t.0.insert(
+                    "tunnel_ports".into(),
+                    toml::Value::Array(
+                        a.tunnel
+                            .ports
+                            .iter()
+                            .map(|p| toml::Value::Integer(i64::from(*p)))
+                            .collect(),
+                    ),
+                );
+                t.n("tunnel_idle_timeout_s", a.tunnel.idle_timeout.as_secs())
+                    .n("tunnel_max", a.tunnel.max as u64);
             }
             StreamKind::Http(h) => {
                 t.s("url", redact_url(&h.url));

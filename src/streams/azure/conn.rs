@@ -31,6 +31,8 @@ pub(super) const TWIN_EVERY: Duration = Duration::from_secs(60);
 const MAX_PACKET: usize = wire::MAX_MESSAGE + 4096;
 /// Publishes that are not records (events, twin) allowed in flight beside the records.
 const EXTRA: usize = 16;
+/// Device-stream answers waiting to be published.
+const TUNNEL_ANSWERS: usize = 16;
 
 /// The LoRaWAN device behind a per-device identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +150,14 @@ async fn session(
     }
     let (method_tx, mut method_rx) =
         tokio::sync::mpsc::channel::<(String, Vec<u8>)>(crate::daemon::commands::MAX_RUNNING + 1);
+    // Remote access as device streams of the gateway's own device (see `tunnel.rs`): requests
+    // on `$iothub/streams/POST/{port}/?$rid=...`, answers on `$iothub/streams/res/{status}/`,
+    // published by this loop.
+    let tunnels = sh.tunnels.clone().filter(|_| who.device.is_none());
+    if tunnels.is_some() {
+        let _ = client.try_subscribe(super::tunnel::FILTER, QoS::AtMostOnce);
+    }
+    let (tunnel_tx, mut tunnel_rx) = tokio::sync::mpsc::channel::<String>(TUNNEL_ANSWERS);
     // Cloud-to-device messages are handled one at a time, in order, off the polling task. A
     // renewal or stop waits until they are acknowledged too, so a stored downlink is not
     // redelivered (and queued twice) after the reconnect.
@@ -176,6 +186,17 @@ async fn session(
                 }
                 Ok(Event::Incoming(Packet::Publish(mut p))) => {
                     report(Report::Activity);
+                    if let (Some(t), true) = (&tunnels, p.topic.starts_with("$iothub/streams/")) {
+                        if p.qos != QoS::AtMostOnce {
+                            let _ = client.try_ack(&p);
+                        }
+                        if let Some(answer) = t.on_request(&p.topic, &sh.ctx.cancel) {
+                            if tunnel_tx.try_send(answer).is_err() {
+                                tracing::warn!(stream = %sh.ctx.name, "too many device-stream requests at once; one is not answered");
+                            }
+                        }
+                        continue;
+                    }
                     if let (Some(c), Some((name, rid))) = (
                         &commands,
                         method_request(&p.topic).map(|(n, r)| (n.to_string(), r.to_string())),
@@ -208,6 +229,11 @@ async fn session(
             },
             Some((seq, r)) = records.recv(), if room => {
                 if !publish_record(sh, who, &client, &mut inflight, &mut rid, seq, &r, report) {
+                    break SessionEnd::failed(SessionError::ClientClosed);
+                }
+            }
+            Some(topic) = tunnel_rx.recv(), if room => {
+                if !inflight.publish(&client, &topic, Vec::new(), false, None) {
                     break SessionEnd::failed(SessionError::ClientClosed);
                 }
             }

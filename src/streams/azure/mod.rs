@@ -26,6 +26,7 @@
 
 mod conn;
 mod dispatch;
+mod tunnel;
 pub mod wire;
 
 use super::connect::{self, Retry, Session, SessionEnd};
@@ -65,6 +66,8 @@ pub(crate) struct Shared {
     twin: bool,
     /// Last twin update per IoT Hub device id (rate limit across reconnects).
     last_twin: Mutex<HashMap<String, Instant>>,
+    /// Device-stream tunnels (`tunnel_ports`, gateway identity); they outlive reconnects.
+    tunnels: Option<Arc<tunnel::Tunnels>>,
 }
 
 enum Mode {
@@ -127,6 +130,12 @@ impl AzureStream {
                 })
             }
         };
+        let tunnels = tunnel::Tunnels::new(
+            &cfg.tunnel,
+            &ctx.name,
+            cfg.ca_file.as_deref(),
+            ctx.metrics.clone(),
+        )?;
         Ok(AzureStream {
             shared: Arc::new(Shared {
                 ctx,
@@ -139,6 +148,7 @@ impl AzureStream {
                 raw_downlinks: cfg.downlink_format == DownlinkFormat::Raw,
                 twin: cfg.twin,
                 last_twin: Mutex::new(HashMap::new()),
+                tunnels,
             }),
             mode,
             events,
