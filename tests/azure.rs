@@ -1320,3 +1320,414 @@ async fn remote_commands_are_direct_methods_of_the_gateway_device() {
         "{bad}"
     );
 }
+
+// ---- remote access: IoT Hub device streams (`tunnel_ports`) ----
+
+use async_tungstenite::tungstenite::Message as WsMessage;
+use futures_util::{SinkExt, StreamExt};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use support::streaming::{DeviceWs, StreamingEndpoint};
+
+/// A local TCP service behind the tunnel: counts connections, closed connections and bytes.
+#[derive(Default)]
+struct Service {
+    connections: AtomicUsize,
+    closed: AtomicUsize,
+    bytes: AtomicU64,
+}
+
+/// `kind`: "echo" writes back what it reads; "hello" writes a line and closes; "count" only
+/// accepts (and holds) connections.
+async fn service(kind: &'static str) -> (u16, Arc<Service>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let s = Arc::new(Service::default());
+    let st = s.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = l.accept().await else {
+                return;
+            };
+            st.connections.fetch_add(1, Ordering::SeqCst);
+            let st = st.clone();
+            tokio::spawn(async move {
+                match kind {
+                    "echo" => {
+                        let mut buf = vec![0u8; 32 * 1024];
+                        loop {
+                            match sock.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    st.bytes.fetch_add(n as u64, Ordering::SeqCst);
+                                    if sock.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    "hello" => {
+                        let _ = sock.write_all(b"hello from the gateway\n").await;
+                        let _ = sock.shutdown().await;
+                    }
+                    _ => {
+                        let mut buf = [0u8; 64];
+                        while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+                    }
+                }
+                st.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (port, s)
+}
+
+/// Deterministic bytes (xorshift), so that a reordered or corrupted chunk shows.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Send `data` in 64 KiB frames while reading the echo; the echo, in order.
+async fn echo_through(ws: DeviceWs, data: Arc<Vec<u8>>) -> (DeviceWs, Vec<u8>) {
+    let (mut tx, mut rx) = ws.split();
+    let out = data.clone();
+    let sender = tokio::spawn(async move {
+        for c in out.chunks(64 * 1024) {
+            tx.send(WsMessage::binary(c.to_vec())).await.unwrap();
+        }
+        tx
+    });
+    let mut got = Vec::with_capacity(data.len());
+    while got.len() < data.len() {
+        match tokio::time::timeout(T, rx.next()).await {
+            Ok(Some(Ok(WsMessage::Binary(b)))) => got.extend_from_slice(&b),
+            Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => {}
+            other => panic!("after {} of {} bytes: {other:?}", got.len(), data.len()),
+        }
+    }
+    let tx = sender.await.unwrap();
+    (tx.reunite(rx).unwrap(), got)
+}
+
+/// The next frame is the end of the WebSocket (close frame or EOF).
+async fn closed(ws: &mut DeviceWs) -> bool {
+    loop {
+        match tokio::time::timeout(T, ws.next()).await {
+            Ok(Some(Ok(WsMessage::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => return true,
+            Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
+            Ok(Some(Ok(m))) => panic!("expected the end, got {m:?}"),
+            Err(_) => return false,
+        }
+    }
+}
+
+struct TunnelRig {
+    r: Rig,
+    ep: StreamingEndpoint,
+}
+
+impl TunnelRig {
+    async fn new() -> TunnelRig {
+        let r = rig().await;
+        r.hub.add_device("gw-t", &key(6));
+        // The streaming endpoint's certificate comes from the hub's CA (trusted by ca_file).
+        let cert = r.ca.issue(r.dir.path(), "streams", &["localhost"]);
+        let ep = StreamingEndpoint::start(&cert).await;
+        TunnelRig { r, ep }
+    }
+
+    fn config(&self, sub: &str, devices: &[&SimDevice], extra: &str) -> lorastream::config::Config {
+        self.r.config(
+            sub,
+            devices,
+            &self.r.stream(&format!(
+                "identity = \"gateway\"\ndevice_id = \"gw-t\"\ndevice_key = \"{}\"\n{extra}",
+                key(6)
+            )),
+        )
+    }
+
+    /// Ask for a stream to `port` on a new bridge: (answer, bridge).
+    async fn ask(&self, name: &str) -> (Option<u16>, support::streaming::BridgeHandle) {
+        let b = self.ep.bridge();
+        let status = self
+            .r
+            .hub
+            .request_stream("gw-t", name, &b.url, &b.token, T)
+            .await;
+        (status, b)
+    }
+
+    /// Ask for a stream and take the gateway's WebSocket.
+    async fn open(&self, port: u16) -> DeviceWs {
+        let (status, mut b) = self.ask(&port.to_string()).await;
+        assert_eq!(status, Some(200), "stream to {port} accepted");
+        b.device(T)
+            .await
+            .expect("the gateway connected to the streaming endpoint")
+    }
+}
+
+/// `tunnel_ports`: stream requests as IoT Hub sends them, answered on `$iothub/streams/res/`;
+/// an accepted one is proxied between the streaming endpoint's WebSocket (Bearer token, TLS
+/// verified through ca_file) and 127.0.0.1:<port>: 10 MiB byte-exact both ways through an
+/// echo service, several tunnels at once up to tunnel_max (then "busy" 400), teardown from
+/// either side, other ports and malformed requests refused without a local connection and
+/// without harming the stream (uplinks still delivered, no protocol violation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_proxies_device_streams_to_allowed_local_ports() {
+    let t = TunnelRig::new().await;
+    let (echo, echo_s) = service("echo").await;
+    let (hello, hello_s) = service("hello").await;
+    let (other, other_s) = service("count").await;
+    let mut d = device(1);
+    let cfg = t.config(
+        "tunnel",
+        &[&d],
+        &format!("tunnel_ports = [{echo}, {hello}]\ntunnel_max = 3\n"),
+    );
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let mut f = forwarder(&daemon).await;
+    let m = daemon.metrics().clone();
+    assert!(wait_until(T, || t.r.hub.stream_subscribed("gw-t")).await);
+    let q = daemon.store().queue("azure").unwrap();
+
+    // 10 MiB through an echo service: service → gateway → 127.0.0.1 and back, byte-exact.
+    let ws = t.open(echo).await;
+    let data = Arc::new(noise(10 * 1024 * 1024, 7));
+    let started = std::time::Instant::now();
+    let (mut ws, got) = echo_through(ws, data.clone()).await;
+    let took = started.elapsed();
+    assert!(got == *data, "the echo is byte-exact");
+    assert_eq!(echo_s.bytes.load(Ordering::SeqCst), data.len() as u64);
+    eprintln!(
+        "10 MiB each way through the tunnel in {took:?} ({:.1} MiB/s each way)",
+        10.0 / took.as_secs_f64()
+    );
+    assert_eq!(m.tunnels_open("azure"), 1);
+    // The service side closes: the local connection is closed too.
+    ws.close(None).await.unwrap();
+    assert!(wait_until(T, || echo_s.closed.load(Ordering::SeqCst) == 1).await);
+    assert!(wait_until(T, || m.tunnels("azure", "closed_remote") == 1).await);
+    assert!(wait_until(T, || m.tunnels_open("azure") == 0).await);
+
+    // Several at once, each its own connection; beyond tunnel_max the answer is 400.
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(t.open(echo).await);
+    }
+    assert!(wait_until(T, || echo_s.connections.load(Ordering::SeqCst) == 4).await);
+    let (status, _) = t.ask(&echo.to_string()).await;
+    assert_eq!(status, Some(400), "over tunnel_max");
+    assert_eq!(m.tunnels("azure", "busy"), 1);
+    let runs = open.into_iter().enumerate().map(|(i, ws)| {
+        let data = Arc::new(noise(256 * 1024, i as u64 + 100));
+        async move {
+            let (ws, got) = echo_through(ws, data.clone()).await;
+            assert!(got == *data, "tunnel {i} carries its own bytes");
+            ws
+        }
+    });
+    let open = futures_util::future::join_all(runs).await;
+    assert_eq!(m.tunnels_open("azure"), 3);
+    for mut ws in open {
+        ws.close(None).await.unwrap();
+    }
+    assert!(wait_until(T, || m.tunnels_open("azure") == 0).await);
+    assert!(wait_until(T, || echo_s.closed.load(Ordering::SeqCst) == 4).await);
+
+    // The local service closes: the WebSocket is closed after what it said.
+    let mut ws = t.open(hello).await;
+    match tokio::time::timeout(T, ws.next()).await {
+        Ok(Some(Ok(WsMessage::Binary(b)))) => assert_eq!(&b[..], b"hello from the gateway\n"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        closed(&mut ws).await,
+        "closed after the local service closed"
+    );
+    assert!(wait_until(T, || m.tunnels("azure", "closed_local") == 1).await);
+    assert_eq!(hello_s.connections.load(Ordering::SeqCst), 1);
+
+    // Other ports, and names that are not a port: 400, nothing connected locally.
+    let accepted_before = t.ep.log().accepted.len();
+    for name in [other.to_string(), "ssh".into(), format!("0{echo}")] {
+        let (status, _) = t.ask(&name).await;
+        assert_eq!(status, Some(400), "{name}");
+    }
+    assert_eq!(m.tunnels("azure", "refused"), 3);
+    assert_eq!(
+        other_s.connections.load(Ordering::SeqCst),
+        0,
+        "no local connection"
+    );
+    assert_eq!(
+        t.ep.log().accepted.len(),
+        accepted_before,
+        "no endpoint connection"
+    );
+
+    // A token the endpoint refuses: accepted by the gateway, refused by the endpoint (401),
+    // and no local connection.
+    let b = t.ep.bridge();
+    let status =
+        t.r.hub
+            .request_stream("gw-t", &echo.to_string(), &b.url, "not-the-token", T)
+            .await;
+    assert_eq!(status, Some(200));
+    assert!(wait_until(T, || m.tunnels("azure", "endpoint_error") == 1).await);
+    assert!(t
+        .ep
+        .log()
+        .refused
+        .contains(&(format!("/bridges/{}", b.id), 401)));
+    // An endpoint whose certificate the hub's trust does not cover: TLS fails.
+    let stranger = Ca::new(t.r.dir.path(), "stranger");
+    let ep2 =
+        StreamingEndpoint::start(&stranger.issue(t.r.dir.path(), "evil", &["localhost"])).await;
+    let b2 = ep2.bridge();
+    let status =
+        t.r.hub
+            .request_stream("gw-t", &echo.to_string(), &b2.url, &b2.token, T)
+            .await;
+    assert_eq!(status, Some(200));
+    assert!(wait_until(T, || m.tunnels("azure", "endpoint_error") == 2).await);
+    assert_eq!(ep2.log().tls_failures, 1);
+    assert!(ep2.log().accepted.is_empty());
+    assert_eq!(
+        echo_s.connections.load(Ordering::SeqCst),
+        4,
+        "no local connection"
+    );
+
+    // Malformed requests: answered 400 when they carry a request id, ignored otherwise.
+    let hub = &t.r.hub;
+    let url = "wss%3A%2F%2Flocalhost%3A1%2Fb";
+    for (topic, rid) in [
+        (format!("$iothub/streams/POST/{echo}/?$rid=m1"), Some("m1")),
+        (
+            format!("$iothub/streams/POST/{echo}/?$rid=m2&$url=http%3A%2F%2Fx&$auth=t"),
+            Some("m2"),
+        ),
+        (
+            format!("$iothub/streams/POST/{echo}/?$rid=m3&$url={url}"),
+            Some("m3"),
+        ),
+        (
+            format!("$iothub/streams/POST/{echo}/?$url={url}&$auth=t"),
+            None,
+        ),
+        (format!("$iothub/streams/POST/{echo}"), None),
+        ("$iothub/streams/POST/".to_string(), None),
+    ] {
+        let status = hub.send_stream_topic("gw-t", topic.clone(), rid, T).await;
+        assert_eq!(status, rid.map(|_| 400), "{topic}");
+    }
+    assert!(wait_until(T, || m.tunnels("azure", "malformed") == 6).await);
+    // The stream goes on: an uplink is delivered on the same connection, no violation.
+    up(&mut f, &mut d, b"still here").await;
+    t.r.delivered(&q, b"still here").await;
+    hub.log(|l| {
+        assert_eq!(l.connected.len(), 1, "one connection throughout");
+        assert!(l.closed.is_empty(), "{:?}", l.closed);
+    });
+    assert_eq!(echo_s.connections.load(Ordering::SeqCst), 4);
+    let text = m.encode();
+    assert!(text.contains("lorastream_tunnels_total{"), "{text}");
+    assert!(!text.contains("not-the-token") && !text.contains(&b2.token));
+    daemon.stop().await;
+}
+
+/// A tunnel without a byte either way for tunnel_idle_timeout_s is closed (both sides), traffic
+/// keeps it open, and a daemon stop closes the open ones; tunnel keys are checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_idle_timeout_stop_and_config_rules() {
+    let t = TunnelRig::new().await;
+    let (echo, echo_s) = service("echo").await;
+    let d = device(1);
+    let cfg = t.config(
+        "idle",
+        &[&d],
+        &format!("tunnel_ports = [{echo}]\ntunnel_idle_timeout_s = 2\n"),
+    );
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    let m = daemon.metrics().clone();
+    assert!(wait_until(T, || t.r.hub.stream_subscribed("gw-t")).await);
+
+    let ws = t.open(echo).await;
+    // Traffic for longer than the idle timeout keeps it open: 8 exchanges 400 ms apart.
+    let mut ws = Some(ws);
+    let mut last_rx = std::time::Instant::now();
+    for i in 0..8u8 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        let (w, got) = echo_through(ws.take().unwrap(), Arc::new(vec![i; 100])).await;
+        last_rx = std::time::Instant::now();
+        assert_eq!(got, vec![i; 100]);
+        ws = Some(w);
+    }
+    assert_eq!(
+        m.tunnels("azure", "idle_timeout"),
+        0,
+        "traffic keeps it open"
+    );
+    let mut ws = ws.unwrap();
+    assert!(closed(&mut ws).await, "closed after the idle timeout");
+    let waited = last_rx.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "closed {waited:?} after the last byte"
+    );
+    assert_eq!(m.tunnels("azure", "idle_timeout"), 1);
+    assert!(wait_until(T, || echo_s.closed.load(Ordering::SeqCst) == 1).await);
+
+    // A stop closes open tunnels.
+    let mut ws = t.open(echo).await;
+    assert!(wait_until(T, || echo_s.connections.load(Ordering::SeqCst) == 2).await);
+    daemon.stop().await;
+    assert!(closed(&mut ws).await, "closed by the stop");
+    assert!(wait_until(T, || echo_s.closed.load(Ordering::SeqCst) == 2).await);
+
+    // Keys: ports 1-65535, gateway identity only, limits.
+    let parse = |extra: &str, identity: &str| {
+        lorastream::config::Config::parse(
+            &format!(
+                "[[application]]\nid = \"farm\"\n\n{}",
+                t.r.stream(&format!("{identity}\n{extra}\n"))
+            ),
+            "t.toml",
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    };
+    let gw = "identity = \"gateway\"\ndevice_id = \"gw\"\ndevice_key = \"c2VjcmV0\"";
+    let dev = "identity = \"device\"\npolicy_name = \"p\"\npolicy_key = \"c2VjcmV0\"";
+    assert!(parse("tunnel_ports = [22, 2222]", gw).is_ok());
+    let e = parse("tunnel_ports = [22]", dev).unwrap_err();
+    assert!(
+        e.contains("tunnel_ports") && e.contains("identity = \"gateway\""),
+        "{e}"
+    );
+    for bad in ["tunnel_ports = [0]", "tunnel_ports = [65536]"] {
+        let e = parse(bad, gw).unwrap_err();
+        assert!(e.contains("tunnel_ports") && e.contains("1-65535"), "{e}");
+    }
+    assert!(parse("tunnel_ports = [-1]", gw).is_err());
+    assert!(parse("tunnel_ports = [22]\ntunnel_max = 0", gw)
+        .unwrap_err()
+        .contains("tunnel_max"));
+    assert!(parse("tunnel_ports = [22]\ntunnel_idle_timeout_s = 0", gw)
+        .unwrap_err()
+        .contains("tunnel_idle_timeout_s"));
+}

@@ -16,6 +16,11 @@
 //! - Cloud-to-device messages wait in a per-device queue and are delivered (QoS 1, on
 //!   `devices/{id}/messages/devicebound/{property bag}`) to a connection subscribed to them;
 //!   one leaves the queue only on the device's PUBACK, otherwise it is redelivered.
+//! - Device streams (preview): to a connection subscribed to `$iothub/streams/POST/#`, a stream
+//!   request is published (QoS 0) on `$iothub/streams/POST/{name}/?$rid={rid}&$url={streaming
+//!   endpoint, URL-encoded}&$auth={token}&$ip=...`, as the Azure SDKs' tests show it; the
+//!   device answers on `$iothub/streams/res/{status}/?$rid={rid}`. The streaming endpoint
+//!   itself is `streaming.rs`.
 //!
 //! The signature check is written here from the docs, not taken from lorastream, so that the
 //! two cannot share a mistake (lorastream's signer is pinned by Microsoft's published vectors).
@@ -106,6 +111,10 @@ pub struct Log {
     pub twin_patches: Vec<(String, serde_json::Value)>,
     /// Cloud-to-device messages the device acknowledged: (device, message id).
     pub completed: Vec<(String, String)>,
+    /// Connections subscribed to device-stream requests.
+    pub stream_subscribed: Vec<u64>,
+    /// Device-stream answers: (rid, status), in arrival order.
+    pub stream_answers: Vec<(String, u16)>,
 }
 
 struct C2d {
@@ -139,6 +148,8 @@ struct State {
     methods: Mutex<HashMap<String, VecDeque<MethodCall>>>,
     /// Direct method answers by rid: (status, payload).
     method_answers: Mutex<HashMap<String, (u16, Vec<u8>)>>,
+    /// Device-stream request topics waiting for the device's connection.
+    stream_requests: Mutex<HashMap<String, VecDeque<String>>>,
     log: Mutex<Log>,
 }
 
@@ -210,6 +221,7 @@ impl IotHub {
                 c2d: Mutex::default(),
                 methods: Mutex::default(),
                 method_answers: Mutex::default(),
+                stream_requests: Mutex::default(),
                 log: Mutex::default(),
             }),
             tls: Arc::new(tls),
@@ -343,6 +355,70 @@ impl IotHub {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// The device's current connection is subscribed to device-stream requests.
+    pub fn stream_subscribed(&self, device: &str) -> bool {
+        let Some(id) = self.state.conns.lock().unwrap().get(device).map(|h| h.id) else {
+            return false;
+        };
+        self.log(|l| l.stream_subscribed.contains(&id))
+    }
+
+    /// Ask the device for a stream, as the service API does: IoT Hub publishes the request with
+    /// the streaming endpoint's `url` and `token`. The device's answer status, or None after
+    /// `timeout`.
+    pub async fn request_stream(
+        &self,
+        device: &str,
+        name: &str,
+        url: &str,
+        token: &str,
+        timeout: Duration,
+    ) -> Option<u16> {
+        let rid = format!("{}", self.state.next_mid.fetch_add(1, Ordering::SeqCst));
+        let topic = format!(
+            "$iothub/streams/POST/{name}/?$rid={rid}&$url={}&$auth={token}&$ip=127.0.0.1",
+            percent_encoding::utf8_percent_encode(url, percent_encoding::NON_ALPHANUMERIC)
+        );
+        self.send_stream_topic(device, topic, Some(&rid), timeout)
+            .await
+    }
+
+    /// Publish any topic to the device's stream subscription (malformed requests); wait for
+    /// the answer to `rid` when given.
+    pub async fn send_stream_topic(
+        &self,
+        device: &str,
+        topic: String,
+        rid: Option<&str>,
+        timeout: Duration,
+    ) -> Option<u16> {
+        self.state
+            .stream_requests
+            .lock()
+            .unwrap()
+            .entry(device.to_string())
+            .or_default()
+            .push_back(topic);
+        if let Some(h) = self.state.conns.lock().unwrap().get(device) {
+            let _ = h.poke.send(());
+        }
+        let rid = rid?;
+        let end = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < end {
+            let answer = self.log(|l| {
+                l.stream_answers
+                    .iter()
+                    .find(|(r, _)| r == rid)
+                    .map(|(_, s)| *s)
+            });
+            if answer.is_some() {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         None
     }
@@ -586,6 +662,7 @@ fn allowed_filter(device: &str, f: &str) -> bool {
         || f == "$iothub/twin/res/#"
         || f == "$iothub/twin/PATCH/properties/desired/#"
         || f == "$iothub/methods/POST/#"
+        || f == "$iothub/streams/POST/#"
 }
 
 async fn connection(mut io: Io, websocket: bool, state: Arc<State>, stop: CancellationToken) {
@@ -711,6 +788,7 @@ async fn serve(
     let mut subscribed_c2d = false;
     let mut subscribed_twin = false;
     let mut subscribed_methods = false;
+    let mut subscribed_streams = false;
     let mut next_pkid: u16 = 0;
     let mut twin_version = 1u64;
     let events_prefix = format!("devices/{device}/messages/events/");
@@ -746,6 +824,28 @@ async fn serve(
                 let t = format!("$iothub/methods/POST/{method}/?$rid={rid}");
                 if !io
                     .write(&Packet::Publish(Publish::new(t, QoS::AtMostOnce, body)))
+                    .await
+                {
+                    return Close::Dropped;
+                }
+            }
+        }
+        // Deliver device-stream requests (QoS 0).
+        if subscribed_streams {
+            let topics: Vec<_> = state
+                .stream_requests
+                .lock()
+                .unwrap()
+                .get_mut(device)
+                .map(|q| q.drain(..).collect())
+                .unwrap_or_default();
+            for t in topics {
+                if !io
+                    .write(&Packet::Publish(Publish::new(
+                        t,
+                        QoS::AtMostOnce,
+                        Vec::new(),
+                    )))
                     .await
                 {
                     return Close::Dropped;
@@ -836,6 +936,22 @@ async fn serve(
                             .lock()
                             .unwrap()
                             .insert(rid.to_string(), (status, p.payload.to_vec()));
+                    } else if let Some(rest) = p.topic.strip_prefix("$iothub/streams/res/") {
+                        // `{status}/?$rid={rid}`
+                        let (status, query) = rest.split_once("/?").unwrap_or((rest, ""));
+                        let rid = query
+                            .split('&')
+                            .find_map(|kv| kv.strip_prefix("$rid="))
+                            .unwrap_or("");
+                        let Ok(status) = status.parse::<u16>() else {
+                            return Close::Violation(format!("stream answer on {:?}", p.topic));
+                        };
+                        state
+                            .log
+                            .lock()
+                            .unwrap()
+                            .stream_answers
+                            .push((rid.to_string(), status));
                     } else if p.topic.starts_with("$iothub/twin/GET/?") {
                         // Not used by lorastream; allowed by IoT Hub.
                     } else {
@@ -860,6 +976,10 @@ async fn serve(
                             }
                             if f.path == "$iothub/methods/POST/#" {
                                 subscribed_methods = true;
+                            }
+                            if f.path == "$iothub/streams/POST/#" {
+                                subscribed_streams = true;
+                                state.log.lock().unwrap().stream_subscribed.push(id);
                             }
                             SubscribeReasonCode::Success(if f.qos == QoS::AtMostOnce {
                                 QoS::AtMostOnce

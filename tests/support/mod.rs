@@ -6,6 +6,7 @@ pub mod iothub;
 pub mod logs;
 pub mod pki;
 pub mod records;
+pub mod streaming;
 
 use lorastream::config::Config;
 use lorastream::model::{AesKey, DevAddr};
