@@ -1486,6 +1486,7 @@ impl TunnelRig {
 /// without harming the stream (uplinks still delivered, no protocol violation).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_proxies_device_streams_to_allowed_local_ports() {
+    support::logs::capture("lorastream=trace,tungstenite=trace,tokio_tungstenite=trace");
     let t = TunnelRig::new().await;
     let (echo, echo_s) = service("echo").await;
     let (hello, hello_s) = service("hello").await;
@@ -1644,8 +1645,15 @@ async fn tunnel_proxies_device_streams_to_allowed_local_ports() {
     assert_eq!(echo_s.connections.load(Ordering::SeqCst), 4);
     let text = m.encode();
     assert!(text.contains("lorastream_tunnels_total{"), "{text}");
-    assert!(!text.contains("not-the-token") && !text.contains(&b2.token));
     daemon.stop().await;
+    // Refusals are logged with their reason; no token in the logs or metrics, ever.
+    let logs = support::logs::text();
+    assert!(logs.contains("is not in tunnel_ports"), "{logs}");
+    assert!(logs.contains("tunnel closed"), "{logs}");
+    for secret in ["not-the-token", "eyJ0eXAiOiJKV1Qi", "Bearer"] {
+        assert!(!logs.contains(secret), "{secret} logged");
+        assert!(!text.contains(secret), "{secret} in /metrics");
+    }
 }
 
 /// A tunnel without a byte either way for tunnel_idle_timeout_s is closed (both sides), traffic

@@ -15,8 +15,9 @@
 //!   answered 400 and logged (rate-limited) with the reason, and nothing local is connected.
 //! - At most `tunnel_max` tunnels at once (more are answered 400, result `busy`); each is torn
 //!   down when either side closes, after `tunnel_idle_timeout_s` without a byte either way, and
-//!   when the daemon stops. Each direction has its own task-free loop, so a slow reader on one
-//!   side never stalls the other direction (an echo service cannot deadlock the tunnel).
+//!   when the daemon stops. Each direction has its own loop (joined in one task), so a side
+//!   that stops reading never stalls the other direction (an echo service cannot deadlock the
+//!   tunnel).
 //! - The streaming endpoint's certificate is verified like the hub's (the Azure roots plus the
 //!   stream's `ca_file`); only `wss://` URLs are accepted.
 //! - The token is never logged, and the endpoint URL is logged as its host only.
