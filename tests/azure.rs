@@ -1739,3 +1739,150 @@ async fn tunnel_idle_timeout_stop_and_config_rules() {
         .unwrap_err()
         .contains("tunnel_idle_timeout_s"));
 }
+
+/// Carry bytes between a local TCP connection and the gateway's WebSocket (the service side's
+/// local proxy), until both directions ended.
+async fn service_proxy(ws: DeviceWs, tcp: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut wtx, mut wrx) = ws.split();
+    let (mut r, mut w) = tcp.into_split();
+    let up = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if wtx
+                        .send(WsMessage::binary(buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = wtx.close().await;
+    };
+    let down = async {
+        while let Some(Ok(m)) = wrx.next().await {
+            match m {
+                WsMessage::Binary(b) if w.write_all(&b).await.is_err() => break,
+                WsMessage::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = w.shutdown().await;
+    };
+    tokio::join!(up, down);
+}
+
+/// A real SSH session through the tunnel: Debian's sshd on 127.0.0.1 (own host key and
+/// authorized key in a temp dir) behind `tunnel_ports`, and `ssh` on the service side through
+/// a local proxy that asks IoT Hub for a stream named after sshd's port for each connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_through_the_tunnel() {
+    if !needs_ssh("ssh_through_the_tunnel") {
+        return;
+    }
+    use std::process::{Command, Stdio};
+    let t = TunnelRig::new().await;
+    let dir = t.r.dir.path().join("ssh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |f: &str| dir.join(f).display().to_string();
+    for k in ["host_key", "client_key"] {
+        let ok = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f", &p(k)])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ssh-keygen {k}");
+    }
+    std::fs::copy(p("client_key.pub"), p("authorized_keys")).unwrap();
+    let port = free_port();
+    std::fs::write(
+        p("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+             UsePAM no\nStrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PermitRootLogin prohibit-password\n",
+            p("host_key"),
+            p("authorized_keys"),
+            p("sshd.pid")
+        ),
+    )
+    .unwrap();
+    // sshd started as root needs its privilege separation directory (the package makes it
+    // at boot).
+    if Command::new("id").arg("-u").output().unwrap().stdout == b"0\n" {
+        std::fs::create_dir_all("/run/sshd").unwrap();
+    }
+    let mut sshd = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f", &p("sshd_config")])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(T, || std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok())
+        .await,
+        "sshd listens"
+    );
+
+    let d = device(1);
+    let cfg = t.config("ssh", &[&d], &format!("tunnel_ports = [{port}]\n"));
+    let daemon = Daemon::start(&cfg).await.unwrap();
+    assert!(wait_until(T, || t.r.hub.stream_subscribed("gw-t")).await);
+
+    let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lport = local.local_addr().unwrap().port();
+    let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    let key = p("client_key");
+    let client = tokio::task::spawn_blocking(move || {
+        Command::new("ssh")
+            .args([
+                "-p",
+                &lport.to_string(),
+                "-i",
+                &key,
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=20",
+                &format!("{user}@127.0.0.1"),
+                "echo tunnel-ok $((6*7)); head -c 1000000 /dev/zero | wc -c",
+            ])
+            .output()
+            .unwrap()
+    });
+    let (sock, _) = tokio::time::timeout(T, local.accept())
+        .await
+        .expect("ssh connects to the local proxy")
+        .unwrap();
+    let ws = t.open(port).await;
+    tokio::time::timeout(Duration::from_secs(60), service_proxy(ws, sock))
+        .await
+        .expect("the session ends");
+    let out = client.await.unwrap();
+    let _ = sshd.kill();
+    let sshd_log = sshd
+        .wait_with_output()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("tunnel-ok 42") && stdout.contains("1000000"),
+        "ssh: {stdout}\n{}\nsshd: {sshd_log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = daemon.metrics().clone();
+    assert!(wait_until(T, || m.tunnels_open("azure") == 0).await);
+    daemon.stop().await;
+}

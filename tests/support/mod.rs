@@ -121,6 +121,28 @@ pub fn needs_root(test: &str, check: Result<(), String>) -> bool {
     }
 }
 
+/// Debian's OpenSSH server and client (`/usr/sbin/sshd`, `ssh`, `ssh-keygen`) for the SSH test
+/// of the IoT Hub tunnel, when installed; otherwise skip, or fail with `LORASTREAM_TEST_SSH=1`.
+pub fn needs_ssh(test: &str) -> bool {
+    let ok = |c: &str, a: &str| {
+        Command::new(c)
+            .arg(a)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    if std::path::Path::new("/usr/sbin/sshd").is_file() && ok("ssh", "-V") && ok("ssh-keygen", "-?")
+    {
+        return true;
+    }
+    skip_or_fail(
+        test,
+        "LORASTREAM_TEST_SSH",
+        "OpenSSH is not installed (apt install openssh-server openssh-client)",
+    )
+}
+
 /// The Python interpreter of the format checks (tests/py/): `LORASTREAM_PYTHON`, or `python3`.
 pub fn python_interpreter() -> String {
     std::env::var("LORASTREAM_PYTHON")
