@@ -1603,7 +1603,7 @@ async fn tunnel_proxies_device_streams_to_allowed_local_ports() {
             .await;
     assert_eq!(status, Some(200));
     assert!(wait_until(T, || m.tunnels("azure", "endpoint_error") == 2).await);
-    assert_eq!(ep2.log().tls_failures, 1);
+    assert!(wait_until(T, || ep2.log().tls_failures == 1).await);
     assert!(ep2.log().accepted.is_empty());
     assert_eq!(
         echo_s.connections.load(Ordering::SeqCst),
@@ -1657,7 +1657,8 @@ async fn tunnel_proxies_device_streams_to_allowed_local_ports() {
 }
 
 /// A tunnel without a byte either way for tunnel_idle_timeout_s is closed (both sides), traffic
-/// keeps it open, and a daemon stop closes the open ones; tunnel keys are checked.
+/// keeps it open; a reload that changes the stream and a daemon stop close the open ones; tunnel
+/// keys are checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnel_idle_timeout_stop_and_config_rules() {
     let t = TunnelRig::new().await;
@@ -1666,19 +1667,19 @@ async fn tunnel_idle_timeout_stop_and_config_rules() {
     let cfg = t.config(
         "idle",
         &[&d],
-        &format!("tunnel_ports = [{echo}]\ntunnel_idle_timeout_s = 2\n"),
+        &format!("tunnel_ports = [{echo}]\ntunnel_idle_timeout_s = 3\n"),
     );
     let daemon = Daemon::start(&cfg).await.unwrap();
     let m = daemon.metrics().clone();
     assert!(wait_until(T, || t.r.hub.stream_subscribed("gw-t")).await);
 
     let ws = t.open(echo).await;
-    // Traffic for longer than the idle timeout keeps it open: 8 exchanges 400 ms apart.
+    // Traffic for longer than the idle timeout keeps it open: 9 exchanges 450 ms apart.
     let mut ws = Some(ws);
     let mut last_rx = std::time::Instant::now();
-    for i in 0..8u8 {
+    for i in 0..9u8 {
         if i > 0 {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            tokio::time::sleep(Duration::from_millis(450)).await;
         }
         let (w, got) = echo_through(ws.take().unwrap(), Arc::new(vec![i; 100])).await;
         last_rx = std::time::Instant::now();
@@ -1694,18 +1695,45 @@ async fn tunnel_idle_timeout_stop_and_config_rules() {
     assert!(closed(&mut ws).await, "closed after the idle timeout");
     let waited = last_rx.elapsed();
     assert!(
-        waited >= Duration::from_millis(1900),
+        waited >= Duration::from_millis(2900),
         "closed {waited:?} after the last byte"
     );
-    assert_eq!(m.tunnels("azure", "idle_timeout"), 1);
+    assert!(wait_until(T, || m.tunnels("azure", "idle_timeout") == 1).await);
     assert!(wait_until(T, || echo_s.closed.load(Ordering::SeqCst) == 1).await);
 
-    // A stop closes open tunnels.
+    // A reload that takes the port off tunnel_ports restarts the stream: its open tunnel is
+    // closed, and the port is refused from then on.
     let mut ws = t.open(echo).await;
     assert!(wait_until(T, || echo_s.connections.load(Ordering::SeqCst) == 2).await);
+    let (other, other_s) = service("count").await;
+    daemon
+        .reload(&t.config("idle", &[&d], &format!("tunnel_ports = [{other}]\n")))
+        .await
+        .unwrap();
+    assert!(closed(&mut ws).await, "closed by the reload");
+    assert!(wait_until(T, || echo_s.closed.load(Ordering::SeqCst) == 2).await);
+    assert!(wait_until(T, || m.tunnels("azure", "stopped") == 1).await);
+    assert_eq!(
+        m.tunnels("azure", "idle_timeout"),
+        1,
+        "not the idle timeout"
+    );
+    assert!(
+        wait_until(T, || t.r.hub.log(|l| l.connected.len()) == 2
+            && t.r.hub.stream_subscribed("gw-t"))
+        .await,
+        "the new stream subscribed"
+    );
+    let (status, _) = t.ask(&echo.to_string()).await;
+    assert_eq!(status, Some(400), "the port is no longer allowed");
+
+    // A stop closes open tunnels.
+    let mut ws = t.open(other).await;
+    assert!(wait_until(T, || other_s.connections.load(Ordering::SeqCst) == 1).await);
     daemon.stop().await;
     assert!(closed(&mut ws).await, "closed by the stop");
-    assert!(wait_until(T, || echo_s.closed.load(Ordering::SeqCst) == 2).await);
+    assert!(wait_until(T, || other_s.closed.load(Ordering::SeqCst) == 1).await);
+    assert_eq!(echo_s.connections.load(Ordering::SeqCst), 2);
 
     // Keys: ports 1-65535, gateway identity only, limits.
     let parse = |extra: &str, identity: &str| {
