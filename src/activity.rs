@@ -5,9 +5,13 @@
 //! devices, [`FRAMES`] frames, [`MAX_ALERTS`] alerts, [`QUEUE_SAMPLES`] samples per stream),
 //! held in memory only (a restart starts empty), and written under a `std::sync::Mutex` held for
 //! a few copies, never across an `.await`. No payload and no key is ever kept.
+//!
+//! Records are kept as plain values (DevAddr, EUI, spreading factor) and turned into text only
+//! when the page or `/api/status` is asked for: the uplink stage records every frame, the page
+//! is read every few seconds at most (issue 16).
 
-use crate::model::{DevStatus, Eui64};
-use serde::Serialize;
+use crate::model::{DevAddr, DevStatus, Eui64};
+use serde::{Serialize, Serializer};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,14 +40,59 @@ pub struct SignalPoint {
     pub snr: f32,
 }
 
+/// A frame's data rate as the page shows it: "DR5 (SF7BW125)", or "SF7BW125" outside the
+/// region's table (formatted only when shown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataRateLabel {
+    /// The region's data rate index, when the region has one for this SF and bandwidth.
+    pub dr: Option<u8>,
+    pub spreading_factor: u8,
+    pub bandwidth_khz: u32,
+}
+
+impl std::fmt::Display for DataRateLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (sf, bw) = (self.spreading_factor, self.bandwidth_khz);
+        match self.dr {
+            Some(dr) => write!(f, "DR{dr} (SF{sf}BW{bw})"),
+            None => write!(f, "SF{sf}BW{bw}"),
+        }
+    }
+}
+
+/// `None` as "", anything else as its `Display` text.
+pub fn text_or_empty<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map(ToString::to_string).unwrap_or_default()
+}
+
+fn ser_text_or_empty<T: std::fmt::Display, S: Serializer>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_str(""),
+    }
+}
+
+fn ser_some_text<T: std::fmt::Display, S: Serializer>(
+    v: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
+    }
+}
+
 /// What is known of a device from its uplinks since the start.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceActivity {
     /// Unix µs of its last accepted uplink.
     pub last_seen_us: i64,
     pub f_cnt: u32,
-    /// "DR5 (SF7BW125)", or the spreading factor alone outside the region's table.
-    pub data_rate: String,
+    /// Its last uplink's data rate (`None`: not known).
+    pub data_rate: Option<DataRateLabel>,
     pub uplinks: u64,
     pub history: VecDeque<SignalPoint>,
     pub dev_status: Option<DevStatus>,
@@ -60,17 +109,23 @@ pub struct FrameView {
     /// The device, when the frame was matched to one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dev_addr: Option<String>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "ser_some_text"
+    )]
+    pub dev_addr: Option<DevAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub f_cnt: Option<u32>,
-    /// Best reception's gateway and signal; how many gateways heard it.
-    pub gateway: String,
+    /// Best reception's gateway (shown as "" when none) and signal; how many gateways heard it.
+    #[serde(serialize_with = "ser_text_or_empty")]
+    pub gateway: Option<Eui64>,
     pub gateways: usize,
     pub rssi: i32,
     pub snr: f32,
     pub frequency_hz: u32,
-    pub data_rate: String,
+    /// Shown as "" when not known.
+    #[serde(serialize_with = "ser_text_or_empty")]
+    pub data_rate: Option<DataRateLabel>,
     /// PHYPayload length in bytes (the payload itself is never kept).
     pub size: usize,
 }
@@ -111,7 +166,7 @@ pub struct UplinkNote {
     pub dev_eui: Eui64,
     pub at_us: i64,
     pub f_cnt: u32,
-    pub data_rate: String,
+    pub data_rate: Option<DataRateLabel>,
     pub signal: SignalPoint,
     pub dev_status: Option<DevStatus>,
 }
@@ -209,7 +264,11 @@ mod tests {
             dev_eui: Eui64::from_u64(1),
             at_us: i64::from(f_cnt),
             f_cnt,
-            data_rate: "DR5".into(),
+            data_rate: Some(DataRateLabel {
+                dr: Some(5),
+                spreading_factor: 7,
+                bandwidth_khz: 125,
+            }),
             signal: SignalPoint {
                 f_cnt,
                 rssi: -50,
@@ -231,12 +290,12 @@ mod tests {
                 device: None,
                 dev_addr: None,
                 f_cnt: Some(i),
-                gateway: String::new(),
+                gateway: None,
                 gateways: 1,
                 rssi: 0,
                 snr: 0.0,
                 frequency_hz: 0,
-                data_rate: String::new(),
+                data_rate: None,
                 size: 12,
             });
             a.sample_queues(i64::from(i), [("s".to_string(), u64::from(i))]);
@@ -255,5 +314,46 @@ mod tests {
         let q = a.queue_history("s");
         assert_eq!(q.len(), QUEUE_SAMPLES);
         assert_eq!(q.last(), Some(&(99, 99)));
+    }
+
+    #[test]
+    fn frames_read_as_the_text_they_always_were() {
+        let mut f = FrameView {
+            at_us: 5,
+            kind: "data_up",
+            result: "accepted",
+            device: Some("dev-1".into()),
+            dev_addr: Some(DevAddr(0x2600_0001)),
+            f_cnt: Some(3),
+            gateway: Some(Eui64::from_u64(0xAA55_5A00_0000_0001)),
+            gateways: 2,
+            rssi: -95,
+            snr: 12.5,
+            frequency_hz: 868_100_000,
+            data_rate: Some(DataRateLabel {
+                dr: Some(5),
+                spreading_factor: 7,
+                bandwidth_khz: 125,
+            }),
+            size: 23,
+        };
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"at_us":5,"kind":"data_up","result":"accepted","device":"dev-1","dev_addr":"26000001","f_cnt":3,"gateway":"AA555A0000000001","gateways":2,"rssi":-95,"snr":12.5,"frequency_hz":868100000,"data_rate":"DR5 (SF7BW125)","size":23}"#
+        );
+        (f.device, f.dev_addr, f.f_cnt, f.gateway) = (None, None, None, None);
+        f.data_rate = Some(DataRateLabel {
+            dr: None,
+            spreading_factor: 12,
+            bandwidth_khz: 500,
+        });
+        assert_eq!(
+            serde_json::to_string(&f).unwrap(),
+            r#"{"at_us":5,"kind":"data_up","result":"accepted","gateway":"","gateways":2,"rssi":-95,"snr":12.5,"frequency_hz":868100000,"data_rate":"SF12BW500","size":23}"#
+        );
+        f.data_rate = None;
+        assert!(serde_json::to_string(&f)
+            .unwrap()
+            .contains(r#""data_rate":"","#));
     }
 }

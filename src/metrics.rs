@@ -34,6 +34,45 @@ pub const COMMIT_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// The counters of a one-label family found again without building a label set: the uplink
+/// path counts several times per uplink, and `Family::get_or_create` allocates the label set,
+/// hashes it and takes the family's lock each time (issue 16). The counters are the family's
+/// own (a `Counter` clone shares its value), so `/metrics` shows the same numbers.
+struct Hot {
+    label: &'static str,
+    seen: RwLock<Vec<(String, Counter)>>,
+}
+
+/// Label values a [`Hot`] remembers at most (the rest go through the family every time).
+const HOT_MAX: usize = 64;
+
+impl Hot {
+    fn new(label: &'static str) -> Hot {
+        Hot {
+            label,
+            seen: RwLock::new(Vec::new()),
+        }
+    }
+
+    fn inc_by(&self, family: &Family<Labels, Counter>, value: &str, n: u64) {
+        if let Ok(seen) = self.seen.read() {
+            if let Some((_, c)) = seen.iter().find(|(v, _)| v == value) {
+                c.inc_by(n);
+                return;
+            }
+        }
+        let c = family
+            .get_or_create(&vec![(self.label, value.to_string())])
+            .clone();
+        c.inc_by(n);
+        if let Ok(mut seen) = self.seen.write() {
+            if seen.len() < HOT_MAX && !seen.iter().any(|(v, _)| v == value) {
+                seen.push((value.to_string(), c));
+            }
+        }
+    }
+}
+
 /// All counters of one daemon instance (no globals: two daemons in one test process each have
 /// their own).
 #[derive(Clone)]
@@ -77,6 +116,12 @@ struct Inner {
     /// The same, last and maximum since start, microseconds (for `/health`; not exported).
     sched_last_us: Arc<std::sync::atomic::AtomicI64>,
     sched_max_us: Arc<std::sync::atomic::AtomicI64>,
+    hot_udp_datagrams: Hot,
+    hot_frames: Hot,
+    hot_uplinks: Hot,
+    hot_downlinks: Hot,
+    hot_mac_events: Hot,
+    hot_stream_published: Hot,
 }
 
 impl Default for Metrics {
@@ -234,6 +279,12 @@ impl Metrics {
             sched_latency: reg!("downlink_schedule_latency_seconds", "Uplink arrival to PULL_RESP sent (class A; includes the dedup window)", Histogram::new(SCHEDULE_BUCKETS)),
             sched_last_us: Arc::default(),
             sched_max_us: Arc::default(),
+            hot_udp_datagrams: Hot::new("type"),
+            hot_frames: Hot::new("result"),
+            hot_uplinks: Hot::new("result"),
+            hot_downlinks: Hot::new("kind"),
+            hot_mac_events: Hot::new("event"),
+            hot_stream_published: Hot::new("stream"),
             registry: {
                 r.register_collector(Box::new(SnapshotCollector(inner_snapshot.clone())));
                 r
@@ -245,10 +296,8 @@ impl Metrics {
     }
 
     pub fn udp_datagram(&self, kind: &'static str) {
-        self.inner
-            .udp_datagrams
-            .get_or_create(&vec![("type", kind.into())])
-            .inc();
+        let i = &self.inner;
+        i.hot_udp_datagrams.inc_by(&i.udp_datagrams, kind, 1);
     }
     pub fn udp_error(&self, reason: &'static str) {
         self.inner
@@ -326,16 +375,12 @@ impl Metrics {
             .inc_by(n);
     }
     pub fn frame(&self, result: &'static str) {
-        self.inner
-            .frames
-            .get_or_create(&vec![("result", result.into())])
-            .inc();
+        let i = &self.inner;
+        i.hot_frames.inc_by(&i.frames, result, 1);
     }
     pub fn uplink(&self, result: &'static str) {
-        self.inner
-            .uplinks
-            .get_or_create(&vec![("result", result.into())])
-            .inc();
+        let i = &self.inner;
+        i.hot_uplinks.inc_by(&i.uplinks, result, 1);
     }
     /// Current count of an uplink result (for `/health`, tests and the demo).
     pub fn uplinks(&self, result: &'static str) -> u64 {
@@ -345,16 +390,12 @@ impl Metrics {
             .get()
     }
     pub fn downlink_event(&self, kind: &'static str) {
-        self.inner
-            .downlinks
-            .get_or_create(&vec![("kind", kind.into())])
-            .inc();
+        let i = &self.inner;
+        i.hot_downlinks.inc_by(&i.downlinks, kind, 1);
     }
     pub fn mac_event(&self, event: &'static str) {
-        self.inner
-            .mac_events
-            .get_or_create(&vec![("event", event.into())])
-            .inc();
+        let i = &self.inner;
+        i.hot_mac_events.inc_by(&i.mac_events, event, 1);
     }
     pub fn mac_events(&self, event: &'static str) -> u64 {
         self.inner
@@ -424,10 +465,9 @@ impl Metrics {
             .get()
     }
     pub fn stream_published(&self, stream: &str, n: u64) {
-        self.inner
-            .stream_published
-            .get_or_create(&vec![("stream", stream.into())])
-            .inc_by(n);
+        let i = &self.inner;
+        i.hot_stream_published
+            .inc_by(&i.stream_published, stream, n);
     }
     pub fn stream_error(&self, stream: &str, reason: &'static str) {
         self.inner

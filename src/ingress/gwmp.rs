@@ -7,7 +7,7 @@
 //! the other frames of the same datagram (see crate-notes, "semtech-udp 0.12").
 
 use crate::model::{now_us, Eui64, RxInfo, TxSettings};
-use semtech_udp::push_data::{RxPk, Stat, CRC};
+use semtech_udp::push_data::{RxPk, RxPkV1, Stat, CRC};
 use semtech_udp::CodingRate;
 
 /// Protocol versions we answer. Version 1 forwarders send the same JSON.
@@ -200,6 +200,26 @@ pub fn parse_push_data(body: &[u8], gateway: Eui64) -> Result<PushData, GwmpErro
     // Fast path: the whole body parses with the crate's types (the normal case). Only for an
     // all-ASCII body, which every rxpk is (see `guarded`).
     if body.is_ascii() {
+        // First as version-1 entries only (what SX1301 forwarders send, and most SX1302 ones):
+        // straight into `RxPkV1`, without the untagged `RxPk`, which buffers every entry in
+        // serde's `Content` before trying its variants (about 8,000 instructions per entry,
+        // issue 16). The untagged enum tries `V1` first, so any body this accepts it reads
+        // the same way; anything else (a version-2 entry with `rsig`) takes the path below.
+        #[derive(serde::Deserialize)]
+        struct V1Only {
+            rxpk: Option<Vec<RxPkV1>>,
+            stat: Option<Stat>,
+        }
+        if let Some(Ok(d)) = guarded(|| serde_json::from_slice::<V1Only>(body)) {
+            out.receptions = d
+                .rxpk
+                .unwrap_or_default()
+                .into_iter()
+                .map(|pk| reception(&RxPk::V1(pk), gateway, received_at_us))
+                .collect();
+            out.stat = d.stat;
+            return Ok(out);
+        }
         if let Some(Ok(d)) =
             guarded(|| serde_json::from_slice::<semtech_udp::push_data::Data>(body))
         {
@@ -322,6 +342,46 @@ mod tests {
             d => panic!("{d:?}"),
         }
         assert_eq!(ack(2, 0xABCD, PUSH_ACK), [2, 0xAB, 0xCD, 1]);
+    }
+
+    /// What the crate's own `Data` (the untagged `RxPk`) reads, as receptions.
+    fn via_crate(body: &str) -> Vec<Reception> {
+        let d: semtech_udp::push_data::Data = serde_json::from_str(body).unwrap();
+        d.rxpk
+            .unwrap_or_default()
+            .iter()
+            .map(|pk| reception(pk, Eui64::from_u64(1), 7))
+            .collect()
+    }
+
+    /// Receptions without their arrival instant (the two parses run at different times).
+    fn plain(r: Vec<Reception>) -> Vec<(Vec<u8>, bool, TxSettings, RxInfo)> {
+        r.into_iter()
+            .map(|r| (r.phy_payload, r.crc_ok, r.settings, r.rx))
+            .collect()
+    }
+
+    #[test]
+    fn version_1_and_2_entries_read_as_the_crate_reads_them() {
+        const V2: &str = r#"{"aesk":0,"brd":263,"codr":"4/5","data":"QC65rwEA4w8CaH7LyGf/3+dxzrXkkfEsRCcXbFM=","datr":"SF12BW125","freq":868.5,"jver":2,"modu":"LORA","rsig":[{"ant":0,"chan":7,"lsnr":7.8,"rssic":-103}],"size":29,"stat":1,"time":"2022-03-31T07:51:15.709338Z","tmst":445296860}"#;
+        let v1_time = RXPK.replace(
+            r#""tmst""#,
+            r#""time":"2022-03-31T07:51:15.709338Z","tmst""#,
+        );
+        for body in [
+            format!(r#"{{"rxpk":[{RXPK}]}}"#),
+            format!(r#"{{"rxpk":[{v1_time},{RXPK}],"stat":null}}"#),
+            format!(r#"{{"rxpk":[{V2}]}}"#),
+            format!(r#"{{"rxpk":[{RXPK},{V2}]}}"#),
+        ] {
+            let got = parse_push_data(body.as_bytes(), Eui64::from_u64(1)).unwrap();
+            assert!(got.bad_rxpk.is_empty(), "{body}: {:?}", got.bad_rxpk);
+            let mut got = plain(got.receptions);
+            for r in &mut got {
+                r.3.received_at_us = 7;
+            }
+            assert_eq!(got, plain(via_crate(&body)), "{body}");
+        }
     }
 
     /// The datagram tests/fuzz_udp.rs found: a `datr` with a multi-byte character made

@@ -25,7 +25,7 @@ mod routes;
 pub use join::JoinSettings;
 pub use routes::{Routes, SharedRoutes};
 
-use crate::activity::{Activity, FrameView, SignalPoint, UplinkNote};
+use crate::activity::{Activity, DataRateLabel, FrameView, SignalPoint, UplinkNote};
 use crate::codec::Codecs;
 use crate::downlink::{DownlinkHandle, SharedRegistry, UplinkInfo};
 use crate::ingress::gwmp::Reception;
@@ -146,16 +146,14 @@ impl UplinkStage {
             kind,
             result: "",
             device: None,
-            dev_addr: header.as_ref().map(|h| h.dev_addr.to_string()),
+            dev_addr: header.as_ref().map(|h| h.dev_addr),
             f_cnt: header.as_ref().map(|h| u32::from(h.f_cnt16)),
-            gateway: best.map(|r| r.rx.gateway.to_string()).unwrap_or_default(),
+            gateway: best.map(|r| r.rx.gateway),
             gateways: rx.len(),
             rssi: best.map_or(0, |r| r.rx.rssi),
             snr: best.map_or(0.0, |r| r.rx.snr),
             frequency_hz: best.map_or(0, |r| r.settings.frequency_hz),
-            data_rate: best.map_or_else(String::new, |r| {
-                data_rate_label(self.mac.region, &r.settings)
-            }),
+            data_rate: best.map(|r| data_rate_label(self.mac.region, &r.settings)),
             size: phy.len(),
         }
     }
@@ -432,7 +430,7 @@ impl UplinkStage {
                     dev_eui: d.dev_eui,
                     at_us: view.at_us,
                     f_cnt,
-                    data_rate: view.data_rate.clone(),
+                    data_rate: view.data_rate,
                     signal: SignalPoint {
                         f_cnt,
                         rssi: view.rssi,
@@ -666,11 +664,11 @@ fn mac_event(metrics: &Metrics, warn: &mut LogLimiter, device: &str, e: &MacEven
 }
 
 /// "DR5 (SF7BW125)": the region's data rate and the radio settings it stands for.
-fn data_rate_label(region: region::Region, s: &TxSettings) -> String {
-    let sf_bw = format!("SF{}BW{}", s.spreading_factor, s.bandwidth_hz / 1000);
-    match region::uplink_dr(region, s) {
-        Some(dr) => format!("DR{dr} ({sf_bw})"),
-        None => sf_bw,
+fn data_rate_label(region: region::Region, s: &TxSettings) -> DataRateLabel {
+    DataRateLabel {
+        dr: region::uplink_dr(region, s),
+        spreading_factor: s.spreading_factor,
+        bandwidth_khz: s.bandwidth_hz / 1000,
     }
 }
 

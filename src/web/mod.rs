@@ -17,7 +17,7 @@
 //! **Bounded.** At most [`MAX_PAGE_DEVICES`] devices (most recently heard first), the forwarder
 //! table's `HEALTH_GATEWAYS`, the activity rings of [`crate::activity`].
 
-use crate::activity::{Activity, AlertView, FrameView, QUEUE_SAMPLE_EVERY};
+use crate::activity::{text_or_empty, Activity, AlertView, FrameView, QUEUE_SAMPLE_EVERY};
 use crate::config::{Config, StreamKind};
 use crate::daemon::health::{Health, Sources};
 use crate::downlink::SharedRegistry;
@@ -196,7 +196,10 @@ pub fn doc(
                     .as_ref()
                     .map(|a| a.f_cnt)
                     .or(session.and_then(|s| s.f_cnt_up)),
-                data_rate: a.as_ref().map(|a| a.data_rate.clone()).unwrap_or_default(),
+                data_rate: a
+                    .as_ref()
+                    .map(|a| text_or_empty(&a.data_rate))
+                    .unwrap_or_default(),
                 uplinks: a.as_ref().map_or(0, |a| a.uplinks),
                 battery: status.map(|s| {
                     if s.battery == 0 {
@@ -589,14 +592,14 @@ pub fn html(d: &StatusDoc) -> String {
             if f.result == "accepted" || f.result == "valid" { "ok" } else { "bad" },
             esc(f.result),
             esc(f.device.as_deref().unwrap_or("–")),
-            esc(f.dev_addr.as_deref().unwrap_or("–")),
+            esc(&f.dev_addr.map_or_else(|| "–".to_string(), |a| a.to_string())),
             opt(f.f_cnt),
-            esc(&f.gateway),
+            esc(&text_or_empty(&f.gateway)),
             if f.gateways > 1 { format!(" +{}", f.gateways - 1) } else { String::new() },
             f.rssi,
             f.snr,
             f64::from(f.frequency_hz) / 1e6,
-            esc(&f.data_rate),
+            esc(&text_or_empty(&f.data_rate)),
             f.size
         );
     }

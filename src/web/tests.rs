@@ -1,5 +1,5 @@
 use super::*;
-use crate::activity::{SignalPoint, UplinkNote};
+use crate::activity::{DataRateLabel, SignalPoint, UplinkNote};
 use crate::config::Config;
 use crate::ingress::udp::{GatewayStat, Gateways};
 use crate::model::Eui64;
@@ -139,7 +139,11 @@ fn live_doc_with(
             dev_eui,
             at_us: now_us(),
             f_cnt,
-            data_rate: "DR5 (SF7BW125)".into(),
+            data_rate: Some(DataRateLabel {
+                dr: Some(5),
+                spreading_factor: 7,
+                bandwidth_khz: 125,
+            }),
             signal: SignalPoint {
                 f_cnt,
                 rssi: -60 - f_cnt as i32,

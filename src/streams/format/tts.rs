@@ -278,7 +278,17 @@ pub fn uplink_json(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
         },
         lorastream: buffered(u.received_at_us, d),
     };
-    serde_json::to_vec(&doc).unwrap_or_default()
+    to_json(&doc)
+}
+
+/// A document's JSON in a buffer sized once for a typical uplink (~800 bytes), not grown from
+/// 8 bytes by doubling (issue 16).
+fn to_json(doc: &impl Serialize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    match serde_json::to_writer(&mut out, doc) {
+        Ok(()) => out,
+        Err(_) => Vec::new(),
+    }
 }
 
 #[derive(Serialize)]
@@ -325,7 +335,7 @@ pub fn gateway_json(g: &GatewayFrame, d: Delivery) -> Vec<u8> {
         },
         lorastream: buffered(g.rx.received_at_us, d),
     };
-    serde_json::to_vec(&doc).unwrap_or_default()
+    to_json(&doc)
 }
 
 /// TTS-style join-accept message of an OTAA join.

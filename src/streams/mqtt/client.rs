@@ -274,6 +274,15 @@ impl Driver {
         }
     }
 
+    /// An event that is already waiting, without waiting for one (`None`: none is).
+    pub fn try_next(&mut self) -> Option<Result<Event, SessionError>> {
+        match self.events.try_recv() {
+            Ok(ev) => Some(ev.map_err(SessionError::from_mqtt)),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(SessionError::ClientClosed)),
+        }
+    }
+
     /// Disconnect politely and let the event loop write what is queued (bounded).
     pub async fn disconnect(&mut self, client: &AsyncClient) {
         let _ = client.try_disconnect();

@@ -52,6 +52,8 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Shadow updates at most this often.
 const SHADOW_EVERY: Duration = Duration::from_secs(60);
+/// Waiting MQTT events the session handles in a row before it looks at its other inputs.
+const MAX_TAKEN: u32 = 32;
 
 pub(crate) struct MqttStream {
     ctx: StreamContext,
@@ -324,34 +326,51 @@ impl Session for MqttStream {
         let mut stopping: Option<Instant> = None;
         let mut watchdog = Watchdog::new(self.response_timeout);
         let mut oversized_log = crate::logs::LogLimiter::new();
+        // Events taken straight from the driver's queue since the last `select!`.
+        let mut taken = 0;
         let end = loop {
-            let ev = tokio::select! {
-                ev = driver.next() => ev,
-                _ = client::hung(watchdog.deadline()) => {
-                    break SessionEnd::failed(SessionError::NoResponse(watchdog.timeout()));
-                }
-                Some(e) = self.events.recv() => {
-                    if let Some((t, body)) = self.ctx.format.event_message(&e) {
-                        publish(&client, &state, &t, body, false, None);
+            // Events already waiting (a burst of PUBACKs) are taken without a `select!` round,
+            // which sets up its timer and futures again each time (issue 16); at most
+            // `MAX_TAKEN` in a row, so a steady stream of events cannot hold off the stop, the
+            // watchdog or the downlink events.
+            let waiting = if taken < MAX_TAKEN {
+                driver.try_next()
+            } else {
+                None
+            };
+            let ev = if let Some(ev) = waiting {
+                taken += 1;
+                ev
+            } else {
+                taken = 0;
+                tokio::select! {
+                    ev = driver.next() => ev,
+                    _ = client::hung(watchdog.deadline()) => {
+                        break SessionEnd::failed(SessionError::NoResponse(watchdog.timeout()));
                     }
-                    continue;
-                }
-                _ = self.ctx.cancel.cancelled(), if stopping.is_none() => {
-                    // Stop feeding, then give outstanding PUBACKs a moment.
-                    feeder_stop.cancel();
-                    stopping = Some(Instant::now());
-                    continue;
-                }
-                _ = tokio::time::sleep(Duration::from_millis(50)), if stopping.is_some() => {
-                    let idle = permits.available_permits() >= window && intake.settled();
-                    if idle || stopping.is_some_and(|t| t.elapsed() > STOP_GRACE) {
-                        if let Some(t) = self.status_topic() {
-                            publish(&client, &state, &t, b"offline".to_vec(), true, None);
+                    Some(e) = self.events.recv() => {
+                        if let Some((t, body)) = self.ctx.format.event_message(&e) {
+                            publish(&client, &state, &t, body, false, None);
                         }
-                        driver.disconnect(&client).await;
-                        break SessionEnd::Stopped;
+                        continue;
                     }
-                    continue;
+                    _ = self.ctx.cancel.cancelled(), if stopping.is_none() => {
+                        // Stop feeding, then give outstanding PUBACKs a moment.
+                        feeder_stop.cancel();
+                        stopping = Some(Instant::now());
+                        continue;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(50)), if stopping.is_some() => {
+                        let idle = permits.available_permits() >= window && intake.settled();
+                        if idle || stopping.is_some_and(|t| t.elapsed() > STOP_GRACE) {
+                            if let Some(t) = self.status_topic() {
+                                publish(&client, &state, &t, b"offline".to_vec(), true, None);
+                            }
+                            driver.disconnect(&client).await;
+                            break SessionEnd::Stopped;
+                        }
+                        continue;
+                    }
                 }
             };
             if let Ok(ev) = &ev {
