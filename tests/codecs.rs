@@ -198,6 +198,7 @@ async fn decoded_payload_downlinks_are_encoded_or_fail_with_the_reason() {
 /// JavaScript codecs through the daemon: a device-repository-style script decodes, a script
 /// that loops forever costs only its own uplink (delivered with the error, counted), and
 /// `encodeDownlink` turns a `decoded_payload` into bytes on the port the codec chose.
+#[cfg(feature = "js")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn javascript_codecs_decode_and_a_looping_script_costs_only_its_uplink() {
     install_crypto();
@@ -275,4 +276,52 @@ async fn javascript_codecs_decode_and_a_looping_script_costs_only_its_uplink() {
     );
     assert_eq!(q[0]["downlink_queued"]["f_port"], 3);
     daemon.stop().await;
+}
+
+/// A build without the `js` feature (`--no-default-features`) refuses a JavaScript codec at
+/// `check` and `run`, naming the entry and the feature; the same file with CayenneLPP passes.
+#[cfg(not(feature = "js"))]
+#[test]
+fn a_build_without_javascript_refuses_javascript_codecs_and_keeps_cayennelpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/codecs/th-sensor.js"
+    );
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+    let src = std::fs::read_to_string(example).unwrap();
+    assert!(src.contains("codec = \"none\"\n"));
+    let js = dir.path().join("js.toml");
+    std::fs::write(
+        &js,
+        src.replacen(
+            "codec = \"none\"\n",
+            &format!("codec = \"javascript\"\ncodec_script = {script:?}\n"),
+            1,
+        ),
+    )
+    .unwrap();
+    let lpp = dir.path().join("lpp.toml");
+    std::fs::write(
+        &lpp,
+        src.replacen("codec = \"none\"\n", "codec = \"cayennelpp\"\n", 1),
+    )
+    .unwrap();
+    let bin = || std::process::Command::new(env!("CARGO_BIN_EXE_lorastream"));
+    for cmd in ["check", "run"] {
+        let out = bin().args([cmd, "-c"]).arg(&js).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{cmd}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("key `codec`"), "{err}");
+        assert!(
+            err.contains("this build has no JavaScript codecs: rebuild with --features js"),
+            "{err}"
+        );
+    }
+    let out = bin().args(["check", "-c"]).arg(&lpp).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -8,12 +8,14 @@
 //! way into the scheduler ([`Codecs::encode_request`]); a refusal becomes `down/failed`.
 //!
 //! - [`cayenne`]: CayenneLPP, shaped as The Things Stack's decoder;
-//! - [`js`]: TS013 JavaScript codecs on QuickJS, one thread per script, every call bounded.
+//! - `js`: TS013 JavaScript codecs on QuickJS, one thread per script, every call bounded (cargo
+//!   feature `js`, on by default; a build without it refuses `codec = "javascript"`).
 //!
 //! [`Codecs`] is built once from the configuration: one codec per distinct configuration (a
 //! script shared by a hundred devices is loaded once), looked up by device id.
 
 pub mod cayenne;
+#[cfg(feature = "js")]
 pub mod js;
 
 use crate::config::{CodecConfig, Config};
@@ -74,6 +76,7 @@ pub struct Encoded {
 #[derive(Debug)]
 pub enum Codec {
     CayenneLpp,
+    #[cfg(feature = "js")]
     JavaScript(js::Script),
 }
 
@@ -82,6 +85,7 @@ impl Codec {
     pub fn name(&self) -> &'static str {
         match self {
             Codec::CayenneLpp => "cayennelpp",
+            #[cfg(feature = "js")]
             Codec::JavaScript(_) => "javascript",
         }
     }
@@ -93,11 +97,13 @@ impl Codec {
                 data: cayenne::decode_uplink(input.bytes)?,
                 warnings: Vec::new(),
             }),
+            #[cfg(feature = "js")]
             Codec::JavaScript(s) => s.decode_uplink(input).await,
         }
     }
 
     /// `encodeDownlink`.
+    #[cfg_attr(not(feature = "js"), allow(unused_variables))] // `f_port`: only scripts see it
     pub async fn encode_downlink(
         &self,
         f_port: u8,
@@ -108,6 +114,7 @@ impl Codec {
                 bytes: cayenne::encode_downlink(data)?,
                 f_port: None,
             }),
+            #[cfg(feature = "js")]
             Codec::JavaScript(s) => s.encode_downlink(f_port, data).await,
         }
     }
@@ -166,10 +173,16 @@ impl Codecs {
                     let codec = Arc::new(match &c {
                         CodecConfig::None => continue,
                         CodecConfig::CayenneLpp => Codec::CayenneLpp,
+                        #[cfg(feature = "js")]
                         CodecConfig::JavaScript { script } => Codec::JavaScript(js::Script::start(
                             script,
                             cfg.gateway.codec_timeout(),
                         )?),
+                        // The configuration refuses it already (`NO_JAVASCRIPT`).
+                        #[cfg(not(feature = "js"))]
+                        CodecConfig::JavaScript { .. } => {
+                            return Err(CodecError::Load(crate::config::NO_JAVASCRIPT.into()))
+                        }
                     });
                     built.insert(c, codec.clone());
                     codec

@@ -64,6 +64,9 @@ impl CodecConfig {
         script: Option<&Path>,
         file: &str,
     ) -> Result<CodecConfig, (&'static str, String)> {
+        if kind == CodecKind::Javascript && !cfg!(feature = "js") {
+            return Err(("codec", super::NO_JAVASCRIPT.into()));
+        }
         match (kind, script) {
             (CodecKind::Javascript, None) => Err((
                 "codec",

@@ -32,6 +32,10 @@ mod streams;
 mod validate;
 
 pub use crate::lorawan::region::Region;
+
+/// Why `codec = "javascript"` is refused by a build without the `js` feature (Cargo.toml).
+pub const NO_JAVASCRIPT: &str =
+    "this build has no JavaScript codecs: rebuild with --features js (or use codec = \"cayennelpp\")";
 pub use crate::model::Scope;
 pub use alerts::{AlertConfig, AlertKind, AlertScope};
 pub use devices::{
@@ -605,6 +609,7 @@ impl Config {
             located.extend(found.into_iter().map(|(d, span)| (d, span, i)));
         }
         validate::devices(&located, &applications, &sources)?;
+        #[cfg(feature = "js")]
         validate::codec_scripts(&app_spans, &located, &sources)?;
         let devices: Vec<DeviceConfig> = located.into_iter().map(|(d, _, _)| d).collect();
         let ctx = streams::Context {

@@ -769,16 +769,29 @@ app_s_key = "000102030405060708090a0b0c0d0e0f"
         assert_eq!(c.gateway.codec_timeout_ms, 100);
         // A device's own codec; a relative script is taken from the file's directory.
         let src = format!("{BASE}codec = \"javascript\"\ncodec_script = \"lht65.js\"\n");
-        let c = Config::parse(&src, path).unwrap();
-        assert_eq!(
-            c.codec_of(&c.devices[0]),
-            CodecConfig::JavaScript {
-                script: dir.path().join("lht65.js")
-            }
-        );
-        let printed = c.to_toml_masked();
-        assert!(printed.contains("codec = \"javascript\""), "{printed}");
-        assert!(printed.contains("codec = \"cayennelpp\""), "{printed}");
+        #[cfg(feature = "js")]
+        {
+            let c = Config::parse(&src, path).unwrap();
+            assert_eq!(
+                c.codec_of(&c.devices[0]),
+                CodecConfig::JavaScript {
+                    script: dir.path().join("lht65.js")
+                }
+            );
+            let printed = c.to_toml_masked();
+            assert!(printed.contains("codec = \"javascript\""), "{printed}");
+            assert!(printed.contains("codec = \"cayennelpp\""), "{printed}");
+        }
+        // A build without JavaScript says so, at the entry's `codec`.
+        #[cfg(not(feature = "js"))]
+        {
+            let e = Config::parse(&src, path).unwrap_err().to_string();
+            assert!(e.contains("[[device]] \"soil-1\": key `codec`"), "{e}");
+            assert!(
+                e.contains("this build has no JavaScript codecs: rebuild with --features js"),
+                "{e}"
+            );
+        }
         let src = format!("{BASE}codec = \"none\"\n");
         let c = Config::parse(&src, path).unwrap();
         assert_eq!(c.codec_of(&c.devices[0]), CodecConfig::None);
@@ -800,7 +813,11 @@ app_s_key = "000102030405060708090a0b0c0d0e0f"
             e.starts_with("t.toml:6: [[application]] \"farm\": key `codec`"),
             "{e}"
         );
-        assert!(e.contains("needs codec_script"), "{e}");
+        if cfg!(feature = "js") {
+            assert!(e.contains("needs codec_script"), "{e}");
+        } else {
+            assert!(e.contains("this build has no JavaScript codecs"), "{e}");
+        }
         let e = err_of(
             &BASE.replace(
                 "\"cayennelpp\"",
@@ -808,11 +825,18 @@ app_s_key = "000102030405060708090a0b0c0d0e0f"
             ),
             "t.toml",
         );
-        assert!(
-            e.starts_with("t.toml:7: [[application]] \"farm\": key `codec_script`"),
-            "{e}"
-        );
-        assert!(e.contains("cannot read /nonexistent/x.js"), "{e}");
+        if cfg!(feature = "js") {
+            assert!(
+                e.starts_with("t.toml:7: [[application]] \"farm\": key `codec_script`"),
+                "{e}"
+            );
+            assert!(e.contains("cannot read /nonexistent/x.js"), "{e}");
+        } else {
+            assert!(
+                e.starts_with("t.toml:6: [[application]] \"farm\": key `codec`"),
+                "{e}"
+            );
+        }
         let e = err_of(&format!("{BASE}codec_script = \"x.js\"\n"), "t.toml");
         assert!(
             e.starts_with("t.toml:15: [[device]] \"soil-1\": key `codec_script`"),

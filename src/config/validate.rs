@@ -221,7 +221,9 @@ pub(super) fn devices(
 
 /// Every JavaScript codec loads as the daemon will load it (syntax, top-level code, a
 /// `decodeUplink` function), each file once however many entries name it; an error points at
-/// the first entry's `codec_script`. Applications are in `sources[0]`.
+/// the first entry's `codec_script`. Applications are in `sources[0]`. (A build without the `js`
+/// feature refuses `codec = "javascript"` when the entry is read: `NO_JAVASCRIPT`.)
+#[cfg(feature = "js")]
 pub(super) fn codec_scripts(
     apps: &[(ApplicationConfig, Range<usize>)],
     devices: &[(DeviceConfig, Range<usize>, usize)],
