@@ -14,7 +14,7 @@ it on the disk you want to measure, not on a tmpfs), and reads the daemon's /hea
   python3 benches/pipeline.py drain --count 1000000 --backend redb
   python3 benches/pipeline.py writes --flush-ms 100 --rate 1000 --count 20000 --backend redb [--broker-down]
   python3 benches/pipeline.py latency --flush-ms 100 --rate 200 --count 2000 --backend redb
-  python3 benches/pipeline.py callgrind --rate 200 --count 2000 [--format chirpstack]
+  python3 benches/pipeline.py callgrind --rate 200 --count 2000 [--format chirpstack] [--out-dir /tmp]
   python3 benches/pipeline.py soak --rate 500 --seconds 1800 --outage-every 240 --outage 60
 
 Results are printed as one JSON object per run; docs/benchmarks.md records them.
@@ -430,7 +430,7 @@ def callgrind(args):
         results[label + "_instructions"] = total
         if count:
             results["top_functions"] = [l.strip() for l in ann.splitlines() if "file:function" not in l][20:40]
-        shutil.copy(out, f"/tmp/callgrind.{label}.out")
+        shutil.copy(out, os.path.join(args.out_dir, f"callgrind.{label}.out"))
         shutil.rmtree(work, ignore_errors=True)
     results["instructions_per_uplink"] = round((results["traffic_instructions"] - results["idle_instructions"]) / args.count)
     results["scenario"] = "callgrind"
@@ -512,6 +512,7 @@ def main():
     p.add_argument("--count", type=int, default=20_000)
     p.add_argument("--flush-ms", type=int, default=100)
     p.add_argument("--broker-down", action="store_true")
+    p.add_argument("--out-dir", default="/tmp", help="callgrind: where callgrind.idle.out and callgrind.traffic.out go")
     p.add_argument("--outage-every", type=float, default=240, help="soak: seconds between broker outages")
     p.add_argument("--outage", type=float, default=60, help="soak: seconds each outage lasts")
     p.add_argument("--sample-every", type=float, default=10, help="soak: seconds between samples")
