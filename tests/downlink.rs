@@ -190,6 +190,23 @@ async fn push_is_sent_in_rx1_and_decrypts_with_the_device_keys() {
         // Nothing left: the next uplink gets no downlink.
         r.uplink(&mut d, false, false, &[], 6_000_000).await;
         assert!(r.fwd.pull_resp(Duration::from_millis(700)).await.is_none());
+        // The scheduler has seen that uplink and found the queue empty (it remembers that, to
+        // skip the next opportunities quickly): a downlink queued now still goes out with the
+        // next uplink.
+        assert!(wait_until(T, || r.daemon.metrics().downlinks("opportunity") >= 3).await);
+        r.push(
+            "dev-1",
+            "push",
+            serde_json::json!({"downlinks":[{"f_port":9,"frm_payload":b64(b"third")}]}),
+        )
+        .await;
+        r.event("dev-1", "queued", 3).await;
+        r.uplink(&mut d, false, false, &[], 7_000_000).await;
+        let pr = r.pull_resp().await;
+        let dl = d.open(&pr.phy, 2).unwrap();
+        assert!(dl.mic_ok);
+        assert_eq!(dl.opened.f_port, Some(9));
+        assert_eq!(dl.opened.frm_payload, b"third");
         r.daemon.stop().await;
         drop(r.broker);
     }

@@ -16,8 +16,8 @@ use crate::model::{
     DownlinkEvent, DownlinkEventKind, DownlinkItem, DownlinkOp, DownlinkRequest, Eui64, RxInfo,
     TxSettings,
 };
-use crate::store::Store;
-use std::collections::HashMap;
+use crate::store::{Store, StoreError};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -119,7 +119,17 @@ pub(crate) struct Scheduler {
     /// The FCntDown each device's session may use up to without another write: what the
     /// store holds (DevAddr of the session, bound).
     f_cnt_down_saved: HashMap<usize, (crate::model::DevAddr, u32)>,
+    /// Devices whose downlink queue was read empty and that nothing was queued for since:
+    /// their class A opportunities need no store read, RX plan or windows when the uplink
+    /// itself asks for no downlink (issue 16). Only this task queues downlinks
+    /// (`on_request`), and it forgets a device before it does; a queue read while the store
+    /// is reopening does not count as empty. A cache: cleared when it reaches
+    /// [`KNOWN_EMPTY_MAX`] devices (a reload may have removed some).
+    known_empty: HashSet<Eui64>,
 }
+
+/// Bound of [`Scheduler::known_empty`].
+const KNOWN_EMPTY_MAX: usize = 100_000;
 
 /// FCntDown values persisted ahead at a time (see `build_frame`).
 const FCNT_DOWN_RESERVE: u32 = 16;
@@ -172,6 +182,7 @@ impl Scheduler {
         Scheduler {
             class_c_waiting,
             f_cnt_down_saved: HashMap::new(),
+            known_empty: HashSet::new(),
             policy,
             class_c_gateway,
             registry,
@@ -226,6 +237,13 @@ impl Scheduler {
                 _ = sweep.tick() => self.sweep().await,
             }
         }
+    }
+
+    /// A device's DevEUI and class, without copying its names (every uplink needs these).
+    fn device_class(&self, device: usize) -> Option<(Eui64, DeviceClass)> {
+        let r = self.registry.lock().ok()?;
+        let d = r.devices().get(device)?;
+        Some((d.dev_eui, d.class))
     }
 
     fn device_ids(&self, device: usize) -> Option<(String, String, Eui64, DeviceClass)> {
@@ -340,6 +358,8 @@ impl Scheduler {
                 return;
             }
         };
+        // Whatever the outcome, the queue is no longer known to be empty.
+        self.known_empty.remove(&dev_eui);
         match self
             .store
             .downlinks_enqueue(dev_eui, &items, r.op == DownlinkOp::Replace, MAX_QUEUE)
@@ -398,7 +418,10 @@ impl Scheduler {
         dev_eui: Eui64,
         max: usize,
     ) -> (Option<(Vec<u8>, DownlinkItem)>, usize) {
-        let queue = match self.store.downlinks(dev_eui) {
+        let queue = match self.store.read_downlinks(dev_eui) {
+            // The engine is being reopened after a disk error: the items stay stored and are
+            // found again once it is back (`Store::downlinks`); nothing to log per uplink.
+            Err(StoreError::Unavailable) => return (None, 0),
             Ok(q) => q,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the downlink queue");
@@ -406,6 +429,12 @@ impl Scheduler {
             }
         };
         let total = queue.len();
+        if total == 0 {
+            if self.known_empty.len() >= KNOWN_EMPTY_MAX {
+                self.known_empty.clear();
+            }
+            self.known_empty.insert(dev_eui);
+        }
         for (i, (key, item)) in queue.into_iter().enumerate() {
             if item.payload.len() <= max {
                 return (Some((key, item)), total - i);
@@ -438,14 +467,12 @@ impl Scheduler {
     async fn on_uplink(&mut self, u: UplinkInfo) {
         // Counted first: tests and operators can tell "seen, nothing to send" from "not seen".
         self.metrics.downlink_event("opportunity");
-        let Some((_, device_id, dev_eui, class)) = self.device_ids(u.device) else {
+        let Some((dev_eui, class)) = self.device_class(u.device) else {
             return;
         };
-        let Some(best) = u.rx.first().cloned() else {
+        let Some(best) = u.rx.first() else {
             return;
         };
-        self.last_heard
-            .insert(u.device, (u.rx.clone(), u.settings.clone()));
 
         // A confirmed downlink in flight: this uplink acknowledges it, or not.
         if let Some((key, item)) = self.awaiting_ack.remove(&u.device) {
@@ -486,6 +513,15 @@ impl Scheduler {
         let (answers, fopts) = fit_fopts(answers);
         // Anything but the device's queue that makes this uplink worth a downlink.
         let needed = u.confirmed || !answers.is_empty() || u.needs_downlink;
+        // The common case: a class A device with nothing queued (read empty before, nothing
+        // queued since) and nothing to answer. What follows would read the queue, find it
+        // empty and return; the receptions are kept for a class C route without a copy.
+        if class == DeviceClass::A && !needed && self.known_empty.contains(&dev_eui) {
+            self.last_heard.insert(u.device, (u.rx, u.settings));
+            return;
+        }
+        self.last_heard
+            .insert(u.device, (u.rx.clone(), u.settings.clone()));
 
         // The device's own receive windows (what it acknowledged).
         let (plan, delay1) = self.device_rx(u.device);
@@ -539,6 +575,7 @@ impl Scheduler {
             None => (item, None),
         };
         let Some(slot) = slot else {
+            let device_id = self.device_ids(u.device).map(|d| d.1).unwrap_or_default();
             tracing::warn!(device = %device_id, elapsed_ms = elapsed.as_millis() as u64, "too late for RX1 and RX2; downlink kept for the next uplink");
             self.metrics.downlink_event("too_late");
             return;

@@ -58,7 +58,12 @@ impl Store {
         }
     }
 
-    fn read_downlinks(&self, eui: Eui64) -> Result<Vec<(Vec<u8>, DownlinkItem)>, StoreError> {
+    /// [`Store::downlinks`] without hiding a reopening engine: `Err(StoreError::Unavailable)`
+    /// then, so an empty answer really means an empty queue (the scheduler remembers that).
+    pub(crate) fn read_downlinks(
+        &self,
+        eui: Eui64,
+    ) -> Result<Vec<(Vec<u8>, DownlinkItem)>, StoreError> {
         let mut out = Vec::new();
         let engine = self.engine()?;
         let mut bad = Batch::default();
