@@ -38,8 +38,11 @@ pub struct Delivery {
 /// Unix µs as RFC 3339 with microseconds, UTC (`2026-11-22T10:00:00.123456Z`), as TTS writes
 /// `received_at`.
 pub fn rfc3339(us: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_micros(us.max(0) as u64);
-    humantime::format_rfc3339_micros(t).to_string()
+    rfc3339_of(us).to_string()
+}
+
+fn rfc3339_of(us: i64) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(us.max(0) as u64))
 }
 
 fn b64(b: &[u8]) -> String {
@@ -138,11 +141,13 @@ fn buffered(received_at_us: i64, d: Delivery) -> Option<Buffered> {
     })
 }
 
+#[cfg(test)]
 #[derive(Serialize)]
 struct ApplicationIds<'a> {
     application_id: &'a str,
 }
 
+#[cfg(test)]
 #[derive(Serialize)]
 struct EndDeviceIds<'a> {
     device_id: &'a str,
@@ -154,6 +159,7 @@ struct EndDeviceIds<'a> {
     dev_addr: String,
 }
 
+#[cfg(test)]
 /// TTS `NetworkIdentifiers`: which network handled the uplink. lorastream knows its NetID
 /// (`[gateway] net_id`); TTS's tenant and cluster fields have no counterpart here.
 #[derive(Serialize)]
@@ -161,6 +167,7 @@ struct NetworkIds {
     net_id: String,
 }
 
+#[cfg(test)]
 /// `uplink_message.lorastream`: what TTS has no field for.
 #[derive(Serialize)]
 struct UplinkLorastream<'a> {
@@ -179,6 +186,7 @@ pub struct UplinkExtras<'a> {
     pub decoded: Decoded<'a>,
 }
 
+#[cfg(test)]
 /// Field order as in TTS's `ApplicationUplink` (messages.proto), so the `xml` documents read
 /// the same way.
 #[derive(Serialize)]
@@ -209,18 +217,21 @@ struct UplinkMessage<'a> {
     lorastream: Option<UplinkLorastream<'a>>,
 }
 
+#[cfg(test)]
 #[derive(Serialize)]
 struct FValue {
     f_value: f32,
     received_at: String,
 }
 
+#[cfg(test)]
 #[derive(Serialize)]
 struct Margin {
     value: i8,
     received_at: String,
 }
 
+#[cfg(test)]
 #[derive(Serialize)]
 struct UplinkDoc<'a> {
     end_device_ids: EndDeviceIds<'a>,
@@ -231,8 +242,250 @@ struct UplinkDoc<'a> {
     lorastream: Option<Buffered>,
 }
 
-/// TTS v3 uplink JSON of a device uplink.
+/// TTS v3 uplink JSON of a device uplink, field order as in TTS's `ApplicationUplink`
+/// (messages.proto), written by [`Out`] (static keys as they are, values as serde_json writes
+/// them). The unit tests pin its bytes and compare them with serde's derive of the same layout.
 pub fn uplink_json(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
+    let mut o = Out::new();
+    o.raw(r#"{"end_device_ids":{"device_id":"#);
+    o.value(u.device.as_str());
+    o.raw(r#","application_ids":{"application_id":"#);
+    o.value(u.application.as_str());
+    o.raw(r#"},"dev_eui":"#);
+    o.display(u.dev_eui);
+    if let Some(j) = x.join_eui {
+        o.raw(r#","join_eui":"#);
+        o.display(j);
+    }
+    o.raw(r#","dev_addr":"#);
+    o.display(u.dev_addr);
+    o.raw(r#"},"correlation_ids":["#);
+    o.plain(&correlation_id("uplink", u.id));
+    o.raw(r#"],"received_at":"#);
+    // Written once, copied for `uplink_message.received_at`.
+    let received_at = o.display(rfc3339_of(u.received_at_us));
+    o.raw(r#","uplink_message":{"#);
+    if let Some(p) = u.f_port {
+        o.raw(r#""f_port":"#);
+        o.value(&p);
+        o.raw(",");
+    }
+    o.raw(r#""f_cnt":"#);
+    o.value(&u.f_cnt);
+    if !u.payload.is_empty() {
+        o.raw(r#","frm_payload":"#);
+        o.base64(&u.payload);
+    }
+    if let Some(p) = x.decoded.payload {
+        o.raw(r#","decoded_payload":"#);
+        o.value(p);
+    }
+    if !x.decoded.warnings.is_empty() {
+        o.raw(r#","decoded_payload_warnings":"#);
+        o.value(x.decoded.warnings);
+    }
+    o.raw(r#","rx_metadata":["#);
+    for (i, r) in u.rx.iter().enumerate() {
+        if i > 0 {
+            o.raw(",");
+        }
+        o.rx_metadata(r);
+    }
+    o.raw(r#"],"settings":"#);
+    o.settings(&u.settings, u.rx.first().map(|r| r.tmst).unwrap_or(0));
+    o.raw(r#","confirmed":"#);
+    o.value(&u.confirmed);
+    o.raw(r#","received_at":"#);
+    o.copy(received_at);
+    if let Some(st) = u.dev_status {
+        if let Some(p) = st.battery_percentage() {
+            o.raw(r#","last_battery_percentage":{"f_value":"#);
+            // One decimal, as TTS shows it.
+            o.value(&((p * 10.0).round() / 10.0));
+            o.raw(r#","received_at":"#);
+            o.display(rfc3339_of(st.received_at_us));
+            o.raw("}");
+        }
+        o.raw(r#","last_margin":{"value":"#);
+        o.value(&st.margin);
+        o.raw(r#","received_at":"#);
+        o.display(rfc3339_of(st.received_at_us));
+        o.raw("}");
+    }
+    if let Some(n) = x.net_id {
+        o.raw(r#","network_ids":{"net_id":"#);
+        o.display(n);
+        o.raw("}");
+    }
+    if let Some(e) = x.decoded.error {
+        o.raw(r#","lorastream":{"codec_error":"#);
+        o.value(e);
+        o.raw("}");
+    }
+    o.raw("}");
+    if let Some(b) = buffered(u.received_at_us, d) {
+        o.raw(r#","lorastream":{"buffered":"#);
+        o.value(&b.buffered);
+        o.raw(r#","held_s":"#);
+        o.value(&b.held_s);
+        o.raw("}");
+    }
+    o.raw("}");
+    o.finish()
+}
+
+/// JSON written straight into one buffer (issue 16). serde_json escapes every key of a derived
+/// `Serialize` at run time, scanning it byte by byte (~8,000 instructions per uplink); here
+/// keys and punctuation are `&'static str` pieces written as they are (they hold nothing that
+/// needs escaping), values go through serde_json (strings escaped, floats as serde_json writes
+/// them, NaN as `null`), and ids that are hex, base64, RFC 3339 or digits are written quoted
+/// as they are.
+struct Out {
+    buf: Vec<u8>,
+    /// A value serde_json refused (none of the values written here can be refused today):
+    /// `finish` then gives the empty document, as `to_json` does.
+    failed: bool,
+}
+
+impl Out {
+    /// Sized once for a typical uplink (~800 bytes), not grown from 8 bytes by doubling.
+    fn new() -> Self {
+        Out {
+            buf: Vec::with_capacity(1024),
+            failed: false,
+        }
+    }
+
+    /// Keys and punctuation: written as they are.
+    fn raw(&mut self, s: &'static str) {
+        self.buf.extend_from_slice(s.as_bytes());
+    }
+
+    /// Any value, byte for byte as serde_json writes it.
+    fn value<T: Serialize + ?Sized>(&mut self, v: &T) {
+        if serde_json::to_writer(&mut self.buf, v).is_err() {
+            self.failed = true;
+        }
+    }
+
+    /// A string known to need no escaping, quoted.
+    fn plain(&mut self, s: &str) {
+        debug_assert!(needs_no_escape(s), "{s:?}");
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(s.as_bytes());
+        self.buf.push(b'"');
+    }
+
+    /// A value whose `Display` needs no escaping (hex ids, RFC 3339), quoted; returns where it
+    /// is in the buffer, for [`Out::copy`].
+    fn display(&mut self, v: impl std::fmt::Display) -> std::ops::Range<usize> {
+        use std::io::Write;
+        let start = self.buf.len();
+        self.buf.push(b'"');
+        // Writing to a Vec cannot fail.
+        let _ = write!(self.buf, "{v}");
+        self.buf.push(b'"');
+        debug_assert!(needs_no_escape(
+            std::str::from_utf8(&self.buf[start + 1..self.buf.len() - 1]).unwrap_or("\\")
+        ));
+        start..self.buf.len()
+    }
+
+    /// Again what an earlier [`Out::display`] wrote.
+    fn copy(&mut self, r: std::ops::Range<usize>) {
+        self.buf.extend_from_within(r);
+    }
+
+    /// Standard base64 with padding, quoted (as [`b64`]).
+    fn base64(&mut self, b: &[u8]) {
+        let engine = &base64::engine::general_purpose::STANDARD;
+        self.buf.push(b'"');
+        let start = self.buf.len();
+        let n = base64::encoded_len(b.len(), true).unwrap_or(0);
+        self.buf.resize(start + n, 0);
+        match engine.encode_slice(b, &mut self.buf[start..]) {
+            Ok(written) => self.buf.truncate(start + written),
+            Err(_) => {
+                self.buf.truncate(start);
+                self.failed = true;
+            }
+        }
+        self.buf.push(b'"');
+    }
+
+    /// `"eui-<lower hex>"`, then `"<upper hex>"`: [`GatewayIds`].
+    fn gateway_ids(&mut self, eui: Eui64) {
+        let mut hex = [0u8; 16];
+        if hex::encode_to_slice(eui.0, &mut hex).is_err() {
+            self.failed = true;
+        }
+        self.raw(r#"{"gateway_id":"eui-"#);
+        self.buf.extend_from_slice(&hex);
+        self.raw(r#"","eui":""#);
+        hex.make_ascii_uppercase();
+        self.buf.extend_from_slice(&hex);
+        self.raw(r#""}"#);
+    }
+
+    /// [`RxMetadata`].
+    fn rx_metadata(&mut self, r: &RxInfo) {
+        self.raw(r#"{"gateway_ids":"#);
+        self.gateway_ids(r.gateway);
+        if let Some(t) = &r.time {
+            self.raw(r#","time":"#);
+            self.value(t.as_str());
+        }
+        self.raw(r#","timestamp":"#);
+        self.value(&r.tmst);
+        self.raw(r#","rssi":"#);
+        self.value(&r.rssi);
+        self.raw(r#","channel_rssi":"#);
+        self.value(&r.channel_rssi);
+        self.raw(r#","snr":"#);
+        self.value(&r.snr);
+        self.raw(r#","channel_index":"#);
+        self.value(&r.channel);
+        self.raw(r#","rf_chain":"#);
+        self.value(&r.rf_chain);
+        self.raw(r#","received_at":"#);
+        self.display(rfc3339_of(r.received_at_us));
+        self.raw("}");
+    }
+
+    /// [`Settings`].
+    fn settings(&mut self, s: &TxSettings, tmst: u32) {
+        self.raw(r#"{"data_rate":{"lora":{"bandwidth":"#);
+        self.value(&s.bandwidth_hz);
+        self.raw(r#","spreading_factor":"#);
+        self.value(&s.spreading_factor);
+        if !s.coding_rate.is_empty() {
+            self.raw(r#","coding_rate":"#);
+            self.value(s.coding_rate.as_str());
+        }
+        self.raw(r#"}},"frequency":""#);
+        self.value(&s.frequency_hz);
+        self.raw(r#"","timestamp":"#);
+        self.value(&tmst);
+        self.raw("}");
+    }
+
+    fn finish(self) -> Vec<u8> {
+        if self.failed {
+            Vec::new()
+        } else {
+            self.buf
+        }
+    }
+}
+
+/// What serde_json writes unchanged inside quotes.
+fn needs_no_escape(s: &str) -> bool {
+    s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+}
+
+/// The same document through serde's derive: the reference the writer is checked against.
+#[cfg(test)]
+fn uplink_json_serde(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
     let received_at = rfc3339(u.received_at_us);
     let tmst = u.rx.first().map(|r| r.tmst).unwrap_or(0);
     let doc = UplinkDoc {
@@ -548,6 +801,155 @@ mod tests {
         );
         assert!(v["uplink_message"].get("decoded_payload").is_none());
         assert_eq!(v["uplink_message"]["frm_payload"], "AQIDBA==");
+    }
+
+    /// Every optional field and value that needs escaping, byte for byte (the writer of
+    /// `uplink_json` spells the keys out itself, issue 16; these bytes are serde_json's).
+    fn pinned_cases() -> Vec<String> {
+        let obj = serde_json::json!({"temperature": 21.5, "n": 3, "s": "a\"b\n"});
+        let warnings = vec!["low battery".to_string(), "tab\there".to_string()];
+        let mut out = Vec::new();
+        let mut u = sample();
+        let x = UplinkExtras {
+            join_eui: Some("70B3D57ED00000DC".parse().unwrap()),
+            net_id: Some(NetId(0x13)),
+            decoded: Decoded {
+                payload: obj.as_object(),
+                warnings: &warnings,
+                error: Some("decodeUplink threw: \"boom\"\u{1}"),
+            },
+        };
+        u.dev_status = Some(crate::model::DevStatus {
+            battery: 200,
+            margin: -7,
+            received_at_us: 1_795_000_001_000_000,
+        });
+        let d = Delivery {
+            now_us: u.received_at_us + 90_500_000,
+        };
+        out.push(uplink_json(&u, &x, d));
+        // Two receptions, one with GPS time; names that need escaping; no FPort, no payload,
+        // no coding rate; external power; a confirmed uplink.
+        let mut second = u.rx[0].clone();
+        second.gateway = "0016c001ff10a235".parse().unwrap();
+        second.time = Some("2026-11-18T11:06:40.1Z".into());
+        (second.rssi, second.snr, second.channel, second.rf_chain) = (-120, -17.25, 7, 1);
+        second.tmst = u32::MAX;
+        u.rx.push(second);
+        (u.device, u.application) = ("dév \"1\"\\/\n".into(), "</farm>\u{7f}".into());
+        (u.f_port, u.payload, u.confirmed) = (None, Vec::new(), true);
+        u.settings.coding_rate = String::new();
+        u.dev_status = Some(crate::model::DevStatus {
+            battery: 0,
+            margin: 31,
+            received_at_us: 0,
+        });
+        out.push(uplink_json(&u, &UplinkExtras::default(), d));
+        u.dev_status = None;
+        u.rx[0].snr = f32::NAN;
+        u.f_port = Some(0);
+        out.push(uplink_json(
+            &u,
+            &UplinkExtras::default(),
+            Delivery { now_us: 0 },
+        ));
+        out.into_iter()
+            .map(|b| String::from_utf8(b).unwrap())
+            .collect()
+    }
+
+    const PINNED: [&str; 3] = [
+        concat!(
+            "{\"end_device_ids\":{\"device_id\":\"soil-1\",\"application_ids\":{\"application_id\":\"",
+            "farm\"},\"dev_eui\":\"70B3D57ED0000001\",\"join_eui\":\"70B3D57ED00000DC\",\"dev_addr\":",
+            "\"26000001\"},\"correlation_ids\":[\"lorastream:uplink:01JC0000000000000000000001\"],\"r",
+            "eceived_at\":\"2026-11-18T11:06:40.123456Z\",\"uplink_message\":{\"f_port\":1,\"f_cnt\":",
+            "70000,\"frm_payload\":\"AQIDBA==\",\"decoded_payload\":{\"n\":3,\"s\":\"a\\\"b\\n\",\"te",
+            "mperature\":21.5},\"decoded_payload_warnings\":[\"low battery\",\"tab\\there\"],\"rx_met",
+            "adata\":[{\"gateway_ids\":{\"gateway_id\":\"eui-aa555a0000000000\",\"eui\":\"AA555A00000",
+            "00000\"},\"timestamp\":2000123,\"rssi\":-57,\"channel_rssi\":-57,\"snr\":9.5,\"channel_i",
+            "ndex\":2,\"rf_chain\":0,\"received_at\":\"2026-11-18T11:06:40.123456Z\"}],\"settings\":{",
+            "\"data_rate\":{\"lora\":{\"bandwidth\":125000,\"spreading_factor\":7,\"coding_rate\":\"4",
+            "/5\"}},\"frequency\":\"868100000\",\"timestamp\":2000123},\"confirmed\":false,\"received",
+            "_at\":\"2026-11-18T11:06:40.123456Z\",\"last_battery_percentage\":{\"f_value\":78.7,\"re",
+            "ceived_at\":\"2026-11-18T11:06:41.000000Z\"},\"last_margin\":{\"value\":-7,\"received_at",
+            "\":\"2026-11-18T11:06:41.000000Z\"},\"network_ids\":{\"net_id\":\"000013\"},\"lorastream",
+            "\":{\"codec_error\":\"decodeUplink threw: \\\"boom\\\"\\u0001\"}},\"lorastream\":{\"buff",
+            "ered\":true,\"held_s\":90.5}}",
+        ),
+        concat!(
+            "{\"end_device_ids\":{\"device_id\":\"dév \\\"1\\\"\\\\/\\n\",\"application_ids\":{\"appl",
+            "ication_id\":\"</farm>\u{7f}\"},\"dev_eui\":\"70B3D57ED0000001\",\"dev_addr\":\"26000001",
+            "\"},\"correlation_ids\":[\"lorastream:uplink:01JC0000000000000000000001\"],\"received_at",
+            "\":\"2026-11-18T11:06:40.123456Z\",\"uplink_message\":{\"f_cnt\":70000,\"rx_metadata\":[",
+            "{\"gateway_ids\":{\"gateway_id\":\"eui-aa555a0000000000\",\"eui\":\"AA555A0000000000\"},",
+            "\"timestamp\":2000123,\"rssi\":-57,\"channel_rssi\":-57,\"snr\":9.5,\"channel_index\":2,",
+            "\"rf_chain\":0,\"received_at\":\"2026-11-18T11:06:40.123456Z\"},{\"gateway_ids\":{\"gate",
+            "way_id\":\"eui-0016c001ff10a235\",\"eui\":\"0016C001FF10A235\"},\"time\":\"2026-11-18T11",
+            ":06:40.1Z\",\"timestamp\":4294967295,\"rssi\":-120,\"channel_rssi\":-57,\"snr\":-17.25,\"",
+            "channel_index\":7,\"rf_chain\":1,\"received_at\":\"2026-11-18T11:06:40.123456Z\"}],\"set",
+            "tings\":{\"data_rate\":{\"lora\":{\"bandwidth\":125000,\"spreading_factor\":7}},\"freque",
+            "ncy\":\"868100000\",\"timestamp\":2000123},\"confirmed\":true,\"received_at\":\"2026-11-",
+            "18T11:06:40.123456Z\",\"last_margin\":{\"value\":31,\"received_at\":\"1970-01-01T00:00:0",
+            "0.000000Z\"}},\"lorastream\":{\"buffered\":true,\"held_s\":90.5}}",
+        ),
+        concat!(
+            "{\"end_device_ids\":{\"device_id\":\"dév \\\"1\\\"\\\\/\\n\",\"application_ids\":{\"appl",
+            "ication_id\":\"</farm>\u{7f}\"},\"dev_eui\":\"70B3D57ED0000001\",\"dev_addr\":\"26000001",
+            "\"},\"correlation_ids\":[\"lorastream:uplink:01JC0000000000000000000001\"],\"received_at",
+            "\":\"2026-11-18T11:06:40.123456Z\",\"uplink_message\":{\"f_port\":0,\"f_cnt\":70000,\"rx",
+            "_metadata\":[{\"gateway_ids\":{\"gateway_id\":\"eui-aa555a0000000000\",\"eui\":\"AA555A0",
+            "000000000\"},\"timestamp\":2000123,\"rssi\":-57,\"channel_rssi\":-57,\"snr\":null,\"chan",
+            "nel_index\":2,\"rf_chain\":0,\"received_at\":\"2026-11-18T11:06:40.123456Z\"},{\"gateway",
+            "_ids\":{\"gateway_id\":\"eui-0016c001ff10a235\",\"eui\":\"0016C001FF10A235\"},\"time\":\"",
+            "2026-11-18T11:06:40.1Z\",\"timestamp\":4294967295,\"rssi\":-120,\"channel_rssi\":-57,\"s",
+            "nr\":-17.25,\"channel_index\":7,\"rf_chain\":1,\"received_at\":\"2026-11-18T11:06:40.123",
+            "456Z\"}],\"settings\":{\"data_rate\":{\"lora\":{\"bandwidth\":125000,\"spreading_factor\"",
+            ":7}},\"frequency\":\"868100000\",\"timestamp\":2000123},\"confirmed\":true,\"received_at",
+            "\":\"2026-11-18T11:06:40.123456Z\"}}",
+        ),
+    ];
+
+    #[test]
+    fn uplink_bytes_are_pinned_for_every_optional_field() {
+        let got = pinned_cases();
+        assert_eq!(got.len(), PINNED.len());
+        for (got, want) in got.iter().zip(PINNED) {
+            assert_eq!(got, want);
+        }
+    }
+
+    /// The writer and serde's derive of the layout agree on the pinned cases and on a run of
+    /// varied uplinks.
+    #[test]
+    fn writer_equals_serde_derive() {
+        let mut u = sample();
+        let d = Delivery { now_us: 0 };
+        for i in 0..200u32 {
+            u.f_cnt = i * 7919;
+            u.payload = (0..(i % 23) as u8).collect();
+            u.f_port = (i % 3 != 0).then_some((i % 224) as u8);
+            u.rx[0].snr = i as f32 / 4.0 - 20.0;
+            u.rx[0].rssi = -(i as i32);
+            u.received_at_us = 1_795_000_000_000_000 + i64::from(i) * 1_234_567;
+            u.dev_status = (i % 5 == 0).then_some(crate::model::DevStatus {
+                battery: (i % 256) as u8,
+                margin: (i % 64) as i8 - 32,
+                received_at_us: u.received_at_us - 1,
+            });
+            let now = Delivery {
+                now_us: u.received_at_us + i64::from(i) * 100_000,
+            };
+            assert_eq!(
+                uplink_json(&u, &UplinkExtras::default(), now),
+                uplink_json_serde(&u, &UplinkExtras::default(), now),
+                "{i}"
+            );
+        }
+        assert_eq!(
+            uplink_json(&u, &UplinkExtras::default(), d),
+            uplink_json_serde(&u, &UplinkExtras::default(), d)
+        );
     }
 
     #[test]
