@@ -256,6 +256,10 @@ mod tests {
             let text = std::str::from_utf8(&bytes[4..]).unwrap();
             assert!(!text.contains("null"), "{what}: {text}");
             let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            // The same document as serde's own `{"txpk": ...}` (only the member order may
+            // differ: the bytes are written without a `serde_json::Value`).
+            let want = serde_json::json!({ "txpk": txpk(&w, tmst, &[0x60, 1, 2, 3]) });
+            assert_eq!(v, want, "{what}: {text}");
             let t = &v["txpk"];
             assert_eq!(t["prea"], 8, "{what}: {text}");
             assert_eq!(t["modu"], "LORA", "{what}");

@@ -121,24 +121,30 @@ pub fn decode(buf: &[u8]) -> Result<Datagram<'_>, GwmpError> {
 /// The reference packet forwarder (`lora_pkt_fwd`, parson) reads a present-but-`null` number
 /// as 0 — a `"prea":null` becomes the minimum 6-symbol preamble instead of LoRa's 8 — so a
 /// `txpk` with a `null` anywhere is refused here rather than sent.
+///
+/// The `txpk` object is serialised straight after the header, in the struct's member order
+/// (not through a `serde_json::Value`, which sorted the members and cost a map of owned keys
+/// per downlink, issue 16); the order of JSON members means nothing to a forwarder.
 pub fn pull_resp(
     version: u8,
     token: u16,
     txpk: semtech_udp::pull_resp::TxPk,
 ) -> Result<Vec<u8>, GwmpError> {
-    let body = serde_json::to_vec(&serde_json::json!({ "txpk": txpk }))
-        .map_err(|e| GwmpError::Encode(e.to_string()))?;
+    let t = token.to_be_bytes();
+    // Header, ~200 bytes of members, and the base64 of a PHYPayload of up to ~250 bytes.
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(&[version, t[0], t[1], PULL_RESP]);
+    out.extend_from_slice(br#"{"txpk":"#);
+    serde_json::to_writer(&mut out, &txpk).map_err(|e| GwmpError::Encode(e.to_string()))?;
+    out.push(b'}');
+    let body = &out[4..];
     // Base64 `data` has no ':', so this only matches a JSON member set to null.
     if body.windows(5).any(|w| w == b":null") {
         return Err(GwmpError::Encode(format!(
             "a txpk field is null: {}",
-            String::from_utf8_lossy(&body)
+            String::from_utf8_lossy(body)
         )));
     }
-    let t = token.to_be_bytes();
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&[version, t[0], t[1], PULL_RESP]);
-    out.extend_from_slice(&body);
     Ok(out)
 }
 
