@@ -5,8 +5,8 @@
 
 use super::backend::{Backend, Batch};
 use super::{
-    Store, StoreError, StoreHealth, CHECKPOINT_BYTES, CHECKPOINT_EVERY, DEVICES, JOURNAL_GEN,
-    LAZY_COMMIT_EVERY, MAX_PENDING_DELETES, MEMORY_FALLBACK_BYTES, META,
+    Store, StoreError, StoreHealth, CHECKPOINT_BYTES, CHECKPOINT_EVERY, CHECKPOINT_JOURNAL_BYTES,
+    DEVICES, JOURNAL_GEN, LAZY_COMMIT_EVERY, MAX_PENDING_DELETES, MEMORY_FALLBACK_BYTES, META,
 };
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -238,7 +238,8 @@ impl Store {
     }
 
     /// The group committer: makes each `flush_every_ms` window durable (journal fsync),
-    /// checkpoints into the engine every [`CHECKPOINT_EVERY`] or [`CHECKPOINT_BYTES`], and retries
+    /// checkpoints into the engine at [`CHECKPOINT_BYTES`] or [`CHECKPOINT_JOURNAL_BYTES`], at
+    /// the latest every [`CHECKPOINT_EVERY`], and retries
     /// (with a backoff) while the disk refuses writes. Runs until `cancel`; the daemon then calls
     /// [`Store::flush`].
     ///
@@ -290,13 +291,17 @@ impl Store {
             let sessions = self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0);
             // Records must be durable at the end of each window (the power-cut contract): an
             // fsync of the journal does that for about one page, an engine commit (checkpoint)
-            // costs several, so the engine is committed every CHECKPOINT_EVERY, or earlier with
-            // CHECKPOINT_BYTES waiting. A window in which the journal was written ends with its
-            // fsync (records and frame counters); deletes and journal clean-up wait for the
-            // checkpoint (docs/benchmarks.md). Without a journal (`flush_every_ms = 0`) appends
-            // commit themselves and deletes are committed every LAZY_COMMIT_EVERY.
+            // costs several, so the engine is committed with CHECKPOINT_BYTES of records
+            // waiting (memory) or CHECKPOINT_JOURNAL_BYTES in the journal (its disk space and
+            // the replay after a kill; acknowledged records stay in it until the checkpoint),
+            // and otherwise at the latest CHECKPOINT_EVERY after the last one. A window in
+            // which the journal was written ends with its fsync (records and frame counters);
+            // deletes and journal clean-up wait for the checkpoint (docs/benchmarks.md).
+            // Without a journal (`flush_every_ms = 0`) appends commit themselves and deletes
+            // are committed every LAZY_COMMIT_EVERY.
             let journal_dirty = self.inner.journal_dirty.load(Ordering::Relaxed);
             let unsaved = self.inner.shared.unsaved_bytes.load(Ordering::Relaxed);
+            let journal_bytes = self.journal().written();
             let lazy_due = last_lazy.elapsed() >= LAZY_COMMIT_EVERY;
             let checkpoint = if !self.inner.group_commit {
                 failed || puts > 0 || sessions > 0 || (dels > 0 && lazy_due)
@@ -304,6 +309,7 @@ impl Store {
                 failed
                     || dels > MAX_PENDING_DELETES
                     || unsaved >= CHECKPOINT_BYTES
+                    || journal_bytes >= CHECKPOINT_JOURNAL_BYTES
                     || ((puts > 0 || dels > 0 || sessions > 0 || journal_dirty)
                         && last_commit.elapsed() >= CHECKPOINT_EVERY)
             };

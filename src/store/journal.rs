@@ -102,6 +102,9 @@ pub(crate) struct Journal {
     /// [`Journal::rotate`] (the committer's next attempt, backed off), or a full disk would get
     /// a new empty generation file per append.
     stalled: bool,
+    /// Bytes written to the generations not yet covered by a checkpoint (puts and acks): what
+    /// a restart after a kill would replay, and the disk space the journal holds.
+    written: u64,
 }
 
 /// What [`Journal::sync_handle`] hands out: fsync it without holding the journal's lock.
@@ -226,6 +229,7 @@ impl Journal {
             no_fallocate: false,
             used_up: false,
             stalled: false,
+            written: 0,
         };
         if let Err(e) = j.make_reserve() {
             if reserve_size > 0 {
@@ -348,6 +352,7 @@ impl Journal {
         };
         match r {
             Ok(()) => {
+                self.written += frame.len() as u64;
                 if let Some(left) = &mut self.in_reserve {
                     *left = left.saturating_sub(frame.len() as u64);
                 }
@@ -398,6 +403,7 @@ impl Journal {
         self.unsynced = true;
         match f.write_all(frame) {
             Ok(()) => {
+                self.written += frame.len() as u64;
                 self.in_reserve = Some(self.reserve_have.saturating_sub(frame.len() as u64));
                 self.file = Some(f);
                 Ok(())
@@ -427,11 +433,21 @@ impl Journal {
             Some(f) => f.write_all(&frame),
             None => Ok(()),
         };
-        if r.is_err() {
-            self.acks = None;
-            self.acks_broken = Some(self.gen);
+        match r {
+            Ok(()) => self.written += frame.len() as u64,
+            Err(_) => {
+                self.acks = None;
+                self.acks_broken = Some(self.gen);
+            }
         }
         r
+    }
+
+    /// Bytes written since the last [`Journal::rotate`] (frames of puts and of acks; a frame
+    /// that failed is not counted): what a checkpoint would cover, and what a restart after a
+    /// kill would have to read back.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
     }
 
     /// Close the current generation (everything written so far belongs to the snapshot being
@@ -458,6 +474,7 @@ impl Journal {
         }
         self.gen += 1;
         self.in_reserve = None;
+        self.written = 0;
         // The engine commit that follows makes these frames durable.
         self.unsynced = false;
         Some(g)

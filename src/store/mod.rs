@@ -27,7 +27,9 @@
 //!   page cache) and keeps it in memory. The committer ([`Store::run_committer`]) makes each
 //!   `flush_every_ms` window durable with one fdatasync of the journal (a power cut loses at
 //!   most that window) and commits everything to the engine in one atomic, fsynced commit (a
-//!   checkpoint) every [`CHECKPOINT_EVERY`] or [`CHECKPOINT_BYTES`], then deletes the journal
+//!   checkpoint) when [`CHECKPOINT_BYTES`] of records wait or the journal holds
+//!   [`CHECKPOINT_JOURNAL_BYTES`], at the latest [`CHECKPOINT_EVERY`] after the previous one (and
+//!   at a graceful stop, [`Store::flush`]), then deletes the journal
 //!   generations it covered and records the newest one in `meta`. An engine commit costs several
 //!   pages however little it carries, a journal fsync about one: that is what keeps the bytes
 //!   written per uplink low at low rates (docs/benchmarks.md).
@@ -120,11 +122,25 @@ pub const LAZY_COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// Records kept in memory only while the disk refuses writes, all queues together.
 pub const MEMORY_FALLBACK_BYTES: u64 = 8 << 20;
 /// With group commits, records are made durable each window by an fsync of the journal, and
-/// committed to the engine (a checkpoint) this often or when [`CHECKPOINT_BYTES`] wait: an
-/// engine commit costs several pages however little it carries (docs/benchmarks.md).
-pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10);
-/// Unsaved record bytes that trigger a checkpoint before [`CHECKPOINT_EVERY`].
+/// committed to the engine (a checkpoint) when [`CHECKPOINT_BYTES`] of records wait or the
+/// journal holds [`CHECKPOINT_JOURNAL_BYTES`], and otherwise at the latest this long after the
+/// previous checkpoint (if anything is pending): an engine commit costs several pages however
+/// little it carries (about 28 KiB with redb), which at a small gateway's 1 uplink/s was 2.8 KB
+/// per uplink every 10 s, and is 0.5 KB every 60 s (docs/benchmarks.md). Longer saves little
+/// more (0.1 KB per uplink at 300 s, against the journal's own page per window) and widens
+/// what a power cut may redeliver: acknowledgements since the last checkpoint are journaled
+/// without an fsync (a redelivery with the same correlation id, never a loss).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// Unsaved record bytes (appended, not acknowledged, not in the engine) that trigger a
+/// checkpoint before [`CHECKPOINT_EVERY`]: what the store holds in memory besides the engine.
 pub const CHECKPOINT_BYTES: u64 = 2 << 20;
+/// Journal bytes (records and acknowledgements, acknowledged ones included) that trigger a
+/// checkpoint before [`CHECKPOINT_EVERY`]: they bound the journal's disk space and what a
+/// start after a kill reads back and holds in memory (4 MiB: about 0.2 s from an SD card). A
+/// journaled uplink takes ~300 bytes (its record, its counters, its acknowledgement), so with
+/// the cloud acknowledging this is a checkpoint every ~15 s at 1,000 uplinks/s, every ~1 s at
+/// 15,000/s; below ~250/s the 60 s come first.
+pub const CHECKPOINT_JOURNAL_BYTES: u64 = 4 << 20;
 /// Pending deletes above this trigger a commit before [`LAZY_COMMIT_EVERY`].
 const MAX_PENDING_DELETES: usize = 50_000;
 

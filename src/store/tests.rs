@@ -403,6 +403,72 @@ async fn a_commit_moves_the_window_to_disk_and_removes_the_journal() {
     }
 }
 
+/// With the cloud acknowledging everything, nothing waits in memory, but the journal keeps
+/// every record until the next checkpoint: its size alone triggers one
+/// ([`CHECKPOINT_JOURNAL_BYTES`]), long before [`CHECKPOINT_EVERY`], so the journal's disk
+/// space and the replay after a kill stay bounded at any rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_journal_of_acknowledged_records_triggers_a_checkpoint() {
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 64 << 20, 100);
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let committer = tokio::spawn(
+            s.clone()
+                .run_committer(cancel.clone(), crate::liveness::Heartbeat::detached()),
+        );
+        let a = s.queue("a").unwrap();
+        let st = |n: u32| SessionState {
+            dev_addr: DevAddr(1),
+            f_cnt_up: Some(n),
+            f_cnt_down: 0,
+        };
+        let mut n = 0u32;
+        while s.journal().written() < CHECKPOINT_JOURNAL_BYTES && s.health().commits == 0 {
+            let r = uplink(n);
+            let up = [DeviceUpdate {
+                dev_eui: Eui64::from_u64(1),
+                session: st(n),
+                mac: None,
+            }];
+            s.append(
+                &[Entry {
+                    record: &r,
+                    queues: &[0],
+                }],
+                &up,
+            )
+            .await
+            .unwrap();
+            let (seq, _) = a.read_after(None, 1).unwrap()[0];
+            assert!(a.ack(seq).unwrap());
+            n += 1;
+        }
+        assert!(
+            s.health().unsaved_bytes < CHECKPOINT_BYTES,
+            "{backend:?}: the memory trigger must not be what fires"
+        );
+        let end = Instant::now() + CHECKPOINT_EVERY / 3;
+        while s.health().commits == 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            s.health().commits >= 1,
+            "{backend:?}: no checkpoint after {n} acknowledged uplinks, journal {} bytes",
+            s.journal().written()
+        );
+        assert!(
+            s.journal().written() < CHECKPOINT_JOURNAL_BYTES,
+            "{backend:?}: the journal starts over"
+        );
+        assert_eq!(s.load_sessions().unwrap()[0].1.f_cnt_up, Some(n - 1));
+        cancel.cancel();
+        committer.await.unwrap();
+        assert!(a.is_empty());
+    }
+}
+
 #[tokio::test]
 async fn acks_are_batched_and_an_uncommitted_ack_only_means_a_redelivery() {
     for backend in backends() {
