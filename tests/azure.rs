@@ -1712,7 +1712,14 @@ async fn tunnel_idle_timeout_stop_and_config_rules() {
         .unwrap();
     assert!(closed(&mut ws).await, "closed by the reload");
     assert!(wait_until(T, || echo_s.closed.load(Ordering::SeqCst) == 2).await);
-    assert!(wait_until(T, || m.tunnels("azure", "stopped") == 1).await);
+    assert!(
+        wait_until(T, || m.tunnels("azure", "stopped") == 1).await,
+        "stopped {}, closed_remote {}, closed_local {}, idle_timeout {}",
+        m.tunnels("azure", "stopped"),
+        m.tunnels("azure", "closed_remote"),
+        m.tunnels("azure", "closed_local"),
+        m.tunnels("azure", "idle_timeout")
+    );
     assert_eq!(
         m.tunnels("azure", "idle_timeout"),
         1,

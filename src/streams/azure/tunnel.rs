@@ -283,6 +283,13 @@ impl Tunnels {
             _ = stop.cancelled() => Ok(End::Stopped),
             r = self.tunnel(&req, &host, &stop, &counts) => r,
         };
+        // A stop (the daemon's, or a reload restarting the stream) ends the tunnel whatever
+        // either side noticed at the same moment: the WebSocket or the local socket closing
+        // as a consequence must not be counted as the cause.
+        let end = match end {
+            Ok(_) if stop.is_cancelled() => Ok(End::Stopped),
+            other => other,
+        };
         self.metrics.tunnels_open_add(&self.stream, -1);
         drop(permit);
         let (up, down) = (
