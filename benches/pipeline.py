@@ -9,6 +9,7 @@ it on the disk you want to measure, not on a tmpfs), and reads the daemon's /hea
 
   cargo build --release --locked
   python3 benches/pipeline.py throughput --rate 10000 --seconds 30 --devices 1000 [--format xml]
+      [--subscriber]                    (a consumer on the broker's uplink topics)
       [--codec cayennelpp|javascript]   (the application's payload codec; the uplinks then
                                          carry a frame that codec decodes)
   python3 benches/pipeline.py drain --count 1000000 --backend redb
@@ -252,9 +253,19 @@ def until(pred, timeout, step=0.1):
     return pred()
 
 
+def consumer(port):
+    """A subscriber that takes every uplink at QoS 1 and throws it away (`--subscriber`): the
+    broker then delivers as well as receives, as with an application attached."""
+    p = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-q", "1", "-t", "lorastream/+/devices/+/up", "-F", "%l"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return p
+
+
 def throughput(args):
     work, cfg, udp, metrics, m = setup(args)
     d = Daemon(cfg, metrics)
+    sub = consumer(m.port) if args.subscriber else None
     try:
         count = int(args.rate * args.seconds)
         before, drops0, t0 = d.stats(), udp_rcvbuf_errors(), time.time()
@@ -269,8 +280,12 @@ def throughput(args):
             "lost": count - delivered, "udp_rcvbuf_errors": drops1 - drops0,
             "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / max(accepted, 1) * 1000, 4),
             "peak_rss_mb": round(after["hwm_kb"] / 1024, 1), "wall_s": round(elapsed, 1), "simulate": sim,
+            "subscriber": bool(sub), "loadavg_1m": round(os.getloadavg()[0], 2),
         }
     finally:
+        if sub:
+            sub.terminate()
+            sub.wait()
         d.stop()
         m.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -512,6 +527,8 @@ def main():
     p.add_argument("--count", type=int, default=20_000)
     p.add_argument("--flush-ms", type=int, default=100)
     p.add_argument("--broker-down", action="store_true")
+    p.add_argument("--subscriber", action="store_true",
+                   help="throughput: a mosquitto_sub consuming every uplink at QoS 1 while it runs")
     p.add_argument("--out-dir", default="/tmp", help="callgrind: where callgrind.idle.out and callgrind.traffic.out go")
     p.add_argument("--outage-every", type=float, default=240, help="soak: seconds between broker outages")
     p.add_argument("--outage", type=float, default=60, help="soak: seconds each outage lasts")

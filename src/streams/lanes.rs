@@ -80,7 +80,10 @@ impl Lanes {
 
     /// Up to `room` records to send next.
     pub fn next(&mut self, queue: &Queue, room: usize) -> Result<Vec<(u64, Record)>, StoreError> {
-        let mut out = Vec::with_capacity(room);
+        // Not sized to `room` up front: that is the whole window (hundreds of records of a few
+        // hundred bytes each) allocated for every read, when a read at a steady rate finds one
+        // or two records (issue 16). Once the lanes have merged, the store's chunk is the batch.
+        let mut out = Vec::new();
         if room == 0 {
             return Ok(out);
         }
@@ -141,9 +144,25 @@ impl Lanes {
     ) -> Result<(), StoreError> {
         let mut got = 0;
         while got < want {
-            let chunk = queue.read_after(self.backlog, want + self.taken_live.len().min(4096))?;
+            let ask = want + self.taken_live.len().min(4096);
+            let chunk = queue.read_after(self.backlog, ask)?;
             if chunk.is_empty() {
                 break;
+            }
+            // Fewer than asked for: the queue had no more just now (or the store removed an
+            // unreadable record). Reading again would find nothing, at a steady rate on every
+            // read; so once something was taken, it goes out and the next call reads on.
+            let short = chunk.len() < ask;
+            if self.merged && self.taken_live.is_empty() && out.is_empty() {
+                // One cursor and nothing to skip (the steady state): the chunk as it is
+                // (`ask` is `want` here, so it is not longer than that).
+                self.backlog = chunk.last().map(|(seq, _)| *seq);
+                got = chunk.len();
+                *out = chunk;
+                if short {
+                    break;
+                }
+                continue;
             }
             for (seq, r) in chunk {
                 self.backlog = Some(seq);
@@ -164,6 +183,9 @@ impl Lanes {
             // Everything the live lane took behind the backlog cursor has been skipped over.
             if let Some(b) = self.backlog {
                 self.taken_live = self.taken_live.split_off(&(b + 1));
+            }
+            if short && got > 0 {
+                break;
             }
         }
         if !self.merged && self.backlog.is_some() && self.backlog >= self.live {
@@ -236,6 +258,40 @@ mod tests {
         add(&s, up(1, 7)).await;
         assert_eq!(ids(&lanes.next(&q, 10).unwrap()), vec![(2, 2), (1, 7)]);
         assert!(lanes.next(&q, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn merged_reads_take_what_is_there_in_order_and_never_more_than_the_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            path: dir.path().join("db"),
+            ..Default::default()
+        };
+        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        let q = s.queue("q").unwrap();
+        let mut lanes = Lanes::new(&q);
+        for n in 0..5 {
+            add(&s, up(1 + u64::from(n % 2), n)).await;
+        }
+        // Less room than records: exactly the room, oldest first.
+        assert_eq!(ids(&lanes.next(&q, 2).unwrap()), vec![(1, 0), (2, 1)]);
+        // More room than records: all that is left, in one read.
+        assert_eq!(
+            ids(&lanes.next(&q, 200).unwrap()),
+            vec![(1, 2), (2, 3), (1, 4)]
+        );
+        assert!(lanes.next(&q, 200).unwrap().is_empty());
+        // Appended after the cursor reached the end: read on from there, nothing twice.
+        add(&s, up(3, 0)).await;
+        assert_eq!(ids(&lanes.next(&q, 200).unwrap()), vec![(3, 0)]);
+        // Acknowledged records stay behind the cursor.
+        let next = lanes.next(&q, 200).unwrap();
+        assert!(next.is_empty());
+        add(&s, up(3, 1)).await;
+        let got = lanes.next(&q, 1).unwrap();
+        assert_eq!(ids(&got), vec![(3, 1)]);
+        assert!(q.ack(got[0].0).unwrap());
+        assert!(lanes.next(&q, 200).unwrap().is_empty());
     }
 
     #[tokio::test]

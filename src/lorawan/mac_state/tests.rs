@@ -243,7 +243,20 @@ fn the_stored_form_round_trips_and_an_unknown_version_reads_as_nothing() {
         s.on_uplink(&p, &up(f, 0, 3.0, &[]));
     }
     let b = stored::encode(&s).unwrap();
-    assert_eq!(stored::decode(&b), Some(s));
+    assert_eq!(stored::decode(&b), Some(s.clone()));
+    // The same bytes as postcard's own output after the version byte.
+    assert_eq!(b, postcard::to_extend(&s, vec![1u8]).unwrap());
+    let mut full = device();
+    for f in 0..40 {
+        full.on_uplink(&p, &up(f, 0, -7.25 + f as f32, &[]));
+    }
+    full.pending.push(Pending {
+        cmd: DownlinkMac::DevStatusReq,
+        attempts: 2,
+    });
+    let fb = stored::encode(&full).unwrap();
+    assert_eq!(fb, postcard::to_extend(&full, vec![1u8]).unwrap());
+    assert_eq!(stored::decode(&fb), Some(full));
     let mut other = b.clone();
     other[0] = 99;
     assert_eq!(stored::decode(&other), None);
