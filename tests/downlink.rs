@@ -620,6 +620,76 @@ async fn fcnt_down_is_never_reused_across_restarts() {
     assert_never_reused(&used);
 }
 
+/// A start reserves the first FCntDown block of every known session in one commit, so the first
+/// downlink of each device needs no commit of its own (issue 16: the network's MAC commands go
+/// to every device early, and those per-device fsyncs dominated the cost of an uplink); a stop
+/// gives back what was not used, so clean restarts continue the counters without a gap, and
+/// none is ever reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_reserves_every_sessions_fcnt_down_in_one_commit() {
+    install_crypto();
+    let broker = support::broker::TestBroker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut devices: Vec<SimDevice> = (1..=4).map(device).collect();
+    let cfg =
+        config(
+            dir.path(),
+            &format!(
+            "[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"cloud\"\nserver = \"{}\"\n",
+            devices.iter().map(|d| device_toml(d, "farm")).collect::<String>(),
+            broker.url()
+        ),
+        );
+    let mut used: Vec<Vec<u32>> = vec![Vec::new(); devices.len()];
+    for round in 0..3u32 {
+        let daemon = Daemon::start(&cfg).await.unwrap();
+        let mut f = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(1))
+            .await
+            .unwrap();
+        f.pull().await.unwrap();
+        assert!(wait_until(T, || daemon.gateways().len() == 1).await);
+        for (i, d) in devices.iter_mut().enumerate() {
+            // A confirmed uplink forces a downlink (the ACK).
+            let p = d.uplink_with(Some(1), b"c", true, false, &[]).unwrap();
+            let tmst = 10_000_000 * round + 2_000_000 * i as u32;
+            f.send(&[(
+                &p,
+                Radio {
+                    tmst,
+                    ..Radio::default()
+                },
+            )])
+            .await
+            .unwrap();
+            let pr = f.pull_resp(T).await.expect("ACK downlink");
+            let c = fcnt_of(d, &pr.phy);
+            assert!(d.open(&pr.phy, c).unwrap().ack);
+            used[i].push(c);
+            f.tx_ack(pr.token, None).await.unwrap();
+        }
+        let m = daemon.metrics();
+        assert_eq!(
+            m.downlinks("f_cnt_down_reserved_at_start"),
+            1,
+            "round {round}: one commit for every device"
+        );
+        assert_eq!(
+            m.downlinks("f_cnt_down_saved"),
+            0,
+            "round {round}: the first downlinks needed no commit of their own"
+        );
+        daemon.stop().await;
+    }
+    for u in &used {
+        assert_never_reused(u);
+        assert_eq!(
+            u,
+            &[0, 1, 2],
+            "a clean stop gives back the unused reservation"
+        );
+    }
+}
+
 /// FCntDowns of successive runs: each above the last (never reused), and at most 16 above it
 /// (the counter is persisted 16 ahead: a restart skips what the last run had not used).
 fn assert_never_reused(used: &[u32]) {

@@ -117,8 +117,9 @@ pub(crate) struct Scheduler {
     /// The flag says whether the wait was reported (one log line and metric per wait).
     class_c_waiting: HashMap<usize, bool>,
     /// The FCntDown each device's session may use up to without another write: what the
-    /// store holds (DevAddr of the session, bound).
-    f_cnt_down_saved: HashMap<usize, (crate::model::DevAddr, u32)>,
+    /// store holds for it. Filled at start for every session in one commit
+    /// ([`Scheduler::reserve_all`]), then per device as blocks are used up.
+    f_cnt_down_saved: HashMap<usize, Reserved>,
     /// Devices whose downlink queue was read empty and that nothing was queued for since:
     /// their class A opportunities need no store read, RX plan or windows when the uplink
     /// itself asks for no downlink (issue 16). Only this task queues downlinks
@@ -133,6 +134,22 @@ const KNOWN_EMPTY_MAX: usize = 100_000;
 
 /// FCntDown values persisted ahead at a time (see `build_frame`).
 const FCNT_DOWN_RESERVE: u32 = 16;
+
+/// Sessions whose first FCntDown block is reserved in one commit at start (larger device
+/// sets take several commits of this many).
+const RESERVE_ALL_CHUNK: usize = 4096;
+
+/// An FCntDown reservation: the session it belongs to and the persisted next value.
+#[derive(Clone, Copy)]
+struct Reserved {
+    /// The session: DevAddr and NwkSKey. A rejoin (new session, FCntDown from 0) or a reload
+    /// that re-keys the device gives another pair, so the reservation no longer covers it,
+    /// even if a DevAddr comes back.
+    dev_addr: crate::model::DevAddr,
+    nwk_s_key: crate::model::AesKey,
+    /// What the store holds: counters below it may be used without another write.
+    bound: u32,
+}
 
 /// MAC answers that fit FOpts, in order; the rest are dropped (the device asks again).
 fn fit_fopts(answers: Vec<MacCmd>) -> (Vec<MacCmd>, usize) {
@@ -210,6 +227,7 @@ impl Scheduler {
     ) {
         let mut sweep = tokio::time::interval(Duration::from_millis(500));
         let mut acks_open = true;
+        self.reserve_all().await;
         loop {
             heartbeat.beat();
             tokio::select! {
@@ -228,7 +246,7 @@ impl Scheduler {
                             self.streams.remove(&name);
                         }
                     },
-                    None => return,
+                    None => break,
                 },
                 a = tx_acks.recv(), if acks_open => match a {
                     Some(a) => self.on_tx_ack(a).await,
@@ -237,6 +255,86 @@ impl Scheduler {
                 _ = sweep.tick() => self.sweep().await,
             }
         }
+        self.release_unused().await;
+    }
+
+    /// Every active session with its next FCntDown (in `bound`).
+    fn sessions(&self) -> Vec<(usize, Eui64, Reserved)> {
+        let Ok(reg) = self.registry.lock() else {
+            return Vec::new();
+        };
+        reg.devices()
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !d.removed)
+            .filter_map(|(i, d)| {
+                let s = d.session.as_ref()?;
+                let next = Reserved {
+                    dev_addr: s.dev_addr,
+                    nwk_s_key: s.nwk_s_key,
+                    bound: s.state.f_cnt_down,
+                };
+                Some((i, d.dev_eui, next))
+            })
+            .collect()
+    }
+
+    /// Reserve the first FCntDown block of every session the registry holds (ABP devices,
+    /// joined OTAA devices) in one commit, instead of one commit per device at its first
+    /// downlink: after a start the network's MAC commands go to every device early, and those
+    /// per-device fsyncs dominated the cost of an uplink (issue 16, docs/benchmarks.md).
+    /// Safe at any point: the store holds `next + FCNT_DOWN_RESERVE` before any counter from
+    /// `next` on leaves, so a crash after this commit only skips up to 16 (as a crash after a
+    /// per-device reservation does). Pending OTAA sessions are not reserved: their counter
+    /// restarts at 0 when the device uses them, and their first downlink takes the
+    /// per-device path, as do devices a reload adds or re-keys. A failed commit leaves every
+    /// device on the per-device path.
+    async fn reserve_all(&mut self) {
+        let mut sessions = self.sessions();
+        for (_, _, r) in &mut sessions {
+            r.bound = r.bound.saturating_add(FCNT_DOWN_RESERVE);
+        }
+        for chunk in sessions.chunks(RESERVE_ALL_CHUNK) {
+            let counters: Vec<_> = chunk
+                .iter()
+                .map(|(_, eui, r)| (*eui, r.dev_addr, r.bound))
+                .collect();
+            if let Err(e) = self.store.save_f_cnt_downs(&counters).await {
+                tracing::warn!(error = %e, devices = chunk.len(), "cannot reserve FCntDown at start; each device reserves at its first downlink");
+                return;
+            }
+            self.metrics.downlink_event("f_cnt_down_reserved_at_start");
+            self.f_cnt_down_saved
+                .extend(chunk.iter().map(|&(device, _, r)| (device, r)));
+        }
+    }
+
+    /// On a stop (no downlink leaves after this), give back the FCntDowns reserved but not
+    /// used: the store holds each session's exact next counter again. Without this every
+    /// restart would move every device's counter 16 further ([`Scheduler::reserve_all`]), and
+    /// LoRaWAN 1.0.0-1.0.2 devices drop frames more than MAX_FCNT_GAP (16,384) ahead of the
+    /// last they received. Not writing (a kill, a failed commit) is safe: the reservation
+    /// stays and the next run starts above it.
+    async fn release_unused(&mut self) {
+        let counters: Vec<_> = self
+            .sessions()
+            .into_iter()
+            .filter(|(device, _, next)| {
+                self.f_cnt_down_saved.get(device).is_some_and(|r| {
+                    r.dev_addr == next.dev_addr
+                        && r.nwk_s_key == next.nwk_s_key
+                        && next.bound < r.bound
+                })
+            })
+            .map(|(_, eui, next)| (eui, next.dev_addr, next.bound))
+            .collect();
+        for chunk in counters.chunks(RESERVE_ALL_CHUNK) {
+            if let Err(e) = self.store.save_f_cnt_downs(chunk).await {
+                tracing::warn!(error = %e, "cannot give back unused FCntDowns; the next start skips them");
+                return;
+            }
+        }
+        self.f_cnt_down_saved.clear();
     }
 
     /// A device's DevEUI and class, without copying its names (every uplink needs these).
@@ -707,7 +805,7 @@ impl Scheduler {
         let covered = self
             .f_cnt_down_saved
             .get(&device)
-            .is_some_and(|(a, bound)| *a == dev_addr && next <= *bound);
+            .is_some_and(|r| r.dev_addr == dev_addr && r.nwk_s_key == nwk && next <= r.bound);
         if covered {
             // Already persisted.
         } else if let Err(e) = self
@@ -719,8 +817,15 @@ impl Scheduler {
             tracing::error!(error = %e, "cannot persist FCntDown; downlink not sent");
             return None;
         } else {
-            self.f_cnt_down_saved
-                .insert(device, (dev_addr, f_cnt.saturating_add(FCNT_DOWN_RESERVE)));
+            self.metrics.downlink_event("f_cnt_down_saved");
+            self.f_cnt_down_saved.insert(
+                device,
+                Reserved {
+                    dev_addr,
+                    nwk_s_key: nwk,
+                    bound: f_cnt.saturating_add(FCNT_DOWN_RESERVE),
+                },
+            );
         }
         let (f_port, payload, fopts) = match item {
             Some(i) => (Some(i.f_port), i.payload.as_slice(), &mac_cmds[..]),

@@ -304,9 +304,18 @@ impl Registry {
         self.by_id.get(id).copied()
     }
 
-    /// Restore persisted counters (ignored when they belong to another DevAddr).
+    /// Restore persisted counters to the session, or the pending one, with their DevAddr
+    /// (ignored when neither has it). A pending session may have counters: the device used it
+    /// and the scheduler reserved its FCntDown just before a crash that kept the promotion
+    /// from the disk.
     pub fn restore(&mut self, idx: usize, state: SessionState) {
-        if let Some(s) = self.devices.get_mut(idx).and_then(|d| d.session.as_mut()) {
+        let Some(d) = self.devices.get_mut(idx) else {
+            return;
+        };
+        for s in [d.session.as_mut(), d.pending.as_mut()]
+            .into_iter()
+            .flatten()
+        {
             if s.dev_addr == state.dev_addr {
                 s.state = state;
             }

@@ -118,8 +118,11 @@ impl Store {
                 Some((_, st)) if st.dev_addr == d.dev_addr => {
                     st.f_cnt_down = st.f_cnt_down.max(d.next)
                 }
-                Some(_) => {}
-                None => ups.push((
+                // Counters of two sessions: the FCntUp of the old one is on disk, the new
+                // one's only in the journal window a power cut lost (a joined OTAA device),
+                // or the other way round. Both are given: the registry restores the one
+                // whose DevAddr its session has, so a reserved FCntDown is never dropped.
+                _ => ups.push((
                     eui,
                     SessionState {
                         dev_addr: d.dev_addr,
@@ -173,6 +176,24 @@ impl Store {
         self.write_now(b).await
     }
 
+    /// Persist the next FCntDown of several devices (DevEUI, DevAddr of the session, next) in
+    /// one commit and fsync: the scheduler reserves every known session's first block at
+    /// start, and gives back what a run did not use when it stops (issue 16).
+    pub async fn save_f_cnt_downs(
+        &self,
+        counters: &[(Eui64, DevAddr, u32)],
+    ) -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        for &(dev_eui, dev_addr, next) in counters {
+            b.put(
+                DEVICES,
+                &down_key(dev_eui),
+                &postcard::to_stdvec(&FCntDown { dev_addr, next })?,
+            );
+        }
+        self.write_now(b).await
+    }
+
     /// Save all counters of one device and fsync (used by tests and on join).
     pub async fn save_session(
         &self,
@@ -218,24 +239,20 @@ impl Store {
         self.write_now(b).await
     }
 
-    /// The device used its pending session: it replaces the active one; FCntDown restarts at 0.
+    /// The device used its pending session: it replaces the active one. Its FCntDown starts
+    /// at 0 (the registry's new session does); the stored FCntDown is not written here: it
+    /// belongs to the old session's DevAddr and is ignored for the new one (`load_sessions`
+    /// restores counters by DevAddr), and the scheduler may already have reserved the new
+    /// session's first block, which a reset to 0 committed after it would undo: a crash
+    /// would then reuse those counters.
     pub async fn promote_otaa(&self, dev_eui: Eui64) -> Result<(), StoreError> {
         let Some(p) = self.engine()?.get(OTAA, &pending_key(dev_eui))? else {
             return Ok(());
         };
-        let s: OtaaSession = postcard::from_bytes(&p)?;
-        // One atomic commit: the new session, the pending one gone, FCntDown restarted.
+        // One atomic commit: the new session, the pending one gone.
         let mut b = Batch::default();
         b.put(OTAA, &dev_eui.0, &p);
         b.delete(OTAA, &pending_key(dev_eui));
-        b.put(
-            DEVICES,
-            &down_key(dev_eui),
-            &postcard::to_stdvec(&FCntDown {
-                dev_addr: s.dev_addr,
-                next: 0,
-            })?,
-        );
         self.write_now(b).await
     }
 
@@ -295,6 +312,62 @@ mod join_tests {
             ..Default::default()
         };
         Store::open(&cfg, &[]).unwrap().0
+    }
+
+    /// The scheduler's reservation for a joined device's new session is what a restart finds,
+    /// whichever of it and the promotion commits first, and even when the last stored FCntUp
+    /// is still the old session's (the joined uplink was in a journal window a power cut lost).
+    #[tokio::test]
+    async fn a_new_sessions_reserved_fcnt_down_survives_its_promotion() {
+        let dir = tempfile::tempdir().unwrap();
+        let eui = Eui64::from_u64(7);
+        let (old, new) = (DevAddr(0x2600_0001), DevAddr(0x2600_0002));
+        {
+            let s = open(dir.path());
+            let st = SessionState {
+                dev_addr: old,
+                f_cnt_up: Some(5),
+                f_cnt_down: 40,
+            };
+            s.save_session(eui, &st).await.unwrap();
+            let pending = OtaaSession {
+                dev_addr: new,
+                nwk_s_key: [1; 16],
+                app_s_key: [2; 16],
+                rx1_dr_offset: 0,
+                rx2_dr: 0,
+                rx_delay: 1,
+            };
+            s.save_otaa_pending(eui, &pending).await.unwrap();
+            // The first downlink on the new session reserves before the promotion commits.
+            s.save_f_cnt_down(eui, new, 16).await.unwrap();
+            s.promote_otaa(eui).await.unwrap();
+            // Other devices reserved together at start.
+            s.save_f_cnt_downs(&[
+                (Eui64::from_u64(8), DevAddr(8), 17),
+                (Eui64::from_u64(9), DevAddr(9), 16),
+            ])
+            .await
+            .unwrap();
+        }
+        let s = open(dir.path());
+        assert_eq!(s.otaa_sessions(eui).unwrap().0.unwrap().dev_addr, new);
+        let mut got: Vec<([u8; 8], u32, Option<u32>, u32)> = s
+            .load_sessions()
+            .unwrap()
+            .into_iter()
+            .map(|(e, st)| (e.0, st.dev_addr.0, st.f_cnt_up, st.f_cnt_down))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                (eui.0, old.0, Some(5), 40),
+                (eui.0, new.0, None, 16),
+                (Eui64::from_u64(8).0, 8, None, 17),
+                (Eui64::from_u64(9).0, 9, None, 16),
+            ]
+        );
     }
 
     #[tokio::test]
