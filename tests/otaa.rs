@@ -399,3 +399,70 @@ async fn us915_join_with_sub_band_cf_list_then_uplink_and_downlink() {
     assert_eq!(dl.opened.frm_payload, b"hi");
     daemon.stop().await;
 }
+
+/// FCntDown of a joined device across restarts and a rejoin: each start reserves the active
+/// session's first block with every other device's (no commit of its own at its first
+/// downlink), a rejoined device's new session starts at 0 and reserves for itself (the old
+/// session's reservation does not cover it), and no counter of a session is ever used twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fcnt_down_across_restarts_and_a_rejoin() {
+    install_crypto();
+    let broker = support::broker::TestBroker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cfg(dir.path(), &broker.url());
+    let mut tmst = 100_000_000u32;
+    // A confirmed uplink forces a downlink (the ACK): its FCntDown, found by its MIC.
+    async fn acked(
+        f: &Forwarder,
+        other: &mut Forwarder,
+        dev: &mut SimDevice,
+        tmst: &mut u32,
+    ) -> u32 {
+        *tmst += 10_000_000;
+        let p = dev.uplink_with(Some(1), b"c", true, false, &[]).unwrap();
+        let radio = Radio {
+            tmst: *tmst,
+            ..Radio::default()
+        };
+        other.send(&[(&p, radio)]).await.unwrap();
+        let pr = f.pull_resp(T).await.expect("ACK downlink");
+        f.tx_ack(pr.token, None).await.unwrap();
+        (0..64u32)
+            .find(|c| dev.open(&pr.phy, *c).is_ok_and(|o| o.mic_ok && o.ack))
+            .expect("an ACK for this session with a small FCntDown")
+    }
+
+    // Run 1: join; the first downlinks of the new session (per-device reservation).
+    let (daemon, f, mut other) = daemon_and_forwarders(&cfg).await;
+    let mut first = join(&f, &mut other, 1).await;
+    let a = acked(&f, &mut other, &mut first, &mut tmst).await;
+    let b = acked(&f, &mut other, &mut first, &mut tmst).await;
+    assert_eq!((a, b), (0, 1));
+    assert_eq!(daemon.metrics().downlinks("f_cnt_down_saved"), 1);
+    daemon.stop().await;
+
+    // Run 2: the joined session was reserved at start; then a rejoin.
+    let (daemon, f, mut other) = daemon_and_forwarders(&cfg).await;
+    assert_eq!(acked(&f, &mut other, &mut first, &mut tmst).await, 2);
+    assert_eq!(
+        daemon.metrics().downlinks("f_cnt_down_reserved_at_start"),
+        1
+    );
+    assert_eq!(daemon.metrics().downlinks("f_cnt_down_saved"), 0);
+    let mut second = join(&f, &mut other, 2).await;
+    assert_ne!(second.nwk_s_key.0, first.nwk_s_key.0);
+    assert_eq!(acked(&f, &mut other, &mut second, &mut tmst).await, 0);
+    assert_eq!(
+        daemon.metrics().downlinks("f_cnt_down_saved"),
+        1,
+        "the new session reserves for itself"
+    );
+    assert_eq!(acked(&f, &mut other, &mut second, &mut tmst).await, 1);
+    daemon.stop().await;
+
+    // Run 3: the new session continues where it stopped, reserved at start.
+    let (daemon, f, mut other) = daemon_and_forwarders(&cfg).await;
+    assert_eq!(acked(&f, &mut other, &mut second, &mut tmst).await, 2);
+    assert_eq!(daemon.metrics().downlinks("f_cnt_down_saved"), 0);
+    daemon.stop().await;
+}
