@@ -227,7 +227,7 @@ impl Scheduler {
     ) {
         let mut sweep = tokio::time::interval(Duration::from_millis(500));
         let mut acks_open = true;
-        self.reserve_all().await;
+        self.reserve_all(&heartbeat).await;
         loop {
             heartbeat.beat();
             tokio::select! {
@@ -288,13 +288,15 @@ impl Scheduler {
     /// per-device reservation does). Pending OTAA sessions are not reserved: their counter
     /// restarts at 0 when the device uses them, and their first downlink takes the
     /// per-device path, as do devices a reload adds or re-keys. A failed commit leaves every
-    /// device on the per-device path.
-    async fn reserve_all(&mut self) {
+    /// device on the per-device path. Beats `heartbeat` before each commit: a large device set
+    /// takes several.
+    async fn reserve_all(&mut self, heartbeat: &crate::liveness::Heartbeat) {
         let mut sessions = self.sessions();
         for (_, _, r) in &mut sessions {
             r.bound = r.bound.saturating_add(FCNT_DOWN_RESERVE);
         }
         for chunk in sessions.chunks(RESERVE_ALL_CHUNK) {
+            heartbeat.beat();
             let counters: Vec<_> = chunk
                 .iter()
                 .map(|(_, eui, r)| (*eui, r.dev_addr, r.bound))
