@@ -266,7 +266,11 @@ impl Scheduler {
         reg.devices()
             .iter()
             .enumerate()
-            .filter(|(_, d)| !d.removed)
+            // A device with a pending OTAA session keeps the per-device path: the store has
+            // one FCntDown record per device, and it may hold the pending session's
+            // reservation (its first downlink went out before a crash let the promotion
+            // commit), which a reservation for the active session would overwrite.
+            .filter(|(_, d)| !d.removed && d.pending.is_none())
             .filter_map(|(i, d)| {
                 let s = d.session.as_ref()?;
                 let next = Reserved {

@@ -272,6 +272,18 @@ impl Registry {
                             sum.unchanged += 1;
                         }
                     } else {
+                        // Counters belong to the DevAddr (as the store keeps them): with the
+                        // same DevAddr, what this run counted is newer than what the fresh
+                        // registry read from the store (FCntUp not yet checkpointed, FCntDown
+                        // sent while the reload was prepared), and going back would let
+                        // replays in or send an FCntDown twice.
+                        let mut new = new;
+                        if let (Some(old), Some(s)) = (&d.session, &mut new.session) {
+                            if old.dev_addr == s.dev_addr {
+                                s.state.f_cnt_up = s.state.f_cnt_up.max(old.state.f_cnt_up);
+                                s.state.f_cnt_down = s.state.f_cnt_down.max(old.state.f_cnt_down);
+                            }
+                        }
                         *d = new;
                         sum.rekeyed += 1;
                     }
@@ -453,6 +465,32 @@ mod tests {
             &s.app_s_key,
         )
         .unwrap()
+    }
+
+    /// A reload that re-keys a device but keeps its DevAddr (e.g. only the AppSKey changed)
+    /// keeps the counters this run reached when they are ahead of the fresh registry's (read
+    /// from the store): neither FCntUp nor FCntDown goes back. A new DevAddr starts afresh.
+    #[test]
+    fn a_rekeyed_device_with_its_devaddr_keeps_the_counters_it_reached() {
+        let mut live = dev("a", 0x2600_0001, 1);
+        live.session.as_mut().unwrap().state.f_cnt_up = Some(70);
+        live.session.as_mut().unwrap().state.f_cnt_down = 40;
+        let mut r = Registry::new(vec![live]);
+        // The store lags: it held FCntUp 60 and FCntDown 32 when the reload read it.
+        let mut rekeyed = dev("a", 0x2600_0001, 1);
+        rekeyed.session.as_mut().unwrap().app_s_key = AesKey([9; 16]);
+        rekeyed.session.as_mut().unwrap().state.f_cnt_up = Some(60);
+        rekeyed.session.as_mut().unwrap().state.f_cnt_down = 32;
+        let sum = r.reload(Registry::new(vec![rekeyed]));
+        assert_eq!(sum.rekeyed, 1);
+        let s = r.devices()[0].session.as_ref().unwrap();
+        assert_eq!(s.app_s_key, AesKey([9; 16]));
+        assert_eq!((s.state.f_cnt_up, s.state.f_cnt_down), (Some(70), 40));
+        // Another DevAddr: another session, its own counters.
+        let moved = dev("a", 0x2600_0009, 1);
+        r.reload(Registry::new(vec![moved]));
+        let s = r.devices()[0].session.as_ref().unwrap();
+        assert_eq!((s.state.f_cnt_up, s.state.f_cnt_down), (None, 0));
     }
 
     #[test]

@@ -91,9 +91,18 @@ impl Store {
     pub fn load_sessions(&self) -> Result<Vec<(Eui64, SessionState)>, StoreError> {
         let mut ups: Vec<(Eui64, SessionState)> = Vec::new();
         let mut downs: Vec<(Eui64, FCntDown)> = Vec::new();
-        let mut all = Vec::new();
-        self.engine()?
-            .scan(DEVICES, |k, v| all.push((k.to_vec(), v.to_vec())))?;
+        let mut all = std::collections::BTreeMap::new();
+        self.engine()?.scan(DEVICES, |k, v| {
+            all.insert(k.to_vec(), v.to_vec());
+        })?;
+        // FCntUp appended but not yet checkpointed (up to a minute of it) is newer than the
+        // engine's: a reload that restores a device from here must not let those frames be
+        // replayed.
+        if let Ok(s) = self.inner.sessions.lock() {
+            for (k, v) in s.iter().filter(|(k, _)| k.len() == 8) {
+                all.insert(k.clone(), v.clone());
+            }
+        }
         for (k, v) in all {
             let Ok(eui) = <[u8; 8]>::try_from(&k[..k.len().min(8)]) else {
                 continue;

@@ -288,6 +288,11 @@ async fn the_group_commit_window_is_journaled_and_replayed_after_a_kill() {
             assert_eq!(a.unsaved(), 5, "{backend:?}: nothing committed yet");
             assert_eq!(fcnts(&a), vec![0, 1, 2, 3, 4]);
             assert!(journal_files(dir.path()) > 0);
+            // A reload reads the counters appended since the last checkpoint, not the
+            // engine's older ones (which would let those frames be replayed).
+            let loaded = s.load_sessions().unwrap();
+            assert_eq!(loaded.len(), 1, "{backend:?}");
+            assert_eq!(loaded[0].1.f_cnt_up, Some(41), "{backend:?}");
             // Dropped without a flush: what a SIGKILL leaves (the journal is in the page cache).
         }
         let (s, report) = Store::open(&c, &streams(&["a"])).unwrap();
