@@ -205,6 +205,8 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             if let Some(why) = &logging.fallback {
                 tracing::warn!("{why}");
             }
+            // Before the runtime's threads allocate: they take their malloc arenas then.
+            crate::daemon::limit_heap_arenas();
             runtime()?.block_on(run(cfg, &config, logging.handle))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -14,13 +14,14 @@
 //! the store is flushed. The whole stop is bounded by [`STOP_DEADLINE`].
 //!
 //! - [`health`]: the `/health` document and the scrape-time values of `/metrics`;
-//! - [`housekeeping`]: expiry of old records, heap trimming;
+//! - [`housekeeping`]: expiry of old records, heap trimming, one malloc arena;
 //! - [`systemd`]: readiness, stop and reload notices, watchdog keep-alives while the main
 //!   loops (ingress, uplink stage, downlink scheduler, store committer) beat.
 
 pub mod commands;
 pub mod health;
 mod housekeeping;
+pub(crate) use housekeeping::limit_heap_arenas;
 pub mod instance;
 pub mod preflight;
 mod streams;
