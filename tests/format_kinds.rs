@@ -75,6 +75,27 @@ async fn xml_template_and_chirpstack_on_mqtt_and_file_streams() {
         };
         fwd.send(&[(&p, radio)]).await.unwrap();
     }
+    // A file stream acknowledges a record once its line is written and fsynced; a record its
+    // template cannot render is dropped (and counted) when rendered, before the lines of its
+    // batch are written. So wait for the lines themselves: an empty queue alone can be seen
+    // before the uplinks are stored, or after a drop but before the write.
+    let lines = |f: &str| {
+        std::fs::read_to_string(path(f))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    for (f, n) in [
+        ("up.xml", N),
+        ("up.csv", N),
+        ("up.cs.jsonl", N),
+        ("half.txt", N / 2),
+    ] {
+        assert!(
+            wait_until(T, || lines(f) >= n as usize).await,
+            "{f}: {} lines, expected {n}",
+            lines(f)
+        );
+    }
     for name in ["mx", "mt", "half", "fx", "ft", "fc", "fh"] {
         let q = daemon.store().queue(name).unwrap();
         assert!(wait_until(T, || q.is_empty()).await, "{name} not drained");
