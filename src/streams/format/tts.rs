@@ -652,9 +652,19 @@ pub fn alert_json(a: &crate::model::AlertMsg) -> Vec<u8> {
 /// lorastream's topic of a record under an MQTT prefix (contract, "MQTT topics": uplinks,
 /// joins and gateway-level frames), for the `tts`, `xml` and `template` formats.
 pub fn topic(prefix: &str, r: &Record) -> String {
+    // Concatenated rather than `format!`ed: one per uplink (issue 16).
+    let device_topic = |application: &str, device: &str, event: &str| {
+        let mut t = String::with_capacity(
+            prefix.len() + application.len() + device.len() + event.len() + 11,
+        );
+        for part in [prefix, "/", application, "/devices/", device, "/", event] {
+            t.push_str(part);
+        }
+        t
+    };
     match r {
-        Record::Uplink(u) => format!("{prefix}/{}/devices/{}/up", u.application, u.device),
-        Record::Join(j) => format!("{prefix}/{}/devices/{}/join", j.application, j.device),
+        Record::Uplink(u) => device_topic(&u.application, &u.device, "up"),
+        Record::Join(j) => device_topic(&j.application, &j.device, "join"),
         Record::GatewayFrame(g) => format!("{prefix}/gateways/{}/up", g.rx.gateway.to_lower_hex()),
         Record::Alert(a) => format!("{prefix}/gateways/{}/alerts", a.origin),
     }
