@@ -30,6 +30,8 @@ STAGES = [
  ("stream: mqtt Driver (event loop task)", "lorastream::streams::mqtt::client::Driver::start::{{closure}} ["),
  ("  rumqttc EventLoop::poll", "rumqttc::eventloop::EventLoop::poll::{{closure}} ["),
  ("tokio park (idle wait)", "tokio::runtime::scheduler::multi_thread::worker::Context::park_internal ["),
+ ("std hashing (SipHash hash_one, incl.)", "core::hash::BuildHasher::hash_one ["),
+ ("TTS Out::display (fmt into the JSON)", "lorastream::streams::format::tts::Out::display ["),
  ("prometheus Family::get_or_create", "prometheus_client::metrics::family::Family<S,M,C>::get_or_create ["),
  ("fmt::format_inner", "alloc::fmt::format::format_inner ["),
  ("malloc (incl.)", "malloc.c:malloc ["),

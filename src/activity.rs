@@ -10,7 +10,7 @@
 //! when the page or `/api/status` is asked for: the uplink stage records every frame, the page
 //! is read every few seconds at most (issue 16).
 
-use crate::model::{DevAddr, DevStatus, Eui64};
+use crate::model::{DevAddr, DevStatus, Eui64, FastMap};
 use serde::{Serialize, Serializer};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -141,7 +141,7 @@ pub struct AlertView {
 
 #[derive(Default)]
 struct State {
-    devices: HashMap<Eui64, DeviceActivity>,
+    devices: FastMap<Eui64, DeviceActivity>,
     frames: VecDeque<FrameView>,
     alerts: Vec<AlertView>,
     /// Per stream: (Unix µs, depth), oldest first.

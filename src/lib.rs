@@ -82,6 +82,7 @@ pub mod lorawan;
 pub mod metrics;
 mod metrics_process;
 pub mod model;
+pub mod postcard_buf;
 pub mod sim;
 pub mod store;
 pub mod streams;

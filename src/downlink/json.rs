@@ -158,8 +158,7 @@ fn item(index: usize, it: Item, stream: &str) -> Result<DownlinkItem, RequestErr
 }
 
 fn rfc3339_now() -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(now_us().max(0) as u64);
-    humantime::format_rfc3339_micros(t).to_string()
+    crate::streams::format::tts::rfc3339(now_us())
 }
 
 /// The JSON of a downlink event.

@@ -13,11 +13,11 @@ use crate::lorawan::region::{
 use crate::lorawan::session::DeviceClass;
 use crate::metrics::Metrics;
 use crate::model::{
-    DownlinkEvent, DownlinkEventKind, DownlinkItem, DownlinkOp, DownlinkRequest, Eui64, RxInfo,
-    TxSettings,
+    DownlinkEvent, DownlinkEventKind, DownlinkItem, DownlinkOp, DownlinkRequest, Eui64, FastMap,
+    FastSet, RxInfo, TxSettings,
 };
 use crate::store::{Store, StoreError};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -105,28 +105,28 @@ pub(crate) struct Scheduler {
     join_plan: RxPlan,
     streams: HashMap<String, StreamLink>,
     metrics: Metrics,
-    pending: HashMap<u16, Pending>,
+    pending: FastMap<u16, Pending>,
     /// Confirmed downlinks sent, waiting for the device's ACK: device → (store key, item).
-    awaiting_ack: HashMap<usize, (Vec<u8>, DownlinkItem)>,
+    awaiting_ack: FastMap<usize, (Vec<u8>, DownlinkItem)>,
     /// How often each confirmed downlink (store key) has been sent.
-    attempts: HashMap<Vec<u8>, u8>,
+    attempts: FastMap<Vec<u8>, u8>,
     /// Last uplink of each device (receptions best first, radio settings), for class C.
-    last_heard: HashMap<usize, (Vec<RxInfo>, TxSettings)>,
+    last_heard: FastMap<usize, (Vec<RxInfo>, TxSettings)>,
     /// Class C devices that may have downlinks queued but no gateway to send them through
     /// yet (after a start, or before a forwarder's PULL_DATA): the sweep tries them again.
     /// The flag says whether the wait was reported (one log line and metric per wait).
-    class_c_waiting: HashMap<usize, bool>,
+    class_c_waiting: FastMap<usize, bool>,
     /// The FCntDown each device's session may use up to without another write: what the
     /// store holds for it. Filled at start for every session in one commit
     /// ([`Scheduler::reserve_all`]), then per device as blocks are used up.
-    f_cnt_down_saved: HashMap<usize, Reserved>,
+    f_cnt_down_saved: FastMap<usize, Reserved>,
     /// Devices whose downlink queue was read empty and that nothing was queued for since:
     /// their class A opportunities need no store read, RX plan or windows when the uplink
     /// itself asks for no downlink (issue 16). Only this task queues downlinks
     /// (`on_request`), and it forgets a device before it does; a queue read while the store
     /// is reopening does not count as empty. A cache: cleared when it reaches
     /// [`KNOWN_EMPTY_MAX`] devices (a reload may have removed some).
-    known_empty: HashSet<Eui64>,
+    known_empty: FastSet<Eui64>,
 }
 
 /// Bound of [`Scheduler::known_empty`].
@@ -198,8 +198,8 @@ impl Scheduler {
             .unwrap_or_default();
         Scheduler {
             class_c_waiting,
-            f_cnt_down_saved: HashMap::new(),
-            known_empty: HashSet::new(),
+            f_cnt_down_saved: FastMap::default(),
+            known_empty: FastSet::default(),
             policy,
             class_c_gateway,
             registry,
@@ -209,10 +209,10 @@ impl Scheduler {
             join_plan: RxPlan::new(plan.region, None),
             streams,
             metrics,
-            pending: HashMap::new(),
-            awaiting_ack: HashMap::new(),
-            attempts: HashMap::new(),
-            last_heard: HashMap::new(),
+            pending: FastMap::default(),
+            awaiting_ack: FastMap::default(),
+            attempts: FastMap::default(),
+            last_heard: FastMap::default(),
         }
     }
 

@@ -24,7 +24,8 @@ use super::gwmp::{self, tx_ack_result, Datagram, Reception};
 use crate::logs::LogLimiter;
 use crate::metrics::Metrics;
 use crate::model::Eui64;
-use std::collections::{HashMap, HashSet};
+use crate::model::FastMap;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -131,14 +132,14 @@ pub(crate) enum Admit {
 }
 
 struct Table {
-    map: HashMap<Eui64, GatewayState>,
+    map: FastMap<Eui64, GatewayState>,
     max: usize,
     pin: bool,
     /// No entry can have been silent for [`OFFLINE_AFTER`] before this (`last_seen` only grows),
     /// so a flood of new EUIs against a full table costs no scan.
     no_eviction_until: Option<Instant>,
     /// PULL_RESP token → (gateway, when sent), until its TX_ACK.
-    tokens: HashMap<u16, (Eui64, Instant)>,
+    tokens: FastMap<u16, (Eui64, Instant)>,
 }
 
 /// Known forwarders, shared between the socket loop, downlinks and `/health`.
@@ -155,11 +156,11 @@ impl Gateways {
     /// A table of at most `max` forwarders; `pin` = `[gateway] pin_gateway_address`.
     pub fn new(max: usize, pin: bool) -> Self {
         Gateways(Arc::new(Mutex::new(Table {
-            map: HashMap::new(),
+            map: FastMap::default(),
             max: max.max(1),
             pin,
             no_eviction_until: None,
-            tokens: HashMap::new(),
+            tokens: FastMap::default(),
         })))
     }
 

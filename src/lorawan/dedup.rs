@@ -5,7 +5,8 @@
 //! window is the same for every group, first-reception order is also expiry order, and a
 //! `VecDeque` replaces a timer wheel.
 
-use std::collections::{HashMap, VecDeque};
+use crate::model::FastMap;
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Pending groups above this are released early (oldest first) so memory stays bounded even if
@@ -15,7 +16,7 @@ pub const MAX_PENDING: usize = 65_536;
 pub struct Dedup<T> {
     window: Duration,
     order: VecDeque<(Instant, Vec<u8>)>,
-    groups: HashMap<Vec<u8>, Vec<T>>,
+    groups: FastMap<Vec<u8>, Vec<T>>,
 }
 
 impl<T> Dedup<T> {
@@ -23,7 +24,7 @@ impl<T> Dedup<T> {
         Dedup {
             window,
             order: VecDeque::new(),
-            groups: HashMap::new(),
+            groups: FastMap::default(),
         }
     }
 

@@ -10,7 +10,7 @@
 
 use super::fcnt::{self, FCntCheck};
 use super::frame::{self, DataUpHeader, Opened};
-use crate::model::{AesKey, DevAddr, Eui64};
+use crate::model::{AesKey, DevAddr, Eui64, FastMap};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -146,9 +146,9 @@ fn same_identity(a: &Device, b: &Device) -> bool {
 pub struct Registry {
     devices: Vec<Device>,
     /// DevAddr → (device, is the pending session).
-    by_addr: HashMap<DevAddr, Vec<(usize, bool)>>,
-    by_id: HashMap<String, usize>,
-    by_eui: HashMap<Eui64, usize>,
+    by_addr: FastMap<DevAddr, Vec<(usize, bool)>>,
+    by_id: FastMap<String, usize>,
+    by_eui: FastMap<Eui64, usize>,
 }
 
 impl Registry {

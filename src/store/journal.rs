@@ -157,10 +157,13 @@ fn open_append(p: &Path) -> io::Result<File> {
         .open(p)
 }
 
-/// `len | crc | payload` of `value`.
-fn frame<T: serde::Serialize + ?Sized>(value: &T) -> io::Result<Vec<u8>> {
+/// `len | crc | payload` of `value`; `size` is about the payload's length (the buffer is sized
+/// once for it).
+fn frame<T: serde::Serialize + ?Sized>(value: &T, size: usize) -> io::Result<Vec<u8>> {
     // The payload is encoded behind room for its header, so the frame is built in place.
-    let mut frame = postcard::to_extend(value, vec![0u8; 8]).map_err(io::Error::other)?;
+    let mut buf = Vec::with_capacity(8 + size);
+    buf.resize(8, 0);
+    let mut frame = crate::postcard_buf::append(value, buf).map_err(io::Error::other)?;
     let len = (frame.len() - 8) as u32;
     let crc = crc32fast::hash(&frame[8..]);
     frame[..4].copy_from_slice(&len.to_le_bytes());
@@ -334,7 +337,12 @@ impl Journal {
                 "the journal cannot be written (waiting for the next commit attempt)",
             ));
         }
-        let frame = frame(puts)?;
+        // Each put: its table, key and value, each behind a varint length (≤ 5 bytes).
+        let size = 5 + puts
+            .iter()
+            .map(|(t, k, v)| t.len() + k.len() + v.len() + 15)
+            .sum::<usize>();
+        let frame = frame(puts, size)?;
         if self.file.is_none() {
             let p = self.dir.join(format!("{PREFIX}{:020}", self.gen));
             match open_append(&p) {
@@ -424,7 +432,11 @@ impl Journal {
         if deletes.is_empty() || self.acks_broken == Some(self.gen) {
             return Ok(());
         }
-        let frame = frame(deletes)?;
+        let size = 5 + deletes
+            .iter()
+            .map(|(t, k)| t.len() + k.len() + 10)
+            .sum::<usize>();
+        let frame = frame(deletes, size)?;
         if self.acks.is_none() {
             let p = self.dir.join(format!("{ACKS_PREFIX}{:020}", self.gen));
             self.acks = Some(open_append(&p)?);
@@ -690,7 +702,7 @@ mod tests {
         );
         write(&mut j, 1);
         // The next write fails as on a full disk: the reserve takes the frame.
-        let frame = frame(&[("t", &[2u8][..], &[2u8, 2, 2][..])][..]).unwrap();
+        let frame = frame(&[("t", &[2u8][..], &[2u8, 2, 2][..])][..], 0).unwrap();
         j.continue_in_reserve(&frame, io::Error::other("ENOSPC"))
             .unwrap();
         assert_eq!(j.reserve_state(), ReserveState::InUse);

@@ -116,6 +116,8 @@ pub(crate) const OTAA: &str = "otaa";
 pub(crate) const DOWN: &str = "down";
 /// `meta` key: the newest journal generation whose content is in the engine.
 const JOURNAL_GEN: &[u8] = b"journal_gen";
+/// Room for a device's stored session state without growing the buffer.
+const SESSION_CAPACITY: usize = 128;
 
 /// Without a journal (`flush_every_ms = 0`), deletes are committed at least this often.
 pub const LAZY_COMMIT_EVERY: Duration = Duration::from_secs(1);
@@ -581,7 +583,10 @@ impl Store {
         }
         let mut session_puts = Vec::with_capacity(devices.len());
         for d in devices {
-            session_puts.push((d.dev_eui.0.to_vec(), postcard::to_stdvec(&d.session)?));
+            session_puts.push((
+                d.dev_eui.0.to_vec(),
+                crate::postcard_buf::to_vec(&d.session, SESSION_CAPACITY)?,
+            ));
             if let Some(m) = &d.mac {
                 session_puts.push((sessions::mac_key(d.dev_eui).to_vec(), m.clone()));
             }

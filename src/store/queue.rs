@@ -52,7 +52,7 @@ struct Inner {
     notify: Notify,
     /// Last sequence number queued per order key (device or gateway), for the catch-up lane:
     /// it tells, without a scan, which devices have a backlog.
-    last_by_key: Mutex<std::collections::HashMap<u64, u64>>,
+    last_by_key: Mutex<crate::model::FastMap<u64, u64>>,
     mem: Mutex<Mem>,
 }
 
@@ -69,7 +69,7 @@ struct Mem {
     /// Bumped by every commit: what was read from disk before may be stale after it.
     epoch: u64,
     /// Sizes of disk records handed to readers, so their ack needs no disk read.
-    sizes: std::collections::HashMap<u64, u32>,
+    sizes: crate::model::FastMap<u64, u32>,
     /// Read-ahead: the last chunk read from disk, all entries after `ahead_from` (exclusive;
     /// None = from the first) up to its last one, valid while `ahead_epoch == epoch`.
     ahead: Vec<Raw>,
@@ -133,7 +133,7 @@ impl Queue {
         let table = super::queue_table(&name);
         let (mut len, mut bytes) = (0u64, 0u64);
         let mut last = None;
-        let mut last_by_key = std::collections::HashMap::new();
+        let mut last_by_key = crate::model::FastMap::default();
         backend.scan(&table, |k, v| {
             len += 1;
             bytes += v.len() as u64;
@@ -584,7 +584,7 @@ impl Queue {
 
     /// Snapshot for a new delivery session: the last queued sequence number (None when empty)
     /// and, per order key, the last sequence number at or below it.
-    pub fn backlog_snapshot(&self) -> (Option<u64>, std::collections::HashMap<u64, u64>) {
+    pub fn backlog_snapshot(&self) -> (Option<u64>, crate::model::FastMap<u64, u64>) {
         let last = if self.is_empty() {
             None
         } else {

@@ -31,9 +31,14 @@ pub enum RecordError {
     Newer(u8),
 }
 
+/// Room for a typical record (an uplink with one reception is ~150-300 bytes) without growing.
+const CAPACITY: usize = 512;
+
 /// The bytes stored for `r`.
 pub fn encode(r: &Record) -> Result<Vec<u8>, RecordError> {
-    Ok(postcard::to_extend(r, vec![TAG, VERSION])?)
+    let mut buf = Vec::with_capacity(CAPACITY);
+    buf.extend_from_slice(&[TAG, VERSION]);
+    Ok(crate::postcard_buf::append(r, buf)?)
 }
 
 /// A stored record, of this version or an older one.

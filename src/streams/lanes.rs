@@ -14,15 +14,16 @@
 //! the lanes merge into one cursor.
 
 use crate::model::Record;
+use crate::model::{FastMap, FastSet};
 use crate::store::{Queue, StoreError};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 
 pub struct Lanes {
     backlog: Option<u64>,
     live: Option<u64>,
     /// Order key → last backlog sequence number of that key.
-    blocked: HashMap<u64, u64>,
-    skipped: HashSet<u64>,
+    blocked: FastMap<u64, u64>,
+    skipped: FastSet<u64>,
     /// Live records already taken, not yet passed by the backlog lane.
     taken_live: BTreeSet<u64>,
     merged: bool,
@@ -41,7 +42,7 @@ impl Lanes {
             backlog: None,
             live: boundary,
             blocked,
-            skipped: HashSet::new(),
+            skipped: FastSet::default(),
             taken_live: BTreeSet::new(),
             merged: boundary.is_none(),
             read_errors: crate::logs::LogLimiter::new(),

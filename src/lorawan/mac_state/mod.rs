@@ -562,35 +562,12 @@ pub mod stored {
     /// Room for a full ADR history and a few channels and pending commands without growing.
     const CAPACITY: usize = 256;
 
-    /// Encoded once per accepted uplink (issue 16): into a buffer sized once, and through
-    /// `Vec::push`/`extend_from_slice` rather than `postcard::to_extend`'s generic `Extend`
-    /// one byte at a time into a vector grown from one byte (~4,000 instructions a call).
-    /// The bytes are postcard's either way (a unit test compares them).
+    /// Encoded once per accepted uplink (issue 16): into a buffer sized once (see
+    /// [`crate::postcard_buf`]).
     pub fn encode(s: &MacState) -> Result<Vec<u8>, postcard::Error> {
         let mut v = Vec::with_capacity(CAPACITY);
         v.push(VERSION);
-        postcard::serialize_with_flavor(s, Buf(v))
-    }
-
-    /// A postcard output that appends to a `Vec<u8>`.
-    struct Buf(Vec<u8>);
-
-    impl postcard::ser_flavors::Flavor for Buf {
-        type Output = Vec<u8>;
-
-        fn try_push(&mut self, data: u8) -> postcard::Result<()> {
-            self.0.push(data);
-            Ok(())
-        }
-
-        fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-            self.0.extend_from_slice(data);
-            Ok(())
-        }
-
-        fn finalize(self) -> postcard::Result<Vec<u8>> {
-            Ok(self.0)
-        }
+        crate::postcard_buf::append(s, v)
     }
 
     pub fn decode(b: &[u8]) -> Option<MacState> {

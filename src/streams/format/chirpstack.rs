@@ -307,7 +307,11 @@ pub fn uuid_string(id: u128) -> String {
 /// `SecondsFormat::AutoSi` (no fraction, or 3, 6 or 9 digits, whichever shows every non-zero
 /// digit) and `+00:00` rather than `Z`.
 pub fn pb_timestamp(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    // Four-digit years only (humantime refuses later ones): a clock that far off is clamped.
+    let d = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .min(Duration::new(253_402_300_799, 999_999_999));
     let whole = UNIX_EPOCH + Duration::from_secs(d.as_secs());
     // humantime writes `YYYY-MM-DDTHH:MM:SSZ` for whole seconds.
     let base = humantime::format_rfc3339_seconds(whole).to_string();

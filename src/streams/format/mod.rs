@@ -42,11 +42,10 @@ use crate::downlink::json as downlink_json;
 use crate::logs::LogLimiter;
 use crate::lorawan::session::DeviceClass;
 use crate::model::{
-    CodecOutput, DownlinkEvent, DownlinkOp, DownlinkRequest, Eui64, NetId, Record, Uplink,
+    CodecOutput, DownlinkEvent, DownlinkOp, DownlinkRequest, Eui64, FastMap, NetId, Record, Uplink,
 };
 use crate::store::DropReason;
 use crate::streams::StreamContext;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use template::{Template, TemplateError};
 use xml::XmlError;
@@ -81,7 +80,7 @@ pub fn decoded(u: &Uplink) -> Decoded<'_> {
 }
 
 /// The devices of `cfg` as the formats see them, by DevEUI.
-fn device_facts(cfg: &Config) -> HashMap<Eui64, DeviceFacts> {
+fn device_facts(cfg: &Config) -> FastMap<Eui64, DeviceFacts> {
     use crate::config::Activation;
     cfg.devices
         .iter()
@@ -120,7 +119,7 @@ pub struct Facts {
     /// `[gateway] sub_band` (US915/AU915): ChirpStack's region configuration id names it.
     pub sub_band: Option<u8>,
     pub net_id: NetId,
-    devices: std::sync::RwLock<HashMap<Eui64, DeviceFacts>>,
+    devices: std::sync::RwLock<FastMap<Eui64, DeviceFacts>>,
 }
 
 impl Facts {

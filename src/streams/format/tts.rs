@@ -23,7 +23,7 @@ use crate::model::{
 };
 use base64::Engine;
 use serde::Serialize;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 /// A record younger than this when sent counts as live.
 pub const LIVE_THRESHOLD: Duration = Duration::from_secs(10);
@@ -36,13 +36,46 @@ pub struct Delivery {
 }
 
 /// Unix µs as RFC 3339 with microseconds, UTC (`2026-11-22T10:00:00.123456Z`), as TTS writes
-/// `received_at`.
+/// `received_at`. Clamped to 1970-01-01 .. 9999-12-31T23:59:59.999999Z (a clock that far off
+/// must not end a stream: `humantime` refuses years past 9999).
 pub fn rfc3339(us: i64) -> String {
-    rfc3339_of(us).to_string()
+    String::from_utf8_lossy(&rfc3339_bytes(us)).into_owned()
 }
 
-fn rfc3339_of(us: i64) -> humantime::Rfc3339Timestamp {
-    humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(us.max(0) as u64))
+/// The last microsecond RFC 3339's four-digit years can write.
+const RFC3339_MAX_US: i64 = 253_402_300_799_999_999;
+
+/// What [`rfc3339`] writes, into a fixed buffer without `fmt` (two or three per uplink, issue
+/// 16). A unit test compares it with `humantime::format_rfc3339_micros`.
+fn rfc3339_bytes(us: i64) -> [u8; 27] {
+    let us = us.clamp(0, RFC3339_MAX_US) as u64;
+    let (secs, micros) = (us / 1_000_000, us % 1_000_000);
+    let (days, sod) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian), after H. Hinnant's
+    // `civil_from_days`: eras of 400 years start on 0000-03-01.
+    let z = days + 719_468;
+    let (era, doe) = (z / 146_097, z % 146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, sod / 3_600);
+    put(14, 2, sod / 60 % 60);
+    put(17, 2, sod % 60);
+    put(20, 6, micros);
+    b
 }
 
 fn b64(b: &[u8]) -> String {
@@ -263,7 +296,7 @@ pub fn uplink_json(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
     o.plain(&correlation_id("uplink", u.id));
     o.raw(r#"],"received_at":"#);
     // Written once, copied for `uplink_message.received_at`.
-    let received_at = o.display(rfc3339_of(u.received_at_us));
+    let received_at = o.rfc3339(u.received_at_us);
     o.raw(r#","uplink_message":{"#);
     if let Some(p) = u.f_port {
         o.raw(r#""f_port":"#);
@@ -303,13 +336,13 @@ pub fn uplink_json(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
             // One decimal, as TTS shows it.
             o.value(&((p * 10.0).round() / 10.0));
             o.raw(r#","received_at":"#);
-            o.display(rfc3339_of(st.received_at_us));
+            o.rfc3339(st.received_at_us);
             o.raw("}");
         }
         o.raw(r#","last_margin":{"value":"#);
         o.value(&st.margin);
         o.raw(r#","received_at":"#);
-        o.display(rfc3339_of(st.received_at_us));
+        o.rfc3339(st.received_at_us);
         o.raw("}");
     }
     if let Some(n) = x.net_id {
@@ -374,6 +407,15 @@ impl Out {
         self.buf.push(b'"');
         self.buf.extend_from_slice(s.as_bytes());
         self.buf.push(b'"');
+    }
+
+    /// Unix µs as [`rfc3339`] writes it, quoted; returns where it is, for [`Out::copy`].
+    fn rfc3339(&mut self, us: i64) -> std::ops::Range<usize> {
+        let start = self.buf.len();
+        self.buf.push(b'"');
+        self.buf.extend_from_slice(&rfc3339_bytes(us));
+        self.buf.push(b'"');
+        start..self.buf.len()
     }
 
     /// A value whose `Display` needs no escaping (hex ids, RFC 3339), quoted; returns where it
@@ -448,7 +490,7 @@ impl Out {
         self.raw(r#","rf_chain":"#);
         self.value(&r.rf_chain);
         self.raw(r#","received_at":"#);
-        self.display(rfc3339_of(r.received_at_us));
+        self.rfc3339(r.received_at_us);
         self.raw("}");
     }
 
@@ -652,9 +694,19 @@ pub fn alert_json(a: &crate::model::AlertMsg) -> Vec<u8> {
 /// lorastream's topic of a record under an MQTT prefix (contract, "MQTT topics": uplinks,
 /// joins and gateway-level frames), for the `tts`, `xml` and `template` formats.
 pub fn topic(prefix: &str, r: &Record) -> String {
+    // Concatenated rather than `format!`ed: one per uplink (issue 16).
+    let device_topic = |application: &str, device: &str, event: &str| {
+        let mut t = String::with_capacity(
+            prefix.len() + application.len() + device.len() + event.len() + 11,
+        );
+        for part in [prefix, "/", application, "/devices/", device, "/", event] {
+            t.push_str(part);
+        }
+        t
+    };
     match r {
-        Record::Uplink(u) => format!("{prefix}/{}/devices/{}/up", u.application, u.device),
-        Record::Join(j) => format!("{prefix}/{}/devices/{}/join", j.application, j.device),
+        Record::Uplink(u) => device_topic(&u.application, &u.device, "up"),
+        Record::Join(j) => device_topic(&j.application, &j.device, "join"),
         Record::GatewayFrame(g) => format!("{prefix}/gateways/{}/up", g.rx.gateway.to_lower_hex()),
         Record::Alert(a) => format!("{prefix}/gateways/{}/alerts", a.origin),
     }
@@ -950,6 +1002,44 @@ mod tests {
             uplink_json(&u, &UplinkExtras::default(), d),
             uplink_json_serde(&u, &UplinkExtras::default(), d)
         );
+    }
+
+    #[test]
+    fn rfc3339_without_fmt_matches_humantime() {
+        let humantime = |us: i64| {
+            humantime::format_rfc3339_micros(
+                std::time::UNIX_EPOCH + Duration::from_micros(us.max(0) as u64),
+            )
+            .to_string()
+        };
+        let mut cases: Vec<i64> = vec![
+            -5,
+            0,
+            1,
+            999_999,
+            86_399_999_999,
+            86_400_000_000,
+            951_782_400_000_000,   // 2000-02-29
+            951_868_799_999_999,   // 2000-02-29T23:59:59.999999
+            4_107_542_400_000_000, // 2100-03-01
+            1_795_000_000_123_456,
+            RFC3339_MAX_US, // 9999-12-31T23:59:59.999999
+        ];
+        // Every day of 1970-2106 at a varying time of day, and a spread up to the year 9999.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for day in 0..50_000i64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            cases.push(day * 86_400_000_000 + (x % 86_400_000_000) as i64);
+            cases.push((x % (RFC3339_MAX_US as u64 + 1)) as i64);
+        }
+        for us in cases {
+            assert_eq!(rfc3339(us), humantime(us), "{us}");
+        }
+        // Past the year 9999 (humantime refuses it): the last instant it can write.
+        assert_eq!(rfc3339(RFC3339_MAX_US + 1), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(rfc3339(i64::MAX), "9999-12-31T23:59:59.999999Z");
     }
 
     #[test]

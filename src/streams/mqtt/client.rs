@@ -19,10 +19,11 @@
 use crate::config::{ServerUrl, Transport as Scheme};
 use crate::downlink::DownlinkHandle;
 use crate::model::DownlinkRequest;
+use crate::model::FastMap;
 use crate::streams::error::SessionError;
 use crate::streams::tls::TlsError;
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, Publish, QoS, Transport};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,7 +115,7 @@ pub(crate) struct Inflight {
     /// Handed to rumqttc, not yet written to the socket.
     fifo: VecDeque<Option<u64>>,
     /// Written, waiting for PUBACK.
-    by_pkid: HashMap<u16, Option<u64>>,
+    by_pkid: FastMap<u16, Option<u64>>,
 }
 
 impl Inflight {
