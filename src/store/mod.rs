@@ -715,8 +715,10 @@ impl Store {
     ) {
         for (qi, recs) in per_queue.into_iter().enumerate() {
             if !recs.is_empty() {
-                queues[qi].insert(recs);
+                // Keys first: a record a stream can see already counts for its device's
+                // backlog in a snapshot taken after it (streams/lanes.rs).
                 queues[qi].note_keys(&keys[qi]);
+                queues[qi].insert(recs);
             }
         }
         if !session_puts.is_empty() {
