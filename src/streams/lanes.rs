@@ -300,6 +300,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_device_whose_newest_record_was_acknowledged_stays_behind_its_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            path: dir.path().join("db"),
+            ..Default::default()
+        };
+        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        add(&s, up(1, 0)).await;
+        add(&s, up(2, 0)).await;
+        add(&s, up(1, 1)).await;
+        let q = s.queue("q").unwrap();
+        // Device 1's newest record is acknowledged (a previous session's live lane took it):
+        // the newest record still queued is device 2's, older than device 1's last.
+        let all = q.read_after(None, 10).unwrap();
+        assert!(q.ack(all[2].0).unwrap());
+        let mut lanes = Lanes::new(&q);
+        add(&s, up(1, 2)).await;
+        add(&s, up(3, 0)).await;
+        assert_eq!(ids(&lanes.next(&q, 2).unwrap()), vec![(3, 0), (1, 0)]);
+        assert_eq!(ids(&lanes.next(&q, 100).unwrap()), vec![(2, 0), (1, 2)]);
+    }
+
+    #[tokio::test]
     async fn merged_reads_take_what_is_there_in_order_and_never_more_than_the_room() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = StorageConfig {
