@@ -379,7 +379,7 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
         "gw",
         &[&d1, &d2],
         &r.stream(&format!(
-            "identity = \"gateway\"\ndevice_id = \"gw-01\"\ndevice_key = \"{}\"\nsas_ttl_s = 3\ntwin = true\n",
+            "identity = \"gateway\"\ndevice_id = \"gw-01\"\ndevice_key = \"{}\"\nsas_ttl_s = 4\ntwin = true\n",
             key(1)
         )),
     );
@@ -477,7 +477,8 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
     })
     .await;
 
-    // Token renewal: with sas_ttl_s = 3 the connection is renewed every 2.4 s, before the hub
+    // Token renewal: with sas_ttl_s = 4 the connection is renewed 2 s before its token
+    // expires (half of a short lifetime; the expiry is in whole seconds), before the hub
     // would close it; uplinks keep flowing.
     let conns = || {
         r.hub
@@ -497,15 +498,23 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
     up(&mut f, &mut d2, b"e").await;
     r.delivered(&q, b"e").await;
 
-    // The hub's clock runs ahead: it closes the connection when the token expires (before
-    // lorastream renews it); lorastream reconnects and goes on.
-    r.hub.set_clock_skew(2);
+    // The hub's clock runs 3 s ahead: a token has 1 s left at the hub, which closes the
+    // connection when it expires, before lorastream renews it (2 s before the expiry it knows);
+    // lorastream reconnects and goes on.
+    r.hub.set_clock_skew(3);
     assert!(
         wait_until(T, || r.hub.log(|l| l
             .closed
             .iter()
             .any(|(_, _, w)| *w == Close::TokenExpired)))
-        .await
+        .await,
+        "{}",
+        r.hub.log(|l| format!(
+            "connected {}, refused {:?}, closed {:?}",
+            l.connected.len(),
+            l.refused,
+            l.closed
+        ))
     );
     up(&mut f, &mut d2, b"f").await;
     r.delivered(&q, b"f").await;
@@ -863,7 +872,7 @@ async fn websocket_transport_and_renewal_of_device_connections() {
         .unwrap()
         .ends_with('Z'));
     // Renewed (new token, new connection) while within idle_timeout_s, never expired. Two
-    // renewals take ~5 s; the wait allows for a loaded machine (a CI run once missed 20 s:
+    // renewals take ~3 s; the wait allows for a loaded machine (a CI run once missed 20 s:
     // the message shows what the hub saw if it happens again).
     assert!(
         wait_until(2 * T, || r.hub.log(|l| l.connected.len()) >= 3).await,

@@ -5,8 +5,9 @@
 //! the record from the queue; its owner (the gateway runner or the dispatcher) decides what to
 //! hand and re-sends what was not acknowledged when the connection ends. Cloud-to-device messages
 //! become downlink requests; each is acknowledged to IoT Hub only after the scheduler stored it,
-//! in arrival order (MQTT 3.1.1 §4.6). The connection ends itself at 80 % of its SAS token's
-//! lifetime ([`Ended::Renew`]), after waiting for outstanding PUBACKs.
+//! in arrival order (MQTT 3.1.1 §4.6). The connection ends itself ahead of its SAS token's
+//! expiry (at 80 % of the default hour; see `renew_after`), after waiting for outstanding
+//! PUBACKs.
 
 use super::wire::{self, SasKey};
 use super::Shared;
@@ -67,11 +68,21 @@ pub(super) enum Report {
     Closed(SessionEnd),
 }
 
-fn unix_now() -> u64 {
+fn unix_now() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+/// How long after issuing a token whose life is `left` (its expiry is in whole seconds, so up
+/// to a second less than `ttl`) its connection is renewed: a fifth of `ttl` ahead of the expiry,
+/// and at least half of it (at most a minute) ahead for short tokens, so the CONNECT, the drain
+/// of in-flight PUBACKs and the reconnect fit on a loaded gateway. 3600 s → 2,880 s; 3 s →
+/// 0.5-1.5 s. (Renewing at 80 % of `ttl` from the CONNACK left a 3 s token no margin at all
+/// once the handshake was slow: the hub closed the connection for its expired token.)
+fn renew_after(ttl: Duration, left: Duration) -> Duration {
+    let margin = (ttl / 5).max((ttl / 2).min(Duration::from_secs(60)));
+    left.saturating_sub(margin)
 }
 
 /// Run one connection and report its end.
@@ -93,12 +104,12 @@ pub(super) async fn run(
 
 /// The MQTT options of a connection as `who`, with a fresh SAS token.
 pub(super) fn options(sh: &Shared, who: &Identity) -> MqttOptions {
-    let ttl = sh.sas_ttl;
-    let token = wire::token(
-        &wire::resource(&sh.hostname, &who.hub_id),
-        &who.key,
-        unix_now() + ttl.as_secs(),
-    );
+    options_until(sh, who, unix_now().as_secs() + sh.sas_ttl.as_secs())
+}
+
+/// [`options`] with a token that expires at `expiry` (Unix seconds).
+fn options_until(sh: &Shared, who: &Identity, expiry: u64) -> MqttOptions {
+    let token = wire::token(&wire::resource(&sh.hostname, &who.hub_id), &who.key, expiry);
     let window = sh.inflight + EXTRA;
     let mut o = MqttOptions::new(&who.hub_id, &sh.endpoint.host, sh.endpoint.port);
     o.set_transport(sh.endpoint.transport.clone());
@@ -122,9 +133,13 @@ async fn session(
     report: &impl Fn(Report),
     close: &CancellationToken,
 ) -> SessionEnd {
-    let ttl = sh.sas_ttl;
     let window = sh.inflight + EXTRA;
-    let o = options(sh, who);
+    let issued = tokio::time::Instant::now();
+    let now = unix_now();
+    let expiry = now.as_secs() + sh.sas_ttl.as_secs();
+    let renew_at =
+        issued + renew_after(sh.sas_ttl, Duration::from_secs(expiry).saturating_sub(now));
+    let o = options_until(sh, who, expiry);
     let (client, mut eventloop) = AsyncClient::new(o, window + 16);
 
     match client::until_connack(&mut eventloop, close, CONNECT_TIMEOUT).await {
@@ -163,7 +178,6 @@ async fn session(
     // redelivered (and queued twice) after the reconnect.
     let intake = Intake::start(client.clone(), sh.ctx.downlinks.clone());
 
-    let renew_at = tokio::time::Instant::now() + ttl.mul_f32(0.8);
     let mut inflight = Inflight::default();
     let mut rid = 0u64;
     let mut draining: Option<(Instant, SessionEnd)> = None;
@@ -487,6 +501,26 @@ fn incoming(sh: &Shared, who: &Identity, p: &Publish) -> Option<DownlinkRequest>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_leaves_room_before_the_token_expires() {
+        let s = Duration::from_secs;
+        // A day-long token, issued exactly on a second: renewed at 80 %.
+        assert_eq!(renew_after(s(3600), s(3600)), s(2880));
+        // Long tokens keep a fifth, short ones half (at most a minute) of their life.
+        assert_eq!(renew_after(s(600), s(600)), s(480));
+        assert_eq!(renew_after(s(120), s(120)), s(60));
+        assert_eq!(renew_after(s(3), s(3)), Duration::from_millis(1500));
+        // Whole-second expiry: a 3 s token issued at x.9 s lives 2.1 s.
+        assert_eq!(
+            renew_after(s(3), Duration::from_millis(2100)),
+            Duration::from_millis(600)
+        );
+        assert_eq!(
+            renew_after(s(2), Duration::from_millis(500)),
+            Duration::ZERO
+        );
+    }
 
     #[test]
     fn message_properties_per_record_kind() {

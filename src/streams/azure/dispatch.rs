@@ -22,7 +22,8 @@
 //!   connection fails (refused key, network) is parked with its own backoff; its records stay
 //!   queued and nobody else waits for it.
 //! - **Renewal.** A connection ending for its SAS token is reopened at once if the device was
-//!   active within `idle_timeout_s` (so cloud-to-device messages keep arriving).
+//!   active within `idle_timeout_s` (so cloud-to-device messages keep arriving); a working
+//!   connection that breaks is reopened on the same terms after its backoff.
 
 use super::conn::{self, Identity, LoraDevice, Report};
 use super::wire::SasKey;
@@ -529,6 +530,14 @@ impl Dispatcher {
                         }
                         if !c.connected {
                             self.last_attempt_failed = true;
+                        } else {
+                            // A working connection broke (network, the hub, an expired
+                            // token): an active device gets it back after its backoff, as a
+                            // renewal would, so cloud-to-device messages keep arriving.
+                            let until = slot.last_active + self.keys.idle;
+                            if until > now {
+                                slot.keep_until = Some(until);
+                            }
                         }
                         let f = slot.retry.failed(None);
                         slot.parked_until = Some(now + f.delay);

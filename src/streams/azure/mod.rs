@@ -21,8 +21,8 @@
 //!   records as their PUBACKs come.
 //!
 //! SAS tokens last `sas_ttl_s` (default 3600 s); a connection is renewed (closed after its
-//! in-flight PUBACKs, then reopened with a fresh token) at 80 % of that, before IoT Hub would
-//! close it at expiry.
+//! in-flight PUBACKs, then reopened with a fresh token) a fifth of that before IoT Hub would
+//! close it at expiry (half of it, at most a minute, for short tokens).
 
 mod conn;
 mod dispatch;
