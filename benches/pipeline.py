@@ -151,6 +151,7 @@ def proc_stats(pid):
     with open(f"/proc/{pid}/stat") as f:
         parts = f.read().rsplit(")", 1)[1].split()
     cpu = (int(parts[11]) + int(parts[12])) / TICK  # utime + stime, seconds
+    sys_cpu = int(parts[12]) / TICK  # stime: the kernel's share (syscalls, wake-ups)
     status = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -164,7 +165,7 @@ def proc_stats(pid):
     kb = lambda k: int(status.get(k, "0 kB").split()[0])
     # write_bytes: page-cache pages this process dirtied (what may reach the disk);
     # cancelled_write_bytes: of those, dropped before writeback (files deleted or truncated).
-    return {"cpu_s": cpu, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM"), "write_bytes": io["write_bytes"],
+    return {"cpu_s": cpu, "sys_s": sys_cpu, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM"), "write_bytes": io["write_bytes"],
             "cancelled_write_bytes": io["cancelled_write_bytes"]}
 
 
@@ -279,6 +280,7 @@ def throughput(args):
             "sent": count, "accepted": accepted, "delivered_to_mosquitto": delivered,
             "lost": count - delivered, "udp_rcvbuf_errors": drops1 - drops0,
             "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / max(accepted, 1) * 1000, 4),
+            "sys_s_per_1000": round((after["sys_s"] - before["sys_s"]) / max(accepted, 1) * 1000, 4),
             "peak_rss_mb": round(after["hwm_kb"] / 1024, 1), "wall_s": round(elapsed, 1), "simulate": sim,
             "subscriber": bool(sub), "loadavg_1m": round(os.getloadavg()[0], 2),
         }
