@@ -116,8 +116,6 @@ pub(crate) const OTAA: &str = "otaa";
 pub(crate) const DOWN: &str = "down";
 /// `meta` key: the newest journal generation whose content is in the engine.
 const JOURNAL_GEN: &[u8] = b"journal_gen";
-/// Room for a device's stored session state without growing the buffer.
-const SESSION_CAPACITY: usize = 128;
 
 /// Without a journal (`flush_every_ms = 0`), deletes are committed at least this often.
 pub const LAZY_COMMIT_EVERY: Duration = Duration::from_secs(1);
@@ -585,7 +583,7 @@ impl Store {
         for d in devices {
             session_puts.push((
                 d.dev_eui.0.to_vec(),
-                crate::postcard_buf::to_vec(&d.session, SESSION_CAPACITY)?,
+                crate::postcard_buf::to_exact_vec(&[], &d.session)?,
             ));
             if let Some(m) = &d.mac {
                 session_puts.push((sessions::mac_key(d.dev_eui).to_vec(), m.clone()));

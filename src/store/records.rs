@@ -31,14 +31,9 @@ pub enum RecordError {
     Newer(u8),
 }
 
-/// Room for a typical record (an uplink with one reception is ~150-300 bytes) without growing.
-const CAPACITY: usize = 512;
-
-/// The bytes stored for `r`.
+/// The bytes stored for `r` (exactly sized: a record stays in memory until its checkpoint).
 pub fn encode(r: &Record) -> Result<Vec<u8>, RecordError> {
-    let mut buf = Vec::with_capacity(CAPACITY);
-    buf.extend_from_slice(&[TAG, VERSION]);
-    Ok(crate::postcard_buf::append(r, buf)?)
+    Ok(crate::postcard_buf::to_exact_vec(&[TAG, VERSION], r)?)
 }
 
 /// A stored record, of this version or an older one.

@@ -559,15 +559,10 @@ pub mod stored {
 
     const VERSION: u8 = 1;
 
-    /// Room for a full ADR history and a few channels and pending commands without growing.
-    const CAPACITY: usize = 256;
-
-    /// Encoded once per accepted uplink (issue 16): into a buffer sized once (see
-    /// [`crate::postcard_buf`]).
+    /// Encoded once per accepted uplink (issue 16), exactly sized: it waits in memory for
+    /// the next checkpoint (see [`crate::postcard_buf`]).
     pub fn encode(s: &MacState) -> Result<Vec<u8>, postcard::Error> {
-        let mut v = Vec::with_capacity(CAPACITY);
-        v.push(VERSION);
-        crate::postcard_buf::append(s, v)
+        crate::postcard_buf::to_exact_vec(&[VERSION], s)
     }
 
     pub fn decode(b: &[u8]) -> Option<MacState> {
