@@ -509,12 +509,7 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
             .any(|(_, _, w)| *w == Close::TokenExpired)))
         .await,
         "{}",
-        r.hub.log(|l| format!(
-            "connected {}, refused {:?}, closed {:?}",
-            l.connected.len(),
-            l.refused,
-            l.closed
-        ))
+        r.hub.connections_summary()
     );
     up(&mut f, &mut d2, b"f").await;
     r.delivered(&q, b"f").await;
@@ -877,12 +872,7 @@ async fn websocket_transport_and_renewal_of_device_connections() {
     assert!(
         wait_until(2 * T, || r.hub.log(|l| l.connected.len()) >= 3).await,
         "{}",
-        r.hub.log(|l| format!(
-            "connected {}, refused {:?}, closed {:?}",
-            l.connected.len(),
-            l.refused,
-            l.closed
-        ))
+        r.hub.connections_summary()
     );
     assert!(r
         .hub

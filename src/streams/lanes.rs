@@ -230,6 +230,17 @@ mod tests {
             .collect()
     }
 
+    /// A store in a temporary directory with one queue, "q".
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            path: dir.path().join("db"),
+            ..Default::default()
+        };
+        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        (dir, s)
+    }
+
     async fn add(s: &Store, r: Record) {
         s.append(
             &[Entry {
@@ -244,12 +255,7 @@ mod tests {
 
     #[tokio::test]
     async fn live_devices_overtake_the_backlog_but_each_device_stays_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = StorageConfig {
-            path: dir.path().join("db"),
-            ..Default::default()
-        };
-        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        let (_dir, s) = store();
         // Backlog: device 1 has 6 records.
         for n in 0..6 {
             add(&s, up(1, n)).await;
@@ -277,12 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_device_appended_to_during_the_snapshot_stays_behind_its_own_backlog() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = StorageConfig {
-            path: dir.path().join("db"),
-            ..Default::default()
-        };
-        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        let (_dir, s) = store();
         add(&s, up(1, 0)).await;
         add(&s, up(1, 1)).await;
         let q = s.queue("q").unwrap();
@@ -301,12 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_device_whose_newest_record_was_acknowledged_stays_behind_its_backlog() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = StorageConfig {
-            path: dir.path().join("db"),
-            ..Default::default()
-        };
-        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        let (_dir, s) = store();
         add(&s, up(1, 0)).await;
         add(&s, up(2, 0)).await;
         add(&s, up(1, 1)).await;
@@ -324,12 +320,7 @@ mod tests {
 
     #[tokio::test]
     async fn merged_reads_take_what_is_there_in_order_and_never_more_than_the_room() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = StorageConfig {
-            path: dir.path().join("db"),
-            ..Default::default()
-        };
-        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        let (_dir, s) = store();
         let q = s.queue("q").unwrap();
         let mut lanes = Lanes::new(&q);
         for n in 0..5 {
@@ -358,12 +349,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_queue_is_a_single_lane() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = StorageConfig {
-            path: dir.path().join("db"),
-            ..Default::default()
-        };
-        let (s, _) = Store::open(&cfg, &[("q".into(), WhenFull::DropOldest)]).unwrap();
+        let (_dir, s) = store();
         let q = s.queue("q").unwrap();
         let mut lanes = Lanes::new(&q);
         assert!(!lanes.catching_up());

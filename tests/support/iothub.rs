@@ -274,6 +274,18 @@ impl IotHub {
         f(&self.state.log.lock().unwrap())
     }
 
+    /// The connections the hub saw, for an assertion's message.
+    pub fn connections_summary(&self) -> String {
+        self.log(|l| {
+            format!(
+                "connected {}, refused {:?}, closed {:?}",
+                l.connected.len(),
+                l.refused,
+                l.closed
+            )
+        })
+    }
+
     pub fn d2c(&self) -> Vec<D2c> {
         self.log(|l| l.d2c.clone())
     }
