@@ -120,15 +120,21 @@ async fn silent_device_offline_gateway_and_a_down_stream_fire_and_resolve_once_a
     fwd.pull().await.unwrap();
     let heard_at = std::time::SystemTime::now();
     uplink(&mut fwd, &mut d1, 2000).await;
-    // The device and the gateway are heard: resolved, with the same alert ids.
-    assert!(
-        wait_until(T, || of(&alerts(&file), "device_silent", "resolved").len()
-            == 1
-            && of(&alerts(&file), "gateway_offline", "resolved").len() == 1)
-        .await,
-        "{:?}",
-        alerts(&file)
-    );
+    // The device and the gateway are heard: resolved, with the same alert ids. The gateway
+    // keeps sending PULL_DATA as a forwarder does: the alert engine looks at its last datagram
+    // on its next tick, which on a loaded machine can come later than `after` (2 s) after one
+    // datagram, and a gateway silent again by then stays offline (seen once in ~40 runs).
+    let resolved = || {
+        let all = alerts(&file);
+        of(&all, "device_silent", "resolved").len() == 1
+            && of(&all, "gateway_offline", "resolved").len() == 1
+    };
+    let deadline = std::time::Instant::now() + T;
+    while !resolved() && std::time::Instant::now() < deadline {
+        fwd.pull().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(resolved(), "{:?}", alerts(&file));
     let all = alerts(&file);
     let resolved = of(&all, "device_silent", "resolved").remove(0);
     assert_eq!(resolved["alert"]["id"], fired["alert"]["id"]);
