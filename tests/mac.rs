@@ -120,10 +120,15 @@ impl Net {
     async fn start(devices: &str, tune: impl FnOnce(&mut Config)) -> Net {
         install_crypto();
         if std::env::var_os("LORASTREAM_TEST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter("lorastream=debug")
+            use tracing_subscriber::layer::SubscriberExt;
+            let only_ours = tracing_subscriber::filter::Targets::new()
+                .with_target("lorastream", tracing::Level::DEBUG);
+            let sub = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
                 .with_test_writer()
-                .try_init();
+                .finish()
+                .with(only_ours);
+            let _ = tracing::subscriber::set_global_default(sub);
         }
         let broker = Broker::start(BrokerKind::Embedded).await;
         let dir = tempfile::tempdir().unwrap();

@@ -86,7 +86,7 @@ pub(super) fn sections(
             "\"sled\" is not in this build of lorastream (cargo feature `sled`, off by default); use \"redb\"",
         ));
     }
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log.level) {
+    if let Err(e) = crate::logs::parse_filter(&log.level) {
         return Err(src.section_error(
             "[log]",
             "level",

@@ -17,16 +17,20 @@ impl std::io::Write for LogWriter {
     }
 }
 
-/// Send this binary's logs, filtered by `filter` (an `EnvFilter`), to the buffer. Only the
-/// first call in a binary takes effect.
+/// Send this binary's logs, filtered by `filter` (`target=level` directives, as the daemon's
+/// `[log] level`), to the buffer. Only the first call in a binary takes effect.
 pub fn capture(filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        let filter: tracing_subscriber::filter::Targets =
+            filter.parse().expect("a valid log filter");
         let sub = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_max_level(tracing::Level::TRACE)
             .with_writer(|| LogWriter)
             .with_ansi(false)
-            .finish();
+            .finish()
+            .with(filter);
         let _ = tracing::subscriber::set_global_default(sub);
     });
 }
