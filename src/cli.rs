@@ -270,7 +270,7 @@ fn check(path: &Path, online: bool) -> ExitCode {
     match Config::load(path) {
         Ok(cfg) if online => {
             print_check(path, &cfg);
-            let running = cfg.metrics.listen.and_then(fetch_health).is_some();
+            let running = find_daemon(&cfg).is_some();
             let findings = match runtime() {
                 Ok(rt) => rt.block_on(crate::daemon::preflight::run(&cfg, running)),
                 Err(e) => {
@@ -314,6 +314,15 @@ fn print_check(path: &Path, cfg: &Config) {
     println!("# {}\n", cfg.device_sources_summary());
     if let Some(note) = cfg.storage.outside_state_dir_note() {
         println!("# note: {note}\n");
+    }
+    if let [first, fallbacks @ ..] = cfg.metrics.candidates().as_slice() {
+        if !fallbacks.is_empty() {
+            let others: Vec<String> = fallbacks.iter().map(|a| a.to_string()).collect();
+            println!(
+                "# note: [metrics] listen is not set: {first}, or the first free of {} when another program (node_exporter) has {first}\n",
+                others.join(", ")
+            );
+        }
     }
     let lost = cfg.devices_without_stream();
     if !lost.is_empty() {
@@ -363,6 +372,16 @@ fn import(opts: crate::config::import::Options) -> ExitCode {
 }
 
 /// `GET /health` of a running daemon (plain HTTP/1.1 on loopback, 2 s timeout; 200 or 503).
+/// The running daemon's `/health`, and where it answered: the first of the metrics listener's
+/// candidates that answers as lorastream does (the default port falls back when another
+/// program, node_exporter usually, has it: `MetricsConfig::candidates`).
+fn find_daemon(cfg: &Config) -> Option<(SocketAddr, serde_json::Value)> {
+    cfg.metrics
+        .candidates()
+        .into_iter()
+        .find_map(|a| fetch_health(a).map(|h| (a, h)))
+}
+
 fn fetch_health(mut addr: SocketAddr) -> Option<serde_json::Value> {
     use std::io::{Read, Write};
     if addr.ip().is_unspecified() {
@@ -385,22 +404,16 @@ fn fetch_health(mut addr: SocketAddr) -> Option<serde_json::Value> {
 }
 
 fn queue(cfg: &Config, json: bool) -> anyhow::Result<()> {
-    let (streams, source) = match cfg.metrics.listen.and_then(fetch_health) {
-        Some(h) => (
-            h["streams"].clone(),
-            format!(
-                "running daemon at {}",
-                cfg.metrics
-                    .listen
-                    .map(|a| a.to_string())
-                    .unwrap_or_default()
-            ),
-        ),
+    let (streams, source) = match find_daemon(cfg) {
+        Some((addr, h)) => (h["streams"].clone(), format!("running daemon at {addr}")),
         None => {
             let stats = crate::store::inspect(&cfg.storage).with_context(|| {
                 format!(
                     "no daemon answered on [metrics] listen = {}, and the store at {} cannot be opened (a daemon holds it?)",
-                    cfg.metrics.listen.map_or("\"\"".to_string(), |a| a.to_string()),
+                    match cfg.metrics.candidates().as_slice() {
+                        [] => "\"\"".to_string(),
+                        all => all.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" or "),
+                    },
                     cfg.storage.path.display()
                 )
             })?;

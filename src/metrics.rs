@@ -919,9 +919,60 @@ fn respond<B>(
     answer(status, "application/json", h.json)
 }
 
+/// Bind the listener of `/metrics`, `/health` and the status page on the first of
+/// `candidates` ([`crate::config::MetricsConfig::candidates`]) that is free. A taken port that
+/// has a next candidate is skipped with a warning (the default 127.0.0.1:9100 is node_exporter's
+/// port too); when none can be had, the daemon runs on without the listener (the uplinks matter
+/// more than their metrics) and says what to change.
+pub(crate) async fn bind(candidates: &[std::net::SocketAddr]) -> Option<TcpListener> {
+    let first = *candidates.first()?;
+    for (i, addr) in candidates.iter().enumerate() {
+        match TcpListener::bind(addr).await {
+            Ok(l) => {
+                if i > 0 {
+                    tracing::warn!(
+                        taken = %candidates[..i].iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+                        listen = %addr,
+                        "[metrics] listen is not set and its default is taken by another program (node_exporter listens on 9100): /metrics, /health and the status page are on {addr}; set [metrics] listen to choose the port"
+                    );
+                }
+                return Some(l);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && i + 1 < candidates.len() => {}
+            Err(e) => {
+                let hint = if e.kind() != std::io::ErrorKind::AddrInUse {
+                    String::new()
+                } else if i > 0 {
+                    format!("; {first} and the fallback ports after it are all taken: set [metrics] listen = \"127.0.0.1:<a free port>\" (or \"\" to turn the listener off) and restart")
+                } else {
+                    "; another program has this port (node_exporter listens on 9100): set [metrics] listen = \"127.0.0.1:9101\" (or \"\" to turn the listener off) and restart".to_string()
+                };
+                tracing::error!(addr = %addr, error = %e, "cannot listen for /metrics, /health and the status page; running without them{hint}");
+                return None;
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_taken_port_falls_through_to_the_next_candidate() {
+        let held_a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let held_b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a, b) = (held_a.local_addr().unwrap(), held_b.local_addr().unwrap());
+        // Port 0 as the last candidate: any free port, so the test needs no fixed one.
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let l = bind(&[a, b, any]).await.expect("the third candidate");
+        let got = l.local_addr().unwrap();
+        assert!(got != a && got != b, "{got}");
+        assert!(bind(&[a, b]).await.is_none(), "every candidate is taken");
+        assert!(bind(&[a]).await.is_none());
+        assert!(bind(&[]).await.is_none());
+    }
 
     #[test]
     fn counters_show_in_text() {

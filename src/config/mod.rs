@@ -481,17 +481,75 @@ impl Default for StorageConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(from = "RawMetrics")]
 pub struct MetricsConfig {
     /// Prometheus `/metrics` and JSON `/health`; `""` (None) disables the endpoint.
-    #[serde(deserialize_with = "de_opt_listen", serialize_with = "ser_opt_listen")]
+    #[serde(serialize_with = "ser_opt_listen")]
     pub listen: Option<SocketAddr>,
+    /// `listen` was not written, so it is the default, 127.0.0.1:9100, which Prometheus'
+    /// node_exporter uses too: when another program has it, the daemon listens on the next
+    /// free one of [`METRICS_FALLBACK_PORTS`] instead ([`MetricsConfig::candidates`]). A port
+    /// that was written is used as written or not at all.
+    #[serde(skip)]
+    pub listen_is_default: bool,
 }
+
+/// Where the metrics listener goes, in order, when `[metrics] listen` is not written and
+/// 127.0.0.1:9100 is taken (by node_exporter, usually).
+pub const METRICS_FALLBACK_PORTS: [u16; 2] = [9101, 9102];
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
+            listen_is_default: true,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The addresses the daemon tries for its listener, in order (and where `queue`, `check
+    /// --online` and the other commands look for a running daemon): `listen` alone when it
+    /// was written (or set to another address in code), the default and then
+    /// [`METRICS_FALLBACK_PORTS`] when it was not.
+    pub fn candidates(&self) -> Vec<SocketAddr> {
+        let Some(first) = self.listen else {
+            return Vec::new();
+        };
+        let mut out = vec![first];
+        if self.listen_is_default && Some(first) == MetricsConfig::default().listen {
+            out.extend(METRICS_FALLBACK_PORTS.iter().map(|&p| {
+                let mut a = first;
+                a.set_port(p);
+                a
+            }));
+        }
+        out
+    }
+}
+
+/// `[metrics]` as written: whether `listen` is there matters ([`MetricsConfig::listen_is_default`]).
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(deserialize_with = "de_written_listen")]
+    listen: Option<Option<SocketAddr>>,
+}
+
+fn de_written_listen<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<SocketAddr>>, D::Error> {
+    de_opt_listen(d).map(Some)
+}
+
+impl From<RawMetrics> for MetricsConfig {
+    fn from(raw: RawMetrics) -> Self {
+        match raw.listen {
+            None => MetricsConfig::default(),
+            Some(listen) => MetricsConfig {
+                listen,
+                listen_is_default: false,
+            },
         }
     }
 }

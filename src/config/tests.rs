@@ -277,6 +277,35 @@ mod typed {
     }
 
     #[test]
+    fn only_an_unwritten_metrics_listen_falls_back_from_node_exporters_port() {
+        let ports = |src: &str| -> Vec<String> {
+            Config::parse(src, "t.toml")
+                .unwrap()
+                .metrics
+                .candidates()
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
+        let fallback = ["127.0.0.1:9100", "127.0.0.1:9101", "127.0.0.1:9102"];
+        assert_eq!(ports(""), fallback);
+        assert_eq!(ports("[metrics]\n"), fallback);
+        assert_eq!(
+            ports("[metrics]\nlisten = \"127.0.0.1:9100\"\n"),
+            ["127.0.0.1:9100"]
+        );
+        assert_eq!(
+            ports("[metrics]\nlisten = \"0.0.0.0:9200\"\n"),
+            ["0.0.0.0:9200"]
+        );
+        assert!(ports("[metrics]\nlisten = \"\"\n").is_empty());
+        // Set in code (as the tests do): used as set.
+        let mut c = Config::parse("", "t.toml").unwrap();
+        c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.metrics.candidates().len(), 1);
+    }
+
+    #[test]
     fn extra_channels_are_checked_against_the_region() {
         let parse = |g: &str| Config::parse(&format!("[gateway]\n{g}\n"), "t.toml");
         let c = parse("extra_channels = [868.8, 869.0]").unwrap();

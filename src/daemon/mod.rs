@@ -296,22 +296,8 @@ impl Daemon {
         let mut metrics_addr = None;
         // A metrics port that is taken (node_exporter's 9100 is the usual one) costs the
         // metrics, /health and the status page, not the uplinks: the daemon runs on and says
-        // loudly what to change.
-        let listener = match cfg.metrics.listen {
-            None => None,
-            Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-                        "; another program has this port (node_exporter listens on 9100): set [metrics] listen = \"127.0.0.1:9101\" (or \"\" to turn the listener off) and restart"
-                    } else {
-                        ""
-                    };
-                    tracing::error!(addr = %addr, error = %e, "cannot listen for /metrics, /health and the status page; running without them{hint}");
-                    None
-                }
-            },
-        };
+        // loudly what to change; the default port falls back to the next free one.
+        let listener = metrics::bind(&cfg.metrics.candidates()).await;
         if let Some(l) = listener {
             metrics_addr = l.local_addr().ok();
             let s = sources.clone();

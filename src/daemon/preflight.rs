@@ -53,15 +53,22 @@ pub async fn run(cfg: &Config, daemon_running: bool) -> Vec<Finding> {
             daemon_running,
         ),
     ));
-    if let Some(listen) = cfg.metrics.listen {
+    let candidates = cfg.metrics.candidates();
+    if let Some(&listen) = candidates.first() {
+        let found = port(
+            || std::net::TcpListener::bind(listen).map(drop),
+            &listen.to_string(),
+            "TCP",
+            daemon_running,
+        );
         out.push(finding(
             "[metrics] listen",
-            port(
-                || std::net::TcpListener::bind(listen).map(drop),
-                &listen.to_string(),
-                "TCP",
-                daemon_running,
-            ),
+            match found {
+                Err(e) if candidates.len() > 1 && !daemon_running => {
+                    metrics_fallback(listen, &candidates[1..]).ok_or(e)
+                }
+                other => other,
+            },
         ));
     }
     out.extend(streams(cfg).await);
@@ -140,6 +147,20 @@ fn port(
         )),
         Err(e) => Err(format!("{proto} {addr}: {e}")),
     }
+}
+
+/// `[metrics] listen` is not set and its default `taken` is in use: the fallback port the
+/// daemon would take (`metrics::bind`), if one is free.
+fn metrics_fallback(
+    taken: std::net::SocketAddr,
+    fallbacks: &[std::net::SocketAddr],
+) -> Option<String> {
+    let free = fallbacks
+        .iter()
+        .find(|a| std::net::TcpListener::bind(a).is_ok())?;
+    Some(format!(
+        "TCP {taken} is in use by another program (node_exporter listens on 9100); [metrics] listen is not set, so the daemon will listen on {free} (set it to choose the port)"
+    ))
 }
 
 /// Each stream, built as the daemon builds it (over a throw-away store, so nothing it holds
