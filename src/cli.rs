@@ -371,7 +371,6 @@ fn import(opts: crate::config::import::Options) -> ExitCode {
     }
 }
 
-/// `GET /health` of a running daemon (plain HTTP/1.1 on loopback, 2 s timeout; 200 or 503).
 /// The running daemon's `/health`, and where it answered: the first of the metrics listener's
 /// candidates that answers as lorastream does (the default port falls back when another
 /// program, node_exporter usually, has it: `MetricsConfig::candidates`).
@@ -382,6 +381,7 @@ fn find_daemon(cfg: &Config) -> Option<(SocketAddr, serde_json::Value)> {
         .find_map(|a| fetch_health(a).map(|h| (a, h)))
 }
 
+/// `GET /health` of a running daemon (plain HTTP/1.1 on loopback, 2 s timeout; 200 or 503).
 fn fetch_health(mut addr: SocketAddr) -> Option<serde_json::Value> {
     use std::io::{Read, Write};
     if addr.ip().is_unspecified() {
