@@ -186,7 +186,7 @@ impl Scope {
 }
 
 /// An AES-128 key. Prints as `***` whatever the format.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AesKey(pub [u8; 16]);
 
 impl fmt::Debug for AesKey {

@@ -2,13 +2,14 @@
 //!
 //! The 12-byte header (version, token, identifier, gateway EUI) is checked by hand before any
 //! JSON is touched, so every well-formed PUSH_DATA gets its PUSH_ACK even when its JSON is bad.
-//! JSON bodies are parsed with the `semtech-udp` crate's types, but one `rxpk` at a time: the
-//! crate parses a datagram all-or-nothing, and one odd field from one forwarder must not lose
-//! the other frames of the same datagram (see crate-notes, "semtech-udp 0.12").
+//! JSON bodies are read by `rxpk` when they have the usual shape, else with the `semtech-udp`
+//! crate's types, and when those refuse the body, one `rxpk` at a time: the crate parses a
+//! datagram all-or-nothing, and one odd field from one forwarder must not lose the other
+//! frames of the same datagram (see crate-notes, "semtech-udp 0.12").
 
 use crate::model::{now_us, Eui64, RxInfo, TxSettings};
-use semtech_udp::push_data::{RxPk, RxPkV1, Stat, CRC};
-use semtech_udp::CodingRate;
+use semtech_udp::push_data::{RxPk, Stat, CRC};
+use semtech_udp::{CodingRate, DataRate};
 
 /// Protocol versions we answer. Version 1 forwarders send the same JSON.
 pub const VERSIONS: [u8; 2] = [1, 2];
@@ -203,28 +204,26 @@ pub fn parse_push_data(body: &[u8], gateway: Eui64) -> Result<PushData, GwmpErro
     }
     let received_at_us = now_us();
     let mut out = PushData::default();
-    // Fast path: the whole body parses with the crate's types (the normal case). Only for an
-    // all-ASCII body, which every rxpk is (see `guarded`).
+    // Fast path: the whole body parses at once (the normal case). Only for an all-ASCII body,
+    // which every rxpk is (see `guarded`).
     if body.is_ascii() {
-        // First as version-1 entries only (what SX1301 forwarders send, and most SX1302 ones):
-        // straight into `RxPkV1`, without the untagged `RxPk`, which buffers every entry in
-        // serde's `Content` before trying its variants (about 8,000 instructions per entry,
-        // issue 16). The untagged enum tries `V1` first, so any body this accepts it reads
-        // the same way; anything else (a version-2 entry with `rsig`) takes the path below.
-        #[derive(serde::Deserialize)]
-        struct V1Only {
-            rxpk: Option<Vec<RxPkV1>>,
-            stat: Option<Stat>,
-        }
-        if let Some(Ok(d)) = guarded(|| serde_json::from_slice::<V1Only>(body)) {
-            out.receptions = d
-                .rxpk
-                .unwrap_or_default()
-                .into_iter()
-                .map(|pk| reception(&RxPk::V1(pk), gateway, received_at_us))
-                .collect();
-            out.stat = d.stat;
-            return Ok(out);
+        // Version-1 entries in plain JSON, read without serde (see `rxpk`).
+        if let Some(read) = super::rxpk::read(body) {
+            let stat = match read.stat {
+                None => Some(None),
+                Some(raw) => {
+                    guarded(|| serde_json::from_str::<Option<Stat>>(raw)).and_then(Result::ok)
+                }
+            };
+            if let Some(stat) = stat {
+                out.receptions = read
+                    .entries
+                    .into_iter()
+                    .map(|f| f.reception(gateway, received_at_us))
+                    .collect();
+                out.stat = stat;
+                return Ok(out);
+            }
         }
         if let Some(Ok(d)) =
             guarded(|| serde_json::from_slice::<semtech_udp::push_data::Data>(body))
@@ -286,34 +285,76 @@ fn coding_rate(c: Option<CodingRate>) -> &'static str {
     }
 }
 
-fn reception(pk: &RxPk, gateway: Eui64, received_at_us: i64) -> Reception {
+/// What a [`Reception`] takes from an `rxpk`, whichever reader read it.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RxFields {
+    pub data: Vec<u8>,
+    pub crc_ok: bool,
+    /// `freq`, MHz.
+    pub freq: f64,
+    pub datr: DataRate,
+    pub codr: Option<CodingRate>,
+    pub tmst: u32,
+    pub time: Option<String>,
+    /// The signal RSSI when the forwarder gave one, else the channel RSSI.
+    pub rssi: i32,
+    pub channel_rssi: i32,
+    pub snr: f32,
+    pub channel: u32,
+    pub rf_chain: u32,
+}
+
+impl RxFields {
+    pub(super) fn reception(self, gateway: Eui64, received_at_us: i64) -> Reception {
+        Reception {
+            arrived: std::time::Instant::now(),
+            phy_payload: self.data,
+            crc_ok: self.crc_ok,
+            settings: TxSettings {
+                frequency_hz: (self.freq * 1_000_000.0).round() as u32,
+                spreading_factor: u32::from(self.datr.spreading_factor()) as u8,
+                bandwidth_hz: u32::from(self.datr.bandwidth()),
+                coding_rate: coding_rate(self.codr).to_string(),
+            },
+            rx: RxInfo {
+                gateway,
+                tmst: self.tmst,
+                time: self.time,
+                rssi: self.rssi,
+                channel_rssi: self.channel_rssi,
+                snr: self.snr,
+                channel: self.channel,
+                rf_chain: self.rf_chain,
+                received_at_us,
+            },
+        }
+    }
+}
+
+/// The fields of an entry parsed by the crate (either version).
+pub(super) fn fields(pk: &RxPk) -> RxFields {
     let (channel, rf_chain) = match pk {
         RxPk::V1(v) => (v.chan as u32, v.rfch as u32),
         RxPk::V2(v) => (v.rsig.first().map(|r| r.chan as u32).unwrap_or(0), 0),
     };
-    let dr = pk.datarate();
-    Reception {
-        arrived: std::time::Instant::now(),
-        phy_payload: pk.data().clone(),
+    RxFields {
+        data: pk.data().clone(),
         crc_ok: !matches!(pk.crc_status(), CRC::Fail),
-        settings: TxSettings {
-            frequency_hz: (pk.frequency() * 1_000_000.0).round() as u32,
-            spreading_factor: u32::from(dr.spreading_factor()) as u8,
-            bandwidth_hz: u32::from(dr.bandwidth()),
-            coding_rate: coding_rate(pk.coding_rate()).to_string(),
-        },
-        rx: RxInfo {
-            gateway,
-            tmst: pk.timestamp(),
-            time: pk.time().clone(),
-            rssi: pk.signal_rssi().unwrap_or_else(|| pk.channel_rssi()),
-            channel_rssi: pk.channel_rssi(),
-            snr: pk.snr(),
-            channel,
-            rf_chain,
-            received_at_us,
-        },
+        freq: pk.frequency(),
+        datr: pk.datarate(),
+        codr: pk.coding_rate(),
+        tmst: pk.timestamp(),
+        time: pk.time().clone(),
+        rssi: pk.signal_rssi().unwrap_or_else(|| pk.channel_rssi()),
+        channel_rssi: pk.channel_rssi(),
+        snr: pk.snr(),
+        channel,
+        rf_chain,
     }
+}
+
+fn reception(pk: &RxPk, gateway: Eui64, received_at_us: i64) -> Reception {
+    fields(pk).reception(gateway, received_at_us)
 }
 
 #[cfg(test)]

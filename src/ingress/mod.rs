@@ -9,7 +9,10 @@
 //! the kernel first), and nothing a forwarder sends can stop the loop.
 //!
 //! - [`gwmp`]: pure codec (header, ACKs, JSON → [`gwmp::Reception`]);
+//! - `rxpk`: the direct reader of the usual PUSH_DATA body (version-1 entries), which `gwmp`
+//!   tries before the crate's serde types;
 //! - [`udp`]: the socket loop and the table of known forwarders ([`udp::Gateways`]).
 
 pub mod gwmp;
+mod rxpk;
 pub mod udp;

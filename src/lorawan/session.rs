@@ -149,6 +149,15 @@ pub struct Registry {
     by_addr: FastMap<DevAddr, Vec<(usize, bool)>>,
     by_id: FastMap<String, usize>,
     by_eui: FastMap<Eui64, usize>,
+    /// The sessions' keys prepared for MIC and decryption, by (NwkSKey, AppSKey), filled as
+    /// uplinks come; emptied with the indexes, so it never holds more than the sessions.
+    ciphers: FastMap<(AesKey, AesKey), SessionCiphers>,
+}
+
+/// A session's two keys, prepared ([`frame::KeyCipher`]).
+struct SessionCiphers {
+    nwk: frame::KeyCipher,
+    app: frame::KeyCipher,
 }
 
 impl Registry {
@@ -162,6 +171,7 @@ impl Registry {
     }
 
     fn reindex(&mut self) {
+        self.ciphers.clear();
         self.by_addr.clear();
         self.by_id.clear();
         self.by_eui.clear();
@@ -359,8 +369,15 @@ impl Registry {
             }) else {
                 continue;
             };
+            let keys = self
+                .ciphers
+                .entry((s.nwk_s_key, s.app_s_key))
+                .or_insert_with(|| SessionCiphers {
+                    nwk: frame::KeyCipher::new(&s.nwk_s_key),
+                    app: frame::KeyCipher::new(&s.app_s_key),
+                });
             let full = fcnt::extend(s.state.f_cnt_up, header.f_cnt16);
-            let mic = frame::mic_ok(phy, &s.nwk_s_key, full);
+            let mic = frame::mic_ok_with(phy, &keys.nwk, full);
             // An ABP device that restarted its counter: the frame authenticates with the small
             // on-air counter itself (the extension assumed it rolled over, or it is "old").
             let restart = d.resets_f_cnt
@@ -373,7 +390,7 @@ impl Registry {
                     fcnt::check(s.state.f_cnt_up, header.f_cnt16),
                     FCntCheck::Fresh(_)
                 )
-                && frame::mic_ok(phy, &s.nwk_s_key, u32::from(header.f_cnt16));
+                && frame::mic_ok_with(phy, &keys.nwk, u32::from(header.f_cnt16));
             if !mic && !restart {
                 continue;
             }
@@ -384,7 +401,7 @@ impl Registry {
             };
             return match verdict {
                 FCntCheck::Fresh(f_cnt) => {
-                    let opened = match frame::decrypt(phy, &s.nwk_s_key, &s.app_s_key, f_cnt) {
+                    let opened = match frame::decrypt_with(phy, &keys.nwk, &keys.app, f_cnt) {
                         Ok(o) => o,
                         Err(_) => return Verdict::Malformed,
                     };
