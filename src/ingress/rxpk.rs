@@ -52,7 +52,7 @@ pub(super) fn read(body: &[u8]) -> Option<Body<'_>> {
             let key = c.string()?;
             c.colon()?;
             match key {
-                "rxpk" => {
+                b"rxpk" => {
                     if std::mem::replace(&mut seen_rxpk, true) {
                         return None;
                     }
@@ -70,7 +70,7 @@ pub(super) fn read(body: &[u8]) -> Option<Body<'_>> {
                         }
                     }
                 }
-                "stat" => {
+                b"stat" => {
                     if std::mem::replace(&mut seen_stat, true) {
                         return None;
                     }
@@ -136,20 +136,20 @@ fn entry(c: &mut Cur<'_>) -> Option<RxFields> {
         let key = c.string()?;
         c.colon()?;
         let bit = match key {
-            "chan" => CHAN,
-            "codr" => CODR,
-            "data" => DATA,
-            "datr" => DATR,
-            "freq" => FREQ,
-            "lsnr" => LSNR,
-            "modu" => MODU,
-            "rfch" => RFCH,
-            "rssi" => RSSI,
-            "rssis" => RSSIS,
-            "size" => SIZE,
-            "stat" => STAT,
-            "tmst" => TMST,
-            "time" => TIME,
+            b"chan" => CHAN,
+            b"codr" => CODR,
+            b"data" => DATA,
+            b"datr" => DATR,
+            b"freq" => FREQ,
+            b"lsnr" => LSNR,
+            b"modu" => MODU,
+            b"rfch" => RFCH,
+            b"rssi" => RSSI,
+            b"rssis" => RSSIS,
+            b"size" => SIZE,
+            b"stat" => STAT,
+            b"tmst" => TMST,
+            b"time" => TIME,
             _ => 0,
         };
         if seen & bit != 0 {
@@ -160,24 +160,25 @@ fn entry(c: &mut Cur<'_>) -> Option<RxFields> {
             CHAN => f.channel = c.unsigned()? as u32,
             CODR => {
                 f.codr = match c.string()? {
-                    "4/5" => Some(CodingRate::_4_5),
-                    "4/6" => Some(CodingRate::_4_6),
-                    "4/7" => Some(CodingRate::_4_7),
-                    "4/8" => Some(CodingRate::_4_8),
-                    "OFF" => None,
+                    b"4/5" => Some(CodingRate::_4_5),
+                    b"4/6" => Some(CodingRate::_4_6),
+                    b"4/7" => Some(CodingRate::_4_7),
+                    b"4/8" => Some(CodingRate::_4_8),
+                    b"OFF" => None,
                     _ => return None,
                 }
             }
             DATA => {
+                // Any escape or control character is not base64: refused by the decoder.
                 f.data = base64::engine::general_purpose::STANDARD
-                    .decode(c.string()?)
+                    .decode(c.raw_string()?)
                     .ok()?
             }
-            DATR => f.datr = DataRate::from_str(c.string()?).ok()?,
+            DATR => f.datr = DataRate::from_str(std::str::from_utf8(c.string()?).ok()?).ok()?,
             FREQ => f.freq = c.float()?,
             LSNR => f.snr = c.float()? as f32,
             MODU => {
-                if c.string()? != "LORA" {
+                if c.string()? != b"LORA" {
                     return None;
                 }
             }
@@ -201,7 +202,7 @@ fn entry(c: &mut Cur<'_>) -> Option<RxFields> {
             TMST => f.tmst = u32::try_from(c.unsigned()?).ok()?,
             TIME => {
                 if !c.literal("null") {
-                    f.time = Some(c.string()?.to_owned());
+                    f.time = Some(std::str::from_utf8(c.string()?).ok()?.to_owned());
                 }
             }
             _ => c.skip_value(0)?,
@@ -276,16 +277,19 @@ impl<'a> Cur<'a> {
         hit
     }
 
-    /// A string without escapes or control characters.
-    fn string(&mut self) -> Option<&'a str> {
+    /// A string without escapes or control characters, as its bytes (ASCII: see [`read`]).
+    fn string(&mut self) -> Option<&'a [u8]> {
+        let s = self.raw_string()?;
+        (!s.iter().any(|&c| c == b'\\' || c < 0x20)).then_some(s)
+    }
+
+    /// The bytes up to the next `"`, unchecked: for a value that is checked by its own parser.
+    fn raw_string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let start = self.i;
-        let len = self.b[start..]
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-        self.i = start + len;
-        self.eat(b'"')?;
-        std::str::from_utf8(&self.b[start..start + len]).ok()
+        let len = memchr::memchr(b'"', &self.b[start..])?;
+        self.i = start + len + 1;
+        Some(&self.b[start..start + len])
     }
 
     /// A number as JSON writes it, without exponent: (negative, digits, digits after '.').

@@ -1,8 +1,8 @@
 //! PHYPayload handling for LoRaWAN 1.0.x data frames: header peek, MIC, FRMPayload crypto.
 //!
 //! Received frames are read here directly (LoRaWAN 1.0.x §4: the header by its offsets, the
-//! MIC with CMAC, FRMPayload with AES in counter mode), with each session key's AES schedule
-//! prepared once ([`KeyCipher`]); frames are built with the `lorawan` crate's creator. Both
+//! MIC with AES-CMAC, FRMPayload with AES in counter mode), with each session key's AES schedule
+//! and CMAC subkeys prepared once ([`KeyCipher`]); frames are built with the `lorawan` crate's creator. Both
 //! take and return our own types, so the rest of the daemon never touches the crate's
 //! byte-order conventions (its `DevAddr` is LSB first; ours is the number people write). The
 //! tests check the reader against the crate's parser and against published vectors.
@@ -89,20 +89,68 @@ pub struct DataUpHeader {
     pub f_port: Option<u8>,
 }
 
-/// A session key ready for use: its AES key schedule and its CMAC subkeys are computed once
-/// per key, not for every MIC and every decryption (issue 16; on a Raspberry Pi without the
-/// ARMv8 crypto extensions each expansion is software AES).
+/// A session key ready for use: its AES key schedule and its CMAC subkeys (RFC 4493 §2.3)
+/// are computed once per key, not for every MIC and every decryption (issue 16; on a
+/// Raspberry Pi without the ARMv8 crypto extensions each expansion is software AES).
 #[derive(Clone)]
 pub struct KeyCipher {
     aes: aes::Aes128,
-    cmac: cmac::Cmac<aes::Aes128>,
+    k1: [u8; 16],
+    k2: [u8; 16],
 }
 
 impl KeyCipher {
     pub fn new(key: &AesKey) -> Self {
         let aes = aes::Aes128::new(&key.0.into());
-        let cmac = <cmac::Cmac<aes::Aes128> as cmac::digest::KeyInit>::new(&key.0.into());
-        KeyCipher { aes, cmac }
+        let mut l = [0u8; 16].into();
+        aes.encrypt_block(&mut l);
+        let k1 = double(l.into());
+        let k2 = double(k1);
+        KeyCipher { aes, k1, k2 }
+    }
+
+    fn encrypt(&self, block: &mut [u8; 16]) {
+        self.aes.encrypt_block(block.into());
+    }
+
+    /// The first four bytes of AES-CMAC (RFC 4493) over `b0` followed by `msg` (not empty).
+    fn cmac4(&self, b0: [u8; 16], msg: &[u8]) -> [u8; 4] {
+        let mut x = b0;
+        self.encrypt(&mut x);
+        // The last block (1 to 16 bytes) is completed with K1 or padded with K2.
+        let last_len = match msg.len() % 16 {
+            0 => 16,
+            n => n,
+        };
+        let (head, last) = msg.split_at(msg.len() - last_len);
+        for block in head.chunks_exact(16) {
+            xor(&mut x, block);
+            self.encrypt(&mut x);
+        }
+        let mut m = [0u8; 16];
+        m[..last_len].copy_from_slice(last);
+        if last_len == 16 {
+            xor(&mut m, &self.k1);
+        } else {
+            m[last_len] = 0x80;
+            xor(&mut m, &self.k2);
+        }
+        xor(&mut x, &m);
+        self.encrypt(&mut x);
+        [x[0], x[1], x[2], x[3]]
+    }
+}
+
+/// Multiplication by x in GF(2^128), the subkey step of RFC 4493.
+fn double(b: [u8; 16]) -> [u8; 16] {
+    let v = u128::from_be_bytes(b);
+    let d = (v << 1) ^ if v >> 127 == 1 { 0x87 } else { 0 };
+    d.to_be_bytes()
+}
+
+fn xor(a: &mut [u8; 16], b: &[u8]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x ^= y;
     }
 }
 
@@ -181,15 +229,11 @@ pub fn mic_ok(phy: &[u8], nwk_s_key: &AesKey, f_cnt: u32) -> bool {
 
 /// [`mic_ok`] with a prepared key.
 pub fn mic_ok_with(phy: &[u8], nwk: &KeyCipher, f_cnt: u32) -> bool {
-    use cmac::Mac as _;
     if layout(phy).is_none() {
         return false;
     }
     let (msg, mic) = phy.split_at(phy.len() - 4);
-    let mut mac = nwk.cmac.clone();
-    mac.update(&block(phy, 0x49, f_cnt, msg.len() as u8));
-    mac.update(msg);
-    mac.finalize().into_bytes()[..4] == *mic
+    nwk.cmac4(block(phy, 0x49, f_cnt, msg.len() as u8), msg) == *mic
 }
 
 /// The decrypted content of a data frame.
@@ -239,9 +283,9 @@ pub fn decrypt_with(
     // The frame's own 16 bits under the upper half of `f_cnt` (as the crate did).
     let f_cnt = (f_cnt & 0xFFFF_0000) | u32::from(u16::from_le_bytes([phy[6], phy[7]]));
     for (i, chunk) in frm_payload.chunks_mut(16).enumerate() {
-        let mut s = block(phy, 0x01, f_cnt, (i + 1) as u8).into();
-        key.aes.encrypt_block(&mut s);
-        for (b, k) in chunk.iter_mut().zip(s.iter()) {
+        let mut s = block(phy, 0x01, f_cnt, (i + 1) as u8);
+        key.encrypt(&mut s);
+        for (b, k) in chunk.iter_mut().zip(s) {
             *b ^= k;
         }
     }
@@ -577,6 +621,24 @@ mod tests {
             opened += usize::from(ours.2.is_some());
         }
         assert!(good_mics > 3_000 && opened > 10_000, "{good_mics} {opened}");
+    }
+
+    /// RFC 4493 §4: the subkeys and the MACs of examples 3 (40 bytes) and 4 (64 bytes).
+    #[test]
+    fn cmac_matches_rfc_4493() {
+        let c = KeyCipher::new(&key("2b7e151628aed2a6abf7158809cf4f3c"));
+        assert_eq!(hex::encode(c.k1), "fbeed618357133667c85e08f7236a8de");
+        assert_eq!(hex::encode(c.k2), "f7ddac306ae266ccf90bc11ee46d513b");
+        let m = hex::decode(concat!(
+            "6bc1bee22e409f96e93d7e117393172a",
+            "ae2d8a571e03ac9c9eb76fac45af8e51",
+            "30c81c46a35ce411e5fbc1191a0a52ef",
+            "f69f2445df4f9b17ad2b417be66c3710"
+        ))
+        .unwrap();
+        let b0: [u8; 16] = m[..16].try_into().unwrap();
+        assert_eq!(hex::encode(c.cmac4(b0, &m[16..40])), "dfa66747");
+        assert_eq!(hex::encode(c.cmac4(b0, &m[16..64])), "51f0bebf");
     }
 
     #[test]
