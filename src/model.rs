@@ -468,12 +468,39 @@ pub fn new_id() -> u128 {
 
 /// `lorastream:uplink:<ULID>`.
 pub fn correlation_id(kind: &str, id: u128) -> String {
-    format!("lorastream:{kind}:{}", ulid::Ulid(id))
+    // Concatenated rather than `format!`ed: one or more per record sent (issue 16).
+    let mut buf = [0u8; ulid::ULID_LEN];
+    let ulid = ulid::Ulid(id).array_to_str(&mut buf);
+    let mut s = String::with_capacity(12 + kind.len() + ulid::ULID_LEN);
+    s.push_str("lorastream:");
+    s.push_str(kind);
+    s.push(':');
+    s.push_str(ulid);
+    s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn correlation_ids_are_the_ulid_after_the_kind() {
+        for id in [
+            0u128,
+            1,
+            0x0192_3F5A_0000_0000_0000_0000_0000_0001,
+            u128::MAX,
+        ] {
+            assert_eq!(
+                correlation_id("uplink", id),
+                format!("lorastream:uplink:{}", ulid::Ulid(id))
+            );
+        }
+        assert_eq!(
+            correlation_id("join", 0),
+            "lorastream:join:00000000000000000000000000"
+        );
+    }
 
     #[test]
     fn urls_lose_credentials_in_logs() {

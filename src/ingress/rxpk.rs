@@ -279,54 +279,66 @@ impl<'a> Cur<'a> {
 
     /// A string without escapes or control characters, as its bytes (ASCII: see [`read`]).
     fn string(&mut self) -> Option<&'a [u8]> {
-        let s = self.raw_string()?;
-        (!s.iter().any(|&c| c == b'\\' || c < 0x20)).then_some(s)
+        self.scan_string(true)
     }
 
     /// The bytes up to the next `"`, unchecked: for a value that is checked by its own parser.
     fn raw_string(&mut self) -> Option<&'a [u8]> {
-        self.eat(b'"')?;
-        let start = self.i;
-        let len = memchr::memchr(b'"', &self.b[start..])?;
-        self.i = start + len + 1;
-        Some(&self.b[start..start + len])
+        self.scan_string(false)
     }
 
-    /// A number as JSON writes it, without exponent: (negative, digits, digits after '.').
-    fn number(&mut self) -> Option<(bool, u64, u32)> {
-        let negative = self.eat_if(b'-');
-        let int_start = self.i;
-        self.digits();
-        let int_len = self.i - int_start;
-        // JSON: no leading zeros, at least one digit.
-        if int_len == 0 || (int_len > 1 && self.b[int_start] == b'0') {
-            return None;
-        }
-        let mut frac_len = 0;
-        if self.eat_if(b'.') {
-            let frac_start = self.i;
-            self.digits();
-            frac_len = self.i - frac_start;
-            if frac_len == 0 {
+    // A plain loop: the strings are short (names of 4 or 5 bytes, values of up to ~60), too
+    // short for a vectorised search to pay for its call.
+    fn scan_string(&mut self, checked: bool) -> Option<&'a [u8]> {
+        self.eat(b'"')?;
+        let rest = &self.b[self.i..];
+        let mut n = 0;
+        loop {
+            let c = *rest.get(n)?;
+            if c == b'"' {
+                break;
+            }
+            if checked && (c == b'\\' || c < 0x20) {
                 return None;
             }
+            n += 1;
         }
-        if matches!(self.peek(), Some(b'e' | b'E')) || int_len + frac_len > 15 {
-            return None;
-        }
-        let mut mantissa = 0u64;
-        for &d in &self.b[int_start..self.i] {
-            if d != b'.' {
-                mantissa = mantissa * 10 + u64::from(d - b'0');
-            }
-        }
-        Some((negative, mantissa, frac_len as u32))
+        self.i += n + 1;
+        Some(&rest[..n])
     }
 
-    fn digits(&mut self) {
-        while matches!(self.peek(), Some(b'0'..=b'9')) {
+    /// A number as JSON writes it, without exponent and with at most 15 digits:
+    /// (negative, the digits as an integer, how many of them follow the '.').
+    fn number(&mut self) -> Option<(bool, u64, u32)> {
+        let negative = self.eat_if(b'-');
+        let first = self.peek()?;
+        let (mut mantissa, mut digits, mut frac) = (0u64, 0u32, 0u32);
+        let mut in_frac = false;
+        loop {
+            match self.peek() {
+                Some(d @ b'0'..=b'9') => {
+                    if digits == 15 {
+                        return None;
+                    }
+                    mantissa = mantissa * 10 + u64::from(d - b'0');
+                    digits += 1;
+                    frac += u32::from(in_frac);
+                }
+                Some(b'.') if !in_frac => in_frac = true,
+                _ => break,
+            }
             self.i += 1;
         }
+        let int_digits = digits - frac;
+        // JSON: at least one digit on each side of '.', no leading zeros, and (here) no exponent.
+        if !first.is_ascii_digit()
+            || (first == b'0' && int_digits > 1)
+            || (in_frac && frac == 0)
+            || matches!(self.peek(), Some(b'e' | b'E'))
+        {
+            return None;
+        }
+        Some((negative, mantissa, frac))
     }
 
     /// An integer serde_json gives an unsigned field: no sign, no fraction.
