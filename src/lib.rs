@@ -87,6 +87,7 @@ pub mod sim;
 pub mod store;
 pub mod streams;
 pub(crate) mod uplink;
+pub mod vec_write;
 pub mod web;
 
 /// The package version and the git commit it was built from (`build.rs`; `unknown` when built

@@ -4,7 +4,7 @@
 //! `postcard::to_extend` goes through the generic `Extend` trait one byte (or one iterator) at
 //! a time, and `to_stdvec` grows its vector from nothing: together several thousand
 //! instructions per uplink (issue 16). [`append`] writes through `Vec::push` and
-//! `extend_from_slice` into the vector it is given, so a caller that knows roughly how large the
+//! [`crate::vec_write::extend`] into the vector it is given, so a caller that knows roughly how large the
 //! encoding is reserves once; [`to_exact_vec`] encodes into a scratch buffer per thread and
 //! returns an exactly sized copy, for what stays in memory. The bytes are postcard's, whatever
 //! the buffer (unit tests below).
@@ -50,13 +50,15 @@ struct Buf(Vec<u8>);
 impl postcard::ser_flavors::Flavor for Buf {
     type Output = Vec<u8>;
 
+    #[inline]
     fn try_push(&mut self, data: u8) -> postcard::Result<()> {
         self.0.push(data);
         Ok(())
     }
 
+    #[inline]
     fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
-        self.0.extend_from_slice(data);
+        crate::vec_write::extend(&mut self.0, data);
         Ok(())
     }
 

@@ -407,7 +407,7 @@ impl Out {
 
     /// Any value, byte for byte as serde_json writes it.
     fn value<T: Serialize + ?Sized>(&mut self, v: &T) {
-        if serde_json::to_writer(&mut self.buf, v).is_err() {
+        if serde_json::to_writer(crate::vec_write::VecWriter(&mut self.buf), v).is_err() {
             self.failed = true;
         }
     }
@@ -416,7 +416,7 @@ impl Out {
     fn plain(&mut self, s: &str) {
         debug_assert!(needs_no_escape(s), "{s:?}");
         self.buf.push(b'"');
-        self.buf.extend_from_slice(s.as_bytes());
+        crate::vec_write::extend(&mut self.buf, s.as_bytes());
         self.buf.push(b'"');
     }
 
