@@ -133,7 +133,8 @@ fn entry(c: &mut Cur<'_>) -> Option<RxFields> {
     }
     loop {
         c.ws();
-        let key = c.string()?;
+        // Unchecked: a name that matches one below has no escape; any other is checked.
+        let key = c.raw_string()?;
         c.colon()?;
         let bit = match key {
             b"chan" => CHAN,
@@ -150,7 +151,10 @@ fn entry(c: &mut Cur<'_>) -> Option<RxFields> {
             b"stat" => STAT,
             b"tmst" => TMST,
             b"time" => TIME,
-            _ => 0,
+            _ => {
+                checked(key)?;
+                0
+            }
         };
         if seen & bit != 0 {
             return None;
@@ -159,7 +163,9 @@ fn entry(c: &mut Cur<'_>) -> Option<RxFields> {
         match bit {
             CHAN => f.channel = c.unsigned()? as u32,
             CODR => {
-                f.codr = match c.string()? {
+                // Values matched against fixed sets, or parsed, need no check of their own
+                // (an escape matches none of them).
+                f.codr = match c.raw_string()? {
                     b"4/5" => Some(CodingRate::_4_5),
                     b"4/6" => Some(CodingRate::_4_6),
                     b"4/7" => Some(CodingRate::_4_7),
@@ -174,11 +180,11 @@ fn entry(c: &mut Cur<'_>) -> Option<RxFields> {
                     .decode(c.raw_string()?)
                     .ok()?
             }
-            DATR => f.datr = DataRate::from_str(std::str::from_utf8(c.string()?).ok()?).ok()?,
+            DATR => f.datr = DataRate::from_str(std::str::from_utf8(c.raw_string()?).ok()?).ok()?,
             FREQ => f.freq = c.float()?,
             LSNR => f.snr = c.float()? as f32,
             MODU => {
-                if c.string()? != b"LORA" {
+                if c.raw_string()? != b"LORA" {
                     return None;
                 }
             }
@@ -216,6 +222,12 @@ fn entry(c: &mut Cur<'_>) -> Option<RxFields> {
     }
     f.rssi = rssis.unwrap_or(f.channel_rssi);
     Some(f)
+}
+
+/// `s` when it has no escape or control character: serde_json would read such a string
+/// differently (or refuse it).
+fn checked(s: &[u8]) -> Option<&[u8]> {
+    (!s.iter().any(|&c| c == b'\\' || c < 0x20)).then_some(s)
 }
 
 /// A cursor over an ASCII body.
@@ -279,30 +291,17 @@ impl<'a> Cur<'a> {
 
     /// A string without escapes or control characters, as its bytes (ASCII: see [`read`]).
     fn string(&mut self) -> Option<&'a [u8]> {
-        self.scan_string(true)
+        self.raw_string().and_then(checked)
     }
 
-    /// The bytes up to the next `"`, unchecked: for a value that is checked by its own parser.
-    fn raw_string(&mut self) -> Option<&'a [u8]> {
-        self.scan_string(false)
-    }
-
+    /// The bytes up to the next `"`, unchecked: for a string that is then matched against
+    /// fixed names or parsed (neither accepts an escape), or passed to [`checked`].
     // A plain loop: the strings are short (names of 4 or 5 bytes, values of up to ~60), too
     // short for a vectorised search to pay for its call.
-    fn scan_string(&mut self, checked: bool) -> Option<&'a [u8]> {
+    fn raw_string(&mut self) -> Option<&'a [u8]> {
         self.eat(b'"')?;
         let rest = &self.b[self.i..];
-        let mut n = 0;
-        loop {
-            let c = *rest.get(n)?;
-            if c == b'"' {
-                break;
-            }
-            if checked && (c == b'\\' || c < 0x20) {
-                return None;
-            }
-            n += 1;
-        }
+        let n = rest.iter().position(|&c| c == b'"')?;
         self.i += n + 1;
         Some(&rest[..n])
     }

@@ -401,6 +401,26 @@ fn what_forwarders_send() {
         assert_eq!(fast_reads(b.as_bytes()), crate_reads(b.as_bytes()), "{b}");
         assert!(read(b.as_bytes()).is_some(), "{b}");
     }
+    // A member name with an escape is a name serde_json reads unescaped: left to it.
+    let rxpk = r#"{"tmst":2000123,"chan":2,"rfch":0,"freq":868.1,"stat":1,"modu":"LORA","datr":"SF7BW125","codr":"4/5","lsnr":9.5,"rssi":-57,"size":4,"data":"QAECAw=="}"#;
+    for (from, to) in [
+        ("\"chan\":2,", "\"ch\\u0061n\":2,"),
+        ("\"chan\":2,", "\"chan\":2,\"ch\\u0061n\":3,"),
+        ("\"size\"", "\"x\\u0000\":1,\"size\""),
+        ("\"modu\":\"LORA\"", "\"modu\":\"LO\\u0052A\""),
+    ] {
+        let b = format!(r#"{{"rxpk":[{}]}}"#, rxpk.replacen(from, to, 1));
+        assert!(b.contains('\\'), "{b}");
+        assert!(read(b.as_bytes()).is_none(), "{b}");
+    }
+    let escaped_name = format!(
+        r#"{{"rxpk":[{}]}}"#,
+        rxpk.replacen("\"chan\"", "\"ch\\u0061n\"", 1)
+    );
+    assert_eq!(
+        crate_reads(escaped_name.as_bytes()).map(|r| r.0[0].channel),
+        Some(2)
+    );
     // Deep nesting in an unknown member is left to serde_json (its own limit applies).
     let deep = format!(r#"{{"x":{}1{}}}"#, "[".repeat(40), "]".repeat(40));
     assert!(read(deep.as_bytes()).is_none());
