@@ -1,5 +1,6 @@
 //! postcard into a buffer the caller sized: the one way the daemon encodes postcard on its hot
-//! paths (stored records, journal frames, session and MAC state).
+//! paths (stored records, session and MAC state; journal frames, lists of byte runs, are
+//! written by `store::journal` itself).
 //!
 //! `postcard::to_extend` goes through the generic `Extend` trait one byte (or one iterator) at
 //! a time, and `to_stdvec` grows its vector from nothing: together several thousand
