@@ -216,10 +216,21 @@ fn top_uplink_dr(region: Region) -> u8 {
     }
 }
 
-/// Uplink data rate of a reception (LoRa uplink data rates only).
+/// Uplink data rate of a reception (LoRa uplink data rates only): [`data_rate`] read
+/// backwards up to the region's top uplink data rate, written out (twice per uplink; a unit
+/// test compares it with the search over [`data_rate`]).
 pub fn uplink_dr(region: Region, s: &TxSettings) -> Option<u8> {
-    (0..=top_uplink_dr(region))
-        .find(|&dr| data_rate(region, dr) == Some((s.spreading_factor, s.bandwidth_hz)))
+    use Region::*;
+    let sf = s.spreading_factor;
+    match (region, s.bandwidth_hz, sf) {
+        (US915, 125_000, 7..=10) => Some(10 - sf),
+        (US915, 500_000, 8) => Some(4),
+        (US915, _, _) => None,
+        (AU915, 500_000, 8) => Some(6),
+        (_, 125_000, 7..=12) => Some(12 - sf),
+        (r, 250_000, 7) if r == EU868 || r.is_as923() => Some(6),
+        _ => None,
+    }
 }
 
 /// US915 "Receive windows", RX1 data rate by upstream DR (rows DR0..DR4) and RX1DROffset
@@ -854,6 +865,27 @@ mod tests {
     }
 
     const AS923: [Region; 4] = [AS923_1, AS923_2, AS923_3, AS923_4];
+
+    /// The written-out inverse is the search over `data_rate` it replaced.
+    #[test]
+    fn uplink_dr_is_data_rate_read_backwards() {
+        for region in Region::ALL {
+            for spreading_factor in 0..=15u8 {
+                for bandwidth_hz in [0, 7_800, 62_500, 125_000, 250_000, 500_000, 1_000_000] {
+                    let s = TxSettings {
+                        frequency_hz: 868_100_000,
+                        spreading_factor,
+                        bandwidth_hz,
+                        coding_rate: "4/5".into(),
+                    };
+                    let searched = (0..=top_uplink_dr(region)).find(|&dr| {
+                        data_rate(region, dr) == Some((spreading_factor, bandwidth_hz))
+                    });
+                    assert_eq!(uplink_dr(region, &s), searched, "{region:?} {s:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn names_and_serde() {
