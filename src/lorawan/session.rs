@@ -151,7 +151,9 @@ pub struct Registry {
     by_eui: FastMap<Eui64, usize>,
     /// The sessions' keys prepared for MIC and decryption, by (NwkSKey, AppSKey), filled as
     /// uplinks come; emptied with the indexes, so it never holds more than the sessions.
-    ciphers: FastMap<(AesKey, AesKey), SessionCiphers>,
+    /// ~1.5 KB per session (the `aes` crate's key schedule has room for its software
+    /// implementation, 704 bytes), boxed so that the table's spare slots stay small.
+    ciphers: FastMap<(AesKey, AesKey), Box<SessionCiphers>>,
 }
 
 /// A session's two keys, prepared ([`frame::KeyCipher`]).
@@ -372,9 +374,11 @@ impl Registry {
             let keys = self
                 .ciphers
                 .entry((s.nwk_s_key, s.app_s_key))
-                .or_insert_with(|| SessionCiphers {
-                    nwk: frame::KeyCipher::new(&s.nwk_s_key),
-                    app: frame::KeyCipher::new(&s.app_s_key),
+                .or_insert_with(|| {
+                    Box::new(SessionCiphers {
+                        nwk: frame::KeyCipher::new(&s.nwk_s_key),
+                        app: frame::KeyCipher::new(&s.app_s_key),
+                    })
                 });
             let full = fcnt::extend(s.state.f_cnt_up, header.f_cnt16);
             let mic = frame::mic_ok_with(phy, &keys.nwk, full);
