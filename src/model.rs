@@ -186,7 +186,7 @@ impl Scope {
 }
 
 /// An AES-128 key. Prints as `***` whatever the format.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct AesKey(pub [u8; 16]);
 
 impl fmt::Debug for AesKey {

@@ -1,11 +1,12 @@
 //! PHYPayload handling for LoRaWAN 1.0.x data frames: header peek, MIC, FRMPayload crypto.
 //!
 //! Received frames are read here directly (LoRaWAN 1.0.x §4: the header by its offsets, the
-//! MIC with AES-CMAC, FRMPayload with AES in counter mode), with each session key's AES schedule
-//! and CMAC subkeys prepared once ([`KeyCipher`]); frames are built with the `lorawan` crate's creator. Both
-//! take and return our own types, so the rest of the daemon never touches the crate's
-//! byte-order conventions (its `DevAddr` is LSB first; ours is the number people write). The
-//! tests check the reader against the crate's parser and against published vectors.
+//! MIC with AES-CMAC, FRMPayload with AES in counter mode), each session key's AES schedule
+//! and CMAC subkeys prepared once per uplink ([`KeyCipher`]); frames are built with the
+//! `lorawan` crate's creator. Both take and return our own types, so the rest of the daemon
+//! never touches the crate's byte-order conventions (its `DevAddr` is LSB first; ours is the
+//! number people write). The tests check the reader against the crate's parser and against
+//! published vectors.
 
 use crate::model::{AesKey, DevAddr};
 use aes::cipher::{BlockEncrypt, KeyInit};
@@ -89,19 +90,19 @@ pub struct DataUpHeader {
     pub f_port: Option<u8>,
 }
 
-/// A session key ready for use: its AES key schedule and its CMAC subkeys (RFC 4493 §2.3)
-/// are computed once per key, not for every MIC and every decryption (issue 16; on a
-/// Raspberry Pi without the ARMv8 crypto extensions each expansion is software AES).
+/// A session key ready for use: its AES encryption schedule and its CMAC subkeys (RFC 4493
+/// §2.3), computed once per uplink and key (the `lorawan` crate expanded the key for the MIC
+/// and again for the decryption, with the decryption schedule it never used, issue 16).
 #[derive(Clone)]
 pub struct KeyCipher {
-    aes: aes::Aes128,
+    aes: aes::Aes128Enc,
     k1: [u8; 16],
     k2: [u8; 16],
 }
 
 impl KeyCipher {
     pub fn new(key: &AesKey) -> Self {
-        let aes = aes::Aes128::new(&key.0.into());
+        let aes = aes::Aes128Enc::new(&key.0.into());
         let mut l = [0u8; 16].into();
         aes.encrypt_block(&mut l);
         let k1 = double(l.into());
