@@ -7,6 +7,7 @@
 
 use crate::model::FastMap;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Pending groups above this are released early (oldest first) so memory stays bounded even if
@@ -15,8 +16,9 @@ pub const MAX_PENDING: usize = 65_536;
 
 pub struct Dedup<T> {
     window: Duration,
-    order: VecDeque<(Instant, Vec<u8>)>,
-    groups: FastMap<Vec<u8>, Vec<T>>,
+    /// The groups' keys in first-reception order; shared with `groups` (one copy per frame).
+    order: VecDeque<(Instant, Arc<[u8]>)>,
+    groups: FastMap<Arc<[u8]>, Vec<T>>,
 }
 
 impl<T> Dedup<T> {
@@ -28,14 +30,17 @@ impl<T> Dedup<T> {
         }
     }
 
-    /// Add one reception. Returns true when it opened a new group.
-    pub fn push(&mut self, now: Instant, phy: &[u8], item: T) -> bool {
+    /// Add one reception, grouped by the bytes `key` finds in it (the PHYPayload). Returns
+    /// true when it opened a new group.
+    pub fn push(&mut self, now: Instant, item: T, key: impl FnOnce(&T) -> &[u8]) -> bool {
+        let phy = key(&item);
         if let Some(g) = self.groups.get_mut(phy) {
             g.push(item);
             return false;
         }
-        self.groups.insert(phy.to_vec(), vec![item]);
-        self.order.push_back((now + self.window, phy.to_vec()));
+        let phy: Arc<[u8]> = Arc::from(phy);
+        self.order.push_back((now + self.window, phy.clone()));
+        self.groups.insert(phy, vec![item]);
         true
     }
 
@@ -53,7 +58,7 @@ impl<T> Dedup<T> {
     }
 
     /// Release every group whose window has ended (or that exceeds [`MAX_PENDING`]).
-    pub fn pop_expired(&mut self, now: Instant, out: &mut Vec<(Vec<u8>, Vec<T>)>) {
+    pub fn pop_expired(&mut self, now: Instant, out: &mut Vec<(Arc<[u8]>, Vec<T>)>) {
         while let Some((deadline, _)) = self.order.front() {
             if *deadline > now && self.order.len() <= MAX_PENDING {
                 break;
@@ -63,13 +68,13 @@ impl<T> Dedup<T> {
     }
 
     /// Release everything (shutdown).
-    pub fn drain(&mut self, out: &mut Vec<(Vec<u8>, Vec<T>)>) {
+    pub fn drain(&mut self, out: &mut Vec<(Arc<[u8]>, Vec<T>)>) {
         while !self.order.is_empty() {
             self.pop_front(out);
         }
     }
 
-    fn pop_front(&mut self, out: &mut Vec<(Vec<u8>, Vec<T>)>) {
+    fn pop_front(&mut self, out: &mut Vec<(Arc<[u8]>, Vec<T>)>) {
         if let Some((_, key)) = self.order.pop_front() {
             if let Some(items) = self.groups.remove(&key) {
                 out.push((key, items));
@@ -87,17 +92,22 @@ mod tests {
         let t0 = Instant::now();
         let w = Duration::from_millis(200);
         let mut d = Dedup::new(w);
-        assert!(d.push(t0, b"frame-a", "gw1"));
-        assert!(!d.push(t0 + Duration::from_millis(50), b"frame-a", "gw2"));
-        assert!(d.push(t0 + Duration::from_millis(60), b"frame-b", "gw1"));
+        fn phy<'a>(r: &'a (&str, &str)) -> &'a [u8] {
+            r.0.as_bytes()
+        }
+        assert!(d.push(t0, ("frame-a", "gw1"), phy));
+        assert!(!d.push(t0 + Duration::from_millis(50), ("frame-a", "gw2"), phy));
+        assert!(d.push(t0 + Duration::from_millis(60), ("frame-b", "gw1"), phy));
         let mut out = Vec::new();
         d.pop_expired(t0 + Duration::from_millis(199), &mut out);
         assert!(out.is_empty());
         assert_eq!(d.next_deadline(), Some(t0 + w));
         d.pop_expired(t0 + Duration::from_millis(200), &mut out);
-        assert_eq!(out, vec![(b"frame-a".to_vec(), vec!["gw1", "gw2"])]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(&*out[0].0, b"frame-a");
+        assert_eq!(out[0].1, vec![("frame-a", "gw1"), ("frame-a", "gw2")]);
         // A copy after the window is a new group (the FCnt check then calls it a repeat).
-        assert!(d.push(t0 + Duration::from_millis(210), b"frame-a", "gw3"));
+        assert!(d.push(t0 + Duration::from_millis(210), ("frame-a", "gw3"), phy));
         out.clear();
         d.drain(&mut out);
         assert_eq!(out.len(), 2);
@@ -110,11 +120,11 @@ mod tests {
         let mut d = Dedup::new(Duration::from_secs(10));
         let mut out = Vec::new();
         for i in 0..(MAX_PENDING as u32 + 10) {
-            d.push(t0, &i.to_be_bytes(), i);
+            d.push(t0, i.to_be_bytes(), |b| b.as_slice());
             d.pop_expired(t0, &mut out);
         }
         assert_eq!(d.len(), MAX_PENDING);
         assert_eq!(out.len(), 10);
-        assert_eq!(out[0].1, vec![0]);
+        assert_eq!(out[0].1, vec![0u32.to_be_bytes()]);
     }
 }

@@ -245,16 +245,14 @@ impl UplinkStage {
             }
             match frame::kind(&r.phy_payload) {
                 FrameKind::DataUp { .. } => {
-                    let phy = r.phy_payload.clone();
-                    if self.dedup.push(now, &phy, r) {
+                    if self.dedup.push(now, r, |r| &r.phy_payload) {
                         self.metrics.frame("data_up");
                     } else {
                         self.metrics.frame("duplicate_reception");
                     }
                 }
                 FrameKind::JoinRequest => {
-                    let phy = r.phy_payload.clone();
-                    if self.dedup.push(now, &phy, r) {
+                    if self.dedup.push(now, r, |r| &r.phy_payload) {
                         self.metrics.frame("join_request");
                     } else {
                         self.metrics.frame("duplicate_reception");
