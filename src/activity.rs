@@ -108,7 +108,7 @@ pub struct FrameView {
     pub result: &'static str,
     /// The device, when the frame was matched to one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
+    pub device: Option<std::sync::Arc<str>>,
     #[serde(
         skip_serializing_if = "Option::is_none",
         serialize_with = "ser_some_text"

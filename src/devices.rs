@@ -8,6 +8,7 @@ use crate::config::{Activation, Config};
 use crate::lorawan::mac_state::{self, MacState, Policy, RxSettings};
 use crate::lorawan::session::{Device, Registry, Session, SessionState};
 use crate::store::{OtaaSession, Store, StoreError};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A network command not answered after this many downlinks is given up.
@@ -102,8 +103,8 @@ pub fn from_config(cfg: &Config) -> Registry {
                 Activation::Otaa { join_eui, app_key } => (None, Some(*app_key), *join_eui),
             };
             Device {
-                id: d.id.clone(),
-                application: d.application.clone(),
+                id: Arc::from(d.id.as_str()),
+                application: Arc::from(d.application.as_str()),
                 dev_eui: d.dev_eui,
                 class: d.class,
                 app_key,

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// A hash map on the per-uplink path (device indexes, deduplication, the scheduler's and the
 /// streams' bookkeeping): foldhash's `fast::RandomState` (a random seed per map) instead of
@@ -60,6 +61,10 @@ impl Eui64 {
     pub fn to_u64(self) -> u64 {
         u64::from_be_bytes(self.0)
     }
+    /// Upper-case hex, MSB first (what `Display` writes), as ASCII bytes.
+    pub fn upper_hex(&self) -> [u8; 16] {
+        upper_hex(self.0)
+    }
     /// Wire order (LSB first), as in LoRaWAN frames.
     pub fn to_le_bytes(self) -> [u8; 8] {
         let mut b = self.0;
@@ -80,14 +85,7 @@ impl fmt::Display for Eui64 {
     /// Upper-case hex, MSB first. One `write_str` of a stack buffer: EUIs are formatted several
     /// times for every uplink (JSON ids, topics), and eight `write!` calls cost ten times more.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut buf = [0u8; 16];
-        match hex::encode_to_slice(self.0, &mut buf) {
-            Ok(()) => {
-                buf.make_ascii_uppercase();
-                f.write_str(std::str::from_utf8(&buf).unwrap_or_default())
-            }
-            Err(_) => Err(fmt::Error),
-        }
+        f.write_str(std::str::from_utf8(&self.upper_hex()).unwrap_or_default())
     }
 }
 impl fmt::Debug for Eui64 {
@@ -110,18 +108,27 @@ impl DevAddr {
     pub fn to_le_bytes(self) -> [u8; 4] {
         self.0.to_le_bytes()
     }
+    /// Upper-case hex, MSB first (what `Display` writes), as ASCII bytes.
+    pub fn upper_hex(&self) -> [u8; 8] {
+        upper_hex(self.0.to_be_bytes())
+    }
+}
+
+/// `N` bytes as `2N` upper-case hex digits.
+fn upper_hex<const N: usize, const M: usize>(b: [u8; N]) -> [u8; M] {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    const { assert!(M == 2 * N) };
+    let mut out = [0u8; M];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(b) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0x0F)];
+    }
+    out
 }
 impl fmt::Display for DevAddr {
     /// Upper-case hex, MSB first, as [`Eui64`]'s: one `write_str` of a stack buffer.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut buf = [0u8; 8];
-        match hex::encode_to_slice(self.0.to_be_bytes(), &mut buf) {
-            Ok(()) => {
-                buf.make_ascii_uppercase();
-                f.write_str(std::str::from_utf8(&buf).unwrap_or_default())
-            }
-            Err(_) => Err(fmt::Error),
-        }
+        f.write_str(std::str::from_utf8(&self.upper_hex()).unwrap_or_default())
     }
 }
 impl fmt::Debug for DevAddr {
@@ -257,7 +264,86 @@ pub struct TxSettings {
     pub spreading_factor: u8,
     pub bandwidth_hz: u32,
     /// "4/5" etc.; empty when the forwarder did not say.
-    pub coding_rate: String,
+    pub coding_rate: CodingRateText,
+}
+
+/// A LoRa coding rate as the forwarder writes it ("4/5" … "4/8", "4/5LI" … for 2.4 GHz), or
+/// empty when it did not say. One of a handful of fixed strings, so it is held as a
+/// `&'static str`: reception metadata is copied several times per uplink, and a `String` here
+/// was an allocation each time (issue 16). Stored and published as the text; a text outside
+/// the set (none was ever written) reads as empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CodingRateText(&'static str);
+
+impl CodingRateText {
+    const KNOWN: [&'static str; 7] = ["4/5", "4/6", "4/7", "4/8", "4/5LI", "4/6LI", "4/8LI"];
+
+    /// The rate for `text`; empty when it is not one of the known rates.
+    pub fn new(text: &str) -> Self {
+        CodingRateText(
+            Self::KNOWN
+                .iter()
+                .find(|k| **k == text)
+                .copied()
+                .unwrap_or(""),
+        )
+    }
+
+    /// A rate written in the source (no lookup).
+    pub(crate) const fn from_static(text: &'static str) -> Self {
+        CodingRateText(text)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::ops::Deref for CodingRateText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl From<&str> for CodingRateText {
+    fn from(text: &str) -> Self {
+        CodingRateText::new(text)
+    }
+}
+
+impl PartialEq<&str> for CodingRateText {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl fmt::Display for CodingRateText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl Serialize for CodingRateText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for CodingRateText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = CodingRateText;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a coding rate such as \"4/5\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CodingRateText, E> {
+                Ok(CodingRateText::new(v))
+            }
+        }
+        d.deserialize_str(Text)
+    }
 }
 
 /// One reception of a frame by one gateway.
@@ -283,8 +369,11 @@ pub struct Uplink {
     /// ULID, the stable correlation id (`lorastream:uplink:<ulid>`).
     pub id: u128,
     pub received_at_us: i64,
-    pub application: String,
-    pub device: String,
+    /// Shared with the device registry (stored as the text).
+    #[serde(with = "arc_str")]
+    pub application: Arc<str>,
+    #[serde(with = "arc_str")]
+    pub device: Arc<str>,
     pub dev_eui: Eui64,
     pub dev_addr: DevAddr,
     pub f_port: Option<u8>,
@@ -404,6 +493,30 @@ mod byte_run {
         } else {
             d.deserialize_byte_buf(Run)
         }
+    }
+}
+
+/// An `Arc<str>` (de)serialised as a plain string, read without an intermediate `String`.
+mod arc_str {
+    use serde::{Deserializer, Serializer};
+    use std::sync::Arc;
+
+    pub fn serialize<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = Arc<str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Arc<str>, E> {
+                Ok(Arc::from(v))
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
 

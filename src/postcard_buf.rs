@@ -28,20 +28,29 @@ pub fn to_exact_vec<T: serde::Serialize + ?Sized>(
     prefix: &[u8],
     value: &T,
 ) -> Result<Vec<u8>, postcard::Error> {
+    exact_with(|buf| {
+        buf.extend_from_slice(prefix);
+        *buf = append(value, std::mem::take(buf))?;
+        Ok(())
+    })
+}
+
+/// What `write` puts into a scratch buffer kept per thread, in a vector of exactly that
+/// length (as [`to_exact_vec`], for encoders that write some fields themselves).
+pub fn exact_with<E>(write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<Vec<u8>, E> {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
     }
     SCRATCH.with(|cell| {
         let mut buf = std::mem::take(&mut *cell.borrow_mut());
         buf.clear();
-        buf.extend_from_slice(prefix);
-        let buf = append(value, buf)?;
+        let r = write(&mut buf);
         let out = buf.as_slice().to_vec();
         // Keep the scratch for the next call unless one huge value grew it.
         if buf.capacity() <= 64 << 10 {
             *cell.borrow_mut() = buf;
         }
-        Ok(out)
+        r.map(|()| out)
     })
 }
 

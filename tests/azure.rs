@@ -152,7 +152,7 @@ fn stored_uplink(n: u8, f_cnt: u32, receptions: usize) -> lorastream::model::Rec
     let mut u = fixtures::uplink(u64::from(n), f_cnt);
     u.id = lorastream::model::new_id();
     u.received_at_us = lorastream::model::now_us();
-    (u.application, u.device) = ("farm".into(), format!("dev-{n}"));
+    (u.application, u.device) = ("farm".into(), format!("dev-{n}").into());
     u.dev_eui = format!("70B3D57ED00000{n:02X}").parse().unwrap();
     u.dev_addr = lorastream::model::DevAddr(0x2600_0000 | u32::from(n));
     u.payload = vec![n];

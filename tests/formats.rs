@@ -786,7 +786,7 @@ fn template_thingsboard_flat_object() {
         assert_eq!(v["values"]["temperature"], 21.5);
         assert_eq!(v["values"]["rssi"], u.rx[0].rssi);
         // `tojson` keeps even a hostile device id valid JSON.
-        assert_eq!(v["values"]["device"], u.device.as_str());
+        assert_eq!(v["values"]["device"], &*u.device);
     }
     // Without a decoded payload (codec error): a typed error, not a broken body.
     assert!(matches!(
@@ -836,7 +836,7 @@ fn template_csv_lines_parse_back() {
             body.push_str(&t.render_json(&json).expect("renders"));
             want.push(vec![
                 rfc3339(u.received_at_us),
-                u.device.clone(),
+                u.device.to_string(),
                 u.f_cnt.to_string(),
                 u.f_port.map(|p| p.to_string()).unwrap_or_default(),
                 hex::encode(&u.payload),

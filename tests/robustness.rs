@@ -41,7 +41,7 @@ fn mutate(rng: &mut rand::rngs::StdRng, input: &[u8]) -> Vec<u8> {
 
 fn registry(d: &SimDevice) -> Registry {
     Registry::new(vec![Device {
-        id: d.id.clone(),
+        id: d.id.as_str().into(),
         application: "a".into(),
         dev_eui: Eui64::from_u64(1),
         class: DeviceClass::A,

@@ -281,8 +281,8 @@ impl AlertEngine {
                 };
                 for d in reg.devices().iter().filter(|d| !d.removed) {
                     let covered = match &r.scope {
-                        AlertScope::Application(a) => &d.application == a,
-                        AlertScope::Device(x) => &d.id == x,
+                        AlertScope::Application(a) => *d.application == **a,
+                        AlertScope::Device(x) => *d.id == **x,
                         _ => true,
                     };
                     if !covered {
@@ -295,7 +295,7 @@ impl AlertEngine {
                             .map(|(_, at)| *at)
                             .unwrap_or(self.started_us);
                         out.push(Obs {
-                            subject: d.id.clone(),
+                            subject: d.id.to_string(),
                             holds: silent(&d.id, last),
                             since: Some(last),
                             facts: format!("application {}", d.application),
@@ -303,7 +303,7 @@ impl AlertEngine {
                     } else {
                         let pct = d.mac.dev_status.and_then(|s| s.battery_percentage());
                         out.push(Obs {
-                            subject: d.id.clone(),
+                            subject: d.id.to_string(),
                             holds: pct.is_some_and(|p| p < f32::from(r.threshold)),
                             since: None,
                             facts: pct.map(|p| format!("{p:.0}%")).unwrap_or_default(),

@@ -353,7 +353,12 @@ impl Scheduler {
     fn device_ids(&self, device: usize) -> Option<(String, String, Eui64, DeviceClass)> {
         let r = self.registry.lock().ok()?;
         let d = r.devices().get(device)?;
-        Some((d.application.clone(), d.id.clone(), d.dev_eui, d.class))
+        Some((
+            d.application.to_string(),
+            d.id.to_string(),
+            d.dev_eui,
+            d.class,
+        ))
     }
 
     fn emit(
@@ -403,7 +408,7 @@ impl Scheduler {
         let found = self.registry.lock().ok().and_then(|reg| {
             reg.find(&r.device).map(|i| {
                 let d = reg.device(i);
-                (i, d.application.clone(), d.dev_eui, d.class)
+                (i, d.application.to_string(), d.dev_eui, d.class)
             })
         });
         // An empty application means "the device's own" (device ids are unique across

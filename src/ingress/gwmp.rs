@@ -7,7 +7,7 @@
 //! datagram all-or-nothing, and one odd field from one forwarder must not lose the other
 //! frames of the same datagram (see crate-notes, "semtech-udp 0.12").
 
-use crate::model::{now_us, Eui64, RxInfo, TxSettings};
+use crate::model::{now_us, CodingRateText, Eui64, RxInfo, TxSettings};
 use semtech_udp::push_data::{RxPk, Stat, CRC};
 use semtech_udp::{CodingRate, DataRate};
 
@@ -275,14 +275,14 @@ fn guarded<T>(parse: impl FnOnce() -> T) -> Option<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).ok()
 }
 
-fn coding_rate(c: Option<CodingRate>) -> &'static str {
-    match c {
+fn coding_rate(c: Option<CodingRate>) -> CodingRateText {
+    CodingRateText::from_static(match c {
         Some(CodingRate::_4_5) => "4/5",
         Some(CodingRate::_4_6) => "4/6",
         Some(CodingRate::_4_7) => "4/7",
         Some(CodingRate::_4_8) => "4/8",
         None => "",
-    }
+    })
 }
 
 /// What a [`Reception`] takes from an `rxpk`, whichever reader read it.
@@ -314,7 +314,7 @@ impl RxFields {
                 frequency_hz: (self.freq * 1_000_000.0).round() as u32,
                 spreading_factor: u32::from(self.datr.spreading_factor()) as u8,
                 bandwidth_hz: u32::from(self.datr.bandwidth()),
-                coding_rate: coding_rate(self.codr).to_string(),
+                coding_rate: coding_rate(self.codr),
             },
             rx: RxInfo {
                 gateway,

@@ -13,6 +13,7 @@ use super::frame::{self, DataUpHeader, Opened};
 use crate::model::{AesKey, DevAddr, Eui64, FastMap};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// LoRaWAN device class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -45,8 +46,10 @@ pub struct SessionState {
 /// One configured device.
 #[derive(Debug, Clone)]
 pub struct Device {
-    pub id: String,
-    pub application: String,
+    /// Shared with every uplink record and status-page line that names the device: cloning
+    /// it per uplink is a reference count, not an allocation (issue 16).
+    pub id: Arc<str>,
+    pub application: Arc<str>,
     pub dev_eui: Eui64,
     pub class: DeviceClass,
     pub session: Option<Session>,
@@ -169,7 +172,7 @@ impl Registry {
             if d.removed {
                 continue;
             }
-            self.by_id.insert(d.id.clone(), i);
+            self.by_id.insert(d.id.to_string(), i);
             self.by_eui.insert(d.dev_eui, i);
             if let Some(s) = &d.pending {
                 self.by_addr.entry(s.dev_addr).or_default().push((i, true));
@@ -511,7 +514,7 @@ mod tests {
                 opened,
                 ..
             } => {
-                assert_eq!(r.device(device).id, "b");
+                assert_eq!(&*r.device(device).id, "b");
                 assert_eq!(f_cnt, 5);
                 assert_eq!(opened.frm_payload, b"from-b");
             }

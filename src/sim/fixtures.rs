@@ -40,7 +40,7 @@ pub fn uplink(dev: u64, f_cnt: u32) -> Uplink {
         id: u128::from(f_cnt),
         received_at_us: 1,
         application: "app".into(),
-        device: format!("d{dev}"),
+        device: format!("d{dev}").into(),
         dev_eui: Eui64::from_u64(dev),
         dev_addr: DevAddr(dev as u32),
         f_port: Some(1),

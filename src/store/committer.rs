@@ -158,7 +158,9 @@ impl Store {
                 .unwrap_or_default();
             (gen, snaps, sessions)
         };
-        for (k, v) in &sessions {
+        let mut in_order: Vec<_> = sessions.iter().collect();
+        in_order.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (k, v) in in_order {
             batch.put(DEVICES, k, v);
         }
         if !batch.is_empty() {

@@ -261,7 +261,7 @@ impl Store {
                 journal,
                 group_commit: cfg.flush_every_ms > 0,
                 lost_at_last_stop: report.lost_at_last_stop,
-                sessions: Mutex::new(BTreeMap::new()),
+                sessions: Mutex::new(Default::default()),
                 commit_lock: Mutex::new(()),
                 health: Mutex::new(Health::default()),
                 writable: AtomicBool::new(true),

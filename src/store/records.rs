@@ -39,7 +39,10 @@ pub fn encode(r: &Record) -> Result<Vec<u8>, RecordError> {
 /// A stored record, of this version or an older one.
 pub fn decode(b: &[u8]) -> Result<Record, RecordError> {
     match b {
-        [TAG, VERSION, rest @ ..] => Ok(postcard::from_bytes(rest)?),
+        [TAG, VERSION, rest @ ..] => match super::uplink_read::read(rest) {
+            Some(u) => Ok(Record::Uplink(u)),
+            None => Ok(postcard::from_bytes(rest)?),
+        },
         [TAG, 2, rest @ ..] => Ok(postcard::from_bytes::<v2::Record>(rest)?.into()),
         [TAG, v, ..] => Err(RecordError::Newer(*v)),
         _ => Ok(postcard::from_bytes::<v1::Record>(b)?.into()),
@@ -124,7 +127,7 @@ mod v1 {
                 frequency_hz: s.frequency_hz,
                 spreading_factor: s.spreading_factor,
                 bandwidth_hz: s.bandwidth_hz,
-                coding_rate: s.coding_rate,
+                coding_rate: model::CodingRateText::new(&s.coding_rate),
             }
         }
     }
@@ -179,8 +182,8 @@ mod v1 {
                 Record::Uplink(u) => model::Record::Uplink(model::Uplink {
                     id: u.id,
                     received_at_us: u.received_at_us,
-                    application: u.application,
-                    device: u.device,
+                    application: u.application.into(),
+                    device: u.device.into(),
                     dev_eui: u.dev_eui,
                     dev_addr: u.dev_addr,
                     f_port: u.f_port,
@@ -259,8 +262,8 @@ mod v2 {
                 Record::Uplink(u) => model::Record::Uplink(model::Uplink {
                     id: u.id,
                     received_at_us: u.received_at_us,
-                    application: u.application,
-                    device: u.device,
+                    application: u.application.into(),
+                    device: u.device.into(),
                     dev_eui: u.dev_eui,
                     dev_addr: u.dev_addr,
                     f_port: u.f_port,

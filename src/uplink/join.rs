@@ -143,8 +143,8 @@ impl UplinkStage {
         records.push(Record::Join(Join {
             id: new_id(),
             received_at_us: best.rx.received_at_us,
-            application,
-            device,
+            application: application.to_string(),
+            device: device.to_string(),
             dev_eui: eui,
             join_eui: j.request.join_eui,
             dev_addr,

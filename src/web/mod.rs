@@ -163,8 +163,8 @@ pub fn device_facts(registry: &Registry) -> Vec<DeviceFacts> {
         .iter()
         .filter(|d| !d.removed)
         .map(|d| DeviceFacts {
-            id: d.id.clone(),
-            application: d.application.clone(),
+            id: d.id.to_string(),
+            application: d.application.to_string(),
             dev_eui: d.dev_eui,
             session: d.session.as_ref().map(|s| s.state),
             dev_status: d.mac.dev_status,

@@ -364,8 +364,8 @@ pub(super) fn message_topic(hub_id: &str, r: &Record, content_type: &str) -> Str
     match r {
         Record::Uplink(u) => {
             props.push(("type", "uplink".into()));
-            props.push(("application", u.application.clone()));
-            props.push(("device", u.device.clone()));
+            props.push(("application", u.application.to_string()));
+            props.push(("device", u.device.to_string()));
             props.push(("dev_eui", u.dev_eui.to_string()));
             if let Some(p) = u.f_port {
                 props.push(("f_port", p.to_string()));

@@ -227,8 +227,8 @@ impl Dispatcher {
                 self.frontier = Some(seq);
                 let dev = match &r {
                     Record::Uplink(u) => LoraDevice {
-                        application: u.application.clone(),
-                        device: u.device.clone(),
+                        application: u.application.to_string(),
+                        device: u.device.to_string(),
                         dev_eui: u.dev_eui,
                     },
                     Record::Join(j) => LoraDevice {

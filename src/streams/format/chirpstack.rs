@@ -924,7 +924,7 @@ pub fn downlink_event(e: &DownlinkEvent, meta: &EventMeta) -> Option<(Event, Vec
                             .as_u64()
                             .and_then(|v| u32::try_from(v).ok())
                             .unwrap_or(0),
-                        coding_rate: lora["coding_rate"].as_str().unwrap_or("").to_string(),
+                        coding_rate: lora["coding_rate"].as_str().unwrap_or("").into(),
                     },
                     power_dbm: d["power_dbm"]
                         .as_i64()

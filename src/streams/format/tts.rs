@@ -281,17 +281,17 @@ struct UplinkDoc<'a> {
 pub fn uplink_json(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
     let mut o = Out::new();
     o.raw(r#"{"end_device_ids":{"device_id":"#);
-    o.value(u.device.as_str());
+    o.value(&*u.device);
     o.raw(r#","application_ids":{"application_id":"#);
-    o.value(u.application.as_str());
+    o.value(&*u.application);
     o.raw(r#"},"dev_eui":"#);
-    o.display(u.dev_eui);
+    o.quoted(&u.dev_eui.upper_hex());
     if let Some(j) = x.join_eui {
         o.raw(r#","join_eui":"#);
-        o.display(j);
+        o.quoted(&j.upper_hex());
     }
     o.raw(r#","dev_addr":"#);
-    o.display(u.dev_addr);
+    o.quoted(&u.dev_addr.upper_hex());
     o.raw(r#"},"correlation_ids":["#);
     o.plain(&correlation_id("uplink", u.id));
     o.raw(r#"],"received_at":"#);
@@ -417,6 +417,14 @@ impl Out {
         debug_assert!(needs_no_escape(s), "{s:?}");
         self.buf.push(b'"');
         crate::vec_write::extend(&mut self.buf, s.as_bytes());
+        self.buf.push(b'"');
+    }
+
+    /// ASCII that needs no escaping (hex ids), quoted.
+    fn quoted(&mut self, s: &[u8]) {
+        debug_assert!(needs_no_escape(std::str::from_utf8(s).unwrap_or("\\")));
+        self.buf.push(b'"');
+        crate::vec_write::extend(&mut self.buf, s);
         self.buf.push(b'"');
     }
 
@@ -901,7 +909,7 @@ mod tests {
         u.rx.push(second);
         (u.device, u.application) = ("dév \"1\"\\/\n".into(), "</farm>\u{7f}".into());
         (u.f_port, u.payload, u.confirmed) = (None, Vec::new(), true);
-        u.settings.coding_rate = String::new();
+        u.settings.coding_rate = Default::default();
         u.dev_status = Some(crate::model::DevStatus {
             battery: 0,
             margin: 31,
