@@ -182,12 +182,8 @@ fn frame<'a>(count: usize, runs: impl IntoIterator<Item = &'a [u8]>, size: usize
 }
 
 /// postcard's varint (LEB128) of a length.
-fn varint(buf: &mut Vec<u8>, mut n: usize) {
-    while n >= 0x80 {
-        buf.push(n as u8 | 0x80);
-        n >>= 7;
-    }
-    buf.push(n as u8);
+fn varint(buf: &mut Vec<u8>, n: usize) {
+    crate::vec_write::varint(buf, n as u64);
 }
 
 fn put_runs<'a>(puts: &'a [PutRef<'a>]) -> impl Iterator<Item = &'a [u8]> {

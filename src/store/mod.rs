@@ -90,7 +90,7 @@ mod open;
 mod queue;
 mod records;
 mod sessions;
-mod uplink_read;
+mod uplink_record;
 
 pub use journal::ReserveState;
 pub use open::{drop_queue, inspect};

@@ -33,13 +33,19 @@ pub enum RecordError {
 
 /// The bytes stored for `r` (exactly sized: a record stays in memory until its checkpoint).
 pub fn encode(r: &Record) -> Result<Vec<u8>, RecordError> {
-    Ok(crate::postcard_buf::to_exact_vec(&[TAG, VERSION], r)?)
+    match r {
+        Record::Uplink(u) => Ok(crate::postcard_buf::exact_with(|b| {
+            b.extend_from_slice(&[TAG, VERSION]);
+            super::uplink_record::write(u, b)
+        })?),
+        _ => Ok(crate::postcard_buf::to_exact_vec(&[TAG, VERSION], r)?),
+    }
 }
 
 /// A stored record, of this version or an older one.
 pub fn decode(b: &[u8]) -> Result<Record, RecordError> {
     match b {
-        [TAG, VERSION, rest @ ..] => match super::uplink_read::read(rest) {
+        [TAG, VERSION, rest @ ..] => match super::uplink_record::read(rest) {
             Some(u) => Ok(Record::Uplink(u)),
             None => Ok(postcard::from_bytes(rest)?),
         },

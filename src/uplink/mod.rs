@@ -163,9 +163,19 @@ impl UplinkStage {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Batch>, mut heartbeat: Heartbeat) {
         let mut out = Outputs::default();
         let mut groups = Vec::new();
+        // One timer for the dedup window's next deadline, moved only when that changes: a
+        // new `sleep_until` per pass registered and removed a timer for every uplink (~1,100
+        // instructions, issue 16).
+        let window_end = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(window_end);
+        let mut armed = None;
         loop {
             heartbeat.beat();
             let deadline = self.dedup.next_deadline();
+            if let Some(d) = deadline.filter(|d| armed != Some(*d)) {
+                window_end.as_mut().reset(d.into());
+                armed = Some(d);
+            }
             let closed = tokio::select! {
                 _ = heartbeat.tick() => continue,
                 b = rx.recv() => match b {
@@ -182,7 +192,7 @@ impl UplinkStage {
                     }
                     None => true,
                 },
-                _ = sleep_until(deadline), if deadline.is_some() => false,
+                _ = &mut window_end, if deadline.is_some() => false,
             };
             if closed {
                 self.dedup.drain(&mut groups);
@@ -540,7 +550,10 @@ impl UplinkStage {
         if records.is_empty() && devices.is_empty() {
             return;
         }
-        let mut routes: Vec<Vec<usize>> = Vec::with_capacity(records.len());
+        // Every record's queues, one after another in one vector (`ends[i]`: where record
+        // `i`'s end), rather than a vector per record.
+        let mut queues: Vec<usize> = Vec::with_capacity(records.len() * 2);
+        let mut ends: Vec<usize> = Vec::with_capacity(records.len());
         let mut tmp = Vec::new();
         let now = self.routes.get();
         for r in records.iter() {
@@ -558,13 +571,18 @@ impl UplinkStage {
                     self.unrouted(&j.device);
                 }
             }
-            routes.push(tmp.clone());
+            queues.extend_from_slice(&tmp);
+            ends.push(queues.len());
         }
         let entries: Vec<Entry<'_>> = records
             .iter()
-            .zip(&routes)
-            .filter(|(_, q)| !q.is_empty())
-            .map(|(record, queues)| Entry { record, queues })
+            .zip(&ends)
+            .scan(0, |start, (record, &end)| {
+                let queues = &queues[*start..end];
+                *start = end;
+                Some(Entry { record, queues })
+            })
+            .filter(|e| !e.queues.is_empty())
             .collect();
         match self.store.append(&entries, devices).await {
             // Queued in memory only (the store logs the disk error, rate-limited).
@@ -667,12 +685,5 @@ fn data_rate_label(region: region::Region, s: &TxSettings) -> DataRateLabel {
         dr: region::uplink_dr(region, s),
         spreading_factor: s.spreading_factor,
         bandwidth_khz: s.bandwidth_hz / 1000,
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
     }
 }

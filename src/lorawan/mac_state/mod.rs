@@ -556,15 +556,16 @@ impl MacState {
 /// does not know reads as "nothing known" (the device starts from its defaults).
 pub mod stored {
     use super::MacState;
+    use crate::lorawan::mac::DownlinkMac;
+    use crate::vec_write::{varint, zigzag};
 
     const VERSION: u8 = 1;
 
     /// Encoded once per accepted uplink, exactly sized: it waits in memory for the next
     /// checkpoint (see [`crate::postcard_buf`]). The bytes are postcard's encoding of
     /// [`MacState`] after the version byte, written field by field (issue 16: through serde,
-    /// the ADR history alone cost ~1,500 instructions per uplink). The lists that are empty
-    /// but for a command in flight (`pending`, `given_up`) go through postcard when they are
-    /// not. Unit tests compare the bytes with postcard's for random states.
+    /// a state with its ADR history or a few pending commands cost ~1,500 instructions per
+    /// uplink). Unit tests compare the bytes with postcard's for random states.
     pub fn encode(s: &MacState) -> Result<Vec<u8>, postcard::Error> {
         crate::postcard_buf::exact_with(|b| {
             b.push(VERSION);
@@ -580,7 +581,7 @@ pub mod stored {
             }
             match s.dr {
                 None => b.push(0),
-                Some(dr) => b.extend_from_slice(&[1, dr]),
+                Some(dr) => crate::vec_write::extend(b, &[1, dr]),
             }
             b.push(s.rx.rx1_dr_offset);
             b.push(s.rx.rx2_dr);
@@ -596,15 +597,15 @@ pub mod stored {
                     }
                 }
             }
-            if s.pending.is_empty() {
-                b.push(0);
-            } else {
-                *b = crate::postcard_buf::append(&s.pending, std::mem::take(b))?;
+            varint(b, s.pending.len() as u64);
+            for p in &s.pending {
+                command(b, &p.cmd);
+                b.push(p.attempts);
             }
             match s.dev_status {
                 None => b.push(0),
                 Some(d) => {
-                    b.extend_from_slice(&[1, d.battery, d.margin as u8]);
+                    crate::vec_write::extend(b, &[1, d.battery, d.margin as u8]);
                     zigzag(b, d.received_at_us);
                 }
             }
@@ -618,29 +619,59 @@ pub mod stored {
             }
             match s.refused_adr {
                 None => b.push(0),
-                Some(t) => b.extend_from_slice(&[1, t.dr, t.tx_power, t.nb_trans]),
+                Some(t) => crate::vec_write::extend(b, &[1, t.dr, t.tx_power, t.nb_trans]),
             }
-            if s.given_up.is_empty() {
-                b.push(0);
-            } else {
-                *b = crate::postcard_buf::append(&s.given_up, std::mem::take(b))?;
+            varint(b, s.given_up.len() as u64);
+            for (cmd, uplinks) in &s.given_up {
+                command(b, cmd);
+                varint(b, u64::from(*uplinks));
             }
-            Ok(())
+            Ok::<(), postcard::Error>(())
         })
     }
 
-    /// postcard's unsigned varint (7 bits a byte, low first).
-    fn varint(b: &mut Vec<u8>, mut n: u64) {
-        while n >= 0x80 {
-            b.push(n as u8 | 0x80);
-            n >>= 7;
+    /// A [`DownlinkMac`]: its variant index, then its fields in order.
+    fn command(b: &mut Vec<u8>, c: &DownlinkMac) {
+        match *c {
+            DownlinkMac::LinkCheckAns(a) => crate::vec_write::extend(b, &[0, a.margin, a.gw_cnt]),
+            DownlinkMac::LinkAdrReq(r) => {
+                crate::vec_write::extend(b, &[1, r.dr, r.tx_power]);
+                varint(b, u64::from(r.ch_mask));
+                crate::vec_write::extend(b, &[r.ch_mask_cntl, r.nb_trans]);
+            }
+            DownlinkMac::DutyCycleReq { max_duty_cycle } => {
+                crate::vec_write::extend(b, &[2, max_duty_cycle])
+            }
+            DownlinkMac::RxParamSetupReq(r) => {
+                crate::vec_write::extend(b, &[3, r.rx1_dr_offset, r.rx2_dr]);
+                varint(b, u64::from(r.freq_hz));
+            }
+            DownlinkMac::DevStatusReq => b.push(4),
+            DownlinkMac::NewChannelReq(r) => {
+                crate::vec_write::extend(b, &[5, r.index]);
+                varint(b, u64::from(r.freq_hz));
+                crate::vec_write::extend(b, &[r.min_dr, r.max_dr]);
+            }
+            DownlinkMac::RxTimingSetupReq { delay } => crate::vec_write::extend(b, &[6, delay]),
+            DownlinkMac::TxParamSetupReq(r) => crate::vec_write::extend(
+                b,
+                &[
+                    7,
+                    u8::from(r.downlink_dwell),
+                    u8::from(r.uplink_dwell),
+                    r.max_eirp,
+                ],
+            ),
+            DownlinkMac::DlChannelReq(r) => {
+                crate::vec_write::extend(b, &[8, r.index]);
+                varint(b, u64::from(r.freq_hz));
+            }
+            DownlinkMac::DeviceTimeAns(a) => {
+                b.push(9);
+                varint(b, u64::from(a.gps_seconds));
+                b.push(a.fraction);
+            }
         }
-        b.push(n as u8);
-    }
-
-    /// postcard's signed integer: zigzag, then a varint.
-    fn zigzag(b: &mut Vec<u8>, n: i64) {
-        varint(b, ((n << 1) ^ (n >> 63)) as u64);
     }
 
     pub fn decode(b: &[u8]) -> Option<MacState> {

@@ -393,16 +393,57 @@ fn the_stored_form_is_postcards_encoding_for_random_states() {
                     .collect(),
             ),
         };
-        let cmd = |n: u64| match n % 3 {
-            0 => DownlinkMac::DevStatusReq,
-            1 => DownlinkMac::DutyCycleReq {
-                max_duty_cycle: (n >> 8) as u8,
-            },
-            _ => DownlinkMac::RxTimingSetupReq {
-                delay: (n >> 8) as u8,
-            },
+        // Every variant, with fields from the bits of `n`.
+        let cmd = |n: u64| {
+            let (a, b, c, d) = (
+                (n >> 8) as u8,
+                (n >> 16) as u8,
+                (n >> 24) as u8,
+                (n >> 32) as u8,
+            );
+            let wide = (n >> (8 + n % 32)) as u32;
+            match n % 10 {
+                0 => DownlinkMac::LinkCheckAns(mac::LinkCheckAns {
+                    margin: a,
+                    gw_cnt: b,
+                }),
+                1 => DownlinkMac::LinkAdrReq(mac::LinkAdrReq {
+                    dr: a,
+                    tx_power: b,
+                    ch_mask: (n >> 40) as u16,
+                    ch_mask_cntl: c,
+                    nb_trans: d,
+                }),
+                2 => DownlinkMac::DutyCycleReq { max_duty_cycle: a },
+                3 => DownlinkMac::RxParamSetupReq(RxParamSetupReq {
+                    rx1_dr_offset: a,
+                    rx2_dr: b,
+                    freq_hz: wide,
+                }),
+                4 => DownlinkMac::DevStatusReq,
+                5 => DownlinkMac::NewChannelReq(NewChannelReq {
+                    index: a,
+                    freq_hz: wide,
+                    min_dr: b,
+                    max_dr: c,
+                }),
+                6 => DownlinkMac::RxTimingSetupReq { delay: a },
+                7 => DownlinkMac::TxParamSetupReq(mac::TxParamSetupReq {
+                    downlink_dwell: a & 1 == 1,
+                    uplink_dwell: b & 1 == 1,
+                    max_eirp: c,
+                }),
+                8 => DownlinkMac::DlChannelReq(mac::DlChannelReq {
+                    index: a,
+                    freq_hz: wide,
+                }),
+                _ => DownlinkMac::DeviceTimeAns(mac::DeviceTimeAns {
+                    gps_seconds: wide,
+                    fraction: a,
+                }),
+            }
         };
-        s.pending = (0..next() % 3)
+        s.pending = (0..next() % 7)
             .map(|_| Pending {
                 cmd: cmd(next()),
                 attempts: next() as u8,
@@ -420,7 +461,7 @@ fn the_stored_form_is_postcards_encoding_for_random_states() {
             tx_power: next() as u8,
             nb_trans: next() as u8,
         });
-        s.given_up = (0..next() % 3)
+        s.given_up = (0..next() % 5)
             .map(|_| (cmd(next()), next() as u16))
             .collect();
         let ours = stored::encode(&s).unwrap();

@@ -461,7 +461,7 @@ fn publish_record(
             // Best effort: a twin update is not a queue record.
             inflight.publish(
                 client,
-                &wire::twin_patch_topic(*rid),
+                wire::twin_patch_topic(*rid),
                 doc.to_string().into_bytes(),
                 false,
                 None,

@@ -300,11 +300,11 @@ pub fn uplink_json(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
     o.raw(r#","uplink_message":{"#);
     if let Some(p) = u.f_port {
         o.raw(r#""f_port":"#);
-        o.value(&p);
+        o.int(p);
         o.raw(",");
     }
     o.raw(r#""f_cnt":"#);
-    o.value(&u.f_cnt);
+    o.int(u.f_cnt);
     if !u.payload.is_empty() {
         o.raw(r#","frm_payload":"#);
         o.base64(&u.payload);
@@ -327,7 +327,7 @@ pub fn uplink_json(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
     o.raw(r#"],"settings":"#);
     o.settings(&u.settings, u.rx.first().map(|r| r.tmst).unwrap_or(0));
     o.raw(r#","confirmed":"#);
-    o.value(&u.confirmed);
+    o.raw(if u.confirmed { "true" } else { "false" });
     o.raw(r#","received_at":"#);
     o.copy(received_at);
     if let Some(st) = u.dev_status {
@@ -340,7 +340,7 @@ pub fn uplink_json(u: &Uplink, x: &UplinkExtras<'_>, d: Delivery) -> Vec<u8> {
             o.raw("}");
         }
         o.raw(r#","last_margin":{"value":"#);
-        o.value(&st.margin);
+        o.int(st.margin);
         o.raw(r#","received_at":"#);
         o.rfc3339(st.received_at_us);
         o.raw("}");
@@ -410,6 +410,13 @@ impl Out {
         if serde_json::to_writer(crate::vec_write::VecWriter(&mut self.buf), v).is_err() {
             self.failed = true;
         }
+    }
+
+    /// An integer, as serde_json writes it (both use `itoa`), without serde_json's writer
+    /// round trip for each of the dozen numbers of an uplink.
+    fn int<I: itoa::Integer>(&mut self, v: I) {
+        let mut digits = itoa::Buffer::new();
+        crate::vec_write::extend(&mut self.buf, digits.format(v).as_bytes());
     }
 
     /// A string known to need no escaping, quoted.
@@ -497,17 +504,17 @@ impl Out {
             self.value(t.as_str());
         }
         self.raw(r#","timestamp":"#);
-        self.value(&r.tmst);
+        self.int(r.tmst);
         self.raw(r#","rssi":"#);
-        self.value(&r.rssi);
+        self.int(r.rssi);
         self.raw(r#","channel_rssi":"#);
-        self.value(&r.channel_rssi);
+        self.int(r.channel_rssi);
         self.raw(r#","snr":"#);
         self.value(&r.snr);
         self.raw(r#","channel_index":"#);
-        self.value(&r.channel);
+        self.int(r.channel);
         self.raw(r#","rf_chain":"#);
-        self.value(&r.rf_chain);
+        self.int(r.rf_chain);
         self.raw(r#","received_at":"#);
         self.rfc3339(r.received_at_us);
         self.raw("}");
@@ -516,17 +523,17 @@ impl Out {
     /// [`Settings`].
     fn settings(&mut self, s: &TxSettings, tmst: u32) {
         self.raw(r#"{"data_rate":{"lora":{"bandwidth":"#);
-        self.value(&s.bandwidth_hz);
+        self.int(s.bandwidth_hz);
         self.raw(r#","spreading_factor":"#);
-        self.value(&s.spreading_factor);
+        self.int(s.spreading_factor);
         if !s.coding_rate.is_empty() {
             self.raw(r#","coding_rate":"#);
             self.value(s.coding_rate.as_str());
         }
         self.raw(r#"}},"frequency":""#);
-        self.value(&s.frequency_hz);
+        self.int(s.frequency_hz);
         self.raw(r#"","timestamp":"#);
-        self.value(&tmst);
+        self.int(tmst);
         self.raw("}");
     }
 

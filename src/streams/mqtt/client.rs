@@ -124,7 +124,7 @@ impl Inflight {
     pub fn publish(
         &mut self,
         client: &AsyncClient,
-        topic: &str,
+        topic: impl Into<String>,
         payload: Vec<u8>,
         retain: bool,
         seq: Option<u64>,

@@ -1,7 +1,8 @@
-//! The direct reader against postcard: whenever `read` answers, postcard reads the same bytes
-//! to the same uplink; and it answers for every record this version writes.
+//! The direct writer and reader against postcard: the writer's bytes are postcard's; whenever
+//! `read` answers, postcard reads the same bytes to the same uplink; and it answers for every
+//! record this version writes.
 
-use super::{read, Cur};
+use super::{read, write, Cur};
 use crate::model::{
     CodecOutput, CodingRateText, DevAddr, DevStatus, Eui64, JsonObject, Record, RxInfo, TxSettings,
     Uplink,
@@ -121,6 +122,21 @@ fn agree(rest: &[u8]) -> Option<Uplink> {
         other => panic!("read answered where postcard gives {other:?}: {rest:02x?}"),
     }
     Some(fast)
+}
+
+#[test]
+fn writes_what_postcard_writes() {
+    let mut g = Rng(0x5EED_0004);
+    for _ in 0..5_000 {
+        let u = uplink(&mut g);
+        let mut ours = Vec::new();
+        write(&u, &mut ours).unwrap();
+        assert_eq!(
+            ours,
+            postcard::to_stdvec(&Record::Uplink(u.clone())).unwrap(),
+            "{u:?}"
+        );
+    }
 }
 
 #[test]
