@@ -511,6 +511,10 @@ async fn feed(
         if stop.is_cancelled() {
             return;
         }
+        // The slot below is taken without awaiting when the window has room, so this is where
+        // the loop gives way to other tasks under load (tokio's cooperative budget): without
+        // it, a backlog kept a worker thread from the UDP ingress until the window filled.
+        tokio::task::coop::consume_budget().await;
         // At least one free slot before reading: taken at once when the window has room (a
         // `select!` with the stop token per record cost ~500 instructions, issue 16).
         let first = match permits.clone().try_acquire_owned() {
