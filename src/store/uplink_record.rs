@@ -10,7 +10,7 @@
 //! with postcard on random and damaged records.
 
 use crate::model::{CodecOutput, DevAddr, DevStatus, Eui64, RxInfo, TxSettings, Uplink};
-use crate::vec_write::{varint, zigzag};
+use crate::vec_write::{extend, varint, zigzag};
 use std::sync::Arc;
 
 /// Append `Record::Uplink(u)` as postcard encodes it.
@@ -25,10 +25,10 @@ pub fn write(u: &Uplink, b: &mut Vec<u8>) -> Result<(), postcard::Error> {
     varint(b, u.dev_addr.0.into());
     match u.f_port {
         None => b.push(0),
-        Some(p) => crate::vec_write::extend(b, &[1, p]),
+        Some(p) => extend(b, &[1, p]),
     }
     varint(b, u.f_cnt.into());
-    crate::vec_write::extend(b, &[u8::from(u.confirmed), u8::from(u.adr)]);
+    extend(b, &[u8::from(u.confirmed), u8::from(u.adr)]);
     varint(b, u.payload.len() as u64);
     extend(b, &u.payload);
     varint(b, u.settings.frequency_hz.into());
@@ -56,7 +56,7 @@ pub fn write(u: &Uplink, b: &mut Vec<u8>) -> Result<(), postcard::Error> {
     match u.dev_status {
         None => b.push(0),
         Some(d) => {
-            crate::vec_write::extend(b, &[1, d.battery, d.margin as u8]);
+            extend(b, &[1, d.battery, d.margin as u8]);
             zigzag(b, d.received_at_us);
         }
     }
@@ -68,10 +68,6 @@ pub fn write(u: &Uplink, b: &mut Vec<u8>) -> Result<(), postcard::Error> {
         }
     }
     Ok(())
-}
-
-fn extend(b: &mut Vec<u8>, bytes: &[u8]) {
-    crate::vec_write::extend(b, bytes);
 }
 
 /// A `u128` varint: 64-bit arithmetic until what is left fits (u128 shifts cost several

@@ -557,7 +557,7 @@ impl MacState {
 pub mod stored {
     use super::MacState;
     use crate::lorawan::mac::DownlinkMac;
-    use crate::vec_write::{varint, zigzag};
+    use crate::vec_write::{extend, varint, zigzag};
 
     const VERSION: u8 = 1;
 
@@ -575,13 +575,13 @@ pub mod stored {
             varint(b, history.len() as u64);
             for r in history {
                 varint(b, u64::from(r.f_cnt));
-                crate::vec_write::extend(b, &r.max_snr.to_le_bytes());
+                extend(b, &r.max_snr.to_le_bytes());
                 b.push(r.tx_power);
                 b.push(r.dr);
             }
             match s.dr {
                 None => b.push(0),
-                Some(dr) => crate::vec_write::extend(b, &[1, dr]),
+                Some(dr) => extend(b, &[1, dr]),
             }
             b.push(s.rx.rx1_dr_offset);
             b.push(s.rx.rx2_dr);
@@ -605,7 +605,7 @@ pub mod stored {
             match s.dev_status {
                 None => b.push(0),
                 Some(d) => {
-                    crate::vec_write::extend(b, &[1, d.battery, d.margin as u8]);
+                    extend(b, &[1, d.battery, d.margin as u8]);
                     zigzag(b, d.received_at_us);
                 }
             }
@@ -614,12 +614,12 @@ pub mod stored {
                 None => b.push(0),
                 Some(g) => {
                     b.push(1);
-                    crate::vec_write::extend(b, &g.0);
+                    extend(b, &g.0);
                 }
             }
             match s.refused_adr {
                 None => b.push(0),
-                Some(t) => crate::vec_write::extend(b, &[1, t.dr, t.tx_power, t.nb_trans]),
+                Some(t) => extend(b, &[1, t.dr, t.tx_power, t.nb_trans]),
             }
             varint(b, s.given_up.len() as u64);
             for (cmd, uplinks) in &s.given_up {
@@ -633,27 +633,25 @@ pub mod stored {
     /// A [`DownlinkMac`]: its variant index, then its fields in order.
     fn command(b: &mut Vec<u8>, c: &DownlinkMac) {
         match *c {
-            DownlinkMac::LinkCheckAns(a) => crate::vec_write::extend(b, &[0, a.margin, a.gw_cnt]),
+            DownlinkMac::LinkCheckAns(a) => extend(b, &[0, a.margin, a.gw_cnt]),
             DownlinkMac::LinkAdrReq(r) => {
-                crate::vec_write::extend(b, &[1, r.dr, r.tx_power]);
+                extend(b, &[1, r.dr, r.tx_power]);
                 varint(b, u64::from(r.ch_mask));
-                crate::vec_write::extend(b, &[r.ch_mask_cntl, r.nb_trans]);
+                extend(b, &[r.ch_mask_cntl, r.nb_trans]);
             }
-            DownlinkMac::DutyCycleReq { max_duty_cycle } => {
-                crate::vec_write::extend(b, &[2, max_duty_cycle])
-            }
+            DownlinkMac::DutyCycleReq { max_duty_cycle } => extend(b, &[2, max_duty_cycle]),
             DownlinkMac::RxParamSetupReq(r) => {
-                crate::vec_write::extend(b, &[3, r.rx1_dr_offset, r.rx2_dr]);
+                extend(b, &[3, r.rx1_dr_offset, r.rx2_dr]);
                 varint(b, u64::from(r.freq_hz));
             }
             DownlinkMac::DevStatusReq => b.push(4),
             DownlinkMac::NewChannelReq(r) => {
-                crate::vec_write::extend(b, &[5, r.index]);
+                extend(b, &[5, r.index]);
                 varint(b, u64::from(r.freq_hz));
-                crate::vec_write::extend(b, &[r.min_dr, r.max_dr]);
+                extend(b, &[r.min_dr, r.max_dr]);
             }
-            DownlinkMac::RxTimingSetupReq { delay } => crate::vec_write::extend(b, &[6, delay]),
-            DownlinkMac::TxParamSetupReq(r) => crate::vec_write::extend(
+            DownlinkMac::RxTimingSetupReq { delay } => extend(b, &[6, delay]),
+            DownlinkMac::TxParamSetupReq(r) => extend(
                 b,
                 &[
                     7,
@@ -663,7 +661,7 @@ pub mod stored {
                 ],
             ),
             DownlinkMac::DlChannelReq(r) => {
-                crate::vec_write::extend(b, &[8, r.index]);
+                extend(b, &[8, r.index]);
                 varint(b, u64::from(r.freq_hz));
             }
             DownlinkMac::DeviceTimeAns(a) => {
