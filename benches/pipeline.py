@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -165,8 +166,36 @@ def proc_stats(pid):
     kb = lambda k: int(status.get(k, "0 kB").split()[0])
     # write_bytes: page-cache pages this process dirtied (what may reach the disk);
     # cancelled_write_bytes: of those, dropped before writeback (files deleted or truncated).
-    return {"cpu_s": cpu, "sys_s": sys_cpu, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM"), "write_bytes": io["write_bytes"],
+    return {"cpu_s": cpu, "sys_s": sys_cpu, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM"),
+            "anon_kb": kb("RssAnon"), "file_kb": kb("RssFile"), "write_bytes": io["write_bytes"],
             "cancelled_write_bytes": io["cancelled_write_bytes"]}
+
+
+class RssSampler:
+    """The largest RssAnon (heap, stacks: the daemon's own memory) and RssFile (mapped code and
+    read-only data of the binary and libc: clean pages the kernel can drop and read again) seen
+    while it runs, sampled every 50 ms. VmHWM is their exact combined peak; these say which
+    part it was."""
+
+    def __init__(self, pid):
+        self.pid, self.anon_kb, self.file_kb = pid, 0, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                st = proc_stats(self.pid)
+            except (OSError, ValueError):
+                return
+            self.anon_kb, self.file_kb = max(self.anon_kb, st["anon_kb"]), max(self.file_kb, st["file_kb"])
+            self._stop.wait(0.05)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join()
+        return {"peak_anon_mb": round(self.anon_kb / 1024, 1), "peak_file_mb": round(self.file_kb / 1024, 1)}
 
 
 def udp_rcvbuf_errors():
@@ -270,9 +299,11 @@ def throughput(args):
     try:
         count = int(args.rate * args.seconds)
         before, drops0, t0 = d.stats(), udp_rcvbuf_errors(), time.time()
+        rss = RssSampler(d.proc.pid)
         sim = simulate(cfg, args.rate, count, udp)
         until(lambda: queue(health(metrics))["delivered"] >= count, 60)
         elapsed, after, drops1 = time.time() - t0, d.stats(), udp_rcvbuf_errors()
+        parts = rss.stop()
         h = health(metrics)
         accepted, delivered = h["uplinks"]["accepted"], queue(h)["delivered"]
         return {
@@ -281,7 +312,7 @@ def throughput(args):
             "lost": count - delivered, "udp_rcvbuf_errors": drops1 - drops0,
             "cpu_s_per_1000": round((after["cpu_s"] - before["cpu_s"]) / max(accepted, 1) * 1000, 4),
             "sys_s_per_1000": round((after["sys_s"] - before["sys_s"]) / max(accepted, 1) * 1000, 4),
-            "peak_rss_mb": round(after["hwm_kb"] / 1024, 1), "wall_s": round(elapsed, 1), "simulate": sim,
+            "peak_rss_mb": round(after["hwm_kb"] / 1024, 1), **parts, "wall_s": round(elapsed, 1), "simulate": sim,
             "subscriber": bool(sub), "loadavg_1m": round(os.getloadavg()[0], 2),
         }
     finally:
@@ -321,6 +352,7 @@ def drain(args):
         h = health(metrics)
         queued = queue(h)
         st = d.stats()
+        rss = RssSampler(d.proc.pid)
         m.start()
         # The stream reconnects after its backoff (up to 60 s after a long outage): time the
         # drain from the first delivery, not from the broker's start.
@@ -330,12 +362,13 @@ def drain(args):
         until(lambda: queue(health(metrics))["depth"] == 0, 3600, 0.2)
         drain_s = time.time() - t1
         after = d.stats()
+        parts = rss.stop()
         return {
             "scenario": "drain", "backend": args.backend, "sent": args.count, "queued": queued["depth"], "queue_bytes": queued["bytes"],
             "accepted": h["uplinks"]["accepted"], "fill_s": round(fill_s, 1),
             "rss_mb_while_queued": round(st["rss_kb"] / 1024, 1), "drain_s": round(drain_s, 1),
             "drain_per_s": round((queued["depth"] - first) / max(drain_s, 1e-9)),
-            "peak_rss_mb": round(after["hwm_kb"] / 1024, 1),
+            "peak_rss_mb": round(after["hwm_kb"] / 1024, 1), **parts,
             "store_on_disk_mb": round(h["store"]["size_on_disk"] / 1e6, 1),
         }
     finally:

@@ -149,7 +149,7 @@ impl Store {
             };
             self.inner.journal_dirty.store(false, Ordering::Relaxed);
             self.inner.journal_unsynced.store(false, Ordering::Relaxed);
-            let snaps: Vec<_> = queues.iter().map(|q| q.snapshot(&mut batch)).collect();
+            let snaps: Vec<_> = queues.iter().map(|q| q.snapshot()).collect();
             let sessions = self
                 .inner
                 .sessions
@@ -158,6 +158,15 @@ impl Store {
                 .unwrap_or_default();
             (gen, snaps, sessions)
         };
+        // Packing the records into blocks reads the blocks they join from the engine: done
+        // after the journal's lock is let go, so appends do not wait for it.
+        for (q, snap) in queues.iter().zip(&snaps) {
+            if let Err(e) = q.write_snapshot(&engine, snap, &mut batch) {
+                self.inner.needs_reopen.store(true, Ordering::Relaxed);
+                self.note_failure(&e.to_string(), true);
+                return Err(e);
+            }
+        }
         let mut in_order: Vec<_> = sessions.iter().collect();
         in_order.sort_unstable_by(|a, b| a.0.cmp(b.0));
         for (k, v) in in_order {
@@ -342,7 +351,7 @@ impl Store {
         if !batch.is_empty() {
             // A direct write of a devices key supersedes an uncommitted FCntUp for it.
             if let Ok(mut s) = self.inner.sessions.lock() {
-                for (t, k, _) in &batch.ops {
+                for (t, k, _) in batch.iter() {
                     if t == DEVICES {
                         s.remove(k);
                     }

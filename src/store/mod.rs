@@ -11,7 +11,7 @@
 //! | `otaa`        | DevEUI (+ `p`)       | joined / pending OTAA session  |
 //! | `otaa`        | DevEUI + `n` / + `j` | used DevNonces / last JoinNonce |
 //! | `down`        | DevEUI + sequence    | [`DownlinkItem`](crate::model::DownlinkItem) |
-//! | `q:{stream}`  | sequence (u64, BE)   | [`Record`] (postcard)          |
+//! | `q:{stream}`  | sequence (u64, BE) of the block's first record | a block of [`Record`]s (`packed.rs`) |
 //!
 //! Each stream has its own queue table, so a dead stream's backlog never blocks another (mirror
 //! streams), and a record leaves a queue only through [`Queue::ack`], which streams call when
@@ -87,6 +87,7 @@ mod downlinks;
 mod journal;
 mod ledger;
 mod open;
+mod packed;
 mod queue;
 mod records;
 mod sessions;

@@ -7,8 +7,8 @@ use super::backend::{Backend, Batch};
 use super::committer::Health;
 use super::queue::{Queue, QueueStats};
 use super::{
-    journal, queue_table, Inner, OpenReport, Shared, Store, StoreError, DOWN, JOURNAL_GEN, META,
-    QUEUE_PREFIX, SCHEMA,
+    journal, packed, queue_table, Inner, OpenReport, Shared, Store, StoreError, DOWN, JOURNAL_GEN,
+    META, QUEUE_PREFIX, SCHEMA,
 };
 use crate::config::{StorageBackend, StorageConfig, WhenFull};
 use std::collections::BTreeMap;
@@ -165,13 +165,35 @@ impl Store {
             // Every put, then every delete: sequence numbers are never reused, so a delete
             // can only name a record put before it (journal.rs).
             let mut b = Batch::default();
+            // Queue records go into their table's blocks (packed.rs), the rest as they are.
+            type Records = BTreeMap<u64, Arc<Vec<u8>>>;
+            let mut queues: BTreeMap<&str, (Records, Vec<u64>)> = BTreeMap::new();
             for (t, k, v) in &replay.puts {
-                b.put(t, k, v);
+                match <[u8; 8]>::try_from(k.as_slice()) {
+                    Ok(seq) if t.starts_with(QUEUE_PREFIX) => {
+                        let q = queues.entry(t.as_str()).or_default();
+                        q.0.insert(u64::from_be_bytes(seq), Arc::new(v.clone()));
+                    }
+                    _ => b.put(t, k, v),
+                }
             }
             for (t, k) in &replay.deletes {
-                if t.starts_with(QUEUE_PREFIX) {
-                    b.delete(t, k);
+                if let (true, Ok(seq)) = (
+                    t.starts_with(QUEUE_PREFIX),
+                    <[u8; 8]>::try_from(k.as_slice()),
+                ) {
+                    queues
+                        .entry(t.as_str())
+                        .or_default()
+                        .1
+                        .push(u64::from_be_bytes(seq));
                 }
+            }
+            for (t, (puts, mut deletes)) in queues {
+                deletes.sort_unstable();
+                deletes.dedup();
+                let puts: Vec<(u64, Arc<Vec<u8>>)> = puts.into_iter().collect();
+                packed::write(&engine, t, &puts, &deletes, &mut b)?;
             }
             engine.commit(&b, true)?;
             report.journal_replayed = replay.puts.len() as u64;
@@ -209,11 +231,9 @@ impl Store {
             };
             if !streams.iter().any(|(n, _)| n == q) {
                 let mut n = 0u64;
-                engine.scan(&name, |_, _| n += 1)?;
-                if let Some((k, _)) = engine.last(&name)? {
-                    if let Ok(b) = <[u8; 8]>::try_from(k.as_slice()) {
-                        next_seq = next_seq.max(u64::from_be_bytes(b) + 1);
-                    }
+                packed::scan(&engine, &name, |_, _| n += 1)?;
+                if let Some(last) = packed::last_seq(&engine, &name)? {
+                    next_seq = next_seq.max(last + 1);
                 }
                 tracing::warn!(stream = %q, records = n, "stream no longer configured: its queue is kept on disk (not counted in [storage] max_bytes); add the stream back to deliver it, or stop the daemon and run `lorastream queue --drop {q}` to delete it");
                 report.kept_queues.push((q.to_string(), n));
@@ -232,10 +252,8 @@ impl Store {
         for (name, when_full) in streams {
             let q = Queue::open(name.clone(), &engine, *when_full, shared.clone())?;
             queues.insert(name.clone(), q);
-            if let Some((k, _)) = engine.last(&queue_table(name))? {
-                if let Ok(b) = <[u8; 8]>::try_from(k.as_slice()) {
-                    next_seq = next_seq.max(u64::from_be_bytes(b) + 1);
-                }
+            if let Some(last) = packed::last_seq(&engine, &queue_table(name))? {
+                next_seq = next_seq.max(last + 1);
             }
         }
         // Downlink keys use the same counter: never reuse one of theirs either.
@@ -338,7 +356,7 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
             if *t == name
                 && seen.insert(k.clone())
                 && !deleted.contains(&(t.as_str(), k.as_slice()))
-                && engine.get(&name, k)?.is_none()
+                && !on_disk(&engine, &name, k)?
             {
                 n += 1;
                 bytes += v.len() as i64;
@@ -348,7 +366,11 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
         let mut gone = std::collections::HashSet::new();
         for (t, k) in &deletes {
             if *t == name && gone.insert(k.clone()) {
-                if let Some(v) = engine.get(&name, k)? {
+                let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes);
+                if let Some(v) = match seq {
+                    Ok(seq) => packed::get(&engine, &name, seq)?,
+                    Err(_) => None,
+                } {
                     n -= 1;
                     bytes -= v.len() as i64;
                 }
@@ -358,6 +380,14 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
         out.push(queue.stats());
     }
     Ok(out)
+}
+
+/// Whether the record keyed `k` (a sequence number) is in the queue table `name`.
+fn on_disk(engine: &Backend, name: &str, k: &[u8]) -> Result<bool, StoreError> {
+    Ok(match <[u8; 8]>::try_from(k) {
+        Ok(b) => packed::get(engine, name, u64::from_be_bytes(b))?.is_some(),
+        Err(_) => false,
+    })
 }
 
 /// `lorastream queue --drop NAME`: delete the queue of a stream that is no longer configured
@@ -395,7 +425,7 @@ pub fn drop_queue(
         return Err(StoreError::NoSuchQueue(name.to_string()));
     }
     let mut n = 0u64;
-    engine.scan(&table, |_, _| n += 1)?;
+    packed::scan(&engine, &table, |_, _| n += 1)?;
     engine.drop_table(&table)?;
     Ok(n)
 }

@@ -1,5 +1,5 @@
-//! One stream's queue: a table of the engine keyed by sequence number (u64 BE), seen through a
-//! small in-memory overlay, plus counters.
+//! One stream's queue: a table of the engine keyed by sequence number (u64 BE), its records
+//! packed into blocks (`packed.rs`), seen through a small in-memory overlay, plus counters.
 //!
 //! The overlay is what makes group commits and a full disk work without the streams noticing:
 //! - `unsaved`: records appended but not yet committed to the engine (the current group-commit
@@ -91,7 +91,7 @@ const MAX_ACKED: usize = 100_000;
 
 /// What a commit took from a queue, to clean up after it succeeded.
 pub(super) struct Snapshot {
-    puts: Vec<u64>,
+    puts: Vec<(u64, Arc<Vec<u8>>)>,
     deletes: Vec<u64>,
 }
 
@@ -118,10 +118,6 @@ pub(super) enum Room {
 /// A queued record as stored: sequence number and encoded bytes (shared with the batch).
 type Raw = (u64, Arc<Vec<u8>>);
 
-fn key_seq(k: &[u8]) -> Option<u64> {
-    <[u8; 8]>::try_from(k).ok().map(u64::from_be_bytes)
-}
-
 impl Queue {
     /// Rebuild a queue's counters from the engine.
     pub(super) fn open(
@@ -134,14 +130,12 @@ impl Queue {
         let (mut len, mut bytes) = (0u64, 0u64);
         let mut last = None;
         let mut last_by_key = crate::model::FastMap::default();
-        backend.scan(&table, |k, v| {
+        super::packed::scan(backend, &table, |seq, v| {
             len += 1;
             bytes += v.len() as u64;
-            if let Some(seq) = key_seq(k) {
-                last = Some(seq);
-                if let Ok(r) = super::records::decode(v) {
-                    last_by_key.insert(r.order_key(), seq);
-                }
+            last = Some(seq);
+            if let Ok(r) = super::records::decode(v) {
+                last_by_key.insert(r.order_key(), seq);
             }
         })?;
         shared.total_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -211,11 +205,9 @@ impl Queue {
         let m = self.mem();
         let mem_last = m.unsaved.keys().next_back().copied();
         let disk_last = match self.inner.shared.engine() {
-            Some(b) => b
-                .last(&self.inner.table)
+            Some(b) => super::packed::last_seq(&b, &self.inner.table)
                 .ok()
-                .flatten()
-                .and_then(|(k, _)| key_seq(&k)),
+                .flatten(),
             None => m.disk_max,
         };
         mem_last.max(disk_last)
@@ -288,17 +280,12 @@ impl Queue {
                 let chunk = match cached {
                     Some(c) => c,
                     None => {
-                        let from = after.map(|s| s.to_be_bytes());
-                        let lo = match &from {
-                            Some(b) => Bound::Excluded(&b[..]),
-                            None => Bound::Unbounded,
-                        };
                         let want = max.saturating_sub(out.len()).max(READ_AHEAD);
-                        let raw: Vec<Raw> = engine
-                            .range(&self.inner.table, lo, want)?
-                            .into_iter()
-                            .filter_map(|(k, v)| key_seq(&k).map(|s| (s, Arc::new(v))))
-                            .collect();
+                        let raw: Vec<Raw> =
+                            super::packed::range(&engine, &self.inner.table, after, want)?
+                                .into_iter()
+                                .map(|(s, v)| (s, Arc::new(v)))
+                                .collect();
                         let mut m = self.mem();
                         if m.epoch == epoch0 {
                             m.ahead = raw.clone();
@@ -463,7 +450,7 @@ impl Queue {
         // On disk (or already deleted there): ask the engine, under the lock so a commit that
         // finishes meanwhile cannot make us count it twice.
         let engine = self.inner.shared.engine().ok_or(StoreError::Unavailable)?;
-        match engine.get(&self.inner.table, &seq.to_be_bytes())? {
+        match super::packed::get(&engine, &self.inner.table, seq)? {
             Some(v) => {
                 m.deleted.insert(seq);
                 drop(m);
@@ -764,21 +751,27 @@ impl Queue {
         (m.unsaved.len(), m.deleted.len())
     }
 
-    /// Add this queue's pending writes and deletes to `batch`.
-    pub(super) fn snapshot(&self, batch: &mut super::backend::Batch) -> Snapshot {
+    /// This queue's pending writes and deletes, for the next commit.
+    pub(super) fn snapshot(&self) -> Snapshot {
         let mut m = self.mem();
-        let puts: Vec<u64> = m.unsaved.keys().copied().collect();
-        for (seq, v) in &m.unsaved {
-            batch.put(&self.inner.table, &seq.to_be_bytes(), v);
-        }
+        let puts: Vec<(u64, Arc<Vec<u8>>)> =
+            m.unsaved.iter().map(|(s, v)| (*s, v.clone())).collect();
         let deletes: Vec<u64> = m.deleted.iter().copied().collect();
-        for seq in &deletes {
-            batch.delete(&self.inner.table, &seq.to_be_bytes());
-        }
-        if let Some(&last) = puts.last() {
+        if let Some(&(last, _)) = puts.last() {
             m.disk_max = m.disk_max.max(Some(last));
         }
         Snapshot { puts, deletes }
+    }
+
+    /// Add what `snap` changes to `batch`, as whole blocks of the queue's table (see
+    /// [`super::packed`]).
+    pub(super) fn write_snapshot(
+        &self,
+        engine: &Backend,
+        snap: &Snapshot,
+        batch: &mut super::backend::Batch,
+    ) -> Result<(), StoreError> {
+        super::packed::write(engine, &self.inner.table, &snap.puts, &snap.deletes, batch)
     }
 
     /// The commit of `snap` is on disk: forget what it covered.
@@ -786,7 +779,7 @@ impl Queue {
         let mut freed = 0u64;
         let mut saved_memory_only = 0u64;
         let mut m = self.mem();
-        for seq in snap.puts {
+        for (seq, _) in snap.puts {
             if let Some(v) = m.unsaved.remove(&seq) {
                 freed += v.len() as u64;
             }
