@@ -84,14 +84,45 @@ impl<'a> Iterator for Records<'a> {
         if let Some(v) = self.single.take() {
             return Some((self.base, v));
         }
-        // A damaged block (the engines checksum their pages, so only a bug would make one)
-        // ends at the damage: what precedes it is still delivered.
+        if self.rest.is_empty() {
+            return None;
+        }
         let mut b = self.rest;
-        let delta = read_varint(&mut b)?;
-        let len = usize::try_from(read_varint(&mut b)?).ok()?;
-        let v = b.get(..len)?;
-        self.rest = &b[len..];
-        Some((self.base.checked_add(delta)?, v))
+        let next = (|| {
+            let delta = read_varint(&mut b)?;
+            let len = usize::try_from(read_varint(&mut b)?).ok()?;
+            let v = b.get(..len)?;
+            Some((self.base.checked_add(delta)?, v, &b[len..]))
+        })();
+        match next {
+            Some((seq, v, rest)) => {
+                self.rest = rest;
+                Some((seq, v))
+            }
+            None => {
+                damaged(self.base, self.rest.len());
+                self.rest = &[];
+                None
+            }
+        }
+    }
+}
+
+/// A damaged block (the engines checksum their pages, so only a bug would make one) ends at
+/// the damage: the records before it are still delivered, the rest cannot be read. Said in
+/// the log, at most ten times per 10 s.
+fn damaged(key: u64, bytes: usize) {
+    static LIMIT: std::sync::Mutex<Option<crate::logs::LogLimiter>> = std::sync::Mutex::new(None);
+    let allow = LIMIT
+        .lock()
+        .map(|mut l| l.get_or_insert_with(crate::logs::LogLimiter::new).allow())
+        .unwrap_or(false);
+    if allow {
+        tracing::error!(
+            block = key,
+            unreadable_bytes = bytes,
+            "a block of queued records is damaged: the records after the damage cannot be read"
+        );
     }
 }
 
@@ -528,6 +559,31 @@ mod tests {
             }
             assert!(!model.is_empty());
         }
+    }
+
+    /// A block damaged in its middle gives the records before the damage, and nothing after.
+    #[test]
+    fn a_damaged_block_ends_at_the_damage() {
+        let mut v = vec![BLOCK];
+        for (d, r) in [(0u64, &b"ab"[..]), (1, b"cde"), (5, b"f")] {
+            varint(&mut v, d);
+            varint(&mut v, r.len() as u64);
+            v.extend_from_slice(r);
+        }
+        let key = 100u64.to_be_bytes();
+        let all: Vec<(u64, &[u8])> = records(&key, &v).collect();
+        assert_eq!(all, vec![(100, &b"ab"[..]), (101, b"cde"), (105, b"f")]);
+        // The third record's length runs past the end.
+        let mut cut = v.clone();
+        let n = cut.len();
+        cut[n - 2] = 9;
+        let some: Vec<(u64, &[u8])> = records(&key, &cut).collect();
+        assert_eq!(some, vec![(100, &b"ab"[..]), (101, b"cde")]);
+        // A varint that never ends.
+        let mut bad = v[..1 + 2 + 2].to_vec();
+        bad.extend_from_slice(&[0xFF; 12]);
+        let first: Vec<(u64, &[u8])> = records(&key, &bad).collect();
+        assert_eq!(first, vec![(100, &b"ab"[..])]);
     }
 
     /// Appended records fill blocks of nearly BLOCK_BYTES, one commit or many.
