@@ -24,6 +24,7 @@
 //! changes nothing, and the next attempt starts again from the engine.
 
 use super::backend::{Backend, Batch};
+use super::uplink_record::Cur;
 use super::StoreError;
 use crate::vec_write::varint;
 use std::collections::BTreeMap;
@@ -65,19 +66,6 @@ fn records<'a>(key: &[u8], value: &'a [u8]) -> Records<'a> {
     }
 }
 
-fn read_varint(b: &mut &[u8]) -> Option<u64> {
-    let mut n = 0u64;
-    for shift in (0..64).step_by(7) {
-        let (&byte, rest) = b.split_first()?;
-        *b = rest;
-        n |= u64::from(byte & 0x7F) << shift;
-        if byte & 0x80 == 0 {
-            return Some(n);
-        }
-    }
-    None
-}
-
 impl<'a> Iterator for Records<'a> {
     type Item = (u64, &'a [u8]);
     fn next(&mut self) -> Option<(u64, &'a [u8])> {
@@ -87,16 +75,16 @@ impl<'a> Iterator for Records<'a> {
         if self.rest.is_empty() {
             return None;
         }
-        let mut b = self.rest;
+        let mut cur = Cur(self.rest);
         let next = (|| {
-            let delta = read_varint(&mut b)?;
-            let len = usize::try_from(read_varint(&mut b)?).ok()?;
-            let v = b.get(..len)?;
-            Some((self.base.checked_add(delta)?, v, &b[len..]))
+            let delta = cur.varint(64)?;
+            let len = usize::try_from(cur.varint(32)?).ok()?;
+            let v = cur.take(len)?;
+            Some((self.base.checked_add(delta)?, v))
         })();
         match next {
-            Some((seq, v, rest)) => {
-                self.rest = rest;
+            Some((seq, v)) => {
+                self.rest = cur.0;
                 Some((seq, v))
             }
             None => {

@@ -166,8 +166,8 @@ pub fn read(b: &[u8]) -> Option<Uplink> {
     })
 }
 
-/// The unread rest of the record.
-struct Cur<'a>(&'a [u8]);
+/// The unread rest of the record (also of a block of records: `packed.rs`).
+pub(super) struct Cur<'a>(pub(super) &'a [u8]);
 
 impl<'a> Cur<'a> {
     fn byte(&mut self) -> Option<u8> {
@@ -176,7 +176,7 @@ impl<'a> Cur<'a> {
         Some(b)
     }
 
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub(super) fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if n > self.0.len() {
             return None;
         }
@@ -192,7 +192,7 @@ impl<'a> Cur<'a> {
     /// An unsigned varint of a type of at most 64 bits, with postcard's limits: at most
     /// ⌈bits / 7⌉ bytes, and the last of that many carries no bit beyond the type.
     #[inline]
-    fn varint(&mut self, bits: u32) -> Option<u64> {
+    pub(super) fn varint(&mut self, bits: u32) -> Option<u64> {
         let max = bits.div_ceil(7) as usize;
         let last_max = (1u8 << (bits % 7)) - 1;
         let mut out = 0u64;
