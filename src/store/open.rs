@@ -169,24 +169,17 @@ impl Store {
             type Records = BTreeMap<u64, Arc<Vec<u8>>>;
             let mut queues: BTreeMap<&str, (Records, Vec<u64>)> = BTreeMap::new();
             for (t, k, v) in &replay.puts {
-                match <[u8; 8]>::try_from(k.as_slice()) {
-                    Ok(seq) if t.starts_with(QUEUE_PREFIX) => {
+                match packed::key_seq(k) {
+                    Some(seq) if t.starts_with(QUEUE_PREFIX) => {
                         let q = queues.entry(t.as_str()).or_default();
-                        q.0.insert(u64::from_be_bytes(seq), Arc::new(v.clone()));
+                        q.0.insert(seq, Arc::new(v.clone()));
                     }
                     _ => b.put(t, k, v),
                 }
             }
             for (t, k) in &replay.deletes {
-                if let (true, Ok(seq)) = (
-                    t.starts_with(QUEUE_PREFIX),
-                    <[u8; 8]>::try_from(k.as_slice()),
-                ) {
-                    queues
-                        .entry(t.as_str())
-                        .or_default()
-                        .1
-                        .push(u64::from_be_bytes(seq));
+                if let (true, Some(seq)) = (t.starts_with(QUEUE_PREFIX), packed::key_seq(k)) {
+                    queues.entry(t.as_str()).or_default().1.push(seq);
                 }
             }
             for (t, (puts, mut deletes)) in queues {
@@ -356,7 +349,7 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
             if *t == name
                 && seen.insert(k.clone())
                 && !deleted.contains(&(t.as_str(), k.as_slice()))
-                && !on_disk(&engine, &name, k)?
+                && stored(&engine, &name, k)?.is_none()
             {
                 n += 1;
                 bytes += v.len() as i64;
@@ -366,11 +359,7 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
         let mut gone = std::collections::HashSet::new();
         for (t, k) in &deletes {
             if *t == name && gone.insert(k.clone()) {
-                let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes);
-                if let Some(v) = match seq {
-                    Ok(seq) => packed::get(&engine, &name, seq)?,
-                    Err(_) => None,
-                } {
+                if let Some(v) = stored(&engine, &name, k)? {
                     n -= 1;
                     bytes -= v.len() as i64;
                 }
@@ -382,12 +371,12 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
     Ok(out)
 }
 
-/// Whether the record keyed `k` (a sequence number) is in the queue table `name`.
-fn on_disk(engine: &Backend, name: &str, k: &[u8]) -> Result<bool, StoreError> {
-    Ok(match <[u8; 8]>::try_from(k) {
-        Ok(b) => packed::get(engine, name, u64::from_be_bytes(b))?.is_some(),
-        Err(_) => false,
-    })
+/// The record keyed `k` (a sequence number) in the queue table `name`, if it is there.
+fn stored(engine: &Backend, name: &str, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    match packed::key_seq(k) {
+        Some(seq) => packed::get(engine, name, seq),
+        None => Ok(None),
+    }
 }
 
 /// `lorastream queue --drop NAME`: delete the queue of a stream that is no longer configured

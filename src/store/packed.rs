@@ -39,7 +39,8 @@ const BLOCK_BYTES: usize = 4_000;
 /// Entries read per engine call when walking a table.
 const ENTRIES_PER_READ: usize = 16;
 
-fn key_seq(k: &[u8]) -> Option<u64> {
+/// The sequence number a queue key holds (u64 BE).
+pub(super) fn key_seq(k: &[u8]) -> Option<u64> {
     <[u8; 8]>::try_from(k).ok().map(u64::from_be_bytes)
 }
 
