@@ -573,6 +573,11 @@ def main():
     CODEC = a.codec
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release --locked")
+    # Checked before anything starts: a consumer that fails to start would leave the daemon
+    # and broker of the run behind.
+    for tool in ("mosquitto", "mosquitto_sub"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} missing: apt install mosquitto mosquitto-clients")
     r = {"throughput": throughput, "drain": drain, "writes": writes, "latency": latency,
          "callgrind": callgrind, "soak": soak}[a.scenario](a)
     print(json.dumps(r))
