@@ -214,6 +214,16 @@ impl Entry {
             changed: false,
         })
     }
+    /// A new block starting at `key`, to be written.
+    fn new(key: u64) -> Entry {
+        Entry {
+            key,
+            single: false,
+            span_end: key,
+            records: Vec::new(),
+            changed: true,
+        }
+    }
     fn bytes(&self) -> usize {
         1 + self
             .records
@@ -280,8 +290,7 @@ pub(super) fn write(
     }
     // A record put and deleted in the same commit is deleted (as if the puts came first).
     let kept: Vec<(u64, Arc<Vec<u8>>)>;
-    let puts = if deletes.is_empty() || puts.iter().all(|(s, _)| deletes.binary_search(s).is_err())
-    {
+    let puts = if deletes.is_empty() {
         puts
     } else {
         kept = puts
@@ -325,34 +334,20 @@ pub(super) fn write(
             }
             None => {
                 // Below every key: an entry of its own.
-                touched.insert(
-                    *seq,
-                    Entry {
-                        key: *seq,
-                        single: false,
-                        span_end: *seq,
-                        records: vec![(*seq, v.clone())],
-                        changed: true,
-                    },
-                );
+                let mut en = Entry::new(*seq);
+                en.records.push((*seq, v.clone()));
+                touched.insert(*seq, en);
             }
         }
     }
-    // Appends top up the last block if it has room, then fill new ones.
-    let mut open: Option<Entry> = None;
-    if let (Some(first), Some(d)) = (appended.first(), disk_last) {
-        if let Some(k) = locate(e, table, d, &mut touched)? {
-            if let Some(en) = touched.remove(&k) {
-                if !en.single
-                    && en.bytes() + encoded_len(first.0 - en.key, first.1.len()) <= BLOCK_BYTES
-                {
-                    open = Some(en);
-                } else {
-                    touched.insert(k, en);
-                }
-            }
-        }
-    }
+    // Appends top up the last block while it has room, then fill new ones.
+    let mut open: Option<Entry> = match (appended.is_empty(), disk_last) {
+        (false, Some(d)) => match locate(e, table, d, &mut touched)? {
+            Some(k) if touched.get(&k).is_some_and(|en| !en.single) => touched.remove(&k),
+            _ => None,
+        },
+        _ => None,
+    };
     let mut open_bytes = open.as_ref().map_or(0, Entry::bytes);
     for (seq, v) in appended {
         let fits = open
@@ -362,13 +357,7 @@ pub(super) fn write(
             if let Some(o) = open.take() {
                 touched.insert(o.key, o);
             }
-            open = Some(Entry {
-                key: *seq,
-                single: false,
-                span_end: *seq,
-                records: Vec::new(),
-                changed: true,
-            });
+            open = Some(Entry::new(*seq));
             open_bytes = 1;
         }
         if let Some(o) = open.as_mut() {
