@@ -537,6 +537,8 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
     assert!(wait_until(T, || !daemon.metrics().is_stream_connected("azure")).await);
     up(&mut f, &mut d2, b"g").await;
     assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 7).await);
+    // "accepted" is counted a moment before the uplink is appended to the queue.
+    assert!(wait_until(T, || !q.is_empty()).await, "never queued");
     assert_eq!(q.len(), 1, "waits in the queue");
     r.hub.set_clock_skew(0);
     r.delivered(&q, b"g").await;
@@ -599,6 +601,8 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
         .await;
     }
     assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 14).await);
+    // (Counted a moment before they are appended.)
+    assert!(wait_until(T, || q.len() >= 5).await, "queued {}", q.len());
     assert_eq!(q.len(), 5);
     hub.restart().await;
     assert!(
