@@ -214,6 +214,12 @@ async fn nothing_leaves_the_queue_before_puback() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 20).await);
+        // "accepted" is counted a moment before the uplink is appended to the queue.
+        assert!(
+            wait_until(T, || q.len() >= 20).await,
+            "{kind:?}: {}",
+            q.len()
+        );
         assert_eq!(
             q.len(),
             20,
