@@ -635,12 +635,16 @@ async fn radio_frames_with_defects_are_logged_and_counted() {
             "{k}"
         );
     }
-    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    // Each defect is counted just before its line is logged: wait for the lines.
+    let log = || std::fs::read_to_string(&daemon.log).unwrap_or_default();
     for k in kinds {
         assert!(
-            log.lines()
-                .any(|l| l.contains("radio frame with a defect") && l.contains(k)),
-            "no log line for {k}:\n{log}"
+            wait_until(T, || log()
+                .lines()
+                .any(|l| l.contains("radio frame with a defect") && l.contains(k)))
+            .await,
+            "no log line for {k}:\n{}",
+            log()
         );
     }
     // Oversized: dropped; the others reach the raw-frame stream (CRC-bad ones never do).

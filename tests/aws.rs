@@ -244,7 +244,12 @@ async fn aws_iot_with_client_certificates_acl_shadow_and_downlinks() {
     assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 1).await);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!daemon.metrics().is_stream_connected("aws"));
-    assert_eq!(daemon.store().queue("aws").unwrap().len(), 1);
+    // "accepted" is counted a moment before the append: wait for it rather than trust the
+    // sleep (it gives the stream time to connect wrongly, not the store time to append).
+    let q = daemon.store().queue("aws").unwrap();
+    assert!(wait_until(T, || !q.is_empty()).await, "never queued");
+    assert_eq!(q.len(), 1);
+    drop(q);
     daemon.stop().await;
 }
 

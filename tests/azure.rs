@@ -537,6 +537,8 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
     assert!(wait_until(T, || !daemon.metrics().is_stream_connected("azure")).await);
     up(&mut f, &mut d2, b"g").await;
     assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 7).await);
+    // "accepted" is counted a moment before the uplink is appended to the queue.
+    assert!(wait_until(T, || !q.is_empty()).await, "never queued");
     assert_eq!(q.len(), 1, "waits in the queue");
     r.hub.set_clock_skew(0);
     r.delivered(&q, b"g").await;
@@ -599,6 +601,8 @@ async fn gateway_identity_uplinks_downlinks_twin_renewal_and_outages() {
         .await;
     }
     assert!(wait_until(T, || daemon.metrics().uplinks("accepted") == 14).await);
+    // (Counted a moment before they are appended.)
+    assert!(wait_until(T, || q.len() >= 5).await, "queued {}", q.len());
     assert_eq!(q.len(), 5);
     hub.restart().await;
     assert!(
@@ -1686,13 +1690,16 @@ async fn tunnel_idle_timeout_stop_and_config_rules() {
     let ws = t.open(echo).await;
     // Traffic for longer than the idle timeout keeps it open: 9 exchanges 450 ms apart.
     let mut ws = Some(ws);
-    let mut last_rx = std::time::Instant::now();
+    let mut last_tx = std::time::Instant::now();
     for i in 0..9u8 {
         if i > 0 {
             tokio::time::sleep(Duration::from_millis(450)).await;
         }
+        // The tunnel's last byte passes the gateway during this exchange, before the echo
+        // reaches the test (on a loaded machine, easily 100 ms before): the idle time is
+        // counted from the start of the exchange, which is never later than that byte.
+        last_tx = std::time::Instant::now();
         let (w, got) = echo_through(ws.take().unwrap(), Arc::new(vec![i; 100])).await;
-        last_rx = std::time::Instant::now();
         assert_eq!(got, vec![i; 100]);
         ws = Some(w);
     }
@@ -1703,10 +1710,10 @@ async fn tunnel_idle_timeout_stop_and_config_rules() {
     );
     let mut ws = ws.unwrap();
     assert!(closed(&mut ws).await, "closed after the idle timeout");
-    let waited = last_rx.elapsed();
+    let waited = last_tx.elapsed();
     assert!(
         waited >= Duration::from_millis(2900),
-        "closed {waited:?} after the last byte"
+        "closed {waited:?} after the last exchange began"
     );
     assert!(wait_until(T, || m.tunnels("azure", "idle_timeout") == 1).await);
     assert!(wait_until(T, || echo_s.closed.load(Ordering::SeqCst) == 1).await);

@@ -394,9 +394,17 @@ async fn sigkill_on_a_full_disk_keeps_what_the_reserve_took_and_reports_the_rest
         assert_eq!(last["store"]["reserve"], "used_up", "{backend}: {last}");
         load.pause();
         assert!(load.wait_all_acked(Duration::from_secs(5)).await);
-        // Every acknowledged datagram through the dedup window and appended.
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        let h = daemon.health().await.unwrap();
+        // Every acknowledged datagram through the dedup window and appended: wait for the
+        // queue to hold them all (a fixed 800 ms can be too short on a loaded machine).
+        let sent = load.counts().0 as u64;
+        let end = std::time::Instant::now() + T;
+        let mut h = daemon.health().await.unwrap();
+        while h["streams"][0]["depth"].as_u64().unwrap_or(0) < sent
+            && std::time::Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            h = daemon.health().await.unwrap();
+        }
         let memory_only = h["store"]["memory_only"].as_u64().unwrap();
         let queued = h["streams"][0]["depth"].as_u64().unwrap();
         daemon.kill9();

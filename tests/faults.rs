@@ -360,8 +360,11 @@ async fn dead_destination(kind: BrokerKind, backend: &'static str) -> Result<Str
         .filter_map(|d| Some(d.at? - *acked_at.get(&(d.dev, d.f_cnt))?))
         .collect();
     let (p50, p99, max) = percentiles(latencies);
+    // A record leaves the queue a moment before it is counted as delivered: wait for both.
     let m = daemon
-        .wait_metrics(Duration::from_secs(5), |m| m.depth("live") == 0)
+        .wait_metrics(Duration::from_secs(5), |m| {
+            m.depth("live") == 0 && m.delivered("live") >= log.len() as u64
+        })
         .await;
     let health = daemon.health().await.unwrap_or_default();
     holder.abort();
@@ -497,8 +500,11 @@ async fn queue_cap(kind: BrokerKind, backend: &'static str) -> Result<String, St
     for (policy, reason, mut daemon, log, survivors, depth, dropped) in results {
         let want: HashSet<(u8, u32)> = survivors.iter().copied().collect();
         let all = sink.wait_for_all(&want, Duration::from_secs(90)).await;
+        // A record leaves the queue a moment before it is counted as delivered: wait for both.
         let m = daemon
-            .wait_metrics(Duration::from_secs(20), |m| m.depth("cloud") == 0)
+            .wait_metrics(Duration::from_secs(20), |m| {
+                m.depth("cloud") == 0 && m.delivered("cloud") >= depth
+            })
             .await;
         let mine: Vec<Delivery> = sink
             .deliveries()

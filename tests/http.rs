@@ -679,7 +679,12 @@ async fn server_down_then_back_and_a_hung_request_at_stop() {
         .unwrap()
         .iter()
         .any(|s| s == "hook"));
-    assert_eq!(daemon.store().queue("hook").unwrap().len(), 10);
+    // Two failed requests can come before the last uplinks are out of the dedup window and
+    // stored: wait for all ten (nothing can leave while the server is down).
+    let q = daemon.store().queue("hook").unwrap();
+    assert!(wait_until(T, || q.len() >= 10).await, "queued {}", q.len());
+    assert_eq!(q.len(), 10);
+    drop(q);
 
     hook.restart().await;
     assert!(
@@ -1023,7 +1028,8 @@ async fn https_with_ca_file_and_client_certificate_and_a_restart() {
     assert_eq!(hook.posts("uplinks")[0].headers["x-api-key"], SECRET);
     let q = daemon.store().queue("hook").unwrap();
     assert!(wait_until(T, || q.is_empty()).await);
-    assert!(daemon.metrics().is_stream_connected("hook"));
+    // The delivered batch leaves the queue just before the stream is marked connected.
+    assert!(wait_until(T, || daemon.metrics().is_stream_connected("hook")).await);
     daemon.stop().await;
     assert_secret_never_logged();
 }

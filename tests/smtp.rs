@@ -325,7 +325,12 @@ async fn max_per_hour_keeps_the_rest_queued_not_dropped() {
     );
     // The second alert waits in the queue: counted, logged, not sent, not dropped.
     assert!(wait_until(T, || queue_depth(&d) == 1.0).await);
-    assert!(logs().contains("max_per_hour reached: records wait in the queue"));
+    // The line is logged just after the counter is incremented.
+    assert!(
+        wait_until(T, || logs()
+            .contains("max_per_hour reached: records wait in the queue"))
+        .await
+    );
     assert_eq!(s.mails().len(), 1);
     assert_eq!(
         metric(
