@@ -12,6 +12,7 @@ it on the disk you want to measure, not on a tmpfs), and reads the daemon's /hea
       [--subscriber]                    (a consumer on the broker's uplink topics)
       [--codec cayennelpp|javascript]   (the application's payload codec; the uplinks then
                                          carry a frame that codec decodes)
+      [--storage cache_bytes=2097152]   (any more [storage] settings; repeatable, every scenario)
   python3 benches/pipeline.py drain --count 1000000 --backend redb
   python3 benches/pipeline.py writes --flush-ms 100 --rate 1000 --count 20000 --backend redb [--broker-down]
   python3 benches/pipeline.py latency --flush-ms 100 --rate 200 --count 2000 --backend redb
@@ -50,6 +51,8 @@ def free_port(kind=socket.SOCK_STREAM):
 # (a CayenneLPP frame of two temperatures and a humidity; an 11-byte frame of
 # tests/data/codecs/th-sensor.js on FPort 2).
 CODEC = "none"
+# `--storage KEY=VALUE`: more `[storage]` lines (e.g. `cache_bytes=2097152`).
+STORAGE = []
 CODEC_PAYLOAD = {"cayennelpp": ("03670110056700ff066850", 1), "javascript": ("cbb8086601c70107530001", 2)}
 
 
@@ -84,7 +87,7 @@ def config(work, devices, udp, metrics, mqtt_port, flush_ms, backend="redb", ded
     lines = [
         "[gateway]", f'listen = "127.0.0.1:{udp}"', f"dedup_window_ms = {dedup_ms}", "",
         "[storage]", f'path = "{work}/db"', f"flush_every_ms = {flush_ms}", f'backend = "{backend}"',
-        "max_bytes = 2147483648", "",
+        "max_bytes = 2147483648", *STORAGE, "",
         "[metrics]", f'listen = "127.0.0.1:{metrics}"', "",
         "[log]", 'level = "warn"', "",
         "[[application]]", 'id = "bench"', *codec_lines(), "",
@@ -568,9 +571,12 @@ def main():
     p.add_argument("--outage-every", type=float, default=240, help="soak: seconds between broker outages")
     p.add_argument("--outage", type=float, default=60, help="soak: seconds each outage lasts")
     p.add_argument("--sample-every", type=float, default=10, help="soak: seconds between samples")
+    p.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more [storage] setting, as TOML (repeatable): --storage cache_bytes=2097152")
     a = p.parse_args()
     global CODEC
     CODEC = a.codec
+    STORAGE.extend(f"{k.strip()} = {v.strip()}" for k, v in (kv.split("=", 1) for kv in a.storage))
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release --locked")
     # Checked before anything starts: a consumer that fails to start would leave the daemon
