@@ -123,3 +123,81 @@ async fn per_stream_when_full_decides_what_a_full_store_drops() {
         daemon.stop().await;
     }
 }
+
+/// `[storage] max_age`: records older than it are dropped (counted as `expired`) by the
+/// daemon's expiry pass, which runs at start and then once a minute; newer ones stay. The
+/// uplinks are queued by one daemon (broker down), which stops; the next one starts with
+/// `max_age = 1s` more than a second later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_age_expires_old_records_at_start_and_counts_them() {
+    install_crypto();
+    for backend in support::backends() {
+        let backend = match backend {
+            "sled" => StorageBackend::Sled,
+            _ => StorageBackend::Redb,
+        };
+        let mut broker = support::broker::TestBroker::start().await;
+        broker.stop().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = device(1);
+        let mut cfg = config(
+            dir.path(),
+            &format!(
+                "[[application]]\nid = \"farm\"\n\n{}[[stream]]\nname = \"cloud\"\nserver = \"{}\"\n",
+                device_toml(&d, "farm"),
+                broker.url()
+            ),
+        );
+        cfg.storage.backend = backend;
+        cfg.gateway.dedup_window_ms = 0;
+        let send = |d: &mut lorastream::sim::SimDevice, n: u8| d.uplink(1, &[n; 8], false).unwrap();
+
+        let daemon = Daemon::start(&cfg).await.unwrap();
+        let mut f = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(1))
+            .await
+            .unwrap();
+        for i in 0..5 {
+            f.send(&[(&send(&mut d, i), Radio::default())])
+                .await
+                .unwrap();
+        }
+        let q = daemon.store().queue("cloud").unwrap();
+        assert!(wait_until(Duration::from_secs(10), || q.len() == 5).await);
+        drop(q);
+        daemon.stop().await;
+
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        cfg.storage.max_age = Some(Duration::from_secs(1));
+        let daemon = Daemon::start(&cfg).await.unwrap();
+        let q = daemon.store().queue("cloud").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(10), || q
+                .stats()
+                .dropped
+                .get("expired")
+                .copied()
+                == Some(5))
+            .await,
+            "{backend:?}: {:?}",
+            q.stats()
+        );
+        assert_eq!(q.len(), 0, "{backend:?}");
+        // A new uplink is younger than max_age: it stays queued.
+        let mut f = Forwarder::connect(daemon.udp_addr(), Eui64::from_u64(1))
+            .await
+            .unwrap();
+        f.send(&[(&send(&mut d, 9), Radio::default())])
+            .await
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(10), || q.len() == 1).await);
+        assert!(
+            daemon
+                .metrics()
+                .encode()
+                .contains("lorastream_queue_dropped_total{stream=\"cloud\",reason=\"expired\"} 5"),
+            "{backend:?}"
+        );
+        drop(q);
+        daemon.stop().await;
+    }
+}
