@@ -669,10 +669,7 @@ async fn store_files_are_owner_only_whatever_the_umask() {
     );
     cfg.storage.flush_every_ms = 100;
     for backend in support::backends() {
-        let backend = match backend {
-            "sled" => lorastream::config::StorageBackend::Sled,
-            _ => lorastream::config::StorageBackend::Redb,
-        };
+        let backend = support::storage_backend(backend);
         cfg.storage.backend = backend;
         cfg.storage.path = dir.path().join(format!("db-{}", backend.name()));
         // SAFETY: umask(2) only changes this process's file-creation mask.

@@ -154,7 +154,7 @@ async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
                 })
                 .count()
         };
-        cfg.storage.backend = backend.parse_backend();
+        cfg.storage.backend = support::storage_backend(backend);
         cfg.storage.flush_every_ms = 100;
         let daemon = Daemon::start(&cfg).await.unwrap();
         let q = daemon.store().queue("cloud").unwrap();
@@ -268,18 +268,6 @@ async fn a_full_disk_never_stops_the_daemon_and_it_recovers_by_itself() {
     }
 }
 
-trait ParseBackend {
-    fn parse_backend(self) -> lorastream::config::StorageBackend;
-}
-impl ParseBackend for &str {
-    fn parse_backend(self) -> lorastream::config::StorageBackend {
-        match self {
-            "sled" => lorastream::config::StorageBackend::Sled,
-            _ => lorastream::config::StorageBackend::Redb,
-        }
-    }
-}
-
 /// A daemon (re)started on a full disk never moves its store aside: the store is fine, the disk
 /// is not. It either opens (and runs as above) or fails with the disk's error, and the queued
 /// uplinks are all there once space returns.
@@ -289,7 +277,7 @@ async fn a_full_disk_at_start_never_moves_the_store_aside() {
     use lorastream::model::Record;
     use lorastream::store::{Entry, Store};
     for backend in support::backends() {
-        let backend = backend.parse_backend();
+        let backend = support::storage_backend(backend);
         let Some(fs) = Tmpfs::mount("16m") else {
             return;
         };

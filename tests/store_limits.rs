@@ -5,7 +5,6 @@
 
 mod support;
 
-use lorastream::config::StorageBackend;
 use lorastream::daemon::Daemon;
 use lorastream::model::Eui64;
 use lorastream::sim::{Forwarder, Radio};
@@ -16,10 +15,7 @@ use support::*;
 async fn per_stream_when_full_decides_what_a_full_store_drops() {
     install_crypto();
     for backend in support::backends() {
-        let backend = match backend {
-            "sled" => StorageBackend::Sled,
-            _ => StorageBackend::Redb,
-        };
+        let backend = storage_backend(backend);
         let mut broker = support::broker::TestBroker::start().await;
         broker.stop().await;
         let dir = tempfile::tempdir().unwrap();
@@ -132,10 +128,7 @@ async fn per_stream_when_full_decides_what_a_full_store_drops() {
 async fn max_age_expires_old_records_at_start_and_counts_them() {
     install_crypto();
     for backend in support::backends() {
-        let backend = match backend {
-            "sled" => StorageBackend::Sled,
-            _ => StorageBackend::Redb,
-        };
+        let backend = storage_backend(backend);
         let mut broker = support::broker::TestBroker::start().await;
         broker.stop().await;
         let dir = tempfile::tempdir().unwrap();

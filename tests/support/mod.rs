@@ -47,6 +47,14 @@ pub fn backends() -> Vec<&'static str> {
     b
 }
 
+/// The engine a name of [`backends`] stands for.
+pub fn storage_backend(name: &str) -> lorastream::config::StorageBackend {
+    match name {
+        "sled" => lorastream::config::StorageBackend::Sled,
+        _ => lorastream::config::StorageBackend::Redb,
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
