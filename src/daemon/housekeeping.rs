@@ -30,17 +30,13 @@ pub(super) async fn expire_old(store: Store, max_age: Duration, cancel: Cancella
             _ = tick.tick() => {}
         }
         let cutoff = expiry_cutoff(crate::model::now_us(), started, Instant::now(), max_age);
-        // One pass over every expired record, each read from the engine: after a long
-        // power-off that is the whole backlog, so it runs off the runtime's workers.
-        let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.expire(cutoff)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::warn!(
+        match store.expire(cutoff) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
                 expired = n,
                 "queued messages older than [storage] max_age dropped"
             ),
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot expire old messages"),
-            Err(e) => tracing::error!(error = %e, "the expiry of old messages failed"),
+            Err(e) => tracing::error!(error = %e, "cannot expire old messages"),
         }
     }
 }
