@@ -4,6 +4,11 @@
 //! otherwise `git rev-parse --short=12 HEAD` in the crate's directory; otherwise `unknown` (no
 //! git, not a checkout, or git refusing a checkout owned by another user). The script reruns
 //! when HEAD or the branch it points at moves, not on every edit.
+//!
+//! Release builds of the binary on Linux are also linked with `cross/hot-text.ld`: the functions
+//! a running daemon executes, placed together before the rest of the code, so that fewer of the
+//! code's pages become resident (benches/hot_text.py regenerates it; docs/benchmarks.md, "Hot
+//! code placed together"). `LORASTREAM_HOT_TEXT=0` links without it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,6 +29,7 @@ fn git(dir: &Path, args: &[&str]) -> Option<String> {
 fn main() {
     println!("cargo:rerun-if-env-changed=LORASTREAM_COMMIT");
     println!("cargo:rerun-if-changed=build.rs");
+    hot_text();
     let dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default());
     let from_env = std::env::var("LORASTREAM_COMMIT")
         .ok()
@@ -59,4 +65,19 @@ fn main() {
         commit
     };
     println!("cargo:rustc-env=LORASTREAM_COMMIT={commit}");
+}
+
+/// Pass cross/hot-text.ld to the linker of a release build's binaries (see the module docs).
+fn hot_text() {
+    println!("cargo:rerun-if-env-changed=LORASTREAM_HOT_TEXT");
+    let script = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_default())
+        .join("cross")
+        .join("hot-text.ld");
+    println!("cargo:rerun-if-changed={}", script.display());
+    let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");
+    let linux = std::env::var("CARGO_CFG_TARGET_OS").is_ok_and(|o| o == "linux");
+    let off = std::env::var("LORASTREAM_HOT_TEXT").is_ok_and(|v| v == "0");
+    if release && linux && !off && script.exists() {
+        println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
+    }
 }

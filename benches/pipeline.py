@@ -24,6 +24,7 @@ Results are printed as one JSON object per run; docs/benchmarks.md records them.
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -209,7 +210,10 @@ def udp_rcvbuf_errors():
 
 class Daemon:
     def __init__(self, cfg, metrics_port, wrap=None):
-        cmd = (wrap or []) + [BIN, "run", "-c", cfg]
+        # LORASTREAM_BENCH_WRAP: a command to run the daemon under in any scenario (benches/hot_text.py
+        # runs the throughput scenario under callgrind with it).
+        wrap = wrap or shlex.split(os.environ.get("LORASTREAM_BENCH_WRAP", ""))
+        cmd = wrap + [BIN, "run", "-c", cfg]
         # The daemon's log goes to a file beside the config (a pipe nobody reads could fill up
         # and block the daemon).
         self.log = open(os.path.join(os.path.dirname(cfg), "daemon.log"), "w")
