@@ -51,6 +51,13 @@ for TARGET in "${TARGETS[@]}"; do
   fi
 done
 
+# Size of the .text.hot_lorastream section of binary $1 (0 when it has none).
+hot_text_bytes() {
+  local hex
+  hex="$(LC_ALL=C readelf -SW "$1" | sed -n 's/.*\.text\.hot_lorastream *PROGBITS *[0-9a-f]* [0-9a-f]* \([0-9a-f]*\) .*/\1/p')"
+  echo $(( 16#${hex:-0} ))
+}
+
 cd "$CRATE_DIR"
 echo "+ RUSTC=$RUSTC ($("$RUSTC" -V)) cargo build --release --locked ${target_args[*]} $*" >&2
 start=$(date +%s)
@@ -66,4 +73,7 @@ for b in "${bins[@]}"; do
   echo "$b"
   echo "  size: $(stat -c %s "$b") bytes"
   echo "  $(file -b "$b")"
+  # The code cross/hot-text.ld placed first (build.rs; docs/benchmarks.md "Hot code placed
+  # together"): .ci/run checks that every target's build has it.
+  echo "  hot code placed first: $(hot_text_bytes "$b") bytes"
 done
