@@ -52,6 +52,8 @@ impl Store {
         h.failed = Some(e.to_string());
         self.inner.writable.store(false, Ordering::Relaxed);
         drop(h);
+        // The committer retries (and sheds memory) every window while the disk fails.
+        self.inner.shared.work_arrived();
         if first && self.log_state_change() {
             tracing::error!(error = %e, path = %self.inner.cfg.path.display(),
                 "the store cannot write (disk full or failing); keeping new records in memory (at most {} MiB) and retrying",
@@ -270,14 +272,36 @@ impl Store {
         // A fixed period (not a sleep after each commit), so the window stays `flush_every_ms`.
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // With group commits and nothing in the journal to fsync or to journal, the committer
+        // sleeps without ticking (an idle gateway is not woken 10 times a second) until work
+        // arrives (`Shared::work_arrived`: it then waits out one window, so a burst still
+        // shares one fsync) or a checkpoint falls due.
+        let mut idle_until: Option<Option<Instant>> = None;
         loop {
             heartbeat.beat();
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                // A long `flush_every_ms` must not look like a stuck loop.
-                _ = heartbeat.tick() => continue,
-                _ = interval.tick() => {}
-                _ = self.inner.kick.notified() => {}
+            if let Some(due) = idle_until {
+                let shared = &self.inner.shared;
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = heartbeat.tick() => continue,
+                    _ = shared.committer_wake.notified() => {
+                        idle_until = None;
+                        interval.reset();
+                        continue;
+                    }
+                    _ = self.inner.kick.notified() => {}
+                    _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {}
+                }
+                idle_until = None;
+                shared.committer_idle.store(false, Ordering::SeqCst);
+            } else {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    // A long `flush_every_ms` must not look like a stuck loop.
+                    _ = heartbeat.tick() => continue,
+                    _ = interval.tick() => {}
+                    _ = self.inner.kick.notified() => {}
+                }
             }
             // This window's acknowledgements into the journal (also while the disk fails): a
             // kill redelivers at most the last window's, not everything since the last
@@ -342,7 +366,47 @@ impl Store {
             if !self.inner.writable.load(Ordering::Relaxed) {
                 self.shed_memory();
             }
+            if self.inner.group_commit {
+                idle_until = self.idle_until(last_commit);
+            }
         }
+    }
+
+    /// Whether the committer can sleep without ticking, and until when (`Some(None)`: until
+    /// work arrives; `Some(Some(t))`: at the latest until `t`, when a checkpoint falls due; see
+    /// `run_committer`). Marks it idle first and then looks for work, so that work arriving
+    /// meanwhile either is seen here or wakes it (`Shared::work_arrived`).
+    fn idle_until(&self, last_commit: Instant) -> Option<Option<Instant>> {
+        let shared = &self.inner.shared;
+        shared.committer_idle.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let failed = self
+            .inner
+            .health
+            .lock()
+            .map(|h| h.failed.is_some())
+            .unwrap_or(true);
+        let queues = self.all_queues();
+        let busy = failed
+            || !self.inner.writable.load(Ordering::Relaxed)
+            || self.inner.journal_unsynced.load(Ordering::Relaxed)
+            || queues.iter().any(|q| q.has_acked());
+        if busy {
+            shared.committer_idle.store(false, Ordering::SeqCst);
+            return None;
+        }
+        let (mut puts, mut dels) = (0usize, 0usize);
+        for q in queues.iter() {
+            let (p, d) = q.pending();
+            puts += p;
+            dels += d;
+        }
+        let sessions = self.inner.sessions.lock().map(|s| s.len()).unwrap_or(0);
+        let waiting = puts > 0
+            || dels > 0
+            || sessions > 0
+            || self.inner.journal_dirty.load(Ordering::Relaxed);
+        Some(waiting.then(|| last_commit + CHECKPOINT_EVERY))
     }
 
     /// Write `batch` at once, durably (session counters, downlinks: things that must be on disk

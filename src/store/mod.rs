@@ -328,9 +328,27 @@ pub(crate) struct Shared {
     pub(crate) memory_only: AtomicU64,
     /// Where [`Shared::memory_only`] is kept for the next start (None: could not be made).
     pub(crate) ledger: Mutex<Option<ledger::Ledger>>,
+    /// The group committer sleeps without a tick: nothing is waiting for a journal fsync or
+    /// to be journaled (see [`Shared::work_arrived`]).
+    pub(crate) committer_idle: std::sync::atomic::AtomicBool,
+    /// Wakes an idle committer.
+    pub(crate) committer_wake: Notify,
 }
 
 impl Shared {
+    /// Something the committer must handle within its window was just done (a journal write,
+    /// an acknowledgement to journal, a failure): wake the committer if it sleeps. The fence
+    /// pairs with the committer's between setting `committer_idle` and its last look for work:
+    /// either it sees this work, or this sees it idle.
+    pub(crate) fn work_arrived(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.committer_idle.load(Ordering::Relaxed)
+            && self.committer_idle.swap(false, Ordering::SeqCst)
+        {
+            self.committer_wake.notify_one();
+        }
+    }
+
     /// `n` more (or fewer) record copies are in memory only; the ledger follows at once.
     pub(crate) fn memory_only_changed(&self, added: u64, removed: u64) {
         if added == removed {
@@ -688,6 +706,7 @@ impl Store {
         }
         self.inner.journal_dirty.store(true, Ordering::Relaxed);
         self.inner.journal_unsynced.store(true, Ordering::Relaxed);
+        self.inner.shared.work_arrived();
         match j.write(&frame) {
             Ok(()) => {
                 if j.reserve_state() == ReserveState::InUse

@@ -240,6 +240,8 @@ impl Store {
             engine: RwLock::new(None),
             memory_only: AtomicU64::new(0),
             ledger: Mutex::new(ledger),
+            committer_idle: std::sync::atomic::AtomicBool::new(false),
+            committer_wake: tokio::sync::Notify::new(),
         });
         let mut queues = BTreeMap::new();
         for (name, when_full) in streams {
@@ -320,6 +322,8 @@ pub fn inspect(cfg: &StorageConfig) -> Result<Vec<QueueStats>, StoreError> {
         engine: RwLock::new(Some(engine.clone())),
         memory_only: AtomicU64::new(0),
         ledger: Mutex::new(None),
+        committer_idle: std::sync::atomic::AtomicBool::new(false),
+        committer_wake: tokio::sync::Notify::new(),
     });
     let committed_gen = engine
         .get(META, JOURNAL_GEN)?

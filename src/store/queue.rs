@@ -422,6 +422,7 @@ impl Queue {
             if !was_memory_only && m.acked.len() < MAX_ACKED {
                 // Journaled: its delete is journaled too, or a kill would bring it back.
                 m.acked.push(seq);
+                self.inner.shared.work_arrived();
             }
             self.inner
                 .shared
@@ -439,6 +440,7 @@ impl Queue {
         }
         if m.acked.len() < MAX_ACKED {
             m.acked.push(seq);
+            self.inner.shared.work_arrived();
         }
         // Handed out from disk since the last commit: its size is known.
         if let Some(size) = m.sizes.remove(&seq) {
@@ -517,6 +519,11 @@ impl Queue {
             }
         }
         n
+    }
+
+    /// Acknowledgements are waiting to be journaled.
+    pub(super) fn has_acked(&self) -> bool {
+        !self.mem().acked.is_empty()
     }
 
     /// Records removed since the last call, for the journal's acknowledgements.
