@@ -221,19 +221,28 @@ impl Scheduler {
     }
 
     /// Run until every [`super::DownlinkHandle`] is gone. `tx_acks` come from ingress.
-    /// Beats `heartbeat` every time round (the systemd watchdog, `crate::liveness`); the
-    /// 500 ms sweep keeps an idle scheduler going round.
+    /// Beats `heartbeat` every time round (the systemd watchdog, `crate::liveness`). The
+    /// 500 ms sweep runs only while something waits for it (a TX_ACK, a class C downlink), so
+    /// an idle gateway is not woken for it.
     pub(crate) async fn run(
         mut self,
         mut rx: mpsc::Receiver<Input>,
         mut tx_acks: mpsc::Receiver<TxAck>,
-        heartbeat: crate::liveness::Heartbeat,
+        mut heartbeat: crate::liveness::Heartbeat,
     ) {
         let mut sweep = tokio::time::interval(Duration::from_millis(500));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut acks_open = true;
+        let mut sweeping = false;
         self.reserve_all(&heartbeat).await;
         loop {
             heartbeat.beat();
+            let waiting = !self.pending.is_empty() || !self.class_c_waiting.is_empty();
+            if waiting && !sweeping {
+                // Its first sweep one period from now, as when it always ran.
+                sweep.reset();
+            }
+            sweeping = waiting;
             tokio::select! {
                 i = rx.recv() => match i {
                     Some(Input::Uplink(u)) => self.on_uplink(*u).await,
@@ -256,7 +265,8 @@ impl Scheduler {
                     Some(a) => self.on_tx_ack(a).await,
                     None => acks_open = false,
                 },
-                _ = sweep.tick() => self.sweep().await,
+                _ = sweep.tick(), if sweeping => self.sweep().await,
+                _ = heartbeat.tick() => {}
             }
         }
         self.release_unused().await;
