@@ -18,6 +18,7 @@ it on the disk you want to measure, not on a tmpfs), and reads the daemon's /hea
   python3 benches/pipeline.py latency --flush-ms 100 --rate 200 --count 2000 --backend redb
   python3 benches/pipeline.py callgrind --rate 200 --count 2000 [--format chirpstack] [--out-dir /tmp]
   python3 benches/pipeline.py soak --rate 500 --seconds 1800 --outage-every 240 --outage 60
+  python3 benches/pipeline.py idle --seconds 30
 
 Results are printed as one JSON object per run; docs/benchmarks.md records them.
 """
@@ -495,6 +496,36 @@ def callgrind(args):
     return results
 
 
+def idle(args):
+    """Wake-ups of an idle daemon: 50 uplinks, then `seconds` without any under `strace -f -c`;
+    system calls per second and CPU per second (an idle gateway should sleep)."""
+    work, cfg, udp, metrics, m = setup(args)
+    d = Daemon(cfg, metrics)
+    try:
+        time.sleep(5)
+        simulate(cfg, 50, 50, udp)
+        time.sleep(3)
+        before = d.stats()
+        out = os.path.join(work, "strace.txt")
+        subprocess.run(["timeout", "-s", "INT", str(args.seconds), "strace", "-f", "-c", "-o", out, "-p", str(d.proc.pid)],
+                       check=False, stderr=subprocess.DEVNULL)
+        after = d.stats()
+        calls = {}
+        with open(out) as f:
+            for line in f:
+                p = line.split()
+                # "% time  seconds  usecs/call  calls  [errors]  syscall"
+                if len(p) >= 5 and p[0][0].isdigit() and p[-1].isidentifier():
+                    calls[p[-1]] = int(p[3])
+        per_s = {k: round(v / args.seconds, 1) for k, v in sorted(calls.items(), key=lambda kv: -kv[1])[:6]}
+        return {"scenario": "idle", "seconds": args.seconds, "syscalls_per_s": per_s,
+                "cpu_ms_per_s": round((after["cpu_s"] - before["cpu_s"]) / args.seconds * 1000, 2)}
+    finally:
+        d.stop()
+        m.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def soak(args):
     """Hours-long behaviour in minutes: steady load with the broker killed for `outage_s` every
     `outage_every_s`, sampling RSS, open files, queue depth and store size. What must hold: every
@@ -557,7 +588,7 @@ def soak(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=["throughput", "drain", "writes", "latency", "callgrind", "soak"])
+    p.add_argument("scenario", choices=["throughput", "drain", "writes", "latency", "callgrind", "soak", "idle"])
     p.add_argument("--backend", choices=["sled", "redb"], default="redb")
     p.add_argument("--format", choices=["tts", "chirpstack", "xml", "template"], default="tts",
                    help="the MQTT stream's format (template: docs/templates/thingsboard.j2)")
@@ -589,7 +620,7 @@ def main():
         if shutil.which(tool) is None:
             sys.exit(f"{tool} missing: apt install mosquitto mosquitto-clients")
     r = {"throughput": throughput, "drain": drain, "writes": writes, "latency": latency,
-         "callgrind": callgrind, "soak": soak}[a.scenario](a)
+         "callgrind": callgrind, "soak": soak, "idle": idle}[a.scenario](a)
     print(json.dumps(r))
 
 
