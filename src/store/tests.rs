@@ -816,3 +816,42 @@ async fn a_queue_of_one_entry_per_record_is_delivered_after_an_upgrade() {
         assert_eq!(entries, 31);
     }
 }
+
+/// An idle group committer sleeps without its window's tick; an append wakes it and the
+/// record's journal fsync still comes (the window's end), an acknowledgement wakes it and is
+/// journaled, and each time it goes back to sleep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_committer_sleeps_and_appends_and_acknowledgements_wake_it() {
+    async fn within(what: &str, f: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < end, "{what}: not within 5 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    for backend in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg_for(backend, dir.path(), 64 << 20, 100);
+        let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let committer = tokio::spawn(
+            s.clone()
+                .run_committer(cancel.clone(), crate::liveness::Heartbeat::detached()),
+        );
+        let idle = || s.inner.shared.committer_idle.load(Ordering::SeqCst);
+        let unsynced = || s.inner.journal_unsynced.load(Ordering::SeqCst);
+        within("idle after start", idle).await;
+        add(&s, &uplink(0)).await;
+        within("the append's journal fsync", || !unsynced()).await;
+        within("idle again after the fsync", idle).await;
+        let a = s.queue("a").unwrap();
+        let (seq, _) = a.read_after(None, 1).unwrap()[0];
+        assert!(a.ack(seq).unwrap());
+        within("the acknowledgement journaled", || !a.has_acked()).await;
+        within("idle again after the acknowledgement", idle).await;
+        cancel.cancel();
+        committer.await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(a.read_after(None, 10).unwrap().len(), 0, "{backend:?}");
+    }
+}
