@@ -43,6 +43,21 @@ fn fcnts(q: &Queue) -> Vec<u32> {
         .collect()
 }
 
+/// The store's committer on its own task, and the token that stops it.
+fn spawn_committer(
+    s: &Store,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let committer = tokio::spawn(
+        s.clone()
+            .run_committer(cancel.clone(), crate::liveness::Heartbeat::detached()),
+    );
+    (cancel, committer)
+}
+
 fn streams(names: &[&str]) -> Vec<(String, WhenFull)> {
     names
         .iter()
@@ -418,11 +433,7 @@ async fn a_large_journal_of_acknowledged_records_triggers_a_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 64 << 20, 100);
         let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let committer = tokio::spawn(
-            s.clone()
-                .run_committer(cancel.clone(), crate::liveness::Heartbeat::detached()),
-        );
+        let (cancel, committer) = spawn_committer(&s);
         let a = s.queue("a").unwrap();
         let st = |n: u32| SessionState {
             dev_addr: DevAddr(1),
@@ -833,11 +844,7 @@ async fn an_idle_committer_sleeps_and_appends_and_acknowledgements_wake_it() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg_for(backend, dir.path(), 64 << 20, 100);
         let (s, _) = Store::open(&c, &streams(&["a"])).unwrap();
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let committer = tokio::spawn(
-            s.clone()
-                .run_committer(cancel.clone(), crate::liveness::Heartbeat::detached()),
-        );
+        let (cancel, committer) = spawn_committer(&s);
         let idle = || s.inner.shared.committer_idle.load(Ordering::SeqCst);
         let unsynced = || s.inner.journal_unsynced.load(Ordering::SeqCst);
         within("idle after start", idle).await;
