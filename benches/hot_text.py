@@ -46,37 +46,32 @@ def executed(path, binary):
     # Valgrind names some of a binary's code's object "???" (seen with a binary linked with
     # this script by GNU ld); names that are not the binary's match none of its sections.
     ours = (binary, "???")
-    obs, fns = {}, {}
+    names = {"ob": {}, "fn": {}}  # callgrind's compressed names: id -> name, per kind
     ob = cob = None
     cur = None
     for line in open(path, errors="replace"):
         line = line.rstrip("\n")
-        m = re.match(r"^(c?ob)=\((\d+)\)(?: (.*))?$", line)
+        m = re.match(r"^(c?)(ob|fn)=\((\d+)\)(?: (.*))?$", line)
         if m:
-            kind, i, name = m.groups()
+            called, kind, i, name = m.groups()
             if name:
-                obs[i] = name
+                names[kind][i] = name
+            name = names[kind].get(i)
             if kind == "ob":
-                ob = obs.get(i)
-            else:
-                cob = obs.get(i)
-            continue
-        m = re.match(r"^(c?fn)=\((\d+)\)(?: (.*))?$", line)
-        if m:
-            kind, i, name = m.groups()
-            if name:
-                fns[i] = name
-            if kind == "fn":
-                cur = fns.get(i) if ob in ours else None
+                if called:
+                    cob = name
+                else:
+                    ob = name
+            elif not called:
+                cur = name if ob in ours else None
                 cob = None
                 if cur:
                     cost[cur] += 0
             else:
                 # A call from a function of the binary to one of the binary (`cob` is only
                 # written when the callee's object differs from the caller's).
-                callee_ob = cob or ob
-                if callee_ob in ours and fns.get(i):
-                    cost[fns[i]] += 0
+                if (cob or ob) in ours and name:
+                    cost[name] += 0
                 cob = None
             continue
         if cur and line[:1].isdigit():
