@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 const TRIM_EVERY: Duration = Duration::from_secs(30);
 /// How often old records are looked for.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+/// Records looked at per queue in one expiry step ([`Store::expire_step`]).
+const EXPIRE_STEP: usize = 512;
 
 /// Drop queued records older than `max_age`, once a minute (and once at start, after a long
 /// power-off), until `cancel`.
@@ -30,13 +32,34 @@ pub(super) async fn expire_old(store: Store, max_age: Duration, cancel: Cancella
             _ = tick.tick() => {}
         }
         let cutoff = expiry_cutoff(crate::model::now_us(), started, Instant::now(), max_age);
-        match store.expire(cutoff) {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                expired = n,
+        let mut expired = 0;
+        // In steps of a few milliseconds on a blocking thread: a backlog of a million that
+        // expires at once neither holds up the runtime's workers nor a stop (which checks
+        // `cancel` between steps, and waits for the one under way).
+        let outcome = loop {
+            if cancel.is_cancelled() {
+                break Ok(());
+            }
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.expire_step(cutoff, EXPIRE_STEP)).await {
+                Ok(Ok((n, done))) => {
+                    expired += n;
+                    if done {
+                        break Ok(());
+                    }
+                }
+                Ok(Err(e)) => break Err(e.to_string()),
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        if expired > 0 {
+            tracing::warn!(
+                expired,
                 "queued messages older than [storage] max_age dropped"
-            ),
-            Err(e) => tracing::error!(error = %e, "cannot expire old messages"),
+            );
+        }
+        if let Err(error) = outcome {
+            tracing::error!(%error, "cannot expire old messages");
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::config::StreamConfig;
 use crate::downlink::{DownlinkHandle, StreamLink};
 use crate::metrics::Metrics;
 use crate::model::Eui64;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::streams::format::{Facts, Formatter};
 use crate::streams::{Stream, StreamContext};
 use crate::uplink::{Routes, SharedRoutes};
@@ -180,7 +180,13 @@ impl StreamSet {
                 if store.queue(&s.name).is_none() {
                     attached_now.push(s.name.clone());
                 }
-                if let Err(source) = store.attach_queue(&s.name, s.when_full) {
+                // A queue a removed stream left on disk is read back whole: not on a worker.
+                let (st, name, when_full) = (store.clone(), s.name.clone(), s.when_full);
+                let attached =
+                    tokio::task::spawn_blocking(move || st.attach_queue(&name, when_full))
+                        .await
+                        .unwrap_or(Err(StoreError::Unavailable));
+                if let Err(source) = attached {
                     self.undo(&attached_now);
                     return Err(DaemonError::Store {
                         path: s.name.clone(),

@@ -179,7 +179,7 @@ impl Store {
         }
         if batch.is_empty() && !failed_before {
             // Everything journaled up to `gen` was acknowledged before it needed committing.
-            self.journal().committed(gen);
+            self.journal_committed(gen);
             return Ok(false);
         }
         let t0 = Instant::now();
@@ -205,7 +205,7 @@ impl Store {
                         }
                     }
                 }
-                self.journal().committed(gen);
+                self.journal_committed(gen);
                 self.note_success();
                 Ok(true)
             }
@@ -217,6 +217,14 @@ impl Store {
                 Err(e)
             }
         }
+    }
+
+    /// The journal's generations up to `gen` are in the engine: their files go, without
+    /// holding the journal's lock, and then a new reserve is made if none is there.
+    fn journal_committed(&self, gen: u64) {
+        let removal = self.journal().committed(gen);
+        removal.run();
+        let _ = self.journal().make_reserve();
     }
 
     /// fdatasync what the journal holds (on a blocking thread, without holding its lock).

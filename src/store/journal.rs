@@ -515,14 +515,36 @@ impl Journal {
         Some(g)
     }
 
-    /// The generations up to and including `gen` are committed: remove their files, and make
-    /// a new reserve if none is there.
-    pub(crate) fn committed(&mut self, gen: u64) {
-        if self.to_remove.is_some_and(|t| t <= gen) {
-            remove_upto(&self.dir, gen);
+    /// The generations up to and including `gen` are committed: returns their files, for the
+    /// caller to remove ([`Removal::run`]) after it lets go of the journal's lock (unlinking a
+    /// 4 MiB journal on an SD card takes milliseconds, and every append waits for that lock)
+    /// and before it makes a new reserve if none is there ([`Journal::make_reserve`]: on a disk
+    /// that was full, the removed files make the room for it).
+    #[must_use]
+    pub(crate) fn committed(&mut self, gen: u64) -> Removal {
+        let upto = self.to_remove.filter(|t| *t <= gen).map(|_| gen);
+        if upto.is_some() {
             self.to_remove = None;
         }
-        let _ = self.make_reserve();
+        Removal {
+            dir: self.dir.clone(),
+            upto,
+        }
+    }
+}
+
+/// Journal files that a checkpoint made redundant ([`Journal::committed`]).
+pub(crate) struct Removal {
+    dir: PathBuf,
+    upto: Option<u64>,
+}
+
+impl Removal {
+    /// Remove them.
+    pub(crate) fn run(self) {
+        if let Some(gen) = self.upto {
+            remove_upto(&self.dir, gen);
+        }
     }
 }
 
@@ -728,7 +750,7 @@ mod tests {
         let r = replay(dir.path(), None);
         assert_eq!(r.deletes.len(), 2);
         assert_eq!(r.last, Some(g + 1), "an acks file alone is a generation");
-        j.committed(g);
+        j.committed(g).run();
         let r = replay(dir.path(), None);
         assert_eq!((r.puts.len(), r.deletes.len()), (0, 1));
         // Files are the owner's only, whatever the umask.
@@ -768,7 +790,8 @@ mod tests {
         // Space is back: a new reserve is made before the journal leaves the old one.
         let g = j.rotate().unwrap();
         assert!(dir.path().join(RESERVE).exists());
-        j.committed(g);
+        j.committed(g).run();
+        j.make_reserve().unwrap();
         assert_eq!(j.reserve_state(), ReserveState::Ready);
         assert!(replay(dir.path(), None).puts.is_empty());
     }

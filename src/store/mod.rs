@@ -515,11 +515,17 @@ impl Store {
     /// A stream added (or changed) by a reload: its queue, loaded from disk if a removed
     /// stream of that name left one there, attached and with this `when_full`. Returns its
     /// index ([`Store::queue_index`]).
+    ///
+    /// Loading reads the whole queue (a backlog of a million takes seconds): call it on a
+    /// blocking thread. Appends go on meanwhile; the list of queues is locked only to add it.
     pub fn attach_queue(&self, name: &str, when_full: WhenFull) -> Result<usize, StoreError> {
-        let mut list = self.inner.queues.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = list.iter().position(|q| q.name() == name) {
+        let attach = |list: &[Queue]| {
+            let i = list.iter().position(|q| q.name() == name)?;
             list[i].set_when_full(when_full);
             list[i].set_attached(true);
+            Some(i)
+        };
+        if let Some(i) = attach(&self.all_queues()) {
             return Ok(i);
         }
         let engine = self.engine()?;
@@ -529,6 +535,16 @@ impl Store {
             when_full,
             self.inner.shared.clone(),
         )?;
+        let mut list = self.inner.queues.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = attach(&list) {
+            // Attached by another caller meanwhile (reloads run one at a time, so not today):
+            // theirs counts, this copy's bytes do not.
+            self.inner
+                .shared
+                .total_bytes
+                .fetch_sub(q.queued_bytes(), Ordering::Relaxed);
+            return Ok(i);
+        }
         let mut v: Vec<Queue> = list.iter().cloned().collect();
         v.push(q);
         *list = v.into();
@@ -754,14 +770,20 @@ impl Store {
         }
     }
 
-    /// Drop queued records received before `cutoff_us` (Unix µs) from every queue; returns how
-    /// many. Queues are in arrival order, so only their heads are looked at.
-    pub fn expire(&self, cutoff_us: i64) -> Result<u64, StoreError> {
+    /// Drop queued records received before `cutoff_us` (Unix µs) from every queue, looking at
+    /// `budget` records per queue at most (a step that takes milliseconds, however large the
+    /// backlog: it runs on a blocking thread and a stop waits for it). Queues are in arrival
+    /// order, so only their heads are looked at. Returns how many were dropped, and whether
+    /// every queue was done (`false`: call again for the rest).
+    pub fn expire_step(&self, cutoff_us: i64, budget: usize) -> Result<(u64, bool), StoreError> {
         let mut n = 0;
+        let mut all_done = true;
         for q in self.all_queues().iter() {
-            n += q.expire_before(cutoff_us)?;
+            let (k, done) = q.expire_before(cutoff_us, budget)?;
+            n += k;
+            all_done &= done;
         }
-        Ok(n)
+        Ok((n, all_done))
     }
 
     /// Bytes the engine occupies on disk.

@@ -217,6 +217,11 @@ impl Queue {
         self.inner.len.load(Ordering::Relaxed)
     }
 
+    /// Bytes of the records queued (memory and disk).
+    pub(super) fn queued_bytes(&self) -> u64 {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -689,24 +694,38 @@ impl Queue {
         }
     }
 
-    /// Remove records at the head received before `cutoff_us`.
-    pub(super) fn expire_before(&self, cutoff_us: i64) -> Result<u64, StoreError> {
+    /// Remove records at the head received before `cutoff_us`, looking at `budget` of them at
+    /// most. Returns how many were removed, and whether the head is now a record received at
+    /// or after `cutoff_us` (or the queue is empty): `false` = the budget ran out first.
+    pub(super) fn expire_before(
+        &self,
+        cutoff_us: i64,
+        budget: usize,
+    ) -> Result<(u64, bool), StoreError> {
         let mut n = 0;
-        while let Some((seq, v)) = self.first()? {
+        let mut looked = 0;
+        let done = loop {
+            if looked == budget {
+                break false;
+            }
+            let Some((seq, v)) = self.first()? else {
+                break true;
+            };
+            looked += 1;
             let old = super::records::decode(&v)
                 .map(|r| r.received_at_us() < cutoff_us)
                 .unwrap_or(true);
             if !old {
-                break;
+                break true;
             }
             if self.remove(seq)? {
                 n += 1;
             }
-        }
+        };
         if n > 0 {
             self.count_drop(DropReason::Expired, n);
         }
-        Ok(n)
+        Ok((n, done))
     }
 
     /// While the disk refuses writes: drop the oldest records held only in memory until at

@@ -237,12 +237,20 @@ async fn expire_drops_only_old_records_and_counts_them() {
             }
             append_to(&s, &r, &[0]).await;
         }
+        // A step looks at `budget` records at most and says when it stopped short.
+        assert_eq!(s.expire_step(250, 1).unwrap(), (1, false));
+        assert_eq!(fcnts(&s.queue("a").unwrap()), vec![1, 2, 3]);
         // Arrival order decides: the head is looked at, so the late "50" behind "300" stays.
-        assert_eq!(s.expire(250).unwrap(), 2);
+        assert_eq!(s.expire_step(250, 2).unwrap(), (1, true));
         let a = s.queue("a").unwrap();
         assert_eq!(fcnts(&a), vec![2, 3]);
         assert_eq!(a.stats().dropped.get("expired"), Some(&2));
-        assert_eq!(s.expire(250).unwrap(), 0);
+        assert_eq!(s.expire_step(250, 100).unwrap(), (0, true));
+        // Everything old, in steps smaller than the queue: all of it goes, the last step done.
+        assert_eq!(s.expire_step(1_000, 1).unwrap(), (1, false));
+        assert_eq!(s.expire_step(1_000, 1).unwrap(), (1, false));
+        assert_eq!(s.expire_step(1_000, 1).unwrap(), (0, true));
+        assert_eq!(a.len(), 0);
     }
 }
 
