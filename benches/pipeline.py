@@ -13,6 +13,7 @@ it on the disk you want to measure, not on a tmpfs), and reads the daemon's /hea
       [--codec cayennelpp|javascript]   (the application's payload codec; the uplinks then
                                          carry a frame that codec decodes)
       [--storage cache_bytes=2097152]   (any more [storage] settings; repeatable, every scenario)
+      [--workers 2]                     (the daemon's [runtime] worker_threads; every scenario)
   python3 benches/pipeline.py drain --count 1000000 --backend redb
   python3 benches/pipeline.py writes --flush-ms 100 --rate 1000 --count 20000 --backend redb [--broker-down]
   python3 benches/pipeline.py latency --flush-ms 100 --rate 200 --count 2000 --backend redb
@@ -55,6 +56,8 @@ def free_port(kind=socket.SOCK_STREAM):
 CODEC = "none"
 # `--storage KEY=VALUE`: more `[storage]` lines (e.g. `cache_bytes=2097152`).
 STORAGE = []
+# `--workers N`: `[runtime] worker_threads` (absent: the daemon's default).
+RUNTIME = []
 CODEC_PAYLOAD = {"cayennelpp": ("03670110056700ff066850", 1), "javascript": ("cbb8086601c70107530001", 2)}
 
 
@@ -92,6 +95,7 @@ def config(work, devices, udp, metrics, mqtt_port, flush_ms, backend="redb", ded
         "max_bytes = 2147483648", *STORAGE, "",
         "[metrics]", f'listen = "127.0.0.1:{metrics}"', "",
         "[log]", 'level = "warn"', "",
+        *(["[runtime]", *RUNTIME, ""] if RUNTIME else []),
         "[[application]]", 'id = "bench"', *codec_lines(), "",
         "[[stream]]", 'name = "cloud"', 'kind = "mqtt"', f'server = "mqtt://127.0.0.1:{mqtt_port}"',
         "inflight = 200", *format_lines(work, fmt), "",
@@ -608,10 +612,14 @@ def main():
     p.add_argument("--sample-every", type=float, default=10, help="soak: seconds between samples")
     p.add_argument("--storage", action="append", default=[], metavar="KEY=VALUE",
                    help="one more [storage] setting, as TOML (repeatable): --storage cache_bytes=2097152")
+    p.add_argument("--workers", type=int, default=None,
+                   help="the daemon's [runtime] worker_threads (default: the daemon's default, 1; 0 = one per core)")
     a = p.parse_args()
     global CODEC
     CODEC = a.codec
     STORAGE.extend(f"{k.strip()} = {v.strip()}" for k, v in (kv.split("=", 1) for kv in a.storage))
+    if a.workers is not None:
+        RUNTIME.append(f"worker_threads = {a.workers}")
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release --locked")
     # Checked before anything starts: a consumer that fails to start would leave the daemon

@@ -172,9 +172,18 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The async runtime of every command: tokio's default of one worker per core (the simulator
+/// and the demo play both sides), or the daemon's `[runtime] worker_threads`.
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+    runtime_with(None)
+}
+
+fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all()
         .thread_name("lorastream")
         .build()
         .context("cannot start the async runtime")
@@ -199,6 +208,9 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
                 config = %config.display(),
                 log_format = cfg.log.format.name(),
                 pid = std::process::id(),
+                worker_threads = cfg.runtime.workers().unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                }),
                 "lorastream {} starting",
                 crate::VERSION
             );
@@ -207,7 +219,7 @@ fn dispatch(cmd: Command) -> anyhow::Result<ExitCode> {
             }
             // Before the runtime's threads allocate: they take their malloc arenas then.
             crate::daemon::limit_heap_arenas();
-            runtime()?.block_on(run(cfg, &config, logging.handle))?;
+            runtime_with(cfg.runtime.workers())?.block_on(run(cfg, &config, logging.handle))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Devices {

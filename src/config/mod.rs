@@ -196,6 +196,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
     pub applications: Vec<ApplicationConfig>,
     pub devices: Vec<DeviceConfig>,
     pub streams: Vec<StreamConfig>,
@@ -221,6 +222,7 @@ struct RawFile {
     storage: StorageConfig,
     metrics: MetricsConfig,
     log: LogConfig,
+    runtime: RuntimeConfig,
     #[serde(rename = "application")]
     applications: Vec<Spanned<devices::RawApplication>>,
     #[serde(rename = "device")]
@@ -573,6 +575,35 @@ impl Default for LogConfig {
     }
 }
 
+/// `[runtime]`: how the daemon's own work is scheduled. Read at start only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that run the pipeline's tasks (UDP, devices, store appends, streams, the web
+    /// server); 0 = one per CPU core. Disk syncs, engine commits and JavaScript codecs have
+    /// threads of their own whatever this is.
+    pub worker_threads: usize,
+}
+
+/// Most `[runtime] worker_threads` (beyond, threads only wait for each other).
+pub const MAX_WORKER_THREADS: usize = 64;
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        // One: on a gateway's traffic (up to a few thousand uplinks/s) two or more workers
+        // spend a fifth more CPU per uplink waking each other (docs/benchmarks.md, "One
+        // runtime worker"), and one takes 15,000/s with room.
+        RuntimeConfig { worker_threads: 1 }
+    }
+}
+
+impl RuntimeConfig {
+    /// The worker count to start the runtime with (`None`: tokio's default, one per core).
+    pub fn workers(&self) -> Option<usize> {
+        (self.worker_threads > 0).then_some(self.worker_threads)
+    }
+}
+
 /// `[log] format`: where and how the daemon's log lines go (src/logs.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -629,6 +660,7 @@ impl Config {
         let source = Source::new(path, src);
         let raw: RawFile = toml::from_str(src).map_err(|e| source.toml_error(&e))?;
         validate::sections(&raw.gateway, &raw.storage, &raw.log, &source)?;
+        validate::runtime(&raw.runtime, &source)?;
         let mut app_spans = Vec::with_capacity(raw.applications.len());
         for a in raw.applications {
             let span = a.span();
@@ -699,6 +731,7 @@ impl Config {
             storage: raw.storage,
             metrics: raw.metrics,
             log: raw.log,
+            runtime: raw.runtime,
             applications: apps,
             devices,
             streams,
@@ -760,6 +793,7 @@ impl Config {
         section("storage", toml::Table::try_from(&self.storage));
         section("metrics", toml::Table::try_from(&self.metrics));
         section("log", toml::Table::try_from(&self.log));
+        section("runtime", toml::Table::try_from(&self.runtime));
         let array = |tables: Vec<toml::Table>| {
             toml::Value::Array(tables.into_iter().map(toml::Value::Table).collect())
         };

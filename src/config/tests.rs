@@ -277,6 +277,32 @@ mod typed {
     }
 
     #[test]
+    fn runtime_worker_threads_defaults_to_one_and_is_bounded() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c.runtime.worker_threads, 1);
+        assert_eq!(c.runtime.workers(), Some(1));
+        let c = Config::parse("[runtime]\nworker_threads = 0\n", "t.toml").unwrap();
+        assert_eq!(c.runtime.workers(), None, "0 = tokio's one per core");
+        let c = Config::parse("[runtime]\nworker_threads = 4\n", "t.toml").unwrap();
+        assert_eq!(c.runtime.workers(), Some(4));
+        assert!(c.to_toml_masked().contains("[runtime]\nworker_threads = 4"));
+        let src = "[log]\nlevel = \"info\"\n\n[runtime]\nworker_threads = 65\n";
+        let e = Config::parse(src, "t.toml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("t.toml:5: [runtime] key `worker_threads`: 65 is more than 64"),
+            "{e}"
+        );
+        let e = Config::parse("[runtime]\nworker_threads = -1\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:2:"), "{e}");
+        let e = Config::parse("[runtime]\nthreads = 2\n", "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `threads`"), "{e}");
+    }
+
+    #[test]
     fn only_an_unwritten_metrics_listen_falls_back_from_node_exporters_port() {
         let ports = |src: &str| -> Vec<String> {
             Config::parse(src, "t.toml")

@@ -14,6 +14,22 @@ use std::collections::HashSet;
 use std::ops::Range;
 
 /// `[gateway]`, `[storage]`, `[log]`: values that depend on each other or have limits.
+/// `[runtime]`.
+pub(super) fn runtime(r: &super::RuntimeConfig, src: &Source) -> Result<(), ConfigError> {
+    if r.worker_threads > super::MAX_WORKER_THREADS {
+        return Err(src.section_error(
+            "[runtime]",
+            "worker_threads",
+            format!(
+                "{} is more than {} (0 = one per CPU core)",
+                r.worker_threads,
+                super::MAX_WORKER_THREADS
+            ),
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn sections(
     g: &GatewayConfig,
     s: &StorageConfig,

@@ -401,6 +401,9 @@ impl Daemon {
         if json(&running.metrics) != json(&new.metrics) {
             needs_restart.push("[metrics]");
         }
+        if running.runtime != new.runtime {
+            needs_restart.push("[runtime]");
+        }
         if running.alerts != new.alerts {
             needs_restart.push("[[alert]]");
         }
