@@ -326,6 +326,9 @@ def throughput(args):
             "sys_s_per_1000": round((after["sys_s"] - before["sys_s"]) / max(accepted, 1) * 1000, 4),
             "peak_rss_mb": round(after["hwm_kb"] / 1024, 1), **parts, "wall_s": round(elapsed, 1), "simulate": sim,
             "subscriber": bool(sub), "loadavg_1m": round(os.getloadavg()[0], 2),
+            # Uplink received → its downlink (the new devices' MAC commands) handed to the
+            # forwarder, the longest of the run (the dedup window included; RX1 is 1 s).
+            "downlink_schedule_max_ms": round(h["downlink_schedule_latency_us"]["max"] / 1000, 1),
         }
     finally:
         if sub:
