@@ -450,6 +450,8 @@ async fn json_log_lines() {
         first["message"],
         format!("lorastream {} starting", lorastream::VERSION)
     );
+    // [runtime] worker_threads, unset: one.
+    assert_eq!(first["worker_threads"], 1, "{}", lines[0]);
     let started = lines
         .iter()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
