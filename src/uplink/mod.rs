@@ -70,6 +70,14 @@ struct JoinCandidate {
     rx: Vec<Reception>,
 }
 
+/// How long after its dedup window ends a group may wait to be released when nothing else
+/// wakes the stage. Every batch of uplinks that arrives releases all groups due by then, so
+/// under traffic (an uplink every few milliseconds) the window's own timer hardly ever fires
+/// and the stage wakes once per arrival instead of twice (docs/benchmarks.md, "Dedup windows
+/// released by the next arrival"); in a quiet moment an uplink waits at most this much
+/// beyond its window (the RX1 answer has ~800 ms to spare).
+pub const RELEASE_SLACK: Duration = Duration::from_millis(10);
+
 pub struct UplinkStage {
     registry: SharedRegistry,
     downlinks: Option<DownlinkHandle>,
@@ -165,7 +173,7 @@ impl UplinkStage {
         let mut groups = Vec::new();
         // One timer for the dedup window's next deadline, moved only when that changes: a
         // new `sleep_until` per pass registered and removed a timer for every uplink (~1,100
-        // instructions, issue 16).
+        // instructions, issue 16). It is set [`RELEASE_SLACK`] after the deadline.
         let window_end = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(window_end);
         let mut armed = None;
@@ -173,7 +181,7 @@ impl UplinkStage {
             heartbeat.beat();
             let deadline = self.dedup.next_deadline();
             if let Some(d) = deadline.filter(|d| armed != Some(*d)) {
-                window_end.as_mut().reset(d.into());
+                window_end.as_mut().reset((d + RELEASE_SLACK).into());
                 armed = Some(d);
             }
             let closed = tokio::select! {
